@@ -1,0 +1,51 @@
+//! `hearth`: run, inspect and (later) cluster Hearth nodes.
+
+mod generate;
+mod models;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hearth",
+    version,
+    about = "Run language models across the devices in your home"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text on this machine.
+    Generate(generate::Args),
+    /// Fetch and list models.
+    #[command(subcommand)]
+    Models(models::Cmd),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Models(cmd) => models::run(cmd),
+    };
+    if let Err(e) = result {
+        // One line: the error and its causes.
+        let mut msg = format!("error: {e}");
+        for cause in e.chain().skip(1) {
+            msg.push_str(&format!(": {cause}"));
+        }
+        eprintln!("{msg}");
+        std::process::exit(1);
+    }
+}

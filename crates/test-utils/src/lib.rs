@@ -1,0 +1,418 @@
+//! Test helpers shared by Hearth's crates: tiny random-weight llama models
+//! written to disk in every format the loaders read, and the location of the
+//! real default model for end-to-end checks.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// SmolLM2's chat template (also used by the tiny models).
+pub const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Shape of a tiny model.
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub context: usize,
+    pub tied: bool,
+    pub attention_bias: bool,
+    pub architecture: &'static str,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            hidden: 64,
+            intermediate: 128,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            context: 128,
+            tied: true,
+            attention_bias: false,
+            architecture: "llama",
+            seed: 7,
+        }
+    }
+}
+
+/// Paths of one tiny model written in several formats with the same weights.
+#[derive(Debug, Clone)]
+pub struct TinyModel {
+    pub spec: TinySpec,
+    pub vocab: usize,
+    /// GGUF with f32 tensors (Q/K rows permuted as llama.cpp's converter does).
+    pub gguf_f32: PathBuf,
+    /// GGUF with Q8_0 matrices.
+    pub gguf_q8_0: PathBuf,
+    /// GGUF with Q4_1 matrices (repacked to Q8_0 at load).
+    pub gguf_q4_1: PathBuf,
+    /// Directory with config.json, model.safetensors, tokenizer.json.
+    pub safetensors_dir: PathBuf,
+}
+
+/// GPT-2's byte-to-unicode table: the 256 byte-level "characters".
+pub fn byte_level_alphabet() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
+    pairs.sort();
+    pairs
+        .into_iter()
+        .filter_map(|(_, c)| char::from_u32(c))
+        .collect()
+}
+
+/// Tokens of the tiny vocabulary: 3 specials, 256 bytes, a few merges.
+fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
+    let mut types = vec![3, 3, 3];
+    for c in byte_level_alphabet() {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let merges: Vec<String> = vec!["Ġ t".into(), "h e".into(), "Ġt he".into(), "i n".into()];
+    for m in &merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    (tokens, merges, types)
+}
+
+/// HF layout -> llama.cpp layout for Q/K rows (what convert_hf_to_gguf does).
+fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims[0];
+    let half = out / heads / 2;
+    let mut shape = vec![heads, 2, half];
+    shape.extend(&dims[1..]);
+    Ok(w.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+/// Writes a tiny random llama model in every supported format under `dir`.
+pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
+    std::fs::create_dir_all(dir)?;
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let (tokens, merges, types) = tiny_vocab();
+    let vocab = tokens.len();
+    let hd = spec.hidden / spec.heads;
+    let mut randn = |shape: &[usize], std: f32, mean: f32| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                // Box-Muller
+                let u1: f32 = rng.random::<f32>().max(1e-7);
+                let u2: f32 = rng.random::<f32>();
+                mean + std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    };
+    // HF-named tensors.
+    let mut hf: Vec<(String, Tensor)> = Vec::new();
+    let h = spec.hidden;
+    hf.push((
+        "model.embed_tokens.weight".into(),
+        randn(&[vocab, h], 1.0, 0.0)?,
+    ));
+    for i in 0..spec.layers {
+        let p = format!("model.layers.{i}");
+        let s = 1.0 / (h as f32).sqrt();
+        hf.push((
+            format!("{p}.input_layernorm.weight"),
+            randn(&[h], 0.1, 1.0)?,
+        ));
+        hf.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            randn(&[spec.heads * hd, h], s, 0.0)?,
+        ));
+        hf.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            randn(&[spec.kv_heads * hd, h], s, 0.0)?,
+        ));
+        hf.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            randn(&[spec.kv_heads * hd, h], s, 0.0)?,
+        ));
+        if spec.attention_bias {
+            hf.push((
+                format!("{p}.self_attn.q_proj.bias"),
+                randn(&[spec.heads * hd], 0.1, 0.0)?,
+            ));
+            hf.push((
+                format!("{p}.self_attn.k_proj.bias"),
+                randn(&[spec.kv_heads * hd], 0.1, 0.0)?,
+            ));
+            hf.push((
+                format!("{p}.self_attn.v_proj.bias"),
+                randn(&[spec.kv_heads * hd], 0.1, 0.0)?,
+            ));
+        }
+        hf.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            randn(&[h, spec.heads * hd], s, 0.0)?,
+        ));
+        hf.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            randn(&[h], 0.1, 1.0)?,
+        ));
+        hf.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            randn(&[spec.intermediate, h], s, 0.0)?,
+        ));
+        hf.push((
+            format!("{p}.mlp.up_proj.weight"),
+            randn(&[spec.intermediate, h], s, 0.0)?,
+        ));
+        let sd = 1.0 / (spec.intermediate as f32).sqrt();
+        hf.push((
+            format!("{p}.mlp.down_proj.weight"),
+            randn(&[h, spec.intermediate], sd, 0.0)?,
+        ));
+    }
+    hf.push(("model.norm.weight".into(), randn(&[h], 0.1, 1.0)?));
+    if !spec.tied {
+        hf.push(("lm_head.weight".into(), randn(&[vocab, h], 0.3, 0.0)?));
+    }
+
+    // Safetensors + config.json + tokenizer files.
+    let st_dir = dir.join("safetensors");
+    std::fs::create_dir_all(&st_dir)?;
+    let map: HashMap<String, Tensor> = hf.iter().cloned().collect();
+    candle_core::safetensors::save(&map, st_dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": spec.architecture,
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": spec.context,
+        "tie_word_embeddings": spec.tied,
+        "attention_bias": spec.attention_bias,
+    });
+    std::fs::write(
+        st_dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    write_tokenizer_json(&st_dir, &tokens, &merges)?;
+
+    // GGUF variants.
+    let gguf_name = |name: &str| -> String {
+        let n = name
+            .replace("model.embed_tokens", "token_embd")
+            .replace("model.norm", "output_norm")
+            .replace("lm_head", "output")
+            .replace("model.layers.", "blk.")
+            .replace("self_attn.q_proj", "attn_q")
+            .replace("self_attn.k_proj", "attn_k")
+            .replace("self_attn.v_proj", "attn_v")
+            .replace("self_attn.o_proj", "attn_output")
+            .replace("post_attention_layernorm", "ffn_norm")
+            .replace("input_layernorm", "attn_norm")
+            .replace("mlp.gate_proj", "ffn_gate")
+            .replace("mlp.up_proj", "ffn_up")
+            .replace("mlp.down_proj", "ffn_down");
+        n
+    };
+    let permuted = spec.architecture == "llama";
+    let write = |path: &Path, dtype: GgmlDType| -> Result<()> {
+        let mut qts: Vec<(String, QTensor)> = Vec::new();
+        for (name, t) in &hf {
+            let mut t = t.clone();
+            if permuted && (name.contains("q_proj") || name.contains("k_proj")) {
+                let heads = if name.contains("q_proj") {
+                    spec.heads
+                } else {
+                    spec.kv_heads
+                };
+                t = permute_for_gguf(&t, heads)?;
+            }
+            let is_matrix = t.rank() == 2;
+            let dt = if is_matrix { dtype } else { GgmlDType::F32 };
+            qts.push((
+                gguf_name(name),
+                QTensor::quantize(&t.to_dtype(DType::F32)?, dt)?,
+            ));
+        }
+        let arch = spec.architecture;
+        let meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (
+                format!("{arch}.block_count"),
+                Value::U32(spec.layers as u32),
+            ),
+            (
+                format!("{arch}.context_length"),
+                Value::U32(spec.context as u32),
+            ),
+            (format!("{arch}.embedding_length"), Value::U32(h as u32)),
+            (
+                format!("{arch}.feed_forward_length"),
+                Value::U32(spec.intermediate as u32),
+            ),
+            (
+                format!("{arch}.attention.head_count"),
+                Value::U32(spec.heads as u32),
+            ),
+            (
+                format!("{arch}.attention.head_count_kv"),
+                Value::U32(spec.kv_heads as u32),
+            ),
+            (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+            (
+                format!("{arch}.attention.layer_norm_rms_epsilon"),
+                Value::F32(1e-5),
+            ),
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+            ),
+            (
+                "tokenizer.ggml.merges".into(),
+                Value::Array(merges.iter().map(|t| Value::String(t.clone())).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+            (
+                "tokenizer.chat_template".into(),
+                Value::String(SMOLLM2_TEMPLATE.into()),
+            ),
+        ];
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = std::fs::File::create(path).with_context(|| path.display().to_string())?;
+        gguf_file::write(&mut f, &meta_refs, &t_refs)?;
+        Ok(())
+    };
+    let gguf_f32 = dir.join("tiny-f32.gguf");
+    let gguf_q8_0 = dir.join("tiny-q8_0.gguf");
+    let gguf_q4_1 = dir.join("tiny-q4_1.gguf");
+    write(&gguf_f32, GgmlDType::F32)?;
+    write(&gguf_q8_0, GgmlDType::Q8_0)?;
+    write(&gguf_q4_1, GgmlDType::Q4_1)?;
+    let _ = dev;
+    Ok(TinyModel {
+        spec,
+        vocab,
+        gguf_f32,
+        gguf_q8_0,
+        gguf_q4_1,
+        safetensors_dir: st_dir,
+    })
+}
+
+fn write_tokenizer_json(dir: &Path, tokens: &[String], merges: &[String]) -> Result<()> {
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok)?)?;
+    let cfg = serde_json::json!({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+        "chat_template": SMOLLM2_TEMPLATE,
+    });
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string(&cfg)?,
+    )?;
+    Ok(())
+}
+
+/// The real default model if it is on disk.
+///
+/// Returns `None` (after printing why) when it is missing, unless
+/// `HEARTH_REQUIRE_MODEL` is set — CI sets it, so there the test fails
+/// instead of silently skipping.
+pub fn real_model() -> Option<PathBuf> {
+    let home = std::env::var_os("HEARTH_HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hearth")))?;
+    let path = home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("HEARTH_REQUIRE_MODEL").is_some() {
+        panic!(
+            "HEARTH_REQUIRE_MODEL is set but {} is missing (run `hearth models pull`)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "skipping: the real model {} is missing (run `hearth models pull`)",
+        path.display()
+    );
+    None
+}
+
+/// The workspace root (for fixtures).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}

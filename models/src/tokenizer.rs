@@ -1,0 +1,227 @@
+//! Tokenizers built from GGUF metadata (gpt2-style byte-level BPE) or from a
+//! Hugging Face `tokenizer.json`, giving the same ids as llama.cpp.
+//!
+//! llama.cpp pre-tokenizes byte-level BPE with a list of regexes chosen by
+//! `tokenizer.ggml.pre`; we rebuild that as a `Split` sequence followed by a
+//! byte-level mapping without prefix space (candle's `TokenizerFromGguf`
+//! adds a leading space, which changes every id after a prompt's start).
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{ModelError, Result};
+use crate::weights::{GgufMetadata, value_usize};
+
+const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// llama.cpp's pre-tokenizer regexes for a `tokenizer.ggml.pre` value.
+fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
+    Some(match pre {
+        "default" | "gpt2" | "gpt-2" => &[GPT2_RE],
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
+            &[r"\p{N}", GPT2_RE]
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" => &[LLAMA3_RE],
+        "qwen2" | "deepseek-r1-qwen" => &[QWEN2_RE],
+        _ => return None,
+    })
+}
+
+/// A text tokenizer plus what generation needs to know about its special tokens.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    add_bos: bool,
+    chat_template: Option<String>,
+}
+
+fn str_meta<'a>(m: &'a GgufMetadata, key: &str) -> Option<&'a str> {
+    match m.get(key) {
+        Some(Value::String(s)) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer stored in GGUF metadata.
+    pub fn from_gguf(m: &GgufMetadata) -> Result<Self> {
+        let model = str_meta(m, "tokenizer.ggml.model").unwrap_or("");
+        let pre = str_meta(m, "tokenizer.ggml.pre").unwrap_or("default");
+        let unsupported = || ModelError::UnsupportedTokenizer {
+            model: model.to_string(),
+            pre: pre.to_string(),
+        };
+        if model != "gpt2" {
+            return Err(unsupported());
+        }
+        let regexes = pre_regexes(pre).ok_or_else(unsupported)?;
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match m.get(key) {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) => Ok(s.clone()),
+                        _ => Err(ModelError::Tokenizer(format!("{key} holds a non-string"))),
+                    })
+                    .collect(),
+                _ => Err(ModelError::MissingMetadata { key: key.into() }),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|s| {
+                s.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| ModelError::Tokenizer(format!("bad merge {s:?}")))
+            })
+            .collect::<Result<_>>()?;
+        let types: Vec<usize> = match m.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a.iter().map(|v| value_usize(v).unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(regexes == [LLAMA3_RE])
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let mut pres: Vec<PreTokenizerWrapper> = Vec::new();
+        for re in regexes {
+            let split = Split::new(
+                SplitPattern::Regex((*re).to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?;
+            pres.push(split.into());
+        }
+        pres.push(ByteLevel::new(false, false, false).into());
+        inner.with_pre_tokenizer(Some(Sequence::new(pres)));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens are matched in text as whole tokens.
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| matches!(**t, 3 | 4))
+            .map(|(s, t)| AddedToken::from(s.clone(), *t == 3).normalized(false))
+            .collect();
+        inner.add_special_tokens(added).map_err(tok_err)?;
+        let id = |key: &str| m.get(key).and_then(value_usize).map(|v| v as u32);
+        let mut eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| id(k))
+            .collect();
+        eos.dedup();
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            add_bos: matches!(
+                m.get("tokenizer.ggml.add_bos_token"),
+                Some(Value::Bool(true))
+            ),
+            chat_template: str_meta(m, "tokenizer.chat_template").map(str::to_string),
+        })
+    }
+
+    /// Loads `tokenizer.json` (+ `tokenizer_config.json` for specials and the chat template).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let cfg: serde_json::Value =
+            match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+                Ok(text) => serde_json::from_str(&text).map_err(tok_err)?,
+                Err(_) => serde_json::Value::Null,
+            };
+        let special = |key: &str| -> Option<u32> {
+            let v = cfg.get(key)?;
+            let s = v.as_str().or_else(|| v.get("content")?.as_str())?;
+            inner.token_to_id(s)
+        };
+        let eos = special("eos_token").into_iter().collect();
+        Ok(Self {
+            bos: special("bos_token"),
+            eos,
+            add_bos: cfg
+                .get("add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            chat_template: cfg
+                .get("chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            inner,
+        })
+    }
+
+    /// Ids for `text`; special-token text (e.g. `<|im_start|>`) maps to its id,
+    /// as llama.cpp does when tokenizing a rendered chat prompt.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos
+            && let Some(b) = self.bos
+        {
+            ids.push(b);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text for `ids`; special tokens are left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// Text for `ids`, special tokens included.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(tok_err)
+    }
+
+    /// Tokens that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Beginning-of-sequence token, if any.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// The text of one token id, if it exists.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The model's own Jinja chat template, if it ships one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+}

@@ -1,0 +1,556 @@
+//! Weight files: GGUF (quantized or not) and Hugging Face safetensors directories.
+//!
+//! Tensors are addressed by [`TensorId`] and loaded one at a time, so a stage
+//! reads only the tensors of its own layer range. Both formats end up in the
+//! Hugging Face layout: llama.cpp's converter permutes the rows of `q_proj` and
+//! `k_proj` for its interleaved RoPE, and we undo that permutation at load
+//! (on raw quantized rows, so it is lossless) so one RoPE serves every format.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Config, SUPPORTED_ARCHITECTURES};
+use crate::error::{ModelError, Result};
+
+/// One tensor of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerTensor {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    QBias,
+    KBias,
+    VBias,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LayerTensor {
+    const ALL: [LayerTensor; 12] = [
+        Self::AttnNorm,
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::QBias,
+        Self::KBias,
+        Self::VBias,
+        Self::FfnNorm,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+    fn hf(self) -> &'static str {
+        match self {
+            Self::AttnNorm => "input_layernorm.weight",
+            Self::Q => "self_attn.q_proj.weight",
+            Self::K => "self_attn.k_proj.weight",
+            Self::V => "self_attn.v_proj.weight",
+            Self::O => "self_attn.o_proj.weight",
+            Self::QBias => "self_attn.q_proj.bias",
+            Self::KBias => "self_attn.k_proj.bias",
+            Self::VBias => "self_attn.v_proj.bias",
+            Self::FfnNorm => "post_attention_layernorm.weight",
+            Self::Gate => "mlp.gate_proj.weight",
+            Self::Up => "mlp.up_proj.weight",
+            Self::Down => "mlp.down_proj.weight",
+        }
+    }
+    fn gguf(self) -> &'static str {
+        match self {
+            Self::AttnNorm => "attn_norm.weight",
+            Self::Q => "attn_q.weight",
+            Self::K => "attn_k.weight",
+            Self::V => "attn_v.weight",
+            Self::O => "attn_output.weight",
+            Self::QBias => "attn_q.bias",
+            Self::KBias => "attn_k.bias",
+            Self::VBias => "attn_v.bias",
+            Self::FfnNorm => "ffn_norm.weight",
+            Self::Gate => "ffn_gate.weight",
+            Self::Up => "ffn_up.weight",
+            Self::Down => "ffn_down.weight",
+        }
+    }
+}
+
+/// A tensor of the model, independent of the file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TensorId {
+    Embed,
+    FinalNorm,
+    Head,
+    Layer(usize, LayerTensor),
+}
+
+impl TensorId {
+    /// The Hugging Face (safetensors) name, e.g. `model.layers.3.self_attn.q_proj.weight`.
+    pub fn hf_name(self) -> String {
+        match self {
+            Self::Embed => "model.embed_tokens.weight".into(),
+            Self::FinalNorm => "model.norm.weight".into(),
+            Self::Head => "lm_head.weight".into(),
+            Self::Layer(i, t) => format!("model.layers.{i}.{}", t.hf()),
+        }
+    }
+    /// The GGUF name, e.g. `blk.3.attn_q.weight`.
+    pub fn gguf_name(self) -> String {
+        match self {
+            Self::Embed => "token_embd.weight".into(),
+            Self::FinalNorm => "output_norm.weight".into(),
+            Self::Head => "output.weight".into(),
+            Self::Layer(i, t) => format!("blk.{i}.{}", t.gguf()),
+        }
+    }
+    /// Every tensor a full model of `layers` layers may have.
+    pub fn all(layers: usize) -> impl Iterator<Item = TensorId> {
+        [Self::Embed, Self::FinalNorm, Self::Head]
+            .into_iter()
+            .chain(
+                (0..layers)
+                    .flat_map(|i| LayerTensor::ALL.into_iter().map(move |t| Self::Layer(i, t))),
+            )
+    }
+}
+
+/// GGUF metadata that is not part of [`Config`] but needed by the tokenizer.
+pub type GgufMetadata = HashMap<String, gguf_file::Value>;
+
+/// An opened weight file or directory. Cheap to keep around: tensors are read on demand.
+#[derive(Debug)]
+pub struct WeightFile {
+    path: PathBuf,
+    config: Config,
+    kind: Kind,
+}
+
+enum Kind {
+    Gguf {
+        content: gguf_file::Content,
+        /// llama.cpp permuted Q/K rows for interleaved RoPE.
+        permuted_qk: bool,
+    },
+    Safetensors {
+        tensors: candle_core::safetensors::MmapedSafetensors,
+    },
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gguf {
+                content,
+                permuted_qk,
+            } => f
+                .debug_struct("Gguf")
+                .field("tensors", &content.tensor_infos.len())
+                .field("permuted_qk", permuted_qk)
+                .finish(),
+            Self::Safetensors { .. } => f.write_str("Safetensors"),
+        }
+    }
+}
+
+impl WeightFile {
+    /// Opens a `.gguf` file or a directory with `config.json` and `*.safetensors`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_safetensors(path)
+        } else {
+            Self::open_gguf(path)
+        }
+    }
+
+    /// Path this was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// GGUF metadata, if this is a GGUF file.
+    pub fn gguf_metadata(&self) -> Option<&GgufMetadata> {
+        match &self.kind {
+            Kind::Gguf { content, .. } => Some(&content.metadata),
+            Kind::Safetensors { .. } => None,
+        }
+    }
+
+    /// Whether the file holds `id`.
+    pub fn contains(&self, id: TensorId) -> bool {
+        match &self.kind {
+            Kind::Gguf { content, .. } => content.tensor_infos.contains_key(&id.gguf_name()),
+            Kind::Safetensors { tensors } => tensors.get(&id.hf_name()).is_ok(),
+        }
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ModelError::NotFound {
+                what: path.display().to_string(),
+                hint: String::new(),
+            },
+            _ => ModelError::io(path, e),
+        })?;
+        let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            let reason = e.to_string();
+            if reason.contains("unknown dtype") {
+                ModelError::UnsupportedQuant {
+                    tensor: "(header)".into(),
+                    dtype: reason,
+                }
+            } else {
+                ModelError::BadGguf {
+                    path: path.to_path_buf(),
+                    reason,
+                }
+            }
+        })?;
+        // Check every tensor fits in the file before anything is loaded, so a
+        // truncated download is reported up front and by name.
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count() as u64;
+            let block = info.ggml_dtype.block_size() as u64;
+            if !elems.is_multiple_of(block) {
+                return Err(ModelError::BadGguf {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tensor {name} has {elems} elements, not a multiple of {block}"
+                    ),
+                });
+            }
+            let size = elems / block * info.ggml_dtype.type_size() as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(size);
+            if end > len {
+                return Err(ModelError::Truncated {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    needed: end,
+                    len,
+                });
+            }
+        }
+        let config = gguf_config(&content)?;
+        let permuted_qk = matches!(config.architecture.as_str(), "llama" | "mistral");
+        Ok(Self {
+            path: path.to_path_buf(),
+            config,
+            kind: Kind::Gguf {
+                content,
+                permuted_qk,
+            },
+        })
+    }
+
+    fn open_safetensors(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let config = Config::from_hf_json(&text)?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ModelError::NotFound {
+                what: format!("*.safetensors in {}", dir.display()),
+                hint: String::new(),
+            });
+        }
+        // SAFETY: the files are memory-mapped read-only; like every loader of
+        // mmapped weights we rely on them not being modified while mapped.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }?;
+        Ok(Self {
+            path: dir.to_path_buf(),
+            config,
+            kind: Kind::Safetensors { tensors },
+        })
+    }
+
+    fn heads_for(&self, id: TensorId) -> Option<usize> {
+        match (&self.kind, id) {
+            (
+                Kind::Gguf {
+                    permuted_qk: true, ..
+                },
+                TensorId::Layer(_, LayerTensor::Q | LayerTensor::QBias),
+            ) => Some(self.config.num_attention_heads),
+            (
+                Kind::Gguf {
+                    permuted_qk: true, ..
+                },
+                TensorId::Layer(_, LayerTensor::K | LayerTensor::KBias),
+            ) => Some(self.config.num_key_value_heads),
+            _ => None,
+        }
+    }
+
+    /// Loads `id` as a dense f32 tensor (dequantizing GGUF data), in the HF layout.
+    pub fn load_f32(&self, id: TensorId, device: &Device) -> Result<Tensor> {
+        let t = match &self.kind {
+            Kind::Gguf { content, .. } => self.read_gguf(content, id)?.dequantize(device)?,
+            Kind::Safetensors { tensors } => {
+                let name = id.hf_name();
+                tensors
+                    .load(&name, device)
+                    .map_err(|_| ModelError::MissingTensor { name })?
+                    .to_dtype(DType::F32)?
+            }
+        };
+        match self.heads_for(id) {
+            Some(heads) => unpermute_dense(&t, heads),
+            None => Ok(t),
+        }
+    }
+
+    /// Loads `id` as stored in a GGUF file (no repacking), in the HF layout.
+    /// For safetensors this is the f32 tensor wrapped as an F32 `QTensor`.
+    pub fn load_raw_quantized(&self, id: TensorId, device: &Device) -> Result<QTensor> {
+        match &self.kind {
+            Kind::Gguf { content, .. } => {
+                let q = self.read_gguf(content, id)?;
+                match self.heads_for(id) {
+                    Some(heads) => unpermute_rows(&q, heads, device),
+                    None => Ok(q),
+                }
+            }
+            Kind::Safetensors { .. } => Ok(QTensor::quantize(
+                &self.load_f32(id, device)?,
+                GgmlDType::F32,
+            )?),
+        }
+    }
+
+    /// Loads a matrix for fast inference: quantized types that have no SIMD
+    /// kernel on this CPU (Q4_1, Q5_0, Q5_1) are repacked to Q8_0, which
+    /// runs the vectorised int8 path; the others stay as stored.
+    pub fn load_for_matmul(&self, id: TensorId, device: &Device) -> Result<QTensor> {
+        let q = self.load_raw_quantized(id, device)?;
+        let target = Self::load_for_matmul_dtype(q.dtype());
+        if target == q.dtype() {
+            return Ok(q);
+        }
+        Ok(QTensor::quantize(&q.dequantize(device)?, target)?)
+    }
+
+    /// The type [`WeightFile::load_for_matmul`] turns a stored type into.
+    pub fn load_for_matmul_dtype(stored: GgmlDType) -> GgmlDType {
+        match stored {
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => {
+                GgmlDType::Q8_0
+            }
+            other => other,
+        }
+    }
+
+    fn read_gguf(&self, content: &gguf_file::Content, id: TensorId) -> Result<QTensor> {
+        let name = id.gguf_name();
+        if !content.tensor_infos.contains_key(&name) {
+            return Err(ModelError::MissingTensor { name });
+        }
+        let mut file = File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
+        Ok(content.tensor(&mut file, &name, &Device::Cpu)?)
+    }
+}
+
+/// Undo llama.cpp's Q/K permutation on a dense tensor ([out, in] or [out]).
+fn unpermute_dense(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let out = dims[0];
+    if heads == 0 || !out.is_multiple_of(heads * 2) {
+        return Err(ModelError::InvalidConfig(format!(
+            "cannot split {out} rows into {heads} rotary heads"
+        )));
+    }
+    let half = out / heads / 2;
+    let rest: Vec<usize> = dims[1..].to_vec();
+    let mut shape = vec![heads, half, 2];
+    shape.extend(&rest);
+    let t = t.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+    Ok(t.reshape(dims)?)
+}
+
+/// Undo llama.cpp's Q/K permutation by moving whole quantized rows (lossless).
+fn unpermute_rows(q: &QTensor, heads: usize, device: &Device) -> Result<QTensor> {
+    let dims = q.shape().dims().to_vec();
+    let out = dims[0];
+    if heads == 0 || !out.is_multiple_of(heads * 2) {
+        return Err(ModelError::InvalidConfig(format!(
+            "cannot split {out} rows into {heads} rotary heads"
+        )));
+    }
+    if dims.len() == 1 {
+        let d = unpermute_dense(&q.dequantize(device)?, heads)?;
+        return Ok(QTensor::quantize(&d, GgmlDType::F32)?);
+    }
+    let data = q.data()?;
+    let row_bytes = data.len() / out;
+    let head_dim = out / heads;
+    let half = head_dim / 2;
+    let mut dst = vec![0u8; data.len()];
+    for h in 0..heads {
+        for r in 0..2 {
+            for j in 0..half {
+                let hf_row = h * head_dim + r * half + j;
+                let gguf_row = h * head_dim + 2 * j + r;
+                dst[hf_row * row_bytes..(hf_row + 1) * row_bytes]
+                    .copy_from_slice(&data[gguf_row * row_bytes..(gguf_row + 1) * row_bytes]);
+            }
+        }
+    }
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        q.dtype(),
+        &dst,
+        dims,
+        device,
+    )?)
+}
+
+fn meta<'a>(c: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    c.metadata
+        .get(key)
+        .ok_or_else(|| ModelError::MissingMetadata {
+            key: key.to_string(),
+        })
+}
+
+/// Reads an integer metadata value whatever its stored width.
+pub(crate) fn value_usize(v: &gguf_file::Value) -> Option<usize> {
+    use gguf_file::Value as V;
+    match *v {
+        V::U8(x) => Some(x as usize),
+        V::I8(x) => usize::try_from(x).ok(),
+        V::U16(x) => Some(x as usize),
+        V::I16(x) => usize::try_from(x).ok(),
+        V::U32(x) => Some(x as usize),
+        V::I32(x) => usize::try_from(x).ok(),
+        V::U64(x) => usize::try_from(x).ok(),
+        V::I64(x) => usize::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+fn value_f64(v: &gguf_file::Value) -> Option<f64> {
+    match *v {
+        gguf_file::Value::F32(x) => Some(x as f64),
+        gguf_file::Value::F64(x) => Some(x),
+        _ => value_usize(v).map(|x| x as f64),
+    }
+}
+
+fn meta_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
+    value_usize(meta(c, key)?)
+        .ok_or_else(|| ModelError::InvalidConfig(format!("{key} is not an integer")))
+}
+
+fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
+    let arch = match meta(c, "general.architecture")? {
+        gguf_file::Value::String(s) => s.clone(),
+        _ => {
+            return Err(ModelError::InvalidConfig(
+                "general.architecture is not a string".into(),
+            ));
+        }
+    };
+    if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(ModelError::UnsupportedArchitecture {
+            arch,
+            supported: SUPPORTED_ARCHITECTURES.join(", "),
+        });
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let hidden = meta_usize(c, &k("embedding_length"))?;
+    let heads = meta_usize(c, &k("attention.head_count"))?;
+    let kv_heads = match c.metadata.get(&k("attention.head_count_kv")) {
+        Some(v) => {
+            value_usize(v).ok_or_else(|| ModelError::InvalidConfig("head_count_kv".into()))?
+        }
+        None => heads,
+    };
+    let head_dim = match c.metadata.get(&k("attention.key_length")) {
+        Some(v) => value_usize(v).unwrap_or(0),
+        None if heads > 0 => hidden / heads,
+        None => 0,
+    };
+    let vocab = match c.metadata.get(&k("vocab_size")).and_then(value_usize) {
+        Some(v) => v,
+        None => match c.metadata.get("tokenizer.ggml.tokens") {
+            Some(gguf_file::Value::Array(a)) => a.len(),
+            _ => c
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| ModelError::MissingTensor {
+                    name: "token_embd.weight".into(),
+                })?,
+        },
+    };
+    let cfg = Config {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: meta_usize(c, &k("feed_forward_length"))?,
+        num_hidden_layers: meta_usize(c, &k("block_count"))?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rope_theta: c
+            .metadata
+            .get(&k("rope.freq_base"))
+            .and_then(value_f64)
+            .unwrap_or(10_000.0),
+        rms_norm_eps: value_f64(meta(c, &k("attention.layer_norm_rms_epsilon"))?)
+            .ok_or_else(|| ModelError::InvalidConfig("rms epsilon is not a number".into()))?,
+        max_position_embeddings: meta_usize(c, &k("context_length"))?,
+        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        architecture: arch,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        let id = TensorId::Layer(3, LayerTensor::Q);
+        assert_eq!(id.hf_name(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(id.gguf_name(), "blk.3.attn_q.weight");
+        assert_eq!(TensorId::all(2).count(), 3 + 24);
+    }
+
+    #[test]
+    fn row_unpermute_matches_dense_unpermute() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // 2 heads of dim 8 -> 16 rows of 32 columns.
+        let t = Tensor::arange(0f32, 16.0 * 32.0, &dev)?.reshape((16, 32))?;
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0)?;
+        let rows = unpermute_rows(&q, 2, &dev)?.dequantize(&dev)?;
+        let dense = unpermute_dense(&q.dequantize(&dev)?, 2)?;
+        let diff = (rows - dense)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        // Row 1 of the HF layout (r=0, j=1) is GGUF row 2.
+        let d = unpermute_dense(&t, 2)?;
+        assert_eq!(d.get(1)?.get(0)?.to_scalar::<f32>()?, 64.0);
+        assert_eq!(d.get(4)?.get(0)?.to_scalar::<f32>()?, 32.0);
+        Ok(())
+    }
+}

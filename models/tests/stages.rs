@@ -1,0 +1,418 @@
+//! The decoder on tiny random-weight models: stage slicing, ragged batching,
+//! format equivalence (GGUF with llama.cpp's Q/K permutation vs safetensors),
+//! quantized vs f32, and every bad input giving its error.
+
+use anyhow::Result;
+use candle_core::Tensor;
+use hearth_models::{
+    KvCache, LocalModel, Logits, ModelError, Precision, Stage, StageInput, StageSpec, WeightFile,
+};
+use hearth_test_utils::{TinyModel, TinySpec, tiny_model};
+
+fn tiny(spec: TinySpec) -> Result<(tempfile::TempDir, TinyModel)> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(dir.path(), spec)?;
+    Ok((dir, m))
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+}
+
+fn max_abs(a: &Tensor) -> Result<f32> {
+    Ok(a.abs()?.max_all()?.to_scalar::<f32>()?)
+}
+
+const PROMPT: [u32; 9] = [1, 40, 77, 100, 200, 5, 262, 3, 150];
+
+/// Full-model logits for all positions of `ids`.
+fn full_logits(w: &WeightFile, p: Precision, ids: &[u32]) -> Result<Tensor> {
+    let st = Stage::load(w, StageSpec::full(w.config().num_hidden_layers), p)?;
+    let mut c = st.new_cache();
+    Ok(st.forward(
+        StageInput::Tokens(ids.to_vec()),
+        &[ids.len()],
+        &mut [&mut c],
+        Logits::All,
+    )?)
+}
+
+#[test]
+fn chained_stages_equal_the_full_model() -> Result<()> {
+    let (_d, m) = tiny(TinySpec::default())?;
+    for path in [&m.gguf_f32, &m.gguf_q8_0] {
+        let w = WeightFile::open(path)?;
+        for precision in [Precision::F32, Precision::Quantized] {
+            let n = w.config().num_hidden_layers;
+            let full = Stage::load(&w, StageSpec::full(n), precision)?;
+            for k in 1..n {
+                let a = Stage::load(
+                    &w,
+                    StageSpec {
+                        start: 0,
+                        end: k,
+                        embed: true,
+                        head: false,
+                    },
+                    precision,
+                )?;
+                let b = Stage::load(
+                    &w,
+                    StageSpec {
+                        start: k,
+                        end: n,
+                        embed: false,
+                        head: true,
+                    },
+                    precision,
+                )?;
+                let (mut cf, mut ca, mut cb) = (full.new_cache(), a.new_cache(), b.new_cache());
+                // Prefill then three decode steps, compared at every step.
+                let mut input: Vec<u32> = PROMPT.to_vec();
+                for _ in 0..4 {
+                    let len = input.len();
+                    let want = full.forward(
+                        StageInput::Tokens(input.clone()),
+                        &[len],
+                        &mut [&mut cf],
+                        Logits::Last,
+                    )?;
+                    let h = a.forward(
+                        StageInput::Tokens(input.clone()),
+                        &[len],
+                        &mut [&mut ca],
+                        Logits::Last,
+                    )?;
+                    assert_eq!(h.dims(), [len, w.config().hidden_size]);
+                    let got =
+                        b.forward(StageInput::Hidden(h), &[len], &mut [&mut cb], Logits::Last)?;
+                    assert_eq!(
+                        max_diff(&want, &got)?,
+                        0.0,
+                        "{path:?} {precision:?} split at {k}"
+                    );
+                    let next = want.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+                    input = vec![next];
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ragged_batch_equals_sequences_run_alone() -> Result<()> {
+    let (_d, m) = tiny(TinySpec::default())?;
+    let w = WeightFile::open(&m.gguf_q8_0)?;
+    for precision in [Precision::F32, Precision::Quantized] {
+        let st = Stage::load(&w, StageSpec::full(4), precision)?;
+        let prompts: [&[u32]; 3] = [&PROMPT, &[5, 6], &[100, 101, 102, 103, 104]];
+        // Alone: prefill, then one decode step each.
+        let mut alone = Vec::new();
+        let mut caches: Vec<KvCache> = Vec::new();
+        for p in prompts {
+            let mut c = st.new_cache();
+            st.forward(
+                StageInput::Tokens(p.to_vec()),
+                &[p.len()],
+                &mut [&mut c],
+                Logits::Last,
+            )?;
+            let l = st.forward(
+                StageInput::Tokens(vec![7]),
+                &[1],
+                &mut [&mut c],
+                Logits::Last,
+            )?;
+            alone.push(l);
+            let mut c2 = st.new_cache();
+            st.forward(
+                StageInput::Tokens(p.to_vec()),
+                &[p.len()],
+                &mut [&mut c2],
+                Logits::Last,
+            )?;
+            caches.push(c2);
+        }
+        // Together: one decode step for the three sequences at different positions,
+        // plus a fresh sequence's prefill in the same batch.
+        let mut fresh = st.new_cache();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        refs.push(&mut fresh);
+        let ids = vec![7, 7, 7, 9, 8, 7];
+        let out = st.forward(
+            StageInput::Tokens(ids),
+            &[1, 1, 1, 3],
+            &mut refs,
+            Logits::Last,
+        )?;
+        assert_eq!(out.dims(), [4, m.vocab]);
+        for (i, a) in alone.iter().enumerate() {
+            let d = max_diff(&out.narrow(0, i, 1)?, a)?;
+            assert!(
+                d < 1e-4 * max_abs(a)?.max(1.0),
+                "{precision:?} seq {i}: {d}"
+            );
+        }
+        let mut c = st.new_cache();
+        let f = st.forward(
+            StageInput::Tokens(vec![9, 8, 7]),
+            &[3],
+            &mut [&mut c],
+            Logits::Last,
+        )?;
+        assert!(max_diff(&out.narrow(0, 3, 1)?, &f)? < 1e-4 * max_abs(&f)?.max(1.0));
+    }
+    Ok(())
+}
+
+#[test]
+fn gguf_permuted_qk_equals_safetensors() -> Result<()> {
+    for bias in [false, true] {
+        let spec = TinySpec {
+            attention_bias: bias,
+            tied: !bias,
+            ..TinySpec::default()
+        };
+        let (_d, m) = tiny(spec)?;
+        let st = full_logits(
+            &WeightFile::open(&m.safetensors_dir)?,
+            Precision::F32,
+            &PROMPT,
+        )?;
+        let gg = full_logits(&WeightFile::open(&m.gguf_f32)?, Precision::F32, &PROMPT)?;
+        let d = max_diff(&st, &gg)?;
+        assert!(d < 1e-4, "bias={bias}: {d}");
+        // Quantized path on an f32 GGUF agrees too (fused kernels only).
+        let q = full_logits(
+            &WeightFile::open(&m.gguf_f32)?,
+            Precision::Quantized,
+            &PROMPT,
+        )?;
+        assert!(max_diff(&st, &q)? < 1e-3 * max_abs(&st)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn quantized_and_f32_paths_are_close() -> Result<()> {
+    let (_d, m) = tiny(TinySpec::default())?;
+    let reference = full_logits(
+        &WeightFile::open(&m.safetensors_dir)?,
+        Precision::F32,
+        &PROMPT,
+    )?;
+    let scale = max_abs(&reference)?;
+    for (path, tol) in [(&m.gguf_q8_0, 0.05), (&m.gguf_q4_1, 0.25)] {
+        let w = WeightFile::open(path)?;
+        let q = full_logits(&w, Precision::Quantized, &PROMPT)?;
+        let f = full_logits(&w, Precision::F32, &PROMPT)?;
+        let dq = max_diff(&q, &reference)? / scale;
+        let df = max_diff(&f, &reference)? / scale;
+        assert!(dq < tol, "{path:?}: quantized rel err {dq}");
+        assert!(df < tol, "{path:?}: dequantized f32 rel err {df}");
+        // Greedy choices at the last position agree.
+        let last = |t: &Tensor| -> Result<u32> {
+            Ok(t.get(PROMPT.len() - 1)?.argmax(0)?.to_scalar::<u32>()?)
+        };
+        assert_eq!(last(&q)?, last(&reference)?, "{path:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn generation_is_the_same_from_every_format() -> Result<()> {
+    let (_d, m) = tiny(TinySpec::default())?;
+    let req = |model: &LocalModel| -> Result<Vec<u32>> {
+        let ids = model.encode_prompt(
+            &model.render_chat(&[hearth_models::Message::new("user", "the cat")])?,
+        )?;
+        let r = hearth_models::GenerateRequest {
+            prompt_ids: ids,
+            max_tokens: 12,
+            sampling: Default::default(),
+            stop: vec![],
+        };
+        Ok(model.generate(&r, |_| {})?.token_ids)
+    };
+    let a = req(&LocalModel::load(&m.gguf_f32, Precision::F32)?)?;
+    let b = req(&LocalModel::load(&m.safetensors_dir, Precision::F32)?)?;
+    assert_eq!(a, b);
+    assert!(!a.is_empty());
+    Ok(())
+}
+
+#[test]
+fn bad_stage_inputs_are_errors() -> Result<()> {
+    let (_d, m) = tiny(TinySpec::default())?;
+    let w = WeightFile::open(&m.gguf_q8_0)?;
+    assert!(matches!(
+        Stage::load(
+            &w,
+            StageSpec {
+                start: 2,
+                end: 9,
+                embed: false,
+                head: false
+            },
+            Precision::F32
+        ),
+        Err(ModelError::BadLayerRange { .. })
+    ));
+    let first = Stage::load(
+        &w,
+        StageSpec {
+            start: 0,
+            end: 2,
+            embed: true,
+            head: false,
+        },
+        Precision::F32,
+    )?;
+    let second = Stage::load(
+        &w,
+        StageSpec {
+            start: 2,
+            end: 4,
+            embed: false,
+            head: true,
+        },
+        Precision::F32,
+    )?;
+    let mut c = first.new_cache();
+    // Token outside the vocabulary.
+    let r = first.forward(
+        StageInput::Tokens(vec![100_000]),
+        &[1],
+        &mut [&mut c],
+        Logits::Last,
+    );
+    assert!(
+        matches!(r, Err(ModelError::TokenOutOfRange { .. })),
+        "{r:?}"
+    );
+    // Lengths that do not match.
+    let r = first.forward(
+        StageInput::Tokens(vec![1, 2]),
+        &[3],
+        &mut [&mut c],
+        Logits::Last,
+    );
+    assert!(matches!(r, Err(ModelError::BadStageInput(_))));
+    // Hidden states of the wrong shape / to the wrong stage.
+    let h = Tensor::zeros((2, 7), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let mut c2 = second.new_cache();
+    let r = second.forward(
+        StageInput::Hidden(h.clone()),
+        &[2],
+        &mut [&mut c2],
+        Logits::Last,
+    );
+    assert!(matches!(r, Err(ModelError::BadStageInput(_))));
+    let r = first.forward(StageInput::Hidden(h), &[2], &mut [&mut c], Logits::Last);
+    assert!(matches!(r, Err(ModelError::BadStageInput(_))));
+    let r = second.forward(
+        StageInput::Tokens(vec![1]),
+        &[1],
+        &mut [&mut c2],
+        Logits::Last,
+    );
+    assert!(matches!(r, Err(ModelError::BadStageInput(_))));
+    // Past the context length (128 in the tiny model).
+    let long: Vec<u32> = (0..129).map(|i| i % 200).collect();
+    let r = first.forward(
+        StageInput::Tokens(long),
+        &[129],
+        &mut [&mut c],
+        Logits::Last,
+    );
+    assert!(matches!(r, Err(ModelError::PromptTooLong { .. })));
+    Ok(())
+}
+
+#[test]
+fn bad_files_give_clear_errors() -> Result<()> {
+    let (d, m) = tiny(TinySpec::default())?;
+    // Missing.
+    let r = WeightFile::open(&d.path().join("nope.gguf"));
+    assert!(matches!(r, Err(ModelError::NotFound { .. })), "{r:?}");
+    // Not a GGUF at all.
+    let junk = d.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model")?;
+    let r = WeightFile::open(&junk);
+    assert!(matches!(r, Err(ModelError::BadGguf { .. })), "{r:?}");
+    // Empty file.
+    std::fs::write(&junk, b"")?;
+    assert!(WeightFile::open(&junk).is_err());
+    // Truncated: cut in the tensor data, and cut in the header.
+    let bytes = std::fs::read(&m.gguf_q8_0)?;
+    let cut = d.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000])?;
+    let r = WeightFile::open(&cut);
+    assert!(matches!(r, Err(ModelError::Truncated { .. })), "{r:?}");
+    std::fs::write(&cut, &bytes[..2000])?;
+    let r = WeightFile::open(&cut);
+    assert!(matches!(r, Err(ModelError::BadGguf { .. })), "{r:?}");
+    // Random bit flips in the header must never panic.
+    for i in 0..200 {
+        let mut b = bytes[..4096].to_vec();
+        let pos = (i * 7919) % b.len();
+        b[pos] ^= 1 << (i % 8);
+        b.extend_from_slice(&bytes[4096..]);
+        std::fs::write(&cut, &b)?;
+        if let Ok(w) = WeightFile::open(&cut) {
+            let _ = Stage::load(
+                &w,
+                StageSpec::full(w.config().num_hidden_layers.min(4)),
+                Precision::Quantized,
+            );
+        }
+    }
+    // Unsupported architecture.
+    let spec = TinySpec {
+        architecture: "gpt_neox",
+        ..TinySpec::default()
+    };
+    let (_d2, m2) = tiny(spec)?;
+    let r = WeightFile::open(&m2.gguf_q8_0);
+    assert!(
+        matches!(r, Err(ModelError::UnsupportedArchitecture { .. })),
+        "{r:?}"
+    );
+    // Unsupported tensor type: patch the first tensor's type id to one candle lacks (IQ2_XXS = 16).
+    let mut b = bytes.clone();
+    let needle = b"token_embd.weight";
+    let at = b
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .ok_or_else(|| anyhow::anyhow!("no tensor name"))?;
+    let dtype_at = at + needle.len() + 4 + 2 * 8; // n_dims u32, two u64 dims
+    b[dtype_at..dtype_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    std::fs::write(&cut, &b)?;
+    let r = WeightFile::open(&cut);
+    assert!(
+        matches!(r, Err(ModelError::UnsupportedQuant { .. })),
+        "{r:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn empty_and_too_long_prompts_are_errors() -> Result<()> {
+    let (_d, m) = tiny(TinySpec::default())?;
+    let model = LocalModel::load(&m.gguf_q8_0, Precision::Quantized)?;
+    assert!(matches!(
+        model.encode_prompt(""),
+        Err(ModelError::EmptyPrompt)
+    ));
+    assert!(matches!(
+        model.encode_prompt("  \n"),
+        Err(ModelError::EmptyPrompt)
+    ));
+    let long = "word ".repeat(200);
+    assert!(matches!(
+        model.encode_prompt(&long),
+        Err(ModelError::PromptTooLong { .. })
+    ));
+    Ok(())
+}
