@@ -5,18 +5,33 @@
 //! `rms_norm` and `softmax_last_dim` kernels drop gradients, so training
 //! builds stages with `fused = false`. RoPE is always the explicit form.
 
+use std::sync::Arc;
+
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::config::Config;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
+use crate::quant::Q4_1Matrix;
 
 /// `y = x W^T + b` with W quantized (inference) or dense f32 (training / reference).
 #[derive(Debug, Clone)]
 pub enum Linear {
-    Quantized { w: QMatMul, b: Option<Tensor> },
-    Dense { w: Tensor, b: Option<Tensor> },
+    /// Any GGUF type through candle's quantized matmul.
+    Quantized {
+        w: QMatMul,
+        b: Option<Tensor>,
+    },
+    /// GGUF Q4_1 through our exact, run-time dispatched kernel.
+    Q4_1 {
+        w: Arc<Q4_1Matrix>,
+        b: Option<Tensor>,
+    },
+    Dense {
+        w: Tensor,
+        b: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -38,6 +53,12 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, b) = match self {
             Self::Quantized { w, b } => (w.forward(x)?, b),
+            Self::Q4_1 { w, b } => {
+                let n = x.dim(0)?;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = w.matmul(&xs, n)?;
+                (Tensor::from_vec(y, (n, w.rows()), x.device())?, b)
+            }
             Self::Dense { w, b } => (x.matmul(&w.t()?)?, b),
         };
         Ok(match b {
@@ -45,31 +66,6 @@ impl Linear {
             None => y,
         })
     }
-    /// The quantized weight, if this is a quantized layer with a plain `QTensor`.
-    fn qtensor(&self) -> Option<&QTensor> {
-        match self {
-            Self::Quantized {
-                w: QMatMul::QTensor(q),
-                b: None,
-            } => Some(q),
-            _ => None,
-        }
-    }
-}
-
-/// Runs several linear layers on the same input; for single-token decode on
-/// quantized weights it quantizes the input once and uses one parallel region.
-fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-    if x.dim(0)? == 1 {
-        let qs: Option<Vec<&QTensor>> = layers.iter().map(|l| l.qtensor()).collect();
-        if let Some(qs) = qs {
-            let same = qs.iter().all(|q| q.dtype() == qs[0].dtype());
-            if same && let Some(out) = QTensor::gemv_fused_shared_lhs(&qs, x)? {
-                return Ok(out);
-            }
-        }
-    }
-    layers.iter().map(|l| l.forward(x)).collect()
 }
 
 /// Root-mean-square norm with a learned scale.
@@ -127,24 +123,70 @@ impl Rope {
         self.cos.dims()[0]
     }
 
-    /// `x`: `[n, heads, head_dim]`, `positions`: `[n]` u32.
-    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
+    /// The tables at `positions` (`[n]` u32), shaped `[n, 1, head_dim]`.
+    pub fn at(&self, positions: &Tensor) -> Result<RopeAt> {
+        Ok(RopeAt {
+            cos: self.cos.index_select(positions, 0)?.unsqueeze(1)?,
+            sin: self.sin.index_select(positions, 0)?.unsqueeze(1)?,
+        })
+    }
+}
+
+/// RoPE tables picked for the tokens of one batch.
+#[derive(Debug, Clone)]
+pub struct RopeAt {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeAt {
+    /// `x`: `[n, heads, head_dim]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (cos, sin) = (&self.cos, &self.sin);
         let half = x.dim(D::Minus1)? / 2;
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+    }
+}
+
+/// Q, K and V projections: separate (training: each its own parameter) or
+/// stacked into one matrix (inference: one matmul, one pass over the input).
+#[derive(Debug, Clone)]
+pub enum QkvProj {
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    Fused {
+        qkv: Linear,
+        q_out: usize,
+        kv_out: usize,
+    },
+}
+
+impl QkvProj {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Separate { q, k, v } => Ok((q.forward(x)?, k.forward(x)?, v.forward(x)?)),
+            Self::Fused { qkv, q_out, kv_out } => {
+                let y = qkv.forward(x)?;
+                Ok((
+                    y.narrow(1, 0, *q_out)?,
+                    y.narrow(1, *q_out, *kv_out)?,
+                    y.narrow(1, q_out + kv_out, *kv_out)?,
+                ))
+            }
+        }
     }
 }
 
 /// Self-attention with grouped-query heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    pub qkv: QkvProj,
     pub o: Linear,
     pub heads: usize,
     pub kv_heads: usize,
@@ -169,18 +211,17 @@ impl Attention {
         &self,
         layer: usize,
         x: &Tensor,
-        positions: &Tensor,
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
-        rope: &Rope,
+        rope: &RopeAt,
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let qkv = forward_shared(&[&self.q, &self.k, &self.v], x)?;
-        let q = qkv[0].reshape((n, self.heads, self.head_dim))?;
-        let k = qkv[1].reshape((n, self.kv_heads, self.head_dim))?;
-        let v = qkv[2].reshape((n, self.kv_heads, self.head_dim))?;
-        let q = rope.apply(&q, positions)?;
-        let k = rope.apply(&k, positions)?;
+        let (q, k, v) = self.qkv.forward(x)?;
+        let q = q.reshape((n, self.heads, self.head_dim))?;
+        let k = k.reshape((n, self.kv_heads, self.head_dim))?;
+        let v = v.reshape((n, self.kv_heads, self.head_dim))?;
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let groups = self.heads / self.kv_heads;
         let mut outs = Vec::with_capacity(spans.len());
@@ -194,7 +235,7 @@ impl Attention {
             let t = kall.dim(1)?;
             // Heads h*groups..(h+1)*groups share KV head h: fold them into rows.
             let qg = (qs.reshape((self.kv_heads, groups * l, self.head_dim))? * scale)?;
-            let scores = qg.matmul(&kall.t()?.contiguous()?)?; // [kvh, g*l, t]
+            let scores = qg.matmul(&kall.t()?)?; // [kvh, g*l, t]
             let scores = if l > 1 {
                 let mask = causal_mask(l, t, span.start_pos, x.device())?;
                 scores
@@ -209,7 +250,7 @@ impl Attention {
             } else {
                 softmax(&scores)?
             };
-            let o = probs.matmul(&vall.contiguous()?)?; // [kvh, g*l, d]
+            let o = probs.matmul(&vall)?; // [kvh, g*l, d]
             let o = o
                 .reshape((self.heads, l, self.head_dim))?
                 .transpose(0, 1)?
@@ -250,18 +291,30 @@ fn causal_mask(l: usize, t: usize, start: usize, device: &Device) -> Result<Tens
     Ok(Tensor::from_vec(mask, (l, t), device)?)
 }
 
+/// Gate and up projections, separate or stacked (see [`QkvProj`]).
+#[derive(Debug, Clone)]
+pub enum GateUpProj {
+    Separate { gate: Linear, up: Linear },
+    Fused { gate_up: Linear, inter: usize },
+}
+
 /// SiLU-gated feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate: Linear,
-    pub up: Linear,
+    pub gate_up: GateUpProj,
     pub down: Linear,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = forward_shared(&[&self.gate, &self.up], x)?;
-        let h = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+        let (g, u) = match &self.gate_up {
+            GateUpProj::Separate { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            GateUpProj::Fused { gate_up, inter } => {
+                let y = gate_up.forward(x)?;
+                (y.narrow(1, 0, *inter)?, y.narrow(1, *inter, *inter)?)
+            }
+        };
+        let h = (candle_nn::ops::silu(&g)? * u)?;
         self.down.forward(&h)
     }
 }
@@ -280,15 +333,12 @@ impl Block {
         &self,
         layer: usize,
         x: &Tensor,
-        positions: &Tensor,
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
-        rope: &Rope,
+        rope: &RopeAt,
     ) -> Result<Tensor> {
         let h = self.attn_norm.forward(x)?;
-        let h = self
-            .attn
-            .forward(layer, &h, positions, spans, caches, rope)?;
+        let h = self.attn.forward(layer, &h, spans, caches, rope)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
         Ok((x + h)?)

@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod layers;
+pub mod quant;
 pub mod sampling;
 pub mod stage;
 pub mod store;

@@ -4,13 +4,17 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::layers::{Attention, Block, Embedding, Linear, Mlp, RmsNorm, Rope, SeqSpan};
+use crate::layers::{
+    Attention, Block, Embedding, GateUpProj, Linear, Mlp, QkvProj, RmsNorm, Rope, SeqSpan,
+};
+use crate::quant::Q4_1Matrix;
 use crate::weights::{LayerTensor as L, TensorId, WeightFile};
 
 /// Which part of the model a stage holds.
@@ -94,25 +98,47 @@ impl Stage {
         let dev = Device::Cpu;
         let fused = precision == Precision::Quantized;
         let f32t = |id| weights.load_f32(id, &dev);
-        let linear =
-            |id: TensorId, bias: Option<TensorId>, shape: (usize, usize)| -> Result<Linear> {
-                let b = match bias {
-                    Some(b) if cfg.attention_bias => Some(f32t(b)?),
-                    _ => None,
-                };
-                let lin = match precision {
-                    Precision::Quantized => {
-                        let q = weights.load_for_matmul(id, &dev)?;
-                        check_shape(id, q.shape().dims(), &[shape.0, shape.1])?;
-                        Linear::quantized(q, b)?
+        // Loads one or more matrices with the same input size as one Linear:
+        // in quantized mode they are stacked into one matrix (one matmul).
+        let group =
+            |parts: &[(TensorId, Option<TensorId>, usize)], cols: usize| -> Result<Linear> {
+                let mut biases = Vec::new();
+                for (_, bias, _) in parts {
+                    if let Some(b) = bias
+                        && cfg.attention_bias
+                    {
+                        biases.push(f32t(*b)?);
                     }
+                }
+                let b = match biases.len() {
+                    0 => None,
+                    1 => biases.pop(),
+                    _ => Some(Tensor::cat(&biases, 0)?),
+                };
+                match precision {
                     Precision::F32 => {
-                        let w = f32t(id)?;
-                        check_shape(id, w.dims(), &[shape.0, shape.1])?;
-                        Linear::Dense { w, b }
+                        let mut ws = Vec::new();
+                        for (id, _, rows) in parts {
+                            let w = f32t(*id)?;
+                            check_shape(*id, w.dims(), &[*rows, cols])?;
+                            ws.push(w);
+                        }
+                        let w = match ws.len() {
+                            1 => ws.remove(0),
+                            _ => Tensor::cat(&ws, 0)?,
+                        };
+                        Ok(Linear::Dense { w, b })
                     }
-                };
-                Ok(lin)
+                    Precision::Quantized => {
+                        let mut qs = Vec::new();
+                        for (id, _, rows) in parts {
+                            let q = weights.load_for_matmul(*id, &dev)?;
+                            check_shape(*id, q.shape().dims(), &[*rows, cols])?;
+                            qs.push(q);
+                        }
+                        stack_quantized(qs, cols, b)
+                    }
+                }
             };
         let norm = |id| -> Result<RmsNorm> {
             let w = f32t(id)?;
@@ -126,16 +152,44 @@ impl Stage {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let qdim = cfg.num_attention_heads * hd;
         let kvdim = cfg.num_key_value_heads * hd;
+        let inter = cfg.intermediate_size;
         let mut blocks = Vec::with_capacity(spec.layers());
         for i in spec.start..spec.end {
             let id = |t| TensorId::Layer(i, t);
+            let q = (id(L::Q), Some(id(L::QBias)), qdim);
+            let k = (id(L::K), Some(id(L::KBias)), kvdim);
+            let v = (id(L::V), Some(id(L::VBias)), kvdim);
+            let gate = (id(L::Gate), None, inter);
+            let up = (id(L::Up), None, inter);
+            let (qkv, gate_up) = match precision {
+                Precision::Quantized => (
+                    QkvProj::Fused {
+                        qkv: group(&[q, k, v], h)?,
+                        q_out: qdim,
+                        kv_out: kvdim,
+                    },
+                    GateUpProj::Fused {
+                        gate_up: group(&[gate, up], h)?,
+                        inter,
+                    },
+                ),
+                Precision::F32 => (
+                    QkvProj::Separate {
+                        q: group(&[q], h)?,
+                        k: group(&[k], h)?,
+                        v: group(&[v], h)?,
+                    },
+                    GateUpProj::Separate {
+                        gate: group(&[gate], h)?,
+                        up: group(&[up], h)?,
+                    },
+                ),
+            };
             blocks.push(Block {
                 attn_norm: norm(id(L::AttnNorm))?,
                 attn: Attention {
-                    q: linear(id(L::Q), Some(id(L::QBias)), (qdim, h))?,
-                    k: linear(id(L::K), Some(id(L::KBias)), (kvdim, h))?,
-                    v: linear(id(L::V), Some(id(L::VBias)), (kvdim, h))?,
-                    o: linear(id(L::O), None, (h, qdim))?,
+                    qkv,
+                    o: group(&[(id(L::O), None, h)], qdim)?,
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.num_key_value_heads,
                     head_dim: hd,
@@ -143,9 +197,8 @@ impl Stage {
                 },
                 ffn_norm: norm(id(L::FfnNorm))?,
                 mlp: Mlp {
-                    gate: linear(id(L::Gate), None, (cfg.intermediate_size, h))?,
-                    up: linear(id(L::Up), None, (cfg.intermediate_size, h))?,
-                    down: linear(id(L::Down), None, (h, cfg.intermediate_size))?,
+                    gate_up,
+                    down: group(&[(id(L::Down), None, h)], inter)?,
                 },
             });
         }
@@ -177,12 +230,14 @@ impl Stage {
                     w: t.clone(),
                     b: None,
                 },
+                // Share the tied table when candle's kernel runs it as stored.
                 (Precision::Quantized, Some(Embedding::Quantized(q)), TensorId::Embed)
-                    if q.dtype() == WeightFile::load_for_matmul_dtype(q.dtype()) =>
+                    if q.dtype() == WeightFile::load_for_matmul_dtype(q.dtype())
+                        && q.dtype() != GgmlDType::Q4_1 =>
                 {
                     Linear::quantized_shared(q.clone(), None)?
                 }
-                _ => linear(head_id, None, (cfg.vocab_size, h))?,
+                _ => group(&[(head_id, None, cfg.vocab_size)], h)?,
             };
             (Some(norm(TensorId::FinalNorm)?), Some(head))
         } else {
@@ -293,8 +348,9 @@ impl Stage {
                 ));
             }
         };
+        let rope = self.rope.at(&positions)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(i, &x, &positions, &spans, caches, &self.rope)?;
+            x = block.forward(i, &x, &spans, caches, &rope)?;
         }
         for (cache, &len) in caches.iter_mut().zip(lens) {
             cache.advance(len);
@@ -326,4 +382,50 @@ fn check_shape(id: TensorId, actual: &[usize], expected: &[usize]) -> Result<()>
         });
     }
     Ok(())
+}
+
+/// One Linear from quantized matrices that share their column count, stacked by rows.
+fn stack_quantized(qs: Vec<QTensor>, cols: usize, b: Option<Tensor>) -> Result<Linear> {
+    let empty = || ModelError::InvalidConfig("no matrices to stack".into());
+    let dtype = qs.first().map(|q| q.dtype()).ok_or_else(empty)?;
+    let same = qs.iter().all(|q| q.dtype() == dtype);
+    if same && dtype == GgmlDType::Q4_1 {
+        let mut mats = qs
+            .iter()
+            .map(|q| Q4_1Matrix::from_bytes(&q.data()?, q.shape().dims()[0], cols))
+            .collect::<Result<Vec<_>>>()?;
+        let w = match mats.len() {
+            1 => mats.pop().ok_or_else(empty)?,
+            _ => Q4_1Matrix::vstack(&mats)?,
+        };
+        return Ok(Linear::Q4_1 { w: Arc::new(w), b });
+    }
+    if qs.len() == 1 {
+        let q = qs.into_iter().next().ok_or_else(empty)?;
+        return Linear::quantized(q, b);
+    }
+    if same {
+        // Rows are independent in every GGUF type: stack raw bytes.
+        let rows: usize = qs.iter().map(|q| q.shape().dims()[0]).sum();
+        let mut bytes = Vec::new();
+        for q in &qs {
+            bytes.extend_from_slice(&q.data()?);
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &bytes,
+            vec![rows, cols],
+            &Device::Cpu,
+        )?;
+        return Linear::quantized(q, b);
+    }
+    // Mixed types: dequantize and stack as f32 (rare).
+    let dense = qs
+        .iter()
+        .map(|q| q.dequantize(&Device::Cpu))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Linear::Dense {
+        w: Tensor::cat(&dense, 0)?,
+        b,
+    })
 }

@@ -337,9 +337,9 @@ impl WeightFile {
         }
     }
 
-    /// Loads a matrix for fast inference: quantized types that have no SIMD
-    /// kernel on this CPU (Q4_1, Q5_0, Q5_1) are repacked to Q8_0, which
-    /// runs the vectorised int8 path; the others stay as stored.
+    /// Loads a matrix for fast inference: Q5_0/Q5_1, which have no SIMD kernel,
+    /// are repacked to Q8_0 (a second rounding); the others stay as stored
+    /// (Q4_1 runs on our own exact kernel, see [`crate::quant`]).
     pub fn load_for_matmul(&self, id: TensorId, device: &Device) -> Result<QTensor> {
         let q = self.load_raw_quantized(id, device)?;
         let target = Self::load_for_matmul_dtype(q.dtype());
@@ -352,9 +352,7 @@ impl WeightFile {
     /// The type [`WeightFile::load_for_matmul`] turns a stored type into.
     pub fn load_for_matmul_dtype(stored: GgmlDType) -> GgmlDType {
         match stored {
-            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => {
-                GgmlDType::Q8_0
-            }
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => GgmlDType::Q8_0,
             other => other,
         }
     }

@@ -1,0 +1,335 @@
+//! Our own Q4_1 matrix kernels, exact to GGUF's Q4_1 format.
+//!
+//! candle's Q4_1 dot product is a scalar loop, and repacking Q4_1 to Q8_0
+//! (which candle vectorises) rounds the weights a second time, enough to
+//! change greedy tokens against llama.cpp. Here activations are quantized to
+//! Q8_1 exactly as llama.cpp does (per 32 values: f16 scale, f16 scaled sum)
+//! and the dot product runs on AVX2+FMA when the CPU has it — chosen at run
+//! time, never at build time, because a home cluster mixes CPUs — with a
+//! portable fallback that computes the same sums.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+
+/// Values per block.
+pub const QK: usize = 32;
+/// Bytes of one GGUF Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
+pub const Q4_1_BLOCK_BYTES: usize = 20;
+
+/// One GGUF Q4_1 block: value = d * q + m, q in 0..16. Low nibbles hold
+/// values 0..16, high nibbles values 16..32.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; 16],
+}
+
+/// One activation block: value ~= d * q; `s` = d * sum(q) (both rounded to f16 as llama.cpp).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+pub struct BlockQ8_1 {
+    pub qs: [i8; 32],
+    pub d: f32,
+    pub s: f32,
+}
+
+impl Default for BlockQ8_1 {
+    fn default() -> Self {
+        Self {
+            qs: [0; 32],
+            d: 0.0,
+            s: 0.0,
+        }
+    }
+}
+
+/// A Q4_1 matrix `[rows, cols]`, row-major blocks.
+#[derive(Debug, Clone)]
+pub struct Q4_1Matrix {
+    rows: usize,
+    cols: usize,
+    blocks: Vec<BlockQ4_1>,
+}
+
+impl Q4_1Matrix {
+    /// Parses GGUF Q4_1 bytes of a `[rows, cols]` matrix.
+    pub fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        if !cols.is_multiple_of(QK) {
+            return Err(ModelError::InvalidConfig(format!(
+                "Q4_1 matrix has {cols} columns, not a multiple of {QK}"
+            )));
+        }
+        let n = rows * cols / QK;
+        if bytes.len() != n * Q4_1_BLOCK_BYTES {
+            return Err(ModelError::InvalidConfig(format!(
+                "Q4_1 matrix [{rows}, {cols}] needs {} bytes, got {}",
+                n * Q4_1_BLOCK_BYTES,
+                bytes.len()
+            )));
+        }
+        let blocks = bytes
+            .chunks_exact(Q4_1_BLOCK_BYTES)
+            .map(|c| {
+                let mut qs = [0u8; 16];
+                qs.copy_from_slice(&c[4..20]);
+                BlockQ4_1 {
+                    d: f16::from_le_bytes([c[0], c[1]]),
+                    m: f16::from_le_bytes([c[2], c[3]]),
+                    qs,
+                }
+            })
+            .collect();
+        Ok(Self { rows, cols, blocks })
+    }
+
+    /// Stacks matrices with the same column count (e.g. Q, K, V into one QKV).
+    pub fn vstack(parts: &[Q4_1Matrix]) -> Result<Self> {
+        let cols = parts.first().map(|p| p.cols).unwrap_or(0);
+        if parts.iter().any(|p| p.cols != cols) {
+            return Err(ModelError::InvalidConfig(
+                "stacked matrices differ in columns".into(),
+            ));
+        }
+        Ok(Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            blocks: parts
+                .iter()
+                .flat_map(|p| p.blocks.iter().copied())
+                .collect(),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Dequantizes to f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for b in &self.blocks {
+            let (d, m) = (b.d.to_f32(), b.m.to_f32());
+            out.extend(b.qs.iter().map(|q| d * (q & 0x0F) as f32 + m));
+            out.extend(b.qs.iter().map(|q| d * (q >> 4) as f32 + m));
+        }
+        out
+    }
+
+    /// `y[i] = W x[i]` for each of the `n` rows of `x` (`[n, cols]` -> `[n, rows]`).
+    pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        if x.len() != n * self.cols {
+            return Err(ModelError::BadStageInput(format!(
+                "input of {} values for {n} rows of {} columns",
+                x.len(),
+                self.cols
+            )));
+        }
+        let bpr = self.cols / QK;
+        let mut act = vec![BlockQ8_1::default(); n * bpr];
+        for (xr, ar) in x.chunks_exact(self.cols).zip(act.chunks_exact_mut(bpr)) {
+            quantize_row_q8_1(xr, ar);
+        }
+        let dot = kernel();
+        let mut out = vec![0f32; n * self.rows];
+        // Work is split by output rows; each chunk writes its own column
+        // strip of `out`, gathered after the parallel section.
+        // A few chunks per thread: enough to balance, few enough that
+        // scheduling stays cheap for single-token decode.
+        let chunk = self.rows.div_ceil(rayon::current_num_threads() * 4).max(16);
+        let strips: Vec<(usize, Vec<f32>)> = (0..self.rows.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let r0 = c * chunk;
+                let r1 = (r0 + chunk).min(self.rows);
+                let mut strip = vec![0f32; n * (r1 - r0)];
+                for r in r0..r1 {
+                    let w = &self.blocks[r * bpr..(r + 1) * bpr];
+                    for i in 0..n {
+                        strip[i * (r1 - r0) + (r - r0)] = dot(w, &act[i * bpr..(i + 1) * bpr]);
+                    }
+                }
+                (r0, strip)
+            })
+            .collect();
+        for (r0, strip) in strips {
+            let width = strip.len() / n.max(1);
+            for i in 0..n {
+                out[i * self.rows + r0..i * self.rows + r0 + width]
+                    .copy_from_slice(&strip[i * width..(i + 1) * width]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Quantizes one row to Q8_1 as llama.cpp's reference `quantize_row_q8_1`.
+pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in b.qs.iter_mut().zip(xb) {
+            let r = (v * id).round() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        b.d = f16::from_f32(d).to_f32();
+        b.s = f16::from_f32(sum as f32 * d).to_f32();
+    }
+}
+
+type DotFn = fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32;
+
+/// The fastest dot product this CPU runs, picked once at run time.
+fn kernel() -> DotFn {
+    use std::sync::OnceLock;
+    static K: OnceLock<DotFn> = OnceLock::new();
+    *K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os("HEARTH_NO_SIMD").is_none()
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return dot_avx2_entry;
+        }
+        dot_scalar
+    })
+}
+
+/// Portable Q4_1 x Q8_1 dot product.
+pub fn dot_scalar(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    let mut acc = 0f32;
+    let mut summs = 0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (wb.qs[j] & 0x0F) as i32 * ab.qs[j] as i32;
+            isum += (wb.qs[j] >> 4) as i32 * ab.qs[j + 16] as i32;
+        }
+        acc += wb.d.to_f32() * ab.d * isum as f32;
+        summs += wb.m.to_f32() * ab.s;
+    }
+    acc + summs
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_avx2_entry(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    // SAFETY: only selected by `kernel()` after detecting AVX2, FMA and F16C.
+    unsafe { dot_avx2(w, a) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(a.len());
+    let mask = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for i in 0..n {
+        let wb = &w[i];
+        let ab = &a[i];
+        // SAFETY: `BlockQ4_1` starts with two f16 (4 bytes) then 16 bytes of
+        // nibbles; `qs` of `BlockQ8_1` is 32 bytes. All loads are unaligned.
+        let (dm, qs, q8) = unsafe {
+            (
+                _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    wb as *const BlockQ4_1 as *const i32,
+                ))),
+                _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i),
+                _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i),
+            )
+        };
+        // dm = [d, m, 0, 0] of the weights; ds = [d, s, 0, 0] of the activations.
+        let ds = _mm_set_ps(0.0, 0.0, ab.s, ab.d);
+        let prod = _mm_mul_ps(dm, ds); // [d*d8, m*s8, 0, 0]
+        acc_m = _mm_add_ps(acc_m, prod);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+        let q4 = _mm256_set_m128i(hi, lo);
+        let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+        let scale = _mm256_broadcastss_ps(prod);
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p32), acc);
+    }
+    let hi = _mm256_extractf128_ps(acc, 1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    // acc_m lane 1 holds the sum of m * s.
+    _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_shuffle_ps(acc_m, acc_m, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_matrix(rows: usize, cols: usize, seed: u32) -> (Q4_1Matrix, Vec<u8>) {
+        let mut state = seed;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            state
+        };
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK {
+            bytes.extend(f16::from_f32((next() % 1000) as f32 * 1e-4).to_le_bytes());
+            bytes.extend(f16::from_f32((next() % 1000) as f32 * -1e-4).to_le_bytes());
+            for _ in 0..16 {
+                bytes.push((next() >> 8) as u8);
+            }
+        }
+        (Q4_1Matrix::from_bytes(&bytes, rows, cols).unwrap(), bytes)
+    }
+
+    #[test]
+    fn simd_and_scalar_agree_and_match_dense() {
+        let (m, _) = random_matrix(70, 96, 3);
+        let x: Vec<f32> = (0..3 * 96)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.3)
+            .collect();
+        let y = m.matmul(&x, 3).unwrap();
+        let dense = m.to_f32();
+        for i in 0..3 {
+            let mut act = vec![BlockQ8_1::default(); 3];
+            quantize_row_q8_1(&x[i * 96..(i + 1) * 96], &mut act);
+            for r in 0..70 {
+                let w = &m.blocks[r * 3..(r + 1) * 3];
+                let s = dot_scalar(w, &act);
+                let k = kernel()(w, &act);
+                assert!((s - k).abs() <= 1e-4 * s.abs().max(1.0), "{s} vs {k}");
+                assert_eq!(y[i * 70 + r], k);
+                let exact: f32 = (0..96).map(|c| dense[r * 96 + c] * x[i * 96 + c]).sum();
+                let mag: f32 = (0..96)
+                    .map(|c| (dense[r * 96 + c] * x[i * 96 + c]).abs())
+                    .sum();
+                // Activations are rounded to 8 bits: error well under 1% of sum |w x|.
+                assert!((exact - s).abs() < 0.01 * mag, "{exact} vs {s} (mag {mag})");
+            }
+        }
+    }
+
+    #[test]
+    fn vstack_and_bad_shapes() {
+        let (a, _) = random_matrix(4, 64, 1);
+        let (b, _) = random_matrix(2, 64, 2);
+        let s = Q4_1Matrix::vstack(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(s.rows(), 6);
+        let x = vec![0.5f32; 64];
+        let ys = s.matmul(&x, 1).unwrap();
+        assert_eq!(&ys[..4], &a.matmul(&x, 1).unwrap()[..]);
+        assert_eq!(&ys[4..], &b.matmul(&x, 1).unwrap()[..]);
+        assert!(Q4_1Matrix::from_bytes(&[0u8; 19], 1, 32).is_err());
+        assert!(Q4_1Matrix::from_bytes(&[0u8; 20], 1, 30).is_err());
+        assert!(s.matmul(&x[..10], 1).is_err());
+    }
+}
