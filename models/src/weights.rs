@@ -205,7 +205,8 @@ impl WeightFile {
         })?;
         let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            let reason = e.to_string();
+            // candle appends a backtrace after a newline when RUST_BACKTRACE is set.
+            let reason = e.to_string().lines().next().unwrap_or("").to_string();
             if reason.contains("unknown dtype") {
                 ModelError::UnsupportedQuant {
                     tensor: "(header)".into(),

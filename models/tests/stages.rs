@@ -379,16 +379,8 @@ fn bad_files_give_clear_errors() -> Result<()> {
         matches!(r, Err(ModelError::UnsupportedArchitecture { .. })),
         "{r:?}"
     );
-    // Unsupported tensor type: patch the first tensor's type id to one candle lacks (IQ2_XXS = 16).
-    let mut b = bytes.clone();
-    let needle = b"token_embd.weight";
-    let at = b
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .ok_or_else(|| anyhow::anyhow!("no tensor name"))?;
-    let dtype_at = at + needle.len() + 4 + 2 * 8; // n_dims u32, two u64 dims
-    b[dtype_at..dtype_at + 4].copy_from_slice(&16u32.to_le_bytes());
-    std::fs::write(&cut, &b)?;
+    // Unsupported tensor type (IQ2_XXS = 16).
+    hearth_test_utils::gguf_with_tensor_type(&m.gguf_q8_0, &cut, "token_embd.weight", 16)?;
     let r = WeightFile::open(&cut);
     assert!(
         matches!(r, Err(ModelError::UnsupportedQuant { .. })),

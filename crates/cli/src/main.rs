@@ -40,10 +40,15 @@ fn main() {
         Command::Models(cmd) => models::run(cmd),
     };
     if let Err(e) = result {
-        // One line: the error and its causes.
-        let mut msg = format!("error: {e}");
+        // One line: the error and its causes (some carry a backtrace after
+        // a newline when RUST_BACKTRACE is set; keep the first line of each).
+        let first = |s: String| s.lines().next().unwrap_or("").trim().to_string();
+        let mut msg = format!("error: {}", first(e.to_string()));
         for cause in e.chain().skip(1) {
-            msg.push_str(&format!(": {cause}"));
+            let c = first(cause.to_string());
+            if !msg.contains(&c) {
+                msg.push_str(&format!(": {c}"));
+            }
         }
         eprintln!("{msg}");
         std::process::exit(1);

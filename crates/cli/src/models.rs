@@ -9,7 +9,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Fetch the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into $HEARTH_HOME/models.
-    Pull,
+    Pull {
+        /// Download again even if the model is present.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show the models on this machine.
     List {
         /// Print JSON.
@@ -20,8 +24,12 @@ pub enum Cmd {
 
 pub fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Pull => {
-            let path = store::pull_default(&mut progress_printer())?;
+        Cmd::Pull { force } => {
+            let path = if force {
+                store::pull_default(&mut progress_printer())?
+            } else {
+                store::ensure_default(&mut progress_printer())?
+            };
             eprintln!("model ready: {}", path.display());
             Ok(())
         }

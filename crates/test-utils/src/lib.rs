@@ -233,8 +233,7 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
 
     // GGUF variants.
     let gguf_name = |name: &str| -> String {
-        let n = name
-            .replace("model.embed_tokens", "token_embd")
+        name.replace("model.embed_tokens", "token_embd")
             .replace("model.norm", "output_norm")
             .replace("lm_head", "output")
             .replace("model.layers.", "blk.")
@@ -246,8 +245,7 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
             .replace("input_layernorm", "attn_norm")
             .replace("mlp.gate_proj", "ffn_gate")
             .replace("mlp.up_proj", "ffn_up")
-            .replace("mlp.down_proj", "ffn_down");
-        n
+            .replace("mlp.down_proj", "ffn_down")
     };
     let permuted = spec.architecture == "llama";
     let write = |path: &Path, dtype: GgmlDType| -> Result<()> {
@@ -415,4 +413,22 @@ pub fn workspace_root() -> PathBuf {
         .nth(2)
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Copies a GGUF file, setting the type id of tensor `name` to `type_id`
+/// (e.g. 16 = IQ2_XXS, which the loaders do not support).
+pub fn gguf_with_tensor_type(src: &Path, dst: &Path, name: &str, type_id: u32) -> Result<()> {
+    let mut b = std::fs::read(src)?;
+    let needle = name.as_bytes();
+    let at = b
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .with_context(|| format!("no tensor {name}"))?;
+    // After the name: n_dims (u32), then n_dims u64 dims, then the type (u32).
+    let nd_at = at + needle.len();
+    let n_dims = u32::from_le_bytes([b[nd_at], b[nd_at + 1], b[nd_at + 2], b[nd_at + 3]]) as usize;
+    let ty_at = nd_at + 4 + 8 * n_dims;
+    b[ty_at..ty_at + 4].copy_from_slice(&type_id.to_le_bytes());
+    std::fs::write(dst, b)?;
+    Ok(())
 }

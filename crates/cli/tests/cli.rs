@@ -1,0 +1,342 @@
+//! The `hearth` binary's contract: `generate` flags and `--json` fields, and
+//! one-line errors with a non-zero exit (never a panic) for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::Result;
+use hearth_test_utils::{TinySpec, tiny_model};
+
+fn hearth(args: &[&str], home: &Path) -> Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(args)
+        .env("HEARTH_HOME", home)
+        .env("HF_HUB_CACHE", home.join("hf"))
+        .output()?)
+}
+
+/// Asserts a clean failure: non-zero exit, no panic, and exactly one
+/// `error:` line, the last on stderr, mentioning `needle` (progress lines
+/// such as "pip download ..." may come before it).
+fn assert_clean_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    let errors: Vec<&&str> = lines.iter().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {err}");
+    let last = lines.last().copied().unwrap_or("");
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains(needle), "expected {needle:?} in: {err}");
+}
+
+#[test]
+fn generate_json_has_the_contract_fields() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let model = m.gguf_q8_0.to_string_lossy().into_owned();
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "5",
+            "--json",
+        ],
+        dir.path(),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    assert_eq!(
+        stdout.trim().lines().count(),
+        1,
+        "exactly one JSON object: {stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+    for f in [
+        "model",
+        "text",
+        "prompt_token_ids",
+        "token_ids",
+        "prompt_tokens",
+        "completion_tokens",
+        "finish_reason",
+        "prefill_tok_per_s",
+        "decode_tok_per_s",
+    ] {
+        assert!(v.get(f).is_some(), "missing {f} in {v}");
+    }
+    assert_eq!(
+        v["prompt_tokens"].as_u64(),
+        Some(v["prompt_token_ids"].as_array().map_or(0, |a| a.len()) as u64)
+    );
+    assert_eq!(
+        v["completion_tokens"].as_u64(),
+        Some(v["token_ids"].as_array().map_or(0, |a| a.len()) as u64)
+    );
+    assert!(matches!(
+        v["finish_reason"].as_str(),
+        Some("stop" | "length")
+    ));
+    // The chat template was applied: the prompt starts with <|im_start|> (id 1).
+    assert_eq!(v["prompt_token_ids"][0].as_u64(), Some(1));
+    // --raw sends the text as is.
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "the cat",
+            "--raw",
+            "--max-tokens",
+            "3",
+            "--json",
+        ],
+        dir.path(),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_ne!(v["prompt_token_ids"][0].as_u64(), Some(1));
+    Ok(())
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_from_the_cli() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let model = m.gguf_q8_0.to_string_lossy().into_owned();
+    let run = |seed: &str| -> Result<serde_json::Value> {
+        let out = hearth(
+            &[
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "hello",
+                "--temperature",
+                "1.0",
+                "--top-p",
+                "0.9",
+                "--seed",
+                seed,
+                "--max-tokens",
+                "12",
+                "--json",
+            ],
+            dir.path(),
+        )?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    assert_eq!(run("3")?["token_ids"], run("3")?["token_ids"]);
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_get_one_line_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let m = tiny_model(&home.join("m"), TinySpec::default())?;
+    let model = m.gguf_q8_0.to_string_lossy().into_owned();
+    let gen_with = |model: &str, prompt: &str| {
+        hearth(
+            &[
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "2",
+            ],
+            home,
+        )
+    };
+
+    assert_clean_error(
+        &gen_with(&home.join("missing.gguf").to_string_lossy(), "hi")?,
+        "not found",
+    );
+
+    let junk = home.join("junk.gguf");
+    std::fs::write(&junk, b"GGUF but not really")?;
+    assert_clean_error(
+        &gen_with(&junk.to_string_lossy(), "hi")?,
+        "not a valid GGUF",
+    );
+
+    let cut = home.join("cut.gguf");
+    let bytes = std::fs::read(&m.gguf_q8_0)?;
+    std::fs::write(&cut, &bytes[..bytes.len() / 2])?;
+    assert_clean_error(&gen_with(&cut.to_string_lossy(), "hi")?, "truncated");
+
+    let m2 = tiny_model(
+        &home.join("neox"),
+        TinySpec {
+            architecture: "gpt_neox",
+            ..TinySpec::default()
+        },
+    )?;
+    assert_clean_error(
+        &gen_with(&m2.gguf_q8_0.to_string_lossy(), "hi")?,
+        "unsupported architecture",
+    );
+
+    let iq = home.join("iq.gguf");
+    hearth_test_utils::gguf_with_tensor_type(&m.gguf_q8_0, &iq, "token_embd.weight", 16)?;
+    assert_clean_error(
+        &gen_with(&iq.to_string_lossy(), "hi")?,
+        "unsupported tensor type",
+    );
+
+    assert_clean_error(&gen_with(&model, "")?, "empty");
+    assert_clean_error(&gen_with(&model, "   ")?, "empty");
+    // The tiny model's context is 128 tokens.
+    assert_clean_error(&gen_with(&model, &"word ".repeat(300))?, "context");
+
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "hi",
+            "--temperature=-1",
+        ],
+        home,
+    )?;
+    assert_clean_error(&out, "temperature");
+    Ok(())
+}
+
+#[test]
+fn missing_pip_says_how_to_pass_a_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["generate", "--prompt", "hi"])
+        .env("HEARTH_HOME", dir.path())
+        .env("HEARTH_PYTHON", dir.path().join("no-such-python"))
+        .output()?;
+    assert_clean_error(&out, "--model");
+    Ok(())
+}
+
+#[test]
+fn models_list_shows_the_store_and_the_hf_cache() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let m = tiny_model(&home.join("m"), TinySpec::default())?;
+    std::fs::create_dir_all(home.join("models"))?;
+    std::fs::copy(&m.gguf_q8_0, home.join("models/tiny.gguf"))?;
+    // A Hugging Face cache entry resolved by ORG/NAME.
+    let snap = home.join("hf/models--acme--tiny/snapshots/abc123");
+    std::fs::create_dir_all(&snap)?;
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(m.safetensors_dir.join(f), snap.join(f))?;
+    }
+    let out = hearth(&["models", "list"], home)?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("tiny.gguf"), "{text}");
+    assert!(text.contains("acme/tiny"), "{text}");
+    assert!(text.contains("smollm2-135m-instruct"), "{text}");
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            "acme/tiny",
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "3",
+            "--json",
+        ],
+        home,
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            &m.safetensors_dir.to_string_lossy(),
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "3",
+            "--json",
+        ],
+        home,
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The real model through the CLI: greedy ids equal llama.cpp's golden prefix.
+#[test]
+fn real_model_greedy_matches_llama_cpp_fixture() -> Result<()> {
+    let Some(path) = hearth_test_utils::real_model() else {
+        return Ok(());
+    };
+    let fixture = hearth_test_utils::workspace_root().join("tests/fixtures/llamacpp_golden.json");
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture)?)?;
+    let case = &g["cases"][1];
+    let margins: Vec<f64> = case["top2_margins"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    let n = margins
+        .iter()
+        .position(|&m| m < 0.3)
+        .unwrap_or(margins.len());
+    let user = case["user"].as_str().unwrap_or_default();
+    let dir = tempfile::tempdir()?;
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            &path.to_string_lossy(),
+            "--prompt",
+            user,
+            "--max-tokens",
+            "24",
+            "--json",
+        ],
+        dir.path(),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["prompt_token_ids"], case["prompt_ids"]);
+    let ours: Vec<u64> = v["token_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+        .unwrap_or_default();
+    let theirs: Vec<u64> = case["token_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+        .unwrap_or_default();
+    assert!(n >= 3, "fixture case should have a confident prefix");
+    assert_eq!(ours[..n.min(ours.len())], theirs[..n.min(ours.len())]);
+    Ok(())
+}

