@@ -408,3 +408,45 @@ fn empty_and_too_long_prompts_are_errors() -> Result<()> {
     ));
     Ok(())
 }
+
+#[test]
+fn k_quants_and_q4_0_run_close_to_f32() -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    let spec = TinySpec {
+        hidden: 256,
+        intermediate: 512,
+        heads: 4,
+        kv_heads: 2,
+        layers: 2,
+        extra_types: vec![
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5_0,
+        ],
+        ..TinySpec::default()
+    };
+    let (_d, m) = tiny(spec)?;
+    let reference = full_logits(
+        &WeightFile::open(&m.safetensors_dir)?,
+        Precision::F32,
+        &PROMPT,
+    )?;
+    let scale = max_abs(&reference)?;
+    for (dtype, path) in &m.extra {
+        let w = WeightFile::open(path)?;
+        let q = full_logits(&w, Precision::Quantized, &PROMPT)?;
+        let f = full_logits(&w, Precision::F32, &PROMPT)?;
+        // Quantized kernels agree with their own dequantized weights...
+        let dqf = max_diff(&q, &f)? / max_abs(&f)?;
+        assert!(
+            dqf < 0.05,
+            "{dtype:?}: quantized vs dequantized rel err {dqf}"
+        );
+        // ...and stay near the unquantized model.
+        let dref = max_diff(&f, &reference)? / scale;
+        assert!(dref < 0.3, "{dtype:?}: rel err vs f32 {dref}");
+    }
+    Ok(())
+}

@@ -28,6 +28,9 @@ pub struct TinySpec {
     pub attention_bias: bool,
     pub architecture: &'static str,
     pub seed: u64,
+    /// More GGUF matrix types to write (K-quants need `hidden` and
+    /// `intermediate` to be multiples of 256).
+    pub extra_types: Vec<GgmlDType>,
 }
 
 impl Default for TinySpec {
@@ -43,6 +46,7 @@ impl Default for TinySpec {
             attention_bias: false,
             architecture: "llama",
             seed: 7,
+            extra_types: Vec::new(),
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct TinyModel {
     pub gguf_q4_1: PathBuf,
     /// Directory with config.json, model.safetensors, tokenizer.json.
     pub safetensors_dir: PathBuf,
+    /// The `extra_types` GGUFs.
+    pub extra: Vec<(GgmlDType, PathBuf)>,
 }
 
 /// GPT-2's byte-to-unicode table: the 256 byte-level "characters".
@@ -329,6 +335,12 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
     write(&gguf_f32, GgmlDType::F32)?;
     write(&gguf_q8_0, GgmlDType::Q8_0)?;
     write(&gguf_q4_1, GgmlDType::Q4_1)?;
+    let mut extra = Vec::new();
+    for &t in &spec.extra_types {
+        let p = dir.join(format!("tiny-{t:?}.gguf").to_lowercase());
+        write(&p, t)?;
+        extra.push((t, p));
+    }
     let _ = dev;
     Ok(TinyModel {
         spec,
@@ -337,6 +349,7 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
         gguf_q8_0,
         gguf_q4_1,
         safetensors_dir: st_dir,
+        extra,
     })
 }
 
