@@ -137,7 +137,7 @@ impl Q4_1Matrix {
         for (xr, ar) in x.chunks_exact(self.cols).zip(act.chunks_exact_mut(bpr)) {
             quantize_row_q8_1(xr, ar);
         }
-        let dot = kernel();
+        let Kernels { dot, dot4 } = kernels();
         let mut out = vec![0f32; n * self.rows];
         // Work is split by output rows; each chunk writes its own column
         // strip of `out`, gathered after the parallel section.
@@ -150,10 +150,20 @@ impl Q4_1Matrix {
                 let r0 = c * chunk;
                 let r1 = (r0 + chunk).min(self.rows);
                 let mut strip = vec![0f32; n * (r1 - r0)];
+                let width = r1 - r0;
                 for r in r0..r1 {
                     let w = &self.blocks[r * bpr..(r + 1) * bpr];
-                    for i in 0..n {
-                        strip[i * (r1 - r0) + (r - r0)] = dot(w, &act[i * bpr..(i + 1) * bpr]);
+                    let mut i = 0;
+                    // Four tokens per pass over the weight row (prefill).
+                    while i + 4 <= n {
+                        let ys = dot4(w, &act[i * bpr..(i + 4) * bpr], bpr);
+                        for (k, y) in ys.into_iter().enumerate() {
+                            strip[(i + k) * width + (r - r0)] = y;
+                        }
+                        i += 4;
+                    }
+                    for i in i..n {
+                        strip[i * width + (r - r0)] = dot(w, &act[i * bpr..(i + 1) * bpr]);
                     }
                 }
                 (r0, strip)
@@ -188,11 +198,19 @@ pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
 }
 
 type DotFn = fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32;
+/// One weight row against four activation rows (`bpr` blocks each, back to back).
+type Dot4Fn = fn(&[BlockQ4_1], &[BlockQ8_1], usize) -> [f32; 4];
 
-/// The fastest dot product this CPU runs, picked once at run time.
-fn kernel() -> DotFn {
+#[derive(Clone, Copy)]
+struct Kernels {
+    dot: DotFn,
+    dot4: Dot4Fn,
+}
+
+/// The fastest kernels this CPU runs, picked once at run time.
+fn kernels() -> Kernels {
     use std::sync::OnceLock;
-    static K: OnceLock<DotFn> = OnceLock::new();
+    static K: OnceLock<Kernels> = OnceLock::new();
     *K.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         if std::env::var_os("HEARTH_NO_SIMD").is_none()
@@ -200,10 +218,20 @@ fn kernel() -> DotFn {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
-            return dot_avx2_entry;
+            return Kernels {
+                dot: dot_avx2_entry,
+                dot4: dot4_avx2_entry,
+            };
         }
-        dot_scalar
+        Kernels {
+            dot: dot_scalar,
+            dot4: dot4_scalar,
+        }
     })
+}
+
+fn dot4_scalar(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
+    std::array::from_fn(|k| dot_scalar(w, &a[k * bpr..(k + 1) * bpr]))
 }
 
 /// Portable Q4_1 x Q8_1 dot product.
@@ -270,6 +298,59 @@ unsafe fn dot_avx2(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_shuffle_ps(acc_m, acc_m, 1))
 }
 
+#[cfg(target_arch = "x86_64")]
+fn dot4_avx2_entry(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
+    // SAFETY: only selected by `kernels()` after detecting AVX2, FMA and F16C.
+    unsafe { dot4_avx2(w, a, bpr) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_avx2(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = w.len().min(bpr);
+    let mask = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
+    if a.len() < 4 * bpr {
+        return [0.0; 4];
+    }
+    for i in 0..n {
+        let wb = &w[i];
+        // SAFETY: see `dot_avx2`.
+        let (dm, qs) = unsafe {
+            (
+                _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    wb as *const BlockQ4_1 as *const i32,
+                ))),
+                _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i),
+            )
+        };
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+        let q4 = _mm256_set_m128i(hi, lo);
+        for k in 0..4 {
+            let ab = &a[k * bpr + i];
+            // SAFETY: `qs` is 32 bytes; unaligned load.
+            let q8 = unsafe { _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i) };
+            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(p32), acc[k]);
+            summs[k] += m * ab.s;
+        }
+    }
+    std::array::from_fn(|k| {
+        let v = acc[k];
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s) + summs[k]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,7 +386,7 @@ mod tests {
             for r in 0..70 {
                 let w = &m.blocks[r * 3..(r + 1) * 3];
                 let s = dot_scalar(w, &act);
-                let k = kernel()(w, &act);
+                let k = (kernels().dot)(w, &act);
                 assert!((s - k).abs() <= 1e-4 * s.abs().max(1.0), "{s} vs {k}");
                 assert_eq!(y[i * 70 + r], k);
                 let exact: f32 = (0..96).map(|c| dense[r * 96 + c] * x[i * 96 + c]).sum();
@@ -314,6 +395,26 @@ mod tests {
                     .sum();
                 // Activations are rounded to 8 bits: error well under 1% of sum |w x|.
                 assert!((exact - s).abs() < 0.01 * mag, "{exact} vs {s} (mag {mag})");
+            }
+        }
+    }
+
+    #[test]
+    fn batched_rows_equal_single_rows() {
+        let (m, _) = random_matrix(33, 64, 9);
+        let n = 11;
+        let x: Vec<f32> = (0..n * 64)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.1)
+            .collect();
+        let all = m.matmul(&x, n).unwrap();
+        for i in 0..n {
+            let one = m.matmul(&x[i * 64..(i + 1) * 64], 1).unwrap();
+            for r in 0..33 {
+                let (a, b) = (all[i * 33 + r], one[r]);
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "row {i} col {r}: {a} vs {b}"
+                );
             }
         }
     }

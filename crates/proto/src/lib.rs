@@ -1,0 +1,75 @@
+//! Hearth's wire protocol, sans-IO (no sockets, no async runtime, no clocks):
+//! like `quinn-proto` beside `quinn`, the networking crate feeds it bytes.
+//!
+//! A frame is `[u32 LE length][u8 tag][body]`, where `length` counts the tag
+//! and the body. Every length is checked against a named limit before any
+//! allocation, on encode and on decode. Unknown tags, truncation, oversize
+//! and inconsistent fields are typed errors; decoding never panics.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod codec;
+mod message;
+mod tensor;
+
+pub use codec::{FrameDecoder, decode_frame, encode_frame};
+pub use message::{Hello, Message, Refusal};
+pub use tensor::{TensorFrame, WireDType};
+
+/// Protocol version carried in [`Hello`]; peers with another version are refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// QUIC ALPN of protocol version 1.
+pub const ALPN: &[u8] = b"hearth/1";
+
+/// Named size limits, checked on send and on receive.
+pub mod limits {
+    /// Largest frame of any kind (tag + body): a tensor frame carries at most
+    /// this many bytes of activations or gradients.
+    pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+    /// Largest frame of a control message (everything but tensors).
+    pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+    /// Longest string field (names, reasons).
+    pub const MAX_STRING: usize = 1024;
+    /// Most dimensions of a tensor.
+    pub const MAX_DIMS: usize = 8;
+}
+
+/// Everything that can be wrong with bytes from a peer or a message to send.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("empty frame")]
+    EmptyFrame,
+    #[error("unknown message tag {0:#04x}")]
+    UnknownTag(u8),
+    #[error("truncated {what}: needs {needed} bytes, {available} left")]
+    Truncated {
+        what: &'static str,
+        needed: usize,
+        available: usize,
+    },
+    #[error("{extra} unexpected bytes after a {what} message")]
+    TrailingBytes { what: &'static str, extra: usize },
+    #[error("string field {what} of {len} bytes exceeds the limit of {max}")]
+    StringTooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("string field {what} is not UTF-8")]
+    BadUtf8 { what: &'static str },
+    #[error("unknown tensor dtype {0}")]
+    UnknownDType(u8),
+    #[error("tensor has {dims} dimensions, at most {max} allowed")]
+    TooManyDims { dims: usize, max: usize },
+    #[error("tensor of shape {shape:?} as {dtype:?} needs {expected} bytes, frame has {actual}")]
+    TensorSize {
+        shape: Vec<u32>,
+        dtype: WireDType,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("invalid field {what}: {detail}")]
+    InvalidField { what: &'static str, detail: String },
+}

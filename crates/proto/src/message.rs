@@ -1,0 +1,234 @@
+//! The message enum and its body encoding.
+
+use crate::tensor::TensorFrame;
+use crate::{ProtoError, limits};
+
+pub(crate) const TAG_HELLO: u8 = 0x01;
+pub(crate) const TAG_REFUSE: u8 = 0x02;
+pub(crate) const TAG_AUTH_CHALLENGE: u8 = 0x03;
+pub(crate) const TAG_AUTH_PROOF: u8 = 0x04;
+pub(crate) const TAG_AUTH_OK: u8 = 0x05;
+pub(crate) const TAG_HEARTBEAT: u8 = 0x06;
+pub(crate) const TAG_HEARTBEAT_ACK: u8 = 0x07;
+pub(crate) const TAG_TENSOR: u8 = 0x10;
+
+/// First message on a connection, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// The node's persistent identity (hash of its public key).
+    pub node_id: [u8; 32],
+    pub name: String,
+    /// The UDP port the node's QUIC endpoint listens on.
+    pub quic_port: u16,
+}
+
+/// Why a peer is refused (the connection is closed after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Every message of protocol version 1.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Refuse(Refusal),
+    /// A random nonce the peer must MAC with the cluster secret.
+    AuthChallenge {
+        nonce: [u8; 32],
+    },
+    /// HMAC over the challenge, bound to the TLS session.
+    AuthProof {
+        mac: [u8; 32],
+    },
+    AuthOk,
+    Heartbeat {
+        seq: u64,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
+    Tensor(TensorFrame),
+}
+
+impl Message {
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "hello",
+            Self::Refuse(_) => "refuse",
+            Self::AuthChallenge { .. } => "auth-challenge",
+            Self::AuthProof { .. } => "auth-proof",
+            Self::AuthOk => "auth-ok",
+            Self::Heartbeat { .. } => "heartbeat",
+            Self::HeartbeatAck { .. } => "heartbeat-ack",
+            Self::Tensor(_) => "tensor",
+        }
+    }
+
+    /// Writes the body into `out`, returning the tag.
+    pub(crate) fn encode_body(&self, out: &mut Vec<u8>) -> Result<u8, ProtoError> {
+        Ok(match self {
+            Self::Hello(h) => {
+                out.extend_from_slice(&h.version.to_le_bytes());
+                out.extend_from_slice(&h.node_id);
+                put_string(out, "name", &h.name)?;
+                out.extend_from_slice(&h.quic_port.to_le_bytes());
+                TAG_HELLO
+            }
+            Self::Refuse(r) => {
+                out.extend_from_slice(&r.code.to_le_bytes());
+                put_string(out, "reason", &r.reason)?;
+                TAG_REFUSE
+            }
+            Self::AuthChallenge { nonce } => {
+                out.extend_from_slice(nonce);
+                TAG_AUTH_CHALLENGE
+            }
+            Self::AuthProof { mac } => {
+                out.extend_from_slice(mac);
+                TAG_AUTH_PROOF
+            }
+            Self::AuthOk => TAG_AUTH_OK,
+            Self::Heartbeat { seq } => {
+                out.extend_from_slice(&seq.to_le_bytes());
+                TAG_HEARTBEAT
+            }
+            Self::HeartbeatAck { seq } => {
+                out.extend_from_slice(&seq.to_le_bytes());
+                TAG_HEARTBEAT_ACK
+            }
+            Self::Tensor(t) => {
+                t.encode(out)?;
+                TAG_TENSOR
+            }
+        })
+    }
+
+    /// Parses a body; all of it must be used.
+    pub(crate) fn decode_body(tag: u8, body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(body);
+        let msg = match tag {
+            TAG_HELLO => Self::Hello(Hello {
+                version: r.u16("hello")?,
+                node_id: r.array("hello")?,
+                name: r.string("name")?,
+                quic_port: r.u16("hello")?,
+            }),
+            TAG_REFUSE => Self::Refuse(Refusal {
+                code: r.u16("refuse")?,
+                reason: r.string("reason")?,
+            }),
+            TAG_AUTH_CHALLENGE => Self::AuthChallenge {
+                nonce: r.array("auth-challenge")?,
+            },
+            TAG_AUTH_PROOF => Self::AuthProof {
+                mac: r.array("auth-proof")?,
+            },
+            TAG_AUTH_OK => Self::AuthOk,
+            TAG_HEARTBEAT => Self::Heartbeat {
+                seq: r.u64("heartbeat")?,
+            },
+            TAG_HEARTBEAT_ACK => Self::HeartbeatAck {
+                seq: r.u64("heartbeat-ack")?,
+            },
+            TAG_TENSOR => Self::Tensor(TensorFrame::decode(&mut r)?),
+            other => return Err(ProtoError::UnknownTag(other)),
+        };
+        r.finish(msg.name())?;
+        Ok(msg)
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, what: &'static str, s: &str) -> Result<(), ProtoError> {
+    if s.len() > limits::MAX_STRING {
+        return Err(ProtoError::StringTooLong {
+            what,
+            len: s.len(),
+            max: limits::MAX_STRING,
+        });
+    }
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// A bounds-checked cursor over a body.
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    pub(crate) fn take(&mut self, what: &'static str, n: usize) -> Result<&'a [u8], ProtoError> {
+        let available = self.buf.len() - self.pos;
+        if n > available {
+            return Err(ProtoError::Truncated {
+                what,
+                needed: n,
+                available,
+            });
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
+        Ok(self.take(what, 1)?[0])
+    }
+
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<[u8; N], ProtoError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(what, N)?);
+        Ok(a)
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {
+        let len = self.u16(what)? as usize;
+        if len > limits::MAX_STRING {
+            return Err(ProtoError::StringTooLong {
+                what,
+                len,
+                max: limits::MAX_STRING,
+            });
+        }
+        let bytes = self.take(what, len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ProtoError::BadUtf8 { what })
+    }
+
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+
+    fn finish(&self, what: &'static str) -> Result<(), ProtoError> {
+        let extra = self.buf.len() - self.pos;
+        if extra > 0 {
+            return Err(ProtoError::TrailingBytes { what, extra });
+        }
+        Ok(())
+    }
+}

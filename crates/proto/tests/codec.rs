@@ -1,0 +1,256 @@
+//! Round trips, fixed byte snapshots, and malformed input that must give a
+//! typed error (never a panic, never an oversized allocation).
+
+use hearth_proto::{
+    FrameDecoder, Hello, Message, ProtoError, Refusal, TensorFrame, WireDType, decode_frame,
+    encode_frame, limits,
+};
+use proptest::prelude::*;
+
+fn arb_tensor() -> impl Strategy<Value = TensorFrame> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        prop_oneof![
+            Just(WireDType::F32),
+            Just(WireDType::F16),
+            Just(WireDType::BF16)
+        ],
+        prop::collection::vec(1u32..5, 0..4),
+    )
+        .prop_flat_map(|(s, q, dt, shape)| {
+            let n: usize = shape.iter().map(|&d| d as usize).product::<usize>() * dt.size();
+            prop::collection::vec(any::<u8>(), n).prop_map(move |data| TensorFrame {
+                stream_id: s,
+                seq_id: q,
+                dtype: dt,
+                shape: shape.clone(),
+                data,
+            })
+        })
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (any::<u16>(), any::<[u8; 32]>(), ".{0,40}", any::<u16>()).prop_map(
+            |(v, id, name, port)| {
+                Message::Hello(Hello {
+                    version: v,
+                    node_id: id,
+                    name,
+                    quic_port: port,
+                })
+            }
+        ),
+        (any::<u16>(), ".{0,60}")
+            .prop_map(|(code, reason)| Message::Refuse(Refusal { code, reason })),
+        any::<[u8; 32]>().prop_map(|nonce| Message::AuthChallenge { nonce }),
+        any::<[u8; 32]>().prop_map(|mac| Message::AuthProof { mac }),
+        Just(Message::AuthOk),
+        any::<u64>().prop_map(|seq| Message::Heartbeat { seq }),
+        any::<u64>().prop_map(|seq| Message::HeartbeatAck { seq }),
+        arb_tensor().prop_map(Message::Tensor),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips(msg in arb_message()) {
+        let bytes = encode_frame(&msg).unwrap();
+        let (back, used) = decode_frame(&bytes).unwrap().unwrap();
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn every_truncation_asks_for_more_bytes(msg in arb_message()) {
+        let bytes = encode_frame(&msg).unwrap();
+        for cut in 0..bytes.len() {
+            prop_assert_eq!(decode_frame(&bytes[..cut]).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        let _ = decode_frame(&bytes);
+        let mut d = FrameDecoder::new();
+        d.push(&bytes);
+        while let Ok(Some(_)) = d.next_message() {}
+    }
+
+    #[test]
+    fn bit_flips_never_panic(msg in arb_message(), pos in any::<usize>(), bit in 0u8..8) {
+        let mut bytes = encode_frame(&msg).unwrap();
+        let i = pos % bytes.len();
+        bytes[i] ^= 1 << bit;
+        let _ = decode_frame(&bytes);
+    }
+
+    #[test]
+    fn stream_of_frames_decodes_in_any_chunking(
+        msgs in prop::collection::vec(arb_message(), 1..6),
+        chunk in 1usize..50,
+    ) {
+        let all: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
+        let mut d = FrameDecoder::new();
+        let mut out = Vec::new();
+        for c in all.chunks(chunk) {
+            d.push(c);
+            while let Some(m) = d.next_message().unwrap() {
+                out.push(m);
+            }
+        }
+        prop_assert_eq!(out, msgs);
+        prop_assert_eq!(d.buffered(), 0);
+    }
+}
+
+#[test]
+fn fixed_byte_snapshots() {
+    let hb = encode_frame(&Message::Heartbeat { seq: 0x0102 }).unwrap();
+    assert_eq!(hb, [9, 0, 0, 0, 0x06, 0x02, 0x01, 0, 0, 0, 0, 0, 0]);
+    let hello = encode_frame(&Message::Hello(Hello {
+        version: 1,
+        node_id: [0xAB; 32],
+        name: "pi".into(),
+        quic_port: 7000,
+    }))
+    .unwrap();
+    let mut want = vec![1 + 2 + 32 + 2 + 2 + 2, 0, 0, 0, 0x01, 1, 0];
+    want.extend([0xAB; 32]);
+    want.extend([2, 0, b'p', b'i', 0x58, 0x1B]);
+    assert_eq!(hello, want);
+    let t = TensorFrame::from_f32(7, 9, vec![2], &[1.0, -2.0], WireDType::F32).unwrap();
+    let bytes = encode_frame(&Message::Tensor(t)).unwrap();
+    let mut want = vec![1 + 8 + 8 + 1 + 1 + 4 + 8, 0, 0, 0, 0x10];
+    want.extend(7u64.to_le_bytes());
+    want.extend(9u64.to_le_bytes());
+    want.extend([0, 1, 2, 0, 0, 0]);
+    want.extend(1.0f32.to_le_bytes());
+    want.extend((-2.0f32).to_le_bytes());
+    assert_eq!(bytes, want);
+}
+
+#[test]
+fn typed_errors_for_bad_frames() {
+    // Unknown tag.
+    assert_eq!(
+        decode_frame(&[1, 0, 0, 0, 0x7F]),
+        Err(ProtoError::UnknownTag(0x7F))
+    );
+    // Zero length.
+    assert_eq!(decode_frame(&[0, 0, 0, 0]), Err(ProtoError::EmptyFrame));
+    // Oversize is refused from the prefix alone, before the body arrives.
+    let huge = (limits::MAX_FRAME as u32 + 1).to_le_bytes();
+    assert!(matches!(
+        decode_frame(&huge),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+    // A control message may not use the tensor limit.
+    let big_ctl = ((limits::MAX_CONTROL_FRAME + 1) as u32).to_le_bytes();
+    let mut b = big_ctl.to_vec();
+    b.push(0x06);
+    assert!(matches!(
+        decode_frame(&b),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+    // Trailing bytes in a fixed-size message.
+    assert!(matches!(
+        decode_frame(&[10, 0, 0, 0, 0x06, 0, 0, 0, 0, 0, 0, 0, 0, 9]),
+        Err(ProtoError::TrailingBytes { .. })
+    ));
+    // Short body.
+    assert!(matches!(
+        decode_frame(&[3, 0, 0, 0, 0x06, 1, 2]),
+        Err(ProtoError::Truncated { .. })
+    ));
+    // Bad UTF-8 in a string.
+    let mut bad = vec![1 + 2 + 2, 0, 0, 0, 0x02, 0, 0, 2, 0];
+    bad[0] += 2;
+    bad.extend([0xFF, 0xFE]);
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(ProtoError::BadUtf8 { .. })
+    ));
+    // Tensor whose data does not match its shape; unknown dtype; too many dims.
+    let t = TensorFrame {
+        stream_id: 0,
+        seq_id: 0,
+        dtype: WireDType::F32,
+        shape: vec![3],
+        data: vec![0; 8],
+    };
+    assert!(matches!(
+        encode_frame(&Message::Tensor(t)),
+        Err(ProtoError::TensorSize { .. })
+    ));
+    let mut body = vec![0x10];
+    body.extend([0u8; 16]);
+    body.extend([9, 0]);
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend(&body);
+    assert_eq!(decode_frame(&f), Err(ProtoError::UnknownDType(9)));
+    let mut body = vec![0x10];
+    body.extend([0u8; 16]);
+    body.extend([0, 200]);
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend(&body);
+    assert!(matches!(
+        decode_frame(&f),
+        Err(ProtoError::TooManyDims { .. })
+    ));
+    // Shape whose byte count overflows.
+    let mut body = vec![0x10];
+    body.extend([0u8; 16]);
+    body.extend([0, 3]);
+    for _ in 0..3 {
+        body.extend(u32::MAX.to_le_bytes());
+    }
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend(&body);
+    assert!(matches!(
+        decode_frame(&f),
+        Err(ProtoError::TensorSize { .. })
+    ));
+    // Strings over the limit are refused on send.
+    let long = Message::Refuse(Refusal {
+        code: 1,
+        reason: "x".repeat(limits::MAX_STRING + 1),
+    });
+    assert!(matches!(
+        encode_frame(&long),
+        Err(ProtoError::StringTooLong { .. })
+    ));
+    // Tensors over the frame limit are refused on send.
+    let n = limits::MAX_FRAME / 4 + 1;
+    let t = TensorFrame {
+        stream_id: 0,
+        seq_id: 0,
+        dtype: WireDType::F32,
+        shape: vec![n as u32],
+        data: vec![0; n * 4],
+    };
+    assert!(matches!(
+        encode_frame(&Message::Tensor(t)),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn wire_dtypes_convert() {
+    let vals = [0.0f32, 1.5, -3.25, 1e-3, 65504.0];
+    for dt in [WireDType::F32, WireDType::F16, WireDType::BF16] {
+        let t = TensorFrame::from_f32(1, 2, vec![5], &vals, dt).unwrap();
+        assert_eq!(t.data.len(), 5 * dt.size());
+        let back = t.to_f32();
+        for (a, b) in vals.iter().zip(&back) {
+            let tol = match dt {
+                WireDType::F32 => 0.0,
+                WireDType::F16 => 1e-3 * a.abs().max(1.0),
+                WireDType::BF16 => 1e-2 * a.abs().max(1.0),
+            };
+            assert!((a - b).abs() <= tol, "{dt:?}: {a} vs {b}");
+        }
+    }
+    assert!(TensorFrame::from_f32(0, 0, vec![2, 2], &[1.0; 3], WireDType::F32).is_err());
+}
