@@ -1,25 +1,26 @@
 //! Per-sequence KV cache, kept outside the model: one per sequence per stage.
+//!
+//! Keys and values are stored token-major (`[tokens, kv_heads, head_dim]`) in
+//! plain vectors, so appending a token is a copy of its rows and single-token
+//! decode attention reads them in place (see `layers::Attention`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 
-/// Keys and values of one layer, `[kv_heads, capacity, head_dim]`, filled up to `len`.
 #[derive(Debug, Clone, Default)]
 struct LayerKv {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// The KV cache of one sequence for the layers of one stage.
-///
-/// Storage grows by doubling and is written in place, so appending one token
-/// costs O(1) copies instead of re-concatenating the whole history.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
-    capacity: usize,
+    /// Floats per token per layer (`kv_heads * head_dim`), known after the first append.
+    row: usize,
 }
 
 impl KvCache {
@@ -28,7 +29,7 @@ impl KvCache {
         Self {
             layers: vec![LayerKv::default(); layers],
             len: 0,
-            capacity: 0,
+            row: 0,
         }
     }
 
@@ -42,68 +43,62 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held by the cache buffers.
+    /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| [&l.k, &l.v])
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .map(|l| (l.k.capacity() + l.v.capacity()) * 4)
             .sum()
     }
 
     /// Drops the stored tokens after `len` (used to roll back a step).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        let keep = self.len * self.row;
+        for l in &mut self.layers {
+            l.k.truncate(keep);
+            l.v.truncate(keep);
+        }
     }
 
-    /// Appends `k`, `v` (`[kv_heads, n, head_dim]`) for `layer` and returns the
-    /// full keys and values so far. Call [`KvCache::advance`] once all layers
-    /// of the stage have appended.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (kvh, n, hd) = k.dims3()?;
-        let need = self.len + n;
-        if need > self.capacity {
-            let cap = need.max(self.capacity * 2).max(64);
-            for l in &mut self.layers {
-                for slot in [&mut l.k, &mut l.v] {
-                    if let Some(old) = slot.take() {
-                        let (h, _, d) = old.dims3()?;
-                        let grown = Tensor::zeros((h, cap, d), old.dtype(), old.device())?;
-                        grown.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                        *slot = Some(grown);
-                    }
-                }
-            }
-            self.capacity = cap;
-        }
+    /// Appends the keys and values (`[n, kv_heads, head_dim]`) of `layer`.
+    /// Call [`KvCache::advance`] once all layers of the stage have appended.
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (_, kvh, hd) = k.dims3()?;
+        self.row = kvh * hd;
+        let keep = self.len * self.row;
         let l = &mut self.layers[layer];
-        for (slot, src) in [(&mut l.k, k), (&mut l.v, v)] {
-            if slot.is_none() {
-                *slot = Some(Tensor::zeros(
-                    (kvh, self.capacity, hd),
-                    DType::F32,
-                    &Device::Cpu,
-                )?);
-            }
-            if let Some(buf) = slot.as_ref() {
-                buf.slice_set(&src.contiguous()?, 1, self.len)?;
-            }
-        }
-        let view = |t: &Option<Tensor>| -> Result<Tensor> {
-            match t {
-                Some(t) => Ok(t.narrow(1, 0, need)?),
-                None => Err(crate::error::ModelError::BadStageInput(
-                    "kv cache buffer missing".into(),
-                )),
-            }
-        };
-        Ok((view(&l.k)?, view(&l.v)?))
+        l.k.truncate(keep);
+        l.v.truncate(keep);
+        l.k.extend(k.flatten_all()?.to_vec1::<f32>()?);
+        l.v.extend(v.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// Keys and values of `layer` for the first `tokens` tokens, token-major.
+    pub(crate) fn slices(&self, layer: usize, tokens: usize) -> (&[f32], &[f32]) {
+        let l = &self.layers[layer];
+        let n = (tokens * self.row).min(l.k.len()).min(l.v.len());
+        (&l.k[..n], &l.v[..n])
+    }
+
+    /// The same as tensors `[kv_heads, tokens, head_dim]` (copied).
+    pub(crate) fn tensors(
+        &self,
+        layer: usize,
+        tokens: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.slices(layer, tokens);
+        let shape = (k.len() / (kv_heads * head_dim), kv_heads, head_dim);
+        let k = Tensor::from_slice(k, shape, &Device::Cpu)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let v = Tensor::from_slice(v, shape, &Device::Cpu)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        Ok((k, v))
     }
 
     /// Marks `n` more tokens as stored.

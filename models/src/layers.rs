@@ -227,12 +227,38 @@ impl Attention {
         let mut outs = Vec::with_capacity(spans.len());
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             let l = span.len;
+            cache.append(
+                layer,
+                &k.narrow(0, span.offset, l)?,
+                &v.narrow(0, span.offset, l)?,
+            )?;
+            let t = span.start_pos + l;
+            if l == 1 && self.fused {
+                // Single-token decode: attend straight over the cache rows.
+                let qv = q
+                    .narrow(0, span.offset, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let (ks, vs) = cache.slices(layer, t);
+                let o = decode_attention(
+                    &qv,
+                    ks,
+                    vs,
+                    self.heads,
+                    self.kv_heads,
+                    self.head_dim,
+                    scale as f32,
+                );
+                outs.push(Tensor::from_vec(
+                    o,
+                    (1, self.heads * self.head_dim),
+                    x.device(),
+                )?);
+                continue;
+            }
             // [l, h, d] -> [h, l, d]
             let qs = q.narrow(0, span.offset, l)?.transpose(0, 1)?.contiguous()?;
-            let ks = k.narrow(0, span.offset, l)?.transpose(0, 1)?;
-            let vs = v.narrow(0, span.offset, l)?.transpose(0, 1)?;
-            let (kall, vall) = cache.append(layer, &ks, &vs)?;
-            let t = kall.dim(1)?;
+            let (kall, vall) = cache.tensors(layer, t, self.kv_heads, self.head_dim)?;
             // Heads h*groups..(h+1)*groups share KV head h: fold them into rows.
             let qg = (qs.reshape((self.kv_heads, groups * l, self.head_dim))? * scale)?;
             let scores = qg.matmul(&kall.t()?)?; // [kvh, g*l, t]
@@ -265,6 +291,48 @@ impl Attention {
         };
         self.o.forward(&o)
     }
+}
+
+/// Attention of one query token over `t` cached tokens (token-major rows of
+/// `kv_heads * head_dim`), for inference. Returns `[heads * head_dim]`.
+fn decode_attention(
+    q: &[f32],
+    ks: &[f32],
+    vs: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let row = kv_heads * head_dim;
+    let t = ks.len() / row.max(1);
+    let groups = heads / kv_heads.max(1);
+    let mut out = vec![0f32; heads * head_dim];
+    let mut scores = vec![0f32; t];
+    for h in 0..heads {
+        let g = h / groups.max(1);
+        let qh = &q[h * head_dim..(h + 1) * head_dim];
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate() {
+            let kj = &ks[j * row + g * head_dim..j * row + (g + 1) * head_dim];
+            *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        for (j, s) in scores.iter().enumerate() {
+            let p = s / sum;
+            let vj = &vs[j * row + g * head_dim..j * row + (g + 1) * head_dim];
+            for (o, v) in oh.iter_mut().zip(vj) {
+                *o += p * v;
+            }
+        }
+    }
+    out
 }
 
 /// Differentiable softmax over the last dimension.
