@@ -103,8 +103,8 @@ impl Rope {
         let mut cos = Vec::with_capacity(max_pos * cfg.head_dim);
         let mut sin = Vec::with_capacity(max_pos * cfg.head_dim);
         for p in 0..max_pos {
-            for rep in 0..2 {
-                let _ = rep;
+            // The two halves of a head share frequencies ("rotate half").
+            for _half in 0..2 {
                 for f in &inv {
                     let a = p as f64 * f;
                     cos.push(a.cos() as f32);

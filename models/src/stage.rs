@@ -230,12 +230,11 @@ impl Stage {
                     w: t.clone(),
                     b: None,
                 },
-                // Share the tied table when candle's kernel runs it as stored.
+                // Tied weights: reuse the loaded table when no repacking is needed.
                 (Precision::Quantized, Some(Embedding::Quantized(q)), TensorId::Embed)
-                    if q.dtype() == WeightFile::load_for_matmul_dtype(q.dtype())
-                        && q.dtype() != GgmlDType::Q4_1 =>
+                    if q.dtype() == WeightFile::load_for_matmul_dtype(q.dtype()) =>
                 {
-                    Linear::quantized_shared(q.clone(), None)?
+                    shared_quantized(q)?
                 }
                 _ => group(&[(head_id, None, cfg.vocab_size)], h)?,
             };
@@ -384,16 +383,30 @@ fn check_shape(id: TensorId, actual: &[usize], expected: &[usize]) -> Result<()>
     Ok(())
 }
 
+/// Q4_1 data as our kernel's matrix (the one place that decides Q4_1 runs there).
+fn q4_1_matrix(q: &QTensor) -> Result<Q4_1Matrix> {
+    let (rows, cols) = q.shape().dims2()?;
+    Q4_1Matrix::from_bytes(&q.data()?, rows, cols)
+}
+
+/// A Linear over a matrix shared with the embedding (tied weights).
+fn shared_quantized(q: &Arc<QTensor>) -> Result<Linear> {
+    if q.dtype() == GgmlDType::Q4_1 {
+        return Ok(Linear::Q4_1 {
+            w: Arc::new(q4_1_matrix(q)?),
+            b: None,
+        });
+    }
+    Linear::quantized_shared(q.clone(), None)
+}
+
 /// One Linear from quantized matrices that share their column count, stacked by rows.
 fn stack_quantized(qs: Vec<QTensor>, cols: usize, b: Option<Tensor>) -> Result<Linear> {
     let empty = || ModelError::InvalidConfig("no matrices to stack".into());
     let dtype = qs.first().map(|q| q.dtype()).ok_or_else(empty)?;
     let same = qs.iter().all(|q| q.dtype() == dtype);
     if same && dtype == GgmlDType::Q4_1 {
-        let mut mats = qs
-            .iter()
-            .map(|q| Q4_1Matrix::from_bytes(&q.data()?, q.shape().dims()[0], cols))
-            .collect::<Result<Vec<_>>>()?;
+        let mut mats = qs.iter().map(q4_1_matrix).collect::<Result<Vec<_>>>()?;
         let w = match mats.len() {
             1 => mats.pop().ok_or_else(empty)?,
             _ => Q4_1Matrix::vstack(&mats)?,

@@ -37,6 +37,15 @@ fn full_logits(w: &WeightFile, p: Precision, ids: &[u32]) -> Result<Tensor> {
     )?)
 }
 
+/// The unquantized reference: safetensors weights on the f32 path.
+fn reference_logits(m: &TinyModel) -> Result<Tensor> {
+    full_logits(
+        &WeightFile::open(&m.safetensors_dir)?,
+        Precision::F32,
+        &PROMPT,
+    )
+}
+
 #[test]
 fn chained_stages_equal_the_full_model() -> Result<()> {
     let (_d, m) = tiny(TinySpec::default())?;
@@ -175,11 +184,7 @@ fn gguf_permuted_qk_equals_safetensors() -> Result<()> {
             ..TinySpec::default()
         };
         let (_d, m) = tiny(spec)?;
-        let st = full_logits(
-            &WeightFile::open(&m.safetensors_dir)?,
-            Precision::F32,
-            &PROMPT,
-        )?;
+        let st = reference_logits(&m)?;
         let gg = full_logits(&WeightFile::open(&m.gguf_f32)?, Precision::F32, &PROMPT)?;
         let d = max_diff(&st, &gg)?;
         assert!(d < 1e-4, "bias={bias}: {d}");
@@ -197,11 +202,7 @@ fn gguf_permuted_qk_equals_safetensors() -> Result<()> {
 #[test]
 fn quantized_and_f32_paths_are_close() -> Result<()> {
     let (_d, m) = tiny(TinySpec::default())?;
-    let reference = full_logits(
-        &WeightFile::open(&m.safetensors_dir)?,
-        Precision::F32,
-        &PROMPT,
-    )?;
+    let reference = reference_logits(&m)?;
     let scale = max_abs(&reference)?;
     for (path, tol) in [(&m.gguf_q8_0, 0.05), (&m.gguf_q4_1, 0.25)] {
         let w = WeightFile::open(path)?;
@@ -428,11 +429,7 @@ fn k_quants_and_q4_0_run_close_to_f32() -> Result<()> {
         ..TinySpec::default()
     };
     let (_d, m) = tiny(spec)?;
-    let reference = full_logits(
-        &WeightFile::open(&m.safetensors_dir)?,
-        Precision::F32,
-        &PROMPT,
-    )?;
+    let reference = reference_logits(&m)?;
     let scale = max_abs(&reference)?;
     for (dtype, path) in &m.extra {
         let w = WeightFile::open(path)?;

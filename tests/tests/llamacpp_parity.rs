@@ -110,16 +110,18 @@ fn greedy_generation_equals_llama_cpp_up_to_first_low_margin() -> Result<()> {
     Ok(())
 }
 
-/// Feeds llama.cpp's own tokens and checks our argmax at every position
-/// where llama.cpp was confident: this covers whole sequences, not just the
-/// prefix before the first near-tie.
-#[test]
-fn teacher_forced_argmax_equals_llama_cpp_where_confident() -> Result<()> {
-    let Some(model) = load(Precision::Quantized)? else {
-        return Ok(());
-    };
-    let stage = model.stage();
-    let (mut checked, mut agree) = (0, 0);
+/// (prompt, generated position, llama.cpp's top-2 margin there).
+type Disagreement = (String, usize, f32);
+
+/// Feeds llama.cpp's own tokens through `stage` and compares our argmax
+/// with llama.cpp's token at every position where its top-2 margin is at
+/// least `min_margin`. Returns (positions checked, disagreements as
+/// (prompt, position, margin)).
+fn teacher_forced(
+    stage: &hearth_models::Stage,
+    min_margin: f32,
+) -> Result<(usize, Vec<Disagreement>)> {
+    let mut checked = 0;
     let mut disagreements = Vec::new();
     for c in golden()?.cases {
         let mut seq = c.prompt_ids.clone();
@@ -133,20 +135,32 @@ fn teacher_forced_argmax_equals_llama_cpp_where_confident() -> Result<()> {
         )?;
         let p = c.prompt_ids.len();
         for (i, &m) in c.top2_margins.iter().enumerate() {
-            if m < MARGIN || i >= c.token_ids.len() {
+            if m < min_margin || i >= c.token_ids.len() {
                 continue;
             }
-            let row = logits.get(p - 1 + i)?;
-            let ours = row.argmax(0)?.to_scalar::<u32>()?;
             checked += 1;
-            if ours == c.token_ids[i] {
-                agree += 1;
-            } else {
+            let ours = logits.get(p - 1 + i)?.argmax(0)?.to_scalar::<u32>()?;
+            if ours != c.token_ids[i] {
                 disagreements.push((c.user.clone(), i, m));
             }
         }
     }
-    eprintln!("teacher-forced: {agree}/{checked} confident positions agree");
+    Ok((checked, disagreements))
+}
+
+/// Feeds llama.cpp's own tokens and checks our argmax at every position
+/// where llama.cpp was confident: this covers whole sequences, not just the
+/// prefix before the first near-tie.
+#[test]
+fn teacher_forced_argmax_equals_llama_cpp_where_confident() -> Result<()> {
+    let Some(model) = load(Precision::Quantized)? else {
+        return Ok(());
+    };
+    let (checked, disagreements) = teacher_forced(model.stage(), MARGIN)?;
+    eprintln!(
+        "teacher-forced: {}/{checked} confident positions agree",
+        checked - disagreements.len()
+    );
     assert!(checked > 100, "too few positions checked: {checked}");
     assert!(
         disagreements.is_empty(),
@@ -163,29 +177,8 @@ fn f32_path_agrees_where_llama_cpp_is_very_sure() -> Result<()> {
     let Some(model) = load(Precision::F32)? else {
         return Ok(());
     };
-    let stage = model.stage();
-    let (mut checked, mut agree) = (0usize, 0usize);
-    for c in golden()?.cases {
-        let mut seq = c.prompt_ids.clone();
-        seq.extend(&c.token_ids);
-        let mut cache = stage.new_cache();
-        let logits = stage.forward(
-            StageInput::Tokens(seq.clone()),
-            &[seq.len()],
-            &mut [&mut cache],
-            Logits::All,
-        )?;
-        let p = c.prompt_ids.len();
-        for (i, &m) in c.top2_margins.iter().enumerate() {
-            if m < 2.0 || i >= c.token_ids.len() {
-                continue;
-            }
-            checked += 1;
-            if logits.get(p - 1 + i)?.argmax(0)?.to_scalar::<u32>()? == c.token_ids[i] {
-                agree += 1;
-            }
-        }
-    }
+    let (checked, disagreements) = teacher_forced(model.stage(), 2.0)?;
+    let agree = checked - disagreements.len();
     eprintln!("f32 path: {agree}/{checked} very confident positions agree");
     assert!(checked > 50);
     assert!(agree as f64 >= 0.97 * checked as f64, "{agree}/{checked}");

@@ -79,7 +79,7 @@ fn main() -> Result<()> {
     let prompt_text = model.render_chat(&[Message::new("user", user)])?;
     let prompt = model.encode_prompt(&prompt_text)?;
 
-    let runner = hearth_bench::workspace_root().join("bench/llamacpp_runner.py");
+    let runner = hearth_test_utils::workspace_root().join("bench/llamacpp_runner.py");
     let mut child = Command::new(&args.llama_python)
         .arg(&runner)
         .arg(&path)

@@ -250,42 +250,27 @@ fn models_list_shows_the_store_and_the_hf_cache() -> Result<()> {
     assert!(text.contains("tiny.gguf"), "{text}");
     assert!(text.contains("acme/tiny"), "{text}");
     assert!(text.contains("smollm2-135m-instruct"), "{text}");
-    let out = hearth(
-        &[
-            "generate",
-            "--model",
-            "acme/tiny",
-            "--prompt",
-            "the",
-            "--max-tokens",
-            "3",
-            "--json",
-        ],
-        home,
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = hearth(
-        &[
-            "generate",
-            "--model",
-            &m.safetensors_dir.to_string_lossy(),
-            "--prompt",
-            "the",
-            "--max-tokens",
-            "3",
-            "--json",
-        ],
-        home,
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Both an ORG/NAME from the cache and a safetensors directory load and generate.
+    for model in ["acme/tiny", &m.safetensors_dir.to_string_lossy()] {
+        let out = hearth(
+            &[
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "the",
+                "--max-tokens",
+                "3",
+                "--json",
+            ],
+            home,
+        )?;
+        assert!(
+            out.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }
 

@@ -127,7 +127,6 @@ fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
 /// Writes a tiny random llama model in every supported format under `dir`.
 pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
     std::fs::create_dir_all(dir)?;
-    let dev = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let (tokens, merges, types) = tiny_vocab();
     let vocab = tokens.len();
@@ -341,7 +340,6 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
         write(&p, t)?;
         extra.push((t, p));
     }
-    let _ = dev;
     Ok(TinyModel {
         spec,
         vocab,
