@@ -12,7 +12,7 @@ mod message;
 mod tensor;
 
 pub use codec::{FrameDecoder, decode_frame, encode_frame};
-pub use message::{Hello, Message, Refusal};
+pub use message::{Hello, Message, PeerAddr, Refusal};
 pub use tensor::{TensorFrame, WireDType};
 
 /// Protocol version carried in [`Hello`]; peers with another version are refused.
@@ -32,6 +32,31 @@ pub mod limits {
     pub const MAX_STRING: usize = 1024;
     /// Most dimensions of a tensor.
     pub const MAX_DIMS: usize = 8;
+    /// Most entries in a `Peers` message (a home cluster is far smaller).
+    pub const MAX_PEERS: usize = 256;
+}
+
+/// What a stream is for, sent as [`Message::Open`] when it is opened; the
+/// receiver routes it to the handler registered for that kind.
+pub mod stream_kind {
+    /// Heartbeats and member gossip between two members.
+    pub const MEMBERSHIP: u16 = 1;
+    /// Echo of tensor frames, for transport benchmarks and tests.
+    pub const ECHO: u16 = 2;
+}
+
+/// Codes in [`Refusal`]: why a peer was turned away.
+pub mod refusal {
+    /// The peer speaks another protocol version.
+    pub const VERSION: u16 = 1;
+    /// The peer could not prove it knows the cluster secret.
+    pub const AUTH: u16 = 2;
+    /// The hello does not match the peer's TLS certificate.
+    pub const IDENTITY: u16 = 3;
+    /// The peer has this node's own identity.
+    pub const SELF: u16 = 4;
+    /// The peer broke the handshake (unexpected message, bad frame, timeout).
+    pub const PROTOCOL: u16 = 5;
 }
 
 /// Everything that can be wrong with bytes from a peer or a message to send.

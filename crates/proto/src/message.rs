@@ -1,5 +1,7 @@
 //! The message enum and its body encoding.
 
+use std::net::{IpAddr, SocketAddr};
+
 use crate::tensor::TensorFrame;
 use crate::{ProtoError, limits};
 
@@ -10,6 +12,8 @@ pub(crate) const TAG_AUTH_PROOF: u8 = 0x04;
 pub(crate) const TAG_AUTH_OK: u8 = 0x05;
 pub(crate) const TAG_HEARTBEAT: u8 = 0x06;
 pub(crate) const TAG_HEARTBEAT_ACK: u8 = 0x07;
+pub(crate) const TAG_OPEN: u8 = 0x08;
+pub(crate) const TAG_PEERS: u8 = 0x09;
 pub(crate) const TAG_TENSOR: u8 = 0x10;
 
 /// First message on a connection, in both directions.
@@ -28,6 +32,13 @@ pub struct Hello {
 pub struct Refusal {
     pub code: u16,
     pub reason: String,
+}
+
+/// A member's identity and where it listens, as gossiped between members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub node_id: [u8; 32],
+    pub addr: SocketAddr,
 }
 
 /// Every message of protocol version 1.
@@ -50,6 +61,14 @@ pub enum Message {
     HeartbeatAck {
         seq: u64,
     },
+    /// First message on every stream after authentication: which handler
+    /// the stream is for (see [`crate::stream_kind`]).
+    Open {
+        kind: u16,
+    },
+    /// The live members the sender knows, so a node that was given one
+    /// peer learns the rest (at most [`limits::MAX_PEERS`]).
+    Peers(Vec<PeerAddr>),
     Tensor(TensorFrame),
 }
 
@@ -64,6 +83,8 @@ impl Message {
             Self::AuthOk => "auth-ok",
             Self::Heartbeat { .. } => "heartbeat",
             Self::HeartbeatAck { .. } => "heartbeat-ack",
+            Self::Open { .. } => "open",
+            Self::Peers(_) => "peers",
             Self::Tensor(_) => "tensor",
         }
     }
@@ -100,6 +121,24 @@ impl Message {
                 out.extend_from_slice(&seq.to_le_bytes());
                 TAG_HEARTBEAT_ACK
             }
+            Self::Open { kind } => {
+                out.extend_from_slice(&kind.to_le_bytes());
+                TAG_OPEN
+            }
+            Self::Peers(peers) => {
+                if peers.len() > limits::MAX_PEERS {
+                    return Err(ProtoError::InvalidField {
+                        what: "peers",
+                        detail: format!("{} entries, at most {}", peers.len(), limits::MAX_PEERS),
+                    });
+                }
+                out.extend_from_slice(&(peers.len() as u16).to_le_bytes());
+                for p in peers {
+                    out.extend_from_slice(&p.node_id);
+                    put_addr(out, &p.addr);
+                }
+                TAG_PEERS
+            }
             Self::Tensor(t) => {
                 t.encode(out)?;
                 TAG_TENSOR
@@ -134,6 +173,26 @@ impl Message {
             TAG_HEARTBEAT_ACK => Self::HeartbeatAck {
                 seq: r.u64("heartbeat-ack")?,
             },
+            TAG_OPEN => Self::Open {
+                kind: r.u16("open")?,
+            },
+            TAG_PEERS => {
+                let n = r.u16("peers")? as usize;
+                if n > limits::MAX_PEERS {
+                    return Err(ProtoError::InvalidField {
+                        what: "peers",
+                        detail: format!("{n} entries, at most {}", limits::MAX_PEERS),
+                    });
+                }
+                let mut peers = Vec::with_capacity(n);
+                for _ in 0..n {
+                    peers.push(PeerAddr {
+                        node_id: r.array("peers")?,
+                        addr: r.addr("peers")?,
+                    });
+                }
+                Self::Peers(peers)
+            }
             TAG_TENSOR => Self::Tensor(TensorFrame::decode(&mut r)?),
             other => return Err(ProtoError::UnknownTag(other)),
         };
@@ -153,6 +212,21 @@ fn put_string(out: &mut Vec<u8>, what: &'static str, s: &str) -> Result<(), Prot
     out.extend_from_slice(&(s.len() as u16).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
+}
+
+/// An address as `[family 4|6][ip bytes][u16 LE port]`.
+fn put_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&addr.port().to_le_bytes());
 }
 
 /// A bounds-checked cursor over a body.
@@ -203,6 +277,20 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(what, N)?);
         Ok(a)
+    }
+
+    fn addr(&mut self, what: &'static str) -> Result<SocketAddr, ProtoError> {
+        let ip = match self.u8(what)? {
+            4 => IpAddr::from(self.array::<4>(what)?),
+            6 => IpAddr::from(self.array::<16>(what)?),
+            other => {
+                return Err(ProtoError::InvalidField {
+                    what,
+                    detail: format!("address family {other}"),
+                });
+            }
+        };
+        Ok(SocketAddr::new(ip, self.u16(what)?))
     }
 
     fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {

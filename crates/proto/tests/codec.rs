@@ -2,8 +2,8 @@
 //! typed error (never a panic, never an oversized allocation).
 
 use hearth_proto::{
-    FrameDecoder, Hello, Message, ProtoError, Refusal, TensorFrame, WireDType, decode_frame,
-    encode_frame, limits,
+    FrameDecoder, Hello, Message, PeerAddr, ProtoError, Refusal, TensorFrame, WireDType,
+    decode_frame, encode_frame, limits,
 };
 use proptest::prelude::*;
 
@@ -49,6 +49,20 @@ fn arb_message() -> impl Strategy<Value = Message> {
         Just(Message::AuthOk),
         any::<u64>().prop_map(|seq| Message::Heartbeat { seq }),
         any::<u64>().prop_map(|seq| Message::HeartbeatAck { seq }),
+        any::<u16>().prop_map(|kind| Message::Open { kind }),
+        prop::collection::vec((any::<[u8; 32]>(), any::<std::net::SocketAddr>()), 0..5).prop_map(
+            |v| {
+                // Scope ids and flow labels are host-local and not carried.
+                Message::Peers(
+                    v.into_iter()
+                        .map(|(node_id, a)| PeerAddr {
+                            node_id,
+                            addr: std::net::SocketAddr::new(a.ip(), a.port()),
+                        })
+                        .collect(),
+                )
+            }
+        ),
         arb_tensor().prop_map(Message::Tensor),
     ]
 }
@@ -129,6 +143,17 @@ fn fixed_byte_snapshots() {
     want.extend(1.0f32.to_le_bytes());
     want.extend((-2.0f32).to_le_bytes());
     assert_eq!(bytes, want);
+    let open = encode_frame(&Message::Open { kind: 1 }).unwrap();
+    assert_eq!(open, [3, 0, 0, 0, 0x08, 1, 0]);
+    let peers = encode_frame(&Message::Peers(vec![PeerAddr {
+        node_id: [7; 32],
+        addr: "10.0.0.2:7000".parse().unwrap(),
+    }]))
+    .unwrap();
+    let mut want = vec![1 + 2 + 32 + 1 + 4 + 2, 0, 0, 0, 0x09, 1, 0];
+    want.extend([7; 32]);
+    want.extend([4, 10, 0, 0, 2, 0x58, 0x1B]);
+    assert_eq!(peers, want);
 }
 
 #[test]
@@ -233,6 +258,36 @@ fn typed_errors_for_bad_frames() {
     assert!(matches!(
         encode_frame(&Message::Tensor(t)),
         Err(ProtoError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn peers_are_bounded_and_checked() {
+    let too_many = Message::Peers(vec![
+        PeerAddr {
+            node_id: [0; 32],
+            addr: "127.0.0.1:1".parse().unwrap(),
+        };
+        limits::MAX_PEERS + 1
+    ]);
+    assert!(matches!(
+        encode_frame(&too_many),
+        Err(ProtoError::InvalidField { .. })
+    ));
+    // A count over the limit is refused before reading entries.
+    assert!(matches!(
+        decode_frame(&[3, 0, 0, 0, 0x09, 0xFF, 0xFF]),
+        Err(ProtoError::InvalidField { .. })
+    ));
+    // Unknown address family.
+    let mut body = vec![0x09, 1, 0];
+    body.extend([0u8; 32]);
+    body.extend([5, 1, 2, 3, 4, 0, 0]);
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend(&body);
+    assert!(matches!(
+        decode_frame(&f),
+        Err(ProtoError::InvalidField { .. })
     ));
 }
 
