@@ -9,10 +9,12 @@
 
 mod codec;
 mod message;
+mod node_id;
 mod tensor;
 
 pub use codec::{FrameDecoder, decode_frame, encode_frame};
 pub use message::{Hello, Message, PeerAddr, Refusal};
+pub use node_id::NodeId;
 pub use tensor::{TensorFrame, WireDType};
 
 /// Protocol version carried in [`Hello`]; peers with another version are refused.
