@@ -2,6 +2,9 @@
 //! written to disk in every format the loaders read, and the location of the
 //! real default model for end-to-end checks.
 
+pub mod cluster;
+pub mod netns;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

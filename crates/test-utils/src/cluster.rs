@@ -1,0 +1,130 @@
+//! An in-process cluster: each node runs on its own tokio runtime (on its
+//! own thread), so a test can kill one abruptly (drop its runtime: no close
+//! frames, no goodbyes), as SIGKILL would.
+
+use std::net::SocketAddr;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use hearth_discovery::Discovery;
+use hearth_net::{ClusterSecret, Identity};
+use hearth_runtime::{ClusterView, Node, NodeConfig};
+
+/// A node on its own runtime.
+pub struct TestNode {
+    pub node: Node,
+    pub name: String,
+    stop: Option<tokio::sync::oneshot::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestNode {
+    /// Starts a node named `name` on 127.0.0.1 with these discoveries.
+    pub fn start(
+        name: &str,
+        secret: &ClusterSecret,
+        discoveries: Vec<Box<dyn Discovery>>,
+    ) -> Result<Self> {
+        let mut cfg = NodeConfig::new(name, Identity::generate()?, secret.clone());
+        cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
+        cfg.discoveries = discoveries;
+        let (tx, rx) = std_mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<bool>();
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{name}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow!(e)));
+                        return;
+                    }
+                };
+                let started = rt.block_on(Node::start(cfg)).map_err(|e| anyhow!(e));
+                let node = started.as_ref().ok().cloned();
+                let _ = tx.send(started);
+                let graceful = rt.block_on(async { stop_rx.await.unwrap_or(false) });
+                if graceful {
+                    if let Some(n) = node {
+                        rt.block_on(n.shutdown());
+                    }
+                    rt.shutdown_timeout(Duration::from_secs(1));
+                } else {
+                    // Abrupt: tasks and sockets vanish without a word.
+                    rt.shutdown_background();
+                }
+            })?;
+        let node = rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("node did not start")??;
+        Ok(Self {
+            node,
+            name: name.to_string(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Kills the node abruptly.
+    pub fn kill(mut self) {
+        self.finish(false);
+    }
+
+    /// Shuts the node down gracefully.
+    pub fn shutdown(mut self) {
+        self.finish(true);
+    }
+
+    fn finish(&mut self, graceful: bool) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(graceful);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// The node's current view.
+    pub async fn view(&self) -> Result<ClusterView> {
+        Ok(tokio::time::timeout(Duration::from_secs(5), self.node.view()).await??)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.finish(true);
+    }
+}
+
+/// Polls `views` until `done` holds for all of them, up to `limit`;
+/// returns how long it took.
+pub async fn wait_for_views(
+    nodes: &[&TestNode],
+    limit: Duration,
+    done: impl Fn(&ClusterView) -> bool,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let mut all = true;
+        let mut last = Vec::new();
+        for n in nodes {
+            let v = n.view().await?;
+            all &= done(&v);
+            last.push(v);
+        }
+        if all {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(anyhow!(
+                "condition not reached in {limit:?}; views: {last:#?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,24 @@
+//! A Hearth node. Today: the cluster fabric's membership: which
+//! authenticated peers are alive (by QUIC heartbeats), join/leave events,
+//! and a deterministic leader. Later: profiler, stage actors, scheduler,
+//! training engine.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod membership;
+mod node;
+mod view;
+
+pub use membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MembershipEvent};
+pub use node::{Node, NodeConfig};
+pub use view::{ClusterView, MemberState, MemberView};
+
+/// Errors starting or running a node.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Net(#[from] hearth_net::NetError),
+    #[error(transparent)]
+    Discovery(#[from] hearth_discovery::DiscoveryError),
+    #[error("the node has stopped")]
+    Stopped,
+}
