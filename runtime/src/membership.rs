@@ -67,6 +67,7 @@ struct Candidate {
 /// Messages to the actor.
 enum Msg {
     View(oneshot::Sender<ClusterView>),
+    Stop,
     HeartbeatOk {
         node: NodeId,
         rtt: Duration,
@@ -97,6 +98,11 @@ impl Membership {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::View(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Stops the actor (no more dials or heartbeats).
+    pub(crate) async fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop).await;
     }
 
     pub(crate) fn events(&self) -> broadcast::Receiver<MembershipEvent> {
@@ -213,8 +219,8 @@ impl Actor {
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
+                    Some(Msg::Stop) | None => break,
                     Some(m) => self.on_msg(m),
-                    None => break,
                 },
                 ev = self.net_events.recv() => match ev {
                     Ok(ev) => self.on_net(ev),
@@ -255,6 +261,7 @@ impl Actor {
                 self.learn(peers);
             }
             Msg::DialDone { key, result } => self.on_dial_done(key, result),
+            Msg::Stop => {}
         }
     }
 

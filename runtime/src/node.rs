@@ -121,6 +121,7 @@ impl Node {
         for d in self.discoveries.iter() {
             d.stop();
         }
+        self.membership.stop().await;
         self.endpoint.shutdown().await;
     }
 }

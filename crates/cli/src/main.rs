@@ -1,5 +1,6 @@
-//! `hearth`: run, inspect and (later) cluster Hearth nodes.
+//! `hearth`: run models, and run and inspect cluster nodes.
 
+mod cluster;
 mod generate;
 mod models;
 
@@ -24,6 +25,12 @@ enum Command {
     /// Fetch and list models.
     #[command(subcommand)]
     Models(models::Cmd),
+    /// Run a node of this device's cluster until Ctrl-C.
+    Up(cluster::UpArgs),
+    /// Print the cluster's join token (secret: share it only with your devices).
+    Token(cluster::TokenArgs),
+    /// Show a running node's view of the cluster.
+    Status(cluster::StatusArgs),
 }
 
 fn main() {
@@ -40,11 +47,15 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Models(cmd) => models::run(cmd),
+        Command::Up(args) => cluster::up(args),
+        Command::Token(args) => cluster::token(args),
+        Command::Status(args) => cluster::status(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes (some carry a backtrace after

@@ -446,3 +446,73 @@ pub fn gguf_with_tensor_type(src: &Path, dst: &Path, name: &str, type_id: u32) -
     std::fs::write(dst, b)?;
     Ok(())
 }
+
+/// The `hearth` binary of this workspace (debug profile), for tests that run
+/// nodes as processes. `cargo test --workspace` has built it already; it is
+/// rebuilt (once per test process) only if a source file is newer.
+pub fn hearth_binary() -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = workspace_root();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let bin = target.join("debug").join("hearth");
+            let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+            let fresh = built.is_some_and(|b| {
+                ["crates", "runtime", "models", "partitioner", "Cargo.lock"]
+                    .iter()
+                    .all(|d| newest_mtime(&root.join(d)).is_none_or(|t| t <= b))
+            });
+            if !fresh {
+                let status = std::process::Command::new(env!("CARGO"))
+                    .args(["build", "-q", "-p", "hearth-cli"])
+                    .current_dir(&root)
+                    .status()
+                    .map_err(|e| format!("running cargo build: {e}"))?;
+                if !status.success() {
+                    return Err("cargo build -p hearth-cli failed".into());
+                }
+            }
+            Ok(bin)
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The newest modification time of the Rust sources and manifests under
+/// `path` (skipping tests, which do not go into the binary).
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return meta.modified().ok();
+    }
+    let mut newest = None;
+    for e in std::fs::read_dir(path).ok()?.flatten() {
+        let p = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let t = if p.is_dir() {
+            if name == "tests" || name == "target" || name.starts_with('.') {
+                continue;
+            }
+            newest_mtime(&p)
+        } else if name.ends_with(".rs") || name == "Cargo.toml" {
+            e.metadata().ok().and_then(|m| m.modified().ok())
+        } else {
+            None
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// A free port on 127.0.0.1 for UDP (`udp`) or TCP (racy, fine for tests).
+pub fn free_port(udp: bool) -> Result<u16> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+    })
+}

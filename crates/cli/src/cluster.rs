@@ -1,0 +1,267 @@
+//! `hearth up`, `hearth token`, `hearth status`: run a node, show the join
+//! token, show a running node's view of the cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use hearth_discovery::{Discovery, MdnsDiscovery, StaticDiscovery};
+use hearth_net::{ClusterSecret, Identity};
+use hearth_runtime::{ClusterView, MemberState, MembershipEvent, Node, NodeConfig};
+
+/// Default QUIC address: every interface, so the LAN can reach the node.
+pub const DEFAULT_QUIC: &str = "0.0.0.0:7410";
+/// Default HTTP address: loopback only (the API has no auth yet).
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7411";
+
+#[derive(Debug, clap::Args)]
+pub struct HomeArg {
+    /// Directory for this node's identity and cluster secret [default:
+    /// $HEARTH_HOME, else ~/.cache/hearth].
+    #[arg(long, value_name = "DIR")]
+    home: Option<PathBuf>,
+}
+
+impl HomeArg {
+    fn dir(&self) -> PathBuf {
+        self.home
+            .clone()
+            .unwrap_or_else(hearth_models::store::hearth_home)
+    }
+}
+
+fn secret_path(home: &Path) -> PathBuf {
+    home.join("cluster").join("secret")
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Name shown to other members [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// UDP address of the QUIC endpoint.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_QUIC)]
+    quic: SocketAddr,
+    /// Address of the HTTP API (`GET /api/cluster`).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
+    http: SocketAddr,
+    /// A member to join directly (repeatable); for networks without multicast.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    peers: Vec<String>,
+    /// Join the cluster of this token (from `hearth token` on a member).
+    #[arg(long, value_name = "TOKEN")]
+    join: Option<String>,
+    /// Do not use mDNS (only --peer addresses and gossip).
+    #[arg(long)]
+    no_mdns: bool,
+    #[command(flatten)]
+    home: HomeArg,
+}
+
+fn host_name() -> String {
+    sysinfo::System::host_name()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hearth".into())
+}
+
+/// The cluster secret: from `--join`, else the saved one, else a new one.
+fn cluster_secret(home: &Path, join: Option<&str>) -> Result<(ClusterSecret, &'static str)> {
+    let path = secret_path(home);
+    if let Some(token) = join {
+        let secret: ClusterSecret = token.parse().context("--join")?;
+        let old = path.exists().then(|| ClusterSecret::load(&path)).transpose()?;
+        if old.as_ref() != Some(&secret) {
+            secret.save(&path)?;
+            return Ok((secret, "joined with --join"));
+        }
+        return Ok((secret, "saved"));
+    }
+    let (secret, created) = ClusterSecret::load_or_create(&path)?;
+    Ok((secret, if created { "new" } else { "saved" }))
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    let home = args.home.dir();
+    let (secret, origin) = cluster_secret(&home, args.join.as_deref())?;
+    let identity = Identity::load_or_create(&home.join("node"))?;
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let mut discoveries: Vec<Box<dyn Discovery>> = Vec::new();
+    if !args.peers.is_empty() {
+        discoveries.push(Box::new(StaticDiscovery::new(args.peers.clone())?));
+    }
+    if !args.no_mdns {
+        discoveries.push(Box::new(MdnsDiscovery::new()));
+    }
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let mut cfg = NodeConfig::new(name.clone(), identity, secret.clone());
+        cfg.quic = args.quic;
+        cfg.discoveries = discoveries;
+        let listener = hearth_server::Listener::bind(args.http).await?;
+        let node = Node::start(cfg).await?;
+        let quic = node.endpoint().local_addr()?;
+        let http = listener.local_addr().unwrap_or(args.http);
+        let mut events = node.events();
+        let discovery = match (args.no_mdns, args.peers.len()) {
+            (false, 0) => "mDNS".to_string(),
+            (false, n) => format!("mDNS + {n} static peer(s)"),
+            (true, 0) => "none (waiting to be dialed)".to_string(),
+            (true, n) => format!("{n} static peer(s)"),
+        };
+        println!("hearth node {name:?} ({})", node.id().short());
+        println!("  cluster    {} ({origin})", secret.cluster_id());
+        if origin == "new" {
+            println!("             other devices join with: hearth up --join <token from `hearth token`>");
+        }
+        println!("  QUIC       {quic}");
+        println!("  HTTP       http://{http}/api/cluster");
+        println!("  discovery  {discovery}");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(listener.serve(hearth_server::router(node.clone()), async {
+            let _ = stop_rx.await;
+        }));
+        let printer = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(MembershipEvent::Joined(m)) => {
+                        println!("+ {} ({}) joined from {}", m.name, &m.node_id[..8], m.address)
+                    }
+                    Ok(MembershipEvent::Left { node_id, name, reason }) => {
+                        println!("- {name} ({}) left: {reason}", node_id.short())
+                    }
+                    Ok(MembershipEvent::LeaderChanged(id)) => println!("  leader is now {}", id.short()),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+        });
+        wait_for_signal().await;
+        println!("shutting down");
+        node.shutdown().await;
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+        printer.abort();
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    home: HomeArg,
+}
+
+pub fn token(args: TokenArgs) -> Result<()> {
+    let path = secret_path(&args.home.dir());
+    if !path.exists() {
+        bail!(
+            "this device is in no cluster yet: run `hearth up` to create one, or `hearth up --join TOKEN` to join one"
+        );
+    }
+    println!("{}", ClusterSecret::load(&path)?.token());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// HTTP address of the node to ask.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
+    http: String,
+    /// Print the raw JSON view.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let base = if args.http.starts_with("http://") || args.http.starts_with("https://") {
+        args.http.clone()
+    } else {
+        format!("http://{}", args.http)
+    };
+    let url = format!("{}/api/cluster", base.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .with_context(|| format!("no Hearth node answers at {base} (is `hearth up` running?)"))?;
+    let view: ClusterView = resp
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("{url} did not return a cluster view"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    print!("{}", render(&view));
+    Ok(())
+}
+
+fn render(v: &ClusterView) -> String {
+    let leader = v
+        .members
+        .iter()
+        .find(|m| m.leader)
+        .map_or(String::new(), |m| format!(" ({})", m.name));
+    let mut out = format!(
+        "cluster {} · {} member(s) · leader {}{leader}\n",
+        v.cluster_id,
+        v.members.len(),
+        &v.leader[..8.min(v.leader.len())]
+    );
+    let rows: Vec<[String; 6]> = v
+        .members
+        .iter()
+        .map(|m| {
+            [
+                format!("{}{}", if m.leader { "*" } else { " " }, &m.node_id[..8.min(m.node_id.len())]),
+                m.name.clone(),
+                m.address.clone(),
+                match m.state {
+                    MemberState::Local => "self".into(),
+                    MemberState::Alive => "alive".into(),
+                },
+                match m.state {
+                    MemberState::Local => "-".into(),
+                    MemberState::Alive => format!("{:.1}s ago", m.last_heartbeat_age_ms as f64 / 1e3),
+                },
+                m.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+            ]
+        })
+        .collect();
+    let header = ["NODE", "NAME", "ADDRESS", "STATE", "HEARTBEAT", "RTT"].map(String::from);
+    let mut widths = [0usize; 6];
+    for r in std::iter::once(&header).chain(&rows) {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

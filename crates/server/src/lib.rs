@@ -1,0 +1,85 @@
+//! Hearth's HTTP server: the only crate that knows HTTP. Today it serves
+//! the cluster control API (`GET /api/cluster`, `GET /health`); the
+//! OpenAI-compatible API and the web UI come with issue #6.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use hearth_runtime::Node;
+use serde_json::json;
+use tracing::info;
+
+/// Errors serving HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The application's routes over a running node.
+pub fn router(node: Node) -> Router {
+    Router::new()
+        .route("/api/cluster", get(cluster))
+        .route("/health", get(health))
+        .with_state(node)
+}
+
+async fn cluster(State(node): State<Node>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(5), node.view()).await {
+        Ok(Ok(view)) => Json(view).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": {"message": "the node is not running", "type": "unavailable"}})),
+        )
+            .into_response(),
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// A bound listener, so the caller learns the port before serving.
+pub struct Listener {
+    inner: tokio::net::TcpListener,
+}
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> Result<Self, ServerError> {
+        let inner = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Self { inner })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.local_addr().ok()
+    }
+
+    /// Serves `app` until `shutdown` resolves, then finishes open requests.
+    pub async fn serve(
+        self,
+        app: Router,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        if let Some(a) = self.local_addr() {
+            info!("HTTP on http://{a}");
+        }
+        axum::serve(self.inner, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve)
+    }
+}
