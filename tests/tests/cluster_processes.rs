@@ -30,7 +30,10 @@ fn wait_members(http: u16, n: usize, limit: Duration) -> Result<Duration> {
             }
         }
         if start.elapsed() > limit {
-            bail!("node on :{http} did not see {n} members in {limit:?}: {:?}", status(http).ok());
+            bail!(
+                "node on :{http} did not see {n} members in {limit:?}: {:?}",
+                status(http).ok()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -58,21 +61,31 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
     let bin = hearth_binary()?;
 
     // No cluster yet: `hearth token` says what to do.
-    let out = Command::new(&bin).arg("token").arg("--home").arg(&homes[0]).output()?;
+    let out = Command::new(&bin)
+        .arg("token")
+        .arg("--home")
+        .arg(&homes[0])
+        .output()?;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("hearth up"));
 
     let started = Instant::now();
     let mut n0 = Some(up(&homes[0], "n0", quic[0], http[0], &[])?);
     wait_members(http[0], 1, Duration::from_secs(20))?;
-    let out = Command::new(&bin).arg("token").arg("--home").arg(&homes[0]).output()?;
+    let out = Command::new(&bin)
+        .arg("token")
+        .arg("--home")
+        .arg(&homes[0])
+        .output()?;
     let token = String::from_utf8(out.stdout)?.trim().to_string();
     assert!(token.starts_with("hearth1-"), "{token}");
     // The secret file is private.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(homes[0].join("cluster/secret"))?.permissions().mode();
+        let mode = std::fs::metadata(homes[0].join("cluster/secret"))?
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let peers = |skip: usize| -> Vec<String> {
@@ -90,7 +103,10 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
     for &h in &http {
         wait_members(h, 3, Duration::from_secs(20))?;
     }
-    println!("3 processes formed a cluster {:?} after the first started", started.elapsed());
+    println!(
+        "3 processes formed a cluster {:?} after the first started",
+        started.elapsed()
+    );
 
     // Every view agrees on the members and the leader.
     let views: Vec<ClusterView> = http.iter().map(|&h| status(h)).collect::<Result<_>>()?;
@@ -102,9 +118,14 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
         assert_eq!(names, ["n0", "n1", "n2"]);
     }
     // The human-readable status lists them too.
-    let out = Command::new(&bin).args(["status", "--http", &format!("127.0.0.1:{}", http[1])]).output()?;
+    let out = Command::new(&bin)
+        .args(["status", "--http", &format!("127.0.0.1:{}", http[1])])
+        .output()?;
     let text = String::from_utf8(out.stdout)?;
-    assert!(text.contains("3 member(s)") && text.contains("n0") && text.contains("alive"), "{text}");
+    assert!(
+        text.contains("3 member(s)") && text.contains("n0") && text.contains("alive"),
+        "{text}"
+    );
 
     // SIGKILL n2: the others drop it by heartbeat timeout.
     let killed = Instant::now();
@@ -112,7 +133,10 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
     for &h in &http[..2] {
         wait_members(h, 2, Duration::from_secs(6))?;
     }
-    println!("SIGKILLed node gone from both views after {:?}", killed.elapsed());
+    println!(
+        "SIGKILLed node gone from both views after {:?}",
+        killed.elapsed()
+    );
 
     // SIGTERM n0: it exits 0 and n1 sees it leave at once.
     let mut g = n0.take().context("n0")?;

@@ -70,7 +70,10 @@ fn cluster_secret(home: &Path, join: Option<&str>) -> Result<(ClusterSecret, &'s
     let path = secret_path(home);
     if let Some(token) = join {
         let secret: ClusterSecret = token.parse().context("--join")?;
-        let old = path.exists().then(|| ClusterSecret::load(&path)).transpose()?;
+        let old = path
+            .exists()
+            .then(|| ClusterSecret::load(&path))
+            .transpose()?;
         if old.as_ref() != Some(&secret) {
             secret.save(&path)?;
             return Ok((secret, "joined with --join"));
@@ -112,7 +115,9 @@ pub fn up(args: UpArgs) -> Result<()> {
         println!("hearth node {name:?} ({})", node.id().short());
         println!("  cluster    {} ({origin})", secret.cluster_id());
         if origin == "new" {
-            println!("             other devices join with: hearth up --join <token from `hearth token`>");
+            println!(
+                "             other devices join with: hearth up --join <token from `hearth token`>"
+            );
         }
         println!("  QUIC       {quic}");
         println!("  HTTP       http://{http}/api/cluster");
@@ -125,12 +130,23 @@ pub fn up(args: UpArgs) -> Result<()> {
             loop {
                 match events.recv().await {
                     Ok(MembershipEvent::Joined(m)) => {
-                        println!("+ {} ({}) joined from {}", m.name, &m.node_id[..8], m.address)
+                        println!(
+                            "+ {} ({}) joined from {}",
+                            m.name,
+                            &m.node_id[..8],
+                            m.address
+                        )
                     }
-                    Ok(MembershipEvent::Left { node_id, name, reason }) => {
+                    Ok(MembershipEvent::Left {
+                        node_id,
+                        name,
+                        reason,
+                    }) => {
                         println!("- {name} ({}) left: {reason}", node_id.short())
                     }
-                    Ok(MembershipEvent::LeaderChanged(id)) => println!("  leader is now {}", id.short()),
+                    Ok(MembershipEvent::LeaderChanged(id)) => {
+                        println!("  leader is now {}", id.short())
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(_) => break,
                 }
@@ -232,7 +248,11 @@ fn render(v: &ClusterView) -> String {
         .iter()
         .map(|m| {
             [
-                format!("{}{}", if m.leader { "*" } else { " " }, &m.node_id[..8.min(m.node_id.len())]),
+                format!(
+                    "{}{}",
+                    if m.leader { "*" } else { " " },
+                    &m.node_id[..8.min(m.node_id.len())]
+                ),
                 m.name.clone(),
                 m.address.clone(),
                 match m.state {
@@ -241,7 +261,9 @@ fn render(v: &ClusterView) -> String {
                 },
                 match m.state {
                     MemberState::Local => "-".into(),
-                    MemberState::Alive => format!("{:.1}s ago", m.last_heartbeat_age_ms as f64 / 1e3),
+                    MemberState::Alive => {
+                        format!("{:.1}s ago", m.last_heartbeat_age_ms as f64 / 1e3)
+                    }
                 },
                 m.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
             ]

@@ -8,7 +8,11 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 async fn node() -> Node {
-    let mut cfg = NodeConfig::new("solo", Identity::generate().unwrap(), ClusterSecret::generate());
+    let mut cfg = NodeConfig::new(
+        "solo",
+        Identity::generate().unwrap(),
+        ClusterSecret::generate(),
+    );
     cfg.quic = "127.0.0.1:0".parse().unwrap();
     Node::start(cfg).await.unwrap()
 }
@@ -19,7 +23,13 @@ async fn get(app: axum::Router, path: &str) -> (StatusCode, Vec<u8>) {
         .await
         .unwrap();
     let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
     (status, body)
 }
 
@@ -36,7 +46,13 @@ async fn cluster_view_is_json() {
     // The wire names are the documented ones.
     let raw: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let m = &raw["members"][0];
-    for key in ["node_id", "name", "address", "state", "last_heartbeat_age_ms"] {
+    for key in [
+        "node_id",
+        "name",
+        "address",
+        "state",
+        "last_heartbeat_age_ms",
+    ] {
         assert!(m.get(key).is_some(), "missing {key}: {m}");
     }
     assert_eq!(m["state"], "self");

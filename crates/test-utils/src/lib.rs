@@ -511,8 +511,12 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
 /// A free port on 127.0.0.1 for UDP (`udp`) or TCP (racy, fine for tests).
 pub fn free_port(udp: bool) -> Result<u16> {
     Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
     } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
     })
 }
