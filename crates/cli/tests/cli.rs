@@ -325,3 +325,34 @@ fn real_model_greedy_matches_llama_cpp_fixture() -> Result<()> {
     assert_eq!(ours[..n.min(ours.len())], theirs[..n.min(ours.len())]);
     Ok(())
 }
+
+#[test]
+fn cluster_commands_fail_cleanly_on_bad_input() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    // No cluster yet.
+    assert_clean_error(&hearth(&["token"], home)?, "no cluster yet");
+    // Bad tokens and peers are refused before anything starts.
+    for (args, needle) in [
+        (vec!["up", "--join", "nope", "--no-mdns"], "join token"),
+        (vec!["up", "--join", "hearth1-zz", "--no-mdns"], "join token"),
+        (vec!["up", "--peer", "no-port", "--no-mdns"], "HOST:PORT"),
+        (vec!["status", "--http", "127.0.0.1:1"], "no Hearth node answers"),
+    ] {
+        assert_clean_error(&hearth(&args, home)?, needle);
+    }
+    // clap's own usage error for a malformed address.
+    let out = hearth(&["up", "--quic", "not-an-addr"], home)?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid socket address"));
+    // An address in use is a clear error, not a panic.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let http = taken.local_addr()?.to_string();
+    let out = hearth(&["up", "--no-mdns", "--quic", "127.0.0.1:0", "--http", &http], home)?;
+    assert_clean_error(&out, "cannot listen");
+    // `up` made the cluster before failing to listen; `token` prints it.
+    let out = hearth(&["token"], home)?;
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout)?.starts_with("hearth1-"));
+    Ok(())
+}
