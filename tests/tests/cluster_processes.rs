@@ -1,6 +1,7 @@
 //! `hearth up` as real processes on loopback: three nodes joined by token
 //! and static peers form a cluster; `hearth status` shows it; a SIGKILLed
 //! node leaves the others' views; SIGTERM shuts a node down cleanly.
+#![allow(clippy::print_stdout)] // Prints the figures it measures.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -24,10 +25,10 @@ fn status(http: u16) -> Result<ClusterView> {
 fn wait_members(http: u16, n: usize, limit: Duration) -> Result<Duration> {
     let start = Instant::now();
     loop {
-        if let Ok(v) = status(http) {
-            if v.members.len() == n {
-                return Ok(start.elapsed());
-            }
+        if let Ok(v) = status(http)
+            && v.members.len() == n
+        {
+            return Ok(start.elapsed());
         }
         if start.elapsed() > limit {
             bail!(

@@ -1,4 +1,5 @@
 //! `hearth`: run models, and run and inspect cluster nodes.
+#![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
 
 mod cluster;
 mod generate;

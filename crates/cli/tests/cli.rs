@@ -335,9 +335,15 @@ fn cluster_commands_fail_cleanly_on_bad_input() -> Result<()> {
     // Bad tokens and peers are refused before anything starts.
     for (args, needle) in [
         (vec!["up", "--join", "nope", "--no-mdns"], "join token"),
-        (vec!["up", "--join", "hearth1-zz", "--no-mdns"], "join token"),
+        (
+            vec!["up", "--join", "hearth1-zz", "--no-mdns"],
+            "join token",
+        ),
         (vec!["up", "--peer", "no-port", "--no-mdns"], "HOST:PORT"),
-        (vec!["status", "--http", "127.0.0.1:1"], "no Hearth node answers"),
+        (
+            vec!["status", "--http", "127.0.0.1:1"],
+            "no Hearth node answers",
+        ),
     ] {
         assert_clean_error(&hearth(&args, home)?, needle);
     }
@@ -348,7 +354,10 @@ fn cluster_commands_fail_cleanly_on_bad_input() -> Result<()> {
     // An address in use is a clear error, not a panic.
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let http = taken.local_addr()?.to_string();
-    let out = hearth(&["up", "--no-mdns", "--quic", "127.0.0.1:0", "--http", &http], home)?;
+    let out = hearth(
+        &["up", "--no-mdns", "--quic", "127.0.0.1:0", "--http", &http],
+        home,
+    )?;
     assert_clean_error(&out, "cannot listen");
     // `up` made the cluster before failing to listen; `token` prints it.
     let out = hearth(&["token"], home)?;

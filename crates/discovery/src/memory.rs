@@ -118,19 +118,19 @@ impl Discovery for MemoryDiscovery {
                 }
             }
         });
-        if let Ok(mut t) = self.task.lock() {
-            if let Some(old) = t.replace(task) {
-                old.abort();
-            }
+        if let Ok(mut t) = self.task.lock()
+            && let Some(old) = t.replace(task)
+        {
+            old.abort();
         }
         Ok(())
     }
 
     fn stop(&self) {
-        if let Ok(mut t) = self.task.lock() {
-            if let Some(t) = t.take() {
-                t.abort();
-            }
+        if let Ok(mut t) = self.task.lock()
+            && let Some(t) = t.take()
+        {
+            t.abort();
         }
         let me = self.me.lock().ok().and_then(|mut m| m.take());
         if let Some(id) = me {

@@ -76,19 +76,19 @@ impl Discovery for StaticDiscovery {
                 tokio::time::sleep(REPEAT).await;
             }
         });
-        if let Ok(mut t) = self.task.lock() {
-            if let Some(old) = t.replace(task) {
-                old.abort();
-            }
+        if let Ok(mut t) = self.task.lock()
+            && let Some(old) = t.replace(task)
+        {
+            old.abort();
         }
         Ok(())
     }
 
     fn stop(&self) {
-        if let Ok(mut t) = self.task.lock() {
-            if let Some(t) = t.take() {
-                t.abort();
-            }
+        if let Ok(mut t) = self.task.lock()
+            && let Some(t) = t.take()
+        {
+            t.abort();
         }
     }
 }

@@ -428,15 +428,10 @@ impl Endpoint {
     /// Routes the connection's incoming streams until it closes, then
     /// removes it from the pool.
     async fn serve(self, pc: PeerConn) {
-        loop {
-            match pc.conn.accept_bi().await {
-                Ok((send, recv)) => {
-                    let me = self.clone();
-                    let info = pc.info.clone();
-                    tokio::spawn(async move { me.route(info, send, recv).await }.in_current_span());
-                }
-                Err(_) => break,
-            }
+        while let Ok((send, recv)) = pc.conn.accept_bi().await {
+            let me = self.clone();
+            let info = pc.info.clone();
+            tokio::spawn(async move { me.route(info, send, recv).await }.in_current_span());
         }
         let reason = pc
             .conn
