@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use hearth_net::ClusterSecret;
 use hearth_runtime::ClusterView;
 use hearth_test_utils::hearth_binary;
-use hearth_test_utils::netns::{ChildGuard, Lan, unavailable};
+use hearth_test_utils::netns::{ChildGuard, Lan, available};
 
 const QUIC: &str = "0.0.0.0:7410";
 const HTTP: &str = "127.0.0.1:7411";
@@ -64,8 +64,7 @@ fn up(
 
 #[test]
 fn mdns_forms_a_cluster_across_namespaces_and_keeps_strangers_out() -> Result<()> {
-    if let Some(why) = unavailable() {
-        eprintln!("SKIPPED mdns_forms_a_cluster_across_namespaces: {why}");
+    if !available("mdns_forms_a_cluster_across_namespaces") {
         return Ok(());
     }
     let bin = hearth_binary()?;
@@ -154,8 +153,7 @@ impl WaitOutput for std::process::Child {
 
 #[test]
 fn namespace_helpers_clean_up() -> Result<()> {
-    if let Some(why) = unavailable() {
-        eprintln!("SKIPPED namespace_helpers_clean_up: {why}");
+    if !available("namespace_helpers_clean_up") {
         return Ok(());
     }
     let names: Vec<String> = {

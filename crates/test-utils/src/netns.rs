@@ -8,6 +8,23 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 
+/// Whether a namespace test can run. When it cannot, prints why and
+/// returns false (the test then skips), unless `HEARTH_REQUIRE_NETNS` is
+/// set (the test script sets it when running as root, as CI does): then a
+/// missing prerequisite fails the test instead of skipping it.
+pub fn available(test: &str) -> bool {
+    match unavailable() {
+        None => true,
+        Some(why) if std::env::var_os("HEARTH_REQUIRE_NETNS").is_some() => {
+            panic!("{test}: HEARTH_REQUIRE_NETNS is set but {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
 /// Why namespace tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
