@@ -25,6 +25,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(300);
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(2500);
 /// How often the table is checked.
 const CHECK_PERIOD: Duration = Duration::from_millis(100);
+/// Most candidates kept (a home has far fewer devices; bounds what gossip
+/// can make us remember).
+const MAX_CANDIDATES: usize = 1024;
 /// Longest wait between dial attempts to a candidate.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -320,6 +323,14 @@ impl Actor {
     }
 
     fn add_candidate(&mut self, hint: PeerHint) {
+        let hint = PeerHint {
+            addrs: hint
+                .addrs
+                .into_iter()
+                .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+                .collect(),
+            ..hint
+        };
         let Some(first) = hint.addrs.first().copied() else {
             return;
         };
@@ -330,6 +341,10 @@ impl Actor {
             Some(id) => CandidateKey::Id(id),
             None => CandidateKey::Addr(first),
         };
+        if !self.candidates.contains_key(&key) && self.candidates.len() >= MAX_CANDIDATES {
+            debug!("candidate table full; ignoring {key:?}");
+            return;
+        }
         let c = self.candidates.entry(key).or_insert_with(|| Candidate {
             addrs: Vec::new(),
             source: hint.source,
@@ -339,7 +354,7 @@ impl Actor {
             warned: false,
         });
         for a in hint.addrs {
-            if !c.addrs.contains(&a) {
+            if !c.addrs.contains(&a) && c.addrs.len() < 8 {
                 c.addrs.push(a);
             }
         }

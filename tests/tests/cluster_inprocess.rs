@@ -155,3 +155,64 @@ async fn a_node_with_another_secret_never_joins() -> Result<()> {
     assert!(x.node.endpoint().peers().is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_membership_streams_do_not_hurt_a_node() -> Result<()> {
+    use hearth_net::{Endpoint, EndpointConfig, Identity};
+    use hearth_proto::{Message, PeerAddr, stream_kind};
+
+    let secret = ClusterSecret::generate();
+    let a = TestNode::start("a", &secret, vec![])?;
+    // A member that speaks nonsense on its membership streams.
+    let (rogue, _rx) = Endpoint::bind(
+        EndpointConfig {
+            identity: Identity::generate()?,
+            secret: secret.clone(),
+            name: "rogue".into(),
+            bind: "127.0.0.1:0".parse()?,
+        },
+        &[],
+    )?;
+    let conn = rogue.connect(a.node.endpoint().local_addr()?).await?;
+    let payloads: Vec<Vec<u8>> = vec![
+        vec![0xff; 64],
+        vec![5, 0, 0, 0, 0x06, 1],
+        (u32::MAX).to_le_bytes().to_vec(),
+        hearth_proto::encode_frame(&Message::AuthOk)?,
+        // A heartbeat followed by gossip pointing at nonsense addresses.
+        [
+            hearth_proto::encode_frame(&Message::Heartbeat { seq: 1 })?,
+            hearth_proto::encode_frame(&Message::Peers(vec![
+                PeerAddr {
+                    node_id: [0; 32],
+                    addr: "0.0.0.0:0".parse()?,
+                };
+                50
+            ]))?,
+        ]
+        .concat(),
+    ];
+    for p in payloads {
+        let (mut s, _r) = conn.open(stream_kind::MEMBERSHIP).await?;
+        s.write_all(&p).await?;
+        let _ = s.finish();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The node still answers, and honest members still join.
+    let b = TestNode::start(
+        "b",
+        &secret,
+        vec![Box::new(StaticDiscovery::new(vec![
+            a.node.endpoint().local_addr()?.to_string(),
+        ])?)],
+    )?;
+    wait_for_views(&[&a, &b], Duration::from_secs(10), |v| {
+        v.members.iter().any(|m| m.name == "b")
+            || v.members
+                .iter()
+                .any(|m| m.name == "a" && m.state == MemberState::Alive)
+    })
+    .await?;
+    rogue.shutdown().await;
+    Ok(())
+}
