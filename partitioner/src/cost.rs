@@ -1,0 +1,387 @@
+//! The cost model: compute, transfer and memory of a stage, and the
+//! evaluation of a whole assignment. Shared by the search and baselines.
+
+use std::ops::Range;
+
+use crate::{
+    BottleneckKind, DeviceProfile, Links, Method, ModelProfile, PhaseTimes, Plan, PlanError,
+    Schedule, Stage, Workload,
+};
+
+/// Most devices one plan considers (the search is exponential in it).
+pub const MAX_DEVICES: usize = 12;
+
+/// Validated inputs with prefix sums.
+pub(crate) struct Ctx<'a> {
+    pub model: &'a ModelProfile,
+    pub devices: &'a [DeviceProfile],
+    pub links: &'a Links,
+    pub workload: Workload,
+    /// Prefix sums over layers.
+    scale: Vec<f64>,
+    params: Vec<u64>,
+    kv: Vec<u64>,
+    train_act: Vec<u64>,
+}
+
+fn check(what: impl Into<String>, v: f64) -> Result<(), PlanError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(PlanError::BadMeasurement {
+            what: what.into(),
+            value: v,
+        })
+    }
+}
+
+fn prefix(xs: impl Iterator<Item = u64>) -> Vec<u64> {
+    let mut out = vec![0u64];
+    for x in xs {
+        let last = out.last().copied().unwrap_or(0);
+        out.push(last.saturating_add(x));
+    }
+    out
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(
+        model: &'a ModelProfile,
+        devices: &'a [DeviceProfile],
+        links: &'a Links,
+        workload: Workload,
+    ) -> Result<Self, PlanError> {
+        if model.layers.is_empty() {
+            return Err(PlanError::NoLayers);
+        }
+        if devices.is_empty() {
+            return Err(PlanError::NoDevices);
+        }
+        if devices.len() > MAX_DEVICES {
+            return Err(PlanError::BadWorkload(format!(
+                "{} devices; at most {MAX_DEVICES} are planned at once",
+                devices.len()
+            )));
+        }
+        let n = devices.len();
+        for (name, m) in [("bandwidth", &links.bandwidth), ("rtt", &links.rtt)] {
+            if m.len() != n || m.iter().any(|r| r.len() != n) {
+                return Err(PlanError::LinkShape {
+                    rows: m.len(),
+                    cols: m.first().map_or(0, Vec::len),
+                    devices: n,
+                });
+            }
+            for (a, row) in m.iter().enumerate() {
+                for (b, &v) in row.iter().enumerate() {
+                    if a != b {
+                        check(format!("{name}[{a}][{b}]"), v)?;
+                    }
+                }
+            }
+        }
+        for (a, row) in links.bandwidth.iter().enumerate() {
+            for (b, &v) in row.iter().enumerate() {
+                if a != b && v <= 0.0 {
+                    return Err(PlanError::BadMeasurement {
+                        what: format!("bandwidth[{a}][{b}]"),
+                        value: v,
+                    });
+                }
+            }
+        }
+        for d in devices {
+            for (part, t) in [("layer", d.layer), ("embed", d.embed), ("head", d.head)] {
+                check(format!("{} {part} decode", d.name), t.decode_s)?;
+                check(format!("{} {part} prefill", d.name), t.prefill_s_per_token)?;
+                check(format!("{} {part} train", d.name), t.train_s_per_token)?;
+            }
+        }
+        match workload {
+            Workload::Decode { sequences: 0, .. } => {
+                return Err(PlanError::BadWorkload(
+                    "decode needs at least one sequence".into(),
+                ));
+            }
+            Workload::Prefill { tokens: 0 } => {
+                return Err(PlanError::BadWorkload(
+                    "prefill needs at least one token".into(),
+                ));
+            }
+            Workload::Train {
+                micro_batch_tokens: 0,
+                ..
+            }
+            | Workload::Train {
+                micro_batches: 0, ..
+            } => {
+                return Err(PlanError::BadWorkload(
+                    "training needs micro-batches of at least one token".into(),
+                ));
+            }
+            _ => {}
+        }
+        let flops: Vec<f64> = model.layers.iter().map(|l| l.flops_per_token).collect();
+        let mean = flops.iter().sum::<f64>() / flops.len() as f64;
+        let mut scale = vec![0.0];
+        for f in &flops {
+            check("layer flops", *f)?;
+            let s = if mean > 0.0 { f / mean } else { 1.0 };
+            let last = scale.last().copied().unwrap_or(0.0);
+            scale.push(last + s);
+        }
+        Ok(Self {
+            model,
+            devices,
+            links,
+            workload,
+            scale,
+            params: prefix(model.layers.iter().map(|l| l.param_bytes)),
+            kv: prefix(model.layers.iter().map(|l| l.kv_bytes_per_token)),
+            train_act: prefix(model.layers.iter().map(|l| l.train_act_bytes_per_token)),
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    /// Seconds of `t` for one micro-batch of the workload.
+    fn phase(&self, t: PhaseTimes) -> f64 {
+        match self.workload {
+            Workload::Decode { .. } => t.decode_s,
+            Workload::Prefill { tokens } => t.prefill_s_per_token * f64::from(tokens),
+            Workload::Train {
+                micro_batch_tokens,
+                recompute,
+                ..
+            } => {
+                // Recomputation runs the forward (about a third of
+                // forward + backward) a second time.
+                let r = if recompute { 4.0 / 3.0 } else { 1.0 };
+                t.train_s_per_token * f64::from(micro_batch_tokens) * r
+            }
+        }
+    }
+
+    /// `t_k` of layers `r` on device `d` (with embed/head when at the ends).
+    pub fn compute(&self, d: usize, r: &Range<usize>) -> f64 {
+        let dev = &self.devices[d];
+        let mut t = self.phase(dev.layer) * (self.scale[r.end] - self.scale[r.start]);
+        if r.start == 0 {
+            t += self.phase(dev.embed);
+        }
+        if r.end == self.layers() {
+            t += self.phase(dev.head);
+        }
+        t
+    }
+
+    fn tokens_per_micro_batch(&self) -> u64 {
+        match self.workload {
+            Workload::Decode { .. } => 1,
+            Workload::Prefill { tokens } => u64::from(tokens),
+            Workload::Train {
+                micro_batch_tokens, ..
+            } => u64::from(micro_batch_tokens),
+        }
+    }
+
+    /// `c` of the boundary before layer `at`, from device `a` to `b`.
+    pub fn transfer(&self, a: usize, b: usize, at: usize) -> f64 {
+        if a == b {
+            return 0.0;
+        }
+        let act = self.model.layers[at.saturating_sub(1)].act_bytes_per_token;
+        let mut bytes = act * self.tokens_per_micro_batch();
+        if matches!(self.workload, Workload::Train { .. }) {
+            bytes *= 2; // activations forward, gradients backward
+        }
+        self.links.rtt[a][b] / 2.0 + bytes as f64 / self.links.bandwidth[a][b]
+    }
+
+    /// The decode loop's return: the sampled token, last stage to first.
+    pub fn loop_back(&self, last: usize, first: usize) -> f64 {
+        match self.workload {
+            Workload::Decode { .. } if last != first => self.links.rtt[last][first] / 2.0,
+            _ => 0.0,
+        }
+    }
+
+    /// Peak bytes on the device running layers `r` as stage `k` of `p`.
+    pub fn memory(&self, r: &Range<usize>, k: usize, p: usize) -> u64 {
+        let m = self.model;
+        let mut weights = self.params[r.end] - self.params[r.start];
+        let first = r.start == 0;
+        let last = r.end == self.layers();
+        if first {
+            weights += m.embed.param_bytes;
+        }
+        if last && !(m.tied_embeddings && first) {
+            weights += if m.tied_embeddings {
+                m.embed.param_bytes
+            } else {
+                m.head.param_bytes
+            };
+        }
+        let kv = self.kv[r.end] - self.kv[r.start];
+        let act_in = m.layers[r.start.saturating_sub(1)].act_bytes_per_token;
+        match self.workload {
+            Workload::Decode { sequences, context } => {
+                weights + kv * u64::from(context) * u64::from(sequences)
+            }
+            Workload::Prefill { tokens } => weights + (kv + act_in) * u64::from(tokens),
+            Workload::Train {
+                micro_batch_tokens,
+                micro_batches,
+                schedule,
+                recompute,
+                method,
+            } => {
+                let tokens = u64::from(micro_batch_tokens);
+                let layers = (r.end - r.start) as u64;
+                let optimizer = match method {
+                    Method::Full => 3 * weights,
+                    Method::Lora {
+                        adapter_bytes_per_layer,
+                    } => 4 * adapter_bytes_per_layer * layers,
+                };
+                let in_flight = match schedule {
+                    Schedule::OneFOneB => u64::from(micro_batches).min((p - k) as u64),
+                    Schedule::GPipe => u64::from(micro_batches),
+                };
+                let full = (self.train_act[r.end] - self.train_act[r.start]) * tokens;
+                let acts = if recompute {
+                    in_flight * act_in * tokens + full
+                } else {
+                    in_flight * full
+                };
+                weights + optimizer + acts
+            }
+        }
+    }
+
+    /// Tokens one step produces or consumes.
+    fn step_tokens(&self) -> f64 {
+        match self.workload {
+            Workload::Decode { sequences, .. } => f64::from(sequences),
+            Workload::Prefill { tokens } => f64::from(tokens),
+            Workload::Train {
+                micro_batch_tokens,
+                micro_batches,
+                ..
+            } => f64::from(micro_batch_tokens) * f64::from(micro_batches),
+        }
+    }
+
+    /// The full plan of an assignment, or why it is infeasible.
+    pub fn evaluate(&self, assignment: &[(usize, Range<usize>)]) -> Result<Plan, PlanError> {
+        let l = self.layers();
+        let bad = |s: String| Err(PlanError::BadAssignment(s));
+        if assignment.is_empty() {
+            return bad("no stages".into());
+        }
+        let mut next = 0;
+        let mut seen = vec![false; self.devices.len()];
+        for (d, r) in assignment {
+            if *d >= self.devices.len() {
+                return bad(format!("device {d} does not exist"));
+            }
+            if std::mem::replace(&mut seen[*d], true) {
+                return bad(format!("device {d} appears twice"));
+            }
+            if r.start != next || r.end <= r.start {
+                return bad(format!("layers {r:?} do not continue at {next}"));
+            }
+            next = r.end;
+        }
+        if next != l {
+            return bad(format!("layers end at {next}, the model has {l}"));
+        }
+        let p = assignment.len();
+        let mut stages = Vec::with_capacity(p);
+        for (k, (d, r)) in assignment.iter().enumerate() {
+            let dev = &self.devices[*d];
+            let memory_bytes = self.memory(r, k, p);
+            if memory_bytes > dev.memory_budget {
+                return Err(PlanError::DoesNotFit(format!(
+                    "{} needs {} for layers {}..{} but has {}",
+                    dev.name,
+                    human_bytes(memory_bytes),
+                    r.start,
+                    r.end,
+                    human_bytes(dev.memory_budget)
+                )));
+            }
+            let transfer_s = match assignment.get(k + 1) {
+                Some((e, nr)) => self.transfer(*d, *e, nr.start),
+                None => self.loop_back(*d, assignment[0].0),
+            };
+            stages.push(Stage {
+                device: *d,
+                device_name: dev.name.clone(),
+                layers: r.clone(),
+                embed: r.start == 0,
+                head: r.end == l,
+                compute_s: self.compute(*d, r),
+                transfer_s,
+                memory_bytes,
+            });
+        }
+        let m = f64::from(self.workload.in_flight());
+        let sum: f64 = stages.iter().map(|s| s.compute_s + s.transfer_s).sum();
+        let mut bottleneck = (0, BottleneckKind::Compute);
+        let mut worst = f64::NEG_INFINITY;
+        for (k, s) in stages.iter().enumerate() {
+            for (v, kind) in [
+                (s.compute_s, BottleneckKind::Compute),
+                (s.transfer_s, BottleneckKind::Transfer),
+            ] {
+                if v > worst {
+                    worst = v;
+                    bottleneck = (k, kind);
+                }
+            }
+        }
+        let step_s = sum + (m - 1.0) * worst;
+        let tokens_per_s = if step_s > 0.0 {
+            self.step_tokens() / step_s
+        } else {
+            f64::INFINITY
+        };
+        Ok(Plan {
+            stages,
+            step_s,
+            bottleneck,
+            tokens_per_s,
+            explanation: Vec::new(),
+        })
+    }
+}
+
+/// Bytes for people.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.0} MB", b / 1e6)
+    } else {
+        format!("{:.0} kB", b / 1e3)
+    }
+}
+
+/// Evaluates a given assignment (device index, layer range) under the cost
+/// model, for baselines and for checking a plan from elsewhere.
+pub fn evaluate(
+    model: &ModelProfile,
+    devices: &[DeviceProfile],
+    links: &Links,
+    workload: Workload,
+    assignment: &[(usize, Range<usize>)],
+) -> Result<Plan, PlanError> {
+    let ctx = Ctx::new(model, devices, links, workload)?;
+    let mut plan = ctx.evaluate(assignment)?;
+    plan.explanation = crate::search::explain(&ctx, &plan);
+    Ok(plan)
+}
