@@ -28,8 +28,23 @@ pub fn plan(
         Vec::new()
     };
     let decode_loop = matches!(workload, Workload::Decode { .. });
-    for p in 1..=devices.len().min(ctx.layers()) {
-        let firsts: Vec<Option<usize>> = if decode_loop && p > 1 {
+    // Memory depends on the stage count only under 1F1B; otherwise one DP
+    // covers every stage count at once.
+    let per_p = matches!(
+        workload,
+        Workload::Train {
+            schedule: crate::Schedule::OneFOneB,
+            ..
+        }
+    );
+    let max_p = devices.len().min(ctx.layers());
+    let counts: Vec<Option<usize>> = if per_p {
+        (1..=max_p).map(Some).collect()
+    } else {
+        vec![None]
+    };
+    for p in counts {
+        let firsts: Vec<Option<usize>> = if decode_loop && p != Some(1) {
             (0..devices.len()).map(Some).collect()
         } else {
             vec![None]
@@ -39,7 +54,23 @@ pub fn plan(
                 continue;
             };
             consider(&ctx, &mut best, &a)?;
-            for &b in &candidates {
+            if candidates.is_empty() {
+                continue;
+            }
+            // The smallest feasible bound (feasibility grows with it).
+            let (mut lo, mut hi) = (0, candidates.len() - 1);
+            if dp(&ctx, p, first, candidates[hi]).is_none() {
+                continue;
+            }
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if dp(&ctx, p, first, candidates[mid]).is_some() {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            for &b in &candidates[lo..] {
                 let best_t = best.as_ref().map_or(f64::INFINITY, |p| p.step_s);
                 if sum_min + (m - 1.0) * b >= best_t {
                     break;
@@ -120,22 +151,32 @@ fn candidate_bounds(ctx: &Ctx<'_>) -> Vec<f64> {
 
 /// Min Σ(t + c) over assignments into exactly `p` stages with every t, c
 /// ≤ `bound`, starting on `first` if given. Returns the sum and assignment.
-fn dp(ctx: &Ctx<'_>, p: usize, first: Option<usize>, bound: f64) -> Option<(f64, Assignment)> {
+fn dp(
+    ctx: &Ctx<'_>,
+    p: Option<usize>,
+    first: Option<usize>,
+    bound: f64,
+) -> Option<(f64, Assignment)> {
     let (l, n) = (ctx.layers(), ctx.devices.len());
+    // Stages at most; with `p` given, exactly that many.
+    let stages = p.unwrap_or(n.min(l));
+    let exact = p.is_some();
     let masks = 1usize << n;
     let idx = |i: usize, s: usize, d: usize| (i * masks + s) * n + d;
     let mut cost = vec![f64::INFINITY; (l + 1) * masks * n];
     let mut parent = vec![(usize::MAX, usize::MAX); (l + 1) * masks * n];
-    let fits =
-        |d: usize, r: &Range<usize>, k: usize| ctx.memory(r, k, p) <= ctx.devices[d].memory_budget;
+    let fits = |d: usize, r: &Range<usize>, k: usize| {
+        ctx.memory(r, k, stages) <= ctx.devices[d].memory_budget
+    };
+    // Layers that must remain after stage k ends (for the later stages).
+    let reserve = |k: usize| if exact { stages - k - 1 } else { 0 };
     // Stage 0.
     for d in 0..n {
         if first.is_some_and(|f| f != d) {
             continue;
         }
-        let max_j = l - (p - 1);
-        for j in 1..=max_j {
-            if p == 1 && j != l {
+        for j in 1..=l - reserve(0) {
+            if exact && stages == 1 && j != l {
                 continue;
             }
             let r = 0..j;
@@ -148,13 +189,14 @@ fn dp(ctx: &Ctx<'_>, p: usize, first: Option<usize>, bound: f64) -> Option<(f64,
             }
         }
     }
-    // Stages 1..p, in order of devices used.
-    for k in 1..p {
+    // Stages 1.., in order of devices used.
+    for k in 1..stages {
         for s in 0..masks {
             if s.count_ones() as usize != k {
                 continue;
             }
-            for i in k..=l - (p - k) {
+            // A state at i == l is complete; only earlier ones go on.
+            for i in k..=(l - reserve(k - 1)).min(l - 1) {
                 for d in 0..n {
                     let here = cost[idx(i, s, d)];
                     if !here.is_finite() {
@@ -168,9 +210,8 @@ fn dp(ctx: &Ctx<'_>, p: usize, first: Option<usize>, bound: f64) -> Option<(f64,
                         if c > bound {
                             continue;
                         }
-                        let last = k + 1 == p;
-                        let max_j = l - (p - k - 1);
-                        for j in i + 1..=max_j {
+                        let last = exact && k + 1 == stages;
+                        for j in i + 1..=l - reserve(k) {
                             if last && j != l {
                                 continue;
                             }
@@ -196,8 +237,9 @@ fn dp(ctx: &Ctx<'_>, p: usize, first: Option<usize>, bound: f64) -> Option<(f64,
     }
     // Best final state (with the decode loop's return, if any).
     let mut best: Option<(f64, usize, usize)> = None;
-    for s in 0..masks {
-        if s.count_ones() as usize != p {
+    for s in 1..masks {
+        let used = s.count_ones() as usize;
+        if exact && used != stages {
             continue;
         }
         for d in 0..n {
@@ -205,7 +247,11 @@ fn dp(ctx: &Ctx<'_>, p: usize, first: Option<usize>, bound: f64) -> Option<(f64,
             if !v.is_finite() {
                 continue;
             }
-            let back = first.map_or(0.0, |f| ctx.loop_back(d, f));
+            let back = if used > 1 {
+                first.map_or(0.0, |f| ctx.loop_back(d, f))
+            } else {
+                0.0
+            };
             if back > bound {
                 continue;
             }
@@ -217,7 +263,7 @@ fn dp(ctx: &Ctx<'_>, p: usize, first: Option<usize>, bound: f64) -> Option<(f64,
     }
     let (total, mut s, mut d) = best?;
     let mut i = l;
-    let mut out = Vec::with_capacity(p);
+    let mut out = Vec::new();
     loop {
         let (pi, pd) = parent[idx(i, s, d)];
         if pi == usize::MAX {
