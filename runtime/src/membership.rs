@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hearth_discovery::{DiscoveryEvent, PeerHint};
-use hearth_net::framed::{expect_message, read_message, write_message};
+use hearth_net::framed::{expect, write_message};
 use hearth_net::{Endpoint, IncomingStream, NetEvent, NodeId, PeerInfo, close_code};
 use hearth_proto::{Message, PeerAddr, limits, stream_kind};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -144,6 +144,13 @@ pub(crate) fn spawn(
     Membership { tx, events }
 }
 
+fn peers_of(m: Message) -> Result<Vec<PeerAddr>, Message> {
+    match m {
+        Message::Peers(p) => Ok(p),
+        m => Err(m),
+    }
+}
+
 /// Answers heartbeats: `Heartbeat`, `Peers` in; `HeartbeatAck`, `Peers` out.
 async fn serve_streams(
     mut streams: mpsc::Receiver<IncomingStream>,
@@ -156,26 +163,17 @@ async fn serve_streams(
         tokio::spawn(async move {
             let exchange = async {
                 let max = limits::MAX_CONTROL_FRAME;
-                let Some(Message::Heartbeat { seq }) = read_message(&mut s.recv, max).await? else {
-                    return Err(hearth_net::NetError::Unexpected {
-                        expected: "heartbeat",
-                        got: "something else".into(),
-                    });
-                };
-                let peers = match expect_message(&mut s.recv, max).await? {
-                    Message::Peers(p) => p,
-                    other => {
-                        return Err(hearth_net::NetError::Unexpected {
-                            expected: "peers",
-                            got: other.name().into(),
-                        });
-                    }
-                };
+                let seq = expect(&mut s.recv, max, "heartbeat", |m| match m {
+                    Message::Heartbeat { seq } => Ok(seq),
+                    m => Err(m),
+                })
+                .await?;
+                let peers = expect(&mut s.recv, max, "peers", peers_of).await?;
                 let ours = gossip.read().map(|g| g.clone()).unwrap_or_default();
                 write_message(&mut s.send, &Message::HeartbeatAck { seq }).await?;
                 write_message(&mut s.send, &Message::Peers(ours)).await?;
                 let _ = s.send.finish();
-                Ok(peers)
+                Ok::<_, hearth_net::NetError>(peers)
             };
             match tokio::time::timeout(Duration::from_secs(2), exchange).await {
                 Ok(Ok(peers)) => {
@@ -432,23 +430,14 @@ impl Actor {
                 write_message(&mut send, &Message::Peers(ours)).await?;
                 let _ = send.finish();
                 let max = limits::MAX_CONTROL_FRAME;
-                match expect_message(&mut recv, max).await? {
-                    Message::HeartbeatAck { seq: s } if s == seq => {}
-                    other => {
-                        return Err(hearth_net::NetError::Unexpected {
-                            expected: "heartbeat-ack",
-                            got: other.name().into(),
-                        });
-                    }
-                }
+                expect(&mut recv, max, "heartbeat-ack", |m| match m {
+                    Message::HeartbeatAck { seq: s } if s == seq => Ok(()),
+                    m => Err(m),
+                })
+                .await?;
                 let rtt = start.elapsed();
-                match expect_message(&mut recv, max).await? {
-                    Message::Peers(p) => Ok((rtt, p)),
-                    other => Err(hearth_net::NetError::Unexpected {
-                        expected: "peers",
-                        got: other.name().into(),
-                    }),
-                }
+                let peers = expect(&mut recv, max, "peers", peers_of).await?;
+                Ok::<_, hearth_net::NetError>((rtt, peers))
             };
             let msg = match tokio::time::timeout(limit, exchange).await {
                 Ok(Ok((rtt, peers))) => Msg::HeartbeatOk {

@@ -77,3 +77,30 @@ pub trait Discovery: Send + Sync {
     /// Withdraws the announcement and stops reporting.
     fn stop(&self);
 }
+
+/// The background task of a discovery: replacing or stopping it aborts the
+/// old one, and so does dropping the slot.
+#[derive(Debug, Default)]
+pub(crate) struct TaskSlot(std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>);
+
+impl TaskSlot {
+    pub(crate) fn set(&self, task: tokio::task::JoinHandle<()>) {
+        let old = self.0.lock().ok().and_then(|mut t| t.replace(task));
+        if let Some(old) = old {
+            old.abort();
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        let old = self.0.lock().ok().and_then(|mut t| t.take());
+        if let Some(old) = old {
+            old.abort();
+        }
+    }
+}
+
+impl Drop for TaskSlot {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -65,8 +65,7 @@ fn parse(svc: &ResolvedService, me: &Announcement) -> Option<(NodeId, PeerHint)>
                 (!link_local || scope != 0)
                     .then(|| SocketAddr::V6(SocketAddrV6::new(*v6.addr(), port, 0, scope)))
             }
-            #[allow(unreachable_patterns)]
-            _ => None,
+            _ => None, // ScopedIp is non_exhaustive
         })
         .collect();
     // IPv4 first: it is what most home networks route.

@@ -6,9 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinHandle;
 
-use crate::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, NodeId, PeerHint};
+use crate::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, NodeId, PeerHint, TaskSlot};
 
 #[derive(Debug, Clone)]
 enum Change {
@@ -42,7 +41,7 @@ impl MemoryNetwork {
         MemoryDiscovery {
             net: self.clone(),
             me: Mutex::new(None),
-            task: Mutex::new(None),
+            task: TaskSlot::default(),
         }
     }
 
@@ -60,7 +59,7 @@ impl MemoryNetwork {
 pub struct MemoryDiscovery {
     net: MemoryNetwork,
     me: Mutex<Option<NodeId>>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: TaskSlot,
 }
 
 fn hint(a: &Announcement) -> PeerHint {
@@ -118,20 +117,12 @@ impl Discovery for MemoryDiscovery {
                 }
             }
         });
-        if let Ok(mut t) = self.task.lock()
-            && let Some(old) = t.replace(task)
-        {
-            old.abort();
-        }
+        self.task.set(task);
         Ok(())
     }
 
     fn stop(&self) {
-        if let Ok(mut t) = self.task.lock()
-            && let Some(t) = t.take()
-        {
-            t.abort();
-        }
+        self.task.stop();
         let me = self.me.lock().ok().and_then(|mut m| m.take());
         if let Some(id) = me {
             self.net.remove(id);

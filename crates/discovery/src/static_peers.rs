@@ -1,14 +1,12 @@
 //! `--peer HOST:PORT`: addresses given by the user, resolved and reported
 //! again every few seconds so a peer that starts later is still found.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, PeerHint};
+use crate::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, PeerHint, TaskSlot};
 
 /// How often static peers are reported again.
 const REPEAT: Duration = Duration::from_secs(2);
@@ -17,7 +15,7 @@ const REPEAT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct StaticDiscovery {
     peers: Vec<String>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: TaskSlot,
 }
 
 impl StaticDiscovery {
@@ -36,7 +34,7 @@ impl StaticDiscovery {
         }
         Ok(Self {
             peers,
-            task: Mutex::new(None),
+            task: TaskSlot::default(),
         })
     }
 }
@@ -76,26 +74,12 @@ impl Discovery for StaticDiscovery {
                 tokio::time::sleep(REPEAT).await;
             }
         });
-        if let Ok(mut t) = self.task.lock()
-            && let Some(old) = t.replace(task)
-        {
-            old.abort();
-        }
+        self.task.set(task);
         Ok(())
     }
 
     fn stop(&self) {
-        if let Ok(mut t) = self.task.lock()
-            && let Some(t) = t.take()
-        {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for StaticDiscovery {
-    fn drop(&mut self) {
-        self.stop();
+        self.task.stop();
     }
 }
 

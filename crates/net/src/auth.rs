@@ -26,7 +26,7 @@ use rand::RngCore;
 use rustls::pki_types::CertificateDer;
 use sha2::Sha256;
 
-use crate::framed::{expect_message, write_message};
+use crate::framed::{expect, write_message};
 use crate::identity::node_id_of_cert;
 use crate::{ClusterSecret, Identity, NetError, PeerInfo, close_code};
 
@@ -163,13 +163,6 @@ fn hello(identity: &Identity, local: &LocalInfo) -> Message {
     })
 }
 
-fn unexpected(expected: &'static str, got: Message) -> NetError {
-    NetError::Unexpected {
-        expected,
-        got: got.name().to_string(),
-    }
-}
-
 /// The close code for a failed handshake.
 pub fn close_code_for(err: &NetError) -> u32 {
     match err {
@@ -203,23 +196,26 @@ pub async fn dial(
     write_message(&mut send, &hello(identity, local)).await?;
     write_message(&mut send, &Message::AuthChallenge { nonce: n_d }).await?;
     let max = limits::MAX_CONTROL_FRAME;
-    let n_a = match expect_message(&mut recv, max).await? {
-        Message::AuthChallenge { nonce } => nonce,
-        other => return Err(unexpected("auth-challenge", other)),
-    };
+    let n_a = expect(&mut recv, max, "auth-challenge", |m| match m {
+        Message::AuthChallenge { nonce } => Ok(nonce),
+        m => Err(m),
+    })
+    .await?;
     // The acceptor's id is known from its certificate already; the proof
     // is bound to it and to this connection.
     let mac_d = proof(secret, Role::Dialer, &ekm, &n_a, identity.id(), cert_id);
     write_message(&mut send, &Message::AuthProof { mac: mac_d }).await?;
-    let their_hello = match expect_message(&mut recv, max).await? {
-        Message::Hello(h) => h,
-        other => return Err(unexpected("hello", other)),
-    };
+    let their_hello = expect(&mut recv, max, "hello", |m| match m {
+        Message::Hello(h) => Ok(h),
+        m => Err(m),
+    })
+    .await?;
     let peer = check_hello(&their_hello, cert_id, identity.id())?;
-    let mac_a = match expect_message(&mut recv, max).await? {
-        Message::AuthProof { mac } => mac,
-        other => return Err(unexpected("auth-proof", other)),
-    };
+    let mac_a = expect(&mut recv, max, "auth-proof", |m| match m {
+        Message::AuthProof { mac } => Ok(mac),
+        m => Err(m),
+    })
+    .await?;
     verify(
         secret,
         Role::Acceptor,
@@ -229,10 +225,11 @@ pub async fn dial(
         identity.id(),
         &mac_a,
     )?;
-    match expect_message(&mut recv, max).await? {
-        Message::AuthOk => {}
-        other => return Err(unexpected("auth-ok", other)),
-    }
+    expect(&mut recv, max, "auth-ok", |m| match m {
+        Message::AuthOk => Ok(()),
+        m => Err(m),
+    })
+    .await?;
     let _ = send.finish();
     Ok(peer_info(&their_hello, peer, conn.remote_address()))
 }
@@ -250,21 +247,24 @@ pub async fn accept(
     let cert_id = peer_cert_id(conn)?;
     let (mut send, mut recv) = conn.accept_bi().await?;
     let max = limits::MAX_CONTROL_FRAME;
-    let their_hello = match expect_message(&mut recv, max).await? {
-        Message::Hello(h) => h,
-        other => return Err(unexpected("hello", other)),
-    };
+    let their_hello = expect(&mut recv, max, "hello", |m| match m {
+        Message::Hello(h) => Ok(h),
+        m => Err(m),
+    })
+    .await?;
     let peer = check_hello(&their_hello, cert_id, identity.id())?;
-    let n_d = match expect_message(&mut recv, max).await? {
-        Message::AuthChallenge { nonce } => nonce,
-        other => return Err(unexpected("auth-challenge", other)),
-    };
+    let n_d = expect(&mut recv, max, "auth-challenge", |m| match m {
+        Message::AuthChallenge { nonce } => Ok(nonce),
+        m => Err(m),
+    })
+    .await?;
     let n_a = nonce();
     write_message(&mut send, &Message::AuthChallenge { nonce: n_a }).await?;
-    let mac_d = match expect_message(&mut recv, max).await? {
-        Message::AuthProof { mac } => mac,
-        other => return Err(unexpected("auth-proof", other)),
-    };
+    let mac_d = expect(&mut recv, max, "auth-proof", |m| match m {
+        Message::AuthProof { mac } => Ok(mac),
+        m => Err(m),
+    })
+    .await?;
     verify(
         secret,
         Role::Dialer,

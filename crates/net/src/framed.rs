@@ -53,3 +53,18 @@ pub async fn expect_message(recv: &mut RecvStream, max: usize) -> Result<Message
         got: "end of stream".into(),
     })
 }
+
+/// Reads one message and hands it to `pick`, which returns the part wanted
+/// or gives the message back; anything else (another message, the end of
+/// the stream) is an error naming what was `expected`.
+pub async fn expect<T>(
+    recv: &mut RecvStream,
+    max: usize,
+    expected: &'static str,
+    pick: impl FnOnce(Message) -> Result<T, Message>,
+) -> Result<T, NetError> {
+    pick(expect_message(recv, max).await?).map_err(|other| NetError::Unexpected {
+        expected,
+        got: other.name().to_string(),
+    })
+}
