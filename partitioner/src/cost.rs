@@ -74,19 +74,16 @@ impl<'a> Ctx<'a> {
             }
             for (a, row) in m.iter().enumerate() {
                 for (b, &v) in row.iter().enumerate() {
-                    if a != b {
-                        check(format!("{name}[{a}][{b}]"), v)?;
+                    if a == b {
+                        continue;
                     }
-                }
-            }
-        }
-        for (a, row) in links.bandwidth.iter().enumerate() {
-            for (b, &v) in row.iter().enumerate() {
-                if a != b && v <= 0.0 {
-                    return Err(PlanError::BadMeasurement {
-                        what: format!("bandwidth[{a}][{b}]"),
-                        value: v,
-                    });
+                    check(format!("{name}[{a}][{b}]"), v)?;
+                    if name == "bandwidth" && v == 0.0 {
+                        return Err(PlanError::BadMeasurement {
+                            what: format!("{name}[{a}][{b}]"),
+                            value: v,
+                        });
+                    }
                 }
             }
         }
@@ -162,6 +159,11 @@ impl<'a> Ctx<'a> {
                 t.train_s_per_token * f64::from(micro_batch_tokens) * r
             }
         }
+    }
+
+    /// One average decoder layer on device `d`, without embedding or head.
+    pub fn one_layer(&self, d: usize) -> f64 {
+        self.phase(self.devices[d].layer)
     }
 
     /// `t_k` of layers `r` on device `d` (with embed/head when at the ends).

@@ -399,7 +399,7 @@ pub(crate) fn explain(ctx: &Ctx<'_>, plan: &Plan) -> Vec<String> {
         } else {
             format!(
                 "adding it would not lower the step time (one layer: {:.2} ms here)",
-                ctx.compute(d, &(1..2.min(ctx.layers()))) * 1e3
+                ctx.one_layer(d) * 1e3
             )
         };
         out.push(format!("{} left out: {reason}", dev.name));
