@@ -133,7 +133,7 @@ pub fn up(args: UpArgs) -> Result<()> {
                         println!(
                             "+ {} ({}) joined from {}",
                             m.name,
-                            &m.node_id[..8],
+                            short(&m.node_id),
                             m.address
                         )
                     }
@@ -231,6 +231,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// The first 8 characters of an id (from a node's JSON: any text, so never
+/// sliced by bytes).
+fn short(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
 fn render(v: &ClusterView) -> String {
     let leader = v
         .members
@@ -241,18 +247,14 @@ fn render(v: &ClusterView) -> String {
         "cluster {} · {} member(s) · leader {}{leader}\n",
         v.cluster_id,
         v.members.len(),
-        &v.leader[..8.min(v.leader.len())]
+        short(&v.leader)
     );
     let rows: Vec<[String; 6]> = v
         .members
         .iter()
         .map(|m| {
             [
-                format!(
-                    "{}{}",
-                    if m.leader { "*" } else { " " },
-                    &m.node_id[..8.min(m.node_id.len())]
-                ),
+                format!("{}{}", if m.leader { "*" } else { " " }, short(&m.node_id)),
                 m.name.clone(),
                 m.address.clone(),
                 match m.state {
@@ -286,4 +288,33 @@ fn render(v: &ClusterView) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_runtime::MemberView;
+
+    #[test]
+    fn render_takes_any_text_from_the_server() {
+        let odd = "é".repeat(9);
+        let v = ClusterView {
+            node_id: odd.clone(),
+            name: "x".into(),
+            cluster_id: "c".into(),
+            leader: "ab".into(),
+            members: vec![MemberView {
+                node_id: odd,
+                name: "n".into(),
+                address: "a".into(),
+                state: MemberState::Alive,
+                version: 1,
+                last_heartbeat_age_ms: 1200,
+                rtt_ms: Some(0.5),
+                leader: true,
+            }],
+        };
+        let out = render(&v);
+        assert!(out.contains("*éééééééé") && out.contains("1.2s ago"), "{out}");
+    }
 }
