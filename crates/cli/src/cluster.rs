@@ -315,6 +315,9 @@ mod tests {
             }],
         };
         let out = render(&v);
-        assert!(out.contains("*éééééééé") && out.contains("1.2s ago"), "{out}");
+        assert!(
+            out.contains("*éééééééé") && out.contains("1.2s ago"),
+            "{out}"
+        );
     }
 }
