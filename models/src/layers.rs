@@ -258,7 +258,16 @@ impl Attention {
             }
             // [l, h, d] -> [h, l, d]
             let qs = q.narrow(0, span.offset, l)?.transpose(0, 1)?.contiguous()?;
-            let (kall, vall) = cache.tensors(layer, t, self.kv_heads, self.head_dim)?;
+            let (kall, vall) = if span.start_pos == 0 && !self.fused {
+                // Nothing cached before: attend over this batch's own keys
+                // and values, so gradients reach the K and V projections.
+                let own = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.narrow(0, span.offset, l)?.transpose(0, 1)?.contiguous()?)
+                };
+                (own(&k)?, own(&v)?)
+            } else {
+                cache.tensors(layer, t, self.kv_heads, self.head_dim)?
+            };
             // Heads h*groups..(h+1)*groups share KV head h: fold them into rows.
             let qg = (qs.reshape((self.kv_heads, groups * l, self.head_dim))? * scale)?;
             let scores = qg.matmul(&kall.t()?)?; // [kvh, g*l, t]

@@ -26,4 +26,4 @@ pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};
 pub use stage::{Logits, Precision, Stage, StageInput, StageSpec};
 pub use tokenizer::Tokenizer;
-pub use weights::{TensorId, WeightFile};
+pub use weights::{TensorId, TensorLayout, WeightFile};

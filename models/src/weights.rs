@@ -195,6 +195,49 @@ impl WeightFile {
         }
     }
 
+    /// Bytes `id` takes as stored (quantized size for GGUF), if present.
+    pub fn stored_bytes(&self, id: TensorId) -> Option<u64> {
+        match &self.kind {
+            Kind::Gguf { content, .. } => {
+                let info = content.tensor_infos.get(&id.gguf_name())?;
+                Some(gguf_bytes(info))
+            }
+            Kind::Safetensors { tensors } => tensors
+                .get(&id.hf_name())
+                .ok()
+                .map(|v| v.data().len() as u64),
+        }
+    }
+
+    /// Every tensor in the file (name, stored type, shape, bytes), sorted by
+    /// name: what identifies the model's content without hashing its data.
+    pub fn tensor_layout(&self) -> Vec<TensorLayout> {
+        let mut out: Vec<TensorLayout> = match &self.kind {
+            Kind::Gguf { content, .. } => content
+                .tensor_infos
+                .iter()
+                .map(|(name, info)| TensorLayout {
+                    name: name.clone(),
+                    dtype: format!("{:?}", info.ggml_dtype),
+                    shape: info.shape.dims().to_vec(),
+                    bytes: gguf_bytes(info),
+                })
+                .collect(),
+            Kind::Safetensors { tensors } => tensors
+                .tensors()
+                .into_iter()
+                .map(|(name, v)| TensorLayout {
+                    name,
+                    dtype: format!("{:?}", v.dtype()),
+                    shape: v.shape().to_vec(),
+                    bytes: v.data().len() as u64,
+                })
+                .collect(),
+        };
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     fn open_gguf(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ModelError::NotFound {
@@ -366,6 +409,20 @@ impl WeightFile {
         let mut file = File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
         Ok(content.tensor(&mut file, &name, &Device::Cpu)?)
     }
+}
+
+/// One tensor as a file stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorLayout {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+}
+
+fn gguf_bytes(info: &gguf_file::TensorInfo) -> u64 {
+    let elems = info.shape.elem_count() as u64;
+    elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64
 }
 
 /// Undo llama.cpp's Q/K permutation on a dense tensor ([out, in] or [out]).

@@ -92,6 +92,10 @@ impl<'a> Ctx<'a> {
                 check(format!("{} {part} decode", d.name), t.decode_s)?;
                 check(format!("{} {part} prefill", d.name), t.prefill_s_per_token)?;
                 check(format!("{} {part} train", d.name), t.train_s_per_token)?;
+                check(
+                    format!("{} {part} train forward", d.name),
+                    t.train_forward_s_per_token,
+                )?;
             }
         }
         match workload {
@@ -151,12 +155,25 @@ impl<'a> Ctx<'a> {
             Workload::Train {
                 micro_batch_tokens,
                 recompute,
+                method,
                 ..
             } => {
-                // Recomputation runs the forward (about a third of
-                // forward + backward) a second time.
-                let r = if recompute { 4.0 / 3.0 } else { 1.0 };
-                t.train_s_per_token * f64::from(micro_batch_tokens) * r
+                let fwd = if t.train_forward_s_per_token > 0.0 {
+                    t.train_forward_s_per_token
+                } else {
+                    t.train_s_per_token / 3.0
+                };
+                let mut per_token = t.train_s_per_token;
+                // Recomputation runs the forward a second time.
+                if recompute {
+                    per_token += fwd;
+                }
+                // Weight gradients: one more matrix product per weight,
+                // as many FLOPs as the forward.
+                if method == Method::Full {
+                    per_token += fwd;
+                }
+                per_token * f64::from(micro_batch_tokens)
             }
         }
     }

@@ -64,7 +64,13 @@ pub struct PhaseTimes {
     pub decode_s: f64,
     /// Prefill, per token (measured on a long prompt).
     pub prefill_s_per_token: f64,
-    /// Training forward + backward, per token.
+    /// Training forward pass alone, per token (what recomputation repeats;
+    /// the weight gradients of full fine-tuning cost about as much again).
+    /// 0 when unknown: a third of `train_s_per_token` is assumed.
+    #[serde(default)]
+    pub train_forward_s_per_token: f64,
+    /// Training forward + backward to the stage input (frozen weights, as
+    /// under LoRA), per token.
     pub train_s_per_token: f64,
 }
 

@@ -33,6 +33,7 @@ fn device(name: &str, layer_ms: f64, memory: u64) -> DeviceProfile {
     let t = |x: f64| PhaseTimes {
         decode_s: x / 1e3,
         prefill_s_per_token: x / 1e3 / 20.0,
+        train_forward_s_per_token: x / 1e3 / 15.0,
         train_s_per_token: x / 1e3 / 5.0,
     };
     DeviceProfile {

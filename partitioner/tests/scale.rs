@@ -35,6 +35,7 @@ fn plans_six_devices_quickly() {
                     layer: PhaseTimes {
                         decode_s: t,
                         prefill_s_per_token: t / 10.0,
+                        train_forward_s_per_token: t / 3.0,
                         train_s_per_token: t,
                     },
                     embed: PhaseTimes::default(),

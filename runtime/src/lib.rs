@@ -1,11 +1,13 @@
-//! A Hearth node. Today: the cluster fabric's membership: which
-//! authenticated peers are alive (by QUIC heartbeats), join/leave events,
-//! and a deterministic leader. Later: profiler, stage actors, scheduler,
-//! training engine.
+//! A Hearth node. Today: the cluster fabric's membership (which
+//! authenticated peers are alive, by QUIC heartbeats; join/leave events; a
+//! deterministic leader) and the device profiler (hardware, measured model
+//! times, measured links, shared between members). Later: stage actors,
+//! scheduler, training engine.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod membership;
 mod node;
+pub mod profile;
 mod view;
 
 pub use membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MembershipEvent};
@@ -21,4 +23,8 @@ pub enum RuntimeError {
     Discovery(#[from] hearth_discovery::DiscoveryError),
     #[error("the node has stopped")]
     Stopped,
+    #[error("this node serves no model yet (it is still being fetched or measured)")]
+    NoModel,
+    #[error("invalid request: {0}")]
+    BadRequest(String),
 }

@@ -590,6 +590,7 @@ impl Actor {
             members: std::iter::once(local)
                 .chain(ids.into_iter().filter_map(|id| self.member_view(id)))
                 .collect(),
+            profiles: None,
         }
     }
 }

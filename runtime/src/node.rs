@@ -11,6 +11,10 @@ use hearth_proto::{PROTOCOL_VERSION, stream_kind};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::membership::{self, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Membership, MembershipEvent};
+use crate::profile::{
+    ClusterProfiles, ModelInfo, NodeProfile, PROBE_PERIOD, PlanReport, PlanRequest, ProfileBook,
+    plan_report, planner_input,
+};
 use crate::{ClusterView, RuntimeError};
 
 /// How to start a node.
@@ -23,6 +27,11 @@ pub struct NodeConfig {
     pub discoveries: Vec<Box<dyn Discovery>>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// The model this node serves with this device's measured times (see
+    /// [`ModelInfo::measure`]); may also be set later with [`Node::set_model`].
+    pub model: Option<ModelInfo>,
+    /// How often links to members are measured again.
+    pub probe_period: Duration,
 }
 
 impl NodeConfig {
@@ -36,6 +45,8 @@ impl NodeConfig {
             discoveries: Vec::new(),
             heartbeat_interval: HEARTBEAT_INTERVAL,
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
+            model: None,
+            probe_period: PROBE_PERIOD,
         }
     }
 }
@@ -45,6 +56,7 @@ impl NodeConfig {
 pub struct Node {
     endpoint: Endpoint,
     membership: Membership,
+    profiles: ProfileBook,
     discoveries: Arc<Vec<Box<dyn Discovery>>>,
 }
 
@@ -67,11 +79,16 @@ impl Node {
                 name: cfg.name.clone(),
                 bind: cfg.quic,
             },
-            &[stream_kind::MEMBERSHIP],
+            &[
+                stream_kind::MEMBERSHIP,
+                stream_kind::PROFILE,
+                stream_kind::PROBE,
+            ],
         )?;
-        let membership_streams = streams
-            .remove(&stream_kind::MEMBERSHIP)
-            .ok_or(RuntimeError::Stopped)?;
+        let mut take = |kind| streams.remove(&kind).ok_or(RuntimeError::Stopped);
+        let membership_streams = take(stream_kind::MEMBERSHIP)?;
+        let profile_streams = take(stream_kind::PROFILE)?;
+        let probe_streams = take(stream_kind::PROBE)?;
         let (dtx, drx) = mpsc::channel(256);
         let membership = membership::spawn(
             endpoint.clone(),
@@ -80,6 +97,17 @@ impl Node {
             membership_streams,
             (cfg.heartbeat_interval, cfg.heartbeat_timeout),
         );
+        let profiles = ProfileBook::spawn(
+            endpoint.clone(),
+            NodeProfile::new(endpoint.id().to_string(), &cfg.name, None),
+            profile_streams,
+            probe_streams,
+            membership.events(),
+            cfg.probe_period,
+        );
+        if let Some(info) = cfg.model {
+            profiles.set_model(info);
+        }
         let me = Announcement {
             node_id: endpoint.id(),
             name: cfg.name,
@@ -93,6 +121,7 @@ impl Node {
         Ok(Self {
             endpoint,
             membership,
+            profiles,
             discoveries: Arc::new(cfg.discoveries),
         })
     }
@@ -105,9 +134,43 @@ impl Node {
         &self.endpoint
     }
 
-    /// The current view of the cluster.
+    /// The current view of the cluster, with the members' profiles.
     pub async fn view(&self) -> Result<ClusterView, RuntimeError> {
-        self.membership.view().await.ok_or(RuntimeError::Stopped)
+        let mut view = self.membership.view().await.ok_or(RuntimeError::Stopped)?;
+        view.profiles = Some(self.profiles(&view));
+        Ok(view)
+    }
+
+    /// The profiles of this node and of the members in `view`.
+    fn profiles(&self, view: &ClusterView) -> ClusterProfiles {
+        let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
+        self.profiles.snapshot(Some(&members))
+    }
+
+    /// Sets the model this node serves, with its measured times; members
+    /// see the times with their next profile refresh.
+    pub fn set_model(&self, info: ModelInfo) {
+        self.profiles.set_model(info);
+    }
+
+    /// Plans the model this node serves over the members that measured it.
+    pub async fn plan(&self, req: &PlanRequest) -> Result<PlanReport, RuntimeError> {
+        let info = self.profiles.model().ok_or(RuntimeError::NoModel)?;
+        let workload = req
+            .workload(&info.config)
+            .map_err(RuntimeError::BadRequest)?;
+        let view = self.view().await?;
+        let profiles = match view.profiles {
+            Some(p) => p,
+            None => self.profiles(&view),
+        };
+        let input = planner_input(&profiles, &info.times.fingerprint);
+        Ok(plan_report(&info.cost, input, workload))
+    }
+
+    /// This node's own profile (hardware, model times, measured links).
+    pub fn profile(&self) -> Option<NodeProfile> {
+        self.profiles.own()
     }
 
     /// Membership events from now on.
@@ -121,6 +184,7 @@ impl Node {
         for d in self.discoveries.iter() {
             d.stop();
         }
+        self.profiles.stop();
         self.membership.stop().await;
         self.endpoint.shutdown().await;
     }

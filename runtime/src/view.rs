@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::profile::ClusterProfiles;
+
 /// A member's state in the view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,4 +45,8 @@ pub struct ClusterView {
     pub leader: String,
     /// This node first, then the peers by node id.
     pub members: Vec<MemberView>,
+    /// Device profiles (hardware, measured model times, links) of this
+    /// node and the members it has received them from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profiles: Option<ClusterProfiles>,
 }

@@ -216,3 +216,149 @@ async fn malformed_membership_streams_do_not_hurt_a_node() -> Result<()> {
     rogue.shutdown().await;
     Ok(())
 }
+
+/// Every node learns every member's profile (hardware, measured model
+/// times) and links measured over QUIC, and plans from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_and_links_are_shared_and_planned_from() -> Result<()> {
+    use hearth_runtime::profile::{
+        MeasureOptions, ModelInfo, PlanRequest, model_cost, profile_model_with,
+    };
+    let dir = tempfile::tempdir()?;
+    let tiny = hearth_test_utils::tiny_model(dir.path(), Default::default())?;
+    let weights = hearth_models::WeightFile::open(&tiny.gguf_q8_0)?;
+    let (times, _) = profile_model_with(
+        &weights,
+        &dir.path().join("profiles"),
+        &MeasureOptions::quick(),
+        false,
+        &mut |_| {},
+    )?;
+    let info = ModelInfo {
+        times,
+        cost: model_cost(&weights),
+        config: weights.config().clone(),
+    };
+    let net = MemoryNetwork::new();
+    let secret = ClusterSecret::generate();
+    let nodes: Vec<TestNode> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let info = info.clone();
+            TestNode::start_with(n, &secret, mem(&net), move |cfg| cfg.model = Some(info))
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let took = wait_for_views(&refs, Duration::from_secs(20), |v| {
+        v.members.len() == 3
+            && v.profiles
+                .as_ref()
+                .is_some_and(|p| p.nodes.len() == 3 && p.nodes.iter().all(|n| n.links.len() == 2))
+    })
+    .await?;
+    println!("profiles and links of 3 nodes known everywhere after {took:?}");
+    for n in &nodes {
+        let v = n.view().await?;
+        let profiles = v.profiles.unwrap();
+        assert_eq!(profiles.nodes[0].node_id, n.node.id().to_string());
+        for p in &profiles.nodes {
+            assert_eq!(p.model.as_ref(), Some(&info.times));
+            assert!(p.hardware.total_memory > 0);
+            for l in p.links.iter().filter(|_| n.name == "a") {
+                println!(
+                    "  {} -> {}: rtt {:.3} ms, {:.0} Mbit/s",
+                    p.name,
+                    &l.peer[..8],
+                    l.rtt_ms,
+                    l.bandwidth_bytes_per_s * 8.0 / 1e6
+                );
+                assert!(l.bandwidth_bytes_per_s > 1e6, "{l:?}");
+            }
+        }
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            n.node.plan(&PlanRequest::default()),
+        )
+        .await??;
+        assert_eq!(report.input.devices.len(), 3);
+        assert!(report.input.unmeasured_links.is_empty());
+        assert!(report.plan.is_some(), "{:?}", report.error);
+    }
+    // A member that leaves takes its profile with it.
+    let mut nodes = nodes;
+    let c = nodes.pop().unwrap();
+    let c_id = c.node.id().to_string();
+    c.shutdown();
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    wait_for_views(&refs, Duration::from_secs(10), |v| {
+        v.profiles
+            .as_ref()
+            .is_some_and(|p| p.nodes.iter().all(|n| n.node_id != c_id))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Nonsense on profile and probe streams breaks only that stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_probe_and_profile_streams_do_not_hurt_a_node() -> Result<()> {
+    use hearth_net::framed::read_message;
+    use hearth_net::{Endpoint, EndpointConfig, Identity};
+    use hearth_proto::{Message, limits, stream_kind};
+    use hearth_runtime::profile::{NodeProfile, PROBE_BYTES, measure_link};
+
+    let secret = ClusterSecret::generate();
+    let a = TestNode::start("a", &secret, vec![])?;
+    let (rogue, _rx) = Endpoint::bind(
+        EndpointConfig {
+            identity: Identity::generate()?,
+            secret: secret.clone(),
+            name: "rogue".into(),
+            bind: "127.0.0.1:0".parse()?,
+        },
+        &[],
+    )?;
+    let conn = rogue.connect(a.node.endpoint().local_addr()?).await?;
+    let payloads: Vec<Vec<u8>> = vec![
+        vec![0xff; 64],
+        (u32::MAX).to_le_bytes().to_vec(),
+        hearth_proto::encode_frame(&Message::Heartbeat { seq: 1 })?,
+        // A probe claiming more bytes than it carries.
+        vec![9, 0, 0, 0, 0x0B, 0xff, 0xff, 0, 0, 1, 2, 3, 4],
+    ];
+    for p in &payloads {
+        let (mut s, mut r) = conn.open(stream_kind::PROBE).await?;
+        s.write_all(p).await?;
+        let _ = s.finish();
+        // The node answers nothing valid to it and does not hang on it.
+        let got = tokio::time::timeout(
+            Duration::from_secs(12),
+            read_message(&mut r, limits::MAX_CONTROL_FRAME),
+        )
+        .await?;
+        assert!(
+            !matches!(got, Ok(Some(Message::ProbeAck { .. }))),
+            "{got:?}"
+        );
+    }
+    // Whatever a client sends on a profile stream, it gets the profile.
+    let (mut s, mut r) = conn.open(stream_kind::PROFILE).await?;
+    s.write_all(&[0xff; 32]).await?;
+    let _ = s.finish();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_message(&mut r, limits::MAX_CONTROL_FRAME),
+    )
+    .await??;
+    let Some(Message::Profile(doc)) = got else {
+        panic!("expected a profile, got {got:?}");
+    };
+    let p = NodeProfile::from_json(&doc)?;
+    assert_eq!(p.node_id, a.node.id().to_string());
+    // The node still measures and is measured.
+    let (rtt, bw) = measure_link(&conn, PROBE_BYTES).await?;
+    println!("loopback link: rtt {rtt:?}, {:.0} Mbit/s", bw * 8.0 / 1e6);
+    assert!(bw > 1e6);
+    rogue.shutdown().await;
+    Ok(())
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hearth_runtime::ClusterView;
+use hearth_runtime::profile::PlanReport;
 use hearth_test_utils::netns::ChildGuard;
 use hearth_test_utils::{free_port, hearth_binary};
 
@@ -128,6 +129,13 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
         "{text}"
     );
 
+    // Each node measured the model (one at a time, then from the cache),
+    // the nodes probed their links and swapped profiles: `hearth plan`
+    // plans from those measured numbers.
+    if hearth_test_utils::real_model().is_some() {
+        plan_from_measured_profiles(&bin, &http)?;
+    }
+
     // SIGKILL n2: the others drop it by heartbeat timeout.
     let killed = Instant::now();
     drop(rest.pop());
@@ -157,5 +165,82 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
     let t = wait_members(http[1], 1, Duration::from_secs(5))?;
     println!("graceful exit seen by n1 after {:?}", left.elapsed());
     assert!(t < Duration::from_secs(2), "{t:?}");
+    Ok(())
+}
+
+fn plan_json(bin: &Path, http: u16, extra: &[&str]) -> Result<PlanReport> {
+    let out = Command::new(bin)
+        .args(["plan", "--json", "--http", &format!("127.0.0.1:{http}")])
+        .args(extra)
+        .output()?;
+    if !out.status.success() {
+        bail!("plan failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn plan_from_measured_profiles(bin: &Path, http: &[u16]) -> Result<()> {
+    let start = Instant::now();
+    let report = loop {
+        match plan_json(bin, http[1], &[]) {
+            Ok(r) if r.input.devices.len() == 3 && r.input.unmeasured_links.is_empty() => break r,
+            other => {
+                if start.elapsed() > Duration::from_secs(90) {
+                    bail!("no plan over 3 measured devices after 90 s: {other:?}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("plan over 3 measured devices after {:?}", start.elapsed());
+    // The devices carry the times the nodes measured and published.
+    let view = status(http[1])?;
+    let profiles = view.profiles.context("no profiles in the view")?;
+    assert_eq!(profiles.nodes.len(), 3);
+    for (id, dev) in report.input.node_ids.iter().zip(&report.input.devices) {
+        let p = profiles
+            .nodes
+            .iter()
+            .find(|p| &p.node_id == id)
+            .context("device without a profile")?;
+        let times = p.model.as_ref().context("profile without model times")?;
+        assert_eq!(dev.layer, times.layer);
+        assert_eq!(dev.head, times.head);
+        assert!(times.layer.decode_s > 0.0);
+        assert!(dev.memory_budget > 0);
+        // Links were measured over QUIC to both other nodes.
+        assert_eq!(p.links.len(), 2, "{:?}", p.links);
+        for l in &p.links {
+            assert!(l.bandwidth_bytes_per_s > 1e6 && l.rtt_ms >= 0.0, "{l:?}");
+        }
+    }
+    let plan = report.plan.context("no plan")?;
+    assert!(plan.step_s > 0.0 && plan.tokens_per_s > 0.0);
+    assert_eq!(plan.stages.first().map(|s| s.layers.start), Some(0));
+    assert_eq!(plan.stages.last().map(|s| s.layers.end), Some(30));
+    assert_eq!(report.alternatives.len(), 4);
+    // Every alternative is at best as fast as the plan.
+    for a in &report.alternatives {
+        if let Some(p) = &a.plan {
+            assert!(p.step_s >= plan.step_s * (1.0 - 1e-9), "{}: {p:?}", a.name);
+        }
+    }
+    // Training and throughput plans too, and the human-readable form.
+    let train = plan_json(
+        bin,
+        http[0],
+        &["--workload", "training", "--micro-batches", "6"],
+    )?;
+    assert!(train.plan.is_some(), "{:?}", train.error);
+    let out = Command::new(bin)
+        .args(["plan", "--http", &format!("127.0.0.1:{}", http[2])])
+        .args(["--sequences", "8"])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    println!("{text}");
+    assert!(
+        text.contains("predicted") && text.contains("even split") && text.contains("why:"),
+        "{text}"
+    );
     Ok(())
 }

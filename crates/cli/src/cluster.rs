@@ -55,11 +55,15 @@ pub struct UpArgs {
     /// Do not use mDNS (only --peer addresses and gossip).
     #[arg(long)]
     no_mdns: bool,
+    /// The model this node serves and measures itself on: a .gguf file, a
+    /// model directory, or the default model's name (fetched when missing).
+    #[arg(long)]
+    model: Option<String>,
     #[command(flatten)]
     home: HomeArg,
 }
 
-fn host_name() -> String {
+pub fn host_name() -> String {
     sysinfo::System::host_name()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "hearth".into())
@@ -126,6 +130,28 @@ pub fn up(args: UpArgs) -> Result<()> {
         let server = tokio::spawn(listener.serve(hearth_server::router(node.clone()), async {
             let _ = stop_rx.await;
         }));
+        // Fetch and measure the model in the background: the node is a
+        // member at once, and offers its times when they are known.
+        let profiler = {
+            let node = node.clone();
+            let model = args.model.clone();
+            tokio::task::spawn_blocking(move || {
+                match crate::profile::measure_model(model.as_deref(), false) {
+                    Ok((info, cached)) => {
+                        let t = &info.times;
+                        println!(
+                            "  model      {} ({} layers): {:.3} ms per layer per decoded token{}",
+                            t.model,
+                            info.cost.layers.len(),
+                            t.layer.decode_s * 1e3,
+                            if cached { " (cached profile)" } else { "" }
+                        );
+                        node.set_model(info);
+                    }
+                    Err(e) => eprintln!("warning: no model profile: {e:#}"),
+                }
+            })
+        };
         let printer = tokio::spawn(async move {
             loop {
                 match events.recv().await {
@@ -158,6 +184,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         let _ = stop_tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
         printer.abort();
+        drop(profiler);
         anyhow::Ok(())
     })
 }
@@ -204,13 +231,19 @@ pub struct StatusArgs {
     json: bool,
 }
 
-pub fn status(args: StatusArgs) -> Result<()> {
-    let base = if args.http.starts_with("http://") || args.http.starts_with("https://") {
-        args.http.clone()
+/// `ADDR` or a URL as the base URL of a node's HTTP API.
+pub fn base_url(http: &str) -> String {
+    let base = if http.starts_with("http://") || http.starts_with("https://") {
+        http.to_string()
     } else {
-        format!("http://{}", args.http)
+        format!("http://{http}")
     };
-    let url = format!("{}/api/cluster", base.trim_end_matches('/'));
+    base.trim_end_matches('/').to_string()
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let base = base_url(&args.http);
+    let url = format!("{base}/api/cluster");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
@@ -313,6 +346,7 @@ mod tests {
                 rtt_ms: Some(0.5),
                 leader: true,
             }],
+            profiles: None,
         };
         let out = render(&v);
         assert!(

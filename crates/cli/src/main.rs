@@ -4,6 +4,8 @@
 mod cluster;
 mod generate;
 mod models;
+mod plan;
+mod profile;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,6 +34,10 @@ enum Command {
     Token(cluster::TokenArgs),
     /// Show a running node's view of the cluster.
     Status(cluster::StatusArgs),
+    /// Show this device's hardware and its measured speed on the model.
+    Profile(profile::Args),
+    /// Show how the model is split across the cluster, and why.
+    Plan(plan::Args),
 }
 
 fn main() {
@@ -57,6 +63,8 @@ fn main() {
         Command::Up(args) => cluster::up(args),
         Command::Token(args) => cluster::token(args),
         Command::Status(args) => cluster::status(args),
+        Command::Profile(args) => profile::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes (some carry a backtrace after

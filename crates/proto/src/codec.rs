@@ -8,7 +8,8 @@ const PREFIX: usize = 4;
 
 /// The limit that applies to a frame with this tag.
 fn limit_for(tag: u8) -> usize {
-    if tag == crate::message::TAG_TENSOR {
+    use crate::message::{TAG_PROBE_DATA, TAG_TENSOR};
+    if tag == TAG_TENSOR || tag == TAG_PROBE_DATA {
         limits::MAX_FRAME
     } else {
         limits::MAX_CONTROL_FRAME

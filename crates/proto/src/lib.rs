@@ -36,6 +36,11 @@ pub mod limits {
     pub const MAX_DIMS: usize = 8;
     /// Most entries in a `Peers` message (a home cluster is far smaller).
     pub const MAX_PEERS: usize = 256;
+    /// Largest profile document (a device's hardware, times and links; a
+    /// few kilobytes for a home cluster).
+    pub const MAX_PROFILE: usize = 48 * 1024;
+    /// Largest bandwidth-probe payload.
+    pub const MAX_PROBE: usize = 16 * 1024 * 1024;
 }
 
 /// What a stream is for, sent as [`Message::Open`] when it is opened; the
@@ -45,6 +50,10 @@ pub mod stream_kind {
     pub const MEMBERSHIP: u16 = 1;
     /// Echo of tensor frames, for transport benchmarks and tests.
     pub const ECHO: u16 = 2;
+    /// Fetch a member's device profile (`Profile` in reply).
+    pub const PROFILE: u16 = 3;
+    /// Bandwidth probe: `ProbeData` in, `ProbeAck` out.
+    pub const PROBE: u16 = 4;
 }
 
 /// Codes in [`Refusal`]: why a peer was turned away.

@@ -14,6 +14,9 @@ pub(crate) const TAG_HEARTBEAT: u8 = 0x06;
 pub(crate) const TAG_HEARTBEAT_ACK: u8 = 0x07;
 pub(crate) const TAG_OPEN: u8 = 0x08;
 pub(crate) const TAG_PEERS: u8 = 0x09;
+pub(crate) const TAG_PROFILE: u8 = 0x0A;
+pub(crate) const TAG_PROBE_DATA: u8 = 0x0B;
+pub(crate) const TAG_PROBE_ACK: u8 = 0x0C;
 pub(crate) const TAG_TENSOR: u8 = 0x10;
 
 /// First message on a connection, in both directions.
@@ -69,6 +72,16 @@ pub enum Message {
     /// The live members the sender knows, so a node that was given one
     /// peer learns the rest (at most [`limits::MAX_PEERS`]).
     Peers(Vec<PeerAddr>),
+    /// A node's device profile (hardware, measured layer times, links) as a
+    /// versioned JSON document, at most [`limits::MAX_PROFILE`] bytes; the
+    /// runtime owns its schema.
+    Profile(Vec<u8>),
+    /// Filler bytes for a bandwidth probe (at most [`limits::MAX_PROBE`]).
+    ProbeData(Vec<u8>),
+    /// The probe's receiver got `bytes` bytes.
+    ProbeAck {
+        bytes: u64,
+    },
     Tensor(TensorFrame),
 }
 
@@ -85,6 +98,9 @@ impl Message {
             Self::HeartbeatAck { .. } => "heartbeat-ack",
             Self::Open { .. } => "open",
             Self::Peers(_) => "peers",
+            Self::Profile(_) => "profile",
+            Self::ProbeData(_) => "probe-data",
+            Self::ProbeAck { .. } => "probe-ack",
             Self::Tensor(_) => "tensor",
         }
     }
@@ -138,6 +154,18 @@ impl Message {
                     put_addr(out, &p.addr);
                 }
                 TAG_PEERS
+            }
+            Self::Profile(doc) => {
+                put_blob(out, "profile", doc, limits::MAX_PROFILE)?;
+                TAG_PROFILE
+            }
+            Self::ProbeData(data) => {
+                put_blob(out, "probe-data", data, limits::MAX_PROBE)?;
+                TAG_PROBE_DATA
+            }
+            Self::ProbeAck { bytes } => {
+                out.extend_from_slice(&bytes.to_le_bytes());
+                TAG_PROBE_ACK
             }
             Self::Tensor(t) => {
                 t.encode(out)?;
@@ -193,6 +221,11 @@ impl Message {
                 }
                 Self::Peers(peers)
             }
+            TAG_PROFILE => Self::Profile(r.blob("profile", limits::MAX_PROFILE)?),
+            TAG_PROBE_DATA => Self::ProbeData(r.blob("probe-data", limits::MAX_PROBE)?),
+            TAG_PROBE_ACK => Self::ProbeAck {
+                bytes: r.u64("probe-ack")?,
+            },
             TAG_TENSOR => Self::Tensor(TensorFrame::decode(&mut r)?),
             other => return Err(ProtoError::UnknownTag(other)),
         };
@@ -211,6 +244,24 @@ fn put_string(out: &mut Vec<u8>, what: &'static str, s: &str) -> Result<(), Prot
     }
     out.extend_from_slice(&(s.len() as u16).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// A byte string as `[u32 LE length][bytes]`, at most `max` bytes.
+fn put_blob(
+    out: &mut Vec<u8>,
+    what: &'static str,
+    bytes: &[u8],
+    max: usize,
+) -> Result<(), ProtoError> {
+    if bytes.len() > max {
+        return Err(ProtoError::InvalidField {
+            what,
+            detail: format!("{} bytes, at most {max}", bytes.len()),
+        });
+    }
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
     Ok(())
 }
 
@@ -291,6 +342,17 @@ impl<'a> Reader<'a> {
             }
         };
         Ok(SocketAddr::new(ip, self.u16(what)?))
+    }
+
+    fn blob(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, ProtoError> {
+        let len = self.u32(what)? as usize;
+        if len > max {
+            return Err(ProtoError::InvalidField {
+                what,
+                detail: format!("{len} bytes, at most {max}"),
+            });
+        }
+        Ok(self.take(what, len)?.to_vec())
     }
 
     fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {

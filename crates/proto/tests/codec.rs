@@ -63,6 +63,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 )
             }
         ),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Profile),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::ProbeData),
+        any::<u64>().prop_map(|bytes| Message::ProbeAck { bytes }),
         arb_tensor().prop_map(Message::Tensor),
     ]
 }
@@ -154,6 +157,12 @@ fn fixed_byte_snapshots() {
     want.extend([7; 32]);
     want.extend([4, 10, 0, 0, 2, 0x58, 0x1B]);
     assert_eq!(peers, want);
+    let profile = encode_frame(&Message::Profile(b"{}".to_vec())).unwrap();
+    assert_eq!(profile, [7, 0, 0, 0, 0x0A, 2, 0, 0, 0, b'{', b'}']);
+    let probe = encode_frame(&Message::ProbeData(vec![9; 3])).unwrap();
+    assert_eq!(probe, [8, 0, 0, 0, 0x0B, 3, 0, 0, 0, 9, 9, 9]);
+    let ack = encode_frame(&Message::ProbeAck { bytes: 3 }).unwrap();
+    assert_eq!(ack, [9, 0, 0, 0, 0x0C, 3, 0, 0, 0, 0, 0, 0, 0]);
 }
 
 #[test]
@@ -289,6 +298,27 @@ fn peers_are_bounded_and_checked() {
         decode_frame(&f),
         Err(ProtoError::InvalidField { .. })
     ));
+    // A profile over its limit is refused on send and, from its length
+    // field, on receive; a blob claiming more bytes than the frame holds is
+    // truncated, not read past the end.
+    let big = Message::Profile(vec![b' '; limits::MAX_PROFILE + 1]);
+    assert!(encode_frame(&big).is_err());
+    let claim = ((limits::MAX_PROFILE + 1) as u32).to_le_bytes();
+    let mut f = vec![5, 0, 0, 0, 0x0A];
+    f.extend(claim);
+    assert!(matches!(
+        decode_frame(&f),
+        Err(ProtoError::InvalidField { .. })
+    ));
+    assert!(matches!(
+        decode_frame(&[7, 0, 0, 0, 0x0A, 9, 0, 0, 0, b'{', b'}']),
+        Err(ProtoError::Truncated { .. })
+    ));
+    // Probe data may use the bulk limit, a profile may not.
+    let probe = Message::ProbeData(vec![0; limits::MAX_CONTROL_FRAME * 2]);
+    assert!(encode_frame(&probe).is_ok());
+    let too_big = Message::ProbeData(vec![0; limits::MAX_PROBE + 1]);
+    assert!(encode_frame(&too_big).is_err());
 }
 
 #[test]

@@ -1,17 +1,20 @@
 //! Hearth's HTTP server: the only crate that knows HTTP. Today it serves
-//! the cluster control API (`GET /api/cluster`, `GET /health`); the
-//! OpenAI-compatible API and the web UI come with issue #6.
+//! the cluster control API (`GET /api/cluster`, `GET /api/plan`,
+//! `GET /health`); the OpenAI-compatible API and the web UI come with
+//! issue #6.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use hearth_runtime::Node;
+use hearth_runtime::profile::PlanRequest;
+use hearth_runtime::{Node, RuntimeError};
 use serde_json::json;
 use tracing::info;
 
@@ -32,6 +35,7 @@ pub enum ServerError {
 pub fn router(node: Node) -> Router {
     Router::new()
         .route("/api/cluster", get(cluster))
+        .route("/api/plan", get(plan))
         .route("/health", get(health))
         .with_state(node)
 }
@@ -44,6 +48,53 @@ async fn cluster(State(node): State<Node>) -> Response {
             Json(json!({"error": {"message": "the node is not running", "type": "unavailable"}})),
         )
             .into_response(),
+    }
+}
+
+fn error(status: StatusCode, kind: &str, message: String) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind}})),
+    )
+        .into_response()
+}
+
+/// The plan for the model this node serves, over the members that
+/// measured it (query: the fields of [`PlanRequest`]).
+async fn plan(
+    State(node): State<Node>,
+    query: Result<Query<PlanRequest>, QueryRejection>,
+) -> Response {
+    let req = match query {
+        Ok(Query(req)) => req,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                e.body_text(),
+            );
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), node.plan(&req)).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(RuntimeError::BadRequest(m))) => {
+            error(StatusCode::BAD_REQUEST, "invalid_request_error", m)
+        }
+        Ok(Err(e @ RuntimeError::NoModel)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "planning timed out".into(),
+        ),
     }
 }
 

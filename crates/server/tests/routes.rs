@@ -3,6 +3,9 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use hearth_net::{ClusterSecret, Identity};
+use hearth_runtime::profile::{
+    MeasureOptions, ModelInfo, PlanReport, model_cost, profile_model_with,
+};
 use hearth_runtime::{ClusterView, MemberState, Node, NodeConfig};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -67,5 +70,78 @@ async fn health_and_unknown_routes() {
     assert_eq!(body, br#"{"status":"ok"}"#);
     let (status, _) = get(hearth_server::router(n.clone()), "/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn plan_needs_a_model_and_valid_parameters() {
+    let n = node().await;
+    let app = || hearth_server::router(n.clone());
+    // No model measured yet: unavailable, in the error shape.
+    let (status, body) = get(app(), "/api/plan").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("no model"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = hearth_test_utils::tiny_model(dir.path(), Default::default()).unwrap();
+    let weights = hearth_models::WeightFile::open(&tiny.gguf_q8_0).unwrap();
+    let (times, _) = profile_model_with(
+        &weights,
+        &dir.path().join("profiles"),
+        &MeasureOptions::quick(),
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
+    n.set_model(ModelInfo {
+        times,
+        cost: model_cost(&weights),
+        config: weights.config().clone(),
+    });
+    for query in [
+        "",
+        "?workload=inference&sequences=4&context=64",
+        "?workload=inference&prefill=100",
+        "?workload=training&micro_batches=3&schedule=gpipe&method=full&recompute=false",
+    ] {
+        let (status, body) = get(app(), &format!("/api/plan{query}")).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{query}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let r: PlanReport = serde_json::from_slice(&body).unwrap();
+        let plan = r.plan.unwrap();
+        assert_eq!(plan.stages.len(), 1);
+        assert_eq!(plan.stages[0].layers, 0..4);
+        assert!(plan.step_s > 0.0);
+        assert_eq!(r.alternatives.len(), 4);
+    }
+    // Bad parameters: 400 with a message, never a 500.
+    for query in [
+        "?sequences=abc",
+        "?workload=dance",
+        "?workload=training&schedule=zigzag",
+        "?workload=training&method=half",
+        "?workload=inference&sequences=0",
+        "?context=99999999999",
+    ] {
+        let (status, body) = get(app(), &format!("/api/plan{query}")).await;
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            status == StatusCode::BAD_REQUEST || status == StatusCode::OK,
+            "{query}: {status} {text}"
+        );
+        if status == StatusCode::OK {
+            // A workload the planner refuses is reported in the report.
+            let r: PlanReport = serde_json::from_slice(&body).unwrap();
+            assert!(r.plan.is_none() && r.error.is_some(), "{query}: {text}");
+        } else {
+            let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(e["error"]["message"].is_string(), "{query}: {text}");
+        }
+    }
     n.shutdown().await;
 }

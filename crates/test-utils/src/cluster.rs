@@ -26,9 +26,20 @@ impl TestNode {
         secret: &ClusterSecret,
         discoveries: Vec<Box<dyn Discovery>>,
     ) -> Result<Self> {
+        Self::start_with(name, secret, discoveries, |_| {})
+    }
+
+    /// [`TestNode::start`], with `configure` applied to the config last.
+    pub fn start_with(
+        name: &str,
+        secret: &ClusterSecret,
+        discoveries: Vec<Box<dyn Discovery>>,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> Result<Self> {
         let mut cfg = NodeConfig::new(name, Identity::generate()?, secret.clone());
         cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.discoveries = discoveries;
+        configure(&mut cfg);
         let (tx, rx) = std_mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<bool>();
         let thread = std::thread::Builder::new()

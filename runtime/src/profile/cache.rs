@@ -1,0 +1,193 @@
+//! The on-disk cache of measured model times, keyed by hardware and model:
+//! measuring takes seconds, and a device's speed does not change between
+//! runs. A cached entry of another format, or one that does not parse, is
+//! measured again.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hearth_models::WeightFile;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::{
+    Hardware, MeasureOptions, ModelTimes, PROFILE_FORMAT, ProfileError, measure, model_fingerprint,
+};
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    format: u32,
+    hardware: String,
+    times: ModelTimes,
+}
+
+fn cache_key(hardware: &str, fingerprint: &str, threads: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("{PROFILE_FORMAT}|{hardware}|{fingerprint}|{threads}").as_bytes());
+    h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn read_entry(path: &Path, hardware: &str) -> Option<ModelTimes> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice::<Entry>(&bytes) {
+        Ok(e) if e.format == PROFILE_FORMAT && e.hardware == hardware => Some(e.times),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "ignoring a damaged profile cache entry");
+            None
+        }
+    }
+}
+
+fn write_entry(path: &Path, entry: &Entry) -> Result<(), ProfileError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ProfileError::Io { path, source }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    // Write then rename, so a reader (another node on this machine) never
+    // sees half a file.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(entry)?).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+/// Longest a measurement may hold the lock before others take it over.
+const STALE_LOCK: Duration = Duration::from_secs(120);
+
+/// The right to measure: one process per machine measures a model at a
+/// time (nodes started together would otherwise measure side by side, each
+/// at a fraction of the CPU, and cache numbers that are too slow); the
+/// others wait and read its result.
+struct Turn(Option<PathBuf>);
+
+enum Waited {
+    Turn(Turn),
+    Done(ModelTimes),
+}
+
+impl Turn {
+    fn wait(lock: &Path, done: impl Fn() -> Option<ModelTimes>) -> Waited {
+        if let Some(dir) = lock.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let start = Instant::now();
+        loop {
+            match std::fs::File::create_new(lock) {
+                Ok(_) => return Waited::Turn(Turn(Some(lock.to_path_buf()))),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if let Some(times) = done() {
+                        return Waited::Done(times);
+                    }
+                    let age = std::fs::metadata(lock)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok());
+                    if age.is_some_and(|a| a > STALE_LOCK) || start.elapsed() > STALE_LOCK {
+                        warn!(lock = %lock.display(), "taking over a stale profiling lock");
+                        let _ = std::fs::remove_file(lock);
+                        continue;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                // No lock possible (read-only cache): measure anyway.
+                Err(_) => return Waited::Turn(Turn(None)),
+            }
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The default cache directory: `$HEARTH_HOME/profiles`.
+fn default_dir() -> PathBuf {
+    hearth_models::store::hearth_home().join("profiles")
+}
+
+/// Times of `weights` on this device: from the cache in
+/// `$HEARTH_HOME/profiles` unless `fresh`, else measured (and cached).
+/// Returns the times and whether they came from the cache.
+pub fn profile_model(
+    weights: &WeightFile,
+    fresh: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(ModelTimes, bool), ProfileError> {
+    profile_model_with(
+        weights,
+        &default_dir(),
+        &MeasureOptions::default(),
+        fresh,
+        progress,
+    )
+}
+
+/// [`profile_model`] with a cache directory and measurement options.
+pub fn profile_model_with(
+    weights: &WeightFile,
+    dir: &Path,
+    opts: &MeasureOptions,
+    fresh: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(ModelTimes, bool), ProfileError> {
+    let hardware = Hardware::detect().cache_identity();
+    let fingerprint = model_fingerprint(weights);
+    let threads = candle_core::utils::get_num_threads();
+    let path = dir.join(format!(
+        "{}.json",
+        cache_key(&hardware, &fingerprint, threads)
+    ));
+    if !fresh && let Some(times) = read_entry(&path, &hardware) {
+        debug!(path = %path.display(), "profile from cache");
+        return Ok((times, true));
+    }
+    let _turn = match Turn::wait(&path.with_extension("lock"), || {
+        (!fresh).then(|| read_entry(&path, &hardware)).flatten()
+    }) {
+        Waited::Done(times) => return Ok((times, true)),
+        Waited::Turn(t) => t,
+    };
+    progress("measuring this device (once per model; cached)");
+    let times = measure(weights, opts, progress)?;
+    info!(
+        model = %times.model,
+        layer_decode_ms = times.layer.decode_s * 1e3,
+        took_s = times.took_s,
+        "measured the model on this device"
+    );
+    let entry = Entry {
+        format: PROFILE_FORMAT,
+        hardware,
+        times,
+    };
+    if let Err(e) = write_entry(&path, &entry) {
+        warn!(error = %e, "could not cache the profile");
+    }
+    Ok((entry.times, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_by_hardware_model_and_threads() {
+        let a = cache_key("cpu A", "f1", 2);
+        assert_eq!(a, cache_key("cpu A", "f1", 2));
+        assert_ne!(a, cache_key("cpu B", "f1", 2));
+        assert_ne!(a, cache_key("cpu A", "f2", 2));
+        assert_ne!(a, cache_key("cpu A", "f1", 4));
+    }
+}

@@ -1,0 +1,200 @@
+//! Measures how fast this device runs the real model: one decoder layer,
+//! the embedding and the head, for decode, prefill and training.
+//!
+//! Inference runs the quantized stage exactly as serving does. Training runs
+//! the dense f32 stage (the only differentiable one): "forward" is its
+//! forward pass, "train" is forward plus the backward pass to the stage's
+//! input, which is what a frozen base (LoRA) costs; the planner adds the
+//! weight gradients of full fine-tuning and recomputation from "forward".
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use hearth_models::{Logits, Precision, Stage, StageInput, StageSpec, WeightFile};
+use hearth_partitioner::PhaseTimes;
+
+use super::{ModelTimes, ProfileError, unix_now};
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct MeasureOptions {
+    /// Prompt length for prefill, and the context decode steps attend over.
+    pub prompt_tokens: usize,
+    /// Tokens per training micro-batch.
+    pub train_tokens: usize,
+    /// Timed decode steps (the median is kept).
+    pub decode_reps: usize,
+    /// Timed prefill and training passes (the median is kept).
+    pub reps: usize,
+}
+
+impl Default for MeasureOptions {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: 128,
+            train_tokens: 128,
+            decode_reps: 64,
+            reps: 3,
+        }
+    }
+}
+
+impl MeasureOptions {
+    /// A quick measurement for tests (noisier).
+    pub fn quick() -> Self {
+        Self {
+            prompt_tokens: 32,
+            train_tokens: 32,
+            decode_reps: 8,
+            reps: 1,
+        }
+    }
+}
+
+/// Median wall time of `reps` runs of `f`, after one untimed warm-up run.
+fn median_s(
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), ProfileError>,
+) -> Result<f64, ProfileError> {
+    f()?;
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Inference times of a quantized stage fed hidden states (or token ids).
+fn inference_times(
+    stage: &Stage,
+    tokens: bool,
+    opts: &MeasureOptions,
+) -> Result<(f64, f64), ProfileError> {
+    let dev = Device::Cpu;
+    let hidden = stage.config().hidden_size;
+    let p = opts.prompt_tokens.max(1);
+    let input = |n: usize| -> Result<StageInput, ProfileError> {
+        Ok(if tokens {
+            StageInput::Tokens((0..n as u32).map(|i| (i * 7 + 1) % 1000).collect())
+        } else {
+            StageInput::Hidden(Tensor::randn(0f32, 1f32, (n, hidden), &dev)?)
+        })
+    };
+    let prompt = input(p)?;
+    let prefill = median_s(opts.reps, || {
+        let mut cache = stage.new_cache();
+        stage.forward(prompt.clone(), &[p], &mut [&mut cache], Logits::Last)?;
+        Ok(())
+    })?;
+    let mut cache = stage.new_cache();
+    stage.forward(prompt, &[p], &mut [&mut cache], Logits::Last)?;
+    let one = input(1)?;
+    let decode = median_s(opts.decode_reps, || {
+        stage.forward(one.clone(), &[1], &mut [&mut cache], Logits::Last)?;
+        cache.truncate(p);
+        Ok(())
+    })?;
+    Ok((decode, prefill / p as f64))
+}
+
+/// Training times per token of a dense stage: (forward, forward + backward).
+fn train_times(stage: &Stage, opts: &MeasureOptions) -> Result<(f64, f64), ProfileError> {
+    let dev = Device::Cpu;
+    let n = opts.train_tokens.max(1);
+    let hidden = stage.config().hidden_size;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (n, hidden), &dev)?)?;
+    let run = |backward: bool| -> Result<(), ProfileError> {
+        let mut cache = stage.new_cache();
+        let input = StageInput::Hidden(x.as_tensor().clone());
+        let y = stage.forward(input, &[n], &mut [&mut cache], Logits::All)?;
+        if backward {
+            let loss = y.sqr()?.mean_all()?;
+            let grads = loss.backward()?;
+            if grads.get(x.as_tensor()).is_none() {
+                return Err(ProfileError::Candle(candle_core::Error::Msg(
+                    "the stage's input received no gradient".into(),
+                )));
+            }
+        }
+        Ok(())
+    };
+    let fwd = median_s(opts.reps, || run(false))?;
+    let both = median_s(opts.reps, || run(true))?;
+    Ok((fwd / n as f64, both / n as f64))
+}
+
+/// Measures `weights` on this device's CPU. `progress` is told each step.
+pub fn measure(
+    weights: &WeightFile,
+    opts: &MeasureOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ModelTimes, ProfileError> {
+    let start = Instant::now();
+    let layers = weights.config().num_hidden_layers;
+    let spec = |start: usize, end: usize, embed: bool, head: bool| StageSpec {
+        start,
+        end,
+        embed,
+        head,
+    };
+    let one_layer = spec(0, 1.min(layers), false, false);
+    let embed_only = spec(0, 0, true, false);
+    let head_only = spec(layers, layers, false, true);
+
+    progress("decoder layer: decode and prefill");
+    let stage = Stage::load(weights, one_layer, Precision::Quantized)?;
+    let (decode, prefill) = inference_times(&stage, false, opts)?;
+    progress("decoder layer: training");
+    let stage = Stage::load(weights, one_layer, Precision::F32)?;
+    let (fwd, train) = train_times(&stage, opts)?;
+    let layer = PhaseTimes {
+        decode_s: decode,
+        prefill_s_per_token: prefill,
+        train_forward_s_per_token: fwd,
+        train_s_per_token: train,
+    };
+
+    progress("embedding");
+    let stage = Stage::load(weights, embed_only, Precision::Quantized)?;
+    let (decode, prefill) = inference_times(&stage, true, opts)?;
+    // The frozen embedding is a lookup with no backward work.
+    let embed = PhaseTimes {
+        decode_s: decode,
+        prefill_s_per_token: prefill,
+        train_forward_s_per_token: prefill,
+        train_s_per_token: prefill,
+    };
+
+    progress("LM head: decode and prefill");
+    let stage = Stage::load(weights, head_only, Precision::Quantized)?;
+    let (decode, prefill) = inference_times(&stage, false, opts)?;
+    progress("LM head: training");
+    let stage = Stage::load(weights, head_only, Precision::F32)?;
+    let (fwd, train) = train_times(&stage, opts)?;
+    let head = PhaseTimes {
+        decode_s: decode,
+        prefill_s_per_token: prefill,
+        train_forward_s_per_token: fwd,
+        train_s_per_token: train,
+    };
+
+    let model = weights
+        .path()
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    Ok(ModelTimes {
+        model,
+        fingerprint: super::model_fingerprint(weights),
+        backend: "cpu".into(),
+        threads: candle_core::utils::get_num_threads(),
+        layer,
+        embed,
+        head,
+        measured_at: unix_now(),
+        took_s: start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,193 @@
+//! The device profiler: what this device is (CPU, memory, GPU adapters),
+//! how fast it runs the model (measured per-layer times of the real model,
+//! cached on disk by hardware and model), and how fast its links to the
+//! other members are (measured over QUIC, refreshed periodically). Profiles
+//! are shared between members so every node can plan for the whole cluster.
+
+mod book;
+mod cache;
+mod hardware;
+mod links;
+mod measure;
+mod model_cost;
+mod planning;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use book::{ClusterProfiles, PROFILE_REFRESH, ProfileBook};
+pub use cache::{profile_model, profile_model_with};
+pub use hardware::{GpuAdapter, Hardware};
+pub use links::{PROBE_BYTES, PROBE_PERIOD, measure_link};
+pub use measure::{MeasureOptions, measure};
+pub use model_cost::model_cost;
+pub use planning::{
+    Alternative, PlanReport, PlanRequest, PlannerInput, lora_bytes_per_layer, plan_report,
+    planner_input,
+};
+
+use hearth_partitioner::PhaseTimes;
+use serde::{Deserialize, Serialize};
+
+/// Version of the profile document shared between members and cached on
+/// disk; a document of another version is ignored (and re-measured).
+pub const PROFILE_FORMAT: u32 = 1;
+
+/// Errors of the profiler.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error(transparent)]
+    Model(#[from] hearth_models::ModelError),
+    #[error("measuring: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("profile document: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("profile document of format {found}, this node reads format {PROFILE_FORMAT}")]
+    Format { found: u32 },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Measured times of one model on one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelTimes {
+    /// The model's name (file stem).
+    pub model: String,
+    /// Identifies the model's content (see [`model_fingerprint`]).
+    pub fingerprint: String,
+    /// How the model ran: "cpu" (the only backend so far).
+    pub backend: String,
+    /// Threads the measurement used.
+    pub threads: usize,
+    /// One decoder layer.
+    pub layer: PhaseTimes,
+    /// The token embedding.
+    pub embed: PhaseTimes,
+    /// The final norm and LM head (with tied weights, the embedding matrix).
+    pub head: PhaseTimes,
+    /// Seconds since the Unix epoch when measured.
+    pub measured_at: u64,
+    /// Wall time the measurement took (seconds).
+    pub took_s: f64,
+}
+
+/// A model as this node knows it: measured times, cost profile, config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub times: ModelTimes,
+    pub cost: hearth_partitioner::ModelProfile,
+    pub config: hearth_models::Config,
+}
+
+impl ModelInfo {
+    /// Profiles `weights` on this device (from the cache unless `fresh`);
+    /// returns the info and whether the times came from the cache.
+    pub fn measure(
+        weights: &hearth_models::WeightFile,
+        fresh: bool,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(Self, bool), ProfileError> {
+        let (times, cached) = profile_model(weights, fresh, progress)?;
+        Ok((
+            Self {
+                times,
+                cost: model_cost(weights),
+                config: weights.config().clone(),
+            },
+            cached,
+        ))
+    }
+}
+
+/// A measured link from the profile's node to a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkProfile {
+    /// The peer's node id (hex).
+    pub peer: String,
+    /// Round-trip time (QUIC's smoothed estimate), milliseconds.
+    pub rtt_ms: f64,
+    /// Measured bulk throughput over QUIC, bytes per second.
+    pub bandwidth_bytes_per_s: f64,
+    /// Seconds since the Unix epoch when measured.
+    pub measured_at: u64,
+}
+
+/// Everything a node tells the cluster about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeProfile {
+    pub format: u32,
+    pub node_id: String,
+    pub name: String,
+    pub hardware: Hardware,
+    /// Bytes of memory the planner may use here (available minus headroom).
+    pub memory_budget: u64,
+    /// Measured times of the model this node serves, if one is set.
+    pub model: Option<ModelTimes>,
+    /// Links to the other members, as measured from this node.
+    pub links: Vec<LinkProfile>,
+}
+
+impl NodeProfile {
+    /// A profile of this device now (links are filled in later).
+    pub fn new(
+        node_id: impl Into<String>,
+        name: impl Into<String>,
+        model: Option<ModelTimes>,
+    ) -> Self {
+        let hardware = Hardware::detect();
+        Self {
+            format: PROFILE_FORMAT,
+            node_id: node_id.into(),
+            name: name.into(),
+            memory_budget: hardware.memory_budget(),
+            hardware,
+            model,
+            links: Vec::new(),
+        }
+    }
+
+    /// The document as sent to peers.
+    pub fn to_json(&self) -> Result<Vec<u8>, ProfileError> {
+        Ok(serde_json::to_vec(self)?)
+    }
+
+    /// Parses a peer's document, refusing other formats.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ProfileError> {
+        #[derive(Deserialize)]
+        struct Head {
+            format: u32,
+        }
+        let head: Head = serde_json::from_slice(bytes)?;
+        if head.format != PROFILE_FORMAT {
+            return Err(ProfileError::Format { found: head.format });
+        }
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A short hash of the model's tensor layout (names, types, shapes, sizes)
+/// and config: the same file gives the same fingerprint on every device,
+/// without reading gigabytes of weights.
+pub fn model_fingerprint(weights: &hearth_models::WeightFile) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("{:?}", weights.config()).as_bytes());
+    for t in weights.tensor_layout() {
+        h.update(t.name.as_bytes());
+        h.update(t.dtype.as_bytes());
+        for d in &t.shape {
+            h.update((*d as u64).to_le_bytes());
+        }
+        h.update(t.bytes.to_le_bytes());
+    }
+    let digest = h.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
