@@ -155,6 +155,7 @@ struct DeviceEntry {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Times {
     layer: PhaseTimes,
     embed: PhaseTimes,
@@ -202,6 +203,23 @@ fn from_file(path: &std::path::Path, args: &Args) -> Result<PlanReport> {
     if file.devices.is_empty() {
         bail!("{}: no [[device]] entries", path.display());
     }
+    for d in &file.devices {
+        if !(d.memory_gb.is_finite() && d.memory_gb >= 0.0) {
+            bail!(
+                "device {:?}: memory_gb must be a non-negative number",
+                d.name
+            );
+        }
+        match (&d.times, d.speed) {
+            (Some(_), None) => {}
+            (None, Some(s)) if s.is_finite() && s > 0.0 => {}
+            (Some(_), Some(_)) => bail!("device {:?}: give speed or times, not both", d.name),
+            _ => bail!(
+                "device {:?}: needs speed (> 0, relative to this machine) or times",
+                d.name
+            ),
+        }
+    }
     let model = args.model.clone().or(file.model.clone());
     let model_path = store::resolve(model.as_deref(), &mut crate::models::progress_printer())?;
     let weights = WeightFile::open(&model_path)?;
@@ -214,24 +232,14 @@ fn from_file(path: &std::path::Path, args: &Args) -> Result<PlanReport> {
     };
     let mut devices = Vec::new();
     for d in &file.devices {
-        if !(d.memory_gb.is_finite() && d.memory_gb >= 0.0) {
-            bail!(
-                "device {:?}: memory_gb must be a non-negative number",
-                d.name
-            );
-        }
         let (layer, embed, head) = match (&d.times, d.speed, &here) {
-            (Some(t), None, _) => (t.layer, t.embed, t.head),
-            (None, Some(s), Some(h)) if s.is_finite() && s > 0.0 => (
+            (Some(t), _, _) => (t.layer, t.embed, t.head),
+            (None, Some(s), Some(h)) => (
                 scaled(h.times.layer, s),
                 scaled(h.times.embed, s),
                 scaled(h.times.head, s),
             ),
-            (Some(_), Some(_), _) => bail!("device {:?}: give speed or times, not both", d.name),
-            _ => bail!(
-                "device {:?}: needs speed (> 0, relative to this machine) or times",
-                d.name
-            ),
+            _ => bail!("device {:?}: needs speed or times", d.name),
         };
         devices.push(DeviceProfile {
             name: d.name.clone(),

@@ -75,7 +75,11 @@ fn inference_times(
 ) -> Result<(f64, f64), ProfileError> {
     let dev = Device::Cpu;
     let hidden = stage.config().hidden_size;
-    let p = opts.prompt_tokens.max(1);
+    // Leave room for the decode step in a model with a short context.
+    let context = stage.config().max_position_embeddings;
+    let p = opts
+        .prompt_tokens
+        .clamp(1, context.saturating_sub(1).max(1));
     let input = |n: usize| -> Result<StageInput, ProfileError> {
         Ok(if tokens {
             StageInput::Tokens((0..n as u32).map(|i| (i * 7 + 1) % 1000).collect())
@@ -103,7 +107,9 @@ fn inference_times(
 /// Training times per token of a dense stage: (forward, forward + backward).
 fn train_times(stage: &Stage, opts: &MeasureOptions) -> Result<(f64, f64), ProfileError> {
     let dev = Device::Cpu;
-    let n = opts.train_tokens.max(1);
+    let n = opts
+        .train_tokens
+        .clamp(1, stage.config().max_position_embeddings.max(1));
     let hidden = stage.config().hidden_size;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (n, hidden), &dev)?)?;
     let run = |backward: bool| -> Result<(), ProfileError> {
