@@ -89,8 +89,14 @@ pub fn plan(
 fn does_not_fit(ctx: &Ctx<'_>) -> PlanError {
     let total: u64 = ctx.devices.iter().map(|d| d.memory_budget).sum();
     let need = ctx.memory(&(0..ctx.layers()), 0, 1);
+    let short = if need > total {
+        format!(", {} short", human_bytes(need - total))
+    } else {
+        // Enough in sum, but no device order and split fits each device.
+        ", but no split fits each device's share".to_string()
+    };
     PlanError::DoesNotFit(format!(
-        "no assignment fits the devices' memory (the whole model needs about {}; the devices offer {} together)",
+        "no assignment fits the devices' memory (the whole model needs about {}; the devices offer {} together{short})",
         human_bytes(need),
         human_bytes(total)
     ))

@@ -249,6 +249,12 @@ fn a_model_too_big_for_one_device_is_split_by_memory() {
     )
     .unwrap_err();
     assert!(matches!(err, PlanError::DoesNotFit(_)), "{err}");
+    // It says how much memory is missing.
+    let text = err.to_string();
+    assert!(
+        text.contains("short") && text.contains("needs about"),
+        "{text}"
+    );
 }
 
 #[test]
