@@ -26,7 +26,9 @@ pub(crate) async fn serve(mut streams: mpsc::Receiver<IncomingStream>) {
     while let Some(mut s) = streams.recv().await {
         tokio::spawn(async move {
             let answer = async {
-                while let Some(msg) = read_message(&mut s.recv, limits::MAX_FRAME).await? {
+                // A probe frame: tag, u32 length, at most MAX_PROBE bytes.
+                let max = limits::MAX_PROBE + 5;
+                while let Some(msg) = read_message(&mut s.recv, max).await? {
                     let Message::ProbeData(data) = msg else {
                         return Err(NetError::Unexpected {
                             expected: "probe-data",
