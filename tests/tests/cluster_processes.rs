@@ -182,8 +182,20 @@ fn plan_json(bin: &Path, http: u16, extra: &[&str]) -> Result<PlanReport> {
 fn plan_from_measured_profiles(bin: &Path, http: &[u16]) -> Result<()> {
     let start = Instant::now();
     let report = loop {
+        // Every node probes both peers and re-fetches profiles every 5 s:
+        // wait until node 1 has seen all six measurements.
+        let all_links = status(http[1]).is_ok_and(|v| {
+            v.profiles
+                .is_some_and(|p| p.nodes.len() == 3 && p.nodes.iter().all(|n| n.links.len() == 2))
+        });
         match plan_json(bin, http[1], &[]) {
-            Ok(r) if r.input.devices.len() == 3 && r.input.unmeasured_links.is_empty() => break r,
+            Ok(r)
+                if all_links
+                    && r.input.devices.len() == 3
+                    && r.input.unmeasured_links.is_empty() =>
+            {
+                break r;
+            }
             other => {
                 if start.elapsed() > Duration::from_secs(90) {
                     bail!("no plan over 3 measured devices after 90 s: {other:?}");
