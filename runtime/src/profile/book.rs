@@ -240,7 +240,11 @@ async fn track(
                         );
                     }
                 }
-                Err(e) => warn!(peer = %id.short(), "link probe failed: {e}"),
+                Err(e) => {
+                    // Try again at the next refresh, not a whole period later.
+                    probed.remove(&id);
+                    warn!(peer = %id.short(), "link probe failed: {e}");
+                }
             }
             if *stopped.borrow() {
                 return;
