@@ -197,8 +197,8 @@ fn plan_from_measured_profiles(bin: &Path, http: &[u16]) -> Result<()> {
                 break r;
             }
             other => {
-                if start.elapsed() > Duration::from_secs(90) {
-                    bail!("no plan over 3 measured devices after 90 s: {other:?}");
+                if start.elapsed() > Duration::from_secs(150) {
+                    bail!("no plan over 3 measured devices after 150 s: {other:?}");
                 }
             }
         }
