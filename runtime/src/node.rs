@@ -144,7 +144,7 @@ impl Node {
     /// The profiles of this node and of the members in `view`.
     fn profiles(&self, view: &ClusterView) -> ClusterProfiles {
         let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
-        self.profiles.snapshot(Some(&members))
+        self.profiles.snapshot(&members)
     }
 
     /// Sets the model this node serves, with its measured times; members
@@ -159,18 +159,9 @@ impl Node {
         let workload = req
             .workload(&info.config)
             .map_err(RuntimeError::BadRequest)?;
-        let view = self.view().await?;
-        let profiles = match view.profiles {
-            Some(p) => p,
-            None => self.profiles(&view),
-        };
-        let input = planner_input(&profiles, &info.times.fingerprint);
+        let view = self.membership.view().await.ok_or(RuntimeError::Stopped)?;
+        let input = planner_input(&self.profiles(&view), &info.times.fingerprint);
         Ok(plan_report(&info.cost, input, workload))
-    }
-
-    /// This node's own profile (hardware, model times, measured links).
-    pub fn profile(&self) -> Option<NodeProfile> {
-        self.profiles.own()
     }
 
     /// Membership events from now on.

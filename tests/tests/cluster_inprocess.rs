@@ -156,17 +156,15 @@ async fn a_node_with_another_secret_never_joins() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_membership_streams_do_not_hurt_a_node() -> Result<()> {
-    use hearth_net::{Endpoint, EndpointConfig, Identity};
-    use hearth_proto::{Message, PeerAddr, stream_kind};
-
-    let secret = ClusterSecret::generate();
-    let a = TestNode::start("a", &secret, vec![])?;
-    // A member that speaks nonsense on its membership streams.
-    let (rogue, _rx) = Endpoint::bind(
-        EndpointConfig {
-            identity: Identity::generate()?,
+/// An authenticated member that speaks nonsense, connected to `a`; no
+/// handlers of its own.
+async fn rogue_member(
+    secret: &ClusterSecret,
+    a: &TestNode,
+) -> Result<(hearth_net::Endpoint, hearth_net::PeerConn)> {
+    let (rogue, _rx) = hearth_net::Endpoint::bind(
+        hearth_net::EndpointConfig {
+            identity: hearth_net::Identity::generate()?,
             secret: secret.clone(),
             name: "rogue".into(),
             bind: "127.0.0.1:0".parse()?,
@@ -174,6 +172,17 @@ async fn malformed_membership_streams_do_not_hurt_a_node() -> Result<()> {
         &[],
     )?;
     let conn = rogue.connect(a.node.endpoint().local_addr()?).await?;
+    Ok((rogue, conn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_membership_streams_do_not_hurt_a_node() -> Result<()> {
+    use hearth_proto::{Message, PeerAddr, stream_kind};
+
+    let secret = ClusterSecret::generate();
+    let a = TestNode::start("a", &secret, vec![])?;
+    // A member that speaks nonsense on its membership streams.
+    let (rogue, conn) = rogue_member(&secret, &a).await?;
     let payloads: Vec<Vec<u8>> = vec![
         vec![0xff; 64],
         vec![5, 0, 0, 0, 0x06, 1],
@@ -221,24 +230,9 @@ async fn malformed_membership_streams_do_not_hurt_a_node() -> Result<()> {
 /// times) and links measured over QUIC, and plans from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profiles_and_links_are_shared_and_planned_from() -> Result<()> {
-    use hearth_runtime::profile::{
-        MeasureOptions, ModelInfo, PlanRequest, model_cost, profile_model_with,
-    };
+    use hearth_runtime::profile::PlanRequest;
     let dir = tempfile::tempdir()?;
-    let tiny = hearth_test_utils::tiny_model(dir.path(), Default::default())?;
-    let weights = hearth_models::WeightFile::open(&tiny.gguf_q8_0)?;
-    let (times, _) = profile_model_with(
-        &weights,
-        &dir.path().join("profiles"),
-        &MeasureOptions::quick(),
-        false,
-        &mut |_| {},
-    )?;
-    let info = ModelInfo {
-        times,
-        cost: model_cost(&weights),
-        config: weights.config().clone(),
-    };
+    let info = hearth_test_utils::cluster::tiny_model_info(dir.path())?;
     let net = MemoryNetwork::new();
     let secret = ClusterSecret::generate();
     let nodes: Vec<TestNode> = ["a", "b", "c"]
@@ -303,22 +297,12 @@ async fn profiles_and_links_are_shared_and_planned_from() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_probe_and_profile_streams_do_not_hurt_a_node() -> Result<()> {
     use hearth_net::framed::read_message;
-    use hearth_net::{Endpoint, EndpointConfig, Identity};
     use hearth_proto::{Message, limits, stream_kind};
     use hearth_runtime::profile::{NodeProfile, PROBE_BYTES, measure_link};
 
     let secret = ClusterSecret::generate();
     let a = TestNode::start("a", &secret, vec![])?;
-    let (rogue, _rx) = Endpoint::bind(
-        EndpointConfig {
-            identity: Identity::generate()?,
-            secret: secret.clone(),
-            name: "rogue".into(),
-            bind: "127.0.0.1:0".parse()?,
-        },
-        &[],
-    )?;
-    let conn = rogue.connect(a.node.endpoint().local_addr()?).await?;
+    let (rogue, conn) = rogue_member(&secret, &a).await?;
     let payloads: Vec<Vec<u8>> = vec![
         vec![0xff; 64],
         (u32::MAX).to_le_bytes().to_vec(),

@@ -80,11 +80,7 @@ async fn plan(
         Ok(Err(RuntimeError::BadRequest(m))) => {
             error(StatusCode::BAD_REQUEST, "invalid_request_error", m)
         }
-        Ok(Err(e @ RuntimeError::NoModel)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
+        // No model measured yet, or the node is stopping.
         Ok(Err(e)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

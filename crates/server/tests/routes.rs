@@ -3,9 +3,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use hearth_net::{ClusterSecret, Identity};
-use hearth_runtime::profile::{
-    MeasureOptions, ModelInfo, PlanReport, model_cost, profile_model_with,
-};
+use hearth_runtime::profile::PlanReport;
 use hearth_runtime::{ClusterView, MemberState, Node, NodeConfig};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -84,21 +82,7 @@ async fn plan_needs_a_model_and_valid_parameters() {
     assert!(e["error"]["message"].as_str().unwrap().contains("no model"));
 
     let dir = tempfile::tempdir().unwrap();
-    let tiny = hearth_test_utils::tiny_model(dir.path(), Default::default()).unwrap();
-    let weights = hearth_models::WeightFile::open(&tiny.gguf_q8_0).unwrap();
-    let (times, _) = profile_model_with(
-        &weights,
-        &dir.path().join("profiles"),
-        &MeasureOptions::quick(),
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
-    n.set_model(ModelInfo {
-        times,
-        cost: model_cost(&weights),
-        config: weights.config().clone(),
-    });
+    n.set_model(hearth_test_utils::cluster::tiny_model_info(dir.path()).unwrap());
     for query in [
         "",
         "?workload=inference&sequences=4&context=64",

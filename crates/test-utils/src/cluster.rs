@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use hearth_discovery::Discovery;
 use hearth_net::{ClusterSecret, Identity};
+use hearth_runtime::profile::{MeasureOptions, ModelInfo};
 use hearth_runtime::{ClusterView, Node, NodeConfig};
 
 /// A node on its own runtime.
@@ -138,4 +139,19 @@ pub async fn wait_for_views(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A tiny random model written under `dir`, measured quickly on this
+/// device (cached under `dir`): what a node serving it would hold.
+pub fn tiny_model_info(dir: &std::path::Path) -> Result<ModelInfo> {
+    let tiny = crate::tiny_model(dir, crate::TinySpec::default())?;
+    let weights = hearth_models::WeightFile::open(&tiny.gguf_q8_0)?;
+    let (info, _) = ModelInfo::measure_with(
+        &weights,
+        &dir.join("profiles"),
+        &MeasureOptions::quick(),
+        false,
+        &mut |_| {},
+    )?;
+    Ok(info)
 }

@@ -41,8 +41,11 @@ struct Inner {
 }
 
 impl Inner {
-    fn own_with_links(&self) -> NodeProfile {
+    /// This node's profile as members see it: with the served model's
+    /// times and the links measured so far.
+    fn own_profile(&self) -> NodeProfile {
         let mut p = self.own.clone();
+        p.model = self.model.as_ref().map(|m| m.times.clone());
         let mut links: Vec<LinkProfile> = self.links.values().cloned().collect();
         links.sort_by(|a, b| a.peer.cmp(&b.peer));
         p.links = links;
@@ -87,13 +90,8 @@ impl ProfileBook {
         Self { inner, stop }
     }
 
-    /// This node's profile, with its measured links.
-    pub fn own(&self) -> Option<NodeProfile> {
-        self.inner.read().ok().map(|i| i.own_with_links())
-    }
-
-    /// Every known profile; `members` (node ids, hex) filters the peers'.
-    pub fn snapshot(&self, members: Option<&[String]>) -> ClusterProfiles {
+    /// This node's profile and those of `members` (node ids, hex).
+    pub fn snapshot(&self, members: &[String]) -> ClusterProfiles {
         let Ok(i) = self.inner.read() else {
             return ClusterProfiles { nodes: Vec::new() };
         };
@@ -101,10 +99,10 @@ impl ProfileBook {
             .peers
             .iter()
             .map(|(id, p)| (id.to_string(), p.clone()))
-            .filter(|(id, _)| members.is_none_or(|m| m.contains(id)))
+            .filter(|(id, _)| members.contains(id))
             .collect();
         peers.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut nodes = vec![i.own_with_links()];
+        let mut nodes = vec![i.own_profile()];
         nodes.extend(peers.into_iter().map(|(_, p)| p));
         ClusterProfiles { nodes }
     }
@@ -113,7 +111,6 @@ impl ProfileBook {
     /// profile members fetch).
     pub(crate) fn set_model(&self, info: ModelInfo) {
         if let Ok(mut i) = self.inner.write() {
-            i.own.model = Some(info.times.clone());
             i.model = Some(info);
         }
     }
@@ -133,7 +130,7 @@ async fn serve_profiles(mut streams: mpsc::Receiver<IncomingStream>, inner: Arc<
         let doc = inner
             .read()
             .ok()
-            .map(|i| i.own_with_links())
+            .map(|i| i.own_profile())
             .and_then(|p| p.to_json().ok());
         tokio::spawn(async move {
             let Some(doc) = doc else { return };

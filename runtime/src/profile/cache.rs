@@ -113,28 +113,13 @@ impl Drop for Turn {
 }
 
 /// The default cache directory: `$HEARTH_HOME/profiles`.
-fn default_dir() -> PathBuf {
+pub(crate) fn default_dir() -> PathBuf {
     hearth_models::store::hearth_home().join("profiles")
 }
 
-/// Times of `weights` on this device: from the cache in
-/// `$HEARTH_HOME/profiles` unless `fresh`, else measured (and cached).
-/// Returns the times and whether they came from the cache.
-pub fn profile_model(
-    weights: &WeightFile,
-    fresh: bool,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(ModelTimes, bool), ProfileError> {
-    profile_model_with(
-        weights,
-        &default_dir(),
-        &MeasureOptions::default(),
-        fresh,
-        progress,
-    )
-}
-
-/// [`profile_model`] with a cache directory and measurement options.
+/// Times of `weights` on this device: from the cache in `dir` unless
+/// `fresh`, else measured (and cached there). Returns the times and
+/// whether they came from the cache.
 pub fn profile_model_with(
     weights: &WeightFile,
     dir: &Path,

@@ -15,7 +15,7 @@ mod planning;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use book::{ClusterProfiles, PROFILE_REFRESH, ProfileBook};
-pub use cache::{profile_model, profile_model_with};
+pub use cache::profile_model_with;
 pub use hardware::{GpuAdapter, Hardware};
 pub use links::{PROBE_BYTES, PROBE_PERIOD, measure_link};
 pub use measure::{MeasureOptions, measure};
@@ -82,14 +82,32 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// Profiles `weights` on this device (from the cache unless `fresh`);
-    /// returns the info and whether the times came from the cache.
+    /// Profiles `weights` on this device (from the cache in
+    /// `$HEARTH_HOME/profiles` unless `fresh`); returns the info and whether
+    /// the times came from the cache.
     pub fn measure(
         weights: &hearth_models::WeightFile,
         fresh: bool,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(Self, bool), ProfileError> {
-        let (times, cached) = profile_model(weights, fresh, progress)?;
+        Self::measure_with(
+            weights,
+            &cache::default_dir(),
+            &MeasureOptions::default(),
+            fresh,
+            progress,
+        )
+    }
+
+    /// [`ModelInfo::measure`] with a cache directory and measurement options.
+    pub fn measure_with(
+        weights: &hearth_models::WeightFile,
+        cache_dir: &std::path::Path,
+        opts: &MeasureOptions,
+        fresh: bool,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(Self, bool), ProfileError> {
+        let (times, cached) = profile_model_with(weights, cache_dir, opts, fresh, progress)?;
         Ok((
             Self {
                 times,
