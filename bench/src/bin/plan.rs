@@ -180,6 +180,25 @@ const LLAMA_70B: Shape = Shape {
 };
 
 impl Shape {
+    /// The hyper-parameters, for the LoRA adapter size.
+    fn config(&self) -> hearth_models::Config {
+        hearth_models::Config {
+            architecture: "llama".into(),
+            vocab_size: self.vocab as usize,
+            hidden_size: self.hidden as usize,
+            intermediate_size: self.intermediate as usize,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads as usize,
+            num_key_value_heads: self.kv_heads as usize,
+            head_dim: (self.hidden / self.heads) as usize,
+            rope_theta: 500_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: false,
+            attention_bias: false,
+        }
+    }
+
     fn profile(&self) -> ModelProfile {
         let h = self.hidden;
         let hd = h / self.heads;
@@ -323,14 +342,16 @@ fn main() -> Result<()> {
             measured.cost.clone(),
             lora_bytes_per_layer(&measured.config, 8),
         ),
-        {
-            let p = LLAMA_8B.profile();
-            (LLAMA_8B.name.into(), p, 16 * 7 * 4 * 4096)
-        },
-        {
-            let p = LLAMA_70B.profile();
-            (LLAMA_70B.name.into(), p, 16 * 7 * 4 * 8192)
-        },
+        (
+            LLAMA_8B.name.into(),
+            LLAMA_8B.profile(),
+            lora_bytes_per_layer(&LLAMA_8B.config(), 8),
+        ),
+        (
+            LLAMA_70B.name.into(),
+            LLAMA_70B.profile(),
+            lora_bytes_per_layer(&LLAMA_70B.config(), 8),
+        ),
     ];
     let workloads = |lora: u64| {
         vec![
