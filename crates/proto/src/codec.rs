@@ -8,8 +8,8 @@ const PREFIX: usize = 4;
 
 /// The limit that applies to a frame with this tag.
 fn limit_for(tag: u8) -> usize {
-    use crate::message::{TAG_PROBE_DATA, TAG_TENSOR};
-    if tag == TAG_TENSOR || tag == TAG_PROBE_DATA {
+    use crate::message::{TAG_FORWARD, TAG_GENERATE, TAG_PROBE_DATA, TAG_TENSOR};
+    if matches!(tag, TAG_TENSOR | TAG_PROBE_DATA | TAG_FORWARD | TAG_GENERATE) {
         limits::MAX_FRAME
     } else {
         limits::MAX_CONTROL_FRAME

@@ -10,11 +10,13 @@
 mod codec;
 mod message;
 mod node_id;
+mod pipeline;
 mod tensor;
 
 pub use codec::{FrameDecoder, decode_frame, encode_frame};
 pub use message::{Hello, Message, PeerAddr, Refusal};
 pub use node_id::NodeId;
+pub use pipeline::{Finish, Forward, GenerateRequest, SampledToken, SeqChunk, SeqParams};
 pub use tensor::{TensorFrame, WireDType};
 
 /// Protocol version carried in [`Hello`]; peers with another version are refused.
@@ -41,6 +43,14 @@ pub mod limits {
     pub const MAX_PROFILE: usize = 48 * 1024;
     /// Largest bandwidth-probe payload.
     pub const MAX_PROBE: usize = 16 * 1024 * 1024;
+    /// Most sequences in one pipeline batch (`Forward`, `Sampled`, `EndSeqs`).
+    pub const MAX_BATCH_SEQS: usize = 1024;
+    /// Most end tokens of one sequence.
+    pub const MAX_STOP_IDS: usize = 16;
+    /// Longest prompt in a `Generate` request, in tokens.
+    pub const MAX_PROMPT_TOKENS: usize = 128 * 1024;
+    /// Largest control document (a placement of a home cluster's stages).
+    pub const MAX_CONTROL_DOC: usize = 48 * 1024;
 }
 
 /// What a stream is for, sent as [`Message::Open`] when it is opened; the
@@ -54,6 +64,14 @@ pub mod stream_kind {
     pub const PROFILE: u16 = 3;
     /// Bandwidth probe: `ProbeData` in, `ProbeAck` out.
     pub const PROBE: u16 = 4;
+    /// Pipeline traffic from one member to another (`Forward`, `Sampled`,
+    /// `EndSeqs`), one long-lived ordered stream per direction.
+    pub const PIPE: u16 = 5;
+    /// A generation request to stage 0: `Generate` in, `Sampled` out (or
+    /// `Refuse`); closing the stream cancels the request.
+    pub const GENERATE: u16 = 6;
+    /// Placement of stages: `Control` in, `Control` out.
+    pub const CONTROL: u16 = 7;
 }
 
 /// Codes in [`Refusal`]: why a peer was turned away.

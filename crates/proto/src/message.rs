@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use crate::pipeline::{self, Forward, GenerateRequest, SampledToken};
 use crate::tensor::TensorFrame;
 use crate::{ProtoError, limits};
 
@@ -18,6 +19,11 @@ pub(crate) const TAG_PROFILE: u8 = 0x0A;
 pub(crate) const TAG_PROBE_DATA: u8 = 0x0B;
 pub(crate) const TAG_PROBE_ACK: u8 = 0x0C;
 pub(crate) const TAG_TENSOR: u8 = 0x10;
+pub(crate) const TAG_FORWARD: u8 = 0x11;
+pub(crate) const TAG_SAMPLED: u8 = 0x12;
+pub(crate) const TAG_END_SEQS: u8 = 0x13;
+pub(crate) const TAG_GENERATE: u8 = 0x14;
+pub(crate) const TAG_CONTROL: u8 = 0x15;
 
 /// First message on a connection, in both directions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +89,25 @@ pub enum Message {
         bytes: u64,
     },
     Tensor(TensorFrame),
+    /// Hidden states of a batch, from one pipeline stage to the next.
+    Forward(Forward),
+    /// Tokens the last stage sampled (to stage 0, and from stage 0 to the
+    /// requester).
+    Sampled {
+        placement: u64,
+        tokens: Vec<SampledToken>,
+    },
+    /// Sequences that ended (finished, cancelled, failed): free their state.
+    EndSeqs {
+        placement: u64,
+        seqs: Vec<u64>,
+    },
+    /// A generation request to the first stage.
+    Generate(GenerateRequest),
+    /// A cluster control document (placement of stages, readiness) as
+    /// versioned JSON, at most [`limits::MAX_CONTROL_DOC`] bytes; the
+    /// runtime owns its schema.
+    Control(Vec<u8>),
 }
 
 impl Message {
@@ -102,6 +127,11 @@ impl Message {
             Self::ProbeData(_) => "probe-data",
             Self::ProbeAck { .. } => "probe-ack",
             Self::Tensor(_) => "tensor",
+            Self::Forward(_) => "forward",
+            Self::Sampled { .. } => "sampled",
+            Self::EndSeqs { .. } => "end-seqs",
+            Self::Generate(_) => "generate",
+            Self::Control(_) => "control",
         }
     }
 
@@ -171,6 +201,26 @@ impl Message {
                 t.encode(out)?;
                 TAG_TENSOR
             }
+            Self::Forward(f) => {
+                f.encode(out)?;
+                TAG_FORWARD
+            }
+            Self::Sampled { placement, tokens } => {
+                pipeline::encode_sampled(out, *placement, tokens)?;
+                TAG_SAMPLED
+            }
+            Self::EndSeqs { placement, seqs } => {
+                pipeline::encode_end(out, *placement, seqs)?;
+                TAG_END_SEQS
+            }
+            Self::Generate(g) => {
+                g.encode(out)?;
+                TAG_GENERATE
+            }
+            Self::Control(doc) => {
+                put_blob(out, "control", doc, limits::MAX_CONTROL_DOC)?;
+                TAG_CONTROL
+            }
         })
     }
 
@@ -227,6 +277,17 @@ impl Message {
                 bytes: r.u64("probe-ack")?,
             },
             TAG_TENSOR => Self::Tensor(TensorFrame::decode(&mut r)?),
+            TAG_FORWARD => Self::Forward(Forward::decode(&mut r)?),
+            TAG_SAMPLED => {
+                let (placement, tokens) = pipeline::decode_sampled(&mut r)?;
+                Self::Sampled { placement, tokens }
+            }
+            TAG_END_SEQS => {
+                let (placement, seqs) = pipeline::decode_end(&mut r)?;
+                Self::EndSeqs { placement, seqs }
+            }
+            TAG_GENERATE => Self::Generate(GenerateRequest::decode(&mut r)?),
+            TAG_CONTROL => Self::Control(r.blob("control", limits::MAX_CONTROL_DOC)?),
             other => return Err(ProtoError::UnknownTag(other)),
         };
         r.finish(msg.name())?;

@@ -2,8 +2,8 @@
 //! typed error (never a panic, never an oversized allocation).
 
 use hearth_proto::{
-    FrameDecoder, Hello, Message, PeerAddr, ProtoError, Refusal, TensorFrame, WireDType,
-    decode_frame, encode_frame, limits,
+    Finish, Forward, FrameDecoder, GenerateRequest, Hello, Message, PeerAddr, ProtoError, Refusal,
+    SampledToken, SeqChunk, SeqParams, TensorFrame, WireDType, decode_frame, encode_frame, limits,
 };
 use proptest::prelude::*;
 
@@ -28,6 +28,71 @@ fn arb_tensor() -> impl Strategy<Value = TensorFrame> {
                 data,
             })
         })
+}
+
+fn arb_params() -> impl Strategy<Value = SeqParams> {
+    (
+        0f32..2.0,
+        0.01f32..1.0,
+        any::<u32>(),
+        any::<u64>(),
+        any::<u32>(),
+        prop::collection::vec(any::<u32>(), 0..4),
+    )
+        .prop_map(
+            |(temperature, top_p, top_k, seed, max_tokens, stop_ids)| SeqParams {
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                max_tokens,
+                stop_ids,
+            },
+        )
+}
+
+fn arb_forward() -> impl Strategy<Value = Forward> {
+    (
+        any::<u64>(),
+        prop::collection::vec(
+            (
+                any::<u64>(),
+                any::<u32>(),
+                1u32..4,
+                prop::option::of(arb_params()),
+            ),
+            1..4,
+        ),
+        1u32..4,
+    )
+        .prop_map(|(placement, chunks, hidden)| {
+            let chunks: Vec<SeqChunk> = chunks
+                .into_iter()
+                .map(|(seq, pos, len, params)| SeqChunk {
+                    seq,
+                    pos,
+                    len,
+                    params,
+                })
+                .collect();
+            let n: u32 = chunks.iter().map(|c| c.len).sum();
+            let values: Vec<f32> = (0..n * hidden).map(|i| i as f32 * 0.5).collect();
+            Forward {
+                placement,
+                chunks,
+                hidden: TensorFrame::from_f32(0, 0, vec![n, hidden], &values, WireDType::F32)
+                    .unwrap(),
+            }
+        })
+}
+
+fn arb_finish() -> impl Strategy<Value = Finish> {
+    prop_oneof![
+        Just(Finish::No),
+        Just(Finish::Stop),
+        Just(Finish::Length),
+        Just(Finish::Failed)
+    ]
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
@@ -67,6 +132,39 @@ fn arb_message() -> impl Strategy<Value = Message> {
         prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::ProbeData),
         any::<u64>().prop_map(|bytes| Message::ProbeAck { bytes }),
         arb_tensor().prop_map(Message::Tensor),
+        arb_forward().prop_map(Message::Forward),
+        (
+            any::<u64>(),
+            prop::collection::vec(
+                (any::<u64>(), any::<u32>(), any::<u32>(), arb_finish()),
+                0..5
+            )
+        )
+            .prop_map(|(placement, t)| Message::Sampled {
+                placement,
+                tokens: t
+                    .into_iter()
+                    .map(|(seq, pos, token, finish)| SampledToken {
+                        seq,
+                        pos,
+                        token,
+                        finish
+                    })
+                    .collect(),
+            }),
+        (any::<u64>(), prop::collection::vec(any::<u64>(), 0..5))
+            .prop_map(|(placement, seqs)| Message::EndSeqs { placement, seqs }),
+        (
+            any::<u64>(),
+            prop::collection::vec(any::<u32>(), 0..8),
+            arb_params()
+        )
+            .prop_map(|(placement, prompt, params)| Message::Generate(GenerateRequest {
+                placement,
+                prompt,
+                params
+            })),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Control),
     ]
 }
 
@@ -338,4 +436,178 @@ fn wire_dtypes_convert() {
         }
     }
     assert!(TensorFrame::from_f32(0, 0, vec![2, 2], &[1.0; 3], WireDType::F32).is_err());
+}
+
+fn params() -> SeqParams {
+    SeqParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 1,
+        max_tokens: 4,
+        stop_ids: vec![2],
+    }
+}
+
+#[test]
+fn pipeline_snapshots() {
+    let sampled = encode_frame(&Message::Sampled {
+        placement: 5,
+        tokens: vec![SampledToken {
+            seq: 9,
+            pos: 3,
+            token: 42,
+            finish: Finish::Length,
+        }],
+    })
+    .unwrap();
+    let mut want = vec![1 + 8 + 4 + 8 + 4 + 4 + 1, 0, 0, 0, 0x12];
+    want.extend(5u64.to_le_bytes());
+    want.extend(1u32.to_le_bytes());
+    want.extend(9u64.to_le_bytes());
+    want.extend(3u32.to_le_bytes());
+    want.extend(42u32.to_le_bytes());
+    want.push(2);
+    assert_eq!(sampled, want);
+    let end = encode_frame(&Message::EndSeqs {
+        placement: 1,
+        seqs: vec![7],
+    })
+    .unwrap();
+    let mut want = vec![1 + 8 + 4 + 8, 0, 0, 0, 0x13];
+    want.extend(1u64.to_le_bytes());
+    want.extend(1u32.to_le_bytes());
+    want.extend(7u64.to_le_bytes());
+    assert_eq!(end, want);
+    let control = encode_frame(&Message::Control(b"{}".to_vec())).unwrap();
+    assert_eq!(control, [7, 0, 0, 0, 0x15, 2, 0, 0, 0, b'{', b'}']);
+}
+
+/// Encodes a message's body with `edit` applied to it, as a frame.
+fn frame_with(msg: &Message, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut f = encode_frame(msg).unwrap();
+    let mut body = f.split_off(4);
+    edit(&mut body);
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+#[test]
+fn malformed_pipeline_messages_are_typed_errors() {
+    let fwd = Message::Forward(Forward {
+        placement: 1,
+        chunks: vec![SeqChunk {
+            seq: 1,
+            pos: 0,
+            len: 2,
+            params: Some(params()),
+        }],
+        hidden: TensorFrame::from_f32(0, 0, vec![2, 1], &[1.0, 2.0], WireDType::F32).unwrap(),
+    });
+    let bytes = encode_frame(&fwd).unwrap();
+    assert_eq!(decode_frame(&bytes).unwrap().unwrap().0, fwd);
+    // Hidden rows that do not match the chunks' token count.
+    let bad_rows = Message::Forward(Forward {
+        placement: 1,
+        chunks: vec![SeqChunk {
+            seq: 1,
+            pos: 0,
+            len: 3,
+            params: None,
+        }],
+        hidden: TensorFrame::from_f32(0, 0, vec![2, 1], &[1.0, 2.0], WireDType::F32).unwrap(),
+    });
+    let bytes = encode_frame(&bad_rows).unwrap();
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(ProtoError::InvalidField {
+            what: "forward hidden states",
+            ..
+        })
+    ));
+    // A chunk count beyond the limit is refused before reading the chunks.
+    let huge = frame_with(&fwd, |b| {
+        b[9..13].copy_from_slice(&(limits::MAX_BATCH_SEQS as u32 + 1).to_le_bytes())
+    });
+    assert!(matches!(
+        decode_frame(&huge),
+        Err(ProtoError::InvalidField { what: "chunks", .. })
+    ));
+    // A bad params flag.
+    let flag = frame_with(&fwd, |b| b[13 + 16] = 7);
+    assert!(matches!(
+        decode_frame(&flag),
+        Err(ProtoError::InvalidField {
+            what: "chunk params flag",
+            ..
+        })
+    ));
+    // A NaN temperature is refused on both sides.
+    let mut p = params();
+    p.temperature = f32::NAN;
+    let gen_req = Message::Generate(GenerateRequest {
+        placement: 1,
+        prompt: vec![1, 2],
+        params: p,
+    });
+    assert!(encode_frame(&gen_req).is_err());
+    let ok = Message::Generate(GenerateRequest {
+        placement: 1,
+        prompt: vec![1, 2],
+        params: params(),
+    });
+    let nan = frame_with(&ok, |b| {
+        let at = 1 + 8 + 4 + 8;
+        b[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes())
+    });
+    assert!(matches!(
+        decode_frame(&nan),
+        Err(ProtoError::InvalidField {
+            what: "temperature",
+            ..
+        })
+    ));
+    // A prompt that claims more tokens than it carries, or more than the limit.
+    let short = frame_with(&ok, |b| b[9..13].copy_from_slice(&1000u32.to_le_bytes()));
+    assert!(matches!(
+        decode_frame(&short),
+        Err(ProtoError::Truncated { .. })
+    ));
+    let long = frame_with(&ok, |b| {
+        b[9..13].copy_from_slice(&(limits::MAX_PROMPT_TOKENS as u32 + 1).to_le_bytes())
+    });
+    assert!(matches!(
+        decode_frame(&long),
+        Err(ProtoError::InvalidField { what: "prompt", .. })
+    ));
+    // An unknown finish code.
+    let s = Message::Sampled {
+        placement: 0,
+        tokens: vec![SampledToken {
+            seq: 1,
+            pos: 1,
+            token: 1,
+            finish: Finish::No,
+        }],
+    };
+    let bad = frame_with(&s, |b| {
+        let last = b.len() - 1;
+        b[last] = 9
+    });
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(ProtoError::InvalidField { what: "finish", .. })
+    ));
+    // Too many stop ids on encode.
+    let mut p = params();
+    p.stop_ids = vec![0; limits::MAX_STOP_IDS + 1];
+    assert!(
+        encode_frame(&Message::Generate(GenerateRequest {
+            placement: 1,
+            prompt: vec![1],
+            params: p,
+        }))
+        .is_err()
+    );
 }

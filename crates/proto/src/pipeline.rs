@@ -1,0 +1,293 @@
+//! Messages of the inference pipeline: a request entering stage 0,
+//! activations going stage to stage, sampled tokens coming back from the
+//! last stage, and sequences ending. Every list is bounded by a named limit.
+
+use crate::message::Reader;
+use crate::tensor::TensorFrame;
+use crate::{ProtoError, limits};
+
+/// How one sequence is sampled and when it stops; travels with the
+/// sequence's first chunk to the last stage, which owns its sampler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqParams {
+    /// 0 is greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 is off.
+    pub top_k: u32,
+    pub seed: u64,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Tokens that end the sequence (not part of the output); at most
+    /// [`limits::MAX_STOP_IDS`].
+    pub stop_ids: Vec<u32>,
+}
+
+/// The tokens of one sequence in a batch: `len` tokens from position `pos`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqChunk {
+    pub seq: u64,
+    pub pos: u32,
+    pub len: u32,
+    /// Present on the sequence's first chunk (its prompt).
+    pub params: Option<SeqParams>,
+}
+
+/// Why a sequence ended, as the last stage (or a failing stage) says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Not finished: the token is fed back for the next step.
+    No,
+    /// The token is an end token and not part of the output.
+    Stop,
+    /// The token is the last one (token limit or context length).
+    Length,
+    /// A stage failed on this sequence; the token is meaningless.
+    Failed,
+}
+
+impl Finish {
+    fn code(self) -> u8 {
+        match self {
+            Self::No => 0,
+            Self::Stop => 1,
+            Self::Length => 2,
+            Self::Failed => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self, ProtoError> {
+        Ok(match c {
+            0 => Self::No,
+            1 => Self::Stop,
+            2 => Self::Length,
+            3 => Self::Failed,
+            other => {
+                return Err(ProtoError::InvalidField {
+                    what: "finish",
+                    detail: format!("code {other}"),
+                });
+            }
+        })
+    }
+}
+
+/// A token sampled for one sequence at position `pos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampledToken {
+    pub seq: u64,
+    pub pos: u32,
+    pub token: u32,
+    pub finish: Finish,
+}
+
+/// Hidden states of a batch from one stage to the next: the chunks in
+/// order, and `hidden` of shape `[sum of len, hidden_size]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    /// Which placement (layer assignment) the batch runs on.
+    pub placement: u64,
+    pub chunks: Vec<SeqChunk>,
+    pub hidden: TensorFrame,
+}
+
+/// A generation request to stage 0: the prompt's token ids and how to sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub placement: u64,
+    /// At most [`limits::MAX_PROMPT_TOKENS`].
+    pub prompt: Vec<u32>,
+    pub params: SeqParams,
+}
+
+fn bounded(what: &'static str, n: usize, max: usize) -> Result<(), ProtoError> {
+    if n > max {
+        return Err(ProtoError::InvalidField {
+            what,
+            detail: format!("{n} entries, at most {max}"),
+        });
+    }
+    Ok(())
+}
+
+fn put_u32s(out: &mut Vec<u8>, what: &'static str, v: &[u32], max: usize) -> Result<(), ProtoError> {
+    bounded(what, v.len(), max)?;
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+    Ok(())
+}
+
+fn get_u32s(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<Vec<u32>, ProtoError> {
+    let n = r.u32(what)? as usize;
+    bounded(what, n, max)?;
+    // Check the bytes are there before allocating.
+    let bytes = r.take(what, n * 4)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn finite(what: &'static str, v: f32) -> Result<f32, ProtoError> {
+    if !v.is_finite() {
+        return Err(ProtoError::InvalidField {
+            what,
+            detail: format!("{v} is not finite"),
+        });
+    }
+    Ok(v)
+}
+
+impl SeqParams {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        out.extend_from_slice(&finite("temperature", self.temperature)?.to_le_bytes());
+        out.extend_from_slice(&finite("top_p", self.top_p)?.to_le_bytes());
+        out.extend_from_slice(&self.top_k.to_le_bytes());
+        out.extend_from_slice(&self.seed.to_le_bytes());
+        out.extend_from_slice(&self.max_tokens.to_le_bytes());
+        put_u32s(out, "stop ids", &self.stop_ids, limits::MAX_STOP_IDS)
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(Self {
+            temperature: finite("temperature", f32::from_le_bytes(r.array("params")?))?,
+            top_p: finite("top_p", f32::from_le_bytes(r.array("params")?))?,
+            top_k: r.u32("params")?,
+            seed: r.u64("params")?,
+            max_tokens: r.u32("params")?,
+            stop_ids: get_u32s(r, "stop ids", limits::MAX_STOP_IDS)?,
+        })
+    }
+}
+
+impl Forward {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        bounded("chunks", self.chunks.len(), limits::MAX_BATCH_SEQS)?;
+        out.extend_from_slice(&self.placement.to_le_bytes());
+        out.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());
+        for c in &self.chunks {
+            out.extend_from_slice(&c.seq.to_le_bytes());
+            out.extend_from_slice(&c.pos.to_le_bytes());
+            out.extend_from_slice(&c.len.to_le_bytes());
+            match &c.params {
+                None => out.push(0),
+                Some(p) => {
+                    out.push(1);
+                    p.encode(out)?;
+                }
+            }
+        }
+        self.hidden.encode(out)
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
+        let placement = r.u64("forward")?;
+        let n = r.u32("forward")? as usize;
+        bounded("chunks", n, limits::MAX_BATCH_SEQS)?;
+        let mut chunks = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            let seq = r.u64("chunk")?;
+            let pos = r.u32("chunk")?;
+            let len = r.u32("chunk")?;
+            let params = match r.u8("chunk")? {
+                0 => None,
+                1 => Some(SeqParams::decode(r)?),
+                other => {
+                    return Err(ProtoError::InvalidField {
+                        what: "chunk params flag",
+                        detail: format!("{other}"),
+                    });
+                }
+            };
+            chunks.push(SeqChunk {
+                seq,
+                pos,
+                len,
+                params,
+            });
+        }
+        let hidden = TensorFrame::decode(r)?;
+        let tokens: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+        if hidden.shape.len() != 2 || u64::from(hidden.shape[0]) != tokens {
+            return Err(ProtoError::InvalidField {
+                what: "forward hidden states",
+                detail: format!("shape {:?} for {tokens} tokens", hidden.shape),
+            });
+        }
+        Ok(Self {
+            placement,
+            chunks,
+            hidden,
+        })
+    }
+}
+
+pub(crate) fn encode_sampled(
+    out: &mut Vec<u8>,
+    placement: u64,
+    tokens: &[SampledToken],
+) -> Result<(), ProtoError> {
+    bounded("sampled tokens", tokens.len(), limits::MAX_BATCH_SEQS)?;
+    out.extend_from_slice(&placement.to_le_bytes());
+    out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
+    for t in tokens {
+        out.extend_from_slice(&t.seq.to_le_bytes());
+        out.extend_from_slice(&t.pos.to_le_bytes());
+        out.extend_from_slice(&t.token.to_le_bytes());
+        out.push(t.finish.code());
+    }
+    Ok(())
+}
+
+pub(crate) fn decode_sampled(r: &mut Reader<'_>) -> Result<(u64, Vec<SampledToken>), ProtoError> {
+    let placement = r.u64("sampled")?;
+    let n = r.u32("sampled")? as usize;
+    bounded("sampled tokens", n, limits::MAX_BATCH_SEQS)?;
+    let mut tokens = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        tokens.push(SampledToken {
+            seq: r.u64("sampled token")?,
+            pos: r.u32("sampled token")?,
+            token: r.u32("sampled token")?,
+            finish: Finish::from_code(r.u8("sampled token")?)?,
+        });
+    }
+    Ok((placement, tokens))
+}
+
+pub(crate) fn encode_end(out: &mut Vec<u8>, placement: u64, seqs: &[u64]) -> Result<(), ProtoError> {
+    bounded("ended sequences", seqs.len(), limits::MAX_BATCH_SEQS)?;
+    out.extend_from_slice(&placement.to_le_bytes());
+    out.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
+    seqs.iter()
+        .for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
+    Ok(())
+}
+
+pub(crate) fn decode_end(r: &mut Reader<'_>) -> Result<(u64, Vec<u64>), ProtoError> {
+    let placement = r.u64("end")?;
+    let n = r.u32("end")? as usize;
+    bounded("ended sequences", n, limits::MAX_BATCH_SEQS)?;
+    let bytes = r.take("end", n * 8)?;
+    let seqs = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    Ok((placement, seqs))
+}
+
+impl GenerateRequest {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        out.extend_from_slice(&self.placement.to_le_bytes());
+        put_u32s(out, "prompt", &self.prompt, limits::MAX_PROMPT_TOKENS)?;
+        self.params.encode(out)
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(Self {
+            placement: r.u64("generate")?,
+            prompt: get_u32s(r, "prompt", limits::MAX_PROMPT_TOKENS)?,
+            params: SeqParams::decode(r)?,
+        })
+    }
+}
