@@ -59,13 +59,75 @@ fn rate(n: usize, secs: f64) -> f64 {
     if secs > 0.0 { n as f64 / secs } else { 0.0 }
 }
 
+/// A model's text side: tokenizer and chat template (what a node that
+/// takes requests needs, whether or not it holds any layers).
+#[derive(Debug)]
+pub struct ModelText {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    context: usize,
+}
+
+impl ModelText {
+    /// Reads the tokenizer and template of an opened weight file.
+    pub fn load(weights: &WeightFile) -> Result<Self> {
+        let tokenizer = match weights.gguf_metadata() {
+            Some(m) => Tokenizer::from_gguf(m)?,
+            None => Tokenizer::from_dir(weights.path())?,
+        };
+        let tok_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let bos = tok_text(tokenizer.bos_id());
+        let eos = tok_text(tokenizer.eos_ids().first().copied());
+        let template = ChatTemplate::new(tokenizer.chat_template().unwrap_or(CHATML), &bos, &eos)?;
+        Ok(Self {
+            tokenizer,
+            template,
+            context: weights.config().max_position_embeddings,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Longest sequence (prompt + output) the model accepts.
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+
+    /// Renders messages through the model's chat template.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        self.template.render(messages, true)
+    }
+
+    /// Tokenizes a prompt, checking it is non-empty and fits the context.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        if text.trim().is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let ids = self.tokenizer.encode(text)?;
+        if ids.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if ids.len() >= self.context {
+            return Err(ModelError::PromptTooLong {
+                tokens: ids.len(),
+                context: self.context,
+            });
+        }
+        Ok(ids)
+    }
+}
+
 /// A model held whole on this node: weights, tokenizer and chat template.
 #[derive(Debug)]
 pub struct LocalModel {
     pub name: String,
     stage: Stage,
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
+    text: ModelText,
 }
 
 /// Decodes generated ids to text incrementally, holding back text that may
@@ -137,33 +199,23 @@ impl LocalModel {
     /// Loads a `.gguf` file or a safetensors directory as one full stage.
     pub fn load(path: &Path, precision: Precision) -> Result<Self> {
         let weights = WeightFile::open(path)?;
-        let tokenizer = match weights.gguf_metadata() {
-            Some(m) => Tokenizer::from_gguf(m)?,
-            None => Tokenizer::from_dir(path)?,
-        };
-        let tok_text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.id_to_token(i))
-                .unwrap_or_default()
-        };
-        let bos = tok_text(tokenizer.bos_id());
-        let eos = tok_text(tokenizer.eos_ids().first().copied());
-        let template = ChatTemplate::new(tokenizer.chat_template().unwrap_or(CHATML), &bos, &eos)?;
+        let text = ModelText::load(&weights)?;
         let spec = StageSpec::full(weights.config().num_hidden_layers);
         let stage = Stage::load(&weights, spec, precision)?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
-        Ok(Self {
-            name,
-            stage,
-            tokenizer,
-            template,
-        })
+        Ok(Self { name, stage, text })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.text.tokenizer()
+    }
+
+    /// The tokenizer and chat template.
+    pub fn text(&self) -> &ModelText {
+        &self.text
     }
 
     pub fn stage(&self) -> &Stage {
@@ -177,25 +229,12 @@ impl LocalModel {
 
     /// Renders messages through the model's chat template.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
-        self.template.render(messages, true)
+        self.text.render_chat(messages)
     }
 
     /// Tokenizes a prompt, checking it is non-empty and fits the context.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        if text.trim().is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        let ids = self.tokenizer.encode(text)?;
-        if ids.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        if ids.len() >= self.context_length() {
-            return Err(ModelError::PromptTooLong {
-                tokens: ids.len(),
-                context: self.context_length(),
-            });
-        }
-        Ok(ids)
+        self.text.encode_prompt(text)
     }
 
     /// Logits of the last prompt position, for checks against a reference.
@@ -244,12 +283,12 @@ impl LocalModel {
         while out.len() < max_new {
             let row = logits_row(&logits)?;
             let next = sampler.sample(&row);
-            if self.tokenizer.eos_ids().contains(&next) {
+            if self.text.tokenizer.eos_ids().contains(&next) {
                 finish = FinishReason::Stop;
                 break;
             }
             out.push(next);
-            let (piece, stopped) = stream.update(self.tokenizer.decode(&out)?);
+            let (piece, stopped) = stream.update(self.text.tokenizer.decode(&out)?);
             if !piece.is_empty() {
                 on_text(&piece);
             }

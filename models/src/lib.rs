@@ -21,7 +21,7 @@ pub mod weights;
 pub use chat::{ChatTemplate, Message};
 pub use config::Config;
 pub use error::{ModelError, Result};
-pub use generate::{FinishReason, GenerateRequest, Generation, LocalModel};
+pub use generate::{FinishReason, GenerateRequest, Generation, LocalModel, ModelText, TextStream};
 pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};
 pub use stage::{Logits, Precision, Stage, StageInput, StageSpec};

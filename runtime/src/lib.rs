@@ -7,6 +7,7 @@
 
 mod membership;
 mod node;
+pub mod pipeline;
 pub mod profile;
 mod view;
 
@@ -27,4 +28,6 @@ pub enum RuntimeError {
     NoModel,
     #[error("invalid request: {0}")]
     BadRequest(String),
+    #[error(transparent)]
+    Model(#[from] hearth_models::ModelError),
 }

@@ -11,6 +11,10 @@ use hearth_proto::{PROTOCOL_VERSION, stream_kind};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::membership::{self, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Membership, MembershipEvent};
+use crate::pipeline::service::{ServedModel, Service};
+use crate::pipeline::{
+    self, GenStream, GenerateParams, PipelineError, Placement, PlacementPolicy, StageStats,
+};
 use crate::profile::{
     ClusterProfiles, ModelInfo, NodeProfile, PROBE_PERIOD, PlanReport, PlanRequest, ProfileBook,
     plan_report, planner_input,
@@ -32,6 +36,8 @@ pub struct NodeConfig {
     pub model: Option<ModelInfo>,
     /// How often links to members are measured again.
     pub probe_period: Duration,
+    /// How the leader splits the model over the members that hold it.
+    pub placement: PlacementPolicy,
 }
 
 impl NodeConfig {
@@ -47,6 +53,7 @@ impl NodeConfig {
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
             model: None,
             probe_period: PROBE_PERIOD,
+            placement: PlacementPolicy::default(),
         }
     }
 }
@@ -57,7 +64,9 @@ pub struct Node {
     endpoint: Endpoint,
     membership: Membership,
     profiles: ProfileBook,
+    pipeline: Service,
     discoveries: Arc<Vec<Box<dyn Discovery>>>,
+    tasks: Arc<Vec<tokio::task::AbortHandle>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -83,12 +92,18 @@ impl Node {
                 stream_kind::MEMBERSHIP,
                 stream_kind::PROFILE,
                 stream_kind::PROBE,
+                stream_kind::PIPE,
+                stream_kind::GENERATE,
+                stream_kind::CONTROL,
             ],
         )?;
         let mut take = |kind| streams.remove(&kind).ok_or(RuntimeError::Stopped);
         let membership_streams = take(stream_kind::MEMBERSHIP)?;
         let profile_streams = take(stream_kind::PROFILE)?;
         let probe_streams = take(stream_kind::PROBE)?;
+        let pipe_streams = take(stream_kind::PIPE)?;
+        let generate_streams = take(stream_kind::GENERATE)?;
+        let control_streams = take(stream_kind::CONTROL)?;
         let (dtx, drx) = mpsc::channel(256);
         let membership = membership::spawn(
             endpoint.clone(),
@@ -105,9 +120,46 @@ impl Node {
             membership.events(),
             cfg.probe_period,
         );
+        let service = Service::new(endpoint.clone());
         if let Some(info) = cfg.model {
+            service.set_model(served(&info)?);
             profiles.set_model(info);
         }
+        let mut tasks = vec![
+            serve_streams(pipe_streams, service.clone(), pipeline::pipe::serve),
+            serve_streams(generate_streams, service.clone(), pipeline::client::serve),
+            serve_streams(control_streams, service.clone(), pipeline::placer::serve),
+            pipeline::placer::spawn(
+                service.clone(),
+                membership.clone(),
+                profiles.clone(),
+                cfg.placement,
+            )
+            .abort_handle(),
+        ];
+        // A member that leaves takes its stages with it.
+        let mut left = membership.events();
+        let watcher = service.clone();
+        tasks.push(
+            tokio::spawn(async move {
+                loop {
+                    match left.recv().await {
+                        Ok(MembershipEvent::Left {
+                            node_id,
+                            name,
+                            reason,
+                        }) => watcher.peer_lost(
+                            &node_id.to_string(),
+                            &format!("stage node {name} ({}) left: {reason}", node_id.short()),
+                        ),
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+            .abort_handle(),
+        );
         let me = Announcement {
             node_id: endpoint.id(),
             name: cfg.name,
@@ -122,7 +174,9 @@ impl Node {
             endpoint,
             membership,
             profiles,
+            pipeline: service,
             discoveries: Arc::new(cfg.discoveries),
+            tasks: Arc::new(tasks),
         })
     }
 
@@ -148,9 +202,38 @@ impl Node {
     }
 
     /// Sets the model this node serves, with its measured times; members
-    /// see the times with their next profile refresh.
-    pub fn set_model(&self, info: ModelInfo) {
+    /// see the times with their next profile refresh, and the leader places
+    /// the model over the members that hold it.
+    pub fn set_model(&self, info: ModelInfo) -> Result<(), RuntimeError> {
+        self.pipeline.set_model(served(&info)?);
         self.profiles.set_model(info);
+        Ok(())
+    }
+
+    /// Generates on the cluster's active placement: tokens stream on the
+    /// returned channel; dropping it cancels the generation.
+    pub async fn generate(&self, req: GenerateParams) -> Result<GenStream, PipelineError> {
+        pipeline::client::generate(&self.pipeline, req).await
+    }
+
+    /// The placement new requests use, if any.
+    pub fn placement(&self) -> Option<Placement> {
+        self.pipeline.active().map(|p| (*p).clone())
+    }
+
+    /// Waits until a placement is active (for at most `timeout`).
+    pub async fn wait_placement(&self, timeout: Duration) -> Option<Placement> {
+        let mut rx = self.pipeline.watch_active();
+        let found = tokio::time::timeout(timeout, rx.wait_for(|p| p.is_some())).await;
+        match found {
+            Ok(Ok(p)) => p.as_ref().map(|p| (**p).clone()),
+            _ => None,
+        }
+    }
+
+    /// Timings of the stages this node runs.
+    pub fn stage_stats(&self) -> Vec<StageStats> {
+        self.pipeline.stats()
     }
 
     /// Plans the model this node serves over the members that measured it.
@@ -160,7 +243,7 @@ impl Node {
             .workload(&info.config)
             .map_err(RuntimeError::BadRequest)?;
         let view = self.membership.view().await.ok_or(RuntimeError::Stopped)?;
-        let input = planner_input(&self.profiles(&view), &info.times.fingerprint);
+        let input = planner_input(&self.profiles(&view), &info.times);
         Ok(plan_report(&info.cost, input, workload))
     }
 
@@ -176,7 +259,37 @@ impl Node {
             d.stop();
         }
         self.profiles.stop();
+        for t in self.tasks.iter() {
+            t.abort();
+        }
+        self.pipeline.stop();
         self.membership.stop().await;
         self.endpoint.shutdown().await;
     }
+}
+
+fn served(info: &ModelInfo) -> Result<ServedModel, RuntimeError> {
+    let weights = hearth_models::WeightFile::open(&info.path)?;
+    Ok(ServedModel {
+        info: info.clone(),
+        text: hearth_models::ModelText::load(&weights)?,
+    })
+}
+
+/// Runs `handler` on every incoming stream of one kind.
+fn serve_streams<F, Fut>(
+    mut streams: mpsc::Receiver<hearth_net::IncomingStream>,
+    service: Service,
+    handler: F,
+) -> tokio::task::AbortHandle
+where
+    F: Fn(hearth_net::IncomingStream, Service) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Some(s) = streams.recv().await {
+            tokio::spawn(handler(s, service.clone()));
+        }
+    })
+    .abort_handle()
 }

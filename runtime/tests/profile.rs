@@ -136,9 +136,24 @@ fn planner_input_uses_measured_links_and_skips_other_models() -> Result<()> {
     let mut other = t.clone();
     other.fingerprint = "0000".into();
     nodes[2].model = Some(other);
-    let input = planner_input(&ClusterProfiles { nodes }, &t.fingerprint);
+    // A fourth node with the same layout but other weights is left out too.
+    let mut mine = t.clone();
+    mine.content = Some("11".into());
+    let mut changed = mine.clone();
+    changed.content = Some("22".into());
+    nodes
+        .iter_mut()
+        .take(2)
+        .for_each(|n| n.model = Some(mine.clone()));
+    nodes.push(NodeProfile::new("dd".repeat(32), "n3", Some(changed)));
+    let input = planner_input(&ClusterProfiles { nodes }, &mine);
     assert_eq!(input.devices.len(), 2);
-    assert_eq!(input.excluded.len(), 1, "{:?}", input.excluded);
+    assert_eq!(input.excluded.len(), 2, "{:?}", input.excluded);
+    assert!(
+        input.excluded[1].contains("other weights"),
+        "{:?}",
+        input.excluded
+    );
     // Measured one way, used both ways.
     assert_eq!(input.links.bandwidth[0][1], 1e8);
     assert_eq!(input.links.bandwidth[1][0], 1e8);

@@ -146,7 +146,9 @@ pub fn up(args: UpArgs) -> Result<()> {
                             t.layer.decode_s * 1e3,
                             if cached { " (cached profile)" } else { "" }
                         );
-                        node.set_model(info);
+                        if let Err(e) = node.set_model(info) {
+                            eprintln!("warning: cannot serve the model: {e}");
+                        }
                     }
                     Err(e) => eprintln!("warning: no model profile: {e:#}"),
                 }

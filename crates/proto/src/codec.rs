@@ -9,7 +9,10 @@ const PREFIX: usize = 4;
 /// The limit that applies to a frame with this tag.
 fn limit_for(tag: u8) -> usize {
     use crate::message::{TAG_FORWARD, TAG_GENERATE, TAG_PROBE_DATA, TAG_TENSOR};
-    if matches!(tag, TAG_TENSOR | TAG_PROBE_DATA | TAG_FORWARD | TAG_GENERATE) {
+    if matches!(
+        tag,
+        TAG_TENSOR | TAG_PROBE_DATA | TAG_FORWARD | TAG_GENERATE
+    ) {
         limits::MAX_FRAME
     } else {
         limits::MAX_CONTROL_FRAME

@@ -110,10 +110,16 @@ fn bounded(what: &'static str, n: usize, max: usize) -> Result<(), ProtoError> {
     Ok(())
 }
 
-fn put_u32s(out: &mut Vec<u8>, what: &'static str, v: &[u32], max: usize) -> Result<(), ProtoError> {
+fn put_u32s(
+    out: &mut Vec<u8>,
+    what: &'static str,
+    v: &[u32],
+    max: usize,
+) -> Result<(), ProtoError> {
     bounded(what, v.len(), max)?;
     out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+    v.iter()
+        .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
     Ok(())
 }
 
@@ -255,7 +261,11 @@ pub(crate) fn decode_sampled(r: &mut Reader<'_>) -> Result<(u64, Vec<SampledToke
     Ok((placement, tokens))
 }
 
-pub(crate) fn encode_end(out: &mut Vec<u8>, placement: u64, seqs: &[u64]) -> Result<(), ProtoError> {
+pub(crate) fn encode_end(
+    out: &mut Vec<u8>,
+    placement: u64,
+    seqs: &[u64],
+) -> Result<(), ProtoError> {
     bounded("ended sequences", seqs.len(), limits::MAX_BATCH_SEQS)?;
     out.extend_from_slice(&placement.to_le_bytes());
     out.extend_from_slice(&(seqs.len() as u32).to_le_bytes());

@@ -159,11 +159,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
             prop::collection::vec(any::<u32>(), 0..8),
             arb_params()
         )
-            .prop_map(|(placement, prompt, params)| Message::Generate(GenerateRequest {
-                placement,
-                prompt,
-                params
-            })),
+            .prop_map(
+                |(placement, prompt, params)| Message::Generate(GenerateRequest {
+                    placement,
+                    prompt,
+                    params
+                })
+            ),
         prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Control),
     ]
 }

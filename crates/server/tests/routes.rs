@@ -82,7 +82,8 @@ async fn plan_needs_a_model_and_valid_parameters() {
     assert!(e["error"]["message"].as_str().unwrap().contains("no model"));
 
     let dir = tempfile::tempdir().unwrap();
-    n.set_model(hearth_test_utils::cluster::tiny_model_info(dir.path()).unwrap());
+    n.set_model(hearth_test_utils::cluster::tiny_model_info(dir.path()).unwrap())
+        .unwrap();
     for query in [
         "",
         "?workload=inference&sequences=4&context=64",

@@ -145,7 +145,12 @@ pub async fn wait_for_views(
 /// device (cached under `dir`): what a node serving it would hold.
 pub fn tiny_model_info(dir: &std::path::Path) -> Result<ModelInfo> {
     let tiny = crate::tiny_model(dir, crate::TinySpec::default())?;
-    let weights = hearth_models::WeightFile::open(&tiny.gguf_q8_0)?;
+    model_info(&tiny.gguf_q8_0, dir)
+}
+
+/// `path` measured quickly on this device (cached under `dir`).
+pub fn model_info(path: &std::path::Path, dir: &std::path::Path) -> Result<ModelInfo> {
+    let weights = hearth_models::WeightFile::open(path)?;
     let (info, _) = ModelInfo::measure_with(
         &weights,
         &dir.join("profiles"),
@@ -154,4 +159,70 @@ pub fn tiny_model_info(dir: &std::path::Path) -> Result<ModelInfo> {
         &mut |_| {},
     )?;
     Ok(info)
+}
+
+/// Starts `n` nodes on an in-memory network, each serving `info`, and waits
+/// until every one has an active placement of `stages` stages.
+pub async fn pipeline_cluster(
+    n: usize,
+    stages: usize,
+    info: &ModelInfo,
+    policy: hearth_runtime::pipeline::PlacementPolicy,
+) -> Result<Vec<TestNode>> {
+    let net = hearth_discovery::MemoryNetwork::new();
+    let secret = ClusterSecret::generate();
+    let nodes: Vec<TestNode> = (0..n)
+        .map(|i| {
+            let info = info.clone();
+            let policy = policy.clone();
+            TestNode::start_with(
+                &format!("n{i}"),
+                &secret,
+                vec![Box::new(net.discovery())],
+                move |cfg| {
+                    cfg.model = Some(info);
+                    cfg.placement = policy;
+                },
+            )
+        })
+        .collect::<Result<_>>()?;
+    let start = Instant::now();
+    loop {
+        let ok = nodes
+            .iter()
+            .all(|t| t.node.placement().is_some_and(|p| p.stages.len() == stages));
+        if ok {
+            return Ok(nodes);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let got: Vec<_> = nodes.iter().map(|t| t.node.placement()).collect();
+            return Err(anyhow!(
+                "no {stages}-stage placement on all {n} nodes in 60 s: {got:#?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a generation to its end; returns the tokens' summary.
+pub async fn generate_all(
+    node: &Node,
+    params: hearth_runtime::pipeline::GenerateParams,
+    limit: Duration,
+) -> Result<hearth_runtime::pipeline::GenSummary> {
+    use hearth_runtime::pipeline::GenEvent;
+    let mut rx = node.generate(params).await?;
+    let run = async {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                GenEvent::Done(s) => return Ok(s),
+                GenEvent::Failed(e) => return Err(anyhow!("generation failed: {e}")),
+                GenEvent::Token { .. } | GenEvent::Text(_) => {}
+            }
+        }
+        Err(anyhow!("the generation ended without a result"))
+    };
+    tokio::time::timeout(limit, run)
+        .await
+        .map_err(|_| anyhow!("generation did not finish in {limit:?}"))?
 }

@@ -202,5 +202,6 @@ pub fn measure(
         head,
         measured_at: unix_now(),
         took_s: start.elapsed().as_secs_f64(),
+        content: None,
     })
 }

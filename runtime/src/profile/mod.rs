@@ -71,6 +71,11 @@ pub struct ModelTimes {
     pub measured_at: u64,
     /// Wall time the measurement took (seconds).
     pub took_s: f64,
+    /// SHA-256 (first 16 bytes, hex) of the weight file(s): nodes serve a
+    /// model together only when their files are byte-identical. Not part of
+    /// the cached times (the same layout with other weights times the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// A model as this node knows it: measured times, cost profile, config.
@@ -79,6 +84,9 @@ pub struct ModelInfo {
     pub times: ModelTimes,
     pub cost: hearth_partitioner::ModelProfile,
     pub config: hearth_models::Config,
+    /// Where the weights are on this node.
+    #[serde(default)]
+    pub path: std::path::PathBuf,
 }
 
 impl ModelInfo {
@@ -107,12 +115,15 @@ impl ModelInfo {
         fresh: bool,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(Self, bool), ProfileError> {
-        let (times, cached) = profile_model_with(weights, cache_dir, opts, fresh, progress)?;
+        let (mut times, cached) = profile_model_with(weights, cache_dir, opts, fresh, progress)?;
+        progress("hashing the weights");
+        times.content = Some(content_hash(weights.path())?);
         Ok((
             Self {
                 times,
                 cost: model_cost(weights),
                 config: weights.config().clone(),
+                path: weights.path().to_path_buf(),
             },
             cached,
         ))
@@ -189,6 +200,45 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// SHA-256 (first 16 bytes, hex) of a weight file, or of a model
+/// directory's `.safetensors` files and `config.json` in name order.
+pub fn content_hash(path: &std::path::Path) -> Result<String, ProfileError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let io = |p: &std::path::Path| {
+        let path = p.to_path_buf();
+        move |source| ProfileError::Io { path, source }
+    };
+    let files = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(path)
+            .map_err(io(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "safetensors")
+                    || p.file_name().is_some_and(|n| n == "config.json")
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in &files {
+        let mut file = std::fs::File::open(f).map_err(io(f))?;
+        loop {
+            let n = file.read(&mut buf).map_err(io(f))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    let digest = h.finalize();
+    Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A short hash of the model's tensor layout (names, types, shapes, sizes)

@@ -8,7 +8,7 @@ use hearth_partitioner::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::ClusterProfiles;
+use super::{ClusterProfiles, ModelTimes};
 
 /// Bandwidth assumed for a link nobody has measured yet (100 Mbit/s, a
 /// slow home link: an unmeasured link should not attract layers).
@@ -30,8 +30,9 @@ pub struct PlannerInput {
     pub unmeasured_links: Vec<(usize, usize)>,
 }
 
-/// The planner's devices and links for the model with `fingerprint`.
-pub fn planner_input(profiles: &ClusterProfiles, fingerprint: &str) -> PlannerInput {
+/// The planner's devices and links for `model` (the nodes that measured
+/// the same model and, where known, hold byte-identical weights).
+pub fn planner_input(profiles: &ClusterProfiles, model: &ModelTimes) -> PlannerInput {
     let mut node_ids = Vec::new();
     let mut devices = Vec::new();
     let mut excluded = Vec::new();
@@ -41,9 +42,18 @@ pub fn planner_input(profiles: &ClusterProfiles, fingerprint: &str) -> PlannerIn
             excluded.push(format!("{}: has not measured a model", p.name));
             continue;
         };
-        if times.fingerprint != fingerprint {
+        if times.fingerprint != model.fingerprint {
             excluded.push(format!(
                 "{}: measured another model ({})",
+                p.name, times.model
+            ));
+            continue;
+        }
+        if let (Some(a), Some(b)) = (&times.content, &model.content)
+            && a != b
+        {
+            excluded.push(format!(
+                "{}: its copy of {} has other weights (content {a}, expected {b})",
                 p.name, times.model
             ));
             continue;

@@ -1,0 +1,473 @@
+//! The requester's side: tokenize, hand the prompt to stage 0 (in process,
+//! or over a `GENERATE` stream to the member running it), and turn the
+//! sampled tokens into text, with stop strings and cancellation. Also stage
+//! 0's side of the `GENERATE` stream.
+
+use std::time::{Duration, Instant};
+
+use hearth_models::{FinishReason, Message as ChatMessage, SamplingParams, TextStream};
+use hearth_net::framed::{read_message, write_message};
+use hearth_net::{IncomingStream, NodeId};
+use hearth_proto::{
+    Finish, GenerateRequest, Message, Refusal, SampledToken, SeqParams, limits, stream_kind,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+use super::router::{RouterMsg, SeqOut};
+use super::service::Service;
+use super::{PipelineError, finish_reason, to_seq_params};
+
+/// Refusal codes on a `GENERATE` stream.
+pub mod refusal {
+    /// No stage 0 of that placement here (re-planned meanwhile).
+    pub const NOT_READY: u16 = 100;
+    /// Too many sequences in flight.
+    pub const BUSY: u16 = 101;
+    /// The request is invalid.
+    pub const BAD_REQUEST: u16 = 102;
+    /// The pipeline failed on the sequence.
+    pub const FAILED: u16 = 103;
+}
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Plain text, tokenized as is.
+    Text(String),
+    /// Chat messages, rendered by the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Token ids.
+    Tokens(Vec<u32>),
+}
+
+/// A generation request to the cluster.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: Prompt,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop strings (the text is cut before the first one).
+    pub stop: Vec<String>,
+}
+
+/// What a generation yields, in order: tokens, then `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// A generated token and the text that became final with it (may be empty).
+    Token {
+        id: u32,
+        text: String,
+    },
+    /// Text held back until the end (a possible stop string that was not).
+    Text(String),
+    Done(GenSummary),
+    Failed(String),
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenSummary {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Seconds until the first token (prefill through every stage).
+    pub prefill_secs: f64,
+    /// Seconds from the first token to the last.
+    pub decode_secs: f64,
+    /// The placement that ran it, and how many stages it has.
+    pub placement: u64,
+    pub stages: usize,
+}
+
+impl GenSummary {
+    /// Generated tokens per second after the first one.
+    pub fn decode_tok_per_s(&self) -> f64 {
+        let n = self.token_ids.len().saturating_sub(1);
+        if self.decode_secs > 0.0 {
+            n as f64 / self.decode_secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The events of one generation; dropping it cancels the generation.
+pub type GenStream = mpsc::Receiver<GenEvent>;
+
+/// Starts a generation on the active placement.
+pub(crate) async fn generate(
+    service: &Service,
+    req: GenerateParams,
+) -> Result<GenStream, PipelineError> {
+    let model = service.model().ok_or(PipelineError::NoModel)?;
+    let text = &model.text;
+    let ids = match &req.prompt {
+        Prompt::Text(t) => text.encode_prompt(t)?,
+        Prompt::Chat(m) => text.encode_prompt(&text.render_chat(m)?)?,
+        Prompt::Tokens(t) => {
+            if t.is_empty() {
+                return Err(PipelineError::BadRequest("empty prompt".into()));
+            }
+            if t.len() >= text.context_length() {
+                return Err(PipelineError::BadRequest(format!(
+                    "the prompt has {} tokens; the model's context is {}",
+                    t.len(),
+                    text.context_length()
+                )));
+            }
+            t.clone()
+        }
+    };
+    if ids.len() > limits::MAX_PROMPT_TOKENS {
+        return Err(PipelineError::BadRequest(format!(
+            "the prompt has {} tokens, at most {} are accepted",
+            ids.len(),
+            limits::MAX_PROMPT_TOKENS
+        )));
+    }
+    if req.max_tokens == 0 {
+        return Err(PipelineError::BadRequest(
+            "max_tokens must be at least 1".into(),
+        ));
+    }
+    req.sampling
+        .validate()
+        .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+    let placement = service.active().ok_or(PipelineError::NotReady)?;
+    let stop_ids = text.tokenizer().eos_ids().to_vec();
+    let params = to_seq_params(&req.sampling, req.max_tokens, &stop_ids);
+    let prompt_tokens = ids.len();
+    let (tok_tx, tok_rx) = mpsc::unbounded_channel::<SeqOut>();
+    let started = Instant::now();
+    let first = &placement.stages[0].node_id;
+    let cancel: Box<dyn FnOnce() + Send> = if first == service.me() {
+        let stage = service.stage(placement.id).ok_or(PipelineError::NotReady)?;
+        let router = stage.router.clone().ok_or(PipelineError::NotReady)?;
+        let (reply, rx) = oneshot::channel();
+        router
+            .send(RouterMsg::Admit {
+                prompt: ids,
+                params,
+                sink: tok_tx,
+                reply,
+            })
+            .map_err(|_| PipelineError::NotReady)?;
+        let seq = rx.await.map_err(|_| PipelineError::NotReady)??;
+        Box::new(move || {
+            let _ = router.send(RouterMsg::Cancel(seq));
+        })
+    } else {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        remote(service, first, placement.id, ids, params, tok_tx, stop_rx).await?;
+        Box::new(move || {
+            let _ = stop_tx.send(());
+        })
+    };
+    let (tx, rx) = mpsc::channel(256);
+    let tokenizer = model.clone();
+    let stages = placement.stages.len();
+    let placement_id = placement.id;
+    tokio::spawn(async move {
+        let mut tok_rx = tok_rx;
+        let mut stream = TextStream::new(req.stop.clone());
+        let mut out: Vec<u32> = Vec::new();
+        let mut first_at: Option<Instant> = None;
+        let mut cancel = Some(cancel);
+        let finish = 'outer: loop {
+            let Some(item) = tok_rx.recv().await else {
+                break Err("the pipeline closed the sequence".to_string());
+            };
+            let tokens = match item {
+                SeqOut::Failed(why) => break Err(why),
+                SeqOut::Tokens(t) => t,
+            };
+            for t in tokens {
+                first_at.get_or_insert_with(Instant::now);
+                if t.finish == Finish::Failed {
+                    break 'outer Err("a stage failed on this sequence".into());
+                }
+                if t.finish == Finish::Stop {
+                    break 'outer Ok(FinishReason::Stop);
+                }
+                out.push(t.token);
+                let decoded = tokenizer.text.tokenizer().decode(&out).unwrap_or_default();
+                let (piece, stopped) = stream.update(decoded);
+                if tx
+                    .send(GenEvent::Token {
+                        id: t.token,
+                        text: piece,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break 'outer Err("the client went away".into());
+                }
+                if stopped {
+                    break 'outer Ok(FinishReason::Stop);
+                }
+                if let Some(r) = finish_reason(t.finish) {
+                    break 'outer Ok(r);
+                }
+            }
+        };
+        let ended = Instant::now();
+        match finish {
+            Ok(reason) => {
+                // A stop string ends it early: tell stage 0.
+                if let Some(c) = cancel.take() {
+                    c();
+                }
+                let rest = stream.flush();
+                if !rest.is_empty() {
+                    let _ = tx.send(GenEvent::Text(rest)).await;
+                }
+                let first = first_at.unwrap_or(ended);
+                let _ = tx
+                    .send(GenEvent::Done(GenSummary {
+                        text: stream.text().to_string(),
+                        token_ids: out,
+                        finish_reason: reason,
+                        prompt_tokens,
+                        prefill_secs: (first - started).as_secs_f64(),
+                        decode_secs: (ended - first).as_secs_f64(),
+                        placement: placement_id,
+                        stages,
+                    }))
+                    .await;
+            }
+            Err(why) => {
+                if let Some(c) = cancel.take() {
+                    c();
+                }
+                let _ = tx.send(GenEvent::Failed(why)).await;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Sends the request to the member running stage 0 and relays its tokens
+/// to `sink` until the sequence ends or `stop` fires.
+async fn remote(
+    service: &Service,
+    node: &str,
+    placement: u64,
+    prompt: Vec<u32>,
+    params: SeqParams,
+    sink: mpsc::UnboundedSender<SeqOut>,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<(), PipelineError> {
+    let id: NodeId = node
+        .parse()
+        .map_err(|e| PipelineError::Failed(format!("node id {node}: {e}")))?;
+    let conn = service.endpoint().peer(id).ok_or_else(|| {
+        PipelineError::Failed(format!("no connection to stage 0 ({})", id.short()))
+    })?;
+    let (mut send, mut recv) = conn
+        .open(stream_kind::GENERATE)
+        .await
+        .map_err(|e| PipelineError::Failed(e.to_string()))?;
+    write_message(
+        &mut send,
+        &Message::Generate(GenerateRequest {
+            placement,
+            prompt,
+            params,
+        }),
+    )
+    .await
+    .map_err(|e| PipelineError::Failed(e.to_string()))?;
+    // The first reply says whether the request was admitted.
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_message(&mut recv, limits::MAX_CONTROL_FRAME),
+    )
+    .await
+    .map_err(|_| PipelineError::Failed("stage 0 did not answer".into()))?
+    .map_err(|e| PipelineError::Failed(e.to_string()))?;
+    let first = match first {
+        Some(Message::Sampled { tokens, .. }) => tokens,
+        Some(Message::Refuse(r)) => return Err(refused(&r)),
+        Some(other) => {
+            return Err(PipelineError::Failed(format!(
+                "stage 0 answered with {}",
+                other.name()
+            )));
+        }
+        None => return Err(PipelineError::Failed("stage 0 closed the request".into())),
+    };
+    tokio::spawn(async move {
+        if !first.is_empty() && sink.send(SeqOut::Tokens(first)).is_err() {
+            return;
+        }
+        loop {
+            let msg = tokio::select! {
+                m = read_message(&mut recv, limits::MAX_CONTROL_FRAME) => m,
+                _ = &mut stop => {
+                    let _ = send.reset(0u32.into());
+                    return;
+                }
+            };
+            let out = match msg {
+                Ok(Some(Message::Sampled { tokens, .. })) => SeqOut::Tokens(tokens),
+                Ok(Some(Message::Refuse(r))) => SeqOut::Failed(refused(&r).to_string()),
+                Ok(Some(other)) => SeqOut::Failed(format!("stage 0 sent {}", other.name())),
+                Ok(None) => return,
+                Err(e) => SeqOut::Failed(format!("lost stage 0: {e}")),
+            };
+            let end = matches!(out, SeqOut::Failed(_));
+            if sink.send(out).is_err() || end {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn refused(r: &Refusal) -> PipelineError {
+    match r.code {
+        refusal::NOT_READY => PipelineError::NotReady,
+        refusal::BUSY => PipelineError::Busy(super::MAX_IN_FLIGHT),
+        refusal::BAD_REQUEST => PipelineError::BadRequest(r.reason.clone()),
+        _ => PipelineError::Failed(r.reason.clone()),
+    }
+}
+
+/// Stage 0's side of a `GENERATE` stream: admit, then stream the tokens;
+/// the requester closing the stream cancels the sequence.
+pub(crate) async fn serve(stream: IncomingStream, service: Service) {
+    let IncomingStream {
+        peer,
+        mut send,
+        mut recv,
+    } = stream;
+    let refuse = |code: u16, reason: String| Message::Refuse(Refusal { code, reason });
+    let req = match tokio::time::timeout(
+        Duration::from_secs(10),
+        read_message(&mut recv, limits::MAX_FRAME),
+    )
+    .await
+    {
+        Ok(Ok(Some(Message::Generate(g)))) => g,
+        Ok(Ok(other)) => {
+            debug!("generate stream from {}: {other:?}", peer.node_id.short());
+            let _ = write_message(
+                &mut send,
+                &refuse(refusal::BAD_REQUEST, "expected a generate request".into()),
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+        Ok(Err(e)) => {
+            let _ = write_message(&mut send, &refuse(refusal::BAD_REQUEST, e.to_string())).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => return,
+    };
+    let router = service
+        .stage(req.placement)
+        .filter(|s| s.index == 0)
+        .and_then(|s| s.router.clone());
+    let Some(router) = router else {
+        let _ = write_message(
+            &mut send,
+            &refuse(
+                refusal::NOT_READY,
+                "no stage 0 of that placement here".into(),
+            ),
+        )
+        .await;
+        let _ = send.finish();
+        return;
+    };
+    if req.prompt.is_empty() {
+        let _ = write_message(
+            &mut send,
+            &refuse(refusal::BAD_REQUEST, "empty prompt".into()),
+        )
+        .await;
+        let _ = send.finish();
+        return;
+    }
+    let (tok_tx, mut tok_rx) = mpsc::unbounded_channel();
+    let (reply, rx) = oneshot::channel();
+    if router
+        .send(RouterMsg::Admit {
+            prompt: req.prompt,
+            params: req.params,
+            sink: tok_tx,
+            reply,
+        })
+        .is_err()
+    {
+        let _ = write_message(
+            &mut send,
+            &refuse(refusal::NOT_READY, "the stage stopped".into()),
+        )
+        .await;
+        return;
+    }
+    let seq = match rx.await {
+        Ok(Ok(seq)) => seq,
+        Ok(Err(e)) => {
+            let code = match e {
+                PipelineError::Busy(_) => refusal::BUSY,
+                PipelineError::BadRequest(_) => refusal::BAD_REQUEST,
+                _ => refusal::FAILED,
+            };
+            let _ = write_message(&mut send, &refuse(code, e.to_string())).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => return,
+    };
+    // Admitted: say so at once with an empty batch.
+    let placement = req.placement;
+    let ack = Message::Sampled {
+        placement,
+        tokens: Vec::new(),
+    };
+    if write_message(&mut send, &ack).await.is_err() {
+        let _ = router.send(RouterMsg::Cancel(seq));
+        return;
+    }
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            out = tok_rx.recv() => {
+                let msg = match out {
+                    Some(SeqOut::Tokens(tokens)) => {
+                        let done = tokens.iter().any(|t: &SampledToken| t.finish != Finish::No);
+                        let m = Message::Sampled { placement, tokens };
+                        if write_message(&mut send, &m).await.is_err() {
+                            let _ = router.send(RouterMsg::Cancel(seq));
+                            return;
+                        }
+                        if done {
+                            let _ = send.finish();
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(SeqOut::Failed(why)) => refuse(refusal::FAILED, why),
+                    None => refuse(refusal::FAILED, "the stage stopped".into()),
+                };
+                let _ = write_message(&mut send, &msg).await;
+                let _ = send.finish();
+                return;
+            }
+            // The requester sends nothing more: any end of its side
+            // (finish, reset, lost connection) cancels.
+            _ = recv.read(&mut probe) => {
+                debug!(seq, "requester closed the stream: cancelling");
+                let _ = router.send(RouterMsg::Cancel(seq));
+                return;
+            }
+        }
+    }
+}

