@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use hearth_discovery::{Discovery, MdnsDiscovery, StaticDiscovery};
 use hearth_net::{ClusterSecret, Identity};
+use hearth_runtime::pipeline::PlacementPolicy;
 use hearth_runtime::{ClusterView, MemberState, MembershipEvent, Node, NodeConfig};
 
 /// Default QUIC address: every interface, so the LAN can reach the node.
@@ -59,8 +60,32 @@ pub struct UpArgs {
     /// model directory, or the default model's name (fetched when missing).
     #[arg(long)]
     model: Option<String>,
+    /// Start N nodes in this process (real QUIC on loopback, their own
+    /// cluster under HOME/local) and split the model across them.
+    #[arg(long, value_name = "N")]
+    local: Option<usize>,
+    /// How the leader splits the model: `plan` (the partitioner over
+    /// measured profiles) or `even` (equal layer ranges over every node)
+    /// [default: plan; even with --local, whose nodes share one machine].
+    #[arg(long, value_name = "HOW")]
+    split: Option<Split>,
     #[command(flatten)]
     home: HomeArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    Plan,
+    Even,
+}
+
+impl Split {
+    fn policy(self) -> PlacementPolicy {
+        match self {
+            Self::Plan => PlacementPolicy::default(),
+            Self::Even => PlacementPolicy::Even,
+        }
+    }
 }
 
 pub fn host_name() -> String {
@@ -89,6 +114,9 @@ fn cluster_secret(home: &Path, join: Option<&str>) -> Result<(ClusterSecret, &'s
 }
 
 pub fn up(args: UpArgs) -> Result<()> {
+    if let Some(n) = args.local {
+        return up_local(args, n);
+    }
     let home = args.home.dir();
     let (secret, origin) = cluster_secret(&home, args.join.as_deref())?;
     let identity = Identity::load_or_create(&home.join("node"))?;
@@ -105,6 +133,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         let mut cfg = NodeConfig::new(name.clone(), identity, secret.clone());
         cfg.quic = args.quic;
         cfg.discoveries = discoveries;
+        cfg.placement = args.split.unwrap_or(Split::Plan).policy();
         let listener = hearth_server::Listener::bind(args.http).await?;
         let node = Node::start(cfg).await?;
         let quic = node.endpoint().local_addr()?;
@@ -126,6 +155,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         println!("  QUIC       {quic}");
         println!("  HTTP       http://{http}/api/cluster");
         println!("  discovery  {discovery}");
+        let placements = tokio::spawn(print_placements(node.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(listener.serve(hearth_server::router(node.clone()), async {
             let _ = stop_rx.await;
@@ -186,6 +216,122 @@ pub fn up(args: UpArgs) -> Result<()> {
         let _ = stop_tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
         printer.abort();
+        placements.abort();
+        drop(profiler);
+        anyhow::Ok(())
+    })
+}
+
+/// Prints each placement as it becomes active.
+async fn print_placements(node: Node) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let p = node.placement();
+        let id = p.as_ref().map(|p| p.id);
+        if id == last {
+            continue;
+        }
+        last = id;
+        match p {
+            Some(p) => {
+                let split: Vec<String> = p
+                    .stages
+                    .iter()
+                    .map(|s| format!("{} layers {}..{}", s.name, s.spec.start, s.spec.end))
+                    .collect();
+                println!(
+                    "  serving    {} in {} stage(s): {}",
+                    p.model,
+                    p.stages.len(),
+                    split.join(" → ")
+                );
+            }
+            None => println!("  serving    nothing (re-placing the model)"),
+        }
+    }
+}
+
+/// `hearth up --local N`: N nodes in this process, one cluster, one model.
+fn up_local(args: UpArgs, n: usize) -> Result<()> {
+    if !(1..=16).contains(&n) {
+        bail!("--local takes 1 to 16 nodes, got {n}");
+    }
+    if !args.peers.is_empty() || args.join.is_some() {
+        bail!("--local starts its own cluster: it takes neither --peer nor --join");
+    }
+    let home = args.home.dir().join("local");
+    let (secret, _) = ClusterSecret::load_or_create(&secret_path(&home))?;
+    let policy = args.split.unwrap_or(Split::Even).policy();
+    let host = args.name.clone().unwrap_or_else(host_name);
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = hearth_server::Listener::bind(args.http).await?;
+        let http = listener.local_addr().unwrap_or(args.http);
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut first: Option<SocketAddr> = None;
+        for i in 0..n {
+            let identity = Identity::load_or_create(&home.join(format!("node-{i}")).join("node"))?;
+            let mut cfg = NodeConfig::new(format!("{host}-{i}"), identity, secret.clone());
+            cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
+            cfg.placement = policy.clone();
+            if let Some(a) = first {
+                cfg.discoveries = vec![Box::new(StaticDiscovery::new(vec![a.to_string()])?)];
+            }
+            let node = Node::start(cfg).await?;
+            first.get_or_insert(node.endpoint().local_addr()?);
+            nodes.push(node);
+        }
+        println!("hearth: {n} local node(s) on loopback");
+        for node in &nodes {
+            println!("  {} ({})  QUIC {}", node.endpoint().name(), node.id().short(), node.endpoint().local_addr()?);
+        }
+        println!("  HTTP       http://{http}/api/cluster");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(listener.serve(hearth_server::router(nodes[0].clone()), async {
+            let _ = stop_rx.await;
+        }));
+        let placements = tokio::spawn(print_placements(nodes[0].clone()));
+        let profiler = {
+            let nodes = nodes.clone();
+            let model = args.model.clone();
+            tokio::task::spawn_blocking(move || {
+                match crate::profile::measure_model(model.as_deref(), false) {
+                    Ok((info, _)) => {
+                        println!(
+                            "  model      {} ({} layers) measured; placing it across the nodes",
+                            info.times.model,
+                            info.cost.layers.len()
+                        );
+                        for node in &nodes {
+                            if let Err(e) = node.set_model(info.clone()) {
+                                eprintln!("warning: cannot serve the model: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => eprintln!("error: no model to serve: {e:#}"),
+                }
+            })
+        };
+        let ready = {
+            let node = nodes[0].clone();
+            tokio::spawn(async move {
+                if node.wait_placement(Duration::from_secs(3600)).await.is_some() {
+                    println!(
+                        "ready: hearth generate --cluster {http} --prompt \"Why is the sky blue?\""
+                    );
+                }
+            })
+        };
+        wait_for_signal().await;
+        println!("shutting down");
+        for node in &nodes {
+            node.shutdown().await;
+        }
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+        placements.abort();
+        ready.abort();
         drop(profiler);
         anyhow::Ok(())
     })

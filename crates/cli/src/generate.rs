@@ -43,6 +43,10 @@ pub struct Args {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Send the request to a running cluster at this HTTP address
+    /// (`hearth up`) instead of loading the model here.
+    #[arg(long, value_name = "ADDR")]
+    cluster: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -61,6 +65,9 @@ struct JsonOut<'a> {
 pub fn run(args: Args) -> Result<()> {
     if args.prompt.trim().is_empty() {
         anyhow::bail!("the prompt is empty");
+    }
+    if let Some(addr) = args.cluster.clone() {
+        return run_cluster(&addr, &args);
     }
     let path = store::resolve(
         args.model.as_deref(),
@@ -133,4 +140,122 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--cluster ADDR`: the same request through a running cluster's
+/// `POST /api/generate`, streamed as NDJSON.
+fn run_cluster(addr: &str, args: &Args) -> Result<()> {
+    use std::io::BufRead;
+    if args.f32 {
+        anyhow::bail!("--f32 applies to a model loaded here, not to --cluster");
+    }
+    let base = crate::cluster::base_url(addr);
+    let url = format!("{base}/api/generate");
+    let mut body = serde_json::json!({
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+        "stream": true,
+    });
+    if args.raw {
+        body["prompt"] = args.prompt.clone().into();
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &args.system {
+            msgs.push(Message::new("system", s.clone()));
+        }
+        msgs.push(Message::new("user", args.prompt.clone()));
+        body["messages"] = serde_json::to_value(msgs)?;
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(std::time::Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .post(&url)
+        .send_json(&body)
+        .with_context(|| format!("no Hearth node answers at {base} (is `hearth up` running?)"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let v: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+        let msg = v["error"]["message"].as_str().unwrap_or("no details").to_string();
+        anyhow::bail!("the cluster refused the request ({status}): {msg}");
+    }
+    let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+    let mut stdout = std::io::stdout().lock();
+    for line in reader.lines() {
+        let line = line.context("reading the cluster's answer")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ev: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("bad event from the cluster: {line}"))?;
+        if let Some(e) = ev.get("error") {
+            anyhow::bail!("generation failed: {}", e.as_str().unwrap_or("unknown error"));
+        }
+        if let Some(done) = ev.get("done") {
+            let s: Summary = serde_json::from_value(done.clone())?;
+            let decode = if s.decode_secs > 0.0 {
+                s.token_ids.len().saturating_sub(1) as f64 / s.decode_secs
+            } else {
+                0.0
+            };
+            let prefill = if s.prefill_secs > 0.0 {
+                s.prompt_tokens as f64 / s.prefill_secs
+            } else {
+                0.0
+            };
+            if args.json {
+                let out = JsonOut {
+                    model: &s.model,
+                    text: &s.text,
+                    prompt_token_ids: &s.prompt_token_ids,
+                    token_ids: &s.token_ids,
+                    prompt_tokens: s.prompt_tokens,
+                    completion_tokens: s.token_ids.len(),
+                    finish_reason: s.finish_reason,
+                    prefill_tok_per_s: prefill,
+                    decode_tok_per_s: decode,
+                };
+                writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
+            } else {
+                writeln!(stdout)?;
+                eprintln!(
+                    "[{} prompt tokens, {:.1} tok/s prefill; {} tokens, {:.1} tok/s decode; {:?}; {} stage(s)]",
+                    s.prompt_tokens,
+                    prefill,
+                    s.token_ids.len(),
+                    decode,
+                    s.finish_reason,
+                    s.stages
+                );
+            }
+            return Ok(());
+        }
+        if !args.json
+            && let Some(t) = ev.get("text").and_then(|t| t.as_str())
+        {
+            stdout.write_all(t.as_bytes())?;
+            stdout.flush()?;
+        }
+    }
+    anyhow::bail!("the cluster closed the answer before it was done")
+}
+
+/// The `done` event of `POST /api/generate`.
+#[derive(serde::Deserialize)]
+struct Summary {
+    model: String,
+    text: String,
+    prompt_token_ids: Vec<u32>,
+    token_ids: Vec<u32>,
+    finish_reason: hearth_models::FinishReason,
+    prompt_tokens: usize,
+    prefill_secs: f64,
+    decode_secs: f64,
+    stages: usize,
 }

@@ -1,7 +1,8 @@
 //! Hearth's HTTP server: the only crate that knows HTTP. Today it serves
 //! the cluster control API (`GET /api/cluster`, `GET /api/plan`,
-//! `GET /health`); the OpenAI-compatible API and the web UI come with
-//! issue #6.
+//! `GET /health`) and Hearth's own generation endpoint
+//! (`POST /api/generate`, used by `hearth generate --cluster`); the
+//! OpenAI-compatible API and the web UI come with issue #6.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::net::SocketAddr;
@@ -11,12 +12,14 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use hearth_runtime::profile::PlanRequest;
 use hearth_runtime::{Node, RuntimeError};
 use serde_json::json;
 use tracing::info;
+
+mod generate;
 
 /// Errors serving HTTP.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,7 @@ pub fn router(node: Node) -> Router {
     Router::new()
         .route("/api/cluster", get(cluster))
         .route("/api/plan", get(plan))
+        .route("/api/generate", post(generate::generate))
         .route("/health", get(health))
         .with_state(node)
 }
@@ -51,7 +55,7 @@ async fn cluster(State(node): State<Node>) -> Response {
     }
 }
 
-fn error(status: StatusCode, kind: &str, message: String) -> Response {
+pub(crate) fn error(status: StatusCode, kind: &str, message: String) -> Response {
     (
         status,
         Json(json!({"error": {"message": message, "type": kind}})),

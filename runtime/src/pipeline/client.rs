@@ -69,7 +69,10 @@ pub enum GenEvent {
 /// A finished generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenSummary {
+    /// The placed model's name.
+    pub model: String,
     pub text: String,
+    pub prompt_token_ids: Vec<u32>,
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
@@ -140,6 +143,8 @@ pub(crate) async fn generate(
     let stop_ids = text.tokenizer().eos_ids().to_vec();
     let params = to_seq_params(&req.sampling, req.max_tokens, &stop_ids);
     let prompt_tokens = ids.len();
+    let prompt_token_ids = ids.clone();
+    let model_name = placement.model.clone();
     let (tok_tx, tok_rx) = mpsc::unbounded_channel::<SeqOut>();
     let started = Instant::now();
     let first = &placement.stages[0].node_id;
@@ -227,7 +232,9 @@ pub(crate) async fn generate(
                 let first = first_at.unwrap_or(ended);
                 let _ = tx
                     .send(GenEvent::Done(GenSummary {
+                        model: model_name,
                         text: stream.text().to_string(),
+                        prompt_token_ids,
                         token_ids: out,
                         finish_reason: reason,
                         prompt_tokens,

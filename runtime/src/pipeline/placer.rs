@@ -216,12 +216,15 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
     let _ = send.finish();
 }
 
+/// Stages as (device index, layers), and the planner's predicted step time.
+type Decision = (Vec<(usize, StageSpec)>, Option<f64>);
+
 /// Splits `layers` into the stages of `policy` over `input`'s devices.
 pub(crate) fn decide(
     policy: &PlacementPolicy,
     input: &PlannerInput,
     info: &crate::profile::ModelInfo,
-) -> Result<(Vec<(usize, StageSpec)>, Option<f64>), String> {
+) -> Result<Decision, String> {
     let layers = info.config.num_hidden_layers;
     match policy {
         PlacementPolicy::Even => {
