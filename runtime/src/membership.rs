@@ -591,6 +591,7 @@ impl Actor {
                 .chain(ids.into_iter().filter_map(|id| self.member_view(id)))
                 .collect(),
             profiles: None,
+            placement: None,
         }
     }
 }

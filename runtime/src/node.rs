@@ -192,6 +192,7 @@ impl Node {
     pub async fn view(&self) -> Result<ClusterView, RuntimeError> {
         let mut view = self.membership.view().await.ok_or(RuntimeError::Stopped)?;
         view.profiles = Some(self.profiles(&view));
+        view.placement = self.placement();
         Ok(view)
     }
 

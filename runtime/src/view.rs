@@ -49,4 +49,7 @@ pub struct ClusterView {
     /// node and the members it has received them from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profiles: Option<ClusterProfiles>,
+    /// Which member runs which layers of the served model, if placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::pipeline::Placement>,
 }

@@ -9,7 +9,7 @@ use anyhow::Result;
 use hearth_discovery::{Discovery, MemoryNetwork, StaticDiscovery};
 use hearth_net::ClusterSecret;
 use hearth_runtime::{MemberState, MembershipEvent};
-use hearth_test_utils::cluster::{TestNode, wait_for_views};
+use hearth_test_utils::cluster::{TestNode, rogue_member, wait_for_views};
 
 fn mem(net: &MemoryNetwork) -> Vec<Box<dyn Discovery>> {
     vec![Box::new(net.discovery())]
@@ -154,25 +154,6 @@ async fn a_node_with_another_secret_never_joins() -> Result<()> {
     assert_eq!(x.view().await?.members.len(), 1);
     assert!(x.node.endpoint().peers().is_empty());
     Ok(())
-}
-
-/// An authenticated member that speaks nonsense, connected to `a`; no
-/// handlers of its own.
-async fn rogue_member(
-    secret: &ClusterSecret,
-    a: &TestNode,
-) -> Result<(hearth_net::Endpoint, hearth_net::PeerConn)> {
-    let (rogue, _rx) = hearth_net::Endpoint::bind(
-        hearth_net::EndpointConfig {
-            identity: hearth_net::Identity::generate()?,
-            secret: secret.clone(),
-            name: "rogue".into(),
-            bind: "127.0.0.1:0".parse()?,
-        },
-        &[],
-    )?;
-    let conn = rogue.connect(a.node.endpoint().local_addr()?).await?;
-    Ok((rogue, conn))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

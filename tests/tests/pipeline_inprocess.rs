@@ -219,3 +219,132 @@ async fn real_model_pipelines_match_single_node() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
+    use hearth_net::ClusterSecret;
+    use hearth_net::framed::read_message;
+    use hearth_proto::{
+        Forward, GenerateRequest as WireGenerate, Message, SeqChunk, SeqParams, TensorFrame,
+        WireDType, encode_frame, limits, stream_kind,
+    };
+    use hearth_test_utils::cluster::{pipeline_cluster_in, rogue_member};
+
+    let dir = tempfile::tempdir()?;
+    let info = tiny_model_info(dir.path())?;
+    let secret = ClusterSecret::generate();
+    let nodes = pipeline_cluster_in(&secret, 2, 2, &info, PlacementPolicy::Even).await?;
+    let placement = nodes[0].node.placement().unwrap();
+    let prompt = vec![3, 1, 4, 1, 5];
+    let want = generate_all(&nodes[0].node, greedy(prompt.clone(), 20), Duration::from_secs(30))
+        .await?
+        .token_ids;
+    let params = SeqParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+        max_tokens: 5,
+        stop_ids: vec![],
+    };
+    for t in &nodes {
+        let (rogue, conn) = rogue_member(&secret, t).await?;
+        // Pipe: garbage, an oversize prefix, and well-formed messages the
+        // rogue may not send (it runs no stage of the placement).
+        let hidden = TensorFrame::from_f32(0, 0, vec![1, 64], &[0.5; 64], WireDType::F32)?;
+        let forward = Message::Forward(Forward {
+            placement: placement.id,
+            chunks: vec![SeqChunk {
+                seq: 1,
+                pos: 0,
+                len: 1,
+                params: Some(params.clone()),
+            }],
+            hidden,
+        });
+        let pipe_payloads: Vec<Vec<u8>> = vec![
+            vec![0xff; 64],
+            (u32::MAX).to_le_bytes().to_vec(),
+            encode_frame(&forward)?,
+            encode_frame(&Message::Sampled {
+                placement: placement.id,
+                tokens: vec![hearth_proto::SampledToken {
+                    seq: 1,
+                    pos: 1,
+                    token: 1,
+                    finish: hearth_proto::Finish::No,
+                }],
+            })?,
+            encode_frame(&Message::EndSeqs {
+                placement: placement.id,
+                seqs: vec![1, 2, 3],
+            })?,
+            encode_frame(&Message::Heartbeat { seq: 1 })?,
+        ];
+        for p in &pipe_payloads {
+            let (mut s, _r) = conn.open(stream_kind::PIPE).await?;
+            s.write_all(p).await?;
+            let _ = s.finish();
+        }
+        // Generate: garbage, another message, an unknown placement, an
+        // empty prompt; each gets a refusal (or nothing), never tokens.
+        let gen_payloads: Vec<Vec<u8>> = vec![
+            vec![0xff; 16],
+            encode_frame(&Message::AuthOk)?,
+            encode_frame(&Message::Generate(WireGenerate {
+                placement: 12345,
+                prompt: vec![1, 2],
+                params: params.clone(),
+            }))?,
+            encode_frame(&Message::Generate(WireGenerate {
+                placement: placement.id,
+                prompt: vec![],
+                params: params.clone(),
+            }))?,
+        ];
+        for p in &gen_payloads {
+            let (mut s, mut r) = conn.open(stream_kind::GENERATE).await?;
+            s.write_all(p).await?;
+            let got = tokio::time::timeout(
+                Duration::from_secs(12),
+                read_message(&mut r, limits::MAX_CONTROL_FRAME),
+            )
+            .await?;
+            assert!(
+                matches!(got, Ok(Some(Message::Refuse(_))) | Ok(None) | Err(_)),
+                "{got:?}"
+            );
+        }
+        // Control: garbage, a document of another format, an assignment
+        // naming no stage of this node: all refused.
+        let control_payloads: Vec<Vec<u8>> = vec![
+            encode_frame(&Message::Control(b"{not json".to_vec()))?,
+            encode_frame(&Message::Control(br#"{"format":99,"type":"ready","id":1}"#.to_vec()))?,
+            encode_frame(&Message::Control(
+                br#"{"format":1,"type":"assign","placement":{"id":9,"model":"x","fingerprint":"x","content":null,"stages":[],"members":[]}}"#
+                    .to_vec(),
+            ))?,
+        ];
+        for p in &control_payloads {
+            let (mut s, mut r) = conn.open(stream_kind::CONTROL).await?;
+            s.write_all(p).await?;
+            let _ = s.finish();
+            let got = tokio::time::timeout(
+                Duration::from_secs(12),
+                read_message(&mut r, limits::MAX_CONTROL_FRAME),
+            )
+            .await??;
+            let Some(Message::Control(doc)) = got else {
+                panic!("expected a control reply, got {got:?}");
+            };
+            let v: serde_json::Value = serde_json::from_slice(&doc)?;
+            assert_eq!(v["type"], "failed", "{v}");
+        }
+        rogue.shutdown().await;
+    }
+    // The cluster still serves the same tokens with the same placement.
+    let got = generate_all(&nodes[1].node, greedy(prompt, 20), Duration::from_secs(30)).await?;
+    assert_eq!(got.token_ids, want);
+    assert_eq!(nodes[0].node.placement().map(|p| p.id), Some(placement.id));
+    wait_freed(&nodes).await
+}

@@ -495,6 +495,7 @@ mod tests {
                 leader: true,
             }],
             profiles: None,
+            placement: None,
         };
         let out = render(&v);
         assert!(

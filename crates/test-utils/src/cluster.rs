@@ -169,15 +169,25 @@ pub async fn pipeline_cluster(
     info: &ModelInfo,
     policy: hearth_runtime::pipeline::PlacementPolicy,
 ) -> Result<Vec<TestNode>> {
+    pipeline_cluster_in(&ClusterSecret::generate(), n, stages, info, policy).await
+}
+
+/// [`pipeline_cluster`] in the cluster of `secret`.
+pub async fn pipeline_cluster_in(
+    secret: &ClusterSecret,
+    n: usize,
+    stages: usize,
+    info: &ModelInfo,
+    policy: hearth_runtime::pipeline::PlacementPolicy,
+) -> Result<Vec<TestNode>> {
     let net = hearth_discovery::MemoryNetwork::new();
-    let secret = ClusterSecret::generate();
     let nodes: Vec<TestNode> = (0..n)
         .map(|i| {
             let info = info.clone();
             let policy = policy.clone();
             TestNode::start_with(
                 &format!("n{i}"),
-                &secret,
+                secret,
                 vec![Box::new(net.discovery())],
                 move |cfg| {
                     cfg.model = Some(info);
@@ -225,4 +235,23 @@ pub async fn generate_all(
     tokio::time::timeout(limit, run)
         .await
         .map_err(|_| anyhow!("generation did not finish in {limit:?}"))?
+}
+
+/// An authenticated member that speaks nonsense, connected to `a`; no
+/// handlers of its own.
+pub async fn rogue_member(
+    secret: &ClusterSecret,
+    a: &TestNode,
+) -> Result<(hearth_net::Endpoint, hearth_net::PeerConn)> {
+    let (rogue, _rx) = hearth_net::Endpoint::bind(
+        hearth_net::EndpointConfig {
+            identity: hearth_net::Identity::generate()?,
+            secret: secret.clone(),
+            name: "rogue".into(),
+            bind: "127.0.0.1:0".parse()?,
+        },
+        &[],
+    )?;
+    let conn = rogue.connect(a.node.endpoint().local_addr()?).await?;
+    Ok((rogue, conn))
 }
