@@ -236,9 +236,13 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
     let nodes = pipeline_cluster_in(&secret, 2, 2, &info, PlacementPolicy::Even).await?;
     let placement = nodes[0].node.placement().unwrap();
     let prompt = vec![3, 1, 4, 1, 5];
-    let want = generate_all(&nodes[0].node, greedy(prompt.clone(), 20), Duration::from_secs(30))
-        .await?
-        .token_ids;
+    let want = generate_all(
+        &nodes[0].node,
+        greedy(prompt.clone(), 20),
+        Duration::from_secs(30),
+    )
+    .await?
+    .token_ids;
     let params = SeqParams {
         temperature: 0.0,
         top_p: 1.0,

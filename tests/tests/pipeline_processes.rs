@@ -32,7 +32,9 @@ fn wait_stages(http: u16, stages: usize, limit: Duration) -> Result<ClusterView>
     let start = Instant::now();
     loop {
         if let Ok(v) = view(http)
-            && v.placement.as_ref().is_some_and(|p| p.stages.len() == stages)
+            && v.placement
+                .as_ref()
+                .is_some_and(|p| p.stages.len() == stages)
         {
             return Ok(v);
         }
@@ -60,7 +62,11 @@ fn up(home: &Path, name: &str, quic: u16, http: u16, extra: &[String]) -> Result
 }
 
 /// Streams `POST /api/generate`, sending each NDJSON event to `tx`.
-fn stream_generate(http: u16, body: serde_json::Value, tx: mpsc::Sender<serde_json::Value>) -> Result<()> {
+fn stream_generate(
+    http: u16,
+    body: serde_json::Value,
+    tx: mpsc::Sender<serde_json::Value>,
+) -> Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(120)))
         .build()
@@ -114,7 +120,13 @@ fn killed_stage_fails_the_request_fast_and_the_cluster_replans() -> Result<()> {
         let mut extra = model_arg.to_vec();
         extra.extend(["--join".to_string(), token.clone()]);
         extra.extend(["--peer".to_string(), format!("127.0.0.1:{}", quic[0])]);
-        procs.push(Some(up(&homes[i], &format!("n{i}"), quic[i], http[i], &extra)?));
+        procs.push(Some(up(
+            &homes[i],
+            &format!("n{i}"),
+            quic[i],
+            http[i],
+            &extra,
+        )?));
     }
     let v = wait_stages(http[0], 3, Duration::from_secs(120))?;
     let placement = v.placement.context("placement")?;
@@ -151,7 +163,9 @@ fn killed_stage_fails_the_request_fast_and_the_cluster_replans() -> Result<()> {
     let client = std::thread::spawn(move || stream_generate(h0, body, tx));
     let mut tokens = 0;
     while tokens < 20 {
-        let ev = rx.recv_timeout(Duration::from_secs(30)).context("no token")?;
+        let ev = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("no token")?;
         if ev.get("token").is_some() {
             tokens += 1;
         } else {
@@ -181,8 +195,14 @@ fn killed_stage_fails_the_request_fast_and_the_cluster_replans() -> Result<()> {
         "re-planned to 2 stages {:?} after the kill",
         killed.elapsed()
     );
-    assert!(v.placement.iter().flat_map(|p| &p.stages).all(|s| s.name != victim));
-    let ids = local.encode_prompt(&local.render_chat(&[hearth_models::Message::new("user", prompt)])?)?;
+    assert!(
+        v.placement
+            .iter()
+            .flat_map(|p| &p.stages)
+            .all(|s| s.name != victim)
+    );
+    let ids =
+        local.encode_prompt(&local.render_chat(&[hearth_models::Message::new("user", prompt)])?)?;
     let want = local
         .generate(
             &GenerateRequest {
@@ -208,9 +228,6 @@ fn killed_stage_fails_the_request_fast_and_the_cluster_replans() -> Result<()> {
         .read_json()?;
     let got: Vec<u32> = serde_json::from_value(got["token_ids"].clone())?;
     assert_eq!(got, want);
-    assert_eq!(
-        view(http[0])?.placement.map(|p| p.stages.len()),
-        Some(2)
-    );
+    assert_eq!(view(http[0])?.placement.map(|p| p.stages.len()), Some(2));
     Ok(())
 }

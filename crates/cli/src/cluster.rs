@@ -284,13 +284,20 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
         }
         println!("hearth: {n} local node(s) on loopback");
         for node in &nodes {
-            println!("  {} ({})  QUIC {}", node.endpoint().name(), node.id().short(), node.endpoint().local_addr()?);
+            println!(
+                "  {} ({})  QUIC {}",
+                node.endpoint().name(),
+                node.id().short(),
+                node.endpoint().local_addr()?
+            );
         }
         println!("  HTTP       http://{http}/api/cluster");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(listener.serve(hearth_server::router(nodes[0].clone()), async {
-            let _ = stop_rx.await;
-        }));
+        let server = tokio::spawn(
+            listener.serve(hearth_server::router(nodes[0].clone()), async {
+                let _ = stop_rx.await;
+            }),
+        );
         let placements = tokio::spawn(print_placements(nodes[0].clone()));
         let profiler = {
             let nodes = nodes.clone();
@@ -316,7 +323,11 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
         let ready = {
             let node = nodes[0].clone();
             tokio::spawn(async move {
-                if node.wait_placement(Duration::from_secs(3600)).await.is_some() {
+                if node
+                    .wait_placement(Duration::from_secs(3600))
+                    .await
+                    .is_some()
+                {
                     println!(
                         "ready: hearth generate --cluster {http} --prompt \"Why is the sky blue?\""
                     );
@@ -467,6 +478,24 @@ fn render(v: &ClusterView) -> String {
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
+    }
+    match &v.placement {
+        Some(p) => {
+            let split: Vec<String> = p
+                .stages
+                .iter()
+                .map(|s| format!("{} layers {}..{}", s.name, s.spec.start, s.spec.end))
+                .collect();
+            out.push_str(&format!(
+                "serving {} in {} stage(s): {}\n",
+                p.model,
+                p.stages.len(),
+                split.join(" → ")
+            ));
+        }
+        None => {
+            out.push_str("serving nothing yet (the model is being fetched, measured or placed)\n")
+        }
     }
     out
 }

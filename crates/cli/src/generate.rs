@@ -182,7 +182,10 @@ fn run_cluster(addr: &str, args: &Args) -> Result<()> {
     if !resp.status().is_success() {
         let status = resp.status();
         let v: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
-        let msg = v["error"]["message"].as_str().unwrap_or("no details").to_string();
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or("no details")
+            .to_string();
         anyhow::bail!("the cluster refused the request ({status}): {msg}");
     }
     let reader = std::io::BufReader::new(resp.body_mut().as_reader());
@@ -192,10 +195,13 @@ fn run_cluster(addr: &str, args: &Args) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let ev: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("bad event from the cluster: {line}"))?;
+        let ev: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("bad event from the cluster: {line}"))?;
         if let Some(e) = ev.get("error") {
-            anyhow::bail!("generation failed: {}", e.as_str().unwrap_or("unknown error"));
+            anyhow::bail!(
+                "generation failed: {}",
+                e.as_str().unwrap_or("unknown error")
+            );
         }
         if let Some(done) = ev.get("done") {
             let s: Summary = serde_json::from_value(done.clone())?;

@@ -80,7 +80,13 @@ pub(crate) async fn generate(
 ) -> Response {
     let b = match body {
         Ok(Json(b)) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", e.body_text()),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                e.body_text(),
+            );
+        }
     };
     let prompt = match (b.prompt, b.messages, b.prompt_ids) {
         (Some(p), None, None) => Prompt::Text(p),

@@ -453,32 +453,49 @@ pub fn gguf_with_tensor_type(src: &Path, dst: &Path, name: &str, type_id: u32) -
 pub fn hearth_binary() -> Result<PathBuf> {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            let bin = target.join("debug").join("hearth");
-            let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-            let fresh = built.is_some_and(|b| {
-                ["crates", "runtime", "models", "partitioner", "Cargo.lock"]
-                    .iter()
-                    .all(|d| newest_mtime(&root.join(d)).is_none_or(|t| t <= b))
-            });
-            if !fresh {
-                let status = std::process::Command::new(env!("CARGO"))
-                    .args(["build", "-q", "-p", "hearth-cli"])
-                    .current_dir(&root)
-                    .status()
-                    .map_err(|e| format!("running cargo build: {e}"))?;
-                if !status.success() {
-                    return Err("cargo build -p hearth-cli failed".into());
-                }
-            }
-            Ok(bin)
-        })
+        .get_or_init(|| build_hearth(false))
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The release `hearth` binary, for benchmarks (built like [`hearth_binary`]).
+pub fn hearth_release_binary() -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_hearth(true))
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_hearth(release: bool) -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target
+        .join(if release { "release" } else { "debug" })
+        .join("hearth");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let fresh = built.is_some_and(|b| {
+        ["crates", "runtime", "models", "partitioner", "Cargo.lock"]
+            .iter()
+            .all(|d| newest_mtime(&root.join(d)).is_none_or(|t| t <= b))
+    });
+    if !fresh {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "hearth-cli"])
+            .current_dir(&root);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() {
+            return Err("cargo build -p hearth-cli failed".into());
+        }
+    }
+    Ok(bin)
 }
 
 /// The newest modification time of the Rust sources and manifests under
