@@ -95,6 +95,7 @@ impl Node {
                 stream_kind::PIPE,
                 stream_kind::GENERATE,
                 stream_kind::CONTROL,
+                stream_kind::WEIGHTS,
             ],
         )?;
         let mut take = |kind| streams.remove(&kind).ok_or(RuntimeError::Stopped);
@@ -104,6 +105,7 @@ impl Node {
         let pipe_streams = take(stream_kind::PIPE)?;
         let generate_streams = take(stream_kind::GENERATE)?;
         let control_streams = take(stream_kind::CONTROL)?;
+        let weight_streams = take(stream_kind::WEIGHTS)?;
         let (dtx, drx) = mpsc::channel(256);
         let membership = membership::spawn(
             endpoint.clone(),
@@ -129,6 +131,7 @@ impl Node {
             serve_streams(pipe_streams, service.clone(), pipeline::pipe::serve),
             serve_streams(generate_streams, service.clone(), pipeline::client::serve),
             serve_streams(control_streams, service.clone(), pipeline::placer::serve),
+            serve_streams(weight_streams, service.clone(), pipeline::weights::serve),
             pipeline::placer::spawn(
                 service.clone(),
                 membership.clone(),
@@ -209,6 +212,80 @@ impl Node {
         self.pipeline.set_model(served(&info)?);
         self.profiles.set_model(info);
         Ok(())
+    }
+
+    /// Obtains the model the cluster serves from a member instead of the
+    /// internet: the file's header and the tensors a measurement reads go
+    /// into a sparse copy under `dir`; this device is measured on them and
+    /// serves the model from then on (a stage's other tensors are fetched
+    /// when the leader assigns it). Returns the measured info.
+    pub async fn adopt_model_from_peers(
+        &self,
+        dir: &std::path::Path,
+        cache_dir: &std::path::Path,
+        opts: &crate::profile::MeasureOptions,
+    ) -> Result<ModelInfo, RuntimeError> {
+        let view = self.view().await?;
+        let profiles = view.profiles.unwrap_or_default();
+        let Some((times, sources)) = profiles
+            .nodes
+            .iter()
+            .find_map(|p| p.model.clone().filter(|t| t.content.is_some()))
+            .map(|t| {
+                let holders: Vec<String> = profiles
+                    .nodes
+                    .iter()
+                    .filter(|p| p.model.as_ref().is_some_and(|m| m.content == t.content))
+                    .map(|p| p.node_id.clone())
+                    .collect();
+                (t, holders)
+            })
+        else {
+            return Err(RuntimeError::BadRequest(
+                "no member serves a model yet".into(),
+            ));
+        };
+        let content = times.content.clone().unwrap_or_default();
+        let dest = dir.join(format!(
+            "{}-{}.gguf",
+            times.model,
+            content.get(..12).unwrap_or(&content)
+        ));
+        let fetch = |tensors| {
+            let endpoint = self.endpoint.clone();
+            let (sources, content, dest) = (sources.clone(), content.clone(), dest.clone());
+            async move {
+                pipeline::weights::fetch(
+                    &endpoint,
+                    &sources,
+                    &content,
+                    &dest,
+                    tensors,
+                    &mut |_, _| {},
+                )
+                .await
+                .map_err(RuntimeError::BadRequest)
+            }
+        };
+        // The header first (it names the tensors), then what measuring reads.
+        fetch(Default::default()).await?;
+        let mut wanted = std::collections::BTreeSet::new();
+        for spec in pipeline::weights::measurement_spec() {
+            wanted
+                .extend(pipeline::weights::needed(&dest, spec).map_err(RuntimeError::BadRequest)?);
+        }
+        fetch(wanted).await?;
+        let (d, c, o) = (dest.clone(), cache_dir.to_path_buf(), opts.clone());
+        let info = tokio::task::spawn_blocking(move || -> Result<ModelInfo, RuntimeError> {
+            let weights = hearth_models::WeightFile::open(&d)?;
+            let (info, _) = ModelInfo::measure_with(&weights, &c, &o, false, &mut |_| {})
+                .map_err(|e| RuntimeError::BadRequest(e.to_string()))?;
+            Ok(info)
+        })
+        .await
+        .map_err(|e| RuntimeError::BadRequest(e.to_string()))??;
+        self.set_model(info.clone())?;
+        Ok(info)
     }
 
     /// Generates on the cluster's active placement: tokens stream on the

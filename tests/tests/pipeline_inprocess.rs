@@ -344,6 +344,39 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
             let v: serde_json::Value = serde_json::from_slice(&doc)?;
             assert_eq!(v["type"], "failed", "{v}");
         }
+        // Weights: garbage, a fetch of another model, of a tensor that does
+        // not exist: refused, never a manifest.
+        let content = info.times.content.clone().unwrap();
+        let weight_payloads: Vec<Vec<u8>> = vec![
+            vec![0xff; 32],
+            encode_frame(&Message::Control(
+                br#"{"format":1,"type":"fetch","content":"00","header":true,"tensors":[]}"#.to_vec(),
+            ))?,
+            encode_frame(&Message::Control(
+                format!(r#"{{"format":1,"type":"fetch","content":"{content}","header":false,"tensors":["nope"]}}"#)
+                    .into_bytes(),
+            ))?,
+            encode_frame(&Message::FileChunk {
+                offset: 0,
+                data: vec![1, 2, 3],
+            })?,
+        ];
+        for p in &weight_payloads {
+            let (mut s, mut r) = conn.open(stream_kind::WEIGHTS).await?;
+            s.write_all(p).await?;
+            let _ = s.finish();
+            let got = tokio::time::timeout(
+                Duration::from_secs(12),
+                read_message(&mut r, limits::MAX_FRAME),
+            )
+            .await?;
+            if let Ok(Some(Message::Control(doc))) = &got {
+                let v: serde_json::Value = serde_json::from_slice(doc)?;
+                assert_eq!(v["type"], "failed", "{v}");
+            } else {
+                assert!(matches!(got, Ok(None) | Err(_)), "{got:?}");
+            }
+        }
         rogue.shutdown().await;
     }
     // The cluster still serves the same tokens with the same placement.
@@ -351,4 +384,106 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
     assert_eq!(got.token_ids, want);
     assert_eq!(nodes[0].node.placement().map(|p| p.id), Some(placement.id));
     wait_freed(&nodes).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_model_receives_its_stage_from_a_peer() -> Result<()> {
+    use hearth_net::ClusterSecret;
+    use hearth_runtime::pipeline::weights::{read_have, stage_tensors};
+    use hearth_runtime::profile::MeasureOptions;
+    use hearth_test_utils::cluster::TestNode;
+
+    let dir = tempfile::tempdir()?;
+    let info = tiny_model_info(dir.path())?;
+    let tiny = tiny_model(dir.path(), TinySpec::default())?;
+    let local = LocalModel::load(&tiny.gguf_q8_0, Precision::Quantized)?;
+    let prompt = vec![9, 8, 7, 6];
+    let want = reference(&local, &prompt, 30, SamplingParams::default())?;
+
+    let net = hearth_discovery::MemoryNetwork::new();
+    let secret = ClusterSecret::generate();
+    let a = TestNode::start_with("a", &secret, vec![Box::new(net.discovery())], |cfg| {
+        cfg.model = Some(info.clone());
+        cfg.placement = PlacementPolicy::Even;
+    })?;
+    let b = TestNode::start_with("b", &secret, vec![Box::new(net.discovery())], |cfg| {
+        cfg.placement = PlacementPolicy::Even;
+    })?;
+    // b learns a's profile, then takes the model from a.
+    let start = Instant::now();
+    loop {
+        let v = b.view().await?;
+        if v.profiles
+            .is_some_and(|p| p.nodes.iter().any(|n| n.model.is_some()))
+        {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "b never saw a's model"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let empty = tempfile::tempdir()?;
+    let got_info = b
+        .node
+        .adopt_model_from_peers(
+            &empty.path().join("models"),
+            &empty.path().join("profiles"),
+            &MeasureOptions::quick(),
+        )
+        .await?;
+    assert_eq!(
+        got_info.times.content, info.times.content,
+        "the copy stands for the original"
+    );
+    assert_eq!(got_info.times.fingerprint, info.times.fingerprint);
+    // The leader places the model over both; b fetches its stage's tensors.
+    let start = Instant::now();
+    let placement = loop {
+        if let Some(p) = a.node.placement().filter(|p| p.stages.len() == 2)
+            && b.node.placement().is_some_and(|q| q.id == p.id)
+        {
+            break p;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "no 2-stage placement"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for t in [&a, &b] {
+        let got =
+            generate_all(&t.node, greedy(prompt.clone(), 30), Duration::from_secs(30)).await?;
+        assert_eq!(got.token_ids, want, "asked {}", t.name);
+    }
+    // b holds exactly what measuring and its stage read, not the whole model.
+    let have = read_have(&got_info.path).expect("a partial copy");
+    let spec = placement.stages[placement.stage_of(&b.node.id().to_string()).unwrap()].spec;
+    let all: Vec<String> = {
+        let mut f = std::fs::File::open(&tiny.gguf_q8_0)?;
+        candle_core::quantized::gguf_file::Content::read(&mut f)?
+            .tensor_infos
+            .into_keys()
+            .collect()
+    };
+    let mut expected = stage_tensors(all.iter().cloned(), spec);
+    for m in hearth_runtime::pipeline::weights::measurement_spec() {
+        expected.extend(stage_tensors(all.iter().cloned(), m));
+    }
+    assert_eq!(have.tensors, expected);
+    assert!(
+        have.tensors.len() < all.len(),
+        "{} of {}",
+        have.tensors.len(),
+        all.len()
+    );
+    println!(
+        "b received {} of {} tensors (stage {}..{} + what measuring reads)",
+        have.tensors.len(),
+        all.len(),
+        spec.start,
+        spec.end
+    );
+    Ok(())
 }

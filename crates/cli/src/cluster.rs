@@ -60,6 +60,10 @@ pub struct UpArgs {
     /// model directory, or the default model's name (fetched when missing).
     #[arg(long)]
     model: Option<String>,
+    /// Take the model from a member of the cluster instead of the internet:
+    /// only the file's header and the tensors this node needs are sent.
+    #[arg(long, conflicts_with = "model")]
+    from_peers: bool,
     /// Start N nodes in this process (real QUIC on loopback, their own
     /// cluster under HOME/local) and split the model across them.
     #[arg(long, value_name = "N")]
@@ -162,10 +166,34 @@ pub fn up(args: UpArgs) -> Result<()> {
         }));
         // Fetch and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
+        let from_peers = args.from_peers.then(|| {
+            let node = node.clone();
+            let dir = home.join("models").join("peers");
+            tokio::spawn(async move {
+                let opts = hearth_runtime::profile::MeasureOptions::default();
+                let cache = hearth_runtime::profile::default_cache_dir();
+                loop {
+                    match node.adopt_model_from_peers(&dir, &cache, &opts).await {
+                        Ok(info) => {
+                            println!(
+                                "  model      {} received from a member and measured: {:.3} ms per layer per decoded token",
+                                info.times.model,
+                                info.times.layer.decode_s * 1e3
+                            );
+                            break;
+                        }
+                        Err(e) => tracing::debug!("no model from peers yet: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            })
+        });
+        let model_arg = (!args.from_peers).then(|| args.model.clone());
         let profiler = {
             let node = node.clone();
-            let model = args.model.clone();
+            let model = model_arg;
             tokio::task::spawn_blocking(move || {
+                let Some(model) = model else { return };
                 match crate::profile::measure_model(model.as_deref(), false) {
                     Ok((info, cached)) => {
                         let t = &info.times;
@@ -217,6 +245,9 @@ pub fn up(args: UpArgs) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
         printer.abort();
         placements.abort();
+        if let Some(t) = from_peers {
+            t.abort();
+        }
         drop(profiler);
         anyhow::Ok(())
     })

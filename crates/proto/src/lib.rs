@@ -49,8 +49,11 @@ pub mod limits {
     pub const MAX_STOP_IDS: usize = 16;
     /// Longest prompt in a `Generate` request, in tokens.
     pub const MAX_PROMPT_TOKENS: usize = 128 * 1024;
-    /// Largest control document (a placement of a home cluster's stages).
-    pub const MAX_CONTROL_DOC: usize = 48 * 1024;
+    /// Largest control document (a placement of a home cluster's stages,
+    /// or the manifest of a weight transfer: one entry per tensor).
+    pub const MAX_CONTROL_DOC: usize = 1024 * 1024;
+    /// Largest chunk of a file in one frame (weight transfer).
+    pub const MAX_FILE_CHUNK: usize = 4 * 1024 * 1024;
 }
 
 /// What a stream is for, sent as [`Message::Open`] when it is opened; the
@@ -72,6 +75,9 @@ pub mod stream_kind {
     pub const GENERATE: u16 = 6;
     /// Placement of stages: `Control` in, `Control` out.
     pub const CONTROL: u16 = 7;
+    /// Weight transfer: a `Control` fetch in; a `Control` manifest and
+    /// `FileChunk`s out.
+    pub const WEIGHTS: u16 = 8;
 }
 
 /// Codes in [`Refusal`]: why a peer was turned away.

@@ -24,6 +24,7 @@ pub(crate) const TAG_SAMPLED: u8 = 0x12;
 pub(crate) const TAG_END_SEQS: u8 = 0x13;
 pub(crate) const TAG_GENERATE: u8 = 0x14;
 pub(crate) const TAG_CONTROL: u8 = 0x15;
+pub(crate) const TAG_FILE_CHUNK: u8 = 0x16;
 
 /// First message on a connection, in both directions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +109,12 @@ pub enum Message {
     /// versioned JSON, at most [`limits::MAX_CONTROL_DOC`] bytes; the
     /// runtime owns its schema.
     Control(Vec<u8>),
+    /// Bytes of a file at `offset` (weight transfer), at most
+    /// [`limits::MAX_FILE_CHUNK`].
+    FileChunk {
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 impl Message {
@@ -132,6 +139,7 @@ impl Message {
             Self::EndSeqs { .. } => "end-seqs",
             Self::Generate(_) => "generate",
             Self::Control(_) => "control",
+            Self::FileChunk { .. } => "file-chunk",
         }
     }
 
@@ -221,6 +229,11 @@ impl Message {
                 put_blob(out, "control", doc, limits::MAX_CONTROL_DOC)?;
                 TAG_CONTROL
             }
+            Self::FileChunk { offset, data } => {
+                out.extend_from_slice(&offset.to_le_bytes());
+                put_blob(out, "file-chunk", data, limits::MAX_FILE_CHUNK)?;
+                TAG_FILE_CHUNK
+            }
         })
     }
 
@@ -288,6 +301,10 @@ impl Message {
             }
             TAG_GENERATE => Self::Generate(GenerateRequest::decode(&mut r)?),
             TAG_CONTROL => Self::Control(r.blob("control", limits::MAX_CONTROL_DOC)?),
+            TAG_FILE_CHUNK => Self::FileChunk {
+                offset: r.u64("file-chunk")?,
+                data: r.blob("file-chunk", limits::MAX_FILE_CHUNK)?,
+            },
             other => return Err(ProtoError::UnknownTag(other)),
         };
         r.finish(msg.name())?;

@@ -167,6 +167,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 })
             ),
         prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Control),
+        (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(offset, data)| Message::FileChunk { offset, data }),
     ]
 }
 
@@ -483,6 +485,36 @@ fn pipeline_snapshots() {
     assert_eq!(end, want);
     let control = encode_frame(&Message::Control(b"{}".to_vec())).unwrap();
     assert_eq!(control, [7, 0, 0, 0, 0x15, 2, 0, 0, 0, b'{', b'}']);
+    let chunk = encode_frame(&Message::FileChunk {
+        offset: 2,
+        data: vec![9],
+    })
+    .unwrap();
+    let mut want = vec![1 + 8 + 4 + 1, 0, 0, 0, 0x16];
+    want.extend(2u64.to_le_bytes());
+    want.extend(1u32.to_le_bytes());
+    want.push(9);
+    assert_eq!(chunk, want);
+    // A chunk over the limit is refused on both sides.
+    assert!(
+        encode_frame(&Message::FileChunk {
+            offset: 0,
+            data: vec![0; limits::MAX_FILE_CHUNK + 1],
+        })
+        .is_err()
+    );
+    let mut big = vec![0, 0, 0, 0, 0x16];
+    big.extend(0u64.to_le_bytes());
+    big.extend(((limits::MAX_FILE_CHUNK + 1) as u32).to_le_bytes());
+    let n = (big.len() - 4) as u32;
+    big[..4].copy_from_slice(&n.to_le_bytes());
+    assert!(matches!(
+        decode_frame(&big),
+        Err(ProtoError::InvalidField {
+            what: "file-chunk",
+            ..
+        })
+    ));
 }
 
 /// Encodes a message's body with `edit` applied to it, as a frame.

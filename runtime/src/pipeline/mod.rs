@@ -14,6 +14,7 @@ pub(crate) mod pipe;
 pub(crate) mod placer;
 pub(crate) mod router;
 pub(crate) mod service;
+pub mod weights;
 pub(crate) mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -72,6 +72,21 @@ pub(crate) enum Control {
         id: u64,
         reason: String,
     },
+    /// Send me these tensors (and the file's header) of the model with
+    /// this content (on a `WEIGHTS` stream).
+    Fetch {
+        content: String,
+        header: bool,
+        tensors: Vec<String>,
+    },
+    /// What follows on a `WEIGHTS` stream: the header (if asked), then the
+    /// pieces in order, as `FileChunk`s.
+    Manifest {
+        file_len: u64,
+        header_len: u64,
+        header_sha256: Option<String>,
+        pieces: Vec<super::weights::Piece>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,7 +97,7 @@ struct Envelope {
 }
 
 impl Control {
-    fn to_message(&self) -> Result<Message, String> {
+    pub(crate) fn to_message(&self) -> Result<Message, String> {
         let doc = serde_json::to_vec(&Envelope {
             format: CONTROL_FORMAT,
             body: self.clone(),
@@ -91,7 +106,7 @@ impl Control {
         Ok(Message::Control(doc))
     }
 
-    fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
         #[derive(Deserialize)]
         struct Head {
             format: u32,
@@ -132,15 +147,10 @@ async fn request(
             .await
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
-        let doc = expect(
-            &mut recv,
-            limits::MAX_CONTROL_FRAME,
-            "control",
-            |m| match m {
-                Message::Control(d) => Ok(d),
-                other => Err(other),
-            },
-        )
+        let doc = expect(&mut recv, limits::MAX_FRAME, "control", |m| match m {
+            Message::Control(d) => Ok(d),
+            other => Err(other),
+        })
         .await
         .map_err(|e| e.to_string())?;
         Control::from_bytes(&doc)
@@ -172,6 +182,10 @@ async fn handle(service: &Service, req: Control) -> Control {
             id,
             reason: "not a request".into(),
         },
+        Control::Fetch { .. } | Control::Manifest { .. } => Control::Failed {
+            id: 0,
+            reason: "weights travel on their own stream".into(),
+        },
     }
 }
 
@@ -184,15 +198,10 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
     } = stream;
     let doc = match tokio::time::timeout(
         Duration::from_secs(10),
-        expect(
-            &mut recv,
-            limits::MAX_CONTROL_FRAME,
-            "control",
-            |m| match m {
-                Message::Control(d) => Ok(d),
-                other => Err(other),
-            },
-        ),
+        expect(&mut recv, limits::MAX_FRAME, "control", |m| match m {
+            Message::Control(d) => Ok(d),
+            other => Err(other),
+        }),
     )
     .await
     {

@@ -159,6 +159,26 @@ impl Service {
         let spec = placement.stages[index].spec;
         let path = model.info.path.clone();
         let started = std::time::Instant::now();
+        // A partial copy (received from members) first gets what it lacks.
+        if super::weights::read_have(&path).is_some() {
+            let p = path.clone();
+            let needed = tokio::task::spawn_blocking(move || super::weights::needed(&p, spec))
+                .await
+                .map_err(|e| e.to_string())??;
+            let content = placement
+                .content
+                .clone()
+                .ok_or("the placement names no content")?;
+            super::weights::fetch(
+                &self.inner.endpoint,
+                &placement.members,
+                &content,
+                &path,
+                needed,
+                &mut |_, _| {},
+            )
+            .await?;
+        }
         let stage = tokio::task::spawn_blocking(move || -> Result<Stage, String> {
             let weights = WeightFile::open(&path).map_err(|e| e.to_string())?;
             Stage::load(&weights, spec, Precision::Quantized).map_err(|e| e.to_string())

@@ -25,7 +25,7 @@ pub const PROFILE_REFRESH: Duration = Duration::from_secs(5);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every known profile: this node's first, then the members' by node id.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterProfiles {
     pub nodes: Vec<NodeProfile>,
 }

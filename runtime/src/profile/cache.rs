@@ -113,7 +113,7 @@ impl Drop for Turn {
 }
 
 /// The default cache directory: `$HEARTH_HOME/profiles`.
-pub(crate) fn default_dir() -> PathBuf {
+pub fn default_dir() -> PathBuf {
     hearth_models::store::hearth_home().join("profiles")
 }
 

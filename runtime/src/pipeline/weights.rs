@@ -1,0 +1,506 @@
+//! Weight transfer between members: a node that lacks the model receives
+//! the GGUF header and exactly the tensors it needs from a member that has
+//! them, over QUIC, each piece verified by SHA-256. The pieces are written
+//! at their offsets in a sparse file of the original's size, so the result
+//! is a GGUF with the original layout (same fingerprint) whose missing
+//! tensors are holes; a sidecar `<file>.have.json` lists what is present
+//! and the original's content hash. The model is downloaded once per home.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hearth_models::StageSpec;
+use hearth_net::framed::{expect, read_message, write_message};
+use hearth_net::{Endpoint, IncomingStream, NodeId};
+use hearth_proto::{Message, limits, stream_kind};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+use super::placer::Control;
+use super::service::Service;
+
+/// Bytes per `FileChunk`.
+const CHUNK: usize = 1 << 20;
+/// Longest a transfer may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where one tensor's bytes are in a GGUF file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub name: String,
+    /// Absolute byte offset in the file.
+    pub offset: u64,
+    pub len: u64,
+    /// SHA-256 of the bytes, hex.
+    pub sha256: String,
+}
+
+/// The sidecar of a partial copy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Have {
+    /// Content hash of the original file.
+    pub content: String,
+    pub tensors: BTreeSet<String>,
+}
+
+/// The sidecar path of a (possibly partial) model file.
+pub fn have_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".have.json");
+    PathBuf::from(p)
+}
+
+/// What a partial copy holds; `None` for a complete file.
+pub fn read_have(path: &Path) -> Option<Have> {
+    let bytes = std::fs::read(have_path(path)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Header length, file length and every tensor's byte range (offset,
+/// length) of a GGUF.
+struct Layout(u64, u64, HashMap<String, (u64, u64)>);
+
+fn layout(path: &Path) -> Result<Layout, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file_len = f.metadata().map_err(|e| e.to_string())?.len();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let base = content.tensor_data_offset;
+    let mut out = HashMap::new();
+    for (name, t) in &content.tensor_infos {
+        let elems = t.shape.elem_count() as u64;
+        let block = t.ggml_dtype.block_size() as u64;
+        let len = elems / block * t.ggml_dtype.type_size() as u64;
+        out.insert(name.clone(), (base + t.offset, len));
+    }
+    Ok(Layout(base, file_len, out))
+}
+
+/// The GGUF tensor names a stage reads (see `Stage::load`).
+pub fn stage_tensors(all: impl Iterator<Item = String>, spec: StageSpec) -> BTreeSet<String> {
+    let has_output = std::cell::Cell::new(false);
+    let mut names: BTreeSet<String> = all
+        .filter(|n| {
+            if n == "output.weight" {
+                has_output.set(true);
+            }
+            let layer = n
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            match layer {
+                Some(i) => (spec.start..spec.end).contains(&i),
+                None => {
+                    (spec.embed && n == "token_embd.weight")
+                        || (spec.head && (n == "output_norm.weight" || n == "output.weight"))
+                }
+            }
+        })
+        .collect();
+    // Tied weights: the head is the embedding.
+    if spec.head && !has_output.get() {
+        names.insert("token_embd.weight".into());
+    }
+    names
+}
+
+/// What `ModelInfo::measure` reads: layer 0, the embedding and the head.
+pub fn measurement_spec() -> [StageSpec; 2] {
+    [
+        StageSpec {
+            start: 0,
+            end: 1,
+            embed: true,
+            head: false,
+        },
+        StageSpec {
+            start: 0,
+            end: 0,
+            embed: false,
+            head: true,
+        },
+    ]
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Serves one `WEIGHTS` stream: a `Fetch` in; a `Manifest`, then the
+/// header and the pieces as `FileChunk`s out (or `Failed`).
+pub(crate) async fn serve(stream: IncomingStream, service: Service) {
+    let IncomingStream {
+        peer,
+        mut send,
+        mut recv,
+    } = stream;
+    let req = expect(
+        &mut recv,
+        limits::MAX_CONTROL_FRAME,
+        "control",
+        |m| match m {
+            Message::Control(d) => Ok(d),
+            other => Err(other),
+        },
+    );
+    let req = match tokio::time::timeout(Duration::from_secs(10), req).await {
+        Ok(Ok(doc)) => Control::from_bytes(&doc),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => return,
+    };
+    let reply = |c: Control| c.to_message();
+    let result = match req {
+        Ok(Control::Fetch {
+            content,
+            header,
+            tensors,
+        }) => plan_send(&service, &content, header, &tensors).await,
+        Ok(_) => Err("expected a fetch request".into()),
+        Err(e) => Err(e),
+    };
+    let (path, manifest, ranges) = match result {
+        Ok(r) => r,
+        Err(reason) => {
+            debug!(
+                "weights request from {} refused: {reason}",
+                peer.node_id.short()
+            );
+            if let Ok(m) = reply(Control::Failed { id: 0, reason }) {
+                let _ = write_message(&mut send, &m).await;
+            }
+            let _ = send.finish();
+            return;
+        }
+    };
+    let Ok(m) = reply(manifest) else { return };
+    if write_message(&mut send, &m).await.is_err() {
+        return;
+    }
+    let sent = send_ranges(&path, &ranges, &mut send).await;
+    if let Err(e) = sent {
+        warn!("sending weights to {}: {e}", peer.node_id.short());
+    }
+    let _ = send.finish();
+}
+
+type SendPlan = (PathBuf, Control, Vec<(u64, u64)>);
+
+async fn plan_send(
+    service: &Service,
+    content: &str,
+    header: bool,
+    tensors: &[String],
+) -> Result<SendPlan, String> {
+    let model = service.model().ok_or("this node has no model")?;
+    if model.info.times.content.as_deref() != Some(content) {
+        return Err("this node holds another model".into());
+    }
+    let path = model.info.path.clone();
+    let have = read_have(&path);
+    if tensors.len() > 4096 {
+        return Err("too many tensors requested".into());
+    }
+    let p = path.clone();
+    let Layout(header_len, file_len, all) = tokio::task::spawn_blocking(move || layout(&p))
+        .await
+        .map_err(|e| e.to_string())??;
+    let mut pieces = Vec::new();
+    let mut ranges = Vec::new();
+    if header {
+        ranges.push((0, header_len));
+    }
+    for name in tensors {
+        let &(offset, len) = all.get(name).ok_or_else(|| format!("no tensor {name}"))?;
+        if have.as_ref().is_some_and(|h| !h.tensors.contains(name)) {
+            return Err(format!("this node has no copy of {name}"));
+        }
+        pieces.push((name.clone(), offset, len));
+        ranges.push((offset, len));
+    }
+    // Hash the pieces (reading them once more; the file is in the page cache).
+    let p = path.clone();
+    let pieces = tokio::task::spawn_blocking(move || -> Result<Vec<Piece>, String> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
+        pieces
+            .into_iter()
+            .map(|(name, offset, len)| {
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|e| e.to_string())?;
+                Ok(Piece {
+                    name,
+                    offset,
+                    len,
+                    sha256: sha256_hex(&buf),
+                })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let header_sha256 = if header {
+        let p = path.clone();
+        Some(
+            tokio::task::spawn_blocking(move || -> Result<String, String> {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; header_len as usize];
+                f.read_exact_at(&mut buf, 0).map_err(|e| e.to_string())?;
+                Ok(sha256_hex(&buf))
+            })
+            .await
+            .map_err(|e| e.to_string())??,
+        )
+    } else {
+        None
+    };
+    Ok((
+        path,
+        Control::Manifest {
+            file_len,
+            header_len,
+            header_sha256,
+            pieces,
+        },
+        ranges,
+    ))
+}
+
+async fn send_ranges(
+    path: &Path,
+    ranges: &[(u64, u64)],
+    send: &mut quinn::SendStream,
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::sync::Arc::new(std::fs::File::open(path).map_err(|e| e.to_string())?);
+    for &(offset, len) in ranges {
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(CHUNK as u64);
+            let f = f.clone();
+            let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+                let mut buf = vec![0u8; n as usize];
+                f.read_exact_at(&mut buf, offset + at)
+                    .map_err(|e| e.to_string())?;
+                Ok(buf)
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            write_message(
+                send,
+                &Message::FileChunk {
+                    offset: offset + at,
+                    data,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// Fetches `tensors` (and the header, if `dest` does not exist yet) of the
+/// model with `content` from the first of `sources` that has them, into
+/// `dest`. Progress is logged and reported to `progress(done, total)`.
+pub(crate) async fn fetch(
+    endpoint: &Endpoint,
+    sources: &[String],
+    content: &str,
+    dest: &Path,
+    tensors: BTreeSet<String>,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<(), String> {
+    let have = read_have(dest);
+    let header = have.is_none();
+    let missing: Vec<String> = tensors
+        .into_iter()
+        .filter(|t| have.as_ref().is_none_or(|h| !h.tensors.contains(t)))
+        .collect();
+    if missing.is_empty() && !header {
+        return Ok(());
+    }
+    let mut errors = Vec::new();
+    for src in sources {
+        let Ok(id) = src.parse::<NodeId>() else {
+            continue;
+        };
+        if id == endpoint.id() {
+            continue;
+        }
+        let attempt = tokio::time::timeout(
+            FETCH_TIMEOUT,
+            fetch_from(endpoint, id, content, dest, header, &missing, progress),
+        )
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                debug!("fetching weights from {}: {e}", id.short());
+                errors.push(format!("{}: {e}", id.short()));
+            }
+        }
+    }
+    Err(format!(
+        "no member could send the weights ({})",
+        if errors.is_empty() {
+            "no member holds the model".to_string()
+        } else {
+            errors.join("; ")
+        }
+    ))
+}
+
+async fn fetch_from(
+    endpoint: &Endpoint,
+    id: NodeId,
+    content: &str,
+    dest: &Path,
+    header: bool,
+    tensors: &[String],
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let conn = endpoint.peer(id).ok_or("not connected")?;
+    let (mut send, mut recv) = conn
+        .open(stream_kind::WEIGHTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = Control::Fetch {
+        content: content.to_string(),
+        header,
+        tensors: tensors.to_vec(),
+    };
+    write_message(&mut send, &req.to_message()?)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let doc = expect(&mut recv, limits::MAX_FRAME, "control", |m| match m {
+        Message::Control(d) => Ok(d),
+        other => Err(other),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (file_len, header_len, header_sha256, pieces) = match Control::from_bytes(&doc)? {
+        Control::Manifest {
+            file_len,
+            header_len,
+            header_sha256,
+            pieces,
+        } => (file_len, header_len, header_sha256, pieces),
+        Control::Failed { reason, .. } => return Err(reason),
+        other => return Err(format!("unexpected reply {other:?}")),
+    };
+    // Every range must lie in the file, and the pieces must be the ones asked.
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    if header {
+        ranges.push((0, header_len));
+    }
+    for (p, want) in pieces.iter().zip(tensors) {
+        if &p.name != want {
+            return Err(format!("sent {} for {want}", p.name));
+        }
+        ranges.push((p.offset, p.len));
+    }
+    if pieces.len() != tensors.len()
+        || ranges
+            .iter()
+            .any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > file_len))
+    {
+        return Err("the manifest does not match the request".into());
+    }
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .read(true)
+        .truncate(false)
+        .open(dest)
+        .map_err(|e| format!("{}: {e}", dest.display()))?;
+    let len_now = f.metadata().map_err(|e| e.to_string())?.len();
+    if len_now != file_len {
+        f.set_len(file_len).map_err(|e| e.to_string())?;
+    }
+    let started = Instant::now();
+    let mut done = 0u64;
+    let mut last_log = Instant::now();
+    for &(offset, len) in &ranges {
+        let mut at = 0u64;
+        while at < len {
+            let msg = read_message(&mut recv, limits::MAX_FRAME)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the sender stopped early")?;
+            let Message::FileChunk { offset: o, data } = msg else {
+                return Err(format!("expected a file chunk, got {}", msg.name()));
+            };
+            if o != offset + at || data.is_empty() || data.len() as u64 > len - at {
+                return Err(format!("chunk at {o} of {} bytes out of place", data.len()));
+            }
+            f.write_all_at(&data, o).map_err(|e| e.to_string())?;
+            at += data.len() as u64;
+            done += data.len() as u64;
+            progress(done, total);
+            if last_log.elapsed() > Duration::from_secs(1) {
+                last_log = Instant::now();
+                info!(
+                    "receiving weights from {}: {:.0}%",
+                    id.short(),
+                    done as f64 * 100.0 / total.max(1) as f64
+                );
+            }
+        }
+    }
+    // Verify what arrived before recording it.
+    let verify = |offset: u64, len: u64| -> Result<String, String> {
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| e.to_string())?;
+        Ok(sha256_hex(&buf))
+    };
+    if let Some(want) = header_sha256.filter(|_| header)
+        && verify(0, header_len)? != want
+    {
+        return Err("the header does not match its hash".into());
+    }
+    let mut have = read_have(dest).unwrap_or(Have {
+        content: content.to_string(),
+        tensors: BTreeSet::new(),
+    });
+    for p in &pieces {
+        if verify(p.offset, p.len)? != p.sha256 {
+            return Err(format!("{} does not match its hash", p.name));
+        }
+        have.tensors.insert(p.name.clone());
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    let doc = serde_json::to_vec_pretty(&have).map_err(|e| e.to_string())?;
+    let tmp = have_path(dest).with_extension("tmp");
+    std::fs::write(&tmp, doc).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, have_path(dest)).map_err(|e| e.to_string())?;
+    info!(
+        from = %id.short(),
+        tensors = pieces.len(),
+        bytes = done,
+        secs = started.elapsed().as_secs_f64(),
+        "received weights"
+    );
+    Ok(())
+}
+
+/// The tensors of `spec` in the model file at `path` (its header must be there).
+pub(crate) fn needed(path: &Path, spec: StageSpec) -> Result<BTreeSet<String>, String> {
+    let Layout(_, _, all) = layout(path)?;
+    Ok(stage_tensors(all.into_keys(), spec))
+}
