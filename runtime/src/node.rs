@@ -224,6 +224,7 @@ impl Node {
         dir: &std::path::Path,
         cache_dir: &std::path::Path,
         opts: &crate::profile::MeasureOptions,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<ModelInfo, RuntimeError> {
         let view = self.view().await?;
         let profiles = view.profiles.unwrap_or_default();
@@ -251,30 +252,19 @@ impl Node {
             times.model,
             content.get(..12).unwrap_or(&content)
         ));
-        let fetch = |tensors| {
-            let endpoint = self.endpoint.clone();
-            let (sources, content, dest) = (sources.clone(), content.clone(), dest.clone());
-            async move {
-                pipeline::weights::fetch(
-                    &endpoint,
-                    &sources,
-                    &content,
-                    &dest,
-                    tensors,
-                    &mut |_, _| {},
-                )
-                .await
-                .map_err(RuntimeError::BadRequest)
-            }
-        };
+        let ep = &self.endpoint;
         // The header first (it names the tensors), then what measuring reads.
-        fetch(Default::default()).await?;
+        pipeline::weights::fetch(ep, &sources, &content, &dest, Default::default(), progress)
+            .await
+            .map_err(RuntimeError::BadRequest)?;
         let mut wanted = std::collections::BTreeSet::new();
         for spec in pipeline::weights::measurement_spec() {
             wanted
                 .extend(pipeline::weights::needed(&dest, spec).map_err(RuntimeError::BadRequest)?);
         }
-        fetch(wanted).await?;
+        pipeline::weights::fetch(ep, &sources, &content, &dest, wanted, progress)
+            .await
+            .map_err(RuntimeError::BadRequest)?;
         let (d, c, o) = (dest.clone(), cache_dir.to_path_buf(), opts.clone());
         let info = tokio::task::spawn_blocking(move || -> Result<ModelInfo, RuntimeError> {
             let weights = hearth_models::WeightFile::open(&d)?;

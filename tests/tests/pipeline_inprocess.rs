@@ -202,7 +202,7 @@ async fn real_model_pipelines_match_single_node() -> Result<()> {
     }])?)?;
     let want = reference(&local, &prompt, 24, SamplingParams::default())?;
     println!("single node: {:?}", local.tokenizer().decode(&want)?);
-    for n in [2, 3] {
+    for n in [1, 2, 3] {
         let nodes = pipeline_cluster(n, n, &info, PlacementPolicy::Even).await?;
         let got = generate_all(
             &nodes[0].node,
@@ -431,6 +431,7 @@ async fn a_node_without_the_model_receives_its_stage_from_a_peer() -> Result<()>
             &empty.path().join("models"),
             &empty.path().join("profiles"),
             &MeasureOptions::quick(),
+            &mut |done, total| assert!(done <= total),
         )
         .await?;
     assert_eq!(

@@ -173,7 +173,25 @@ pub fn up(args: UpArgs) -> Result<()> {
                 let opts = hearth_runtime::profile::MeasureOptions::default();
                 let cache = hearth_runtime::profile::default_cache_dir();
                 loop {
-                    match node.adopt_model_from_peers(&dir, &cache, &opts).await {
+                    let mut bar: Option<(u64, indicatif::ProgressBar)> = None;
+                    let mut progress = |done: u64, total: u64| {
+                        if bar.as_ref().is_none_or(|(t, _)| *t != total) {
+                            let b = indicatif::ProgressBar::new(total);
+                            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                                "receiving weights {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                            ) {
+                                b.set_style(style);
+                            }
+                            bar = Some((total, b));
+                        }
+                        if let Some((_, b)) = &bar {
+                            b.set_position(done);
+                            if done >= total {
+                                b.finish_and_clear();
+                            }
+                        }
+                    };
+                    match node.adopt_model_from_peers(&dir, &cache, &opts, &mut progress).await {
                         Ok(info) => {
                             println!(
                                 "  model      {} received from a member and measured: {:.3} ms per layer per decoded token",
