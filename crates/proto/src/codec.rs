@@ -8,10 +8,12 @@ const PREFIX: usize = 4;
 
 /// The limit that applies to a frame with this tag.
 fn limit_for(tag: u8) -> usize {
-    use crate::message::{TAG_FORWARD, TAG_GENERATE, TAG_PROBE_DATA, TAG_TENSOR};
+    use crate::message::{
+        TAG_CONTROL, TAG_FILE_CHUNK, TAG_FORWARD, TAG_GENERATE, TAG_PROBE_DATA, TAG_TENSOR,
+    };
     if matches!(
         tag,
-        TAG_TENSOR | TAG_PROBE_DATA | TAG_FORWARD | TAG_GENERATE
+        TAG_TENSOR | TAG_PROBE_DATA | TAG_FORWARD | TAG_GENERATE | TAG_CONTROL | TAG_FILE_CHUNK
     ) {
         limits::MAX_FRAME
     } else {

@@ -495,6 +495,17 @@ fn pipeline_snapshots() {
     want.extend(1u32.to_le_bytes());
     want.push(9);
     assert_eq!(chunk, want);
+    // Messages of the large-frame class round-trip at their own limits.
+    for big in [
+        Message::FileChunk {
+            offset: 7,
+            data: vec![3; limits::MAX_FILE_CHUNK],
+        },
+        Message::Control(vec![b' '; limits::MAX_CONTROL_DOC]),
+    ] {
+        let bytes = encode_frame(&big).unwrap();
+        assert_eq!(decode_frame(&bytes).unwrap().unwrap().0, big);
+    }
     // A chunk over the limit is refused on both sides.
     assert!(
         encode_frame(&Message::FileChunk {
