@@ -91,7 +91,33 @@ impl Sampler {
         if cand.is_empty() {
             return argmax(logits);
         }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_p >= 1.0 {
+            // No nucleus: only the top k (if any) need finding, not a sort
+            // of the whole vocabulary (tens of thousands of entries).
+            if p.top_k > 0 {
+                if p.top_k < cand.len() {
+                    cand.select_nth_unstable_by(p.top_k - 1, order);
+                    cand.truncate(p.top_k);
+                }
+                cand.sort_unstable_by(order);
+            }
+            let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = cand
+                .iter()
+                .map(|(_, v)| ((v - max) / p.temperature).exp())
+                .collect();
+            let total: f32 = weights.iter().sum();
+            let mut r = self.rng.random::<f32>() * total;
+            for (i, w) in weights.iter().enumerate() {
+                r -= w;
+                if r <= 0.0 {
+                    return cand[i].0;
+                }
+            }
+            return cand[cand.len() - 1].0;
+        }
+        cand.sort_unstable_by(order);
         if p.top_k > 0 {
             cand.truncate(p.top_k);
         }
@@ -159,6 +185,32 @@ mod tests {
         top3.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
         for t in &a {
             assert!(top3[..3].contains(&(*t as usize)));
+        }
+    }
+
+    #[test]
+    fn full_vocabulary_sampling_follows_the_softmax() {
+        let logits = [0.0f32, 1.0, 2.0, f32::NAN, -1.0];
+        let t = 0.7;
+        let mut s = Sampler::new(SamplingParams {
+            temperature: t,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 3,
+        })
+        .unwrap();
+        let n = 40_000;
+        let mut counts = [0usize; 5];
+        for _ in 0..n {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        assert_eq!(counts[3], 0, "a NaN logit is never picked");
+        let finite = [0usize, 1, 2, 4];
+        let z: f32 = finite.iter().map(|&i| (logits[i] / t).exp()).sum();
+        for &i in &finite {
+            let want = (logits[i] / t).exp() / z;
+            let got = counts[i] as f32 / n as f32;
+            assert!((got - want).abs() < 0.01, "token {i}: {got} vs {want}");
         }
     }
 
