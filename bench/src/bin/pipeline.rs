@@ -32,8 +32,8 @@ struct Args {
     /// Tokens per single-stream run.
     #[arg(long, default_value_t = 128)]
     tokens: usize,
-    /// Single-stream runs per configuration (the median is kept).
-    #[arg(long, default_value_t = 3)]
+    /// Single-stream rounds, interleaved over the configurations (medians kept).
+    #[arg(long, default_value_t = 7)]
     runs: usize,
     /// Tokens per stream in the concurrent runs.
     #[arg(long, default_value_t = 64)]
@@ -98,44 +98,62 @@ async fn in_process(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let info = model_info(model, dir.path())?;
-    let mut single = Vec::new();
-    let mut agg: Vec<Vec<f64>> = Vec::new();
+    // All three clusters stay up; single-stream runs are interleaved
+    // (1, 2, 3 nodes, then again) so this machine's drifting speed hits
+    // every configuration alike, and the medians are compared.
+    let mut clusters = Vec::new();
     for n in 1..=3 {
         let nodes = pipeline_cluster(n, n, &info, PlacementPolicy::Even).await?;
-        let node = nodes[0].node.clone();
         // Warm up (first batches allocate caches and pages).
-        generate_all(&node, params(16, 99), Duration::from_secs(120)).await?;
-        let mut rates = Vec::new();
-        let (mut compute, mut send, mut per_token) = (Vec::new(), Vec::new(), Vec::new());
-        for r in 0..args.runs {
-            let (c0, s0) = stage_totals(&nodes);
-            let s = generate_all(&node, params(args.tokens, r), Duration::from_secs(600)).await?;
-            let (c1, s1) = stage_totals(&nodes);
+        generate_all(&nodes[0].node, params(16, 99), Duration::from_secs(120)).await?;
+        clusters.push(nodes);
+    }
+    let mut rates = vec![Vec::new(); 3];
+    let mut per_token = vec![Vec::new(); 3];
+    let mut compute = vec![Vec::new(); 3];
+    let mut send = vec![Vec::new(); 3];
+    for r in 0..args.runs {
+        for (k, nodes) in clusters.iter().enumerate() {
+            let (c0, s0) = stage_totals(nodes);
+            let s = generate_all(
+                &nodes[0].node,
+                params(args.tokens, r),
+                Duration::from_secs(600),
+            )
+            .await?;
+            let (c1, s1) = stage_totals(nodes);
             let steps = s.token_ids.len() as f64;
-            rates.push(s.decode_tok_per_s());
-            per_token.push((s.prefill_secs + s.decode_secs) / steps * 1e3);
-            compute.push((c1 - c0) / steps * 1e3);
-            send.push((s1 - s0) / steps * 1e3);
+            rates[k].push(s.decode_tok_per_s());
+            per_token[k].push((s.prefill_secs + s.decode_secs) / steps * 1e3);
+            compute[k].push((c1 - c0) / steps * 1e3);
+            send[k].push((s1 - s0) / steps * 1e3);
         }
-        let rate = median(&rates);
+    }
+    let mut single = Vec::new();
+    for k in 0..3 {
+        let n = k + 1;
+        let rate = median(&rates[k]);
         single.push(rate);
-        let (t, c, s) = (median(&per_token), median(&compute), median(&send));
+        let (t, c, s) = (median(&per_token[k]), median(&compute[k]), median(&send[k]));
         print(&format!(
             "{n} node(s): single stream {rate:.1} tok/s; per token {t:.2} ms = compute {c:.2} + pack/send {s:.3} + rest {:.2}",
             t - c - s
         ))?;
         meta[format!("split_{n}_nodes")] = serde_json::json!({
             "per_token_ms": t, "compute_ms": c, "pack_send_ms": s, "rest_ms": t - c - s,
+            "single_stream_tok_per_s": rates[k],
         });
-        let mut per_c = Vec::new();
-        for streams in [1, 4, 8] {
-            let (tps, _) = concurrent(&node, streams, args.concurrent_tokens).await?;
+    }
+    let mut agg: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for streams in [1, 4, 8] {
+        for (k, nodes) in clusters.iter().enumerate() {
+            let (tps, _) = concurrent(&nodes[0].node, streams, args.concurrent_tokens).await?;
             print(&format!(
-                "{n} node(s): {streams} streams {tps:.1} tok/s aggregate"
+                "{} node(s): {streams} streams {tps:.1} tok/s aggregate",
+                k + 1
             ))?;
-            per_c.push(tps);
+            agg[k].push(tps);
         }
-        agg.push(per_c);
     }
     for n in 0..3 {
         rows.push(Row::new(
