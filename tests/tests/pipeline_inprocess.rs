@@ -305,6 +305,11 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
                 prompt: vec![],
                 params: params.clone(),
             }))?,
+            encode_frame(&Message::Generate(WireGenerate {
+                placement: placement.id,
+                prompt: vec![1, u32::MAX],
+                params: params.clone(),
+            }))?,
         ];
         for p in &gen_payloads {
             let (mut s, mut r) = conn.open(stream_kind::GENERATE).await?;

@@ -130,3 +130,106 @@ async fn plan_needs_a_model_and_valid_parameters() {
     }
     n.shutdown().await;
 }
+
+async fn post(
+    app: axum::Router,
+    path: &str,
+    body: &str,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = app
+        .oneshot(
+            Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_streams_tokens_and_rejects_bad_requests() {
+    let n = node().await;
+    let app = || hearth_server::router(n.clone());
+    // No model yet: unavailable, with Retry-After.
+    let (status, headers, _) = post(app(), "/api/generate", r#"{"prompt":"hi"}"#).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+
+    let dir = tempfile::tempdir().unwrap();
+    n.set_model(hearth_test_utils::cluster::tiny_model_info(dir.path()).unwrap())
+        .unwrap();
+    assert!(
+        n.wait_placement(std::time::Duration::from_secs(20))
+            .await
+            .is_some()
+    );
+    // Bad bodies: 400 in the error shape, never a 500.
+    for body in [
+        "{not json",
+        r#"{"prompt":"a","messages":[{"role":"user","content":"b"}]}"#,
+        r#"{}"#,
+        r#"{"prompt_ids":[]}"#,
+        r#"{"prompt_ids":[1],"max_tokens":0}"#,
+        r#"{"prompt_ids":[1],"top_p":0}"#,
+        r#"{"prompt_ids":[1],"temperature":-1}"#,
+        r#"{"prompt_ids":[99999999]}"#,
+        r#"{"prompt_ids":[1],"bogus":true}"#,
+    ] {
+        let (status, _, bytes) = post(app(), "/api/generate", body).await;
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(status.is_client_error(), "{body}: {status} {text}");
+        let e: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(e["error"]["message"].is_string(), "{body}: {text}");
+    }
+    // One JSON summary.
+    let (status, _, bytes) = post(
+        app(),
+        "/api/generate",
+        r#"{"prompt_ids":[1,2,3],"max_tokens":5}"#,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let ids = s["token_ids"].as_array().unwrap().clone();
+    assert!(!ids.is_empty() && ids.len() <= 5, "{s}");
+    // The NDJSON stream carries the same tokens, then `done`.
+    let (status, headers, bytes) = post(
+        app(),
+        "/api/generate",
+        r#"{"prompt_ids":[1,2,3],"max_tokens":5,"stream":true}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/x-ndjson");
+    let lines: Vec<serde_json::Value> = String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let streamed: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| l.get("token").cloned())
+        .collect();
+    assert_eq!(streamed, ids);
+    assert_eq!(
+        lines.last().unwrap()["done"]["token_ids"],
+        serde_json::json!(ids)
+    );
+    n.shutdown().await;
+}

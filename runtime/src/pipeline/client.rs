@@ -121,6 +121,12 @@ pub(crate) async fn generate(
                     text.context_length()
                 )));
             }
+            let vocab = model.info.config.vocab_size;
+            if let Some(bad) = t.iter().find(|&&id| id as usize >= vocab) {
+                return Err(PipelineError::BadRequest(format!(
+                    "token id {bad} is outside the model's vocabulary of {vocab}"
+                )));
+            }
             t.clone()
         }
     };
@@ -392,6 +398,13 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
         let _ = send.finish();
         return;
     };
+    let vocab = service.model().map_or(0, |m| m.info.config.vocab_size);
+    if let Some(bad) = req.prompt.iter().find(|&&id| id as usize >= vocab) {
+        let why = format!("token id {bad} is outside the model's vocabulary of {vocab}");
+        let _ = write_message(&mut send, &refuse(refusal::BAD_REQUEST, why)).await;
+        let _ = send.finish();
+        return;
+    }
     if req.prompt.is_empty() {
         let _ = write_message(
             &mut send,
