@@ -220,9 +220,11 @@ fn real_model_profile() -> Result<()> {
         t.head.train_s_per_token / t.layer.train_s_per_token
     );
     println!("  embed: decode {:.3} ms", ms(t.embed.decode_s));
+    // By FLOPs the head is 8 layers; measured here 5-10 (timings run
+    // beside other tests, so only a loose sanity bound is checked).
     let ratio = t.head.decode_s / t.layer.decode_s;
     assert!(
-        (1.0..8.0).contains(&ratio),
+        (1.0..16.0).contains(&ratio),
         "head/layer decode ratio {ratio}"
     );
     Ok(())
