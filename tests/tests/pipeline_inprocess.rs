@@ -326,7 +326,21 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
         }
         // Control: garbage, a document of another format, an assignment
         // naming no stage of this node: all refused.
+        // An activation of a placement without stages (or with a gap in its
+        // layers) must not replace the active one.
+        let mut hollow = placement.clone();
+        hollow.id += 1_000;
+        hollow.stages.clear();
+        let mut gap = placement.clone();
+        gap.id += 2_000;
+        gap.stages[1].spec.start += 1;
+        let activate = |p: &hearth_runtime::pipeline::Placement| -> Result<Vec<u8>> {
+            let doc = serde_json::json!({"format": 1, "type": "activate", "placement": p});
+            Ok(encode_frame(&Message::Control(serde_json::to_vec(&doc)?))?)
+        };
         let control_payloads: Vec<Vec<u8>> = vec![
+            activate(&hollow)?,
+            activate(&gap)?,
             encode_frame(&Message::Control(b"{not json".to_vec()))?,
             encode_frame(&Message::Control(br#"{"format":99,"type":"ready","id":1}"#.to_vec()))?,
             encode_frame(&Message::Control(

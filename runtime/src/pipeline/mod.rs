@@ -66,6 +66,37 @@ impl Placement {
     pub fn stage_of(&self, node: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.node_id == node)
     }
+
+    /// Checks a placement from a peer: at least one stage, contiguous layer
+    /// ranges from 0, the embedding on the first stage only, the head on the
+    /// last only, and each member at most once.
+    pub fn validate(&self) -> Result<(), String> {
+        let last = self
+            .stages
+            .len()
+            .checked_sub(1)
+            .ok_or("a placement without stages")?;
+        let mut next = 0;
+        for (i, s) in self.stages.iter().enumerate() {
+            let spec = s.spec;
+            if spec.start != next || spec.end < spec.start {
+                return Err(format!(
+                    "stage {i} has layers {}..{} after layer {next}",
+                    spec.start, spec.end
+                ));
+            }
+            if spec.embed != (i == 0) || spec.head != (i == last) {
+                return Err(format!(
+                    "stage {i} holds the embedding or head out of place"
+                ));
+            }
+            if self.stage_of(&s.node_id) != Some(i) {
+                return Err(format!("member {} has two stages", s.node_id));
+            }
+            next = spec.end;
+        }
+        Ok(())
+    }
 }
 
 /// Errors of pipeline inference.

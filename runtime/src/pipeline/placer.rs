@@ -123,6 +123,24 @@ impl Control {
     }
 }
 
+/// Reads one control document from a stream.
+pub(crate) async fn read_control(recv: &mut quinn::RecvStream) -> Result<Control, String> {
+    let doc = expect(recv, limits::MAX_FRAME, "control", |m| match m {
+        Message::Control(d) => Ok(d),
+        other => Err(other),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Control::from_bytes(&doc)
+}
+
+/// Writes one control document to a stream.
+pub(crate) async fn write_control(send: &mut quinn::SendStream, c: &Control) -> Result<(), String> {
+    write_message(send, &c.to_message()?)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Sends `req` to `node` and waits for its reply.
 async fn request(
     service: &Service,
@@ -143,17 +161,9 @@ async fn request(
             .open(stream_kind::CONTROL)
             .await
             .map_err(|e| e.to_string())?;
-        write_message(&mut send, &req.to_message()?)
-            .await
-            .map_err(|e| e.to_string())?;
+        write_control(&mut send, req).await?;
         let _ = send.finish();
-        let doc = expect(&mut recv, limits::MAX_FRAME, "control", |m| match m {
-            Message::Control(d) => Ok(d),
-            other => Err(other),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        Control::from_bytes(&doc)
+        read_control(&mut recv).await
     };
     tokio::time::timeout(wait, exchange)
         .await
@@ -163,6 +173,14 @@ async fn request(
 /// What a node does with a control request.
 async fn handle(service: &Service, req: Control) -> Control {
     match req {
+        Control::Assign { placement } | Control::Activate { placement }
+            if let Err(reason) = placement.validate() =>
+        {
+            Control::Failed {
+                id: placement.id,
+                reason,
+            }
+        }
         Control::Assign { placement } => {
             let id = placement.id;
             match service.load_stage(Arc::new(placement)).await {
@@ -196,32 +214,18 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
         mut send,
         mut recv,
     } = stream;
-    let doc = match tokio::time::timeout(
-        Duration::from_secs(10),
-        expect(&mut recv, limits::MAX_FRAME, "control", |m| match m {
-            Message::Control(d) => Ok(d),
-            other => Err(other),
-        }),
-    )
-    .await
-    {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => return debug!("control stream from {}: {e}", peer.node_id.short()),
-        Err(_) => return,
-    };
-    let reply = match Control::from_bytes(&doc) {
-        Ok(req) => handle(&service, req).await,
-        Err(reason) => {
+    let reply = match tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv)).await {
+        Ok(Ok(req)) => handle(&service, req).await,
+        Ok(Err(reason)) => {
             warn!(
-                "bad control document from {}: {reason}",
+                "bad control request from {}: {reason}",
                 peer.node_id.short()
             );
             Control::Failed { id: 0, reason }
         }
+        Err(_) => return,
     };
-    if let Ok(msg) = reply.to_message() {
-        let _ = write_message(&mut send, &msg).await;
-    }
+    let _ = write_control(&mut send, &reply).await;
     let _ = send.finish();
 }
 

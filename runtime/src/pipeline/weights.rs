@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hearth_models::StageSpec;
-use hearth_net::framed::{expect, read_message, write_message};
+use hearth_net::framed::{read_message, write_message};
 use hearth_net::{Endpoint, IncomingStream, NodeId};
 use hearth_proto::{Message, limits, stream_kind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use super::placer::Control;
+use super::placer::{Control, read_control, write_control};
 use super::service::Service;
 
 /// Bytes per `FileChunk`.
@@ -124,11 +124,21 @@ pub fn measurement_spec() -> [StageSpec; 2] {
     ]
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// SHA-256 (hex) of `len` bytes of `f` from `offset`, read in chunks so a
+/// large tensor needs no buffer of its size.
+fn hash_range(f: &std::fs::File, offset: u64, len: u64) -> Result<String, String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(CHUNK as u64) as usize;
+        f.read_exact_at(&mut buf[..n], offset + at)
+            .map_err(|e| e.to_string())?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Serves one `WEIGHTS` stream: a `Fetch` in; a `Manifest`, then the
@@ -139,21 +149,10 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
         mut send,
         mut recv,
     } = stream;
-    let req = expect(
-        &mut recv,
-        limits::MAX_CONTROL_FRAME,
-        "control",
-        |m| match m {
-            Message::Control(d) => Ok(d),
-            other => Err(other),
-        },
-    );
-    let req = match tokio::time::timeout(Duration::from_secs(10), req).await {
-        Ok(Ok(doc)) => Control::from_bytes(&doc),
-        Ok(Err(e)) => Err(e.to_string()),
+    let req = match tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv)).await {
+        Ok(r) => r,
         Err(_) => return,
     };
-    let reply = |c: Control| c.to_message();
     let result = match req {
         Ok(Control::Fetch {
             content,
@@ -170,15 +169,12 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
                 "weights request from {} refused: {reason}",
                 peer.node_id.short()
             );
-            if let Ok(m) = reply(Control::Failed { id: 0, reason }) {
-                let _ = write_message(&mut send, &m).await;
-            }
+            let _ = write_control(&mut send, &Control::Failed { id: 0, reason }).await;
             let _ = send.finish();
             return;
         }
     };
-    let Ok(m) = reply(manifest) else { return };
-    if write_message(&mut send, &m).await.is_err() {
+    if write_control(&mut send, &manifest).await.is_err() {
         return;
     }
     let sent = send_ranges(&path, &ranges, &mut send).await;
@@ -224,42 +220,28 @@ async fn plan_send(
     }
     // Hash the pieces (reading them once more; the file is in the page cache).
     let p = path.clone();
-    let pieces = tokio::task::spawn_blocking(move || -> Result<Vec<Piece>, String> {
-        use std::os::unix::fs::FileExt;
+    let (pieces, header_sha256) = tokio::task::spawn_blocking(move || {
         let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
-        pieces
+        let pieces = pieces
             .into_iter()
             .map(|(name, offset, len)| {
-                let mut buf = vec![0u8; len as usize];
-                f.read_exact_at(&mut buf, offset)
-                    .map_err(|e| e.to_string())?;
                 Ok(Piece {
+                    sha256: hash_range(&f, offset, len)?,
                     name,
                     offset,
                     len,
-                    sha256: sha256_hex(&buf),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, String>>()?;
+        let header = if header {
+            Some(hash_range(&f, 0, header_len)?)
+        } else {
+            None
+        };
+        Ok::<_, String>((pieces, header))
     })
     .await
     .map_err(|e| e.to_string())??;
-    let header_sha256 = if header {
-        let p = path.clone();
-        Some(
-            tokio::task::spawn_blocking(move || -> Result<String, String> {
-                use std::os::unix::fs::FileExt;
-                let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
-                let mut buf = vec![0u8; header_len as usize];
-                f.read_exact_at(&mut buf, 0).map_err(|e| e.to_string())?;
-                Ok(sha256_hex(&buf))
-            })
-            .await
-            .map_err(|e| e.to_string())??,
-        )
-    } else {
-        None
-    };
     Ok((
         path,
         Control::Manifest {
@@ -379,17 +361,9 @@ async fn fetch_from(
         header,
         tensors: tensors.to_vec(),
     };
-    write_message(&mut send, &req.to_message()?)
-        .await
-        .map_err(|e| e.to_string())?;
+    write_control(&mut send, &req).await?;
     let _ = send.finish();
-    let doc = expect(&mut recv, limits::MAX_FRAME, "control", |m| match m {
-        Message::Control(d) => Ok(d),
-        other => Err(other),
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let (file_len, header_len, header_sha256, pieces) = match Control::from_bytes(&doc)? {
+    let (file_len, header_len, header_sha256, pieces) = match read_control(&mut recv).await? {
         Control::Manifest {
             file_len,
             header_len,
@@ -463,12 +437,7 @@ async fn fetch_from(
         }
     }
     // Verify what arrived before recording it.
-    let verify = |offset: u64, len: u64| -> Result<String, String> {
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset)
-            .map_err(|e| e.to_string())?;
-        Ok(sha256_hex(&buf))
-    };
+    let verify = |offset: u64, len: u64| hash_range(&f, offset, len);
     if let Some(want) = header_sha256.filter(|_| header)
         && verify(0, header_len)? != want
     {

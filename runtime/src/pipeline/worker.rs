@@ -222,11 +222,10 @@ impl StageLoop {
         let mut bad = Vec::new();
         for (c, input) in batch {
             let check = match (&c.params, self.seqs.get(&c.seq)) {
+                // One bad chunk must not fail the batch it would join.
+                _ if c.len == 0 => Err("empty chunk"),
                 (Some(_), Some(_)) => Err("sequence started twice"),
-                (Some(p), None) if c.pos != 0 => {
-                    let _ = p;
-                    Err("first chunk not at position 0")
-                }
+                (Some(_), None) if c.pos != 0 => Err("first chunk not at position 0"),
                 (Some(p), None) => match new_state(&self.stage, p, c.len as usize, head, ctx) {
                     Ok(s) => {
                         self.seqs.insert(c.seq, s);
