@@ -4,14 +4,13 @@
 #![allow(clippy::print_stdout)] // Prints the figures it measures.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hearth_runtime::ClusterView;
 use hearth_runtime::profile::PlanReport;
-use hearth_test_utils::netns::ChildGuard;
-use hearth_test_utils::{free_port, hearth_binary};
+use hearth_test_utils::{free_port, hearth_binary, hearth_up};
 
 fn status(http: u16) -> Result<ClusterView> {
     let out = Command::new(hearth_binary()?)
@@ -41,19 +40,6 @@ fn wait_members(http: u16, n: usize, limit: Duration) -> Result<Duration> {
     }
 }
 
-fn up(home: &Path, name: &str, quic: u16, http: u16, extra: &[String]) -> Result<ChildGuard> {
-    let mut c = Command::new(hearth_binary()?);
-    c.args(["up", "--no-mdns", "--name", name])
-        .arg("--home")
-        .arg(home)
-        .args(["--quic", &format!("127.0.0.1:{quic}")])
-        .args(["--http", &format!("127.0.0.1:{http}")])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    ChildGuard::spawn(c)
-}
-
 #[test]
 fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -72,7 +58,7 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("hearth up"));
 
     let started = Instant::now();
-    let mut n0 = Some(up(&homes[0], "n0", quic[0], http[0], &[])?);
+    let mut n0 = Some(hearth_up(&homes[0], "n0", quic[0], http[0], &[])?);
     wait_members(http[0], 1, Duration::from_secs(20))?;
     let out = Command::new(&bin)
         .arg("token")
@@ -100,7 +86,13 @@ fn three_processes_form_a_cluster_with_static_peers() -> Result<()> {
     for i in 1..3 {
         let mut extra = vec!["--join".to_string(), token.clone()];
         extra.extend(peers(i));
-        rest.push(up(&homes[i], &format!("n{i}"), quic[i], http[i], &extra)?);
+        rest.push(hearth_up(
+            &homes[i],
+            &format!("n{i}"),
+            quic[i],
+            http[i],
+            &extra,
+        )?);
     }
     for &h in &http {
         wait_members(h, 3, Duration::from_secs(20))?;

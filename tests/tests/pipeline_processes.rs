@@ -6,7 +6,7 @@
 
 use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use hearth_models::{GenerateRequest, LocalModel, Precision, SamplingParams};
 use hearth_runtime::ClusterView;
 use hearth_test_utils::netns::ChildGuard;
-use hearth_test_utils::{free_port, hearth_binary, real_model};
+use hearth_test_utils::{free_port, hearth_binary, hearth_up, real_model};
 
 fn view(http: u16) -> Result<ClusterView> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -49,16 +49,9 @@ fn wait_stages(http: u16, stages: usize, limit: Duration) -> Result<ClusterView>
 }
 
 fn up(home: &Path, name: &str, quic: u16, http: u16, extra: &[String]) -> Result<ChildGuard> {
-    let mut c = Command::new(hearth_binary()?);
-    c.args(["up", "--no-mdns", "--split", "even", "--name", name])
-        .arg("--home")
-        .arg(home)
-        .args(["--quic", &format!("127.0.0.1:{quic}")])
-        .args(["--http", &format!("127.0.0.1:{http}")])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    ChildGuard::spawn(c)
+    let mut flags = vec!["--split".to_string(), "even".into()];
+    flags.extend_from_slice(extra);
+    hearth_up(home, name, quic, http, &flags)
 }
 
 /// Streams `POST /api/generate`, sending each NDJSON event to `tx`.

@@ -471,38 +471,18 @@ fn rate_limited(
     let _ = generate()?; // warm-up
     for rate in ["unlimited", "1gbit", "100mbit", "10mbit"] {
         for i in 0..2 {
-            let _ = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    lan.ns(i),
-                    "tc",
-                    "qdisc",
-                    "del",
-                    "dev",
-                    "eth0",
-                    "root",
-                ])
-                .stderr(Stdio::null())
-                .status();
+            let tc = |args: &[&str]| lan.command(i, "tc").args(["qdisc"]).args(args).output();
+            let _ = tc(&["del", "dev", "eth0", "root"]);
             if rate != "unlimited" {
-                let ok = Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        lan.ns(i),
-                        "tc",
-                        "qdisc",
-                        "add",
-                        "dev",
-                        "eth0",
-                        "root",
-                        "tbf",
-                    ])
-                    .args(["rate", rate, "burst", "32kbit", "latency", "50ms"])
-                    .status()?;
-                if !ok.success() {
-                    bail!("tc tbf {rate} failed");
+                let out = tc(&[
+                    "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit",
+                    "latency", "50ms",
+                ])?;
+                if !out.status.success() {
+                    bail!(
+                        "tc tbf {rate} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use hearth_discovery::{Discovery, MdnsDiscovery, StaticDiscovery};
 use hearth_net::{ClusterSecret, Identity};
-use hearth_runtime::pipeline::PlacementPolicy;
+use hearth_runtime::pipeline::{Placement, PlacementPolicy};
 use hearth_runtime::{ClusterView, MemberState, MembershipEvent, Node, NodeConfig};
 
 /// Default QUIC address: every interface, so the LAN can reach the node.
@@ -271,6 +271,21 @@ pub fn up(args: UpArgs) -> Result<()> {
     })
 }
 
+/// "MODEL in N stage(s): a layers 0..10 → b layers 10..30".
+fn describe(p: &Placement) -> String {
+    let split: Vec<String> = p
+        .stages
+        .iter()
+        .map(|s| format!("{} layers {}..{}", s.name, s.spec.start, s.spec.end))
+        .collect();
+    format!(
+        "{} in {} stage(s): {}",
+        p.model,
+        p.stages.len(),
+        split.join(" → ")
+    )
+}
+
 /// Prints each placement as it becomes active.
 async fn print_placements(node: Node) {
     let mut last = None;
@@ -283,19 +298,7 @@ async fn print_placements(node: Node) {
         }
         last = id;
         match p {
-            Some(p) => {
-                let split: Vec<String> = p
-                    .stages
-                    .iter()
-                    .map(|s| format!("{} layers {}..{}", s.name, s.spec.start, s.spec.end))
-                    .collect();
-                println!(
-                    "  serving    {} in {} stage(s): {}",
-                    p.model,
-                    p.stages.len(),
-                    split.join(" → ")
-                );
-            }
+            Some(p) => println!("  serving    {}", describe(&p)),
             None => println!("  serving    nothing (re-placing the model)"),
         }
     }
@@ -529,19 +532,7 @@ fn render(v: &ClusterView) -> String {
         out.push('\n');
     }
     match &v.placement {
-        Some(p) => {
-            let split: Vec<String> = p
-                .stages
-                .iter()
-                .map(|s| format!("{} layers {}..{}", s.name, s.spec.start, s.spec.end))
-                .collect();
-            out.push_str(&format!(
-                "serving {} in {} stage(s): {}\n",
-                p.model,
-                p.stages.len(),
-                split.join(" → ")
-            ));
-        }
+        Some(p) => out.push_str(&format!("serving {}\n", describe(p))),
         None => {
             out.push_str("serving nothing yet (the model is being fetched, measured or placed)\n")
         }

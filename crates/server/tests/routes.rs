@@ -18,12 +18,13 @@ async fn node() -> Node {
     Node::start(cfg).await.unwrap()
 }
 
-async fn get(app: axum::Router, path: &str) -> (StatusCode, Vec<u8>) {
-    let resp = app
-        .oneshot(Request::get(path).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+async fn send(
+    app: axum::Router,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = app.oneshot(req).await.unwrap();
     let status = resp.status();
+    let headers = resp.headers().clone();
     let body = resp
         .into_body()
         .collect()
@@ -31,6 +32,11 @@ async fn get(app: axum::Router, path: &str) -> (StatusCode, Vec<u8>) {
         .unwrap()
         .to_bytes()
         .to_vec();
+    (status, headers, body)
+}
+
+async fn get(app: axum::Router, path: &str) -> (StatusCode, Vec<u8>) {
+    let (status, _, body) = send(app, Request::get(path).body(Body::empty()).unwrap()).await;
     (status, body)
 }
 
@@ -136,25 +142,11 @@ async fn post(
     path: &str,
     body: &str,
 ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let resp = app
-        .oneshot(
-            Request::post(path)
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
+    let req = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
         .unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    (status, headers, body)
+    send(app, req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

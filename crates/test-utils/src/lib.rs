@@ -467,6 +467,27 @@ pub fn hearth_release_binary() -> Result<PathBuf> {
         .map_err(|e| anyhow::anyhow!(e))
 }
 
+/// Starts `hearth up` on loopback (no mDNS) with its own home, QUIC and
+/// HTTP ports and `extra` flags; killed when the guard drops.
+pub fn hearth_up(
+    home: &Path,
+    name: &str,
+    quic: u16,
+    http: u16,
+    extra: &[String],
+) -> Result<netns::ChildGuard> {
+    let mut c = std::process::Command::new(hearth_binary()?);
+    c.args(["up", "--no-mdns", "--name", name])
+        .arg("--home")
+        .arg(home)
+        .args(["--quic", &format!("127.0.0.1:{quic}")])
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    netns::ChildGuard::spawn(c)
+}
+
 fn build_hearth(release: bool) -> Result<PathBuf, String> {
     let root = workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")

@@ -306,8 +306,7 @@ pub(crate) fn spawn(
         let mut seen: Vec<String> = Vec::new();
         let mut seen_since = Instant::now();
         let mut retry_at: Option<Instant> = None;
-        let mut informed: HashSet<String> = HashSet::new();
-        let mut informed_of = 0u64;
+        let mut informed = Informed::default();
         let mut tick = tokio::time::interval(PERIOD);
         loop {
             tick.tick().await;
@@ -337,27 +336,7 @@ pub(crate) fn spawn(
             if !stale {
                 // Tell members that joined since which placement is active.
                 if let Some(p) = current {
-                    if informed_of != p.id {
-                        informed_of = p.id;
-                        informed.clear();
-                        informed.insert(service.me().to_string());
-                    }
-                    let todo: Vec<String> = members
-                        .iter()
-                        .filter(|m| !informed.contains(*m))
-                        .cloned()
-                        .collect();
-                    for m in &todo {
-                        let req = Control::Activate {
-                            placement: (*p).clone(),
-                        };
-                        match request(&service, m, &req, Duration::from_secs(5)).await {
-                            Ok(_) => {
-                                informed.insert(m.clone());
-                            }
-                            Err(e) => debug!("telling {m} the placement: {e}"),
-                        }
-                    }
+                    informed.tell(&service, &p, &members).await;
                 }
                 continue;
             }
@@ -437,21 +416,40 @@ pub(crate) fn spawn(
                 continue;
             }
             retry_at = None;
-            let activate = Control::Activate {
-                placement: placement.clone(),
-            };
-            informed.clear();
-            informed_of = placement.id;
-            for m in &members {
-                match request(&service, m, &activate, Duration::from_secs(5)).await {
-                    Ok(_) => {
-                        informed.insert(m.clone());
-                    }
-                    Err(e) => debug!("activating on {m}: {e}"),
-                }
-            }
+            informed.tell(&service, &placement, &members).await;
         }
     })
+}
+
+/// Which members have been sent the active placement.
+#[derive(Default)]
+struct Informed {
+    placement: u64,
+    members: HashSet<String>,
+}
+
+impl Informed {
+    /// Activates `placement` on each of `members` not yet told of it.
+    async fn tell(&mut self, service: &Service, placement: &Placement, members: &[String]) {
+        if self.placement != placement.id {
+            self.placement = placement.id;
+            self.members.clear();
+        }
+        let activate = Control::Activate {
+            placement: placement.clone(),
+        };
+        for m in members {
+            if self.members.contains(m) {
+                continue;
+            }
+            match request(service, m, &activate, Duration::from_secs(5)).await {
+                Ok(_) => {
+                    self.members.insert(m.clone());
+                }
+                Err(e) => debug!("activating on {m}: {e}"),
+            }
+        }
+    }
 }
 
 /// Runs futures concurrently and collects their outputs in order.

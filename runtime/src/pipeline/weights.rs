@@ -80,30 +80,25 @@ fn layout(path: &Path) -> Result<Layout, String> {
 
 /// The GGUF tensor names a stage reads (see `Stage::load`).
 pub fn stage_tensors(all: impl Iterator<Item = String>, spec: StageSpec) -> BTreeSet<String> {
-    let has_output = std::cell::Cell::new(false);
-    let mut names: BTreeSet<String> = all
+    let all: Vec<String> = all.collect();
+    // Tied weights: without an output matrix, the head is the embedding.
+    let tied = !all.iter().any(|n| n == "output.weight");
+    all.into_iter()
         .filter(|n| {
-            if n == "output.weight" {
-                has_output.set(true);
-            }
             let layer = n
                 .strip_prefix("blk.")
                 .and_then(|r| r.split('.').next())
                 .and_then(|i| i.parse::<usize>().ok());
             match layer {
                 Some(i) => (spec.start..spec.end).contains(&i),
-                None => {
-                    (spec.embed && n == "token_embd.weight")
-                        || (spec.head && (n == "output_norm.weight" || n == "output.weight"))
-                }
+                None => match n.as_str() {
+                    "token_embd.weight" => spec.embed || (spec.head && tied),
+                    "output_norm.weight" | "output.weight" => spec.head,
+                    _ => false,
+                },
             }
         })
-        .collect();
-    // Tied weights: the head is the embedding.
-    if spec.head && !has_output.get() {
-        names.insert("token_embd.weight".into());
-    }
-    names
+        .collect()
 }
 
 /// What `ModelInfo::measure` reads: layer 0, the embedding and the head.

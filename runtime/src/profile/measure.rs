@@ -132,6 +132,28 @@ fn train_times(stage: &Stage, opts: &MeasureOptions) -> Result<(f64, f64), Profi
     Ok((fwd / n as f64, both / n as f64))
 }
 
+/// Inference times of `spec` quantized, and training times in f32.
+fn measure_part(
+    weights: &WeightFile,
+    spec: StageSpec,
+    what: &str,
+    opts: &MeasureOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PhaseTimes, ProfileError> {
+    progress(&format!("{what}: decode and prefill"));
+    let stage = Stage::load(weights, spec, Precision::Quantized)?;
+    let (decode_s, prefill_s_per_token) = inference_times(&stage, false, opts)?;
+    progress(&format!("{what}: training"));
+    let stage = Stage::load(weights, spec, Precision::F32)?;
+    let (train_forward_s_per_token, train_s_per_token) = train_times(&stage, opts)?;
+    Ok(PhaseTimes {
+        decode_s,
+        prefill_s_per_token,
+        train_forward_s_per_token,
+        train_s_per_token,
+    })
+}
+
 /// Measures `weights` on this device's CPU. `progress` is told each step.
 pub fn measure(
     weights: &WeightFile,
@@ -150,18 +172,7 @@ pub fn measure(
     let embed_only = spec(0, 0, true, false);
     let head_only = spec(layers, layers, false, true);
 
-    progress("decoder layer: decode and prefill");
-    let stage = Stage::load(weights, one_layer, Precision::Quantized)?;
-    let (decode, prefill) = inference_times(&stage, false, opts)?;
-    progress("decoder layer: training");
-    let stage = Stage::load(weights, one_layer, Precision::F32)?;
-    let (fwd, train) = train_times(&stage, opts)?;
-    let layer = PhaseTimes {
-        decode_s: decode,
-        prefill_s_per_token: prefill,
-        train_forward_s_per_token: fwd,
-        train_s_per_token: train,
-    };
+    let layer = measure_part(weights, one_layer, "decoder layer", opts, progress)?;
 
     progress("embedding");
     let stage = Stage::load(weights, embed_only, Precision::Quantized)?;
@@ -174,18 +185,7 @@ pub fn measure(
         train_s_per_token: prefill,
     };
 
-    progress("LM head: decode and prefill");
-    let stage = Stage::load(weights, head_only, Precision::Quantized)?;
-    let (decode, prefill) = inference_times(&stage, false, opts)?;
-    progress("LM head: training");
-    let stage = Stage::load(weights, head_only, Precision::F32)?;
-    let (fwd, train) = train_times(&stage, opts)?;
-    let head = PhaseTimes {
-        decode_s: decode,
-        prefill_s_per_token: prefill,
-        train_forward_s_per_token: fwd,
-        train_s_per_token: train,
-    };
+    let head = measure_part(weights, head_only, "LM head", opts, progress)?;
 
     let model = weights
         .path()
