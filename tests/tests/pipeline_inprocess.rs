@@ -172,6 +172,25 @@ async fn stop_strings_and_cancellation_free_the_sequence() -> Result<()> {
     drop(rx);
     // Every stage frees the sequence.
     wait_freed(&nodes).await?;
+    // A stop string: the text ends before it, the reason is "stop", and
+    // every stage frees the sequence although no end token came.
+    let full = generate_all(
+        &nodes[1].node,
+        greedy(vec![1, 2, 3], 60),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 12, "{:?}", full.text);
+    let stop: String = chars[8..11].iter().collect();
+    let cut = full.text.find(&stop).unwrap();
+    let mut params = greedy(vec![1, 2, 3], 60);
+    params.stop = vec![stop.clone()];
+    let stopped = generate_all(&nodes[1].node, params, Duration::from_secs(30)).await?;
+    assert_eq!(stopped.text, full.text[..cut], "stop {stop:?}");
+    assert_eq!(stopped.finish_reason, hearth_models::FinishReason::Stop);
+    assert!(stopped.token_ids.len() < full.token_ids.len());
+    wait_freed(&nodes).await?;
     // Bad requests are refused with a clear error.
     let err = nodes[0].node.generate(greedy(vec![], 5)).await.unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
