@@ -291,19 +291,29 @@ impl StageLoop {
             let t = Tensor::from_vec(values, (n, h), &Device::Cpu).map_err(|e| e.to_string())?;
             StageInput::Hidden(t)
         };
-        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(batch.len());
-        // Borrow each sequence's cache once (the batch has no duplicates).
-        let mut states: HashMap<u64, &mut SeqState> =
-            self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+        // Take the batch's states out for the forward (the batch has no
+        // duplicates), and put them back whatever the outcome.
         let now = Instant::now();
-        for (c, _) in &batch {
-            let s = states.remove(&c.seq).ok_or("sequence vanished")?;
-            s.last_used = now;
-            caches.push(&mut s.cache);
-        }
-        self.stage
-            .forward(input, &lens, &mut caches, Logits::Last)
-            .map_err(|e| e.to_string())
+        let mut taken: Vec<(u64, SeqState)> = batch
+            .iter()
+            .filter_map(|(c, _)| self.seqs.remove_entry(&c.seq))
+            .collect();
+        let out = if taken.len() != batch.len() {
+            Err("sequence vanished".to_string())
+        } else {
+            let mut caches: Vec<&mut KvCache> = taken
+                .iter_mut()
+                .map(|(_, s)| {
+                    s.last_used = now;
+                    &mut s.cache
+                })
+                .collect();
+            self.stage
+                .forward(input, &lens, &mut caches, Logits::Last)
+                .map_err(|e| e.to_string())
+        };
+        self.seqs.extend(taken);
+        out
     }
 
     fn send_hidden(&mut self, chunks: Vec<SeqChunk>, hidden: Tensor) {
