@@ -5,12 +5,16 @@
 //! scheduler, training engine.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod catalog;
+pub mod events;
 mod membership;
 mod node;
 pub mod pipeline;
 pub mod profile;
 mod view;
 
+pub use catalog::{ModelEntry, ModelSource};
+pub use events::{ClusterEvent, EventKind};
 pub use membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MembershipEvent};
 pub use node::{Node, NodeConfig};
 pub use view::{ClusterView, MemberState, MemberView};

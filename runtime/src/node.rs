@@ -10,8 +10,10 @@ use hearth_net::{ClusterSecret, Endpoint, EndpointConfig, Identity, NodeId};
 use hearth_proto::{PROTOCOL_VERSION, stream_kind};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::catalog::{ModelEntry, ModelSource};
+use crate::events::{ClusterEvent, EventKind, Events};
 use crate::membership::{self, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Membership, MembershipEvent};
-use crate::pipeline::service::{ServedModel, Service};
+use crate::pipeline::service::Service;
 use crate::pipeline::{
     self, GenStream, GenerateParams, PipelineError, Placement, PlacementPolicy, StageStats,
 };
@@ -38,6 +40,8 @@ pub struct NodeConfig {
     pub probe_period: Duration,
     /// How the leader splits the model over the members that hold it.
     pub placement: PlacementPolicy,
+    /// Where models are loaded from by name (`Node::load_model`).
+    pub models: Option<Arc<dyn ModelSource>>,
 }
 
 impl NodeConfig {
@@ -54,6 +58,7 @@ impl NodeConfig {
             model: None,
             probe_period: PROBE_PERIOD,
             placement: PlacementPolicy::default(),
+            models: None,
         }
     }
 }
@@ -122,10 +127,16 @@ impl Node {
             membership.events(),
             cfg.probe_period,
         );
-        let service = Service::new(endpoint.clone());
+        let events = Events::new(endpoint.id().to_string(), cfg.name.clone());
+        let service = Service::new(
+            endpoint.clone(),
+            profiles.clone(),
+            events.clone(),
+            cfg.models,
+        );
+        events.set_share(share_with_members(service.clone()));
         if let Some(info) = cfg.model {
-            service.set_model(served(&info)?);
-            profiles.set_model(info);
+            service.serve_model(info)?;
         }
         let mut tasks = vec![
             serve_streams(pipe_streams, service.clone(), pipeline::pipe::serve),
@@ -151,11 +162,29 @@ impl Node {
                             node_id,
                             name,
                             reason,
-                        }) => watcher.peer_lost(
-                            &node_id.to_string(),
-                            &format!("stage node {name} ({}) left: {reason}", node_id.short()),
+                        }) => {
+                            watcher.events().record(
+                                node_id.to_string(),
+                                name.clone(),
+                                EventKind::MemberLeft {
+                                    reason: reason.clone(),
+                                },
+                            );
+                            watcher.peer_lost(
+                                &node_id.to_string(),
+                                &format!("stage node {name} ({}) left: {reason}", node_id.short()),
+                            )
+                        }
+                        Ok(MembershipEvent::Joined(m)) => watcher.events().record(
+                            m.node_id,
+                            m.name,
+                            EventKind::MemberJoined { address: m.address },
                         ),
-                        Ok(_) => {}
+                        Ok(MembershipEvent::LeaderChanged(id)) => {
+                            watcher.events().emit(EventKind::LeaderChanged {
+                                leader: id.to_string(),
+                            })
+                        }
                         Err(broadcast::error::RecvError::Lagged(_)) => {}
                         Err(_) => break,
                     }
@@ -209,9 +238,91 @@ impl Node {
     /// see the times with their next profile refresh, and the leader places
     /// the model over the members that hold it.
     pub fn set_model(&self, info: ModelInfo) -> Result<(), RuntimeError> {
-        self.pipeline.set_model(served(&info)?);
-        self.profiles.set_model(info);
-        Ok(())
+        Ok(self.pipeline.serve_model(info)?)
+    }
+
+    /// The name of the model this node serves, if any.
+    pub fn model_name(&self) -> Option<String> {
+        self.pipeline.model().map(|m| m.info.times.model.clone())
+    }
+
+    /// The models this node can load by name.
+    pub fn available_models(&self) -> Vec<ModelEntry> {
+        self.pipeline.source().map(|s| s.list()).unwrap_or_default()
+    }
+
+    /// Loads the model named `name` on this node and asks every member to
+    /// load it from its own store; each is measured on it and the leader
+    /// places it. Returns at once (events tell the progress) with the
+    /// members that refused, as (name, reason).
+    pub async fn load_model(&self, name: &str) -> Result<Vec<(String, String)>, RuntimeError> {
+        self.pipeline
+            .load_model(name)
+            .map_err(RuntimeError::BadRequest)?;
+        Ok(self
+            .ask_members(pipeline::placer::Control::Load {
+                model: name.to_string(),
+            })
+            .await
+            .into_iter()
+            .filter_map(|(_, n, r)| match r {
+                Ok(pipeline::placer::Control::Ready { .. }) => None,
+                Ok(pipeline::placer::Control::Failed { reason, .. }) => Some((n, reason)),
+                Ok(_) => Some((n, "unexpected reply".into())),
+                Err(e) => Some((n, e)),
+            })
+            .collect())
+    }
+
+    /// Stops serving the model on this node and on every member.
+    pub async fn unload_model(&self) {
+        self.pipeline.unload_model();
+        self.ask_members(pipeline::placer::Control::Unload).await;
+    }
+
+    /// The recent events, then every new one.
+    pub fn cluster_events(&self) -> (Vec<ClusterEvent>, broadcast::Receiver<ClusterEvent>) {
+        self.pipeline.events().subscribe()
+    }
+
+    /// Stage timings of every member (node id, name, its stages).
+    pub async fn cluster_stage_stats(&self) -> Vec<(String, String, Vec<StageStats>)> {
+        let mut out = vec![(
+            self.id().to_string(),
+            self.endpoint.name().to_string(),
+            self.stage_stats(),
+        )];
+        for (id, name, r) in self
+            .ask_members(pipeline::placer::Control::StatsRequest)
+            .await
+        {
+            if let Ok(pipeline::placer::Control::Stats { stages }) = r {
+                out.push((id, name, stages));
+            }
+        }
+        out
+    }
+
+    /// Sends `req` to every other member at once (2 s each).
+    async fn ask_members(
+        &self,
+        req: pipeline::placer::Control,
+    ) -> Vec<(String, String, Result<pipeline::placer::Control, String>)> {
+        let peers = self.endpoint.peers();
+        let asks =
+            peers.iter().map(|p| {
+                let id = p.info().node_id.to_string();
+                let (service, req) = (self.pipeline.clone(), req.clone());
+                async move {
+                    pipeline::placer::request(&service, &id, &req, Duration::from_secs(2)).await
+                }
+            });
+        let replies = futures_util::future::join_all(asks).await;
+        peers
+            .iter()
+            .zip(replies)
+            .map(|(p, r)| (p.info().node_id.to_string(), p.info().name.clone(), r))
+            .collect()
     }
 
     /// Obtains the model the cluster serves from a member instead of the
@@ -336,12 +447,24 @@ impl Node {
     }
 }
 
-fn served(info: &ModelInfo) -> Result<ServedModel, RuntimeError> {
-    let weights = hearth_models::WeightFile::open(&info.path)?;
-    Ok(ServedModel {
-        info: info.clone(),
-        text: hearth_models::ModelText::load(&weights)?,
-    })
+/// Sends this node's shared events to every member (best effort: an event
+/// that does not arrive in 2 s is dropped).
+fn share_with_members(service: Service) -> impl Fn(EventKind) + Send + Sync + 'static {
+    let rt = tokio::runtime::Handle::current();
+    move |event| {
+        let service = service.clone();
+        rt.spawn(async move {
+            let req = pipeline::placer::Control::Event { event };
+            for p in service.endpoint().peers() {
+                let (service, req) = (service.clone(), req.clone());
+                let id = p.info().node_id.to_string();
+                tokio::spawn(async move {
+                    let _ = pipeline::placer::request(&service, &id, &req, Duration::from_secs(2))
+                        .await;
+                });
+            }
+        });
+    }
 }
 
 /// Runs `handler` on every incoming stream of one kind.

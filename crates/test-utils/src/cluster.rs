@@ -255,3 +255,45 @@ pub async fn rogue_member(
     let conn = rogue.connect(a.node.endpoint().local_addr()?).await?;
     Ok((rogue, conn))
 }
+
+/// A model store for tests: names mapped to models measured under `dir`
+/// (as a node's program would supply its own store).
+pub struct TestModels {
+    /// (name, model file).
+    pub models: Vec<(String, std::path::PathBuf)>,
+    /// Where measurements are cached.
+    pub dir: std::path::PathBuf,
+}
+
+impl TestModels {
+    /// One tiny random model named `tiny`, written under `dir`.
+    pub fn tiny(dir: &std::path::Path) -> Result<std::sync::Arc<Self>> {
+        let tiny = crate::tiny_model(dir, crate::TinySpec::default())?;
+        Ok(std::sync::Arc::new(Self {
+            models: vec![("tiny".into(), tiny.gguf_q8_0)],
+            dir: dir.to_path_buf(),
+        }))
+    }
+}
+
+impl hearth_runtime::ModelSource for TestModels {
+    fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
+        self.models
+            .iter()
+            .map(|(name, path)| hearth_runtime::ModelEntry {
+                name: name.clone(),
+                size_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+                download: false,
+            })
+            .collect()
+    }
+
+    fn load(&self, name: &str) -> Result<ModelInfo, String> {
+        let (_, path) = self
+            .models
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| format!("no model {name}"))?;
+        model_info(path, &self.dir).map_err(|e| format!("{e:#}"))
+    }
+}

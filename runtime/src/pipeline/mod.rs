@@ -174,7 +174,7 @@ impl StageTimes {
 }
 
 /// Stage timings of this node, for the status API and benchmarks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageStats {
     pub placement: u64,
     pub index: usize,

@@ -87,6 +87,22 @@ pub(crate) enum Control {
         header_sha256: Option<String>,
         pieces: Vec<super::weights::Piece>,
     },
+    /// Load the model of this name from your own store (reply at once:
+    /// `Ready`, or `Failed` if you cannot start; events tell the rest).
+    Load {
+        model: String,
+    },
+    /// Stop serving the model (reply `Ready`).
+    Unload,
+    /// Something happened on the sender (no reply expected beyond `Ready`).
+    Event {
+        event: crate::events::EventKind,
+    },
+    /// Send me your stages' timings (reply `Stats`).
+    StatsRequest,
+    Stats {
+        stages: Vec<super::StageStats>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -142,7 +158,7 @@ pub(crate) async fn write_control(send: &mut quinn::SendStream, c: &Control) -> 
 }
 
 /// Sends `req` to `node` and waits for its reply.
-async fn request(
+pub(crate) async fn request(
     service: &Service,
     node: &str,
     req: &Control,
@@ -196,8 +212,26 @@ async fn handle(service: &Service, req: Control) -> Control {
             service.activate(Arc::new(placement));
             Control::Ready { id }
         }
+        Control::Load { model } => match service.load_model(&model) {
+            Ok(()) => Control::Ready { id: 0 },
+            Err(reason) => Control::Failed { id: 0, reason },
+        },
+        Control::Unload => {
+            service.unload_model();
+            Control::Ready { id: 0 }
+        }
+        Control::StatsRequest => Control::Stats {
+            stages: service.stats(),
+        },
+        // Recorded by `serve`, which knows the sender; from this node
+        // itself there is nothing to record twice.
+        Control::Event { .. } => Control::Ready { id: 0 },
         Control::Ready { id } | Control::Failed { id, .. } => Control::Failed {
             id,
+            reason: "not a request".into(),
+        },
+        Control::Stats { .. } => Control::Failed {
+            id: 0,
             reason: "not a request".into(),
         },
         Control::Fetch { .. } | Control::Manifest { .. } => Control::Failed {
@@ -215,6 +249,15 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
         mut recv,
     } = stream;
     let reply = match tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv)).await {
+        Ok(Ok(Control::Event { event })) => match event.check_from_peer() {
+            Ok(()) => {
+                service
+                    .events()
+                    .record(peer.node_id.to_string(), peer.name.clone(), event);
+                Control::Ready { id: 0 }
+            }
+            Err(reason) => Control::Failed { id: 0, reason },
+        },
         Ok(Ok(req)) => handle(&service, req).await,
         Ok(Err(reason)) => {
             warn!(
@@ -384,6 +427,11 @@ pub(crate) fn spawn(
                     .join(" "),
                 "placing the model"
             );
+            service
+                .events()
+                .emit(crate::events::EventKind::PlacementPlanned {
+                    placement: placement.clone(),
+                });
             let assign = Control::Assign {
                 placement: placement.clone(),
             };

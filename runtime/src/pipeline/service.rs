@@ -14,7 +14,9 @@ use super::pipe::{Hop, Pipes};
 use super::router::{self, RouterMsg};
 use super::worker::{self, Routes, Worker};
 use super::{Placement, Sink, StageStats};
-use crate::profile::ModelInfo;
+use crate::catalog::ModelSource;
+use crate::events::{EventKind, Events};
+use crate::profile::{ModelInfo, ProfileBook};
 
 /// The model this node serves: measured info and its text side.
 pub(crate) struct ServedModel {
@@ -49,6 +51,11 @@ struct Inner {
     stages: Mutex<HashMap<u64, Arc<LocalStage>>>,
     active: watch::Sender<Option<Arc<Placement>>>,
     pipes: Pipes,
+    profiles: ProfileBook,
+    events: Events,
+    source: Option<Arc<dyn ModelSource>>,
+    /// The model being loaded by name, if any.
+    loading: Mutex<Option<String>>,
 }
 
 /// A cheap handle.
@@ -58,7 +65,12 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    pub(crate) fn new(endpoint: Endpoint) -> Self {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        profiles: ProfileBook,
+        events: Events,
+        source: Option<Arc<dyn ModelSource>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 me: endpoint.id().to_string(),
@@ -67,7 +79,104 @@ impl Service {
                 stages: Mutex::new(HashMap::new()),
                 active: watch::channel(None).0,
                 pipes: Pipes::default(),
+                profiles,
+                events,
+                source,
+                loading: Mutex::new(None),
             }),
+        }
+    }
+
+    pub(crate) fn events(&self) -> &Events {
+        &self.inner.events
+    }
+
+    pub(crate) fn source(&self) -> Option<&Arc<dyn ModelSource>> {
+        self.inner.source.as_ref()
+    }
+
+    /// Serves `info`'s model from now on (members see its times with their
+    /// next profile refresh; the leader places it).
+    pub(crate) fn serve_model(&self, info: ModelInfo) -> Result<(), hearth_models::ModelError> {
+        let weights = WeightFile::open(&info.path)?;
+        let text = ModelText::load(&weights)?;
+        let (model, ms) = (info.times.model.clone(), info.times.layer.decode_s * 1e3);
+        self.set_model(ServedModel {
+            info: info.clone(),
+            text,
+        });
+        self.inner.profiles.set_model(info);
+        self.inner.events.emit(EventKind::ModelLoaded {
+            model,
+            layer_decode_ms: ms,
+        });
+        Ok(())
+    }
+
+    /// Starts loading the model named `name` from this node's source (in
+    /// the background; its events tell how it went).
+    pub(crate) fn load_model(&self, name: &str) -> Result<(), String> {
+        let source = self
+            .inner
+            .source
+            .clone()
+            .ok_or("this node has no model store to load from")?;
+        if !source.list().iter().any(|m| m.name == name) {
+            return Err(format!("no model named {name:?} on this node"));
+        }
+        {
+            let mut loading = self.inner.loading.lock().map_err(|e| e.to_string())?;
+            if let Some(other) = loading.as_ref() {
+                return Err(format!("already loading {other}"));
+            }
+            *loading = Some(name.to_string());
+        }
+        let me = self.clone();
+        let name = name.to_string();
+        self.inner.events.emit(EventKind::ModelLoading {
+            model: name.clone(),
+        });
+        tokio::task::spawn_blocking(move || {
+            let result = source
+                .load(&name)
+                .and_then(|info| me.serve_model(info).map_err(|e| e.to_string()));
+            if let Err(reason) = result {
+                warn!("cannot load {name}: {reason}");
+                me.inner.events.emit(EventKind::ModelFailed {
+                    model: name.clone(),
+                    reason,
+                });
+            }
+            if let Ok(mut l) = me.inner.loading.lock() {
+                *l = None;
+            }
+        });
+        Ok(())
+    }
+
+    /// Stops serving the model: its stages stop (failing what is in flight)
+    /// and no placement is active here until a model is loaded again.
+    pub(crate) fn unload_model(&self) {
+        let old = self.inner.model.write().ok().and_then(|mut m| m.take());
+        self.inner.profiles.clear_model();
+        let stages: Vec<Arc<LocalStage>> = match self.inner.stages.lock() {
+            Ok(mut s) => s.drain().map(|(_, st)| st).collect(),
+            Err(_) => Vec::new(),
+        };
+        for st in &stages {
+            if let Some(r) = &st.router {
+                let _ = r.send(RouterMsg::FailAll("the model was unloaded".into()));
+            }
+        }
+        if self.inner.active.send_replace(None).is_some() {
+            self.inner.events.emit(EventKind::PlacementCleared {
+                reason: "the model was unloaded".into(),
+            });
+        }
+        if let Some(m) = old {
+            self.inner.events.emit(EventKind::ModelUnloaded {
+                model: m.info.times.model.clone(),
+            });
         }
     }
 
@@ -157,6 +266,36 @@ impl Service {
             ));
         }
         let spec = placement.stages[index].spec;
+        self.inner.events.emit(EventKind::StageLoading {
+            placement: placement.id,
+            start: spec.start,
+            end: spec.end,
+        });
+        let result = self.start_stage(&placement, index, &model).await;
+        self.inner.events.emit(match &result {
+            Ok(secs) => EventKind::StageLoaded {
+                placement: placement.id,
+                start: spec.start,
+                end: spec.end,
+                secs: *secs,
+            },
+            Err(reason) => EventKind::StageFailed {
+                placement: placement.id,
+                reason: reason.clone(),
+            },
+        });
+        result.map(|_| ())
+    }
+
+    /// Loads stage `index` of `placement` and starts its worker; returns
+    /// the seconds it took.
+    async fn start_stage(
+        &self,
+        placement: &Arc<Placement>,
+        index: usize,
+        model: &ServedModel,
+    ) -> Result<f64, String> {
+        let spec = placement.stages[index].spec;
         let path = model.info.path.clone();
         let started = std::time::Instant::now();
         // A partial copy (received from members) first gets what it lacks.
@@ -241,7 +380,7 @@ impl Service {
         if let Ok(mut stages) = self.inner.stages.lock() {
             stages.insert(placement.id, st);
         }
-        Ok(())
+        Ok(started.elapsed().as_secs_f64())
     }
 
     /// Makes `placement` the one new requests use (if it is newer).
@@ -255,7 +394,10 @@ impl Service {
                 stages = placement.stages.len(),
                 "placement active"
             );
-            self.inner.active.send_replace(Some(placement));
+            self.inner.active.send_replace(Some(placement.clone()));
+            self.inner.events.emit(EventKind::PlacementActive {
+                placement: (*placement).clone(),
+            });
         }
     }
 
@@ -281,6 +423,9 @@ impl Service {
         if active_hit {
             warn!("the active placement lost a stage: {reason}");
             self.inner.active.send_replace(None);
+            self.inner.events.emit(EventKind::PlacementCleared {
+                reason: reason.to_string(),
+            });
         }
     }
 

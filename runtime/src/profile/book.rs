@@ -115,6 +115,13 @@ impl ProfileBook {
         }
     }
 
+    /// This node serves no model any more.
+    pub(crate) fn clear_model(&self) {
+        if let Ok(mut i) = self.inner.write() {
+            i.model = None;
+        }
+    }
+
     /// The model this node serves.
     pub(crate) fn model(&self) -> Option<ModelInfo> {
         self.inner.read().ok().and_then(|i| i.model.clone())
