@@ -13,7 +13,7 @@ use hearth_runtime::{ClusterView, MemberState, MembershipEvent, Node, NodeConfig
 
 /// Default QUIC address: every interface, so the LAN can reach the node.
 pub const DEFAULT_QUIC: &str = "0.0.0.0:7410";
-/// Default HTTP address: loopback only (the API has no auth yet).
+/// Default HTTP address: loopback only (another address needs an API key).
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7411";
 
 #[derive(Debug, clap::Args)]
@@ -44,9 +44,19 @@ pub struct UpArgs {
     /// UDP address of the QUIC endpoint.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_QUIC)]
     quic: SocketAddr,
-    /// Address of the HTTP API (`GET /api/cluster`).
+    /// Address of the HTTP API and the web UI. On an address other than
+    /// loopback every API request needs the API key.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
     http: SocketAddr,
+    /// Bearer token for the HTTP API (required off loopback; one is
+    /// generated and printed when absent).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "HEARTH_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
     /// A member to join directly (repeatable); for networks without multicast.
     #[arg(long = "peer", value_name = "HOST:PORT")]
     peers: Vec<String>,
@@ -89,6 +99,98 @@ impl Split {
             Self::Plan => PlacementPolicy::default(),
             Self::Even => PlacementPolicy::Even,
         }
+    }
+}
+
+/// The models in this device's store, loaded by name (`POST
+/// /api/models/load`): fetched if it is the default model, then measured.
+struct Store;
+
+impl hearth_runtime::ModelSource for Store {
+    fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
+        let mut out: Vec<hearth_runtime::ModelEntry> = hearth_models::store::list()
+            .into_iter()
+            .map(|m| hearth_runtime::ModelEntry {
+                name: m.name,
+                size_bytes: (m.bytes > 0).then_some(m.bytes),
+                download: false,
+            })
+            .collect();
+        let default = hearth_models::store::DEFAULT_MODEL.name;
+        if !out.iter().any(|m| m.name == default) {
+            out.insert(
+                0,
+                hearth_runtime::ModelEntry {
+                    name: default.into(),
+                    size_bytes: None,
+                    download: true,
+                },
+            );
+        }
+        out
+    }
+
+    fn load(&self, name: &str) -> Result<hearth_runtime::profile::ModelInfo, String> {
+        crate::profile::measure_model(Some(name), false)
+            .map(|(info, _)| info)
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+fn model_source() -> Option<std::sync::Arc<dyn hearth_runtime::ModelSource>> {
+    Some(std::sync::Arc::new(Store))
+}
+
+/// The API key to require: the given one, else (off loopback) a new one.
+fn api_key(http: SocketAddr, given: Option<String>) -> Option<String> {
+    match given.filter(|k| !k.trim().is_empty()) {
+        Some(k) => Some(k.trim().to_string()),
+        None if !http.ip().is_loopback() => Some(hearth_server::new_api_key()),
+        None => None,
+    }
+}
+
+/// Starts the HTTP server; returns the task and the switch that stops it.
+fn serve_http(
+    listener: hearth_server::Listener,
+    node: Node,
+    api_key: Option<String>,
+) -> (
+    tokio::task::JoinHandle<Result<(), hearth_server::ServerError>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = hearth_server::App::new(node, hearth_server::ServerOptions { api_key });
+    let server = tokio::spawn(listener.serve(app, async {
+        let _ = stop_rx.await;
+    }));
+    (server, stop_tx)
+}
+
+/// Prints where the UI and API are, and the key if one is required.
+fn print_http(http: SocketAddr, key: Option<&str>, given: bool) {
+    println!("  web UI     http://{http}/");
+    println!("  API        http://{http}/v1 (OpenAI-compatible)");
+    if let Some(k) = key {
+        if given {
+            println!("  API key    required (from --api-key / HEARTH_API_KEY)");
+        } else {
+            println!("  API key    {k}   (generated: this address is reachable off this machine)");
+        }
+    }
+}
+
+/// Stops the HTTP server (open streams get the grace period), then the nodes.
+async fn stop_all(
+    nodes: &[Node],
+    server: tokio::task::JoinHandle<Result<(), hearth_server::ServerError>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+) {
+    let _ = stop.send(());
+    let grace = hearth_server::SHUTDOWN_GRACE + Duration::from_secs(2);
+    let _ = tokio::time::timeout(grace, server).await;
+    for node in nodes {
+        node.shutdown().await;
     }
 }
 
@@ -138,6 +240,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         cfg.quic = args.quic;
         cfg.discoveries = discoveries;
         cfg.placement = args.split.unwrap_or(Split::Plan).policy();
+        cfg.models = model_source();
         let listener = hearth_server::Listener::bind(args.http).await?;
         let node = Node::start(cfg).await?;
         let quic = node.endpoint().local_addr()?;
@@ -157,13 +260,11 @@ pub fn up(args: UpArgs) -> Result<()> {
             );
         }
         println!("  QUIC       {quic}");
-        println!("  HTTP       http://{http}/api/cluster");
+        let key = api_key(http, args.api_key.clone());
+        print_http(http, key.as_deref(), args.api_key.is_some());
         println!("  discovery  {discovery}");
         let placements = tokio::spawn(print_placements(node.clone()));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(listener.serve(hearth_server::router(node.clone()), async {
-            let _ = stop_rx.await;
-        }));
+        let (server, stop_tx) = serve_http(listener, node.clone(), key);
         // Fetch and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
         let from_peers = args.from_peers.then(|| {
@@ -258,9 +359,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         });
         wait_for_signal().await;
         println!("shutting down");
-        node.shutdown().await;
-        let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+        stop_all(std::slice::from_ref(&node), server, stop_tx).await;
         printer.abort();
         placements.abort();
         if let Some(t) = from_peers {
@@ -327,6 +426,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
             let mut cfg = NodeConfig::new(format!("{host}-{i}"), identity, secret.clone());
             cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
             cfg.placement = policy.clone();
+            cfg.models = model_source();
             if let Some(a) = first {
                 cfg.discoveries = vec![Box::new(StaticDiscovery::new(vec![a.to_string()])?)];
             }
@@ -343,13 +443,9 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
                 node.endpoint().local_addr()?
             );
         }
-        println!("  HTTP       http://{http}/api/cluster");
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
-            listener.serve(hearth_server::router(nodes[0].clone()), async {
-                let _ = stop_rx.await;
-            }),
-        );
+        let key = api_key(http, args.api_key.clone());
+        print_http(http, key.as_deref(), args.api_key.is_some());
+        let (server, stop_tx) = serve_http(listener, nodes[0].clone(), key);
         let placements = tokio::spawn(print_placements(nodes[0].clone()));
         let profiler = {
             let nodes = nodes.clone();
@@ -388,11 +484,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
         };
         wait_for_signal().await;
         println!("shutting down");
-        for node in &nodes {
-            node.shutdown().await;
-        }
-        let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+        stop_all(&nodes, server, stop_tx).await;
         placements.abort();
         ready.abort();
         drop(profiler);

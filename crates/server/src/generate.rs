@@ -7,7 +7,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use hearth_models::{Message, SamplingParams};
 use hearth_runtime::Node;
@@ -15,7 +15,8 @@ use hearth_runtime::pipeline::{GenEvent, GenerateParams, PipelineError, Prompt};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::error;
+use crate::openai::pipeline_error;
+use crate::{bad_request, body_rejection};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -54,49 +55,22 @@ fn one() -> f32 {
     1.0
 }
 
-fn pipeline_error(e: PipelineError) -> Response {
-    let (status, kind) = match &e {
-        PipelineError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-        PipelineError::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
-        PipelineError::NotReady | PipelineError::NoModel => {
-            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        }
-        PipelineError::Failed(_) => (StatusCode::BAD_GATEWAY, "pipeline_failed"),
-    };
-    let mut r = error(status, kind, e.to_string());
-    if matches!(
-        status,
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-    ) {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-    }
-    r
-}
-
 pub(crate) async fn generate(
     State(node): State<Node>,
     body: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
     let b = match body {
         Ok(Json(b)) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                e.body_text(),
-            );
-        }
+        Err(e) => return body_rejection(e),
     };
     let prompt = match (b.prompt, b.messages, b.prompt_ids) {
         (Some(p), None, None) => Prompt::Text(p),
         (None, Some(m), None) => Prompt::Chat(m),
         (None, None, Some(ids)) => Prompt::Tokens(ids),
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
+            return bad_request(
                 "give exactly one of prompt, messages, prompt_ids".into(),
+                None,
             );
         }
     };

@@ -1,25 +1,50 @@
-//! Hearth's HTTP server: the only crate that knows HTTP. Today it serves
-//! the cluster control API (`GET /api/cluster`, `GET /api/plan`,
-//! `GET /health`) and Hearth's own generation endpoint
-//! (`POST /api/generate`, used by `hearth generate --cluster`); the
-//! OpenAI-compatible API and the web UI come with issue #6.
+//! Hearth's HTTP server: the only crate that knows HTTP and OpenAI's JSON
+//! shapes. Every node can serve it:
+//! - the OpenAI-compatible API (`/v1/models`, `/v1/chat/completions`,
+//!   `/v1/completions`), so existing clients work unchanged;
+//! - the cluster control API (`/api/cluster`, `/api/plan`, `/api/models`,
+//!   `/api/models/load`, `/api/models/unload`, `/api/events`,
+//!   `/api/generate`);
+//! - `/health`, `/metrics` (Prometheus text), `/openapi.json`;
+//! - the web UI (`/`, `/ui/*`), embedded from `web-ui/`.
+//!
+//! Errors are OpenAI's shape (`{"error": {message, type, param, code}}`)
+//! everywhere, bad input never reaches a 500, bodies are limited, and a
+//! bind address other than loopback requires an API key.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hearth_runtime::profile::PlanRequest;
-use hearth_runtime::{Node, RuntimeError};
+use hearth_runtime::Node;
 use serde_json::json;
+use tokio::sync::watch;
 use tracing::info;
 
+mod control;
 mod generate;
+mod metrics;
+mod openai;
+pub mod openapi;
+mod sse;
+mod ui;
+
+pub use metrics::Metrics;
+
+/// Largest request body accepted (a long chat history fits many times).
+pub const MAX_BODY: usize = 4 << 20;
+/// How long a non-streaming completion may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long open streams may go on once shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors serving HTTP.
 #[derive(Debug, thiserror::Error)]
@@ -34,72 +59,219 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
 }
 
-/// The application's routes over a running node.
-pub fn router(node: Node) -> Router {
-    Router::new()
-        .route("/api/cluster", get(cluster))
-        .route("/api/plan", get(plan))
-        .route("/api/generate", post(generate::generate))
-        .route("/health", get(health))
-        .with_state(node)
+/// How to serve.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Bearer token every API request must carry (`Authorization: Bearer
+    /// KEY`); `/health` and the UI's static files stay open.
+    pub api_key: Option<String>,
 }
 
-async fn cluster(State(node): State<Node>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(5), node.view()).await {
-        Ok(Ok(view)) => Json(view).into_response(),
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": {"message": "the node is not running", "type": "unavailable"}})),
-        )
-            .into_response(),
+/// Shared by every handler.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub node: Node,
+    pub api_key: Option<Arc<str>>,
+    pub metrics: Arc<Metrics>,
+    /// Turns true when the server begins shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl FromRef<AppState> for Node {
+    fn from_ref(s: &AppState) -> Node {
+        s.node.clone()
     }
+}
+
+/// The application: its routes and the switch that ends open streams.
+pub struct App {
+    router: Router,
+    shutdown: watch::Sender<bool>,
+}
+
+impl App {
+    pub fn new(node: Node, opts: ServerOptions) -> Self {
+        let (shutdown, stopping) = watch::channel(false);
+        let state = AppState {
+            node,
+            api_key: opts.api_key.map(Arc::from),
+            metrics: Arc::new(Metrics::default()),
+            shutdown: stopping,
+        };
+        let router = Router::new()
+            .route("/v1/models", get(openai::models))
+            .route("/v1/models/{id}", get(openai::model))
+            .route("/v1/chat/completions", post(openai::chat))
+            .route("/v1/completions", post(openai::completions))
+            .route("/api/cluster", get(control::cluster))
+            .route("/api/plan", get(control::plan))
+            .route("/api/models", get(control::models))
+            .route("/api/models/load", post(control::load))
+            .route("/api/models/unload", post(control::unload))
+            .route("/api/events", get(control::events))
+            .route("/api/generate", post(generate::generate))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics::metrics))
+            .route("/openapi.json", get(openapi::serve))
+            .route("/", get(ui::index))
+            .route("/ui/{file}", get(ui::asset))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authorize,
+            ))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), count))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(state);
+        Self { router, shutdown }
+    }
+
+    /// The routes (for serving, or for `tower::ServiceExt::oneshot`).
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// Tells open streams the server is stopping: event streams end at
+    /// once, generations get [`SHUTDOWN_GRACE`] to finish, then end with
+    /// an error and `[DONE]`.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// The routes over `node` with default options (loopback use, no key).
+pub fn router(node: Node) -> Router {
+    App::new(node, ServerOptions::default()).router()
+}
+
+/// An error in OpenAI's shape; 429 and 503 carry `Retry-After`.
+pub(crate) fn api_error(
+    status: StatusCode,
+    kind: &str,
+    message: String,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
+    let mut r = (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": param, "code": code}})),
+    )
+        .into_response();
+    if matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    }
+    r
 }
 
 pub(crate) fn error(status: StatusCode, kind: &str, message: String) -> Response {
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind}})),
-    )
-        .into_response()
+    api_error(status, kind, message, None, None)
 }
 
-/// The plan for the model this node serves, over the members that
-/// measured it (query: the fields of [`PlanRequest`]).
-async fn plan(
-    State(node): State<Node>,
-    query: Result<Query<PlanRequest>, QueryRejection>,
-) -> Response {
-    let req = match query {
-        Ok(Query(req)) => req,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                e.body_text(),
-            );
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(10), node.plan(&req)).await {
-        Ok(Ok(report)) => Json(report).into_response(),
-        Ok(Err(RuntimeError::BadRequest(m))) => {
-            error(StatusCode::BAD_REQUEST, "invalid_request_error", m)
-        }
-        // No model measured yet, or the node is stopping.
-        Ok(Err(e)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "planning timed out".into(),
-        ),
+pub(crate) fn bad_request(message: String, param: Option<&str>) -> Response {
+    api_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        message,
+        param,
+        None,
+    )
+}
+
+/// A JSON body's rejection as an OpenAI error (413 stays 413; a missing
+/// content type or a body that does not fit the fields is a 400).
+pub(crate) fn body_rejection(e: JsonRejection) -> Response {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return api_error(
+            status,
+            "invalid_request_error",
+            format!("the request body is larger than {MAX_BODY} bytes"),
+            None,
+            Some("request_too_large"),
+        );
     }
+    bad_request(e.body_text(), None)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no route {method} {}", uri.path()),
+        None,
+        Some("unknown_url"),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
+    api_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{} does not take {method}", uri.path()),
+        None,
+        Some("method_not_allowed"),
+    )
 }
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Whether a request may go without the API key: the health check and
+/// the UI's static files (the UI asks for the key to call the API).
+fn public(req: &Request) -> bool {
+    let p = req.uri().path();
+    req.method() == Method::GET && (p == "/health" || p == "/" || p.starts_with("/ui/"))
+}
+
+async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(key) = s.api_key.as_deref() else {
+        return next.run(req).await;
+    };
+    if public(&req) {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = given.is_some_and(|g| {
+        use subtle::ConstantTimeEq;
+        g.len() == key.len() && bool::from(g.as_bytes().ct_eq(key.as_bytes()))
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        let mut r = api_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "this node requires an API key: send `Authorization: Bearer KEY` (the key `hearth up` printed)"
+                .into(),
+            None,
+            Some("invalid_api_key"),
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    }
+}
+
+/// Counts requests by route and status for `/metrics`.
+async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let r = next.run(req).await;
+    s.metrics.request(&route, r.status().as_u16());
+    r
 }
 
 /// A bound listener, so the caller learns the port before serving.
@@ -119,18 +291,32 @@ impl Listener {
         self.inner.local_addr().ok()
     }
 
-    /// Serves `app` until `shutdown` resolves, then finishes open requests.
+    /// Serves `app` until `shutdown` resolves; then open streams are told
+    /// to end (see [`App::begin_shutdown`]) and open requests finish.
     pub async fn serve(
         self,
-        app: Router,
+        app: App,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         if let Some(a) = self.local_addr() {
             info!("HTTP on http://{a}");
         }
-        axum::serve(self.inner, app)
-            .with_graceful_shutdown(shutdown)
+        let router = app.router();
+        let signal = async move {
+            shutdown.await;
+            app.begin_shutdown();
+        };
+        axum::serve(self.inner, router)
+            .with_graceful_shutdown(signal)
             .await
             .map_err(ServerError::Serve)
     }
+}
+
+/// A new random API key (32 bytes, hex).
+pub fn new_api_key() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

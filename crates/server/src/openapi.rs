@@ -1,0 +1,153 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`. Written by hand;
+//! a test checks that every documented operation is routed.
+
+use axum::Json;
+use serde_json::{Value, json};
+
+/// Every documented operation as (method, path).
+pub const OPERATIONS: &[(&str, &str)] = &[
+    ("get", "/v1/models"),
+    ("get", "/v1/models/{id}"),
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/completions"),
+    ("get", "/api/cluster"),
+    ("get", "/api/plan"),
+    ("get", "/api/models"),
+    ("post", "/api/models/load"),
+    ("post", "/api/models/unload"),
+    ("get", "/api/events"),
+    ("post", "/api/generate"),
+    ("get", "/health"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+fn error_response(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn errors() -> Value {
+    json!({
+        "400": error_response("Invalid JSON or fields"),
+        "401": error_response("Missing or wrong API key"),
+        "404": error_response("Unknown model"),
+        "413": error_response("Body too large"),
+        "429": error_response("Too many sequences in flight (Retry-After)"),
+        "503": error_response("No model placed yet (Retry-After)"),
+        "502": error_response("A stage failed"),
+    })
+}
+
+fn sampling_properties() -> Value {
+    json!({
+        "model": {"type": "string"},
+        "stream": {"type": "boolean", "default": false},
+        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": ["integer", "null"], "minimum": 0},
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]},
+        "seed": {"type": ["integer", "null"], "minimum": 0},
+        "n": {"type": ["integer", "null"], "const": 1},
+    })
+}
+
+fn op(summary: &str, ok: Value) -> Value {
+    let mut responses = errors();
+    responses["200"] = ok;
+    json!({"summary": summary, "security": [{"bearer": []}], "responses": responses})
+}
+
+fn json_ok(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"type": "object"}}}})
+}
+
+fn body(schema: Value) -> Value {
+    json!({"required": true, "content": {"application/json": {"schema": schema}}})
+}
+
+/// The document.
+pub fn document() -> Value {
+    let mut chat = sampling_properties();
+    chat["messages"] = json!({"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
+                       "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}});
+    let mut text = sampling_properties();
+    text["prompt"] = json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}, {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]});
+    let stream_ok = json!({"description": "A completion, or with stream=true server-sent events ending in [DONE]",
+        "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}});
+    let mut chat_op = op("Chat completion", stream_ok.clone());
+    chat_op["requestBody"] =
+        body(json!({"type": "object", "required": ["model", "messages"], "properties": chat}));
+    let mut text_op = op("Text completion", stream_ok);
+    text_op["requestBody"] =
+        body(json!({"type": "object", "required": ["model", "prompt"], "properties": text}));
+    let mut load_op = op(
+        "Load a model on every member (202: loading)",
+        json_ok("Loading started"),
+    );
+    load_op["requestBody"] = body(
+        json!({"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}, "additionalProperties": false}),
+    );
+    load_op["responses"]["202"] = json_ok("Loading started");
+    let mut generate_op = op(
+        "Hearth's own generation (NDJSON when streaming)",
+        json_ok("A summary"),
+    );
+    generate_op["requestBody"] = body(json!({"type": "object"}));
+    let mut model_op = op("One model", json_ok("The model"));
+    model_op["parameters"] =
+        json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let mut plan_op = op(
+        "The partitioner's plan for the served model",
+        json_ok("A plan report"),
+    );
+    plan_op["parameters"] = json!([
+        {"name": "workload", "in": "query", "schema": {"enum": ["inference", "training"]}},
+        {"name": "sequences", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "context", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "prefill", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "micro_batch_tokens", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "micro_batches", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "schedule", "in": "query", "schema": {"enum": ["1f1b", "gpipe"]}}]);
+    let open = |summary: &str, ok: Value| {
+        let mut o = op(summary, ok);
+        o["security"] = json!([]);
+        o
+    };
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Hearth", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "OpenAI-compatible API and cluster control of a Hearth node."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["message", "type"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
+        },
+        "paths": {
+            "/v1/models": {"get": op("Models the cluster serves", json_ok("A list"))},
+            "/v1/models/{id}": {"get": model_op},
+            "/v1/chat/completions": {"post": chat_op},
+            "/v1/completions": {"post": text_op},
+            "/api/cluster": {"get": op("Members, profiles, links and placement", json_ok("The cluster view"))},
+            "/api/plan": {"get": plan_op},
+            "/api/models": {"get": op("Models this node can load, and the one it serves", json_ok("The catalog"))},
+            "/api/models/load": {"post": load_op},
+            "/api/models/unload": {"post": op("Stop serving the model on every member", json_ok("Unloaded"))},
+            "/api/events": {"get": op("Cluster events (server-sent events)", json!({"description": "An event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}))},
+            "/api/generate": {"post": generate_op},
+            "/health": {"get": open("Liveness", json_ok("ok"))},
+            "/metrics": {"get": op("Prometheus metrics", json!({"description": "Text format", "content": {"text/plain": {"schema": {"type": "string"}}}}))},
+            "/openapi.json": {"get": op("This document", json_ok("OpenAPI 3.1"))},
+        }
+    })
+}
+
+pub(crate) async fn serve() -> Json<Value> {
+    Json(document())
+}

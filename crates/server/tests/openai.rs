@@ -1,0 +1,726 @@
+//! The OpenAI-compatible routes, the control routes added with them, the
+//! UI's files, auth and errors, driven with `oneshot` against a real node
+//! serving a tiny random model.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use hearth_net::{ClusterSecret, Identity};
+use hearth_runtime::{Node, NodeConfig};
+use hearth_server::{App, ServerOptions};
+use hearth_test_utils::cluster::TestModels;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// A node with a store holding `tiny`, serving it once placed.
+async fn node(dir: &std::path::Path, serve: bool) -> Node {
+    let mut cfg = NodeConfig::new(
+        "solo",
+        Identity::generate().unwrap(),
+        ClusterSecret::generate(),
+    );
+    cfg.quic = "127.0.0.1:0".parse().unwrap();
+    cfg.models = Some(TestModels::tiny(dir).unwrap());
+    let n = Node::start(cfg).await.unwrap();
+    if serve {
+        n.load_model("tiny").await.unwrap();
+        assert!(n.wait_placement(Duration::from_secs(30)).await.is_some());
+    }
+    n
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts OpenAI's error shape and returns the error object.
+    fn error(&self) -> Value {
+        let v = self.json();
+        let e = &v["error"];
+        assert!(e["message"].is_string(), "{v}");
+        assert!(e["type"].is_string(), "{v}");
+        assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+        e.clone()
+    }
+
+    /// The `data:` payloads of an SSE body.
+    fn sse(&self) -> Vec<String> {
+        assert_eq!(self.headers["content-type"], "text/event-stream");
+        self.text()
+            .split("\n\n")
+            .filter_map(|f| f.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+}
+
+async fn send(app: axum::Router, req: Request<Body>) -> Reply {
+    let resp = tokio::time::timeout(Duration::from_secs(60), app.oneshot(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(Duration::from_secs(60), resp.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn get(app: axum::Router, path: &str) -> Reply {
+    send(app, Request::get(path).body(Body::empty()).unwrap()).await
+}
+
+async fn post(app: axum::Router, path: &str, body: &str) -> Reply {
+    let req = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    send(app, req).await
+}
+
+fn chat_body(extra: Value) -> String {
+    let mut b = json!({
+        "model": "tiny-model",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        "temperature": 0,
+        "max_tokens": 12,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_completions_answer_in_openais_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), true).await;
+    let app = || hearth_server::router(n.clone());
+    let model = n.model_name().unwrap();
+    let body = |extra: Value| chat_body(extra).replace("tiny-model", &model);
+
+    // The model list names what the cluster serves.
+    let r = get(app(), "/v1/models").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let list = r.json();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"][0]["id"], model.as_str());
+    assert_eq!(list["data"][0]["object"], "model");
+    assert_eq!(
+        get(app(), &format!("/v1/models/{model}")).await.json()["id"],
+        model.as_str()
+    );
+    let r = get(app(), "/v1/models/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error()["code"], "model_not_found");
+
+    // Not streamed: one completion with usage.
+    let r = post(app(), "/v1/chat/completions", &body(json!({}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let c = r.json();
+    assert_eq!(c["object"], "chat.completion");
+    assert!(c["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(c["model"], model.as_str());
+    let choice = &c["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let text = choice["message"]["content"].as_str().unwrap().to_string();
+    let u = &c["usage"];
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&completion), "{c}");
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + completion
+    );
+    assert_eq!(
+        choice["finish_reason"],
+        if completion == 12 { "length" } else { "stop" }
+    );
+    // The same greedy answer as Hearth's own endpoint.
+    let own = post(
+        app(),
+        "/api/generate",
+        &json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}], "max_tokens": 12}).to_string(),
+    )
+    .await
+    .json();
+    assert_eq!(own["text"].as_str().unwrap(), text);
+
+    // Streamed: a role chunk, content deltas that add up to the same text,
+    // a finish chunk, a usage chunk, then [DONE].
+    let r = post(
+        app(),
+        "/v1/chat/completions",
+        &body(json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let frames = r.sse();
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], completion);
+    let fin = &chunks[chunks.len() - 2];
+    assert!(fin["choices"][0]["finish_reason"].is_string(), "{fin}");
+    // Without include_usage no chunk carries usage.
+    let r = post(
+        app(),
+        "/v1/chat/completions",
+        &body(json!({"stream": true})),
+    )
+    .await;
+    assert!(r.sse().iter().all(|f| !f.contains("\"usage\"")));
+
+    // Text completions, both ways, agree.
+    let prompt =
+        json!({"model": model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+    let r = post(app(), "/v1/completions", &prompt.to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let c = r.json();
+    assert_eq!(c["object"], "text_completion");
+    let text = c["choices"][0]["text"].as_str().unwrap().to_string();
+    let mut streamed_req = prompt.clone();
+    streamed_req["stream"] = json!(true);
+    let r = post(app(), "/v1/completions", &streamed_req.to_string()).await;
+    let frames = r.sse();
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let streamed: String = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str::<Value>(f).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed, text);
+    // A stop string cuts the text and finishes with "stop".
+    if text.chars().count() > 2 {
+        let stop: String = text.chars().skip(1).take(1).collect();
+        let mut req = prompt.clone();
+        req["stop"] = json!([stop]);
+        let c = post(app(), "/v1/completions", &req.to_string())
+            .await
+            .json();
+        assert_eq!(c["choices"][0]["finish_reason"], "stop", "{c}");
+        assert!(!c["choices"][0]["text"].as_str().unwrap().contains(&stop));
+    }
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_never_a_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), true).await;
+    let app = || hearth_server::router(n.clone());
+    let model = n.model_name().unwrap();
+    let m = |s: &str| s.replace("MODEL", &model);
+    let cases: Vec<(&str, String, StatusCode, Option<&str>)> = vec![
+        (
+            "/v1/chat/completions",
+            "{not json".into(),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            "[]".into(),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL"}"#),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[]}"#),
+            StatusCode::BAD_REQUEST,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"tool","content":"x"}]}"#),
+            StatusCode::BAD_REQUEST,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#),
+            StatusCode::BAD_REQUEST,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"user","content":7}]}"#),
+            StatusCode::BAD_REQUEST,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"temperature":3}"#),
+            StatusCode::BAD_REQUEST,
+            Some("temperature"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"top_p":0}"#),
+            StatusCode::BAD_REQUEST,
+            Some("top_p"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"n":2}"#),
+            StatusCode::BAD_REQUEST,
+            Some("n"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#),
+            StatusCode::BAD_REQUEST,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(
+                r#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            Some("stop"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(r#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"logprobs":true}"#),
+            StatusCode::BAD_REQUEST,
+            Some("logprobs"),
+        ),
+        (
+            "/v1/chat/completions",
+            m(
+                r#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}]}"#.into(),
+            StatusCode::NOT_FOUND,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            m(r#"{"model":"MODEL","prompt":{"a":1}}"#),
+            StatusCode::BAD_REQUEST,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            m(r#"{"model":"MODEL","prompt":[99999999999]}"#),
+            StatusCode::BAD_REQUEST,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            m(r#"{"model":"MODEL","prompt":[4000000000]}"#),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/v1/completions",
+            m(r#"{"model":"MODEL","prompt":"x","echo":true}"#),
+            StatusCode::BAD_REQUEST,
+            Some("echo"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nope","prompt":"x"}"#.into(),
+            StatusCode::NOT_FOUND,
+            Some("model"),
+        ),
+        (
+            "/api/models/load",
+            r#"{"model":"nope"}"#.into(),
+            StatusCode::NOT_FOUND,
+            Some("model"),
+        ),
+        (
+            "/api/models/load",
+            r#"{"name":"tiny"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+    ];
+    for (path, body, want, param) in cases {
+        let r = post(app(), path, &body).await;
+        assert_eq!(r.status, want, "{path} {body}: {}", r.text());
+        let e = r.error();
+        if let Some(p) = param {
+            assert_eq!(e["param"], p, "{path} {body}: {e}");
+        }
+    }
+    // Not JSON at all (no content type): a 400, not axum's 415.
+    let req = Request::post("/v1/chat/completions")
+        .body(Body::from("hello"))
+        .unwrap();
+    let r = send(app(), req).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    r.error();
+    // A body over the limit: 413, in the same shape.
+    let huge = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(hearth_server::MAX_BODY + 10)
+    );
+    let r = post(app(), "/v1/chat/completions", &huge).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.error()["code"], "request_too_large");
+    // Unknown routes and wrong methods.
+    let r = get(app(), "/v1/nothing").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    r.error();
+    let r = get(app(), "/v1/chat/completions").await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    r.error();
+    // A prompt longer than the model's context: a 400 from the pipeline.
+    let long = json!({"model": model, "prompt": "word ".repeat(5000), "max_tokens": 4});
+    let r = post(app(), "/v1/completions", &long.to_string()).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    r.error();
+    // The node still answers after all that.
+    let ok = post(
+        app(),
+        "/v1/chat/completions",
+        &chat_body(json!({})).replace("tiny-model", &model),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_model_means_an_empty_list_then_loading_and_unloading_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), false).await;
+    let app = || hearth_server::router(n.clone());
+    assert_eq!(get(app(), "/v1/models").await.json()["data"], json!([]));
+    let r = post(app(), "/v1/chat/completions", &chat_body(json!({}))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let catalog = get(app(), "/api/models").await.json();
+    assert_eq!(catalog["available"][0]["name"], "tiny", "{catalog}");
+    assert!(catalog["loaded"].is_null());
+
+    let r = post(app(), "/api/models/load", r#"{"model":"tiny"}"#).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    assert_eq!(r.json()["status"], "loading");
+    let p = n.wait_placement(Duration::from_secs(30)).await.unwrap();
+    let model = n.model_name().unwrap();
+    assert_eq!(p.model, model);
+    assert_eq!(
+        get(app(), "/v1/models").await.json()["data"][0]["id"],
+        model.as_str()
+    );
+    // The events tell the story: loading, loaded, planned, stage, active.
+    let (history, _) = n.cluster_events();
+    let kinds: Vec<String> = history
+        .iter()
+        .map(|e| {
+            serde_json::to_value(e).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for k in [
+        "model_loading",
+        "model_loaded",
+        "placement_planned",
+        "stage_loading",
+        "stage_loaded",
+        "placement_active",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
+
+    let r = post(app(), "/api/models/unload", "{}").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["unloaded"], model.as_str());
+    assert!(n.placement().is_none());
+    assert_eq!(get(app(), "/v1/models").await.json()["data"], json!([]));
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_guards_everything_but_health_and_the_ui_and_no_cors() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), false).await;
+    let app = App::new(
+        n.clone(),
+        ServerOptions {
+            api_key: Some("s3cret".into()),
+        },
+    );
+    let r = get(app.router(), "/v1/models").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.error()["code"], "invalid_api_key");
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    for auth in ["Bearer wrong", "Bearer s3cret2", "s3cret", "Basic s3cret"] {
+        let req = Request::get("/api/cluster")
+            .header("authorization", auth)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            send(app.router(), req).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{auth}"
+        );
+    }
+    let req = Request::get("/v1/models")
+        .header("authorization", "Bearer s3cret")
+        .header("origin", "http://evil.example")
+        .body(Body::empty())
+        .unwrap();
+    let r = send(app.router(), req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+    // A CORS preflight gets no permission either.
+    let req = Request::options("/v1/chat/completions")
+        .header("origin", "http://evil.example")
+        .header("access-control-request-method", "POST")
+        .body(Body::empty())
+        .unwrap();
+    let r = send(app.router(), req).await;
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+    assert!(r.status.is_client_error());
+    for open in ["/health", "/", "/ui/app.js", "/ui/style.css"] {
+        assert_eq!(
+            get(app.router(), open).await.status,
+            StatusCode::OK,
+            "{open}"
+        );
+    }
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_openapi_ui_and_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), true).await;
+    // One app: its counters persist across requests.
+    let shared = App::new(n.clone(), ServerOptions::default());
+    let app = || shared.router();
+    let model = n.model_name().unwrap();
+    // One generation, then the counters show it.
+    let r = post(
+        app(),
+        "/v1/chat/completions",
+        &chat_body(json!({})).replace("tiny-model", &model),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let tokens = r.json()["usage"]["completion_tokens"].as_u64().unwrap();
+    let r = get(app(), "/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = r.text();
+    for want in [
+        "# TYPE hearth_http_requests_total counter",
+        "hearth_generations_total 1",
+        &format!("hearth_completion_tokens_total {tokens}"),
+        "hearth_open_generations 0",
+        "hearth_decode_tokens_per_second ",
+        "hearth_stage_compute_seconds_total{node=\"solo\"",
+        "hearth_stage_network_seconds_total{",
+        "hearth_stage_sequences{",
+    ] {
+        assert!(text.contains(want), "{want} missing from\n{text}");
+    }
+    // Every line is a comment or `name{labels} number`.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+
+    // The OpenAPI document lists every route, and every listed route is served.
+    let doc = get(app(), "/openapi.json").await.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (method, path) in hearth_server::openapi::OPERATIONS {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+        let concrete = path.replace("{id}", &model);
+        let req = Request::builder()
+            .method(method.to_uppercase().as_str())
+            .uri(&concrete)
+            .header("content-type", "application/json")
+            .body(Body::from("{}"))
+            .unwrap();
+        if *path == "/api/events" || *path == "/api/models/unload" {
+            continue; // endless stream; unloading is tested elsewhere
+        }
+        let r = send(app(), req).await;
+        assert!(
+            r.status != StatusCode::NOT_FOUND || r.json()["error"]["code"] != "unknown_url",
+            "{method} {path} is not routed"
+        );
+        assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(!r.status.is_server_error(), "{method} {path}: {}", r.status);
+    }
+
+    // The UI: the page and its files, served with a strict CSP.
+    let r = get(app(), "/").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(
+        r.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'self'")
+    );
+    assert!(r.text().contains("/ui/app.js"));
+    assert!(!r.text().contains("http://") && !r.text().contains("https://"));
+    let js = get(app(), "/ui/app.js").await;
+    assert!(
+        js.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert!(
+        !js.text().contains("https://"),
+        "the UI fetches nothing from elsewhere"
+    );
+    assert_eq!(
+        get(app(), "/ui/nope.js").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // Events: the history arrives first on the stream.
+    let resp = app()
+        .oneshot(Request::get("/api/events").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains("placement_active") {
+        let frame = tokio::time::timeout_at(until, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ok(b) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    assert!(
+        seen.contains("event: cluster") && seen.contains("\"kind\":\"model_loaded\""),
+        "{seen}"
+    );
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_streams_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), true).await;
+    let model = n.model_name().unwrap();
+    let listener = hearth_server::Listener::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = App::new(n.clone(), ServerOptions::default());
+    let server = tokio::spawn(listener.serve(app, async {
+        let _ = stop_rx.await;
+    }));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    // An endless events stream and a generation, both open at shutdown.
+    let events = {
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            let mut r = agent
+                .get(&format!("http://{addr}/api/events"))
+                .call()
+                .unwrap();
+            r.body_mut().read_to_string()
+        })
+    };
+    let chat = {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "Tell a long story"}],
+            "max_tokens": 200, "stream": true, "temperature": 0});
+        std::thread::spawn(move || {
+            let mut r = agent
+                .post(&format!("http://{addr}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .send(body.to_string())
+                .unwrap();
+            r.body_mut().read_to_string()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_tx.send(());
+    tokio::time::timeout(
+        hearth_server::SHUTDOWN_GRACE + Duration::from_secs(5),
+        server,
+    )
+    .await
+    .expect("the server stops within the grace period")
+    .unwrap()
+    .unwrap();
+    let events = tokio::task::spawn_blocking(move || events.join().unwrap())
+        .await
+        .unwrap();
+    assert!(events.unwrap().contains("event: cluster"));
+    let chat = tokio::task::spawn_blocking(move || chat.join().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(chat.trim_end().ends_with("data: [DONE]"), "{chat}");
+    n.shutdown().await;
+}

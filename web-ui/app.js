@@ -1,0 +1,380 @@
+// Hearth's web UI: the cluster (devices, layer ranges, load/unload), a
+// streaming chat over the OpenAI-compatible API, and the events log.
+// Plain DOM, no dependencies: the node serves this file itself, offline.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  key: localStorage.getItem("hearth-key") || "",
+  view: null,
+  nodeState: {}, // node id -> {text, cls}
+  plan: null, // the last planned placement (from events)
+  loading: null,
+  chat: [],
+  abort: null,
+};
+
+function el(tag, attrs = {}, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k != null) e.append(k);
+  return e;
+}
+
+function headers(json) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  if (state.key) h["Authorization"] = "Bearer " + state.key;
+  return h;
+}
+
+async function api(path, opts = {}) {
+  const r = await fetch(path, {
+    method: opts.method || "GET",
+    headers: headers(opts.body !== undefined),
+    body: opts.body !== undefined ? JSON.stringify(opts.body) : undefined,
+    signal: opts.signal,
+  });
+  if (r.status === 401) {
+    $("keybar").hidden = false;
+    throw new Error("this node needs an API key");
+  }
+  if (!r.ok) {
+    let msg = r.status + " " + r.statusText;
+    try { msg = (await r.json()).error.message; } catch (_) { /* not JSON */ }
+    throw new Error(msg);
+  }
+  return r;
+}
+
+const fmtBytes = (b) => (b >= 1e9 ? (b / 1e9).toFixed(1) + " GB" : (b / 1e6).toFixed(0) + " MB");
+const fmtTime = (ms) => new Date(ms).toLocaleTimeString();
+const short = (id) => String(id || "").slice(0, 8);
+
+// ---------------------------------------------------------------- tabs
+for (const b of document.querySelectorAll(".tab")) {
+  b.addEventListener("click", () => show(b.dataset.page));
+}
+function show(page) {
+  for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.page === page);
+  for (const s of document.querySelectorAll(".page")) s.hidden = s.id !== "page-" + page;
+  if (page === "chat") refreshChatModels();
+}
+
+$("savekey").addEventListener("click", () => {
+  state.key = $("apikey").value.trim();
+  localStorage.setItem("hearth-key", state.key);
+  $("keybar").hidden = true;
+  refresh();
+  listenEvents();
+});
+
+// ------------------------------------------------------------- cluster
+async function refresh() {
+  try {
+    const view = await (await api("/api/cluster")).json();
+    state.view = view;
+    $("conn").textContent = view.members.length + " node(s)";
+    $("conn").className = "pill ok";
+    renderCluster();
+  } catch (e) {
+    $("conn").textContent = "offline: " + e.message;
+    $("conn").className = "pill bad";
+  }
+}
+
+async function refreshModels() {
+  try {
+    const m = await (await api("/api/models")).json();
+    const pick = $("model-pick");
+    const current = pick.value;
+    pick.replaceChildren(...m.available.map((x) =>
+      el("option", { value: x.name, text: x.name + (x.download ? " (download)" : x.size_bytes ? " · " + fmtBytes(x.size_bytes) : "") })));
+    const has = (v) => m.available.some((x) => x.name === v);
+    if (current && has(current)) pick.value = current;
+    else if (m.loaded && has(m.loaded)) pick.value = m.loaded;
+  } catch (_) { /* shown by refresh */ }
+}
+
+function totalLayers(p) {
+  return p && p.stages.length ? p.stages[p.stages.length - 1].spec.end : 0;
+}
+
+function renderCluster() {
+  const v = state.view;
+  const p = v.placement;
+  const total = totalLayers(p);
+  if (p) {
+    $("serving").textContent = `Serving ${p.model} in ${p.stages.length} stage(s) over ${total} layers` +
+      (p.predicted_step_s ? ` · predicted ${(1 / p.predicted_step_s).toFixed(1)} tok/s per stream` : "");
+  } else if (state.loading) {
+    $("serving").textContent = `Loading ${state.loading}…`;
+  } else {
+    $("serving").textContent = "No model placed. Pick one and load it across the cluster.";
+  }
+  renderPlan(state.plan || p);
+  const profiles = new Map(((v.profiles && v.profiles.nodes) || []).map((n) => [n.node_id, n]));
+  const names = new Map(v.members.map((m) => [m.node_id, m.name]));
+  const cards = v.members.map((m) => {
+    const prof = profiles.get(m.node_id);
+    const hw = prof && prof.hardware;
+    const stageIdx = p ? p.stages.findIndex((s) => s.node_id === m.node_id) : -1;
+    const stage = stageIdx >= 0 ? p.stages[stageIdx] : null;
+    const layerBar = el("div", { class: "bar layers", "data-testid": "layers" });
+    if (stage && total) {
+      const seg = el("span");
+      seg.style.left = (100 * stage.spec.start / total) + "%";
+      seg.style.width = (100 * (stage.spec.end - stage.spec.start) / total) + "%";
+      seg.style.background = `var(--stage-${stageIdx % 4})`;
+      layerBar.append(seg);
+    }
+    const layerText = stage ? `layers ${stage.spec.start}–${stage.spec.end - 1} of ${total}` +
+      (stage.spec.embed ? " · embedding" : "") + (stage.spec.head ? " · head" : "") : "no layers";
+    layerBar.append(el("em", { text: layerText }));
+    const memBar = el("div", { class: "bar mem" });
+    if (hw) {
+      const used = hw.total_memory - hw.available_memory;
+      const fill = el("span");
+      fill.style.width = (100 * used / Math.max(1, hw.total_memory)) + "%";
+      memBar.append(fill, el("em", { text: `${fmtBytes(used)} used of ${fmtBytes(hw.total_memory)}` }));
+    }
+    const t = prof && prof.model;
+    const speed = t ? `${(t.layer.decode_s * 1e3).toFixed(3)} ms per layer per token (${t.backend}, ${t.threads} threads)` : "not measured yet";
+    const links = ((prof && prof.links) || []).map((l) =>
+      `${names.get(l.peer) || short(l.peer)}: ${(l.bandwidth_bytes_per_s * 8 / 1e9).toFixed(2)} Gbit/s, ${l.rtt_ms.toFixed(2)} ms`);
+    const gpus = hw && hw.gpus.length ? hw.gpus.map((g) => `${g.name} (${g.backend})`).join(", ") : "none";
+    const st = state.nodeState[m.node_id];
+    const ready = stage && !st ? { text: "ready", cls: "ready" } : st;
+    return el("article", { class: "card device", "data-node": m.name },
+      el("h3", {}, el("span", { text: m.name }),
+        m.leader ? el("span", { class: "badge leader", text: "leader" }) : null,
+        m.state === "self" ? el("span", { class: "badge", text: "this node" }) : null,
+        el("span", { class: "badge", text: short(m.node_id) })),
+      el("dl", {},
+        el("dt", { text: "CPU" }), el("dd", { text: hw ? `${hw.cpu} · ${hw.physical_cores}/${hw.logical_cores} cores · ${hw.arch}` : "…" }),
+        el("dt", { text: "GPU" }), el("dd", { text: gpus }),
+        el("dt", { text: "Speed" }), el("dd", { text: speed }),
+        el("dt", { text: "Links" }), el("dd", { text: links.length ? links.join(" · ") : (m.state === "self" ? "—" : `heartbeat rtt ${m.rtt_ms ? m.rtt_ms.toFixed(2) + " ms" : "…"}`) })),
+      el("div", { class: "muted", text: "Memory" }), memBar,
+      el("div", { class: "muted", text: "Layers" }), layerBar,
+      ready ? el("div", { class: "state " + ready.cls, "data-testid": "node-state", text: ready.text }) : null);
+  });
+  $("devices").replaceChildren(...cards);
+}
+
+function renderPlan(p) {
+  if (!p) { $("plan").replaceChildren(); return; }
+  const rows = p.stages.map((s, i) => el("tr", {},
+    el("td", { text: String(i) }), el("td", { text: s.name }),
+    el("td", { text: `${s.spec.start}–${s.spec.end - 1}` }),
+    el("td", { text: (s.spec.embed ? "embedding " : "") + (s.spec.head ? "head" : "") })));
+  $("plan").replaceChildren(el("table", {},
+    el("thead", {}, el("tr", {}, ...["stage", "node", "layers", "also"].map((h) => el("th", { text: h })))),
+    el("tbody", {}, ...rows)));
+}
+
+$("load").addEventListener("click", async () => {
+  const model = $("model-pick").value;
+  if (!model) return;
+  state.loading = model;
+  state.plan = null;
+  state.nodeState = {};
+  try {
+    const r = await (await api("/api/models/load", { method: "POST", body: { model } })).json();
+    for (const x of r.refused) addEvent({ at_ms: Date.now(), node: x.node, kind: "model_failed", model, reason: x.reason });
+  } catch (e) {
+    state.loading = null;
+    alert("Cannot load: " + e.message);
+  }
+  refresh();
+});
+
+$("unload").addEventListener("click", async () => {
+  try { await api("/api/models/unload", { method: "POST", body: {} }); } catch (e) { alert(e.message); }
+  state.plan = null;
+  state.nodeState = {};
+  refresh();
+});
+
+// -------------------------------------------------------------- events
+function describe(e) {
+  switch (e.kind) {
+    case "member_joined": return `${e.node} joined from ${e.address}`;
+    case "member_left": return `${e.node} left: ${e.reason}`;
+    case "leader_changed": return `leader is now ${short(e.leader)}`;
+    case "model_loading": return `${e.node} is fetching and measuring ${e.model}`;
+    case "model_loaded": return `${e.node} serves ${e.model} (${e.layer_decode_ms.toFixed(3)} ms per layer per token)`;
+    case "model_failed": return `${e.node} cannot load ${e.model}: ${e.reason}`;
+    case "model_unloaded": return `${e.node} unloaded ${e.model}`;
+    case "placement_planned": return `plan: ${e.placement.stages.map((s) => `${s.name} ${s.spec.start}..${s.spec.end}`).join(" → ")}`;
+    case "stage_loading": return `${e.node} is loading layers ${e.start}..${e.end}`;
+    case "stage_loaded": return `${e.node} loaded layers ${e.start}..${e.end} in ${e.secs.toFixed(2)} s`;
+    case "stage_failed": return `${e.node} failed to load its stage: ${e.reason}`;
+    case "placement_active": return `serving ${e.placement.model} in ${e.placement.stages.length} stage(s)`;
+    case "placement_cleared": return `no placement: ${e.reason}`;
+    default: return e.kind;
+  }
+}
+
+function addEvent(e) {
+  const li = el("li", {}, el("time", { text: fmtTime(e.at_ms) }), describe(e));
+  $("events").prepend(li);
+  while ($("events").children.length > 300) $("events").lastChild.remove();
+  const ns = state.nodeState;
+  switch (e.kind) {
+    case "model_loading": ns[e.node_id] = { text: `measuring ${e.model}…`, cls: "busy" }; break;
+    case "model_loaded": ns[e.node_id] = { text: `measured · ${e.layer_decode_ms.toFixed(3)} ms/layer · waiting for the plan`, cls: "busy" }; break;
+    case "model_failed": if (e.node_id) ns[e.node_id] = { text: "failed: " + e.reason, cls: "failed" }; state.loading = null; break;
+    case "placement_planned": state.plan = e.placement; for (const s of e.placement.stages) ns[s.node_id] = { text: `planned: layers ${s.spec.start}..${s.spec.end}`, cls: "busy" }; break;
+    case "stage_loading": ns[e.node_id] = { text: `loading layers ${e.start}..${e.end}…`, cls: "busy" }; break;
+    case "stage_loaded": ns[e.node_id] = { text: `loaded layers ${e.start}..${e.end} in ${e.secs.toFixed(2)} s`, cls: "ready" }; break;
+    case "stage_failed": ns[e.node_id] = { text: "failed: " + e.reason, cls: "failed" }; break;
+    case "placement_active": state.loading = null; state.plan = e.placement; for (const s of e.placement.stages) delete ns[s.node_id]; break;
+    case "model_unloaded": delete ns[e.node_id]; break;
+    default: break;
+  }
+}
+
+// Server-sent events through fetch (EventSource cannot send the API key).
+let eventsAbort = null;
+async function listenEvents() {
+  if (eventsAbort) eventsAbort.abort();
+  eventsAbort = new AbortController();
+  try {
+    const r = await api("/api/events", { signal: eventsAbort.signal });
+    $("events").replaceChildren();
+    for await (const frame of sseFrames(r)) {
+      if (frame.event === "cluster") {
+        addEvent(JSON.parse(frame.data));
+        refresh();
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") return;
+  }
+  setTimeout(listenEvents, 2000);
+}
+
+async function* sseFrames(response) {
+  const reader = response.body.getReader();
+  const dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += dec.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const raw = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      const frame = { event: "message", data: "" };
+      for (const line of raw.split("\n")) {
+        if (line.startsWith("event:")) frame.event = line.slice(6).trim();
+        else if (line.startsWith("data:")) frame.data += line.slice(5).trimStart();
+      }
+      if (frame.data) yield frame;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- chat
+async function refreshChatModels() {
+  try {
+    const m = await (await api("/v1/models")).json();
+    const pick = $("chat-model");
+    const current = pick.value;
+    pick.replaceChildren(...m.data.map((x) => el("option", { value: x.id, text: x.id })));
+    if (current && m.data.some((x) => x.id === current)) pick.value = current;
+    $("send").disabled = m.data.length === 0;
+    if (!m.data.length) $("chat-stats").textContent = "No model is loaded: load one on the Cluster page.";
+  } catch (_) { /* shown elsewhere */ }
+}
+
+function bubble(role, text) {
+  const b = el("div", { class: "msg " + role, "data-role": role, text });
+  $("messages").append(b);
+  b.scrollIntoView({ block: "end" });
+  return b;
+}
+
+$("chat-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || state.abort) return;
+  $("prompt").value = "";
+  state.chat.push({ role: "user", content: text });
+  bubble("user", text);
+  const out = bubble("assistant", "");
+  const messages = [];
+  const sys = $("system").value.trim();
+  if (sys) messages.push({ role: "system", content: sys });
+  messages.push(...state.chat);
+  const body = {
+    model: $("chat-model").value,
+    messages,
+    stream: true,
+    stream_options: { include_usage: true },
+    temperature: Number($("temperature").value),
+    top_p: Number($("top_p").value),
+    max_tokens: Number($("max_tokens").value),
+  };
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  state.abort = new AbortController();
+  $("send").disabled = true;
+  $("stop").hidden = false;
+  const started = performance.now();
+  let first = null;
+  let answer = "";
+  try {
+    const r = await api("/v1/chat/completions", { method: "POST", body, signal: state.abort.signal });
+    for await (const frame of sseFrames(r)) {
+      if (frame.data === "[DONE]") break;
+      const chunk = JSON.parse(frame.data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) {
+        first = first || performance.now();
+        answer += delta.content;
+        out.textContent = answer;
+        out.scrollIntoView({ block: "end" });
+      }
+      if (chunk.usage) {
+        const secs = (performance.now() - (first || started)) / 1000;
+        $("chat-stats").textContent = `${chunk.usage.prompt_tokens} prompt + ${chunk.usage.completion_tokens} generated tokens · first token ${((first || started) - started).toFixed(0)} ms · ${(chunk.usage.completion_tokens / Math.max(secs, 1e-3)).toFixed(1)} tok/s`;
+      }
+    }
+    out.dataset.done = "true";
+    state.chat.push({ role: "assistant", content: answer });
+  } catch (e) {
+    if (e.name !== "AbortError") {
+      out.remove();
+      bubble("error", e.message);
+      state.chat.pop();
+    } else {
+      out.dataset.done = "true";
+      state.chat.push({ role: "assistant", content: answer });
+    }
+  } finally {
+    state.abort = null;
+    $("send").disabled = false;
+    $("stop").hidden = true;
+  }
+});
+
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => state.abort && state.abort.abort());
+$("clear").addEventListener("click", () => { state.chat = []; $("messages").replaceChildren(); });
+
+// ---------------------------------------------------------------- start
+$("apikey").value = state.key;
+refresh();
+refreshModels();
+listenEvents();
+setInterval(refresh, 3000);
+setInterval(refreshModels, 15000);
