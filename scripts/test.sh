@@ -6,6 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo run --quiet -p hearth-cli -- models pull
+# The clients the end-to-end tests drive (tests/tests/clients.rs): the
+# official `openai` Python client in a venv, playwright-core from npm, and
+# Debian's chromium (installed as root; elsewhere those tests skip).
+if ! .venv-clients/bin/python -c "import openai" 2>/dev/null; then
+  python3 -m venv .venv-clients
+  .venv-clients/bin/python -m pip install --quiet --disable-pip-version-check openai
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  npm install --prefix tests/browser --no-audit --no-fund --loglevel=error
+fi
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
 export HEARTH_REQUIRE_MODEL=1
 # As root (CI), network-namespace tests must run, not skip.
 if [ "$(id -u)" = 0 ]; then export HEARTH_REQUIRE_NETNS=1; fi

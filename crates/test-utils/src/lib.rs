@@ -498,9 +498,16 @@ fn build_hearth(release: bool) -> Result<PathBuf, String> {
         .join("hearth");
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
     let fresh = built.is_some_and(|b| {
-        ["crates", "runtime", "models", "partitioner", "Cargo.lock"]
-            .iter()
-            .all(|d| newest_mtime(&root.join(d)).is_none_or(|t| t <= b))
+        [
+            "crates",
+            "runtime",
+            "models",
+            "partitioner",
+            "web-ui",
+            "Cargo.lock",
+        ]
+        .iter()
+        .all(|d| newest_mtime(&root.join(d)).is_none_or(|t| t <= b))
     });
     if !fresh {
         let mut cmd = std::process::Command::new(env!("CARGO"));
@@ -519,8 +526,8 @@ fn build_hearth(release: bool) -> Result<PathBuf, String> {
     Ok(bin)
 }
 
-/// The newest modification time of the Rust sources and manifests under
-/// `path` (skipping tests, which do not go into the binary).
+/// The newest modification time of the Rust sources, manifests and web UI
+/// files under `path` (skipping tests, which do not go into the binary).
 fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
     let meta = std::fs::metadata(path).ok()?;
     if meta.is_file() {
@@ -536,7 +543,11 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
                 continue;
             }
             newest_mtime(&p)
-        } else if name.ends_with(".rs") || name == "Cargo.toml" {
+        } else if [".rs", ".html", ".js", ".css"]
+            .iter()
+            .any(|x| name.ends_with(x))
+            || name == "Cargo.toml"
+        {
             e.metadata().ok().and_then(|m| m.modified().ok())
         } else {
             None

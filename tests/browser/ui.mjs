@@ -1,0 +1,83 @@
+// Opens Hearth's web UI in a real Chromium (playwright-core, Debian's
+// chromium): checks the cluster page shows the nodes with their layer
+// ranges, sends a chat message and watches the answer stream in, on a
+// desktop and a phone-sized screen. Saves screenshots.
+// Usage: node ui.mjs BASE_URL NODES OUT_DIR
+import { chromium } from "playwright-core";
+
+const [base, nodesArg, outDir] = process.argv.slice(2);
+const nodes = Number(nodesArg);
+const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+const browser = await chromium.launch({ executablePath, args: ["--no-sandbox"] });
+const result = {};
+try {
+  for (const [name, viewport] of [["desktop", { width: 1280, height: 900 }], ["phone", { width: 390, height: 844 }]]) {
+    const page = await browser.newPage({ viewport });
+    const failed = [];
+    page.on("requestfailed", (r) => { if (!r.url().includes("/api/events")) failed.push(r.url()); });
+    page.on("pageerror", (e) => failed.push("page error: " + e.message));
+    page.on("request", (r) => { if (!r.url().startsWith(base)) failed.push("outside request: " + r.url()); });
+    await page.goto(base + "/");
+    // Every node appears with a layer range.
+    await page.waitForFunction((n) => {
+      const cards = [...document.querySelectorAll(".device")];
+      return cards.length === n && cards.every((c) => /layers \d+–\d+ of \d+/.test(c.querySelector("[data-testid=layers]").textContent));
+    }, nodes, { timeout: 60000 });
+    const layers = await page.$$eval(".device", (cs) => cs.map((c) => ({
+      node: c.dataset.node,
+      layers: c.querySelector("[data-testid=layers]").textContent,
+      width: c.querySelector(".layers > span").getBoundingClientRect().width,
+    })));
+    await page.screenshot({ path: `${outDir}/ui-cluster-${name}.png`, fullPage: true });
+    let reload = null;
+    if (name === "desktop") {
+      // Unload from the page, then load again: the plan and each node's
+      // progress appear, then the layer ranges come back.
+      await page.click("#unload");
+      await page.waitForFunction(() => /No model placed/.test(document.querySelector("#serving").textContent), null, { timeout: 30000 });
+      await page.waitForFunction(() => document.querySelector("#model-pick").options.length > 0, null, { timeout: 30000 });
+      await page.click("#load");
+      const states = new Set();
+      const until = Date.now() + 120000;
+      for (;;) {
+        for (const t of await page.$$eval("[data-testid=node-state]", (es) => es.map((e) => e.textContent))) states.add(t);
+        const placed = await page.$$eval(".device [data-testid=layers]", (es) => es.filter((e) => /layers \d+–\d+ of \d+/.test(e.textContent)).length);
+        const plan = await page.$$eval("#plan tbody tr", (rs) => rs.length);
+        if (placed === nodes && plan === nodes) break;
+        if (Date.now() > until) throw new Error("no placement after loading from the page");
+        await page.waitForTimeout(50);
+      }
+      const events = await page.$$eval("#events li", (ls) => ls.map((l) => l.textContent));
+      reload = { states: [...states], events: events.slice(0, 40) };
+      await page.screenshot({ path: `${outDir}/ui-reloaded-${name}.png`, fullPage: true });
+    }
+    // Chat: the answer grows while it streams, then is marked done.
+    await page.click("#tab-chat");
+    await page.waitForFunction(() => document.querySelector("#chat-model").options.length > 0, null, { timeout: 30000 });
+    await page.fill("#temperature", "0");
+    await page.fill("#max_tokens", "48");
+    await page.fill("#prompt", "Write a short poem about a fireplace.");
+    await page.click("#send");
+    const lengths = [];
+    const deadline = Date.now() + 120000;
+    for (;;) {
+      const s = await page.$eval(".msg.assistant:last-of-type", (e) => ({ len: e.textContent.length, done: e.dataset.done === "true" })).catch(() => ({ len: 0, done: false }));
+      lengths.push(s.len);
+      if (s.done) break;
+      const err = await page.$eval(".msg.error", (e) => e.textContent).catch(() => null);
+      if (err) throw new Error("the chat failed: " + err);
+      if (Date.now() > deadline) throw new Error("no answer in 120 s");
+      await page.waitForTimeout(15);
+    }
+    const answer = await page.$eval(".msg.assistant:last-of-type", (e) => e.textContent);
+    const stats = await page.$eval("#chat-stats", (e) => e.textContent);
+    await page.screenshot({ path: `${outDir}/ui-chat-${name}.png`, fullPage: true });
+    const distinct = new Set(lengths.filter((l) => l > 0)).size;
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+    result[name] = { layers, reload, answer, stats, distinct_partial_lengths: distinct, failed, overflow };
+    await page.close();
+  }
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(result));

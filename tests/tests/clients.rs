@@ -1,0 +1,225 @@
+//! Real clients against `hearth up --local 2` on the real model: the
+//! official `openai` Python client, and Chromium (through playwright-core)
+//! on the web UI. `scripts/test.sh` installs both (a venv in
+//! `.venv-clients`, `tests/browser/node_modules`, Debian's chromium); a
+//! local run without them skips with the reason, CI (`CI` set) fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hearth_test_utils::{free_port, hearth_binary, netns::ChildGuard, real_model, workspace_root};
+use serde_json::Value;
+
+/// Whether a missing client fails the test (CI) or skips it.
+fn required() -> bool {
+    std::env::var_os("CI").is_some() || std::env::var_os("HEARTH_REQUIRE_CLIENTS").is_some()
+}
+
+fn missing(what: &str) {
+    if required() {
+        panic!("{what} is missing (scripts/test.sh installs it)");
+    }
+    eprintln!("skipping: {what} is missing (scripts/test.sh installs it)");
+}
+
+/// `hearth up --local 2` with its HTTP API on a free port, once both
+/// stages are placed.
+fn local_cluster(home: &Path) -> Result<(ChildGuard, String)> {
+    let port = free_port(false)?;
+    let mut c = Command::new(hearth_binary()?);
+    c.args(["up", "--local", "2", "--http", &format!("127.0.0.1:{port}")])
+        .arg("--home")
+        .arg(home)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let guard = ChildGuard::spawn(c)?;
+    let base = format!("http://127.0.0.1:{port}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let start = Instant::now();
+    loop {
+        if let Ok(mut r) = agent.get(&format!("{base}/api/cluster")).call()
+            && let Ok(v) = r.body_mut().read_json::<Value>()
+            && v["placement"]["stages"]
+                .as_array()
+                .is_some_and(|s| s.len() == 2)
+        {
+            return Ok((guard, base));
+        }
+        if start.elapsed() > Duration::from_secs(240) {
+            bail!("hearth up --local 2 placed no 2-stage pipeline in 240 s");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `hearth generate ... --json` on this machine alone (the reference).
+fn generate_alone(args: &[&str]) -> Result<Value> {
+    let out = Command::new(hearth_binary()?)
+        .arg("generate")
+        .args(args)
+        .arg("--json")
+        .output()?;
+    if !out.status.success() {
+        bail!("hearth generate: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn venv_python() -> PathBuf {
+    workspace_root().join(".venv-clients/bin/python")
+}
+
+#[test]
+fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> {
+    if real_model().is_none() {
+        return Ok(());
+    }
+    let python = venv_python();
+    let has_openai = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !has_openai {
+        missing("the `openai` Python client in .venv-clients");
+        return Ok(());
+    }
+    let home = tempfile::tempdir()?;
+    let (_cluster, base) = local_cluster(home.path())?;
+    let prompt = "What is the capital of France?";
+    let max = "24";
+    let out = Command::new(&python)
+        .arg(workspace_root().join("tests/clients/openai_check.py"))
+        .args([&base, prompt, max])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openai_check.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_str(stdout.trim()).context("the script's JSON")?;
+    eprintln!("openai client: {got}");
+    let alone = generate_alone(&["--prompt", prompt, "--max-tokens", max])?;
+    let want = alone["text"].as_str().context("generate's text")?;
+    assert_eq!(got["models"].as_array().map(Vec::len), Some(1), "{got}");
+    assert_eq!(got["chat_text"], want, "chat vs hearth generate");
+    assert_eq!(got["stream_text"], want, "streamed chat vs hearth generate");
+    assert!(
+        got["stream_pieces"].as_u64().unwrap_or(0) > 1,
+        "it streamed: {got}"
+    );
+    let tokens = alone["token_ids"].as_array().map_or(0, Vec::len) as u64;
+    assert_eq!(got["chat_usage"]["completion_tokens"], tokens);
+    assert_eq!(got["stream_usage"]["completion_tokens"], tokens);
+    assert_eq!(
+        got["chat_usage"]["prompt_tokens"], alone["prompt_tokens"],
+        "{got}"
+    );
+    let raw = generate_alone(&[
+        "--raw",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+    ])?;
+    assert_eq!(got["completion_text"], raw["text"], "completions vs --raw");
+    assert_eq!(got["unknown_model"], "model_not_found");
+    Ok(())
+}
+
+#[test]
+fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
+    if real_model().is_none() {
+        return Ok(());
+    }
+    let dir = workspace_root().join("tests/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !dir.join("node_modules/playwright-core").is_dir() {
+        missing("playwright-core in tests/browser/node_modules");
+        return Ok(());
+    }
+    if !Path::new(&chromium).is_file() {
+        missing("chromium");
+        return Ok(());
+    }
+    let home = tempfile::tempdir()?;
+    let (_cluster, base) = local_cluster(home.path())?;
+    let artifacts = workspace_root().join("tests/.artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    let out = Command::new("node")
+        .arg(dir.join("ui.mjs"))
+        .args([base.as_str(), "2"])
+        .arg(&artifacts)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .context("running node")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ui.mjs failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_str(stdout.trim()).context("the script's JSON")?;
+    eprintln!("browser: {got}\nscreenshots in {}", artifacts.display());
+    // Unloading and loading from the page showed the plan and each node's
+    // progress.
+    let reload = &got["desktop"]["reload"];
+    let events: Vec<&str> = reload["events"]
+        .as_array()
+        .context("reload events")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for want in [
+        "unloaded",
+        "is fetching and measuring",
+        "serves",
+        "plan:",
+        "loaded layers",
+    ] {
+        assert!(
+            events.iter().any(|e| e.contains(want)),
+            "{want}: {events:?}"
+        );
+    }
+    assert!(
+        reload["states"].as_array().is_some_and(|s| !s.is_empty()),
+        "per-node progress shown: {reload}"
+    );
+    for screen in ["desktop", "phone"] {
+        let r = &got[screen];
+        let layers = r["layers"].as_array().context("layers")?;
+        assert_eq!(layers.len(), 2, "{r}");
+        // Two ranges that cover the model's 30 layers between them.
+        let texts: Vec<&str> = layers.iter().filter_map(|l| l["layers"].as_str()).collect();
+        assert!(
+            texts.iter().any(|t| t.starts_with("layers 0–")),
+            "{texts:?}"
+        );
+        assert!(texts.iter().any(|t| t.contains("–29 of 30")), "{texts:?}");
+        assert!(
+            layers
+                .iter()
+                .all(|l| l["width"].as_f64().unwrap_or(0.0) > 1.0),
+            "{r}"
+        );
+        assert!(!r["answer"].as_str().unwrap_or("").trim().is_empty(), "{r}");
+        assert!(
+            r["distinct_partial_lengths"].as_u64().unwrap_or(0) >= 2,
+            "the answer streamed in: {r}"
+        );
+        assert_eq!(r["failed"], serde_json::json!([]), "{r}");
+        assert_eq!(r["overflow"], false, "no sideways scrolling: {r}");
+        assert!(
+            artifacts.join(format!("ui-chat-{screen}.png")).is_file(),
+            "screenshot saved"
+        );
+    }
+    Ok(())
+}
