@@ -160,7 +160,13 @@ fn serve_http(
     tokio::sync::oneshot::Sender<()>,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = hearth_server::App::new(node, hearth_server::ServerOptions { api_key });
+    let app = hearth_server::App::new(
+        node,
+        hearth_server::ServerOptions {
+            api_key,
+            ..Default::default()
+        },
+    );
     let server = tokio::spawn(listener.serve(app, async {
         let _ = stop_rx.await;
     }));
@@ -636,6 +642,19 @@ fn render(v: &ClusterView) -> String {
 mod tests {
     use super::*;
     use hearth_runtime::MemberView;
+
+    #[test]
+    fn an_address_off_loopback_always_gets_an_api_key() {
+        let lan: SocketAddr = "0.0.0.0:7411".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:7411".parse().unwrap();
+        let generated = api_key(lan, None).unwrap();
+        assert_eq!(generated.len(), 64);
+        assert_ne!(api_key(lan, None), Some(generated));
+        assert_eq!(api_key(lan, Some(" k ".into())).as_deref(), Some("k"));
+        assert!(api_key(lan, Some("  ".into())).is_some());
+        assert_eq!(api_key(local, None), None);
+        assert_eq!(api_key(local, Some("k".into())).as_deref(), Some("k"));
+    }
 
     #[test]
     fn render_takes_any_text_from_the_server() {

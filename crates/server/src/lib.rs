@@ -43,6 +43,8 @@ pub use metrics::Metrics;
 pub const MAX_BODY: usize = 4 << 20;
 /// How long a non-streaming completion may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a client may take to send its request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open streams may go on once shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -60,11 +62,22 @@ pub enum ServerError {
 }
 
 /// How to serve.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// Bearer token every API request must carry (`Authorization: Bearer
     /// KEY`); `/health` and the UI's static files stay open.
     pub api_key: Option<String>,
+    /// How long a client may take to send its body (then 408).
+    pub body_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            body_timeout: BODY_TIMEOUT,
+        }
+    }
 }
 
 /// Shared by every handler.
@@ -73,6 +86,7 @@ pub(crate) struct AppState {
     pub node: Node,
     pub api_key: Option<Arc<str>>,
     pub metrics: Arc<Metrics>,
+    pub body_timeout: Duration,
     /// Turns true when the server begins shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -96,6 +110,7 @@ impl App {
             node,
             api_key: opts.api_key.map(Arc::from),
             metrics: Arc::new(Metrics::default()),
+            body_timeout: opts.body_timeout,
             shutdown: stopping,
         };
         let router = Router::new()
@@ -117,6 +132,10 @@ impl App {
             .route("/ui/{file}", get(ui::asset))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                read_body,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 authorize,
@@ -261,6 +280,45 @@ async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Respo
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         r
     }
+}
+
+/// Reads the whole body first, within the body timeout and size limit, so
+/// a client that stalls mid-body gets a 408 instead of holding a handler.
+async fn read_body(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, MAX_BODY);
+    let bytes = match tokio::time::timeout(s.body_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                api_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("the request body is larger than {MAX_BODY} bytes"),
+                    None,
+                    Some("request_too_large"),
+                )
+            } else {
+                bad_request(format!("cannot read the request body: {e}"), None)
+            };
+        }
+        Err(_) => {
+            return api_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s",
+                    s.body_timeout.as_secs_f64()
+                ),
+                None,
+                Some("timeout"),
+            );
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Counts requests by route and status for `/metrics`.

@@ -510,3 +510,26 @@ async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Re
     });
     sse::response(frames)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_or_unready_pipelines_ask_clients_to_retry() {
+        for (e, status) in [
+            (PipelineError::Busy(256), StatusCode::TOO_MANY_REQUESTS),
+            (PipelineError::NotReady, StatusCode::SERVICE_UNAVAILABLE),
+            (PipelineError::NoModel, StatusCode::SERVICE_UNAVAILABLE),
+        ] {
+            let r = pipeline_error(e);
+            assert_eq!(r.status(), status);
+            assert_eq!(r.headers()["retry-after"], "2");
+        }
+        let r = pipeline_error(PipelineError::Failed("x".into()));
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        assert!(!r.headers().contains_key("retry-after"));
+        let r = pipeline_error(PipelineError::BadRequest("x".into()));
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -490,6 +490,7 @@ async fn an_api_key_guards_everything_but_health_and_the_ui_and_no_cors() {
         n.clone(),
         ServerOptions {
             api_key: Some("s3cret".into()),
+            ..Default::default()
         },
     );
     let r = get(app.router(), "/v1/models").await;
@@ -722,5 +723,40 @@ async fn shutdown_ends_open_streams_cleanly() {
         .unwrap()
         .unwrap();
     assert!(chat.trim_end().ends_with("data: [DONE]"), "{chat}");
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_mid_body_gets_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), false).await;
+    let listener = hearth_server::Listener::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = App::new(
+        n.clone(),
+        ServerOptions {
+            body_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let server = tokio::spawn(listener.serve(app, std::future::pending()));
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let got = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut reply))
+        .await
+        .expect("an answer before the client finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&reply[..got]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"timeout\""), "{text}");
+    server.abort();
     n.shutdown().await;
 }
