@@ -7,11 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo run --quiet -p hearth-cli -- models pull
 # The clients the end-to-end tests drive (tests/tests/clients.rs): the
-# official `openai` Python client in a venv, playwright-core from npm, and
-# Debian's chromium (installed as root; elsewhere those tests skip).
-if ! .venv-clients/bin/python -c "import openai" 2>/dev/null; then
+# official `openai` Python client and schemathesis in a venv, playwright-core
+# from npm, and Debian's chromium (installed as root; elsewhere those tests
+# skip).
+if ! .venv-clients/bin/python -c "import openai, schemathesis" 2>/dev/null; then
   python3 -m venv .venv-clients
-  .venv-clients/bin/python -m pip install --quiet --disable-pip-version-check openai
+  .venv-clients/bin/python -m pip install --quiet --disable-pip-version-check openai schemathesis
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   npm install --prefix tests/browser --no-audit --no-fund --loglevel=error

@@ -212,11 +212,12 @@ impl<'a> Ctx<'a> {
             return 0.0;
         }
         let act = self.model.layers[at.saturating_sub(1)].act_bytes_per_token;
-        let mut bytes = act * self.tokens_per_micro_batch();
+        // In f64: huge workloads must not overflow.
+        let mut bytes = act as f64 * self.tokens_per_micro_batch() as f64;
         if matches!(self.workload, Workload::Train { .. }) {
-            bytes *= 2; // activations forward, gradients backward
+            bytes *= 2.0; // activations forward, gradients backward
         }
-        self.links.rtt[a][b] / 2.0 + bytes as f64 / self.links.bandwidth[a][b]
+        self.links.rtt[a][b] / 2.0 + bytes / self.links.bandwidth[a][b]
     }
 
     /// The decode loop's return: the sampled token, last stage to first.
@@ -227,7 +228,8 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Peak bytes on the device running layers `r` as stage `k` of `p`.
+    /// Peak bytes on the device running layers `r` as stage `k` of `p`
+    /// (saturating: a workload too large to count does not fit anywhere).
     pub fn memory(&self, r: &Range<usize>, k: usize, p: usize) -> u64 {
         let m = self.model;
         let mut weights = self.params[r.end] - self.params[r.start];
@@ -247,9 +249,14 @@ impl<'a> Ctx<'a> {
         let act_in = m.layers[r.start.saturating_sub(1)].act_bytes_per_token;
         match self.workload {
             Workload::Decode { sequences, context } => {
-                weights + kv * u64::from(context) * u64::from(sequences)
+                let cache = kv
+                    .saturating_mul(u64::from(context))
+                    .saturating_mul(u64::from(sequences));
+                weights.saturating_add(cache)
             }
-            Workload::Prefill { tokens } => weights + (kv + act_in) * u64::from(tokens),
+            Workload::Prefill { tokens } => {
+                weights.saturating_add((kv + act_in).saturating_mul(u64::from(tokens)))
+            }
             Workload::Train {
                 micro_batch_tokens,
                 micro_batches,
@@ -260,22 +267,25 @@ impl<'a> Ctx<'a> {
                 let tokens = u64::from(micro_batch_tokens);
                 let layers = (r.end - r.start) as u64;
                 let optimizer = match method {
-                    Method::Full => 3 * weights,
+                    Method::Full => weights.saturating_mul(3),
                     Method::Lora {
                         adapter_bytes_per_layer,
-                    } => 4 * adapter_bytes_per_layer * layers,
+                    } => adapter_bytes_per_layer.saturating_mul(4 * layers),
                 };
                 let in_flight = match schedule {
                     Schedule::OneFOneB => u64::from(micro_batches).min((p - k) as u64),
                     Schedule::GPipe => u64::from(micro_batches),
                 };
-                let full = (self.train_act[r.end] - self.train_act[r.start]) * tokens;
+                let full = (self.train_act[r.end] - self.train_act[r.start]).saturating_mul(tokens);
                 let acts = if recompute {
-                    in_flight * act_in * tokens + full
+                    in_flight
+                        .saturating_mul(act_in)
+                        .saturating_mul(tokens)
+                        .saturating_add(full)
                 } else {
-                    in_flight * full
+                    in_flight.saturating_mul(full)
                 };
-                weights + optimizer + acts
+                weights.saturating_add(optimizer).saturating_add(acts)
             }
         }
     }

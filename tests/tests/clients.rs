@@ -27,14 +27,21 @@ fn missing(what: &str) {
 /// `hearth up --local 2` with its HTTP API on a free port, once both
 /// stages are placed.
 fn local_cluster(home: &Path) -> Result<(ChildGuard, String)> {
+    local_cluster_of(home, &[])
+}
+
+/// [`local_cluster`] with `extra` flags.
+fn local_cluster_of(home: &Path, extra: &[&str]) -> Result<(ChildGuard, String)> {
     let port = free_port(false)?;
     let mut c = Command::new(hearth_binary()?);
     c.args(["up", "--local", "2", "--http", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .arg("--home")
-        .arg(home)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let guard = ChildGuard::spawn(c)?;
+        .arg(home);
+    let log = home.join("up.log");
+    let file = std::fs::File::create(&log)?;
+    c.stdout(file.try_clone()?).stderr(file);
+    let mut guard = ChildGuard::spawn(c)?;
     let base = format!("http://127.0.0.1:{port}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
@@ -50,8 +57,12 @@ fn local_cluster(home: &Path) -> Result<(ChildGuard, String)> {
         {
             return Ok((guard, base));
         }
-        if start.elapsed() > Duration::from_secs(240) {
-            bail!("hearth up --local 2 placed no 2-stage pipeline in 240 s");
+        if start.elapsed() > Duration::from_secs(240) || guard.0.try_wait().ok().flatten().is_some()
+        {
+            bail!(
+                "hearth up --local 2 placed no 2-stage pipeline (exited, or 240 s passed):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -221,5 +232,57 @@ fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
             "screenshot saved"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn schemathesis_finds_no_server_error_in_the_openapi_document() -> Result<()> {
+    let st = workspace_root().join(".venv-clients/bin/schemathesis");
+    if !st.is_file() {
+        missing("schemathesis in .venv-clients");
+        return Ok(());
+    }
+    // The tiny model: every generated request finishes fast.
+    let dir = tempfile::tempdir()?;
+    let tiny = hearth_test_utils::tiny_model(dir.path(), Default::default())?;
+    let model = tiny.gguf_q8_0.to_string_lossy().into_owned();
+    let (_cluster, base) = local_cluster_of(dir.path(), &["--model", &model])?;
+    let out = Command::new(&st)
+        .args(["run", &format!("{base}/openapi.json")])
+        // Endless, or changing what the other requests run on.
+        .args(["--exclude-path", "/api/events"])
+        .args(["--exclude-path", "/api/models/load"])
+        .args(["--exclude-path", "/api/models/unload"])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance",
+        ])
+        .args([
+            "--max-examples",
+            "25",
+            "--seed",
+            "20261122",
+            "--request-timeout",
+            "60",
+        ])
+        .output()?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "{}",
+        report
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis failed:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

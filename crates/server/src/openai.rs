@@ -105,16 +105,48 @@ struct Sampling {
     temperature: Option<f32>,
     top_p: Option<f32>,
     /// Hearth's extension (not in OpenAI's API).
+    #[serde(default, deserialize_with = "integer")]
     top_k: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     max_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "integer")]
     max_completion_tokens: Option<usize>,
     stop: Option<Stop>,
+    #[serde(default, deserialize_with = "integer")]
     seed: Option<u64>,
+    #[serde(default, deserialize_with = "integer")]
     n: Option<u32>,
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
     tools: Option<Value>,
+}
+
+/// An optional non-negative integer, also written as an integral float
+/// (`16.0`), as JSON Schema's `integer` allows.
+fn integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let Some(v) = Option::<Value>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let int = index(&v)
+        .ok_or_else(|| D::Error::custom(format!("expected a non-negative integer, got {v}")))?;
+    T::try_from(int)
+        .map(Some)
+        .map_err(|_| D::Error::custom(format!("{int} is out of range")))
+}
+
+/// A non-negative integer, also written as an integral float.
+fn index(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    })
 }
 
 impl Sampling {
@@ -338,10 +370,10 @@ pub(crate) async fn completions(
         Value::Array(a) if a.len() == 1 && a[0].is_string() => {
             Prompt::Text(a[0].as_str().unwrap_or_default().to_string())
         }
-        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => {
+        Value::Array(a) if !a.is_empty() && a.iter().all(|v| index(v).is_some()) => {
             let ids: Option<Vec<u32>> = a
                 .iter()
-                .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+                .map(|v| index(v).and_then(|x| u32::try_from(x).ok()))
                 .collect();
             match ids {
                 Some(ids) => Prompt::Tokens(ids),

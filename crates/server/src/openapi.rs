@@ -54,10 +54,16 @@ fn sampling_properties() -> Value {
     })
 }
 
+/// A query number (a workload the planner refuses is reported in the
+/// 200 report, so only the type's range is a 400).
+fn u32() -> Value {
+    json!({"type": "integer", "minimum": 0, "maximum": u32::MAX})
+}
+
 fn op(summary: &str, ok: Value) -> Value {
     let mut responses = errors();
     responses["200"] = ok;
-    json!({"summary": summary, "security": [{"bearer": []}], "responses": responses})
+    json!({"summary": summary, "responses": responses})
 }
 
 fn json_ok(description: &str) -> Value {
@@ -68,13 +74,15 @@ fn body(schema: Value) -> Value {
     json!({"required": true, "content": {"application/json": {"schema": schema}}})
 }
 
-/// The document.
-pub fn document() -> Value {
+/// The document; `auth`: whether this server requires its API key.
+pub fn document(auth: bool) -> Value {
     let mut chat = sampling_properties();
     chat["messages"] = json!({"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["role", "content"],
         "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
-                       "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}});
+                       "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+                           "type": "object", "required": ["type", "text"],
+                           "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}}});
     let mut text = sampling_properties();
     text["prompt"] = json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}, {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]});
     let stream_ok = json!({"description": "A completion, or with stream=true server-sent events ending in [DONE]",
@@ -107,18 +115,24 @@ pub fn document() -> Value {
     );
     plan_op["parameters"] = json!([
         {"name": "workload", "in": "query", "schema": {"enum": ["inference", "training"]}},
-        {"name": "sequences", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-        {"name": "context", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-        {"name": "prefill", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-        {"name": "micro_batch_tokens", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-        {"name": "micro_batches", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "sequences", "in": "query", "schema": u32()},
+        {"name": "context", "in": "query", "schema": u32()},
+        {"name": "prefill", "in": "query", "schema": u32()},
+        {"name": "micro_batch_tokens", "in": "query", "schema": u32()},
+        {"name": "micro_batches", "in": "query", "schema": u32()},
         {"name": "schedule", "in": "query", "schema": {"enum": ["1f1b", "gpipe"]}}]);
     let open = |summary: &str, ok: Value| {
         let mut o = op(summary, ok);
         o["security"] = json!([]);
         o
     };
+    let security = if auth {
+        json!([{"bearer": []}])
+    } else {
+        json!([])
+    };
     json!({
+        "security": security,
         "openapi": "3.1.0",
         "info": {"title": "Hearth", "version": env!("CARGO_PKG_VERSION"),
                  "description": "OpenAI-compatible API and cluster control of a Hearth node."},
@@ -148,6 +162,8 @@ pub fn document() -> Value {
     })
 }
 
-pub(crate) async fn serve() -> Json<Value> {
-    Json(document())
+pub(crate) async fn serve(
+    axum::extract::State(s): axum::extract::State<crate::AppState>,
+) -> Json<Value> {
+    Json(document(s.api_key.is_some()))
 }

@@ -118,6 +118,11 @@ async fn plan_needs_a_model_and_valid_parameters() {
         "?workload=training&method=half",
         "?workload=inference&sequences=0",
         "?context=99999999999",
+        // Found by schemathesis: sizes this large overflowed the memory sums.
+        "?workload=training&micro_batches=4294967295&micro_batch_tokens=4294967295&schedule=gpipe",
+        "?workload=training&micro_batches=1289776174&micro_batch_tokens=4294967295&recompute=false",
+        "?workload=inference&sequences=4294967295&context=4294967295",
+        "?workload=inference&prefill=4294967295",
     ] {
         let (status, body) = get(app(), &format!("/api/plan{query}")).await;
         let text = String::from_utf8_lossy(&body);

@@ -82,7 +82,9 @@ fn inference_times(
         .clamp(1, context.saturating_sub(1).max(1));
     let input = |n: usize| -> Result<StageInput, ProfileError> {
         Ok(if tokens {
-            StageInput::Tokens((0..n as u32).map(|i| (i * 7 + 1) % 1000).collect())
+            // Ids inside any vocabulary (tiny test models have a few hundred).
+            let vocab = stage.config().vocab_size.clamp(2, 1000) as u32;
+            StageInput::Tokens((0..n as u32).map(|i| (i * 7 + 1) % vocab).collect())
         } else {
             StageInput::Hidden(Tensor::randn(0f32, 1f32, (n, hidden), &dev)?)
         })
