@@ -17,17 +17,23 @@ try {
     page.on("requestfailed", (r) => { if (!r.url().includes("/api/events")) failed.push(r.url()); });
     page.on("pageerror", (e) => failed.push("page error: " + e.message));
     page.on("request", (r) => { if (!r.url().startsWith(base)) failed.push("outside request: " + r.url()); });
-    await page.goto(base + "/");
-    // Every node appears with a layer range.
-    await page.waitForFunction((n) => {
+    await page.goto(base + "/", { waitUntil: "load" });
+    // Every node appears with its layer range drawn (measured in the same
+    // frame as the check, so a re-render between the two cannot interfere).
+    const ready = await page.waitForFunction((n) => {
       const cards = [...document.querySelectorAll(".device")];
-      return cards.length === n && cards.every((c) => /layers \d+–\d+ of \d+/.test(c.querySelector("[data-testid=layers]").textContent));
+      const seen = cards.map((c) => {
+        const seg = c.querySelector(".layers > span");
+        return {
+          node: c.dataset.node,
+          layers: c.querySelector("[data-testid=layers]").textContent,
+          width: seg ? seg.getBoundingClientRect().width : 0,
+        };
+      });
+      const ok = seen.length === n && seen.every((s) => /layers \d+–\d+ of \d+/.test(s.layers) && s.width > 1);
+      return ok ? seen : null;
     }, nodes, { timeout: 60000 });
-    const layers = await page.$$eval(".device", (cs) => cs.map((c) => ({
-      node: c.dataset.node,
-      layers: c.querySelector("[data-testid=layers]").textContent,
-      width: c.querySelector(".layers > span").getBoundingClientRect().width,
-    })));
+    const layers = await ready.jsonValue();
     await page.screenshot({ path: `${outDir}/ui-cluster-${name}.png`, fullPage: true });
     let reload = null;
     if (name === "desktop") {
