@@ -248,8 +248,35 @@ fn public(req: &Request) -> bool {
     req.method() == Method::GET && (p == "/health" || p == "/" || p.starts_with("/ui/"))
 }
 
+/// Whether a `Host` header names this machine by address or as
+/// `localhost`: without an API key only those are served, so a web page
+/// whose domain was re-pointed at 127.0.0.1 (DNS rebinding) cannot use a
+/// node on loopback.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let Some(key) = s.api_key.as_deref() else {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(|h| h.to_str().unwrap_or("?"));
+        if host.is_some_and(|h| !local_host(h)) {
+            return api_error(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "without an API key this node answers only to its address or localhost in the Host header"
+                    .into(),
+                None,
+                Some("host_not_allowed"),
+            );
+        }
         return next.run(req).await;
     };
     if public(&req) {

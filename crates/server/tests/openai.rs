@@ -745,7 +745,7 @@ async fn a_client_that_stalls_mid_body_gets_a_408() {
     let server = tokio::spawn(listener.serve(app, std::future::pending()));
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
     )
     .await
     .unwrap();
@@ -758,5 +758,43 @@ async fn a_client_that_stalls_mid_body_gets_a_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"code\":\"timeout\""), "{text}");
     server.abort();
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_key_only_local_host_names_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), false).await;
+    let app = || hearth_server::router(n.clone());
+    let with_host = |h: &str| {
+        Request::get("/v1/models")
+            .header("host", h)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for ok in [
+        "localhost:7411",
+        "127.0.0.1:7411",
+        "[::1]:7411",
+        "192.168.1.20",
+        "LOCALHOST",
+        "app.localhost:80",
+    ] {
+        assert_eq!(
+            send(app(), with_host(ok)).await.status,
+            StatusCode::OK,
+            "{ok}"
+        );
+    }
+    // A name re-pointed at loopback (DNS rebinding) is refused.
+    for bad in [
+        "evil.example",
+        "evil.example:7411",
+        "127.0.0.1.evil.example",
+    ] {
+        let r = send(app(), with_host(bad)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{bad}");
+        assert_eq!(r.error()["code"], "host_not_allowed");
+    }
     n.shutdown().await;
 }
