@@ -248,6 +248,7 @@ fn schemathesis_finds_no_server_error_in_the_openapi_document() -> Result<()> {
     let model = tiny.gguf_q8_0.to_string_lossy().into_owned();
     let (_cluster, base) = local_cluster_of(dir.path(), &["--model", &model])?;
     let out = Command::new(&st)
+        .current_dir(dir.path()) // its cache stays out of the tree
         .args(["run", &format!("{base}/openapi.json")])
         // Endless, or changing what the other requests run on.
         .args(["--exclude-path", "/api/events"])
