@@ -239,6 +239,13 @@ function addEvent(e) {
   }
 }
 
+// One refresh for a burst of events (the history arrives all at once).
+let refreshTimer = null;
+function refreshSoon() {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 200);
+}
+
 // Server-sent events through fetch (EventSource cannot send the API key).
 let eventsAbort = null;
 async function listenEvents() {
@@ -250,7 +257,7 @@ async function listenEvents() {
     for await (const frame of sseFrames(r)) {
       if (frame.event === "cluster") {
         addEvent(JSON.parse(frame.data));
-        refresh();
+        refreshSoon();
       }
     }
   } catch (e) {

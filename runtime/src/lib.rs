@@ -32,6 +32,8 @@ pub enum RuntimeError {
     NoModel,
     #[error("invalid request: {0}")]
     BadRequest(String),
+    #[error("no model named {0:?} on this node")]
+    UnknownModel(String),
     #[error(transparent)]
     Model(#[from] hearth_models::ModelError),
 }

@@ -256,9 +256,7 @@ impl Node {
     /// places it. Returns at once (events tell the progress) with the
     /// members that refused, as (name, reason).
     pub async fn load_model(&self, name: &str) -> Result<Vec<(String, String)>, RuntimeError> {
-        self.pipeline
-            .load_model(name)
-            .map_err(RuntimeError::BadRequest)?;
+        self.pipeline.load_model(name)?;
         Ok(self
             .ask_members(pipeline::placer::Control::Load {
                 model: name.to_string(),

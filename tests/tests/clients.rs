@@ -81,6 +81,19 @@ fn generate_alone(args: &[&str]) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// Runs a client script that prints one JSON object; fails with its
+/// output if it fails.
+fn script_json(mut cmd: Command, name: &str) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {name}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).with_context(|| format!("{name}'s JSON"))
+}
+
 fn venv_python() -> PathBuf {
     workspace_root().join(".venv-clients/bin/python")
 }
@@ -104,17 +117,11 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
     let (_cluster, base) = local_cluster(home.path())?;
     let prompt = "What is the capital of France?";
     let max = "24";
-    let out = Command::new(&python)
+    let mut script = Command::new(&python);
+    script
         .arg(workspace_root().join("tests/clients/openai_check.py"))
-        .args([&base, prompt, max])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "openai_check.py failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Value = serde_json::from_str(stdout.trim()).context("the script's JSON")?;
+        .args([&base, prompt, max]);
+    let got = script_json(script, "openai_check.py")?;
     eprintln!("openai client: {got}");
     let alone = generate_alone(&["--prompt", prompt, "--max-tokens", max])?;
     let want = alone["text"].as_str().context("generate's text")?;
@@ -163,20 +170,13 @@ fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
     let (_cluster, base) = local_cluster(home.path())?;
     let artifacts = workspace_root().join("tests/.artifacts");
     std::fs::create_dir_all(&artifacts)?;
-    let out = Command::new("node")
+    let mut script = Command::new("node");
+    script
         .arg(dir.join("ui.mjs"))
         .args([base.as_str(), "2"])
         .arg(&artifacts)
-        .env("CHROMIUM", &chromium)
-        .output()
-        .context("running node")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ui.mjs failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Value = serde_json::from_str(stdout.trim()).context("the script's JSON")?;
+        .env("CHROMIUM", &chromium);
+    let got = script_json(script, "ui.mjs")?;
     eprintln!("browser: {got}\nscreenshots in {}", artifacts.display());
     // Unloading and loading from the page showed the plan and each node's
     // progress.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::{AppState, api_error, bad_request, body_rejection, error, sse};
+use crate::{ApiJson, AppState, api_error, bad_request, error, sse};
 
 /// How often an idle events stream sends a comment (keeps proxies open).
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -75,28 +75,8 @@ pub(crate) struct LoadRequest {
 /// shows each node measuring and loading, then the plan and the stages).
 pub(crate) async fn load(
     State(s): State<AppState>,
-    body: Result<Json<LoadRequest>, JsonRejection>,
+    ApiJson(req): ApiJson<LoadRequest>,
 ) -> Response {
-    let req = match body {
-        Ok(Json(b)) => b,
-        Err(e) => return body_rejection(e),
-    };
-    let node = s.node.clone();
-    let known = tokio::task::spawn_blocking(move || node.available_models())
-        .await
-        .unwrap_or_default();
-    if !known.iter().any(|m| m.name == req.model) {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!(
-                "no model named {:?} here (GET /api/models lists them)",
-                req.model
-            ),
-            Some("model"),
-            Some("model_not_found"),
-        );
-    }
     match s.node.load_model(&req.model).await {
         Ok(refused) => (
             StatusCode::ACCEPTED,
@@ -110,6 +90,13 @@ pub(crate) async fn load(
             })),
         )
             .into_response(),
+        Err(e @ RuntimeError::UnknownModel(_)) => api_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("{e} (GET /api/models lists them)"),
+            Some("model"),
+            Some("model_not_found"),
+        ),
         Err(e) => api_error(
             StatusCode::CONFLICT,
             "invalid_request_error",

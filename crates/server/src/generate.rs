@@ -6,17 +6,16 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::extract::rejection::JsonRejection;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use hearth_models::{Message, SamplingParams};
 use hearth_runtime::Node;
-use hearth_runtime::pipeline::{GenEvent, GenerateParams, PipelineError, Prompt};
+use hearth_runtime::pipeline::{GenEvent, GenerateParams, Prompt, finish};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::openai::pipeline_error;
-use crate::{bad_request, body_rejection};
+use crate::{ApiJson, bad_request};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -57,12 +56,8 @@ fn one() -> f32 {
 
 pub(crate) async fn generate(
     State(node): State<Node>,
-    body: Result<Json<GenerateBody>, JsonRejection>,
+    ApiJson(b): ApiJson<GenerateBody>,
 ) -> Response {
-    let b = match body {
-        Ok(Json(b)) => b,
-        Err(e) => return body_rejection(e),
-    };
     let prompt = match (b.prompt, b.messages, b.prompt_ids) {
         (Some(p), None, None) => Prompt::Text(p),
         (None, Some(m), None) => Prompt::Chat(m),
@@ -90,14 +85,10 @@ pub(crate) async fn generate(
         Err(e) => return pipeline_error(e),
     };
     if !b.stream {
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                GenEvent::Done(s) => return Json(s).into_response(),
-                GenEvent::Failed(e) => return pipeline_error(PipelineError::Failed(e)),
-                GenEvent::Token { .. } | GenEvent::Text(_) => {}
-            }
-        }
-        return pipeline_error(PipelineError::Failed("the generation ended early".into()));
+        return match finish(&mut rx).await {
+            Ok(s) => Json(s).into_response(),
+            Err(e) => pipeline_error(e),
+        };
     }
     // Dropping the body (the client went away) drops `rx`: that cancels.
     let lines = futures_util::stream::unfold(Some(rx), |rx| async move {

@@ -141,7 +141,8 @@ impl App {
                 authorize,
             ))
             .layer(axum::middleware::from_fn_with_state(state.clone(), count))
-            .layer(DefaultBodyLimit::max(MAX_BODY))
+            // `read_body` enforces MAX_BODY; extractors see its whole body.
+            .layer(DefaultBodyLimit::disable())
             .with_state(state);
         Self { router, shutdown }
     }
@@ -201,20 +202,34 @@ pub(crate) fn bad_request(message: String, param: Option<&str>) -> Response {
     )
 }
 
-/// A JSON body's rejection as an OpenAI error (413 stays 413; a missing
-/// content type or a body that does not fit the fields is a 400).
-pub(crate) fn body_rejection(e: JsonRejection) -> Response {
-    let status = e.status();
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
-        return api_error(
-            status,
-            "invalid_request_error",
-            format!("the request body is larger than {MAX_BODY} bytes"),
-            None,
-            Some("request_too_large"),
-        );
+/// A JSON body whose rejection is an OpenAI error: a body that is not
+/// JSON, lacks the content type or does not fit the fields is a 400 (the
+/// size limit is `read_body`'s, before any handler).
+pub(crate) struct ApiJson<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for ApiJson<T>
+where
+    Json<T>: axum::extract::FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(e) => Err(bad_request(e.body_text(), None)),
+        }
     }
-    bad_request(e.body_text(), None)
+}
+
+fn too_large() -> Response {
+    api_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!("the request body is larger than {MAX_BODY} bytes"),
+        None,
+        Some("request_too_large"),
+    )
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
@@ -320,13 +335,7 @@ async fn read_body(State(s): State<AppState>, req: Request, next: Next) -> Respo
             let too_large = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             return if too_large {
-                api_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    format!("the request body is larger than {MAX_BODY} bytes"),
-                    None,
-                    Some("request_too_large"),
-                )
+                self::too_large()
             } else {
                 bad_request(format!("cannot read the request body: {e}"), None)
             };

@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use hearth_runtime::pipeline::GenSummary;
+use hearth_runtime::pipeline::{GenSummary, StageStats};
 
 use crate::AppState;
 
@@ -140,47 +140,47 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     s.metrics.render(&mut out);
     let stats = tokio::time::timeout(Duration::from_secs(3), s.node.cluster_stage_stats()).await;
     let stages: Vec<_> = stats.unwrap_or_default();
-    let fams: [(&str, &str, &str); 4] = [
+    type Value = fn(&StageStats) -> f64;
+    let fams: [(&str, &str, &str, Value); 4] = [
         (
             "hearth_stage_batches_total",
             "counter",
             "Batches a stage has run.",
+            |s| s.batches as f64,
         ),
         (
             "hearth_stage_compute_seconds_total",
             "counter",
             "Seconds a stage spent computing its layers.",
+            |s| s.compute_s,
         ),
         (
             "hearth_stage_network_seconds_total",
             "counter",
             "Seconds a stage spent packing and sending activations to the next stage.",
+            |s| s.send_s,
         ),
         (
             "hearth_stage_sequences",
             "gauge",
             "Sequences a stage holds now (queue depth).",
+            |s| s.live_sequences as f64,
         ),
     ];
-    for (i, (name, kind, help)) in fams.iter().enumerate() {
+    for (name, kind, help, value) in fams {
         family(&mut out, name, kind, help);
         for (node_id, node, list) in &stages {
             for st in list {
-                let v = match i {
-                    0 => st.batches as f64,
-                    1 => st.compute_s,
-                    2 => st.send_s,
-                    _ => st.live_sequences as f64,
-                };
                 let _ = writeln!(
                     out,
-                    "{name}{{node=\"{}\",node_id=\"{}\",placement=\"{}\",stage=\"{}\",layers=\"{}..{}\"}} {v}",
+                    "{name}{{node=\"{}\",node_id=\"{}\",placement=\"{}\",stage=\"{}\",layers=\"{}..{}\"}} {}",
                     escape(node),
                     escape(node_id),
                     st.placement,
                     st.index,
                     st.spec.start,
-                    st.spec.end
+                    st.spec.end,
+                    value(st)
                 );
             }
         }

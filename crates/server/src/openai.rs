@@ -9,17 +9,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hearth_models::{FinishReason, Message, SamplingParams};
-use hearth_runtime::pipeline::{GenEvent, GenSummary, GenerateParams, PipelineError, Prompt};
+use hearth_runtime::pipeline::{
+    GenEvent, GenSummary, GenerateParams, PipelineError, Prompt, finish,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::sse::{self, Step};
-use crate::{AppState, REQUEST_TIMEOUT, api_error, bad_request, body_rejection};
+use crate::{ApiJson, AppState, REQUEST_TIMEOUT, api_error, bad_request};
 
 /// Tokens generated when the request sets no limit.
 pub const DEFAULT_MAX_TOKENS: usize = 512;
@@ -275,7 +276,7 @@ fn message(i: usize, m: ChatMessage) -> Result<Message, Invalid> {
     Ok(Message::new(role, content))
 }
 
-fn finish(f: FinishReason) -> &'static str {
+fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
@@ -321,12 +322,8 @@ enum Kind {
 
 pub(crate) async fn chat(
     State(s): State<AppState>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    ApiJson(req): ApiJson<ChatRequest>,
 ) -> Response {
-    let req = match body {
-        Ok(Json(b)) => b,
-        Err(e) => return body_rejection(e),
-    };
     if req.messages.is_empty() {
         return bad_request("messages must not be empty".into(), Some("messages"));
     }
@@ -353,12 +350,8 @@ pub(crate) struct CompletionRequest {
 
 pub(crate) async fn completions(
     State(s): State<AppState>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Response {
-    let req = match body {
-        Ok(Json(b)) => b,
-        Err(e) => return body_rejection(e),
-    };
     if req.echo || req.suffix.is_some() || req.best_of.is_some_and(|b| b != 1) {
         return bad_request(
             "echo, suffix and best_of are not supported".into(),
@@ -415,17 +408,7 @@ async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Re
     // Counted open until the reply (or the stream) ends.
     let open = s.open_generation();
     if !sampling.stream {
-        let wait = async {
-            while let Some(ev) = rx.recv().await {
-                match ev {
-                    GenEvent::Done(sum) => return Ok(sum),
-                    GenEvent::Failed(e) => return Err(PipelineError::Failed(e)),
-                    GenEvent::Token { .. } | GenEvent::Text(_) => {}
-                }
-            }
-            Err(PipelineError::Failed("the generation ended early".into()))
-        };
-        return match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
+        return match tokio::time::timeout(REQUEST_TIMEOUT, finish(&mut rx)).await {
             Ok(Ok(sum)) => {
                 s.metrics.finished(&sum);
                 let choice = match kind {
@@ -433,13 +416,13 @@ async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Re
                         "index": 0,
                         "message": {"role": "assistant", "content": sum.text},
                         "logprobs": null,
-                        "finish_reason": finish(sum.finish_reason),
+                        "finish_reason": finish_reason(sum.finish_reason),
                     }),
                     Kind::Text => json!({
                         "index": 0,
                         "text": sum.text,
                         "logprobs": null,
-                        "finish_reason": finish(sum.finish_reason),
+                        "finish_reason": finish_reason(sum.finish_reason),
                     }),
                 };
                 Json(json!({
@@ -517,7 +500,10 @@ async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Re
             }
             Step::Event(GenEvent::Done(sum)) => {
                 metrics.finished(&sum);
-                out.push(chunk(piece("", Some(finish(sum.finish_reason))), None));
+                out.push(chunk(
+                    piece("", Some(finish_reason(sum.finish_reason))),
+                    None,
+                ));
                 if include_usage {
                     out.push(chunk(Value::Null, Some(usage(&sum))));
                 }

@@ -220,17 +220,11 @@ pub async fn generate_all(
     params: hearth_runtime::pipeline::GenerateParams,
     limit: Duration,
 ) -> Result<hearth_runtime::pipeline::GenSummary> {
-    use hearth_runtime::pipeline::GenEvent;
     let mut rx = node.generate(params).await?;
     let run = async {
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                GenEvent::Done(s) => return Ok(s),
-                GenEvent::Failed(e) => return Err(anyhow!("generation failed: {e}")),
-                GenEvent::Token { .. } | GenEvent::Text(_) => {}
-            }
-        }
-        Err(anyhow!("the generation ended without a result"))
+        hearth_runtime::pipeline::finish(&mut rx)
+            .await
+            .map_err(|e| anyhow!(e))
     };
     tokio::time::timeout(limit, run)
         .await

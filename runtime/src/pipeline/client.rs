@@ -100,6 +100,18 @@ impl GenSummary {
 /// The events of one generation; dropping it cancels the generation.
 pub type GenStream = mpsc::Receiver<GenEvent>;
 
+/// Waits for a generation's end, passing over its tokens.
+pub async fn finish(rx: &mut GenStream) -> Result<GenSummary, PipelineError> {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Done(s) => return Ok(s),
+            GenEvent::Failed(e) => return Err(PipelineError::Failed(e)),
+            GenEvent::Token { .. } | GenEvent::Text(_) => {}
+        }
+    }
+    Err(PipelineError::Failed("the generation ended early".into()))
+}
+
 /// Starts a generation on the active placement.
 pub(crate) async fn generate(
     service: &Service,

@@ -25,7 +25,7 @@ use hearth_proto::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use client::{GenEvent, GenStream, GenSummary, GenerateParams, Prompt};
+pub use client::{GenEvent, GenStream, GenSummary, GenerateParams, Prompt, finish};
 pub use placer::PlacementPolicy;
 
 /// Most sequences stage 0 keeps in flight; more are refused as busy.

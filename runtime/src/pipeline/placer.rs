@@ -214,7 +214,10 @@ async fn handle(service: &Service, req: Control) -> Control {
         }
         Control::Load { model } => match service.load_model(&model) {
             Ok(()) => Control::Ready { id: 0 },
-            Err(reason) => Control::Failed { id: 0, reason },
+            Err(e) => Control::Failed {
+                id: 0,
+                reason: e.to_string(),
+            },
         },
         Control::Unload => {
             service.unload_model();

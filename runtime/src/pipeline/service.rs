@@ -101,10 +101,12 @@ impl Service {
         let weights = WeightFile::open(&info.path)?;
         let text = ModelText::load(&weights)?;
         let (model, ms) = (info.times.model.clone(), info.times.layer.decode_s * 1e3);
-        self.set_model(ServedModel {
-            info: info.clone(),
-            text,
-        });
+        if let Ok(mut m) = self.inner.model.write() {
+            *m = Some(Arc::new(ServedModel {
+                info: info.clone(),
+                text,
+            }));
+        }
         self.inner.profiles.set_model(info);
         self.inner.events.emit(EventKind::ModelLoaded {
             model,
@@ -115,19 +117,24 @@ impl Service {
 
     /// Starts loading the model named `name` from this node's source (in
     /// the background; its events tell how it went).
-    pub(crate) fn load_model(&self, name: &str) -> Result<(), String> {
+    pub(crate) fn load_model(&self, name: &str) -> Result<(), crate::RuntimeError> {
+        use crate::RuntimeError::{BadRequest, UnknownModel};
         let source = self
             .inner
             .source
             .clone()
-            .ok_or("this node has no model store to load from")?;
+            .ok_or_else(|| BadRequest("this node has no model store to load from".into()))?;
         if !source.list().iter().any(|m| m.name == name) {
-            return Err(format!("no model named {name:?} on this node"));
+            return Err(UnknownModel(name.to_string()));
         }
         {
-            let mut loading = self.inner.loading.lock().map_err(|e| e.to_string())?;
+            let mut loading = self
+                .inner
+                .loading
+                .lock()
+                .map_err(|e| BadRequest(e.to_string()))?;
             if let Some(other) = loading.as_ref() {
-                return Err(format!("already loading {other}"));
+                return Err(BadRequest(format!("already loading {other}")));
             }
             *loading = Some(name.to_string());
         }
@@ -186,12 +193,6 @@ impl Service {
 
     pub(crate) fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
-    }
-
-    pub(crate) fn set_model(&self, model: ServedModel) {
-        if let Ok(mut m) = self.inner.model.write() {
-            *m = Some(Arc::new(model));
-        }
     }
 
     pub(crate) fn model(&self) -> Option<Arc<ServedModel>> {
