@@ -16,6 +16,7 @@ pub mod sampling;
 pub mod stage;
 pub mod store;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};

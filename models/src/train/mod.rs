@@ -1,0 +1,15 @@
+//! Training on the model core: trainable stages (LoRA or full), the loss,
+//! and the optimizer. The pipeline schedule and the network live in
+//! `hearth-runtime`; everything here works on one stage in one process.
+
+pub mod batch;
+pub mod optim;
+pub mod rng;
+pub mod stage;
+
+pub use batch::{BatchLayout, IGNORE};
+pub use optim::{AdamW, AdamWConfig, LrSchedule};
+pub use stage::{
+    Backward, DropCtx, LoraConfig, Method, Target, TrainInput, TrainOptions, TrainStage, Upstream,
+    lora_name, loss_sum,
+};

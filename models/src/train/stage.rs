@@ -1,0 +1,830 @@
+//! A trainable pipeline stage: the same decoder as inference, rebuilt from
+//! dense weights (f32, or f64 for gradient checks) with differentiable ops
+//! only, LoRA adapters or fully trainable weights, and a backward pass that
+//! recomputes the stage from its stashed input.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::batch::{BatchLayout, IGNORE};
+use super::rng;
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::layers::{RmsNorm, softmax};
+use crate::stage::StageSpec;
+use crate::weights::{LayerTensor as L, TensorId, WeightFile};
+
+/// A projection LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    #[serde(alias = "q_proj")]
+    Q,
+    #[serde(alias = "k_proj")]
+    K,
+    #[serde(alias = "v_proj")]
+    V,
+    #[serde(alias = "o_proj")]
+    O,
+    #[serde(alias = "gate_proj")]
+    Gate,
+    #[serde(alias = "up_proj")]
+    Up,
+    #[serde(alias = "down_proj")]
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+    fn tensor(self) -> L {
+        match self {
+            Self::Q => L::Q,
+            Self::K => L::K,
+            Self::V => L::V,
+            Self::O => L::O,
+            Self::Gate => L::Gate,
+            Self::Up => L::Up,
+            Self::Down => L::Down,
+        }
+    }
+    /// The module name PEFT uses in `target_modules`.
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+}
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    pub targets: Vec<Target>,
+    /// Standard deviation of B's initial values. PEFT starts B at zero (so
+    /// the adapter starts as the identity); tests use a non-zero start so
+    /// every adapter matrix gets a gradient in the first step.
+    #[serde(default)]
+    pub init_b_std: f64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec![Target::Q, Target::V],
+            init_b_std: 0.0,
+        }
+    }
+}
+
+/// What a job trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Method {
+    /// Low-rank adapters on a frozen base.
+    Lora(LoraConfig),
+    /// Every weight of the model.
+    Full,
+}
+
+/// How to build a trainable stage.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub method: Method,
+    /// F32 for training, F64 for gradient checks.
+    pub dtype: DType,
+    /// Seeds adapter initialisation and dropout.
+    pub seed: u64,
+}
+
+/// Which draws dropout makes: one micro-batch of one optimizer step.
+#[derive(Debug, Clone, Copy)]
+pub struct DropCtx {
+    pub seed: u64,
+    pub step: u64,
+    pub micro: u32,
+    /// Dropout is off when false (evaluation).
+    pub train: bool,
+}
+
+impl DropCtx {
+    /// No dropout.
+    pub fn eval() -> Self {
+        Self {
+            seed: 0,
+            step: 0,
+            micro: 0,
+            train: false,
+        }
+    }
+}
+
+/// What a stage consumes in training.
+#[derive(Debug, Clone)]
+pub enum TrainInput {
+    /// `rows * len` token ids (first stage).
+    Tokens(Vec<u32>),
+    /// Hidden states `[rows * len, hidden]` from the previous stage.
+    Hidden(Tensor),
+}
+
+/// Where the gradient of a stage's output comes from in backward.
+#[derive(Debug, Clone, Copy)]
+pub enum Upstream<'a> {
+    /// The next stage's gradient with respect to this stage's output.
+    Grad(&'a Tensor),
+    /// The loss, on the last stage: the summed cross-entropy of the target
+    /// tokens times `scale` (one over the step's target tokens).
+    Loss { labels: &'a [u32], scale: f64 },
+}
+
+/// What one backward pass yields.
+#[derive(Debug)]
+pub struct Backward {
+    /// Gradient with respect to the stage input (absent on the first stage).
+    pub input_grad: Option<Tensor>,
+    /// One entry per [`TrainStage::trainables`], in order.
+    pub grads: Vec<Option<Tensor>>,
+    /// Summed cross-entropy of this micro-batch (last stage).
+    pub loss_sum: Option<f64>,
+    /// Target tokens in this micro-batch (last stage).
+    pub targets: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Lora {
+    name: String,
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
+#[derive(Debug, Clone)]
+struct TLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<Lora>,
+}
+
+impl TLinear {
+    fn forward(&self, x: &Tensor, ctx: &DropCtx) -> Result<Tensor> {
+        let mut y = x.matmul(&self.w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = dropout(x, l.dropout, ctx, &l.name)?;
+            let z = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + (z * l.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// `W + scale · B A` (the adapter folded in).
+    fn merged(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.w.detach()),
+            Some(l) => Ok((self.w.detach() + (l.b.matmul(&l.a)? * l.scale)?)?),
+        }
+    }
+}
+
+fn dropout(x: &Tensor, p: f64, ctx: &DropCtx, name: &str) -> Result<Tensor> {
+    if !ctx.train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let key = rng::key(
+        ctx.seed ^ rng::mix(ctx.step) ^ rng::mix(rng::mix(u64::from(ctx.micro))),
+        name,
+    );
+    let mut s = rng::Stream::new(key);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if s.uniform() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+#[derive(Debug, Clone)]
+struct TBlock {
+    attn_norm: RmsNorm,
+    q: TLinear,
+    k: TLinear,
+    v: TLinear,
+    o: TLinear,
+    ffn_norm: RmsNorm,
+    gate: TLinear,
+    up: TLinear,
+    down: TLinear,
+}
+
+/// Per-batch tensors every block needs.
+struct Ctx<'a> {
+    rows: usize,
+    len: usize,
+    mask: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    drop: &'a DropCtx,
+}
+
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+impl TBlock {
+    fn forward(&self, cfg: &Config, x: &Tensor, c: &Ctx<'_>) -> Result<Tensor> {
+        let (rows, len, hd) = (c.rows, c.len, cfg.head_dim);
+        let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let h = self.attn_norm.forward(x)?;
+        // [n, h*d] -> [rows, heads, len, d]
+        let split = |t: Tensor, nh: usize| -> Result<Tensor> {
+            Ok(t.reshape((rows, len, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rotate(&split(self.q.forward(&h, c.drop)?, heads)?, &c.cos, &c.sin)?;
+        let k = rotate(&split(self.k.forward(&h, c.drop)?, kvh)?, &c.cos, &c.sin)?;
+        let v = split(self.v.forward(&h, c.drop)?, kvh)?;
+        let groups = heads / kvh;
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            if groups == 1 {
+                return Ok(t);
+            }
+            Ok(t.unsqueeze(2)?
+                .broadcast_as((rows, kvh, groups, len, hd))?
+                .reshape((rows, heads, len, hd))?)
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&c.mask)?;
+        let o = softmax(&scores)?.matmul(&v)?; // [rows, heads, len, d]
+        let o = o
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows * len, heads * hd))?;
+        let x = (x + self.o.forward(&o, c.drop)?)?;
+        let h = self.ffn_norm.forward(&x)?;
+        let g = self.gate.forward(&h, c.drop)?.silu()?;
+        let u = self.up.forward(&h, c.drop)?;
+        Ok((&x + self.down.forward(&(g * u)?, c.drop)?)?)
+    }
+
+    fn linears(&self) -> [(L, &TLinear); 7] {
+        [
+            (L::Q, &self.q),
+            (L::K, &self.k),
+            (L::V, &self.v),
+            (L::O, &self.o),
+            (L::Gate, &self.gate),
+            (L::Up, &self.up),
+            (L::Down, &self.down),
+        ]
+    }
+}
+
+/// A stage that can be trained.
+#[derive(Debug, Clone)]
+pub struct TrainStage {
+    cfg: Config,
+    spec: StageSpec,
+    dtype: DType,
+    embed: Option<Tensor>,
+    blocks: Vec<TBlock>,
+    norm: Option<RmsNorm>,
+    head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    trainables: Vec<(String, Var)>,
+}
+
+/// The PEFT name of a LoRA matrix of `id` (`which` is `A` or `B`).
+pub fn lora_name(id: TensorId, which: char) -> String {
+    let base = id.hf_name();
+    let base = base.strip_suffix(".weight").unwrap_or(&base);
+    format!("base_model.model.{base}.lora_{which}.weight")
+}
+
+impl TrainStage {
+    /// Loads the tensors of `spec` as dense weights and attaches what `opts` trains.
+    pub fn load(weights: &WeightFile, spec: StageSpec, opts: &TrainOptions) -> Result<Self> {
+        let cfg = weights.config().clone();
+        if spec.start > spec.end || spec.end > cfg.num_hidden_layers {
+            return Err(ModelError::BadLayerRange {
+                start: spec.start,
+                end: spec.end,
+                layers: cfg.num_hidden_layers,
+            });
+        }
+        if !matches!(opts.dtype, DType::F32 | DType::F64) {
+            return Err(ModelError::InvalidConfig(format!(
+                "training runs in f32 or f64, not {:?}",
+                opts.dtype
+            )));
+        }
+        let dev = Device::Cpu;
+        let full = matches!(opts.method, Method::Full);
+        let mut trainables: Vec<(String, Var)> = Vec::new();
+        let load = |id: TensorId, trainables: &mut Vec<(String, Var)>| -> Result<Tensor> {
+            let t = weights.load_f32(id, &dev)?.to_dtype(opts.dtype)?;
+            if full {
+                let v = Var::from_tensor(&t)?;
+                let t = v.as_tensor().clone();
+                trainables.push((id.hf_name(), v));
+                Ok(t)
+            } else {
+                Ok(t)
+            }
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let qdim = cfg.num_attention_heads * hd;
+        let kvdim = cfg.num_key_value_heads * hd;
+        let inter = cfg.intermediate_size;
+        let embed = if spec.embed {
+            let t = load(TensorId::Embed, &mut trainables)?;
+            check(TensorId::Embed, t.dims(), &[cfg.vocab_size, h])?;
+            Some(t)
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(spec.layers());
+        for i in spec.start..spec.end {
+            let id = |t| TensorId::Layer(i, t);
+            let norm = |t: L, tr: &mut Vec<(String, Var)>| -> Result<RmsNorm> {
+                let w = load(id(t), tr)?;
+                check(id(t), w.dims(), &[h])?;
+                Ok(RmsNorm {
+                    weight: w,
+                    eps: cfg.rms_norm_eps,
+                    fused: false,
+                })
+            };
+            let attn_norm = norm(L::AttnNorm, &mut trainables)?;
+            let ffn_norm = norm(L::FfnNorm, &mut trainables)?;
+            let lin = |t: L,
+                       bias: Option<L>,
+                       rows: usize,
+                       cols: usize,
+                       tr: &mut Vec<(String, Var)>|
+             -> Result<TLinear> {
+                let w = load(id(t), tr)?;
+                check(id(t), w.dims(), &[rows, cols])?;
+                let bias = match bias {
+                    Some(b) if cfg.attention_bias => Some(load(id(b), tr)?),
+                    _ => None,
+                };
+                let lora = match &opts.method {
+                    Method::Lora(c) if c.targets.iter().any(|x| x.tensor() == t) => {
+                        Some(new_lora(id(t), c, rows, cols, opts, tr)?)
+                    }
+                    _ => None,
+                };
+                Ok(TLinear { w, bias, lora })
+            };
+            let q = lin(L::Q, Some(L::QBias), qdim, h, &mut trainables)?;
+            let k = lin(L::K, Some(L::KBias), kvdim, h, &mut trainables)?;
+            let v = lin(L::V, Some(L::VBias), kvdim, h, &mut trainables)?;
+            let o = lin(L::O, None, h, qdim, &mut trainables)?;
+            let gate = lin(L::Gate, None, inter, h, &mut trainables)?;
+            let up = lin(L::Up, None, inter, h, &mut trainables)?;
+            let down = lin(L::Down, None, h, inter, &mut trainables)?;
+            blocks.push(TBlock {
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                ffn_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let (norm, head) = if spec.head {
+            let w = load(TensorId::FinalNorm, &mut trainables)?;
+            check(TensorId::FinalNorm, w.dims(), &[h])?;
+            let norm = RmsNorm {
+                weight: w,
+                eps: cfg.rms_norm_eps,
+                fused: false,
+            };
+            let head = if weights.contains(TensorId::Head) {
+                load(TensorId::Head, &mut trainables)?
+            } else if let Some(e) = &embed {
+                // Tied, and this stage also holds the embedding: one parameter.
+                e.clone()
+            } else {
+                // Tied across stages: this copy's gradient is summed with the
+                // first stage's by the engine (same name on both stages).
+                load(TensorId::Embed, &mut trainables)?
+            };
+            check(TensorId::Head, head.dims(), &[cfg.vocab_size, h])?;
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
+        let (cos, sin) = rope_tables(&cfg, opts.dtype, &dev)?;
+        Ok(Self {
+            cfg,
+            spec,
+            dtype: opts.dtype,
+            embed,
+            blocks,
+            norm,
+            head,
+            cos,
+            sin,
+            trainables,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn spec(&self) -> StageSpec {
+        self.spec
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The trainable parameters, by name (HF names for full fine-tuning,
+    /// PEFT names for adapters), in a fixed order.
+    pub fn trainables(&self) -> &[(String, Var)] {
+        &self.trainables
+    }
+
+    /// Replaces a trainable parameter's value (checkpoint restore).
+    pub fn set(&self, name: &str, value: &Tensor) -> Result<()> {
+        let (_, var) = self
+            .trainables
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        if var.dims() != value.dims() {
+            return Err(ModelError::ShapeMismatch {
+                name: name.into(),
+                expected: var.dims().to_vec(),
+                actual: value.dims().to_vec(),
+            });
+        }
+        var.set(&value.to_dtype(self.dtype)?)?;
+        Ok(())
+    }
+
+    /// Runs the stage (building the autograd graph). Returns hidden states
+    /// `[rows * len, hidden]`, or logits `[rows * len, vocab]` on the last stage.
+    pub fn forward(&self, input: &TrainInput, b: &BatchLayout, drop: &DropCtx) -> Result<Tensor> {
+        let n = b.tokens();
+        let dev = Device::Cpu;
+        let mut x = match (input, &self.embed) {
+            (TrainInput::Tokens(ids), Some(e)) => {
+                if ids.len() != n {
+                    return Err(ModelError::BadStageInput(format!(
+                        "{} tokens for a {}×{} batch",
+                        ids.len(),
+                        b.rows,
+                        b.len
+                    )));
+                }
+                if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                    return Err(ModelError::TokenOutOfRange {
+                        id,
+                        vocab: self.cfg.vocab_size,
+                    });
+                }
+                e.index_select(&Tensor::from_vec(ids.clone(), n, &dev)?, 0)?
+            }
+            (TrainInput::Hidden(h), None) => {
+                if h.dims() != [n, self.cfg.hidden_size] {
+                    return Err(ModelError::BadStageInput(format!(
+                        "hidden states {:?}, expected [{n}, {}]",
+                        h.dims(),
+                        self.cfg.hidden_size
+                    )));
+                }
+                h.to_dtype(self.dtype)?
+            }
+            (TrainInput::Tokens(_), None) => {
+                return Err(ModelError::BadStageInput(
+                    "tokens sent to a stage without the embedding".into(),
+                ));
+            }
+            (TrainInput::Hidden(_), Some(_)) => {
+                return Err(ModelError::BadStageInput(
+                    "hidden states sent to the first stage".into(),
+                ));
+            }
+        };
+        if b.len > self.cos.dim(0)? {
+            return Err(ModelError::PromptTooLong {
+                tokens: b.len,
+                context: self.cos.dim(0)?,
+            });
+        }
+        let pos = Tensor::from_vec(b.positions(), n, &dev)?;
+        let at = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.index_select(&pos, 0)?
+                .reshape((b.rows, 1, b.len, self.cfg.head_dim))?)
+        };
+        let ctx = Ctx {
+            rows: b.rows,
+            len: b.len,
+            mask: b.mask(self.dtype, &dev)?,
+            cos: at(&self.cos)?,
+            sin: at(&self.sin)?,
+            drop,
+        };
+        for block in &self.blocks {
+            x = block.forward(&self.cfg, &x, &ctx)?;
+        }
+        match (&self.norm, &self.head) {
+            (Some(norm), Some(head)) => Ok(norm.forward(&x)?.matmul(&head.t()?)?),
+            _ => Ok(x),
+        }
+    }
+
+    /// Recomputes the stage from its input and back-propagates `upstream`:
+    /// the gradients of this micro-batch for the trainable parameters and
+    /// for the input (what goes to the previous stage).
+    pub fn backward(
+        &self,
+        input: &TrainInput,
+        b: &BatchLayout,
+        drop: &DropCtx,
+        upstream: Upstream<'_>,
+    ) -> Result<Backward> {
+        let (input, input_var) = match input {
+            TrainInput::Hidden(h) => {
+                let v = Var::from_tensor(&h.detach().to_dtype(self.dtype)?)?;
+                (TrainInput::Hidden(v.as_tensor().clone()), Some(v))
+            }
+            TrainInput::Tokens(t) => (TrainInput::Tokens(t.clone()), None),
+        };
+        let out = self.forward(&input, b, drop)?;
+        let (objective, loss_sum, targets) = match upstream {
+            Upstream::Grad(g) => {
+                if g.dims() != out.dims() {
+                    return Err(ModelError::BadStageInput(format!(
+                        "gradient {:?} for an output {:?}",
+                        g.dims(),
+                        out.dims()
+                    )));
+                }
+                let g = g.detach().to_dtype(self.dtype)?;
+                ((out * g)?.sum_all()?, None, 0)
+            }
+            Upstream::Loss { labels, scale } => {
+                if self.head.is_none() {
+                    return Err(ModelError::BadStageInput(
+                        "labels sent to a stage without the head".into(),
+                    ));
+                }
+                let (sum, targets) = loss_sum(&out, labels)?;
+                let value = sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                ((sum * scale)?, Some(value), targets)
+            }
+        };
+        let mut store = objective.backward()?;
+        let grads = self
+            .trainables
+            .iter()
+            .map(|(_, v)| store.remove(v.as_tensor()))
+            .collect();
+        let input_grad = match input_var {
+            Some(v) => Some(match store.remove(v.as_tensor()) {
+                Some(g) => g,
+                None => v.as_tensor().zeros_like()?,
+            }),
+            None => None,
+        };
+        Ok(Backward {
+            input_grad,
+            grads,
+            loss_sum,
+            targets,
+        })
+    }
+
+    /// The stage with every adapter folded into its base weight (`W + s·BA`)
+    /// and nothing trainable: what a merged fine-tune serves.
+    pub fn merged(&self) -> Result<Self> {
+        let fold = |l: &TLinear| -> Result<TLinear> {
+            Ok(TLinear {
+                w: l.merged()?,
+                bias: l.bias.as_ref().map(|b| b.detach()),
+                lora: None,
+            })
+        };
+        let norm = |n: &RmsNorm| RmsNorm {
+            weight: n.weight.detach(),
+            eps: n.eps,
+            fused: false,
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(TBlock {
+                    attn_norm: norm(&b.attn_norm),
+                    q: fold(&b.q)?,
+                    k: fold(&b.k)?,
+                    v: fold(&b.v)?,
+                    o: fold(&b.o)?,
+                    ffn_norm: norm(&b.ffn_norm),
+                    gate: fold(&b.gate)?,
+                    up: fold(&b.up)?,
+                    down: fold(&b.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            spec: self.spec,
+            dtype: self.dtype,
+            embed: self.embed.as_ref().map(|t| t.detach()),
+            blocks,
+            norm: self.norm.as_ref().map(norm),
+            head: self.head.as_ref().map(|t| t.detach()),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            trainables: Vec::new(),
+        })
+    }
+
+    /// This stage's weights with adapters folded in, under their HF names
+    /// (what a merged fine-tune writes as safetensors).
+    pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.embed {
+            out.push((TensorId::Embed.hf_name(), e.detach()));
+        }
+        for (i, b) in (self.spec.start..self.spec.end).zip(&self.blocks) {
+            let id = |t| TensorId::Layer(i, t).hf_name();
+            out.push((id(L::AttnNorm), b.attn_norm.weight.detach()));
+            out.push((id(L::FfnNorm), b.ffn_norm.weight.detach()));
+            for (t, l) in b.linears() {
+                out.push((id(t), l.merged()?));
+            }
+            for (t, l) in [(L::QBias, &b.q), (L::KBias, &b.k), (L::VBias, &b.v)] {
+                if let Some(bias) = &l.bias {
+                    out.push((id(t), bias.detach()));
+                }
+            }
+        }
+        if let Some(n) = &self.norm {
+            out.push((TensorId::FinalNorm.hf_name(), n.weight.detach()));
+            if !self.cfg.tie_word_embeddings
+                && let Some(h) = &self.head
+            {
+                out.push((TensorId::Head.hf_name(), h.detach()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn new_lora(
+    id: TensorId,
+    c: &LoraConfig,
+    rows: usize,
+    cols: usize,
+    opts: &TrainOptions,
+    trainables: &mut Vec<(String, Var)>,
+) -> Result<Lora> {
+    if c.rank == 0 {
+        return Err(ModelError::InvalidConfig(
+            "LoRA rank must be at least 1".into(),
+        ));
+    }
+    if !(0.0..1.0).contains(&c.dropout) {
+        return Err(ModelError::InvalidConfig(format!(
+            "LoRA dropout {} is not in [0, 1)",
+            c.dropout
+        )));
+    }
+    let (a_name, b_name) = (lora_name(id, 'A'), lora_name(id, 'B'));
+    // PEFT's default: A ~ kaiming-uniform(a = √5) = U(±1/√in), B = 0.
+    let bound = 1.0 / (cols as f64).sqrt();
+    let mut s = rng::Stream::new(rng::key(opts.seed, &a_name));
+    let a: Vec<f64> = (0..c.rank * cols)
+        .map(|_| (s.uniform() * 2.0 - 1.0) * bound)
+        .collect();
+    let mut s = rng::Stream::new(rng::key(opts.seed, &b_name));
+    let b: Vec<f64> = (0..rows * c.rank)
+        .map(|_| {
+            if c.init_b_std > 0.0 {
+                s.normal() * c.init_b_std
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let dev = Device::Cpu;
+    let a = Var::from_tensor(&Tensor::from_vec(a, (c.rank, cols), &dev)?.to_dtype(opts.dtype)?)?;
+    let b = Var::from_tensor(&Tensor::from_vec(b, (rows, c.rank), &dev)?.to_dtype(opts.dtype)?)?;
+    let lora = Lora {
+        name: id.hf_name(),
+        a: a.as_tensor().clone(),
+        b: b.as_tensor().clone(),
+        scale: c.alpha / c.rank as f64,
+        dropout: c.dropout,
+    };
+    trainables.push((a_name, a));
+    trainables.push((b_name, b));
+    Ok(lora)
+}
+
+fn check(id: TensorId, actual: &[usize], expected: &[usize]) -> Result<()> {
+    if actual != expected {
+        return Err(ModelError::ShapeMismatch {
+            name: id.hf_name(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// RoPE tables `[max_pos, head_dim]` in `dtype` ("rotate half" layout).
+fn rope_tables(cfg: &Config, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim;
+    let max = cfg.max_position_embeddings;
+    let inv: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(max * hd);
+    let mut sin = Vec::with_capacity(max * hd);
+    for p in 0..max {
+        for _ in 0..2 {
+            for f in &inv {
+                cos.push((p as f64 * f).cos());
+                sin.push((p as f64 * f).sin());
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (max, hd), dev)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (max, hd), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Summed cross-entropy of the target tokens (`labels[i] != IGNORE`) and
+/// their count. `logits`: `[n, vocab]`; `labels`: `n` ids.
+pub fn loss_sum(logits: &Tensor, labels: &[u32]) -> Result<(Tensor, usize)> {
+    let (n, vocab) = logits.dims2()?;
+    if labels.len() != n {
+        return Err(ModelError::BadStageInput(format!(
+            "{} labels for {n} tokens",
+            labels.len()
+        )));
+    }
+    let rows: Vec<u32> = (0..n as u32)
+        .filter(|&i| labels[i as usize] != IGNORE)
+        .collect();
+    if rows.is_empty() {
+        // Nothing to learn from here; a zero that still back-propagates.
+        return Ok(((logits.sum_all()? * 0.0)?, 0));
+    }
+    let targets: Vec<u32> = rows.iter().map(|&i| labels[i as usize]).collect();
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::TokenOutOfRange { id: t, vocab });
+    }
+    let k = rows.len();
+    let dev = logits.device();
+    let picked = logits.index_select(&Tensor::from_vec(rows, k, dev)?, 0)?;
+    let max = picked.max_keepdim(D::Minus1)?.detach();
+    let shifted = picked.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let t = Tensor::from_vec(targets, (k, 1), dev)?;
+    Ok((logp.gather(&t, 1)?.sum_all()?.neg()?, k))
+}
