@@ -12,12 +12,14 @@ mod message;
 mod node_id;
 mod pipeline;
 mod tensor;
+mod train;
 
 pub use codec::{FrameDecoder, decode_frame, encode_frame};
 pub use message::{Hello, Message, PeerAddr, Refusal};
 pub use node_id::NodeId;
 pub use pipeline::{Finish, Forward, GenerateRequest, SampledToken, SeqChunk, SeqParams};
 pub use tensor::{TensorFrame, WireDType};
+pub use train::{MicroKey, MicroLayout, TrainMsg};
 
 /// Protocol version carried in [`Hello`]; peers with another version are refused.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -54,6 +56,11 @@ pub mod limits {
     pub const MAX_CONTROL_DOC: usize = 1024 * 1024;
     /// Largest chunk of a file in one frame (weight transfer).
     pub const MAX_FILE_CHUNK: usize = 4 * 1024 * 1024;
+    /// Most token slots (rows × length) in one training micro-batch.
+    pub const MAX_TRAIN_TOKENS: usize = 1 << 20;
+    /// Largest trainable state (parameters and optimizer moments) of one
+    /// stage sent in chunks for a checkpoint.
+    pub const MAX_TRAIN_STATE: usize = 16 << 30;
 }
 
 /// What a stream is for, sent as [`Message::Open`] when it is opened; the
@@ -78,6 +85,9 @@ pub mod stream_kind {
     /// Weight transfer: a `Control` fetch in; a `Control` manifest and
     /// `FileChunk`s out.
     pub const WEIGHTS: u16 = 8;
+    /// Pipeline-parallel training: `Train` messages, one ordered stream
+    /// per direction per pair of nodes.
+    pub const TRAIN: u16 = 9;
 }
 
 /// Codes in [`Refusal`]: why a peer was turned away.

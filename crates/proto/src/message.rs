@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::pipeline::{self, Forward, GenerateRequest, SampledToken};
 use crate::tensor::TensorFrame;
+use crate::train::TrainMsg;
 use crate::{ProtoError, limits};
 
 pub(crate) const TAG_HELLO: u8 = 0x01;
@@ -25,6 +26,7 @@ pub(crate) const TAG_END_SEQS: u8 = 0x13;
 pub(crate) const TAG_GENERATE: u8 = 0x14;
 pub(crate) const TAG_CONTROL: u8 = 0x15;
 pub(crate) const TAG_FILE_CHUNK: u8 = 0x16;
+pub(crate) const TAG_TRAIN: u8 = 0x17;
 
 /// First message on a connection, in both directions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +117,8 @@ pub enum Message {
         offset: u64,
         data: Vec<u8>,
     },
+    /// Pipeline-parallel training (see [`TrainMsg`]).
+    Train(TrainMsg),
 }
 
 impl Message {
@@ -140,6 +144,7 @@ impl Message {
             Self::Generate(_) => "generate",
             Self::Control(_) => "control",
             Self::FileChunk { .. } => "file-chunk",
+            Self::Train(_) => "train",
         }
     }
 
@@ -234,6 +239,10 @@ impl Message {
                 put_blob(out, "file-chunk", data, limits::MAX_FILE_CHUNK)?;
                 TAG_FILE_CHUNK
             }
+            Self::Train(t) => {
+                t.encode(out)?;
+                TAG_TRAIN
+            }
         })
     }
 
@@ -305,6 +314,7 @@ impl Message {
                 offset: r.u64("file-chunk")?,
                 data: r.blob("file-chunk", limits::MAX_FILE_CHUNK)?,
             },
+            TAG_TRAIN => Self::Train(TrainMsg::decode(&mut r)?),
             other => return Err(ProtoError::UnknownTag(other)),
         };
         r.finish(msg.name())?;
@@ -312,7 +322,7 @@ impl Message {
     }
 }
 
-fn put_string(out: &mut Vec<u8>, what: &'static str, s: &str) -> Result<(), ProtoError> {
+pub(crate) fn put_string(out: &mut Vec<u8>, what: &'static str, s: &str) -> Result<(), ProtoError> {
     if s.len() > limits::MAX_STRING {
         return Err(ProtoError::StringTooLong {
             what,
@@ -326,7 +336,7 @@ fn put_string(out: &mut Vec<u8>, what: &'static str, s: &str) -> Result<(), Prot
 }
 
 /// A byte string as `[u32 LE length][bytes]`, at most `max` bytes.
-fn put_blob(
+pub(crate) fn put_blob(
     out: &mut Vec<u8>,
     what: &'static str,
     bytes: &[u8],
@@ -422,7 +432,7 @@ impl<'a> Reader<'a> {
         Ok(SocketAddr::new(ip, self.u16(what)?))
     }
 
-    fn blob(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, ProtoError> {
+    pub(crate) fn blob(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, ProtoError> {
         let len = self.u32(what)? as usize;
         if len > max {
             return Err(ProtoError::InvalidField {
@@ -433,7 +443,7 @@ impl<'a> Reader<'a> {
         Ok(self.take(what, len)?.to_vec())
     }
 
-    fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {
+    pub(crate) fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {
         let len = self.u16(what)? as usize;
         if len > limits::MAX_STRING {
             return Err(ProtoError::StringTooLong {

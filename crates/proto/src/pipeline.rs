@@ -100,7 +100,7 @@ pub struct GenerateRequest {
     pub params: SeqParams,
 }
 
-fn bounded(what: &'static str, n: usize, max: usize) -> Result<(), ProtoError> {
+pub(crate) fn bounded(what: &'static str, n: usize, max: usize) -> Result<(), ProtoError> {
     if n > max {
         return Err(ProtoError::InvalidField {
             what,
@@ -110,7 +110,7 @@ fn bounded(what: &'static str, n: usize, max: usize) -> Result<(), ProtoError> {
     Ok(())
 }
 
-fn put_u32s(
+pub(crate) fn put_u32s(
     out: &mut Vec<u8>,
     what: &'static str,
     v: &[u32],
@@ -123,7 +123,11 @@ fn put_u32s(
     Ok(())
 }
 
-fn get_u32s(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<Vec<u32>, ProtoError> {
+pub(crate) fn get_u32s(
+    r: &mut Reader<'_>,
+    what: &'static str,
+    max: usize,
+) -> Result<Vec<u32>, ProtoError> {
     let n = r.u32(what)? as usize;
     bounded(what, n, max)?;
     // Check the bytes are there before allocating.

@@ -2,8 +2,9 @@
 //! typed error (never a panic, never an oversized allocation).
 
 use hearth_proto::{
-    Finish, Forward, FrameDecoder, GenerateRequest, Hello, Message, PeerAddr, ProtoError, Refusal,
-    SampledToken, SeqChunk, SeqParams, TensorFrame, WireDType, decode_frame, encode_frame, limits,
+    Finish, Forward, FrameDecoder, GenerateRequest, Hello, Message, MicroKey, MicroLayout,
+    PeerAddr, ProtoError, Refusal, SampledToken, SeqChunk, SeqParams, TensorFrame, TrainMsg,
+    WireDType, decode_frame, encode_frame, limits,
 };
 use proptest::prelude::*;
 
@@ -169,6 +170,114 @@ fn arb_message() -> impl Strategy<Value = Message> {
         prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Control),
         (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(offset, data)| Message::FileChunk { offset, data }),
+        arb_train().prop_map(Message::Train),
+    ]
+}
+
+fn arb_key() -> impl Strategy<Value = MicroKey> {
+    (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(job, step, micro)| MicroKey {
+        job,
+        step,
+        micro,
+    })
+}
+
+fn arb_layout() -> impl Strategy<Value = MicroLayout> {
+    (1u32..4, 1u32..4).prop_flat_map(|(rows, len)| {
+        prop::collection::vec(0u32..3, (rows * len) as usize).prop_map(move |segments| {
+            MicroLayout {
+                rows,
+                len,
+                segments,
+            }
+        })
+    })
+}
+
+fn arb_train() -> impl Strategy<Value = TrainMsg> {
+    let f = -1e6f64..1e6;
+    prop_oneof![
+        (arb_key(), arb_layout()).prop_map(|(key, layout)| TrainMsg::Tokens {
+            key,
+            tokens: layout.segments.iter().map(|s| s * 7).collect(),
+            layout,
+        }),
+        (
+            arb_key(),
+            any::<u64>(),
+            prop::collection::vec(any::<u32>(), 0..8)
+        )
+            .prop_map(|(key, step_targets, labels)| TrainMsg::Labels {
+                key,
+                step_targets,
+                labels
+            }),
+        (arb_key(), arb_layout(), arb_tensor()).prop_map(|(key, layout, hidden)| {
+            TrainMsg::Activations {
+                key,
+                layout,
+                hidden,
+            }
+        }),
+        (arb_key(), arb_tensor()).prop_map(|(key, grad)| TrainMsg::Gradient { key, grad }),
+        (any::<u64>(), any::<u64>(), "[a-z.]{0,30}", arb_tensor()).prop_map(
+            |(job, step, name, grad)| TrainMsg::Tied {
+                job,
+                step,
+                name,
+                grad
+            }
+        ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u16>(),
+            f.clone(),
+            f.clone(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(job, step, stage, sq_norm, loss_sum, targets)| TrainMsg::Report {
+                    job,
+                    step,
+                    stage,
+                    sq_norm,
+                    loss_sum,
+                    targets
+                }
+            ),
+        (any::<u64>(), any::<u64>(), any::<bool>(), f.clone(), f).prop_map(
+            |(job, step, apply, lr, grad_scale)| TrainMsg::Apply {
+                job,
+                step,
+                apply,
+                lr,
+                grad_scale
+            }
+        ),
+        (any::<u64>(), any::<u64>(), any::<u16>())
+            .prop_map(|(job, step, stage)| TrainMsg::Applied { job, step, stage }),
+        (any::<u64>(), any::<u64>()).prop_map(|(job, step)| TrainMsg::Save { job, step }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u16>(),
+            prop::collection::vec(any::<u8>(), 0..32),
+            0u64..100
+        )
+            .prop_map(|(job, step, stage, data, extra)| TrainMsg::State {
+                job,
+                step,
+                stage,
+                offset: extra,
+                total: extra + data.len() as u64 + extra,
+                data
+            }),
+        (any::<u64>(), any::<u16>(), ".{0,40}").prop_map(|(job, stage, reason)| TrainMsg::Failed {
+            job,
+            stage,
+            reason
+        }),
     ]
 }
 
@@ -536,6 +645,99 @@ fn frame_with(msg: &Message, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut out = (body.len() as u32).to_le_bytes().to_vec();
     out.extend(body);
     out
+}
+
+#[test]
+fn malformed_train_messages_are_typed_errors() {
+    let key = MicroKey {
+        job: 1,
+        step: 2,
+        micro: 3,
+    };
+    let layout = MicroLayout {
+        rows: 1,
+        len: 2,
+        segments: vec![1, 1],
+    };
+    // Tokens that do not fill the layout.
+    let msg = Message::Train(TrainMsg::Tokens {
+        key,
+        layout: layout.clone(),
+        tokens: vec![5],
+    });
+    let bytes = encode_frame(&msg).unwrap();
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(ProtoError::InvalidField { what: "tokens", .. })
+    ));
+    // A layout whose segments do not fill rows × len.
+    let msg = Message::Train(TrainMsg::Activations {
+        key,
+        layout: MicroLayout {
+            rows: 2,
+            len: 2,
+            segments: vec![1, 1],
+        },
+        hidden: TensorFrame::from_f32(0, 0, vec![1], &[1.0], WireDType::F32).unwrap(),
+    });
+    let bytes = encode_frame(&msg).unwrap();
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(ProtoError::InvalidField { what: "layout", .. })
+    ));
+    // A non-finite learning rate.
+    let msg = Message::Train(TrainMsg::Apply {
+        job: 1,
+        step: 1,
+        apply: true,
+        lr: f64::NAN,
+        grad_scale: 1.0,
+    });
+    let bytes = encode_frame(&msg).unwrap();
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(ProtoError::InvalidField { what: "lr", .. })
+    ));
+    // A state chunk that runs past its total.
+    let msg = Message::Train(TrainMsg::State {
+        job: 1,
+        step: 1,
+        stage: 0,
+        offset: 10,
+        total: 12,
+        data: vec![0; 4],
+    });
+    let bytes = encode_frame(&msg).unwrap();
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(ProtoError::InvalidField { what: "state", .. })
+    ));
+    // A segment count over the limit, claimed without the bytes behind it.
+    let ok = Message::Train(TrainMsg::Tokens {
+        key,
+        layout,
+        tokens: vec![5, 6],
+    });
+    let frame = frame_with(&ok, |b| {
+        // tag, sub-tag, key (20), rows, len, then the segment count.
+        b[1 + 1 + 20 + 8..1 + 1 + 20 + 12].copy_from_slice(&(u32::MAX).to_le_bytes());
+    });
+    assert!(matches!(
+        decode_frame(&frame),
+        Err(ProtoError::InvalidField {
+            what: "segments",
+            ..
+        })
+    ));
+    // An unknown sub-tag.
+    let frame = frame_with(&ok, |b| b[1] = 200);
+    assert!(matches!(
+        decode_frame(&frame),
+        Err(ProtoError::InvalidField {
+            what: "train tag",
+            ..
+        })
+    ));
 }
 
 #[test]
