@@ -70,18 +70,20 @@ pub enum TrainMsg {
         targets: u64,
     },
     /// The coordinator's verdict: apply the step (or, with `apply` false,
-    /// drop the accumulated gradients).
+    /// drop the accumulated gradients); with `save`, then send the
+    /// trainable state as `State` chunks (a checkpoint).
     Apply {
         job: u64,
         step: u64,
         apply: bool,
+        save: bool,
         lr: f64,
         grad_scale: f64,
     },
     /// A stage applied (or dropped) a step.
     Applied { job: u64, step: u64, stage: u16 },
-    /// Ask a stage for its trainable state (checkpoint).
-    Save { job: u64, step: u64 },
+    /// The job is over (or cancelled): the stage frees its state.
+    End { job: u64 },
     /// A chunk of safetensors bytes (a stage's state, either way).
     State {
         job: u64,
@@ -107,7 +109,7 @@ const T_TIED: u8 = 5;
 const T_REPORT: u8 = 6;
 const T_APPLY: u8 = 7;
 const T_APPLIED: u8 = 8;
-const T_SAVE: u8 = 9;
+const T_END: u8 = 9;
 const T_STATE: u8 = 10;
 const T_FAILED: u8 = 11;
 
@@ -233,13 +235,14 @@ impl TrainMsg {
                 job,
                 step,
                 apply,
+                save,
                 lr,
                 grad_scale,
             } => {
                 out.push(T_APPLY);
                 out.extend_from_slice(&job.to_le_bytes());
                 out.extend_from_slice(&step.to_le_bytes());
-                out.push(u8::from(*apply));
+                out.push(u8::from(*apply) | (u8::from(*save) << 1));
                 put_f64(out, *lr);
                 put_f64(out, *grad_scale);
             }
@@ -249,10 +252,9 @@ impl TrainMsg {
                 out.extend_from_slice(&step.to_le_bytes());
                 out.extend_from_slice(&stage.to_le_bytes());
             }
-            Self::Save { job, step } => {
-                out.push(T_SAVE);
+            Self::End { job } => {
+                out.push(T_END);
                 out.extend_from_slice(&job.to_le_bytes());
-                out.extend_from_slice(&step.to_le_bytes());
             }
             Self::State {
                 job,
@@ -330,31 +332,30 @@ impl TrainMsg {
                 loss_sum: get_f64(r, "loss_sum")?,
                 targets: r.u64("report")?,
             },
-            T_APPLY => Self::Apply {
-                job: r.u64("apply")?,
-                step: r.u64("apply")?,
-                apply: match r.u8("apply")? {
-                    0 => false,
-                    1 => true,
-                    other => {
-                        return Err(ProtoError::InvalidField {
-                            what: "apply",
-                            detail: format!("flag {other}"),
-                        });
-                    }
-                },
-                lr: get_f64(r, "lr")?,
-                grad_scale: get_f64(r, "grad_scale")?,
-            },
+            T_APPLY => {
+                let (job, step) = (r.u64("apply")?, r.u64("apply")?);
+                let flags = r.u8("apply")?;
+                if flags > 3 {
+                    return Err(ProtoError::InvalidField {
+                        what: "apply",
+                        detail: format!("flags {flags:#x}"),
+                    });
+                }
+                Self::Apply {
+                    job,
+                    step,
+                    apply: flags & 1 != 0,
+                    save: flags & 2 != 0,
+                    lr: get_f64(r, "lr")?,
+                    grad_scale: get_f64(r, "grad_scale")?,
+                }
+            }
             T_APPLIED => Self::Applied {
                 job: r.u64("applied")?,
                 step: r.u64("applied")?,
                 stage: r.u16("applied")?,
             },
-            T_SAVE => Self::Save {
-                job: r.u64("save")?,
-                step: r.u64("save")?,
-            },
+            T_END => Self::End { job: r.u64("end")? },
             T_STATE => {
                 let (job, step, stage) = (r.u64("state")?, r.u64("state")?, r.u16("state")?);
                 let (offset, total) = (r.u64("state")?, r.u64("state")?);

@@ -246,18 +246,25 @@ fn arb_train() -> impl Strategy<Value = TrainMsg> {
                     targets
                 }
             ),
-        (any::<u64>(), any::<u64>(), any::<bool>(), f.clone(), f).prop_map(
-            |(job, step, apply, lr, grad_scale)| TrainMsg::Apply {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+            f.clone(),
+            f
+        )
+            .prop_map(|(job, step, apply, save, lr, grad_scale)| TrainMsg::Apply {
                 job,
                 step,
                 apply,
+                save,
                 lr,
                 grad_scale
-            }
-        ),
+            }),
         (any::<u64>(), any::<u64>(), any::<u16>())
             .prop_map(|(job, step, stage)| TrainMsg::Applied { job, step, stage }),
-        (any::<u64>(), any::<u64>()).prop_map(|(job, step)| TrainMsg::Save { job, step }),
+        any::<u64>().prop_map(|job| TrainMsg::End { job }),
         (
             any::<u64>(),
             any::<u64>(),
@@ -690,6 +697,7 @@ fn malformed_train_messages_are_typed_errors() {
         job: 1,
         step: 1,
         apply: true,
+        save: false,
         lr: f64::NAN,
         grad_scale: 1.0,
     });
