@@ -11,6 +11,7 @@ mod membership;
 mod node;
 pub mod pipeline;
 pub mod profile;
+pub mod train;
 mod view;
 
 pub use catalog::{ModelEntry, ModelSource};

@@ -10,10 +10,17 @@ const PREFIX: usize = 4;
 fn limit_for(tag: u8) -> usize {
     use crate::message::{
         TAG_CONTROL, TAG_FILE_CHUNK, TAG_FORWARD, TAG_GENERATE, TAG_PROBE_DATA, TAG_TENSOR,
+        TAG_TRAIN,
     };
     if matches!(
         tag,
-        TAG_TENSOR | TAG_PROBE_DATA | TAG_FORWARD | TAG_GENERATE | TAG_CONTROL | TAG_FILE_CHUNK
+        TAG_TENSOR
+            | TAG_PROBE_DATA
+            | TAG_FORWARD
+            | TAG_GENERATE
+            | TAG_CONTROL
+            | TAG_FILE_CHUNK
+            | TAG_TRAIN
     ) {
         limits::MAX_FRAME
     } else {

@@ -118,7 +118,7 @@ pub enum Message {
         data: Vec<u8>,
     },
     /// Pipeline-parallel training (see [`TrainMsg`]).
-    Train(TrainMsg),
+    Train(Box<TrainMsg>),
 }
 
 impl Message {
@@ -314,7 +314,7 @@ impl Message {
                 offset: r.u64("file-chunk")?,
                 data: r.blob("file-chunk", limits::MAX_FILE_CHUNK)?,
             },
-            TAG_TRAIN => Self::Train(TrainMsg::decode(&mut r)?),
+            TAG_TRAIN => Self::Train(Box::new(TrainMsg::decode(&mut r)?)),
             other => return Err(ProtoError::UnknownTag(other)),
         };
         r.finish(msg.name())?;

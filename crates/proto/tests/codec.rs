@@ -170,7 +170,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Control),
         (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(offset, data)| Message::FileChunk { offset, data }),
-        arb_train().prop_map(Message::Train),
+        arb_train().prop_map(|t| Message::Train(Box::new(t))),
     ]
 }
 
@@ -667,18 +667,18 @@ fn malformed_train_messages_are_typed_errors() {
         segments: vec![1, 1],
     };
     // Tokens that do not fill the layout.
-    let msg = Message::Train(TrainMsg::Tokens {
+    let msg = Message::Train(Box::new(TrainMsg::Tokens {
         key,
         layout: layout.clone(),
         tokens: vec![5],
-    });
+    }));
     let bytes = encode_frame(&msg).unwrap();
     assert!(matches!(
         decode_frame(&bytes),
         Err(ProtoError::InvalidField { what: "tokens", .. })
     ));
     // A layout whose segments do not fill rows × len.
-    let msg = Message::Train(TrainMsg::Activations {
+    let msg = Message::Train(Box::new(TrainMsg::Activations {
         key,
         layout: MicroLayout {
             rows: 2,
@@ -686,46 +686,46 @@ fn malformed_train_messages_are_typed_errors() {
             segments: vec![1, 1],
         },
         hidden: TensorFrame::from_f32(0, 0, vec![1], &[1.0], WireDType::F32).unwrap(),
-    });
+    }));
     let bytes = encode_frame(&msg).unwrap();
     assert!(matches!(
         decode_frame(&bytes),
         Err(ProtoError::InvalidField { what: "layout", .. })
     ));
     // A non-finite learning rate.
-    let msg = Message::Train(TrainMsg::Apply {
+    let msg = Message::Train(Box::new(TrainMsg::Apply {
         job: 1,
         step: 1,
         apply: true,
         save: false,
         lr: f64::NAN,
         grad_scale: 1.0,
-    });
+    }));
     let bytes = encode_frame(&msg).unwrap();
     assert!(matches!(
         decode_frame(&bytes),
         Err(ProtoError::InvalidField { what: "lr", .. })
     ));
     // A state chunk that runs past its total.
-    let msg = Message::Train(TrainMsg::State {
+    let msg = Message::Train(Box::new(TrainMsg::State {
         job: 1,
         step: 1,
         stage: 0,
         offset: 10,
         total: 12,
         data: vec![0; 4],
-    });
+    }));
     let bytes = encode_frame(&msg).unwrap();
     assert!(matches!(
         decode_frame(&bytes),
         Err(ProtoError::InvalidField { what: "state", .. })
     ));
     // A segment count over the limit, claimed without the bytes behind it.
-    let ok = Message::Train(TrainMsg::Tokens {
+    let ok = Message::Train(Box::new(TrainMsg::Tokens {
         key,
         layout,
         tokens: vec![5, 6],
-    });
+    }));
     let frame = frame_with(&ok, |b| {
         // tag, sub-tag, key (20), rows, len, then the segment count.
         b[1 + 1 + 20 + 8..1 + 1 + 20 + 12].copy_from_slice(&(u32::MAX).to_le_bytes());
@@ -865,4 +865,18 @@ fn malformed_pipeline_messages_are_typed_errors() {
         }))
         .is_err()
     );
+}
+
+#[test]
+fn large_state_chunk_round_trips() {
+    let msg = Message::Train(Box::new(TrainMsg::State {
+        job: 2,
+        step: 1,
+        stage: 1,
+        offset: 0,
+        total: 330_312,
+        data: vec![7; 330_312],
+    }));
+    let bytes = encode_frame(&msg).unwrap();
+    assert_eq!(decode_frame(&bytes).unwrap().unwrap().0, msg);
 }

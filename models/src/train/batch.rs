@@ -93,3 +93,20 @@ mod tests {
         assert!(BatchLayout::new(2, 2, vec![1; 3]).is_err());
     }
 }
+
+/// One micro-batch with its inputs and labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MicroBatch {
+    pub layout: BatchLayout,
+    /// `rows * len` token ids (padding included).
+    pub tokens: Vec<u32>,
+    /// `rows * len` labels: the next token, or [`IGNORE`].
+    pub labels: Vec<u32>,
+}
+
+impl MicroBatch {
+    /// Tokens that carry loss.
+    pub fn targets(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE).count()
+    }
+}

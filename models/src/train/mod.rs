@@ -7,9 +7,9 @@ pub mod optim;
 pub mod rng;
 pub mod stage;
 
-pub use batch::{BatchLayout, IGNORE};
+pub use batch::{BatchLayout, IGNORE, MicroBatch};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use stage::{
-    Backward, DropCtx, LoraConfig, Method, Target, TrainInput, TrainOptions, TrainStage, Upstream,
-    lora_name, loss_sum,
+    Backward, DropCtx, LoraConfig, Method, StepGrads, Target, TrainInput, TrainOptions, TrainStage,
+    Upstream, accumulate, lora_name, loss_sum, step_grads,
 };

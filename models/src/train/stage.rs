@@ -828,3 +828,68 @@ pub fn loss_sum(logits: &Tensor, labels: &[u32]) -> Result<(Tensor, usize)> {
     let t = Tensor::from_vec(targets, (k, 1), dev)?;
     Ok((logp.gather(&t, 1)?.sum_all()?.neg()?, k))
 }
+
+/// Gradients of one optimizer step computed in one process: the reference
+/// the pipeline must reproduce.
+#[derive(Debug)]
+pub struct StepGrads {
+    /// Per [`TrainStage::trainables`], summed over the micro-batches.
+    pub grads: Vec<Option<Tensor>>,
+    /// Summed cross-entropy over the step.
+    pub loss_sum: f64,
+    /// Target tokens in the step (the loss is divided by this once).
+    pub targets: usize,
+}
+
+/// Runs forward and backward of every micro-batch of a step on a stage
+/// that holds the whole model, in micro-batch order, with dropout keyed by
+/// (`seed`, `step`, micro-batch) as the pipeline keys it.
+pub fn step_grads(
+    stage: &TrainStage,
+    batches: &[super::batch::MicroBatch],
+    seed: u64,
+    step: u64,
+) -> Result<StepGrads> {
+    let targets: usize = batches.iter().map(|b| b.targets()).sum();
+    let scale = 1.0 / targets.max(1) as f64;
+    let mut acc: Vec<Option<Tensor>> = vec![None; stage.trainables().len()];
+    let mut loss = 0.0;
+    for (i, b) in batches.iter().enumerate() {
+        let drop = DropCtx {
+            seed,
+            step,
+            micro: i as u32,
+            train: true,
+        };
+        let back = stage.backward(
+            &TrainInput::Tokens(b.tokens.clone()),
+            &b.layout,
+            &drop,
+            Upstream::Loss {
+                labels: &b.labels,
+                scale,
+            },
+        )?;
+        accumulate(&mut acc, back.grads)?;
+        loss += back.loss_sum.unwrap_or(0.0);
+    }
+    Ok(StepGrads {
+        grads: acc,
+        loss_sum: loss,
+        targets,
+    })
+}
+
+/// Adds one micro-batch's gradients into running sums (in order, so sums
+/// are reproducible).
+pub fn accumulate(acc: &mut [Option<Tensor>], grads: Vec<Option<Tensor>>) -> Result<()> {
+    for (a, g) in acc.iter_mut().zip(grads) {
+        if let Some(g) = g {
+            *a = Some(match a.take() {
+                Some(prev) => (prev + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
+}

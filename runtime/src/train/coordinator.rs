@@ -1,0 +1,243 @@
+//! The job's coordinator: feeds each step's micro-batches to the first
+//! stage (tokens) and the last (labels), gathers the stages' reports,
+//! reduces the global gradient norm, and sends the verdict (learning rate,
+//! clipping factor, apply or skip, checkpoint or not). A stage that fails
+//! or goes silent fails the step before any optimizer step is applied
+//! anywhere it was not already.
+
+use std::time::Duration;
+
+use hearth_models::train::MicroBatch;
+use hearth_models::train::optim::clip_factor;
+use hearth_net::NodeId;
+use hearth_proto::{MicroKey, MicroLayout, TrainMsg};
+use tokio::sync::mpsc;
+
+use super::TrainError;
+use super::net::{CoordRoute, TrainNet};
+
+/// What one step did.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    pub step: u64,
+    /// Mean cross-entropy per target token.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Whether the optimizer step was applied (false: non-finite gradients).
+    pub applied: bool,
+    pub targets: u64,
+    /// Token slots processed (padding included).
+    pub tokens: u64,
+    /// Each stage's state (safetensors bytes) when a checkpoint was asked.
+    pub states: Vec<Vec<u8>>,
+}
+
+/// Drives a job's steps over placed stage workers.
+#[derive(Debug)]
+pub struct Coordinator {
+    net: TrainNet,
+    job: u64,
+    stages: Vec<NodeId>,
+    rx: mpsc::UnboundedReceiver<(NodeId, TrainMsg)>,
+    timeout: Duration,
+}
+
+impl Coordinator {
+    /// Registers as job `job`'s coordinator on this node; `stages` are the
+    /// nodes of stages 0..p in order.
+    pub fn new(net: &TrainNet, job: u64, stages: Vec<NodeId>, timeout: Duration) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        net.add_coordinator(
+            job,
+            CoordRoute {
+                stages: stages.clone(),
+                tx,
+            },
+        );
+        Self {
+            net: net.clone(),
+            job,
+            stages,
+            rx,
+            timeout,
+        }
+    }
+
+    async fn next(&mut self, what: &str) -> Result<(NodeId, TrainMsg), TrainError> {
+        match tokio::time::timeout(self.timeout, self.rx.recv()).await {
+            Ok(Some((from, TrainMsg::Failed { stage, reason, .. }))) => {
+                Err(TrainError::StageFailed {
+                    stage,
+                    node: from.short(),
+                    reason,
+                })
+            }
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(TrainError::Stopped),
+            Err(_) => Err(TrainError::Timeout(format!(
+                "waited {:?} for {what}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// Runs optimizer step `step` over `batches` (one per micro-batch).
+    pub async fn step(
+        &mut self,
+        step: u64,
+        batches: &[MicroBatch],
+        lr: f64,
+        max_grad_norm: f64,
+        save: bool,
+    ) -> Result<StepOutcome, TrainError> {
+        let p = self.stages.len();
+        let (first, last) = match (self.stages.first(), self.stages.last()) {
+            (Some(f), Some(l)) => (*f, *l),
+            _ => return Err(TrainError::Protocol("a job without stages".into())),
+        };
+        let step_targets: u64 = batches.iter().map(|b| b.targets() as u64).sum();
+        let tokens: u64 = batches.iter().map(|b| b.tokens.len() as u64).sum();
+        for (i, b) in batches.iter().enumerate() {
+            let key = MicroKey {
+                job: self.job,
+                step,
+                micro: i as u32,
+            };
+            self.net
+                .send(
+                    first,
+                    TrainMsg::Tokens {
+                        key,
+                        layout: MicroLayout {
+                            rows: b.layout.rows as u32,
+                            len: b.layout.len as u32,
+                            segments: b.layout.segments.clone(),
+                        },
+                        tokens: b.tokens.clone(),
+                    },
+                )
+                .await?;
+            self.net
+                .send(
+                    last,
+                    TrainMsg::Labels {
+                        key,
+                        step_targets,
+                        labels: b.labels.clone(),
+                    },
+                )
+                .await?;
+        }
+        let mut reported = vec![false; p];
+        let (mut sq, mut loss_sum) = (0.0, 0.0);
+        while reported.iter().any(|r| !r) {
+            match self.next("the stages' reports").await? {
+                (
+                    _,
+                    TrainMsg::Report {
+                        step: st,
+                        stage,
+                        sq_norm,
+                        loss_sum: l,
+                        ..
+                    },
+                ) if st == step && (stage as usize) < p && !reported[stage as usize] => {
+                    reported[stage as usize] = true;
+                    sq += sq_norm;
+                    loss_sum += l;
+                }
+                (from, other) => {
+                    return Err(TrainError::Protocol(format!(
+                        "unexpected {other:?} from {}",
+                        from.short()
+                    )));
+                }
+            }
+        }
+        let norm = sq.sqrt();
+        let applied = norm.is_finite() && loss_sum.is_finite() && sq < f64::MAX;
+        let grad_scale = if applied {
+            clip_factor(norm, max_grad_norm)
+        } else {
+            1.0
+        };
+        for &node in &self.stages {
+            self.net
+                .send(
+                    node,
+                    TrainMsg::Apply {
+                        job: self.job,
+                        step,
+                        apply: applied,
+                        save,
+                        lr,
+                        grad_scale,
+                    },
+                )
+                .await?;
+        }
+        let mut done = vec![false; p];
+        let mut states: Vec<Vec<u8>> = vec![Vec::new(); p];
+        while done.iter().any(|d| !d) {
+            match self.next("the stages' acknowledgements").await? {
+                (
+                    _,
+                    TrainMsg::Applied {
+                        step: st, stage, ..
+                    },
+                ) if st == step && (stage as usize) < p => {
+                    done[stage as usize] = true;
+                }
+                (
+                    _,
+                    TrainMsg::State {
+                        step: st,
+                        stage,
+                        offset,
+                        total,
+                        data,
+                        ..
+                    },
+                ) if st == step && save && (stage as usize) < p => {
+                    let buf = &mut states[stage as usize];
+                    if offset != buf.len() as u64 {
+                        return Err(TrainError::Protocol(format!(
+                            "state chunk at {offset}, expected {}",
+                            buf.len()
+                        )));
+                    }
+                    if buf.is_empty() {
+                        buf.reserve(total as usize);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+                (from, other) => {
+                    return Err(TrainError::Protocol(format!(
+                        "unexpected {other:?} from {}",
+                        from.short()
+                    )));
+                }
+            }
+        }
+        Ok(StepOutcome {
+            step,
+            loss: loss_sum / step_targets.max(1) as f64,
+            grad_norm: norm,
+            lr,
+            applied,
+            targets: step_targets,
+            tokens,
+            states,
+        })
+    }
+
+    /// Tells every stage the job is over and forgets it here.
+    pub async fn end(self) {
+        for &node in &self.stages {
+            let _ = self.net.send(node, TrainMsg::End { job: self.job }).await;
+        }
+        self.net.remove_coordinator(self.job);
+    }
+}
