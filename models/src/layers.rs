@@ -90,12 +90,13 @@ impl RmsNorm {
 /// Rotary position embedding tables (HF "rotate half" layout).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 impl Rope {
-    pub fn new(cfg: &Config, max_pos: usize, device: &Device) -> Result<Self> {
+    /// Tables for positions `0..max_pos` in `dtype` (computed in f64).
+    pub fn new(cfg: &Config, max_pos: usize, dtype: DType, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let inv: Vec<f64> = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
@@ -107,14 +108,17 @@ impl Rope {
             for _half in 0..2 {
                 for f in &inv {
                     let a = p as f64 * f;
-                    cos.push(a.cos() as f32);
-                    sin.push(a.sin() as f32);
+                    cos.push(a.cos());
+                    sin.push(a.sin());
                 }
             }
         }
+        let table = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (max_pos, cfg.head_dim), device)?.to_dtype(dtype)?)
+        };
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_pos, cfg.head_dim), device)?,
-            sin: Tensor::from_vec(sin, (max_pos, cfg.head_dim), device)?,
+            cos: table(cos)?,
+            sin: table(sin)?,
         })
     }
 

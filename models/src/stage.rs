@@ -42,6 +42,18 @@ impl StageSpec {
     pub fn layers(&self) -> usize {
         self.end - self.start
     }
+
+    /// Checks the layer range against a model of `layers` layers.
+    pub fn check(&self, layers: usize) -> Result<()> {
+        if self.start > self.end || self.end > layers {
+            return Err(ModelError::BadLayerRange {
+                start: self.start,
+                end: self.end,
+                layers,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How a stage holds its matrices.
@@ -88,13 +100,7 @@ impl Stage {
     /// Loads the tensors of `spec` from `weights`.
     pub fn load(weights: &WeightFile, spec: StageSpec, precision: Precision) -> Result<Self> {
         let cfg = weights.config().clone();
-        if spec.start > spec.end || spec.end > cfg.num_hidden_layers {
-            return Err(ModelError::BadLayerRange {
-                start: spec.start,
-                end: spec.end,
-                layers: cfg.num_hidden_layers,
-            });
-        }
+        spec.check(cfg.num_hidden_layers)?;
         let dev = Device::Cpu;
         let fused = precision == Precision::Quantized;
         let f32t = |id| weights.load_f32(id, &dev);
@@ -242,7 +248,7 @@ impl Stage {
         } else {
             (None, None)
         };
-        let rope = Rope::new(&cfg, cfg.max_position_embeddings, &dev)?;
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings, DType::F32, &dev)?;
         Ok(Self {
             cfg,
             spec,
@@ -372,7 +378,7 @@ impl Stage {
     }
 }
 
-fn check_shape(id: TensorId, actual: &[usize], expected: &[usize]) -> Result<()> {
+pub(crate) fn check_shape(id: TensorId, actual: &[usize], expected: &[usize]) -> Result<()> {
     if actual != expected {
         return Err(ModelError::ShapeMismatch {
             name: id.hf_name(),

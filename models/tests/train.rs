@@ -45,6 +45,16 @@ fn batch(vocab: u32) -> (Vec<u32>, BatchLayout, Vec<u32>) {
     (tokens, layout, labels)
 }
 
+/// Largest absolute entry of an f32 tensor.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn lora_all(init_b_std: f64, dropout: f64) -> Method {
     Method::Lora(LoraConfig {
         rank: 2,
@@ -271,34 +281,14 @@ fn lora_merged_equals_unmerged() {
         .forward(&input, &layout, &DropCtx::eval())
         .unwrap();
     let c = base.forward(&input, &layout, &DropCtx::eval()).unwrap();
-    let diff = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = a
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs(&(&a - &b).unwrap());
+    let scale = max_abs(&a);
     assert!(
         diff <= 1e-5 * scale.max(1.0),
         "merged differs by {diff} (scale {scale})"
     );
     // The adapter does something: the un-adapted base differs.
-    let moved = (&a - &c)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = max_abs(&(&a - &c).unwrap());
     assert!(moved > 1e-3, "adapter changed nothing ({moved})");
     assert_eq!(stage.merged_weights().unwrap().len(), 1 + 2 * 9 + 1);
 }
@@ -334,14 +324,7 @@ fn training_forward_matches_inference_forward() {
             Logits::All,
         )
         .unwrap();
-    let diff = (&train - &logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs(&(&train - &logits).unwrap());
     assert!(
         diff < 1e-4,
         "training and inference forward differ by {diff}"

@@ -10,8 +10,8 @@ use super::batch::{BatchLayout, IGNORE};
 use super::rng;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::layers::{RmsNorm, softmax};
-use crate::stage::StageSpec;
+use crate::layers::{RmsNorm, Rope, softmax};
+use crate::stage::{StageSpec, check_shape};
 use crate::weights::{LayerTensor as L, TensorId, WeightFile};
 
 /// A projection LoRA can adapt.
@@ -319,8 +319,7 @@ pub struct TrainStage {
     blocks: Vec<TBlock>,
     norm: Option<RmsNorm>,
     head: Option<Tensor>,
-    cos: Tensor,
-    sin: Tensor,
+    rope: Rope,
     trainables: Vec<(String, Var)>,
 }
 
@@ -335,13 +334,7 @@ impl TrainStage {
     /// Loads the tensors of `spec` as dense weights and attaches what `opts` trains.
     pub fn load(weights: &WeightFile, spec: StageSpec, opts: &TrainOptions) -> Result<Self> {
         let cfg = weights.config().clone();
-        if spec.start > spec.end || spec.end > cfg.num_hidden_layers {
-            return Err(ModelError::BadLayerRange {
-                start: spec.start,
-                end: spec.end,
-                layers: cfg.num_hidden_layers,
-            });
-        }
+        spec.check(cfg.num_hidden_layers)?;
         if !matches!(opts.dtype, DType::F32 | DType::F64) {
             return Err(ModelError::InvalidConfig(format!(
                 "training runs in f32 or f64, not {:?}",
@@ -368,7 +361,7 @@ impl TrainStage {
         let inter = cfg.intermediate_size;
         let embed = if spec.embed {
             let t = load(TensorId::Embed, &mut trainables)?;
-            check(TensorId::Embed, t.dims(), &[cfg.vocab_size, h])?;
+            check_shape(TensorId::Embed, t.dims(), &[cfg.vocab_size, h])?;
             Some(t)
         } else {
             None
@@ -378,7 +371,7 @@ impl TrainStage {
             let id = |t| TensorId::Layer(i, t);
             let norm = |t: L, tr: &mut Vec<(String, Var)>| -> Result<RmsNorm> {
                 let w = load(id(t), tr)?;
-                check(id(t), w.dims(), &[h])?;
+                check_shape(id(t), w.dims(), &[h])?;
                 Ok(RmsNorm {
                     weight: w,
                     eps: cfg.rms_norm_eps,
@@ -394,7 +387,7 @@ impl TrainStage {
                        tr: &mut Vec<(String, Var)>|
              -> Result<TLinear> {
                 let w = load(id(t), tr)?;
-                check(id(t), w.dims(), &[rows, cols])?;
+                check_shape(id(t), w.dims(), &[rows, cols])?;
                 let bias = match bias {
                     Some(b) if cfg.attention_bias => Some(load(id(b), tr)?),
                     _ => None,
@@ -428,7 +421,7 @@ impl TrainStage {
         }
         let (norm, head) = if spec.head {
             let w = load(TensorId::FinalNorm, &mut trainables)?;
-            check(TensorId::FinalNorm, w.dims(), &[h])?;
+            check_shape(TensorId::FinalNorm, w.dims(), &[h])?;
             let norm = RmsNorm {
                 weight: w,
                 eps: cfg.rms_norm_eps,
@@ -444,12 +437,12 @@ impl TrainStage {
                 // first stage's by the engine (same name on both stages).
                 load(TensorId::Embed, &mut trainables)?
             };
-            check(TensorId::Head, head.dims(), &[cfg.vocab_size, h])?;
+            check_shape(TensorId::Head, head.dims(), &[cfg.vocab_size, h])?;
             (Some(norm), Some(head))
         } else {
             (None, None)
         };
-        let (cos, sin) = rope_tables(&cfg, opts.dtype, &dev)?;
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings, opts.dtype, &dev)?;
         Ok(Self {
             cfg,
             spec,
@@ -458,8 +451,7 @@ impl TrainStage {
             blocks,
             norm,
             head,
-            cos,
-            sin,
+            rope,
             trainables,
         })
     }
@@ -544,10 +536,10 @@ impl TrainStage {
                 ));
             }
         };
-        if b.len > self.cos.dim(0)? {
+        if b.len > self.rope.max_positions() {
             return Err(ModelError::PromptTooLong {
                 tokens: b.len,
-                context: self.cos.dim(0)?,
+                context: self.rope.max_positions(),
             });
         }
         let pos = Tensor::from_vec(b.positions(), n, &dev)?;
@@ -559,8 +551,8 @@ impl TrainStage {
             rows: b.rows,
             len: b.len,
             mask: b.mask(self.dtype, &dev)?,
-            cos: at(&self.cos)?,
-            sin: at(&self.sin)?,
+            cos: at(&self.rope.cos)?,
+            sin: at(&self.rope.sin)?,
             drop,
         };
         for block in &self.blocks {
@@ -674,8 +666,7 @@ impl TrainStage {
             blocks,
             norm: self.norm.as_ref().map(norm),
             head: self.head.as_ref().map(|t| t.detach()),
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
+            rope: self.rope.clone(),
             trainables: Vec::new(),
         })
     }
@@ -761,40 +752,6 @@ fn new_lora(
     trainables.push((a_name, a));
     trainables.push((b_name, b));
     Ok(lora)
-}
-
-fn check(id: TensorId, actual: &[usize], expected: &[usize]) -> Result<()> {
-    if actual != expected {
-        return Err(ModelError::ShapeMismatch {
-            name: id.hf_name(),
-            expected: expected.to_vec(),
-            actual: actual.to_vec(),
-        });
-    }
-    Ok(())
-}
-
-/// RoPE tables `[max_pos, head_dim]` in `dtype` ("rotate half" layout).
-fn rope_tables(cfg: &Config, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
-    let hd = cfg.head_dim;
-    let max = cfg.max_position_embeddings;
-    let inv: Vec<f64> = (0..hd / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
-        .collect();
-    let mut cos = Vec::with_capacity(max * hd);
-    let mut sin = Vec::with_capacity(max * hd);
-    for p in 0..max {
-        for _ in 0..2 {
-            for f in &inv {
-                cos.push((p as f64 * f).cos());
-                sin.push((p as f64 * f).sin());
-            }
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (max, hd), dev)?.to_dtype(dtype)?,
-        Tensor::from_vec(sin, (max, hd), dev)?.to_dtype(dtype)?,
-    ))
 }
 
 /// Summed cross-entropy of the target tokens (`labels[i] != IGNORE`) and

@@ -196,7 +196,6 @@ impl Coordinator {
                         step: st,
                         stage,
                         offset,
-                        total,
                         data,
                         ..
                     },
@@ -208,9 +207,7 @@ impl Coordinator {
                             buf.len()
                         )));
                     }
-                    if buf.is_empty() {
-                        buf.reserve(total as usize);
-                    }
+                    // Grows as chunks arrive: `total` is the peer's claim.
                     buf.extend_from_slice(&data);
                 }
                 (from, other) => {

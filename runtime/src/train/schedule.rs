@@ -281,34 +281,21 @@ mod tests {
         ));
         // Deadlock: the first stage alternates strictly, so it waits for
         // backward 0 while stage 1 (1F1B) waits for forward 1 first.
+        let alternating: Vec<Op> = (0..m)
+            .flat_map(|i| [Op::Forward(i), Op::Backward(i)])
+            .collect();
         let mut bad = good.clone();
-        bad[0] = vec![
-            Op::Forward(0),
-            Op::Backward(0),
-            Op::Forward(1),
-            Op::Backward(1),
-            Op::Forward(2),
-            Op::Backward(2),
-            Op::Forward(3),
-            Op::Backward(3),
-        ];
+        bad[0] = alternating.clone();
         assert!(matches!(
             simulate(&bad, m, 2.0, |_| None),
             Err(ScheduleError::Deadlock { .. })
         ));
-        let mut bad2 = good.clone();
-        bad2[1] = vec![
-            Op::Backward(0),
-            Op::Forward(0),
-            Op::Forward(1),
-            Op::Backward(1),
-            Op::Forward(2),
-            Op::Backward(2),
-            Op::Forward(3),
-            Op::Backward(3),
-        ];
+        // Deadlock: a middle stage runs a backward before any forward.
+        let mut bad = good.clone();
+        bad[1] = alternating;
+        bad[1].swap(0, 1);
         assert!(matches!(
-            simulate(&bad2, m, 2.0, |_| None),
+            simulate(&bad, m, 2.0, |_| None),
             Err(ScheduleError::Deadlock { .. })
         ));
         // GPipe exceeds 1F1B's in-flight bound.

@@ -160,7 +160,8 @@ impl Worker {
         let _span = info_span!("train-stage", job = s.job, stage = s.stage).entered();
         let (job, stage) = (s.job, s.stage);
         let result = (|| {
-            let mut step = self.first_step()?;
+            // 0, or the restored optimizer's step count.
+            let mut step = self.optim.steps();
             loop {
                 match self.step(step) {
                     Ok(()) => step += 1,
@@ -182,11 +183,6 @@ impl Worker {
         }
         self.net.remove_stage(job);
         result
-    }
-
-    /// The step to start at: the optimizer's step count (0 unless restored).
-    fn first_step(&self) -> Result<u64, TrainError> {
-        Ok(self.optim.steps())
     }
 
     /// The next message of a queue, waiting at most the setup's timeout
@@ -222,11 +218,7 @@ impl Worker {
     }
 
     fn expect_key(&self, got: MicroKey, step: u64, mb: u32, what: &str) -> Result<(), TrainError> {
-        let want = MicroKey {
-            job: self.setup.job,
-            step,
-            micro: mb,
-        };
+        let want = key(&self.setup, step, mb);
         if got != want {
             return Err(TrainError::Protocol(format!(
                 "{what} for {got:?} while waiting for {want:?}"
@@ -308,11 +300,7 @@ impl Worker {
                                 .forward(&input, &layout, &dropout_ctx(&s, step, mb))?;
                         let hidden = to_frame(&out, s.job, step)?;
                         let msg = TrainMsg::Activations {
-                            key: MicroKey {
-                                job: s.job,
-                                step,
-                                micro: mb,
-                            },
+                            key: key(&s, step, mb),
                             layout: from_layout(&layout),
                             hidden,
                         };
@@ -356,11 +344,7 @@ impl Worker {
                     targets += back.targets as u64;
                     if let (false, Some(g)) = (first, &back.input_grad) {
                         let msg = TrainMsg::Gradient {
-                            key: MicroKey {
-                                job: s.job,
-                                step,
-                                micro: mb,
-                            },
+                            key: key(&s, step, mb),
                             grad: to_frame(g, s.job, step)?,
                         };
                         self.send(s.prev, msg)?;
@@ -391,7 +375,12 @@ impl Worker {
                 },
             )?;
             let other = match self.recv(&self.control, "the tied gradient")? {
-                TrainMsg::Tied { step: st, grad, .. } if st == step => {
+                TrainMsg::Tied {
+                    step: st,
+                    name,
+                    grad,
+                    ..
+                } if st == step && name == tied_name => {
                     let dims = own.dims2()?;
                     from_frame(&grad, dims.0, dims.1)?
                 }
@@ -542,6 +531,14 @@ pub(crate) fn restore(
         .collect();
     optim.restore(stage.trainables(), &moments, steps)?;
     Ok(())
+}
+
+fn key(s: &StageSetup, step: u64, mb: u32) -> MicroKey {
+    MicroKey {
+        job: s.job,
+        step,
+        micro: mb,
+    }
 }
 
 fn dropout_ctx(s: &StageSetup, step: u64, mb: u32) -> DropCtx {
