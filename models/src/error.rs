@@ -69,6 +69,8 @@ pub enum ModelError {
     BadSampling(String),
     #[error("model download failed: {0}")]
     Pull(String),
+    #[error("training data, line {line}: {reason}")]
+    BadData { line: usize, reason: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

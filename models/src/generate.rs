@@ -103,6 +103,11 @@ impl ModelText {
         self.template.render(messages, true)
     }
 
+    /// Renders messages, with or without the assistant's opening.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.template.render(messages, add_generation_prompt)
+    }
+
     /// Tokenizes a prompt, checking it is non-empty and fits the context.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         if text.trim().is_empty() {

@@ -190,6 +190,12 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Ids for text that continues earlier text: never a BOS.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text for `ids`; special tokens are left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)

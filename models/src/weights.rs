@@ -327,6 +327,12 @@ impl WeightFile {
         })
     }
 
+    /// Rotary heads whose rows this file stores in llama.cpp's Q/K order
+    /// (GGUF llama), if `id` is such a tensor.
+    pub fn permuted_heads(&self, id: TensorId) -> Option<usize> {
+        self.heads_for(id)
+    }
+
     fn heads_for(&self, id: TensorId) -> Option<usize> {
         match (&self.kind, id) {
             (
@@ -423,6 +429,25 @@ pub struct TensorLayout {
 fn gguf_bytes(info: &gguf_file::TensorInfo) -> u64 {
     let elems = info.shape.elem_count() as u64;
     elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64
+}
+
+/// HF layout → llama.cpp's Q/K row order (what `convert_hf_to_gguf` does);
+/// the inverse of what [`WeightFile`] undoes at load.
+pub fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims[0];
+    if heads == 0 || !out.is_multiple_of(heads * 2) {
+        return Err(ModelError::InvalidConfig(format!(
+            "cannot split {out} rows into {heads} rotary heads"
+        )));
+    }
+    let half = out / heads / 2;
+    let mut shape = vec![heads, 2, half];
+    shape.extend(&dims[1..]);
+    Ok(w.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 /// Undo llama.cpp's Q/K permutation on a dense tensor ([out, in] or [out]).

@@ -330,3 +330,98 @@ fn training_forward_matches_inference_forward() {
         "training and inference forward differ by {diff}"
     );
 }
+
+/// A merged fine-tune written as GGUF serves what training computed; the
+/// base's untouched tensors are copied as stored; the PEFT adapter holds
+/// PEFT's names and config.
+#[test]
+fn merged_gguf_and_peft_adapter_hold_what_was_trained() {
+    use hearth_models::train::export::{merged_tensors, write_merged_gguf, write_peft_adapter};
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_model(
+        dir.path(),
+        TinySpec {
+            hidden: 32,
+            intermediate: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            context: 32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let base = WeightFile::open(&m.gguf_q8_0).unwrap();
+    let method = lora_all(0.5, 0.0);
+    let stage =
+        TrainStage::load(&base, StageSpec::full(2), &opts(method.clone(), DType::F32)).unwrap();
+    let trained: std::collections::HashMap<String, Tensor> = stage
+        .trainables()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let replaced = merged_tensors(&base, &method, &trained).unwrap();
+    assert_eq!(replaced.len(), 2 * 7, "the seven projections of two layers");
+    let out = dir.path().join("ft.gguf");
+    write_merged_gguf(&base, &replaced, "ft-tiny", &out).unwrap();
+    let merged = WeightFile::open(&out).unwrap();
+    assert!(matches!(
+        merged.gguf_metadata().and_then(|m| m.get("general.name")),
+        Some(candle_core::quantized::gguf_file::Value::String(s)) if s == "ft-tiny"
+    ));
+    let layout = |w: &WeightFile, name: &str| {
+        w.tensor_layout()
+            .into_iter()
+            .find(|t| t.name == name)
+            .map(|t| t.dtype)
+    };
+    assert_eq!(
+        layout(&merged, "token_embd.weight"),
+        layout(&base, "token_embd.weight")
+    );
+    assert_eq!(
+        layout(&merged, "blk.1.attn_q.weight").as_deref(),
+        Some("F32")
+    );
+    let vocab = base.config().vocab_size as u32;
+    let tokens: Vec<u32> = (0..7u32).map(|i| (i * 41 + 5) % vocab).collect();
+    let want = stage
+        .forward(
+            &TrainInput::Tokens(tokens.clone()),
+            &BatchLayout::new(1, 7, vec![1; 7]).unwrap(),
+            &DropCtx::eval(),
+        )
+        .unwrap();
+    let inf = Stage::load(&merged, StageSpec::full(2), Precision::F32).unwrap();
+    let mut cache = KvCache::new(2);
+    let got = inf
+        .forward(
+            StageInput::Tokens(tokens),
+            &[7],
+            &mut [&mut cache],
+            Logits::All,
+        )
+        .unwrap();
+    let diff = max_abs(&(&got - &want).unwrap());
+    assert!(diff < 1e-4, "merged model differs from training by {diff}");
+
+    let Method::Lora(cfg) = &method else {
+        unreachable!()
+    };
+    let adapter = dir.path().join("adapter");
+    let all: Vec<(String, Tensor)> = trained.into_iter().collect();
+    write_peft_adapter(&adapter, cfg, "tiny", &all).unwrap();
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.names().len(), 2 * 7 * 2);
+    let a = st
+        .tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight")
+        .unwrap();
+    assert_eq!(a.shape(), &[cfg.rank, 32]);
+    let conf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(conf["peft_type"], "LORA");
+    assert_eq!(conf["r"], cfg.rank);
+    assert_eq!(conf["target_modules"].as_array().map(|a| a.len()), Some(7));
+}

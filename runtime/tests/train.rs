@@ -185,7 +185,14 @@ fn start_job(
                 },
                 timeout: Duration::from_secs(30),
                 keep_grads: true,
-                restore: restore.as_ref().map(|r| r[i].clone()),
+                // Stage 0 starts from its state directly; the others get
+                // theirs from the coordinator over the network.
+                restore: restore.as_ref().filter(|_| i == 0).map(|r| r[i].clone()),
+                restore_len: restore
+                    .as_ref()
+                    .filter(|_| i > 0)
+                    .map_or(0, |r| r[i].len() as u64),
+                max_len: 64,
             };
             spawn_stage(&c.nets[i], stage, setup).unwrap()
         })
@@ -435,7 +442,17 @@ async fn checkpoint_kill_resume_matches_uninterrupted() {
         s.stop().unwrap();
     }
     drop(b.coord);
-    let mut r = start_job(&c, &w, 3, &method, Schedule::OneFOneB, 2, m, Some(saved));
+    let mut r = start_job(
+        &c,
+        &w,
+        3,
+        &method,
+        Schedule::OneFOneB,
+        2,
+        m,
+        Some(saved.clone()),
+    );
+    r.coord.send_state(1, &saved[1]).await.unwrap();
     for (k, data) in steps.iter().enumerate().skip(2) {
         r.coord.step(k as u64, data, lr, clip, false).await.unwrap();
     }

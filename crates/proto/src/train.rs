@@ -93,6 +93,15 @@ pub enum TrainMsg {
         total: u64,
         data: Vec<u8>,
     },
+    /// A chunk of a checkpoint for a stage to start from (coordinator to
+    /// stage, before the first step, when the setup announced one).
+    Restore {
+        job: u64,
+        stage: u16,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    },
     /// A stage failed; the job cannot go on with this placement.
     Failed {
         job: u64,
@@ -112,6 +121,19 @@ const T_APPLIED: u8 = 8;
 const T_END: u8 = 9;
 const T_STATE: u8 = 10;
 const T_FAILED: u8 = 11;
+const T_RESTORE: u8 = 12;
+
+/// Checks that a state chunk lies within its announced total.
+fn check_chunk(offset: u64, len: usize, total: u64) -> Result<(), ProtoError> {
+    if offset.checked_add(len as u64).is_none_or(|end| end > total) {
+        return Err(ProtoError::InvalidField {
+            what: "state",
+            detail: format!("chunk at {offset} of {len} bytes past {total}"),
+        });
+    }
+    bounded("state total", total as usize, limits::MAX_TRAIN_STATE)?;
+    Ok(())
+}
 
 fn put_key(out: &mut Vec<u8>, k: &MicroKey) {
     out.extend_from_slice(&k.job.to_le_bytes());
@@ -272,6 +294,20 @@ impl TrainMsg {
                 out.extend_from_slice(&total.to_le_bytes());
                 put_blob(out, "state", data, limits::MAX_FILE_CHUNK)?;
             }
+            Self::Restore {
+                job,
+                stage,
+                offset,
+                total,
+                data,
+            } => {
+                out.push(T_RESTORE);
+                out.extend_from_slice(&job.to_le_bytes());
+                out.extend_from_slice(&stage.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&total.to_le_bytes());
+                put_blob(out, "restore", data, limits::MAX_FILE_CHUNK)?;
+            }
             Self::Failed { job, stage, reason } => {
                 out.push(T_FAILED);
                 out.extend_from_slice(&job.to_le_bytes());
@@ -360,19 +396,23 @@ impl TrainMsg {
                 let (job, step, stage) = (r.u64("state")?, r.u64("state")?, r.u16("state")?);
                 let (offset, total) = (r.u64("state")?, r.u64("state")?);
                 let data = r.blob("state", limits::MAX_FILE_CHUNK)?;
-                if offset
-                    .checked_add(data.len() as u64)
-                    .is_none_or(|end| end > total)
-                {
-                    return Err(ProtoError::InvalidField {
-                        what: "state",
-                        detail: format!("chunk at {offset} of {} bytes past {total}", data.len()),
-                    });
-                }
-                bounded("state total", total as usize, limits::MAX_TRAIN_STATE)?;
+                check_chunk(offset, data.len(), total)?;
                 Self::State {
                     job,
                     step,
+                    stage,
+                    offset,
+                    total,
+                    data,
+                }
+            }
+            T_RESTORE => {
+                let (job, stage) = (r.u64("restore")?, r.u16("restore")?);
+                let (offset, total) = (r.u64("restore")?, r.u64("restore")?);
+                let data = r.blob("restore", limits::MAX_FILE_CHUNK)?;
+                check_chunk(offset, data.len(), total)?;
+                Self::Restore {
+                    job,
                     stage,
                     offset,
                     total,

@@ -280,6 +280,19 @@ fn arb_train() -> impl Strategy<Value = TrainMsg> {
                 total: extra + data.len() as u64 + extra,
                 data
             }),
+        (
+            any::<u64>(),
+            any::<u16>(),
+            prop::collection::vec(any::<u8>(), 0..32),
+            0u64..100
+        )
+            .prop_map(|(job, stage, data, extra)| TrainMsg::Restore {
+                job,
+                stage,
+                offset: extra,
+                total: extra + data.len() as u64,
+                data
+            }),
         (any::<u64>(), any::<u16>(), ".{0,40}").prop_map(|(job, stage, reason)| TrainMsg::Failed {
             job,
             stage,
@@ -720,6 +733,21 @@ fn malformed_train_messages_are_typed_errors() {
         decode_frame(&bytes),
         Err(ProtoError::InvalidField { what: "state", .. })
     ));
+    // A restore chunk that runs past its total, and one whose total is over the limit.
+    for (offset, total) in [(10, 12), (0, u64::MAX)] {
+        let msg = Message::Train(Box::new(TrainMsg::Restore {
+            job: 1,
+            stage: 0,
+            offset,
+            total,
+            data: vec![0; 4],
+        }));
+        let bytes = encode_frame(&msg).unwrap();
+        assert!(
+            matches!(decode_frame(&bytes), Err(ProtoError::InvalidField { .. })),
+            "{offset} {total}"
+        );
+    }
     // A segment count over the limit, claimed without the bytes behind it.
     let ok = Message::Train(Box::new(TrainMsg::Tokens {
         key,

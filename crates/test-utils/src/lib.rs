@@ -114,19 +114,6 @@ fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
     (tokens, merges, types)
 }
 
-/// HF layout -> llama.cpp layout for Q/K rows (what convert_hf_to_gguf does).
-fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let dims = w.dims().to_vec();
-    let out = dims[0];
-    let half = out / heads / 2;
-    let mut shape = vec![heads, 2, half];
-    shape.extend(&dims[1..]);
-    Ok(w.reshape(shape)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
-}
-
 /// Writes a tiny random llama model in every supported format under `dir`.
 pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
     std::fs::create_dir_all(dir)?;
@@ -266,7 +253,7 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
                 } else {
                     spec.kv_heads
                 };
-                t = permute_for_gguf(&t, heads)?;
+                t = hearth_models::weights::permute_for_gguf(&t, heads)?;
             }
             let is_matrix = t.rank() == 2;
             let dt = if is_matrix { dtype } else { GgmlDType::F32 };

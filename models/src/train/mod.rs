@@ -3,11 +3,14 @@
 //! `hearth-runtime`; everything here works on one stage in one process.
 
 pub mod batch;
+pub mod data;
+pub mod export;
 pub mod optim;
 pub mod rng;
 pub mod stage;
 
 pub use batch::{BatchLayout, IGNORE, MicroBatch};
+pub use data::{Batching, Example, Tokenized, load_jsonl, parse_jsonl, tokenize};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use stage::{
     Backward, DropCtx, LoraConfig, Method, StepGrads, Target, TrainInput, TrainOptions, TrainStage,

@@ -44,7 +44,7 @@ impl Target {
         Self::Up,
         Self::Down,
     ];
-    fn tensor(self) -> L {
+    pub fn tensor(self) -> L {
         match self {
             Self::Q => L::Q,
             Self::K => L::K,

@@ -230,6 +230,34 @@ impl Coordinator {
         })
     }
 
+    /// Sends stage `stage` the checkpoint it starts from (its setup
+    /// announced `state.len()` bytes), in chunks.
+    pub async fn send_state(&self, stage: usize, state: &[u8]) -> Result<(), TrainError> {
+        let node = *self
+            .stages
+            .get(stage)
+            .ok_or_else(|| TrainError::Protocol(format!("no stage {stage}")))?;
+        let total = state.len() as u64;
+        for (i, chunk) in state
+            .chunks(hearth_proto::limits::MAX_FILE_CHUNK)
+            .enumerate()
+        {
+            self.net
+                .send(
+                    node,
+                    TrainMsg::Restore {
+                        job: self.job,
+                        stage: stage as u16,
+                        offset: (i * hearth_proto::limits::MAX_FILE_CHUNK) as u64,
+                        total,
+                        data: chunk.to_vec(),
+                    },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Tells every stage the job is over and forgets it here.
     pub async fn end(self) {
         for &node in &self.stages {

@@ -30,6 +30,8 @@ pub(crate) struct StageRoute {
     pub grads: std_mpsc::SyncSender<TrainMsg>,
     /// Tied gradients and verdicts.
     pub control: std_mpsc::SyncSender<TrainMsg>,
+    /// Checkpoint chunks to start from.
+    pub restore: std_mpsc::SyncSender<TrainMsg>,
     /// Set by `End` from the coordinator.
     pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -84,6 +86,7 @@ fn job_of(msg: &TrainMsg) -> u64 {
         | TrainMsg::Apply { job, .. }
         | TrainMsg::Applied { job, .. }
         | TrainMsg::State { job, .. }
+        | TrainMsg::Restore { job, .. }
         | TrainMsg::Failed { job, .. }
         | TrainMsg::End { job } => *job,
     }
@@ -190,6 +193,7 @@ impl TrainNet {
             TrainMsg::Labels { .. } => (s.next.is_none() && from == s.coordinator, &s.labels),
             TrainMsg::Gradient { .. } => (s.next == Some(from), &s.grads),
             TrainMsg::Tied { .. } => (s.tied == Some(from), &s.control),
+            TrainMsg::Restore { .. } => (from == s.coordinator, &s.restore),
             _ => (from == s.coordinator, &s.control),
         };
         if !allowed {
@@ -274,7 +278,7 @@ impl TrainNet {
     }
 }
 
-fn name(m: &TrainMsg) -> &'static str {
+pub(crate) fn name(m: &TrainMsg) -> &'static str {
     match m {
         TrainMsg::Tokens { .. } => "tokens",
         TrainMsg::Labels { .. } => "labels",
@@ -285,6 +289,7 @@ fn name(m: &TrainMsg) -> &'static str {
         TrainMsg::Apply { .. } => "verdict",
         TrainMsg::Applied { .. } => "applied",
         TrainMsg::State { .. } => "state",
+        TrainMsg::Restore { .. } => "restore",
         TrainMsg::Failed { .. } => "failure",
         TrainMsg::End { .. } => "end",
     }

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype, TensorView};
+use candle_core::{Device, Tensor};
+use safetensors::tensor::Dtype;
 
 use super::TrainError;
 
@@ -17,22 +17,10 @@ pub fn encode(
     tensors: &[(String, Tensor)],
     meta: HashMap<String, String>,
 ) -> Result<Vec<u8>, TrainError> {
-    let mut raw: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        raw.push((name.clone(), t.dims().to_vec(), bytes));
-    }
-    let views = raw
-        .iter()
-        .map(|(n, shape, b)| {
-            Ok((
-                n.as_str(),
-                TensorView::new(Dtype::F32, shape.clone(), b).map_err(err)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, TrainError>>()?;
-    safetensors::serialize(views, Some(meta)).map_err(err)
+    Ok(hearth_models::train::export::safetensors_bytes(
+        tensors,
+        Some(meta),
+    )?)
 }
 
 /// Named tensors and string metadata of a state file.

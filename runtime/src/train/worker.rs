@@ -45,7 +45,15 @@ pub struct StageSetup {
     pub keep_grads: bool,
     /// Trainable state to start from (a checkpoint's safetensors bytes).
     pub restore: Option<Vec<u8>>,
+    /// Bytes of state the coordinator sends as `Restore` chunks before the
+    /// first step (0: none).
+    pub restore_len: u64,
+    /// Longest row a micro-batch may have (bounds the attention mask).
+    pub max_len: usize,
 }
+
+/// Most attention-mask entries (rows × len²) one micro-batch may need.
+pub const MAX_MASK: usize = 1 << 26;
 
 /// A running stage worker.
 #[derive(Debug)]
@@ -96,6 +104,8 @@ pub fn spawn_stage(
     let (labels_tx, labels) = std_mpsc::sync_channel(cap);
     let (grads_tx, grads) = std_mpsc::sync_channel(cap);
     let (control_tx, control) = std_mpsc::sync_channel(cap);
+    let chunks = setup.restore_len.div_ceil(limits::MAX_FILE_CHUNK as u64) as usize;
+    let (restore_tx, restore_rx) = std_mpsc::sync_channel(chunks + 1);
     let stop = Arc::new(AtomicBool::new(false));
     net.add_stage(
         setup.job,
@@ -108,6 +118,7 @@ pub fn spawn_stage(
             labels: labels_tx,
             grads: grads_tx,
             control: control_tx,
+            restore: restore_tx,
             stop: stop.clone(),
         },
     );
@@ -127,6 +138,7 @@ pub fn spawn_stage(
         labels,
         grads,
         control,
+        restore: restore_rx,
         kept: kept.clone(),
     };
     let thread = std::thread::Builder::new()
@@ -151,6 +163,7 @@ struct Worker {
     labels: std_mpsc::Receiver<TrainMsg>,
     grads: std_mpsc::Receiver<TrainMsg>,
     control: std_mpsc::Receiver<TrainMsg>,
+    restore: std_mpsc::Receiver<TrainMsg>,
     kept: Arc<Mutex<Vec<Option<Tensor>>>>,
 }
 
@@ -160,6 +173,9 @@ impl Worker {
         let _span = info_span!("train-stage", job = s.job, stage = s.stage).entered();
         let (job, stage) = (s.job, s.stage);
         let result = (|| {
+            if self.setup.restore_len > 0 {
+                self.receive_state()?;
+            }
             // 0, or the restored optimizer's step count.
             let mut step = self.optim.steps();
             loop {
@@ -183,6 +199,29 @@ impl Worker {
         }
         self.net.remove_stage(job);
         result
+    }
+
+    /// Takes the checkpoint the coordinator sends before the first step.
+    fn receive_state(&mut self) -> Result<(), TrainError> {
+        let total = self.setup.restore_len;
+        let mut buf: Vec<u8> = Vec::new();
+        while (buf.len() as u64) < total {
+            match self.recv(&self.restore, "the checkpoint")? {
+                TrainMsg::Restore {
+                    offset,
+                    total: t,
+                    data,
+                    ..
+                } if t == total && offset == buf.len() as u64 => buf.extend_from_slice(&data),
+                other => {
+                    return Err(TrainError::Protocol(format!(
+                        "unexpected {} while receiving the checkpoint",
+                        super::net::name(&other)
+                    )));
+                }
+            }
+        }
+        restore(&self.stage, &mut self.optim, &buf)
     }
 
     /// The next message of a queue, waiting at most the setup's timeout
@@ -251,7 +290,7 @@ impl Worker {
                             tokens,
                         } => {
                             self.expect_key(key, step, mb, "tokens")?;
-                            (TrainInput::Tokens(tokens), to_layout(layout)?)
+                            (TrainInput::Tokens(tokens), to_layout(layout, s.max_len)?)
                         }
                         TrainMsg::Activations {
                             key,
@@ -259,7 +298,7 @@ impl Worker {
                             hidden,
                         } => {
                             self.expect_key(key, step, mb, "activations")?;
-                            let layout = to_layout(layout)?;
+                            let layout = to_layout(layout, s.max_len)?;
                             let h = from_frame(
                                 &hidden,
                                 layout.tokens(),
@@ -550,7 +589,13 @@ fn dropout_ctx(s: &StageSetup, step: u64, mb: u32) -> DropCtx {
     }
 }
 
-fn to_layout(l: MicroLayout) -> Result<BatchLayout, TrainError> {
+fn to_layout(l: MicroLayout, max_len: usize) -> Result<BatchLayout, TrainError> {
+    let (rows, len) = (l.rows as usize, l.len as usize);
+    if len > max_len || rows.saturating_mul(len).saturating_mul(len) > MAX_MASK {
+        return Err(TrainError::Protocol(format!(
+            "a {rows}×{len} micro-batch exceeds the job's bound (rows of at most {max_len}, rows×len² at most {MAX_MASK})"
+        )));
+    }
     Ok(BatchLayout::new(
         l.rows as usize,
         l.len as usize,

@@ -1,0 +1,206 @@
+//! What a finished fine-tune writes: a LoRA adapter in PEFT's format
+//! (`adapter_model.safetensors` + `adapter_config.json`), full weights as
+//! safetensors, and a merged model as GGUF (the base file's metadata and
+//! untouched tensors byte for byte, changed tensors as f32) that the
+//! inference path serves like any other model file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::stage::{LoraConfig, Method, TrainOptions, TrainStage};
+use crate::error::{ModelError, Result};
+use crate::stage::StageSpec;
+use crate::weights::{TensorId, WeightFile, permute_for_gguf};
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |e| ModelError::io(path, e)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a
+/// reader never sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Named tensors as f32 safetensors bytes.
+pub fn safetensors_bytes(
+    tensors: &[(String, Tensor)],
+    meta: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut raw: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        raw.push((
+            name.clone(),
+            t.dims().to_vec(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    let views = raw
+        .iter()
+        .map(|(n, shape, b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (n.as_str(), v))
+                .map_err(|e| ModelError::InvalidConfig(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, meta).map_err(|e| ModelError::InvalidConfig(e.to_string()))
+}
+
+/// Writes a LoRA adapter as PEFT loads it: `adapter_model.safetensors`
+/// (the `lora_A`/`lora_B` tensors under PEFT's names) and
+/// `adapter_config.json`.
+pub fn write_peft_adapter(
+    dir: &Path,
+    lora: &LoraConfig,
+    base_model: &str,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let adapters: Vec<(String, Tensor)> = tensors
+        .iter()
+        .filter(|(n, _)| n.contains(".lora_A.") || n.contains(".lora_B."))
+        .cloned()
+        .collect();
+    if adapters.is_empty() {
+        return Err(ModelError::InvalidConfig("no LoRA tensors to write".into()));
+    }
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_atomic(
+        &dir.join("adapter_model.safetensors"),
+        &safetensors_bytes(&adapters, Some(meta))?,
+    )?;
+    let targets: Vec<&str> = lora.targets.iter().map(|t| t.peft_name()).collect();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+    });
+    let text =
+        serde_json::to_vec_pretty(&config).map_err(|e| ModelError::InvalidConfig(e.to_string()))?;
+    write_atomic(&dir.join("adapter_config.json"), &text)
+}
+
+/// The whole model with `trained` (a state's tensors by name: LoRA
+/// matrices, or full weights) applied, folded into plain weights: every
+/// tensor that training changed, under its [`TensorId`], in the HF layout.
+pub fn merged_tensors(
+    base: &WeightFile,
+    method: &Method,
+    trained: &HashMap<String, Tensor>,
+) -> Result<Vec<(TensorId, Tensor)>> {
+    let layers = base.config().num_hidden_layers;
+    let opts = TrainOptions {
+        method: method.clone(),
+        dtype: DType::F32,
+        seed: 0,
+    };
+    let stage = TrainStage::load(base, StageSpec::full(layers), &opts)?;
+    for (name, _) in stage.trainables() {
+        let t = trained
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+        stage.set(name, t)?;
+    }
+    let by_name: HashMap<String, TensorId> =
+        TensorId::all(layers).map(|id| (id.hf_name(), id)).collect();
+    let changed = |id: TensorId| match method {
+        Method::Full => true,
+        Method::Lora(c) => match id {
+            TensorId::Layer(_, t) => c.targets.iter().any(|x| x.tensor() == t),
+            _ => false,
+        },
+    };
+    let mut out = Vec::new();
+    for (name, t) in stage.merged_weights()? {
+        if let Some(&id) = by_name.get(&name)
+            && changed(id)
+        {
+            out.push((id, t));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a GGUF model at `dst`: the base file's metadata (with
+/// `general.name` set to `name`) and tensors, except those in `replaced`,
+/// which are written as f32 (in llama.cpp's row order where the base file
+/// uses it).
+pub fn write_merged_gguf(
+    base: &WeightFile,
+    replaced: &[(TensorId, Tensor)],
+    name: &str,
+    dst: &Path,
+) -> Result<()> {
+    if base.gguf_metadata().is_none() {
+        return Err(ModelError::InvalidConfig(
+            "a merged GGUF needs a GGUF base model".into(),
+        ));
+    }
+    let src = base.path();
+    let mut file = std::fs::File::open(src).map_err(io(src))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::BadGguf {
+        path: src.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut new: HashMap<String, QTensor> = HashMap::new();
+    for (id, t) in replaced {
+        let t = t.to_dtype(DType::F32)?;
+        let t = match base.permuted_heads(*id) {
+            Some(heads) => permute_for_gguf(&t, heads)?,
+            None => t,
+        };
+        new.insert(id.gguf_name(), QTensor::quantize(&t, GgmlDType::F32)?);
+    }
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    for n in names {
+        let q = match new.remove(n) {
+            Some(q) => q,
+            None => content.tensor(&mut file, n, &Device::Cpu)?,
+        };
+        tensors.push((n.clone(), q));
+    }
+    if let Some(left) = new.keys().next() {
+        return Err(ModelError::MissingTensor { name: left.clone() });
+    }
+    let mut meta: Vec<(String, gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.name")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.push((
+        "general.name".into(),
+        gguf_file::Value::String(name.to_string()),
+    ));
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta_refs: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tmp = dst.with_extension("partial");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
+        gguf_file::write(&mut f, &meta_refs, &t_refs)?;
+        use std::io::Write;
+        f.flush().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, dst).map_err(io(dst))
+}
