@@ -24,4 +24,9 @@ pub trait ModelSource: Send + Sync {
     /// Fetches `name` if needed and measures this device on it. Blocking
     /// (file I/O and compute): the runtime calls it off the async threads.
     fn load(&self, name: &str) -> Result<ModelInfo, String>;
+    /// Where fine-tuned models are written so that [`Self::list`] and
+    /// [`Self::load`] find them (by file name).
+    fn models_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }

@@ -79,6 +79,11 @@ pub enum EventKind {
     PlacementCleared {
         reason: String,
     },
+    /// A fine-tuning job run by this node changed state.
+    Training {
+        job: String,
+        message: String,
+    },
 }
 
 impl EventKind {

@@ -21,6 +21,7 @@ use crate::profile::{
     ClusterProfiles, ModelInfo, NodeProfile, PROBE_PERIOD, PlanReport, PlanRequest, ProfileBook,
     plan_report, planner_input,
 };
+use crate::train::{JobHandle, JobInfo, JobSpec};
 use crate::{ClusterView, RuntimeError};
 
 /// How to start a node.
@@ -70,6 +71,8 @@ pub struct Node {
     membership: Membership,
     profiles: ProfileBook,
     pipeline: Service,
+    jobs: Arc<crate::train::JobCtx>,
+    job_list: Arc<std::sync::Mutex<Vec<Arc<JobHandle>>>>,
     discoveries: Arc<Vec<Box<dyn Discovery>>>,
     tasks: Arc<Vec<tokio::task::AbortHandle>>,
 }
@@ -101,6 +104,7 @@ impl Node {
                 stream_kind::GENERATE,
                 stream_kind::CONTROL,
                 stream_kind::WEIGHTS,
+                stream_kind::TRAIN,
             ],
         )?;
         let mut take = |kind| streams.remove(&kind).ok_or(RuntimeError::Stopped);
@@ -111,6 +115,11 @@ impl Node {
         let generate_streams = take(stream_kind::GENERATE)?;
         let control_streams = take(stream_kind::CONTROL)?;
         let weight_streams = take(stream_kind::WEIGHTS)?;
+        let train_streams = take(stream_kind::TRAIN)?;
+        let train = crate::train::TrainHost::new(crate::train::TrainNet::new(
+            endpoint.clone(),
+            train_streams,
+        ));
         let (dtx, drx) = mpsc::channel(256);
         let membership = membership::spawn(
             endpoint.clone(),
@@ -133,6 +142,7 @@ impl Node {
             profiles.clone(),
             events.clone(),
             cfg.models,
+            train.clone(),
         );
         events.set_share(share_with_members(service.clone()));
         if let Some(info) = cfg.model {
@@ -147,7 +157,7 @@ impl Node {
                 service.clone(),
                 membership.clone(),
                 profiles.clone(),
-                cfg.placement,
+                cfg.placement.clone(),
             )
             .abort_handle(),
         ];
@@ -170,6 +180,7 @@ impl Node {
                                     reason: reason.clone(),
                                 },
                             );
+                            watcher.train().peer_lost(node_id);
                             watcher.peer_lost(
                                 &node_id.to_string(),
                                 &format!("stage node {name} ({}) left: {reason}", node_id.short()),
@@ -202,10 +213,20 @@ impl Node {
         for d in &cfg.discoveries {
             d.start(&me, dtx.clone())?;
         }
+        let jobs = Arc::new(crate::train::JobCtx {
+            service: service.clone(),
+            membership: membership.clone(),
+            profiles: profiles.clone(),
+            policy: cfg.placement,
+            host: train,
+            turn: tokio::sync::Mutex::new(()),
+        });
         Ok(Self {
             endpoint,
             membership,
             profiles,
+            jobs,
+            job_list: Arc::default(),
             pipeline: service,
             discoveries: Arc::new(cfg.discoveries),
             tasks: Arc::new(tasks),
@@ -427,6 +448,38 @@ impl Node {
     /// Membership events from now on.
     pub fn events(&self) -> broadcast::Receiver<MembershipEvent> {
         self.membership.events()
+    }
+
+    /// Starts a fine-tuning job on this node (it holds the data and
+    /// coordinates); it runs when the jobs before it are done.
+    pub fn start_job(&self, id: String, spec: JobSpec) -> Result<JobInfo, RuntimeError> {
+        spec.check().map_err(RuntimeError::BadRequest)?;
+        let job = JobHandle::new(id, spec);
+        let info = job
+            .info()
+            .ok_or_else(|| RuntimeError::BadRequest("job state poisoned".into()))?;
+        if let Ok(mut l) = self.job_list.lock() {
+            l.push(job.clone());
+        }
+        job.emit(
+            "info",
+            format!("Created fine-tuning job: {}", info.id),
+            None,
+        );
+        tokio::spawn(crate::train::job::run(self.jobs.clone(), job));
+        Ok(info)
+    }
+
+    /// The jobs this node ran or runs, oldest first.
+    pub fn jobs(&self) -> Vec<Arc<JobHandle>> {
+        self.job_list.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Job `id`, if this node has it.
+    pub fn job(&self, id: &str) -> Option<Arc<JobHandle>> {
+        self.jobs()
+            .into_iter()
+            .find(|j| j.info().is_some_and(|i| i.id == id))
     }
 
     /// Withdraws from discovery and closes every connection, so peers see

@@ -68,6 +68,8 @@ pub enum TrainMsg {
         /// Summed cross-entropy (last stage; 0 elsewhere).
         loss_sum: f64,
         targets: u64,
+        /// Seconds the stage computed during the step (its utilisation).
+        busy_s: f64,
     },
     /// The coordinator's verdict: apply the step (or, with `apply` false,
     /// drop the accumulated gradients); with `save`, then send the
@@ -244,6 +246,7 @@ impl TrainMsg {
                 sq_norm,
                 loss_sum,
                 targets,
+                busy_s,
             } => {
                 out.push(T_REPORT);
                 out.extend_from_slice(&job.to_le_bytes());
@@ -252,6 +255,7 @@ impl TrainMsg {
                 put_f64(out, *sq_norm);
                 put_f64(out, *loss_sum);
                 out.extend_from_slice(&targets.to_le_bytes());
+                put_f64(out, *busy_s);
             }
             Self::Apply {
                 job,
@@ -367,6 +371,7 @@ impl TrainMsg {
                 sq_norm: get_f64(r, "sq_norm")?,
                 loss_sum: get_f64(r, "loss_sum")?,
                 targets: r.u64("report")?,
+                busy_s: get_f64(r, "busy_s")?,
             },
             T_APPLY => {
                 let (job, step) = (r.u64("apply")?, r.u64("apply")?);

@@ -243,7 +243,8 @@ fn arb_train() -> impl Strategy<Value = TrainMsg> {
                     stage,
                     sq_norm,
                     loss_sum,
-                    targets
+                    targets,
+                    busy_s: sq_norm.abs()
                 }
             ),
         (

@@ -103,6 +103,15 @@ pub(crate) enum Control {
     Stats {
         stages: Vec<super::StageStats>,
     },
+    /// Load and run this training stage, coordinated by the sender (reply
+    /// `Ready { id: job }` or `Failed`).
+    TrainStage {
+        order: crate::train::StageOrder,
+    },
+    /// Drop the sender's job's training stage here (reply `Ready`).
+    TrainEnd {
+        job: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -165,7 +174,7 @@ pub(crate) async fn request(
     wait: Duration,
 ) -> Result<Control, String> {
     if node == service.me() {
-        return Ok(handle(service, req.clone()).await);
+        return Ok(handle(service, req.clone(), service.endpoint().id()).await);
     }
     let id: NodeId = node.parse().map_err(|e| format!("{e}"))?;
     let conn = service
@@ -187,8 +196,37 @@ pub(crate) async fn request(
 }
 
 /// What a node does with a control request.
-async fn handle(service: &Service, req: Control) -> Control {
+async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
     match req {
+        Control::TrainStage { order } => {
+            let job = order.job;
+            let Some(model) = service.model() else {
+                return Control::Failed {
+                    id: job,
+                    reason: "this node serves no model".into(),
+                };
+            };
+            match service
+                .train()
+                .start(
+                    from,
+                    order,
+                    model.info.path.clone(),
+                    model.info.times.content.clone().unwrap_or_default(),
+                )
+                .await
+            {
+                Ok(()) => Control::Ready { id: job },
+                Err(reason) => {
+                    warn!(job, "cannot start a training stage: {reason}");
+                    Control::Failed { id: job, reason }
+                }
+            }
+        }
+        Control::TrainEnd { job } => {
+            service.train().end(from, job);
+            Control::Ready { id: job }
+        }
         Control::Assign { placement } | Control::Activate { placement }
             if let Err(reason) = placement.validate() =>
         {
@@ -261,7 +299,7 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
             }
             Err(reason) => Control::Failed { id: 0, reason },
         },
-        Ok(Ok(req)) => handle(&service, req).await,
+        Ok(Ok(req)) => handle(&service, req, peer.node_id).await,
         Ok(Err(reason)) => {
             warn!(
                 "bad control request from {}: {reason}",

@@ -56,6 +56,8 @@ struct Inner {
     source: Option<Arc<dyn ModelSource>>,
     /// The model being loaded by name, if any.
     loading: Mutex<Option<String>>,
+    /// Training stages run here for jobs coordinated anywhere.
+    train: crate::train::TrainHost,
 }
 
 /// A cheap handle.
@@ -70,6 +72,7 @@ impl Service {
         profiles: ProfileBook,
         events: Events,
         source: Option<Arc<dyn ModelSource>>,
+        train: crate::train::TrainHost,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -83,8 +86,13 @@ impl Service {
                 events,
                 source,
                 loading: Mutex::new(None),
+                train,
             }),
         }
+    }
+
+    pub(crate) fn train(&self) -> &crate::train::TrainHost {
+        &self.inner.train
     }
 
     pub(crate) fn events(&self) -> &Events {

@@ -32,6 +32,10 @@ pub struct StepOutcome {
     pub tokens: u64,
     /// Each stage's state (safetensors bytes) when a checkpoint was asked.
     pub states: Vec<Vec<u8>>,
+    /// Each stage's compute time in the step.
+    pub busy_s: Vec<f64>,
+    /// Wall time from the first micro-batch sent to the last report.
+    pub wall_s: f64,
 }
 
 /// Drives a job's steps over placed stage workers.
@@ -97,6 +101,7 @@ impl Coordinator {
             (Some(f), Some(l)) => (*f, *l),
             _ => return Err(TrainError::Protocol("a job without stages".into())),
         };
+        let started = std::time::Instant::now();
         let step_targets: u64 = batches.iter().map(|b| b.targets() as u64).sum();
         let tokens: u64 = batches.iter().map(|b| b.tokens.len() as u64).sum();
         for (i, b) in batches.iter().enumerate() {
@@ -132,6 +137,7 @@ impl Coordinator {
         }
         let mut reported = vec![false; p];
         let (mut sq, mut loss_sum) = (0.0, 0.0);
+        let mut busy_s = vec![0.0; p];
         while reported.iter().any(|r| !r) {
             match self.next("the stages' reports").await? {
                 (
@@ -141,10 +147,12 @@ impl Coordinator {
                         stage,
                         sq_norm,
                         loss_sum: l,
+                        busy_s: b,
                         ..
                     },
                 ) if st == step && (stage as usize) < p && !reported[stage as usize] => {
                     reported[stage as usize] = true;
+                    busy_s[stage as usize] = b;
                     sq += sq_norm;
                     loss_sum += l;
                 }
@@ -156,6 +164,7 @@ impl Coordinator {
                 }
             }
         }
+        let wall_s = started.elapsed().as_secs_f64();
         let norm = sq.sqrt();
         let applied = norm.is_finite() && loss_sum.is_finite() && sq < f64::MAX;
         let grad_scale = if applied {
@@ -227,6 +236,8 @@ impl Coordinator {
             targets: step_targets,
             tokens,
             states,
+            busy_s,
+            wall_s,
         })
     }
 

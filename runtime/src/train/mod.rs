@@ -12,12 +12,18 @@
 //! AdamW — so no stage steps unless all finished the step.
 
 pub mod coordinator;
+mod ctx;
+pub mod host;
+pub mod job;
 pub mod net;
 pub mod schedule;
 pub mod state;
 pub mod worker;
 
 pub use coordinator::{Coordinator, StepOutcome};
+pub(crate) use ctx::JobCtx;
+pub use host::{StageOrder, TrainHost};
+pub use job::{JobEvent, JobHandle, JobInfo, JobSpec, JobStage, JobState, MethodSpec};
 pub use net::{TrainNet, TrainNetError};
 pub use schedule::{Op, Schedule, ScheduleError, Simulation, simulate};
 pub use worker::{StageHandle, StageSetup, spawn_stage};

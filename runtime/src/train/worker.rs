@@ -75,6 +75,11 @@ impl StageHandle {
         self.grads.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
+    /// Whether the worker thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Stops the worker and returns how it ended.
     pub fn stop(mut self) -> Result<(), TrainError> {
         self.stop.store(true, Ordering::SeqCst);
@@ -276,6 +281,7 @@ impl Worker {
         let mut labels: HashMap<u32, (Vec<u32>, u64)> = HashMap::new();
         let mut acc: Vec<Option<Tensor>> = vec![None; self.stage.trainables().len()];
         let (mut loss_sum, mut targets) = (0.0, 0u64);
+        let mut busy = Duration::ZERO;
         for op in ops {
             match op {
                 Op::Forward(mb) => {
@@ -334,9 +340,11 @@ impl Worker {
                     } else {
                         // The last stage recomputes in backward anyway, so
                         // only the others run forward now.
+                        let t0 = Instant::now();
                         let out =
                             self.stage
                                 .forward(&input, &layout, &dropout_ctx(&s, step, mb))?;
+                        busy += t0.elapsed();
                         let hidden = to_frame(&out, s.job, step)?;
                         let msg = TrainMsg::Activations {
                             key: key(&s, step, mb),
@@ -355,6 +363,7 @@ impl Worker {
                         ))
                     })?;
                     let d = dropout_ctx(&s, step, mb);
+                    let t0 = Instant::now();
                     let back = if last {
                         let (l, step_targets) = labels.remove(&mb).ok_or_else(|| {
                             TrainError::Protocol(format!("no labels for micro-batch {mb}"))
@@ -379,6 +388,7 @@ impl Worker {
                         self.stage
                             .backward(&input, &layout, &d, Upstream::Grad(&g))?
                     };
+                    busy += t0.elapsed();
                     loss_sum += back.loss_sum.unwrap_or(0.0);
                     targets += back.targets as u64;
                     if let (false, Some(g)) = (first, &back.input_grad) {
@@ -451,6 +461,7 @@ impl Worker {
                 job: s.job,
                 step,
                 stage: s.stage,
+                busy_s: busy.as_secs_f64(),
                 sq_norm: if sq_norm.is_finite() {
                     sq_norm
                 } else {

@@ -1,0 +1,173 @@
+//! What a job uses of its node: the served model, placement over the
+//! members, stage orders over `CONTROL`, membership losses, events.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hearth_models::StageSpec;
+use hearth_models::train::Method;
+use tokio::sync::broadcast;
+
+use super::TrainNet;
+use super::host::{StageOrder, TrainHost};
+use super::job::{JobSpec, MethodSpec};
+use super::schedule::Schedule;
+use crate::events::EventKind;
+use crate::membership::{Membership, MembershipEvent};
+use crate::pipeline::PlacementPolicy;
+use crate::pipeline::placer::{Control, decide, request};
+use crate::pipeline::service::Service;
+use crate::profile::{PlanRequest, ProfileBook, planner_input};
+
+/// How long a stage node may take to load its layers.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A node's resources for the jobs it runs.
+pub struct JobCtx {
+    pub(crate) service: Service,
+    pub(crate) membership: Membership,
+    pub(crate) profiles: ProfileBook,
+    pub(crate) policy: PlacementPolicy,
+    pub(crate) host: TrainHost,
+    /// Held by the running job.
+    pub(crate) turn: tokio::sync::Mutex<()>,
+}
+
+impl JobCtx {
+    /// The served model: its id, file and content id.
+    pub(crate) fn model(&self) -> Option<(String, PathBuf, String)> {
+        self.service.model().map(|m| {
+            (
+                m.info.times.model.clone(),
+                m.info.path.clone(),
+                m.info.times.content.clone().unwrap_or_default(),
+            )
+        })
+    }
+
+    /// Where a merged model goes so the node can load it by name.
+    pub(crate) fn models_dir(&self) -> Option<PathBuf> {
+        self.service.source().and_then(|s| s.models_dir())
+    }
+
+    pub(crate) fn net(&self) -> TrainNet {
+        self.host.net().clone()
+    }
+
+    /// Stages (node id, name, layers) over the live members that serve the
+    /// model: the partitioner's training plan, or an even split.
+    pub(crate) async fn place(
+        &self,
+        spec: &JobSpec,
+        micro_batch_tokens: u32,
+    ) -> Result<Vec<(String, String, StageSpec)>, String> {
+        let model = self.service.model().ok_or("the model was unloaded")?;
+        let view = self.membership.view().await.ok_or("the node is stopping")?;
+        let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
+        let input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
+        let policy = match &self.policy {
+            PlacementPolicy::Even => PlacementPolicy::Even,
+            PlacementPolicy::Planned(req) => PlacementPolicy::Planned(PlanRequest {
+                workload: "training".into(),
+                micro_batch_tokens: micro_batch_tokens.max(1),
+                micro_batches: spec.micro_batches.min(spec.batch_size as u32).max(1),
+                schedule: match spec.schedule {
+                    Schedule::OneFOneB => "1f1b".into(),
+                    Schedule::Gpipe => "gpipe".into(),
+                },
+                recompute: true,
+                method: match spec.method.method() {
+                    Method::Full => "full".into(),
+                    Method::Lora(_) => "lora".into(),
+                },
+                lora_rank: match &spec.method {
+                    MethodSpec::Lora { rank, .. } => *rank as u32,
+                    MethodSpec::Full => 0,
+                },
+                ..req.clone()
+            }),
+        };
+        let (stages, _) = decide(&policy, &input, &model.info)?;
+        let name_of = |id: &str| {
+            view.members
+                .iter()
+                .find(|m| m.node_id == id)
+                .map_or_else(|| id.get(..8).unwrap_or(id).to_string(), |m| m.name.clone())
+        };
+        stages
+            .into_iter()
+            .map(|(d, s)| {
+                let id = input
+                    .node_ids
+                    .get(d)
+                    .ok_or_else(|| format!("the plan names device {d}"))?;
+                Ok((id.clone(), name_of(id), s))
+            })
+            .collect()
+    }
+
+    /// Has `node` load and run `order`'s stage.
+    pub(crate) async fn order(&self, node: &str, order: StageOrder) -> Result<(), String> {
+        let job = order.job;
+        match request(
+            &self.service,
+            node,
+            &Control::TrainStage { order },
+            ORDER_TIMEOUT,
+        )
+        .await?
+        {
+            Control::Ready { id } if id == job => Ok(()),
+            Control::Failed { reason, .. } => Err(format!("{}: {reason}", short(node))),
+            other => Err(format!("{}: unexpected reply {other:?}", short(node))),
+        }
+    }
+
+    /// Tells `node` to drop job `job`'s stage (best effort).
+    pub(crate) async fn end(&self, node: &str, job: u64) {
+        let _ = request(
+            &self.service,
+            node,
+            &Control::TrainEnd { job },
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+
+    /// Resolves when one of `nodes` is not (or no longer) a member.
+    pub(crate) async fn lost(&self, nodes: Vec<String>) -> String {
+        let mut events = self.membership.events();
+        if let Some(view) = self.membership.view().await
+            && let Some(gone) = nodes
+                .iter()
+                .find(|n| !view.members.iter().any(|m| &m.node_id == *n))
+        {
+            return format!("stage node {} is not a member", short(gone));
+        }
+        loop {
+            match events.recv().await {
+                Ok(MembershipEvent::Left {
+                    node_id,
+                    name,
+                    reason,
+                }) if nodes.contains(&node_id.to_string()) => {
+                    return format!("stage node {name} ({}) left: {reason}", node_id.short());
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return "the node is stopping".into(),
+            }
+        }
+    }
+
+    /// Records a cluster event about job `job`.
+    pub(crate) fn cluster_event(&self, job: &str, message: &str) {
+        self.service.events().emit(EventKind::Training {
+            job: job.to_string(),
+            message: message.to_string(),
+        });
+    }
+}
+
+fn short(s: &str) -> &str {
+    s.get(..8).unwrap_or(s)
+}

@@ -1,0 +1,240 @@
+//! A node's side of training jobs run elsewhere: a coordinator asks it
+//! (over `CONTROL`) to load a layer range of the model it serves and run
+//! that stage's worker; the stage ends when the coordinator says `End`,
+//! asks `TrainEnd`, or leaves the cluster.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearth_models::train::{AdamWConfig, Method, TrainOptions, TrainStage};
+use hearth_models::{StageSpec, WeightFile};
+use hearth_net::NodeId;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::net::TrainNet;
+use super::schedule::Schedule;
+use super::worker::{StageHandle, StageSetup, spawn_stage};
+
+/// Longest row a job may ask for.
+pub const MAX_SEQ_LEN: usize = 8192;
+
+/// What a coordinator asks a node to run (a control document).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageOrder {
+    /// The wire id of this attempt of the job.
+    pub job: u64,
+    pub stage: u16,
+    pub stages: u16,
+    pub spec: StageSpec,
+    /// The content id of the model file every stage must hold.
+    pub content: String,
+    pub method: Method,
+    pub schedule: Schedule,
+    pub micro_batches: u32,
+    pub prev: Option<String>,
+    pub next: Option<String>,
+    pub tied: Option<String>,
+    pub seed: u64,
+    pub optim: AdamWConfig,
+    pub timeout_s: u64,
+    pub restore_len: u64,
+    pub max_len: usize,
+}
+
+impl StageOrder {
+    fn check(&self) -> Result<(), String> {
+        if self.stages == 0 || self.stage >= self.stages {
+            return Err(format!("stage {} of {}", self.stage, self.stages));
+        }
+        if self.micro_batches == 0 || self.micro_batches > 4096 {
+            return Err(format!("{} micro-batches", self.micro_batches));
+        }
+        if self.max_len == 0 || self.max_len > MAX_SEQ_LEN {
+            return Err(format!("rows of {} tokens", self.max_len));
+        }
+        if !(1..=86_400).contains(&self.timeout_s) {
+            return Err(format!("a timeout of {} s", self.timeout_s));
+        }
+        if (self.prev.is_none()) != (self.stage == 0)
+            || (self.next.is_none()) != (self.stage + 1 == self.stages)
+        {
+            return Err("neighbours do not match the stage's position".into());
+        }
+        Ok(())
+    }
+}
+
+fn node(s: &str) -> Result<NodeId, String> {
+    s.parse().map_err(|e| format!("bad node id {s}: {e}"))
+}
+
+struct Running {
+    coordinator: NodeId,
+    handle: StageHandle,
+}
+
+/// The training stages this node runs.
+#[derive(Clone)]
+pub struct TrainHost {
+    net: TrainNet,
+    stages: Arc<Mutex<HashMap<u64, Running>>>,
+}
+
+impl TrainHost {
+    pub fn new(net: TrainNet) -> Self {
+        Self {
+            net,
+            stages: Arc::default(),
+        }
+    }
+
+    /// This node's training transport.
+    pub fn net(&self) -> &TrainNet {
+        &self.net
+    }
+
+    /// Loads `order`'s stage from `model` (the file this node serves, whose
+    /// content id is `content`) and starts its worker; `from` is the
+    /// coordinator.
+    pub async fn start(
+        &self,
+        from: NodeId,
+        order: StageOrder,
+        model: std::path::PathBuf,
+        content: String,
+    ) -> Result<(), String> {
+        order.check()?;
+        if order.content != content {
+            return Err(format!(
+                "this node serves another model file ({} ≠ {})",
+                short(&content),
+                short(&order.content)
+            ));
+        }
+        self.collect();
+        if self
+            .stages
+            .lock()
+            .map(|s| s.contains_key(&order.job))
+            .unwrap_or(true)
+        {
+            return Err(format!("job {} already has a stage here", order.job));
+        }
+        let setup = StageSetup {
+            job: order.job,
+            stage: order.stage,
+            stages: order.stages,
+            micro_batches: order.micro_batches,
+            schedule: order.schedule,
+            prev: order.prev.as_deref().map(node).transpose()?,
+            next: order.next.as_deref().map(node).transpose()?,
+            coordinator: from,
+            tied: order.tied.as_deref().map(node).transpose()?,
+            seed: order.seed,
+            optim: order.optim.clone(),
+            timeout: Duration::from_secs(order.timeout_s),
+            keep_grads: false,
+            restore: None,
+            restore_len: order.restore_len,
+            max_len: order.max_len,
+        };
+        let (spec, method, seed) = (order.spec, order.method.clone(), order.seed);
+        let stage = tokio::task::spawn_blocking(move || {
+            let w = WeightFile::open(&model).map_err(|e| e.to_string())?;
+            TrainStage::load(
+                &w,
+                spec,
+                &TrainOptions {
+                    method,
+                    dtype: candle_core::DType::F32,
+                    seed,
+                },
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let handle = spawn_stage(&self.net, stage, setup).map_err(|e| e.to_string())?;
+        info!(
+            job = order.job,
+            stage = order.stage,
+            layers = %format!("{}..{}", spec.start, spec.end),
+            "training stage started"
+        );
+        if let Ok(mut s) = self.stages.lock() {
+            s.insert(
+                order.job,
+                Running {
+                    coordinator: from,
+                    handle,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops job `job`'s stage here, if `from` is its coordinator.
+    pub fn end(&self, from: NodeId, job: u64) {
+        let gone = self.stages.lock().ok().and_then(|mut s| {
+            if s.get(&job).is_some_and(|r| r.coordinator == from) {
+                s.remove(&job)
+            } else {
+                None
+            }
+        });
+        if let Some(r) = gone {
+            let _ = r.handle.stop();
+        }
+    }
+
+    /// Stops the stages of jobs whose coordinator left.
+    pub fn peer_lost(&self, node: NodeId) {
+        let gone: Vec<Running> = match self.stages.lock() {
+            Ok(mut s) => {
+                let jobs: Vec<u64> = s
+                    .iter()
+                    .filter(|(_, r)| r.coordinator == node)
+                    .map(|(j, _)| *j)
+                    .collect();
+                jobs.iter().filter_map(|j| s.remove(j)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for r in gone {
+            let _ = r.handle.stop();
+        }
+    }
+
+    /// Jobs with a stage here.
+    pub fn jobs(&self) -> Vec<u64> {
+        self.collect();
+        self.stages
+            .lock()
+            .map(|s| s.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets stages whose worker ended.
+    fn collect(&self) {
+        let done: Vec<Running> = match self.stages.lock() {
+            Ok(mut s) => {
+                let jobs: Vec<u64> = s
+                    .iter()
+                    .filter(|(_, r)| r.handle.is_finished())
+                    .map(|(j, _)| *j)
+                    .collect();
+                jobs.iter().filter_map(|j| s.remove(j)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for r in done {
+            let _ = r.handle.stop();
+        }
+    }
+}
+
+fn short(s: &str) -> &str {
+    s.get(..12).unwrap_or(s)
+}

@@ -1,0 +1,1015 @@
+//! Fine-tuning jobs: the node that holds the data runs the job. It reads
+//! and tokenizes the JSONL file, places the stages over the members that
+//! serve the model (by the partitioner, or evenly), drives the steps as the
+//! coordinator, writes checkpoints (each stage's trainable state and
+//! optimizer moments, plus the step — which fixes the data cursor and the
+//! dropout draws), and at the end writes the adapter (PEFT) or weights and
+//! a merged model file that the cluster can serve.
+//!
+//! A stage that fails or leaves mid-step means no optimizer step anywhere
+//! for that step: the job re-plans over the live members and resumes from
+//! the last checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use candle_core::Tensor;
+use hearth_models::train::export::{
+    merged_tensors, write_atomic, write_merged_gguf, write_peft_adapter,
+};
+use hearth_models::train::{
+    AdamWConfig, Batching, LoraConfig, LrSchedule, Method, Target, Tokenized, load_jsonl,
+};
+use hearth_models::{ModelText, StageSpec, WeightFile};
+use hearth_net::NodeId;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn};
+
+use super::TrainError;
+use super::coordinator::{Coordinator, StepOutcome};
+use super::ctx::JobCtx;
+use super::host::{MAX_SEQ_LEN, StageOrder};
+use super::schedule::Schedule;
+use super::state;
+
+/// Events a job keeps.
+const MAX_EVENTS: usize = 10_000;
+/// How often a job re-plans after failures before it gives up.
+const MAX_REPLANS: u32 = 3;
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What to train, on what, and how (`hearth train JOB.toml`, or the API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The model the cluster serves (its id in `/v1/models`).
+    pub model: String,
+    /// JSONL on this node.
+    pub data: PathBuf,
+    #[serde(default)]
+    pub method: MethodSpec,
+    /// Passes over the data (ignored when `steps` is set).
+    #[serde(default = "defaults::epochs")]
+    pub epochs: u64,
+    /// Optimizer steps (instead of epochs).
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Examples per optimizer step.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per step (`m`; at most `batch_size`).
+    #[serde(default = "defaults::micro_batches")]
+    pub micro_batches: u32,
+    /// Longest example in tokens (longer ones are cut).
+    #[serde(default = "defaults::seq_len")]
+    pub seq_len: usize,
+    /// Pack several examples into each row.
+    #[serde(default)]
+    pub pack: bool,
+    #[serde(default = "defaults::learning_rate")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// The cosine decay ends at `learning_rate * min_lr_ratio`.
+    #[serde(default = "defaults::min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::max_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    /// Checkpoint every this many steps (0: only at the end).
+    #[serde(default = "defaults::checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Where checkpoints and the adapter go.
+    pub output_dir: PathBuf,
+    /// Part of the fine-tuned model's name.
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Also write a merged model the cluster can serve.
+    #[serde(default = "defaults::yes")]
+    pub merge: bool,
+    /// Longest wait for one stage message, in seconds.
+    #[serde(default = "defaults::timeout_s")]
+    pub timeout_s: u64,
+}
+
+mod defaults {
+    pub fn epochs() -> u64 {
+        3
+    }
+    pub fn batch_size() -> usize {
+        8
+    }
+    pub fn micro_batches() -> u32 {
+        4
+    }
+    pub fn seq_len() -> usize {
+        512
+    }
+    pub fn learning_rate() -> f64 {
+        2e-4
+    }
+    pub fn min_lr_ratio() -> f64 {
+        0.1
+    }
+    pub fn max_grad_norm() -> f64 {
+        1.0
+    }
+    pub fn seed() -> u64 {
+        42
+    }
+    pub fn checkpoint_every() -> u64 {
+        50
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn timeout_s() -> u64 {
+        600
+    }
+}
+
+/// `method` of a job file: LoRA (the default) or full fine-tuning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MethodSpec {
+    Lora {
+        #[serde(default = "lora::rank")]
+        rank: usize,
+        #[serde(default = "lora::alpha")]
+        alpha: f64,
+        #[serde(default)]
+        dropout: f64,
+        #[serde(default = "lora::targets")]
+        targets: Vec<Target>,
+    },
+    Full,
+}
+
+mod lora {
+    pub fn rank() -> usize {
+        8
+    }
+    pub fn alpha() -> f64 {
+        16.0
+    }
+    pub fn targets() -> Vec<super::Target> {
+        super::Target::ALL.to_vec()
+    }
+}
+
+impl Default for MethodSpec {
+    fn default() -> Self {
+        Self::Lora {
+            rank: lora::rank(),
+            alpha: lora::alpha(),
+            dropout: 0.0,
+            targets: lora::targets(),
+        }
+    }
+}
+
+impl MethodSpec {
+    pub fn method(&self) -> Method {
+        match self {
+            Self::Lora {
+                rank,
+                alpha,
+                dropout,
+                targets,
+            } => Method::Lora(LoraConfig {
+                rank: *rank,
+                alpha: *alpha,
+                dropout: *dropout,
+                targets: targets.clone(),
+                init_b_std: 0.0,
+            }),
+            Self::Full => Method::Full,
+        }
+    }
+}
+
+impl JobSpec {
+    /// Checks the numbers a person typed.
+    pub fn check(&self) -> Result<(), String> {
+        let bad = |s: String| Err(s);
+        if self.batch_size == 0 || self.batch_size > 65_536 {
+            return bad(format!(
+                "batch_size {} is not in 1..=65536",
+                self.batch_size
+            ));
+        }
+        if self.micro_batches == 0 || self.micro_batches > 1024 {
+            return bad(format!(
+                "micro_batches {} is not in 1..=1024",
+                self.micro_batches
+            ));
+        }
+        if self.seq_len < 2 || self.seq_len > MAX_SEQ_LEN {
+            return bad(format!(
+                "seq_len {} is not in 2..={MAX_SEQ_LEN}",
+                self.seq_len
+            ));
+        }
+        if self.steps.is_none() && !(1..=1000).contains(&self.epochs) {
+            return bad(format!("epochs {} is not in 1..=1000", self.epochs));
+        }
+        if self.steps == Some(0) {
+            return bad("steps must be at least 1".into());
+        }
+        for (name, v) in [
+            ("learning_rate", self.learning_rate),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 10.0) {
+                return bad(format!("{name} {v} is not in (0, 10)"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) || !(0.0..1.0).contains(&self.weight_decay) {
+            return bad("min_lr_ratio must be in [0, 1] and weight_decay in [0, 1)".into());
+        }
+        if let MethodSpec::Lora {
+            rank,
+            dropout,
+            targets,
+            alpha,
+        } = &self.method
+        {
+            if *rank == 0 || *rank > 1024 || targets.is_empty() || !alpha.is_finite() {
+                return bad("LoRA needs a rank in 1..=1024, an alpha and targets".into());
+            }
+            if !(0.0..1.0).contains(dropout) {
+                return bad(format!("LoRA dropout {dropout} is not in [0, 1)"));
+            }
+        }
+        if let Some(s) = &self.suffix
+            && (s.len() > 40
+                || !s
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return bad("suffix: up to 40 letters, digits, '-' or '_'".into());
+        }
+        if !(1..=86_400).contains(&self.timeout_s) {
+            return bad(format!("timeout_s {} is not in 1..=86400", self.timeout_s));
+        }
+        Ok(())
+    }
+
+    /// What a checkpoint must agree with to be resumed.
+    fn fingerprint(&self) -> Value {
+        json!({
+            "model": self.model, "method": self.method, "batch_size": self.batch_size,
+            "micro_batches": self.micro_batches, "seq_len": self.seq_len, "pack": self.pack,
+            "seed": self.seed, "epochs": self.epochs, "steps": self.steps,
+        })
+    }
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    ValidatingFiles,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn done(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// One stage of the job's current placement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStage {
+    pub node_id: String,
+    pub name: String,
+    pub start: usize,
+    pub end: usize,
+    /// Share of the last step's wall time the stage computed.
+    pub utilization: f64,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: String,
+    pub model: String,
+    pub state: JobState,
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+    pub fine_tuned_model: Option<String>,
+    pub error: Option<String>,
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: Option<f64>,
+    pub trained_tokens: u64,
+    pub tokens_per_s: Option<f64>,
+    pub stages: Vec<JobStage>,
+    /// (p−1)/(m+p−1) of the current placement.
+    pub ideal_bubble: Option<f64>,
+    pub spec: JobSpec,
+    pub output_dir: PathBuf,
+}
+
+/// Something that happened to a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub seq: u64,
+    pub created_at: u64,
+    /// info, warn or error.
+    pub level: String,
+    pub message: String,
+    /// Step metrics (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, ...).
+    pub data: Option<Value>,
+}
+
+/// A job's shared state.
+pub struct JobHandle {
+    info: Mutex<JobInfo>,
+    events: Mutex<Vec<JobEvent>>,
+    tx: broadcast::Sender<JobEvent>,
+    cancel: watch::Sender<bool>,
+}
+
+impl JobHandle {
+    pub fn new(id: String, spec: JobSpec) -> Arc<Self> {
+        Arc::new(Self {
+            info: Mutex::new(JobInfo {
+                id,
+                model: spec.model.clone(),
+                state: JobState::ValidatingFiles,
+                created_at: now_s(),
+                finished_at: None,
+                fine_tuned_model: None,
+                error: None,
+                step: 0,
+                total_steps: 0,
+                loss: None,
+                trained_tokens: 0,
+                tokens_per_s: None,
+                stages: Vec::new(),
+                ideal_bubble: None,
+                output_dir: spec.output_dir.clone(),
+                spec,
+            }),
+            events: Mutex::new(Vec::new()),
+            tx: broadcast::channel(256).0,
+            cancel: watch::channel(false).0,
+        })
+    }
+
+    pub fn info(&self) -> Option<JobInfo> {
+        self.info.lock().ok().map(|i| i.clone())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut JobInfo)) {
+        if let Ok(mut i) = self.info.lock() {
+            f(&mut i);
+        }
+    }
+
+    /// Past events and a receiver for the next ones.
+    pub fn events(&self) -> (Vec<JobEvent>, broadcast::Receiver<JobEvent>) {
+        let rx = self.tx.subscribe();
+        (
+            self.events.lock().map(|e| e.clone()).unwrap_or_default(),
+            rx,
+        )
+    }
+
+    pub fn emit(&self, level: &str, message: impl Into<String>, data: Option<Value>) {
+        let message = message.into();
+        match level {
+            "error" | "warn" => warn!("{message}"),
+            _ => info!("{message}"),
+        }
+        let Ok(mut ev) = self.events.lock() else {
+            return;
+        };
+        let e = JobEvent {
+            seq: ev.len() as u64,
+            created_at: now_s(),
+            level: level.into(),
+            message,
+            data,
+        };
+        if ev.len() < MAX_EVENTS {
+            ev.push(e.clone());
+        }
+        let _ = self.tx.send(e);
+    }
+
+    /// Asks the job to stop (it ends `cancelled`).
+    pub fn cancel(&self) {
+        self.cancel.send_replace(true);
+    }
+
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    fn finish(&self, state: JobState, error: Option<String>) {
+        self.update(|i| {
+            i.state = state;
+            i.error = error.clone();
+            i.finished_at = Some(now_s());
+        });
+        match (state, error) {
+            (JobState::Failed, Some(e)) => self.emit("error", format!("The job failed: {e}"), None),
+            (JobState::Cancelled, _) => self.emit("info", "The job was cancelled", None),
+            _ => {}
+        }
+    }
+}
+
+/// Parameter-name → tensor, plus the optimizer's step count.
+#[derive(Clone, Default)]
+struct Checkpoint {
+    step: u64,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    fn from_states(states: &[Vec<u8>], step: u64) -> Result<Self, TrainError> {
+        let mut tensors = HashMap::new();
+        for s in states {
+            let (t, _) = state::decode(s)?;
+            tensors.extend(t);
+        }
+        Ok(Self { step, tensors })
+    }
+
+    /// The state file for a stage of `spec` (its own tensors only).
+    fn for_stage(&self, spec: StageSpec, tied: bool) -> Result<Vec<u8>, TrainError> {
+        let mut mine: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .filter(|(n, _)| belongs(n, spec, tied))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        mine.sort_by(|a, b| a.0.cmp(&b.0));
+        let meta = HashMap::from([("optimizer_steps".to_string(), self.step.to_string())]);
+        state::encode(&mine, meta)
+    }
+
+    fn save(&self, dir: &Path, spec: &JobSpec, total_steps: u64) -> Result<(), TrainError> {
+        let io = |e: std::io::Error| TrainError::Checkpoint(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut all: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let meta = HashMap::from([("optimizer_steps".to_string(), self.step.to_string())]);
+        write_atomic(&dir.join("state.safetensors"), &state::encode(&all, meta)?)?;
+        let job = json!({
+            "format": 1,
+            "step": self.step,
+            "total_steps": total_steps,
+            "examples_seen": self.step * spec.batch_size as u64,
+            "seed": spec.seed,
+            "spec": spec.fingerprint(),
+        });
+        write_atomic(
+            &dir.join("job.json"),
+            &serde_json::to_vec_pretty(&job).map_err(|e| TrainError::Checkpoint(e.to_string()))?,
+        )?;
+        Ok(())
+    }
+
+    /// The checkpoint in `dir`, if it was written by the same job.
+    fn load(dir: &Path, spec: &JobSpec) -> Result<Option<Self>, TrainError> {
+        let Ok(text) = std::fs::read(dir.join("job.json")) else {
+            return Ok(None);
+        };
+        let job: Value = serde_json::from_slice(&text)
+            .map_err(|e| TrainError::Checkpoint(format!("job.json: {e}")))?;
+        if job["spec"] != spec.fingerprint() {
+            return Err(TrainError::Checkpoint(format!(
+                "{} holds a checkpoint of another job (different model, data cut or method); use another output_dir",
+                dir.display()
+            )));
+        }
+        let step = job["step"]
+            .as_u64()
+            .ok_or_else(|| TrainError::Checkpoint("job.json has no step".into()))?;
+        let bytes = std::fs::read(dir.join("state.safetensors"))
+            .map_err(|e| TrainError::Checkpoint(format!("state.safetensors: {e}")))?;
+        let (tensors, _) = state::decode(&bytes)?;
+        Ok(Some(Self { step, tensors }))
+    }
+}
+
+/// Whether the state entry `name` belongs to a stage of `spec`.
+fn belongs(name: &str, spec: StageSpec, tied_copy: bool) -> bool {
+    let base = name.strip_prefix("optimizer.").unwrap_or(name);
+    if let Some(rest) = base.split("layers.").nth(1)
+        && let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok())
+    {
+        return (spec.start..spec.end).contains(&i);
+    }
+    if base.contains("embed_tokens") {
+        return spec.embed || (spec.head && tied_copy);
+    }
+    spec.head
+}
+
+/// The job's data, tokenized.
+struct Data {
+    examples: Vec<Tokenized>,
+    base: WeightFile,
+}
+
+/// Runs a job to its end (the caller spawns it).
+pub async fn run(ctx: Arc<JobCtx>, job: Arc<JobHandle>) {
+    // One job at a time: the others wait their turn (queued).
+    let result = {
+        let _turn = ctx.turn.lock().await;
+        run_inner(&ctx, &job).await
+    };
+    let id = job.info().map(|i| i.id).unwrap_or_default();
+    match result {
+        Ok(()) if job.cancelled() => job.finish(JobState::Cancelled, None),
+        Ok(()) => {}
+        Err(e) if job.cancelled() => {
+            tracing::debug!("cancelled job ended with {e}");
+            job.finish(JobState::Cancelled, None)
+        }
+        Err(e) => job.finish(JobState::Failed, Some(e.to_string())),
+    }
+    if let Some(i) = job.info() {
+        ctx.cluster_event(
+            &id,
+            &format!("fine-tuning job {id} {:?}", i.state).to_lowercase(),
+        );
+    }
+}
+
+async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainError> {
+    let Some(info) = job.info() else {
+        return Err(TrainError::Stage("the job's state is gone".into()));
+    };
+    let spec = info.spec.clone();
+    spec.check().map_err(TrainError::Stage)?;
+    let (served, path, content) = ctx
+        .model()
+        .ok_or_else(|| TrainError::Stage("the cluster serves no model to fine-tune".into()))?;
+    if served != spec.model {
+        return Err(TrainError::Stage(format!(
+            "the cluster serves {served}, not {}; load {} first",
+            spec.model, spec.model
+        )));
+    }
+    job.emit(
+        "info",
+        format!("Validating training file {}", spec.data.display()),
+        None,
+    );
+    let data = {
+        let (path, file, seq_len) = (path.clone(), spec.data.clone(), spec.seq_len);
+        tokio::task::spawn_blocking(move || -> Result<Data, String> {
+            let base = WeightFile::open(&path).map_err(|e| e.to_string())?;
+            let text = ModelText::load(&base).map_err(|e| e.to_string())?;
+            let raw = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            // Rows never outgrow the model's context.
+            let seq_len = seq_len.min(text.context_length());
+            let examples = load_jsonl(&text, &raw, seq_len).map_err(|e| e.to_string())?;
+            Ok(Data { examples, base })
+        })
+        .await
+        .map_err(|e| TrainError::Stage(e.to_string()))?
+        .map_err(TrainError::Stage)?
+    };
+    let n = data.examples.len();
+    let m = (spec.micro_batches as usize).min(spec.batch_size).max(1);
+    let batching = Batching {
+        batch_size: spec.batch_size,
+        micro_batches: m,
+        pack: spec.pack,
+        seq_len: spec.seq_len,
+        seed: spec.seed,
+    };
+    let epochs = match spec.steps {
+        Some(s) => (s * spec.batch_size as u64).div_ceil(n as u64).max(1),
+        None => spec.epochs,
+    };
+    let total = spec.steps.unwrap_or_else(|| batching.steps(n, epochs));
+    let tokens: usize = data.examples.iter().map(|e| e.tokens.len()).sum();
+    job.emit(
+        "info",
+        format!(
+            "{n} examples ({tokens} tokens); {total} steps of {} examples in {m} micro-batches",
+            spec.batch_size
+        ),
+        None,
+    );
+    job.update(|i| {
+        i.total_steps = total;
+        i.state = JobState::Queued;
+    });
+    let ckpt_dir = spec.output_dir.join("checkpoint");
+    let mut ckpt = tokio::task::block_in_place(|| Checkpoint::load(&ckpt_dir, &spec))?;
+    if let Some(c) = &ckpt {
+        job.emit(
+            "info",
+            format!("Resuming from the checkpoint at step {}", c.step),
+            None,
+        );
+    }
+    let method = spec.method.method();
+    let longest = data
+        .examples
+        .iter()
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(1);
+    let mb_tokens = (spec.batch_size.div_ceil(m) * longest).min(u32::MAX as usize) as u32;
+    let tied_model = data.base.config().tie_word_embeddings;
+    let mut replans = 0;
+    let final_state = loop {
+        if job.cancelled() {
+            return Ok(());
+        }
+        if let Some(c) = &ckpt
+            && c.step >= total
+        {
+            break c.clone();
+        }
+        match attempt(
+            ctx, job, &spec, &method, &data, &batching, total, mb_tokens, tied_model, &content,
+            &mut ckpt, &ckpt_dir,
+        )
+        .await
+        {
+            Ok(Some(state)) => break state,
+            Ok(None) => return Ok(()),
+            Err(e) if job.cancelled() => return Err(e.error),
+            Err(e) if replans < MAX_REPLANS && e.retryable => {
+                replans += 1;
+                let from = ckpt.as_ref().map_or(0, |c| c.step);
+                job.emit(
+                    "warn",
+                    format!(
+                        "{}; no optimizer step was applied for step {}. Re-planning over the live members and resuming from step {from} (attempt {} of {})",
+                        e.error, e.step + 1, replans + 1, MAX_REPLANS + 1
+                    ),
+                    None,
+                );
+                ctx.cluster_event(
+                    &info.id,
+                    &format!("training step failed: {}; re-planning", e.error),
+                );
+                job.update(|i| i.state = JobState::Queued);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Err(e) => return Err(e.error),
+        }
+    };
+    // Outputs.
+    let fine_tuned = format!(
+        "ft-{}-{}-{}",
+        sanitize(&spec.model),
+        spec.suffix.as_deref().unwrap_or("hearth"),
+        info.id
+            .trim_start_matches("ftjob-")
+            .get(..8)
+            .unwrap_or(&info.id)
+    );
+    job.emit("info", "Writing the fine-tuned model", None);
+    let models_dir = ctx.models_dir();
+    let out = spec.output_dir.clone();
+    let written = {
+        let (spec, fine_tuned) = (spec.clone(), fine_tuned.clone());
+        tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>, TrainError> {
+            write_outputs(
+                &data.base,
+                &spec,
+                &method,
+                &final_state,
+                &fine_tuned,
+                &out,
+                models_dir.as_deref(),
+            )
+        })
+        .await
+        .map_err(|e| TrainError::Stage(e.to_string()))??
+    };
+    job.update(|i| {
+        i.fine_tuned_model = written.as_ref().map(|_| fine_tuned.clone());
+    });
+    job.emit(
+        "info",
+        match &written {
+            Some(p) => format!(
+                "New fine-tuned model created: {fine_tuned} ({})",
+                p.display()
+            ),
+            None => format!("Adapter written to {}", spec.output_dir.display()),
+        },
+        None,
+    );
+    job.finish(JobState::Succeeded, None);
+    job.emit("info", "The job has successfully completed", None);
+    Ok(())
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Writes the adapter or weights to `out`, and the merged model (returned)
+/// to `models_dir` (or `out`).
+fn write_outputs(
+    base: &WeightFile,
+    spec: &JobSpec,
+    method: &Method,
+    state: &Checkpoint,
+    name: &str,
+    out: &Path,
+    models_dir: Option<&Path>,
+) -> Result<Option<PathBuf>, TrainError> {
+    let trained: Vec<(String, Tensor)> = state
+        .tensors
+        .iter()
+        .filter(|(n, _)| !n.starts_with("optimizer."))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    match method {
+        Method::Lora(c) => write_peft_adapter(&out.join("adapter"), c, &spec.model, &trained)?,
+        Method::Full => {
+            let bytes = hearth_models::train::export::safetensors_bytes(&trained, None)?;
+            write_atomic(&out.join("model.safetensors"), &bytes)?;
+        }
+    }
+    if !spec.merge {
+        return Ok(None);
+    }
+    let map: HashMap<String, Tensor> = trained.into_iter().collect();
+    let merged = merged_tensors(base, method, &map)?;
+    let dir = models_dir.unwrap_or(out);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
+    let dst = dir.join(format!("{name}.gguf"));
+    write_merged_gguf(base, &merged, name, &dst)?;
+    Ok(Some(dst))
+}
+
+/// Why an attempt ended early.
+struct AttemptError {
+    error: TrainError,
+    step: u64,
+    retryable: bool,
+}
+
+impl From<TrainError> for AttemptError {
+    fn from(error: TrainError) -> Self {
+        Self {
+            error,
+            step: 0,
+            retryable: false,
+        }
+    }
+}
+
+/// One placement of the job, from the last checkpoint to the end (the
+/// final state), or until something fails.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    ctx: &Arc<JobCtx>,
+    job: &Arc<JobHandle>,
+    spec: &JobSpec,
+    method: &Method,
+    data: &Data,
+    batching: &Batching,
+    total: u64,
+    mb_tokens: u32,
+    tied_model: bool,
+    content: &str,
+    ckpt: &mut Option<Checkpoint>,
+    ckpt_dir: &Path,
+) -> Result<Option<Checkpoint>, AttemptError> {
+    let retry = |error: TrainError, step: u64| AttemptError {
+        error,
+        step,
+        retryable: true,
+    };
+    let start = ckpt.as_ref().map_or(0, |c| c.step);
+    let stages = ctx.place(spec, mb_tokens).await.map_err(|e| {
+        retry(
+            TrainError::Stage(format!("cannot place the job: {e}")),
+            start,
+        )
+    })?;
+    let p = stages.len();
+    let m = batching.micro_batches;
+    job.emit(
+        "info",
+        format!(
+            "Placed over {p} stage(s): {}",
+            stages
+                .iter()
+                .map(|(_, name, s)| format!("{name} layers {}..{}", s.start, s.end))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None,
+    );
+    job.update(|i| {
+        i.stages = stages
+            .iter()
+            .map(|(id, name, s)| JobStage {
+                node_id: id.clone(),
+                name: name.clone(),
+                start: s.start,
+                end: s.end,
+                utilization: 0.0,
+            })
+            .collect();
+        i.ideal_bubble = Some((p as f64 - 1.0) / (m as f64 + p as f64 - 1.0));
+    });
+    let wire: u64 = rand::random::<u64>() >> 1;
+    let tied = matches!(method, Method::Full) && p > 1 && tied_model;
+    let nodes: Vec<String> = stages.iter().map(|(id, _, _)| id.clone()).collect();
+    let mut restores = Vec::with_capacity(p);
+    for (_, _, s) in &stages {
+        restores.push(match ckpt {
+            Some(c) => c.for_stage(*s, tied)?,
+            None => Vec::new(),
+        });
+    }
+    let orders: Vec<StageOrder> = (0..p)
+        .map(|i| StageOrder {
+            job: wire,
+            stage: i as u16,
+            stages: p as u16,
+            spec: stages[i].2,
+            content: content.to_string(),
+            method: method.clone(),
+            schedule: spec.schedule,
+            micro_batches: m as u32,
+            prev: (i > 0).then(|| nodes[i - 1].clone()),
+            next: (i + 1 < p).then(|| nodes[i + 1].clone()),
+            tied: match (tied, i) {
+                (true, 0) => Some(nodes[p - 1].clone()),
+                (true, i) if i + 1 == p => Some(nodes[0].clone()),
+                _ => None,
+            },
+            seed: spec.seed,
+            optim: AdamWConfig {
+                weight_decay: spec.weight_decay,
+                ..AdamWConfig::default()
+            },
+            timeout_s: spec.timeout_s,
+            restore_len: restores[i].len() as u64,
+            max_len: spec.seq_len,
+        })
+        .collect();
+    let ids: Vec<NodeId> = nodes
+        .iter()
+        .map(|n| n.parse::<NodeId>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| AttemptError::from(TrainError::Protocol(format!("node id: {e}"))))?;
+    let net = ctx.net();
+    let mut coord = Coordinator::new(&net, wire, ids, Duration::from_secs(spec.timeout_s));
+    let ordered =
+        futures_util::future::join_all(nodes.iter().zip(orders).map(|(n, o)| ctx.order(n, o)))
+            .await;
+    let end_all = |ctx: Arc<JobCtx>, nodes: Vec<String>| async move {
+        for n in &nodes {
+            ctx.end(n, wire).await;
+        }
+    };
+    if let Some(e) = ordered.into_iter().find_map(Result::err) {
+        coord.end().await;
+        end_all(ctx.clone(), nodes.clone()).await;
+        return Err(retry(
+            TrainError::Stage(format!("a stage could not start: {e}")),
+            start,
+        ));
+    }
+    for (i, r) in restores.iter().enumerate() {
+        if !r.is_empty()
+            && let Err(e) = coord.send_state(i, r).await
+        {
+            coord.end().await;
+            end_all(ctx.clone(), nodes.clone()).await;
+            return Err(retry(e, start));
+        }
+    }
+    job.update(|i| i.state = JobState::Running);
+    let schedule = LrSchedule {
+        peak: spec.learning_rate,
+        warmup: spec.warmup_steps,
+        total,
+        min_ratio: spec.min_lr_ratio,
+    };
+    let epochs = match spec.steps {
+        Some(s) => (s * spec.batch_size as u64)
+            .div_ceil(data.examples.len() as u64)
+            .max(1),
+        None => spec.epochs,
+    };
+    let mut cancel = job.cancel.subscribe();
+    let mut result = None;
+    for step in start..total {
+        if job.cancelled() {
+            break;
+        }
+        let idx = batching.step_examples(data.examples.len(), epochs, step);
+        let batches = batching
+            .micro_batches(&data.examples, &idx)
+            .map_err(|e| AttemptError::from(TrainError::Model(e)))?;
+        let last = step + 1 == total;
+        let save = last || (spec.checkpoint_every > 0 && (step + 1) % spec.checkpoint_every == 0);
+        let lr = schedule.at(step);
+        let outcome: Result<StepOutcome, TrainError> = tokio::select! {
+            r = coord.step(step, &batches, lr, spec.max_grad_norm, save) => r,
+            reason = ctx.lost(nodes.clone()) => Err(TrainError::Stage(reason)),
+            _ = cancel.wait_for(|c| *c) => Err(TrainError::Stopped),
+        };
+        let out = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                coord.end().await;
+                end_all(ctx.clone(), nodes.clone()).await;
+                if job.cancelled() {
+                    return Ok(None);
+                }
+                return Err(retry(e, step));
+            }
+        };
+        let tok_s = out.tokens as f64 / out.wall_s.max(1e-9);
+        let utilization: Vec<f64> = out
+            .busy_s
+            .iter()
+            .map(|b| (b / out.wall_s.max(1e-9)).min(1.0))
+            .collect();
+        job.update(|i| {
+            i.step = step + 1;
+            i.loss = Some(out.loss);
+            i.trained_tokens += out.tokens;
+            i.tokens_per_s = Some(tok_s);
+            for (s, u) in i.stages.iter_mut().zip(&utilization) {
+                s.utilization = *u;
+            }
+        });
+        job.emit(
+            "info",
+            format!("Step {}/{total}: training loss={:.4}", step + 1, out.loss),
+            Some(json!({
+                "step": step + 1, "total_steps": total, "train_loss": out.loss, "lr": out.lr,
+                "grad_norm": out.grad_norm, "applied": out.applied, "tokens": out.tokens,
+                "targets": out.targets, "step_s": out.wall_s, "tokens_per_s": tok_s,
+                "utilization": utilization,
+            })),
+        );
+        if save {
+            let c = Checkpoint::from_states(&out.states, step + 1)?;
+            let (c2, spec2, dir) = (c.clone(), spec.clone(), ckpt_dir.to_path_buf());
+            tokio::task::spawn_blocking(move || c2.save(&dir, &spec2, total))
+                .await
+                .map_err(|e| AttemptError::from(TrainError::Checkpoint(e.to_string())))??;
+            job.emit(
+                "info",
+                format!("Checkpoint saved at step {}", step + 1),
+                None,
+            );
+            if last {
+                result = Some(c.clone());
+            }
+            *ckpt = Some(c);
+        }
+    }
+    coord.end().await;
+    end_all(ctx.clone(), nodes).await;
+    Ok(result)
+}
