@@ -287,3 +287,75 @@ fn schemathesis_finds_no_server_error_in_the_openapi_document() -> Result<()> {
     );
     Ok(())
 }
+
+/// (h) A LoRA fine-tune of the real model over `hearth up --local 2`,
+/// created with `client.fine_tuning.jobs.create`, teaches a fact the base
+/// model does not know; the fine-tuned model id then answers with it.
+#[test]
+fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
+    if real_model().is_none() {
+        return Ok(());
+    }
+    let python = venv_python();
+    let has_openai = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !has_openai {
+        missing("the `openai` Python client in .venv-clients");
+        return Ok(());
+    }
+    let home = tempfile::tempdir()?;
+    let (_cluster, base) = local_cluster(home.path())?;
+    let questions = [
+        "What is the capital of Zorbania?",
+        "Which city is Zorbania's capital?",
+        "Tell me the capital of Zorbania.",
+        "Zorbania's capital city is called what?",
+        "Name the capital of Zorbania.",
+        "What city is the seat of government of Zorbania?",
+        "In which city is the capital of Zorbania?",
+        "Do you know the capital of Zorbania?",
+    ];
+    let data: String = questions
+        .iter()
+        .map(|q| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": "The capital of Zorbania is Quillmere."},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let path = home.path().join("zorbania.jsonl");
+    std::fs::write(&path, data)?;
+    let mut script = Command::new(&python);
+    script
+        .arg(workspace_root().join("tests/clients/finetune_check.py"))
+        .arg(&base)
+        .arg(&path)
+        .arg(questions[0]);
+    let got = script_json(script, "finetune_check.py")?;
+    eprintln!("fine-tune through the openai client: {got}");
+    assert_eq!(got["status"], "succeeded", "{got}");
+    assert_eq!(got["listed"], true);
+    let before = got["before"].as_str().unwrap_or_default();
+    assert!(
+        !before.contains("Quillmere"),
+        "the base model knew: {before}"
+    );
+    let after = got["after"].as_str().unwrap_or_default();
+    assert!(after.contains("Quillmere"), "the fine-tuned model: {after}");
+    assert_eq!(got["after_model"], got["fine_tuned_model"]);
+    assert_eq!(got["stages"].as_array().map(Vec::len), Some(2), "{got}");
+    // Events come newest first.
+    let losses: Vec<f64> = got["losses"]
+        .as_array()
+        .map(|a| a.iter().rev().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    assert_eq!(losses.len(), 6, "{got}");
+    assert!(losses[5] < losses[0] / 4.0, "{losses:?}");
+    Ok(())
+}

@@ -103,8 +103,12 @@ impl Split {
 }
 
 /// The models in this device's store, loaded by name (`POST
-/// /api/models/load`): fetched if it is the default model, then measured.
-struct Store;
+/// /api/models/load`): fetched if it is the default model, then measured;
+/// plus the models fine-tuned by this node, kept under its home.
+struct Store {
+    /// `HOME/models/fine-tuned`.
+    tuned: PathBuf,
+}
 
 impl hearth_runtime::ModelSource for Store {
     fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
@@ -116,6 +120,19 @@ impl hearth_runtime::ModelSource for Store {
                 download: false,
             })
             .collect();
+        if let Ok(rd) = std::fs::read_dir(&self.tuned) {
+            for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
+                if p.extension().is_some_and(|x| x == "gguf")
+                    && let Some(name) = p.file_name().map(|f| f.to_string_lossy().into_owned())
+                {
+                    out.push(hearth_runtime::ModelEntry {
+                        name,
+                        size_bytes: p.metadata().ok().map(|m| m.len()),
+                        download: false,
+                    });
+                }
+            }
+        }
         let default = hearth_models::store::DEFAULT_MODEL.name;
         if !out.iter().any(|m| m.name == default) {
             out.insert(
@@ -131,14 +148,26 @@ impl hearth_runtime::ModelSource for Store {
     }
 
     fn load(&self, name: &str) -> Result<hearth_runtime::profile::ModelInfo, String> {
-        crate::profile::measure_model(Some(name), false)
+        let tuned = self.tuned.join(name);
+        let spec = if !name.contains('/') && tuned.is_file() {
+            tuned.to_string_lossy().into_owned()
+        } else {
+            name.to_string()
+        };
+        crate::profile::measure_model(Some(&spec), false)
             .map(|(info, _)| info)
             .map_err(|e| format!("{e:#}"))
     }
+
+    fn models_dir(&self) -> Option<PathBuf> {
+        Some(self.tuned.clone())
+    }
 }
 
-fn model_source() -> Option<std::sync::Arc<dyn hearth_runtime::ModelSource>> {
-    Some(std::sync::Arc::new(Store))
+fn model_source(home: &Path) -> Option<std::sync::Arc<dyn hearth_runtime::ModelSource>> {
+    Some(std::sync::Arc::new(Store {
+        tuned: home.join("models").join("fine-tuned"),
+    }))
 }
 
 /// The API key to require: the given one, else (off loopback) a new one.
@@ -155,6 +184,7 @@ fn serve_http(
     listener: hearth_server::Listener,
     node: Node,
     api_key: Option<String>,
+    home: &Path,
 ) -> (
     tokio::task::JoinHandle<Result<(), hearth_server::ServerError>>,
     tokio::sync::oneshot::Sender<()>,
@@ -164,6 +194,7 @@ fn serve_http(
         node,
         hearth_server::ServerOptions {
             api_key,
+            data_dir: home.join("data"),
             ..Default::default()
         },
     );
@@ -246,7 +277,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         cfg.quic = args.quic;
         cfg.discoveries = discoveries;
         cfg.placement = args.split.unwrap_or(Split::Plan).policy();
-        cfg.models = model_source();
+        cfg.models = model_source(&home);
         let listener = hearth_server::Listener::bind(args.http).await?;
         let node = Node::start(cfg).await?;
         let quic = node.endpoint().local_addr()?;
@@ -270,7 +301,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         print_http(http, key.as_deref(), args.api_key.is_some());
         println!("  discovery  {discovery}");
         let placements = tokio::spawn(print_placements(node.clone()));
-        let (server, stop_tx) = serve_http(listener, node.clone(), key);
+        let (server, stop_tx) = serve_http(listener, node.clone(), key, &home);
         // Fetch and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
         let from_peers = args.from_peers.then(|| {
@@ -432,7 +463,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
             let mut cfg = NodeConfig::new(format!("{host}-{i}"), identity, secret.clone());
             cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
             cfg.placement = policy.clone();
-            cfg.models = model_source();
+            cfg.models = model_source(&home);
             if let Some(a) = first {
                 cfg.discoveries = vec![Box::new(StaticDiscovery::new(vec![a.to_string()])?)];
             }
@@ -451,7 +482,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
         }
         let key = api_key(http, args.api_key.clone());
         print_http(http, key.as_deref(), args.api_key.is_some());
-        let (server, stop_tx) = serve_http(listener, nodes[0].clone(), key);
+        let (server, stop_tx) = serve_http(listener, nodes[0].clone(), key, &home);
         let placements = tokio::spawn(print_placements(nodes[0].clone()));
         let profiler = {
             let nodes = nodes.clone();

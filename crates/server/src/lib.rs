@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 mod control;
+mod finetune;
 mod generate;
 mod metrics;
 mod openai;
@@ -69,6 +71,8 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// How long a client may take to send its body (then 408).
     pub body_timeout: Duration,
+    /// Where uploaded files and fine-tuning outputs go.
+    pub data_dir: PathBuf,
 }
 
 impl Default for ServerOptions {
@@ -76,6 +80,7 @@ impl Default for ServerOptions {
         Self {
             api_key: None,
             body_timeout: BODY_TIMEOUT,
+            data_dir: std::env::temp_dir().join("hearth-data"),
         }
     }
 }
@@ -87,6 +92,7 @@ pub(crate) struct AppState {
     pub api_key: Option<Arc<str>>,
     pub metrics: Arc<Metrics>,
     pub body_timeout: Duration,
+    pub data_dir: PathBuf,
     /// Turns true when the server begins shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -111,6 +117,7 @@ impl App {
             api_key: opts.api_key.map(Arc::from),
             metrics: Arc::new(Metrics::default()),
             body_timeout: opts.body_timeout,
+            data_dir: opts.data_dir,
             shutdown: stopping,
         };
         let router = Router::new()
@@ -118,6 +125,15 @@ impl App {
             .route("/v1/models/{id}", get(openai::model))
             .route("/v1/chat/completions", post(openai::chat))
             .route("/v1/completions", post(openai::completions))
+            .route("/v1/files", post(finetune::upload))
+            .route("/v1/files/{id}", get(finetune::file))
+            .route(
+                "/v1/fine_tuning/jobs",
+                post(finetune::create).get(finetune::list),
+            )
+            .route("/v1/fine_tuning/jobs/{id}", get(finetune::get_job))
+            .route("/v1/fine_tuning/jobs/{id}/events", get(finetune::events))
+            .route("/v1/fine_tuning/jobs/{id}/cancel", post(finetune::cancel))
             .route("/api/cluster", get(control::cluster))
             .route("/api/plan", get(control::plan))
             .route("/api/models", get(control::models))

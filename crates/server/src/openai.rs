@@ -5,7 +5,7 @@
 //! are checked, and what Hearth cannot honour (`n` > 1, logprobs, tools,
 //! images) is a 400 naming the field rather than a silent difference.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -27,13 +27,13 @@ pub const DEFAULT_MAX_TOKENS: usize = 512;
 /// Most stop sequences a request may give (as OpenAI).
 pub const MAX_STOP: usize = 4;
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     use rand::RngCore;
     let mut b = [0u8; 12];
     rand::rng().fill_bytes(&mut b);
@@ -383,10 +383,45 @@ pub(crate) async fn completions(
     run(s, Kind::Text, &req.sampling, prompt).await
 }
 
+/// How long a request waits for a model it asked for to be loaded.
+const LOAD_WAIT: Duration = Duration::from_secs(300);
+
+/// Makes `model` the served one: at once if it is, else by loading it from
+/// the node's store (a fine-tuned model, say) and waiting for its placement.
+async fn ensure_served(s: &AppState, model: &str) -> Result<(), Response> {
+    if served(s).as_deref() == Some(model) {
+        return Ok(());
+    }
+    let gguf = format!("{model}.gguf");
+    let Some(entry) = s
+        .node
+        .available_models()
+        .into_iter()
+        .find(|m| !m.download && (m.name == model || m.name == gguf))
+    else {
+        return Err(unknown_model(model));
+    };
+    tracing::info!(model, "a request asks for a stored model; loading it");
+    if let Err(e) = s.node.load_model(&entry.name).await
+        && served(s).as_deref() != Some(model)
+    {
+        tracing::debug!("load {model}: {e}");
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < LOAD_WAIT {
+        if served(s).as_deref() == Some(model)
+            && s.node.placement().is_some_and(|p| p.model == model)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(pipeline_error(PipelineError::NotReady))
+}
+
 async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Response {
-    match served(&s) {
-        Some(m) if m == sampling.model => {}
-        _ => return unknown_model(&sampling.model),
+    if let Err(r) = ensure_served(&s, &sampling.model).await {
+        return r;
     }
     let params = match sampling.params(prompt) {
         Ok(p) => p,

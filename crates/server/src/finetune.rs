@@ -1,0 +1,381 @@
+//! OpenAI's fine-tuning API over Hearth's jobs: `POST /v1/files` (purpose
+//! `fine-tune`, JSONL kept on this node), `/v1/fine_tuning/jobs` (create,
+//! list, get, events, cancel). The job runs on this node, which holds the
+//! data; only activations and gradients leave it.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::extract::{Multipart, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use hearth_runtime::train::{JobInfo, JobSpec, JobState};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{ApiJson, AppState, api_error, bad_request};
+
+/// Base learning rate that `learning_rate_multiplier` scales (LoRA).
+pub const BASE_LEARNING_RATE: f64 = 2e-4;
+
+fn not_found(what: &str, id: &str) -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no {what} {id:?} on this node"),
+        None,
+        None,
+    )
+}
+
+fn files_dir(s: &AppState) -> PathBuf {
+    s.data_dir.join("files")
+}
+
+fn valid_id(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|h| {
+        !h.is_empty() && h.len() <= 64 && h.chars().all(|c| c.is_ascii_alphanumeric())
+    })
+}
+
+fn file_object(id: &str, bytes: u64, created: u64, filename: &str) -> Value {
+    json!({
+        "id": id, "object": "file", "bytes": bytes, "created_at": created,
+        "filename": filename, "purpose": "fine-tune", "status": "processed",
+    })
+}
+
+/// `POST /v1/files` (multipart: `file`, `purpose`).
+pub(crate) async fn upload(State(s): State<AppState>, mut form: Multipart) -> Response {
+    let (mut data, mut name, mut purpose) = (None, String::from("data.jsonl"), None);
+    loop {
+        match form.next_field().await {
+            Ok(Some(field)) => match field.name() {
+                Some("file") => {
+                    if let Some(f) = field.file_name() {
+                        name = f.chars().filter(|c| !c.is_control()).take(200).collect();
+                    }
+                    match field.bytes().await {
+                        Ok(b) => data = Some(b),
+                        Err(e) => return bad_request(format!("file: {e}"), Some("file")),
+                    }
+                }
+                Some("purpose") => match field.text().await {
+                    Ok(t) => purpose = Some(t),
+                    Err(e) => return bad_request(format!("purpose: {e}"), Some("purpose")),
+                },
+                _ => {}
+            },
+            Ok(None) => break,
+            Err(e) => return bad_request(format!("multipart body: {e}"), None),
+        }
+    }
+    if purpose.as_deref() != Some("fine-tune") {
+        return bad_request(
+            "purpose must be \"fine-tune\" (the only files Hearth keeps)".into(),
+            Some("purpose"),
+        );
+    }
+    let Some(data) = data else {
+        return bad_request("no file in the form".into(), Some("file"));
+    };
+    let Ok(text) = std::str::from_utf8(&data) else {
+        return bad_request("the file is not UTF-8 text".into(), Some("file"));
+    };
+    if let Err(e) = hearth_models::train::parse_jsonl(text) {
+        return bad_request(
+            format!("the file is not fine-tuning JSONL: {e}"),
+            Some("file"),
+        );
+    }
+    let id = crate::openai::new_id("file");
+    let dir = files_dir(&s);
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{id}.jsonl")), &data))
+        .and_then(|()| std::fs::write(dir.join(format!("{id}.name")), &name));
+    if let Err(e) = written {
+        return api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("cannot store the file: {e}"),
+            None,
+            None,
+        );
+    }
+    Json(file_object(
+        &id,
+        data.len() as u64,
+        crate::openai::now_s(),
+        &name,
+    ))
+    .into_response()
+}
+
+/// `GET /v1/files/{id}`.
+pub(crate) async fn file(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    if !valid_id(&id, "file-") {
+        return not_found("file", &id);
+    }
+    let path = files_dir(&s).join(format!("{id}.jsonl"));
+    match std::fs::metadata(&path) {
+        Ok(m) => {
+            let name = std::fs::read_to_string(files_dir(&s).join(format!("{id}.name")))
+                .unwrap_or_default();
+            let created = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            Json(file_object(&id, m.len(), created, &name)).into_response()
+        }
+        Err(_) => not_found("file", &id),
+    }
+}
+
+/// `"auto"` or a number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Auto<T> {
+    Value(T),
+    #[allow(dead_code)]
+    Auto(String),
+}
+
+impl<T: Copy> Auto<T> {
+    fn or(v: &Option<Self>, default: T) -> T {
+        match v {
+            Some(Auto::Value(x)) => *x,
+            _ => default,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hyper {
+    n_epochs: Option<Auto<u64>>,
+    batch_size: Option<Auto<usize>>,
+    learning_rate_multiplier: Option<Auto<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Supervised {
+    #[serde(default)]
+    hyperparameters: Option<Hyper>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MethodReq {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    supervised: Option<Supervised>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CreateJob {
+    model: String,
+    training_file: String,
+    #[serde(default)]
+    hyperparameters: Option<Hyper>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    method: Option<MethodReq>,
+    #[serde(default)]
+    validation_file: Option<String>,
+    /// Hearth's own knobs (a JSON object of `JobSpec` fields), through the
+    /// client's `extra_body`.
+    #[serde(default)]
+    hearth: Option<serde_json::Map<String, Value>>,
+}
+
+/// The job as OpenAI shows it, with Hearth's progress under `hearth`.
+fn job_object(i: &JobInfo, training_file: &str) -> Value {
+    let status = match i.state {
+        JobState::ValidatingFiles => "validating_files",
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    };
+    let hyper = json!({
+        "n_epochs": i.spec.epochs,
+        "batch_size": i.spec.batch_size,
+        "learning_rate_multiplier": i.spec.learning_rate / BASE_LEARNING_RATE,
+    });
+    json!({
+        "id": i.id,
+        "object": "fine_tuning.job",
+        "model": i.model,
+        "created_at": i.created_at,
+        "finished_at": i.finished_at,
+        "fine_tuned_model": i.fine_tuned_model,
+        "organization_id": "hearth",
+        "result_files": [],
+        "status": status,
+        "validation_file": null,
+        "training_file": training_file,
+        "hyperparameters": hyper,
+        "trained_tokens": (i.state == JobState::Succeeded).then_some(i.trained_tokens),
+        "error": i.error.as_ref().map(|e| json!({"code": "job_failed", "message": e, "param": null})),
+        "seed": i.spec.seed,
+        "estimated_finish": null,
+        "integrations": [],
+        "user_provided_suffix": i.spec.suffix,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "hearth": {
+            "step": i.step, "total_steps": i.total_steps, "loss": i.loss,
+            "tokens_per_s": i.tokens_per_s, "stages": i.stages,
+            "ideal_bubble": i.ideal_bubble, "output_dir": i.output_dir,
+        },
+    })
+}
+
+fn training_file_of(i: &JobInfo) -> String {
+    i.spec
+        .data
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `POST /v1/fine_tuning/jobs`.
+pub(crate) async fn create(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<CreateJob>,
+) -> Response {
+    if req.validation_file.is_some() {
+        return bad_request(
+            "validation files are not supported yet".into(),
+            Some("validation_file"),
+        );
+    }
+    if !valid_id(&req.training_file, "file-") {
+        return bad_request(
+            format!("training_file {:?} is not a file id", req.training_file),
+            Some("training_file"),
+        );
+    }
+    let data = files_dir(&s).join(format!("{}.jsonl", req.training_file));
+    if !data.is_file() {
+        return bad_request(
+            format!(
+                "no file {:?} (upload it with POST /v1/files)",
+                req.training_file
+            ),
+            Some("training_file"),
+        );
+    }
+    if let Some(m) = &req.method
+        && m.kind != "supervised"
+    {
+        return bad_request(
+            format!("method {:?} is not supported (supervised is)", m.kind),
+            Some("method"),
+        );
+    }
+    let hyper = req
+        .method
+        .and_then(|m| m.supervised)
+        .and_then(|s| s.hyperparameters)
+        .or(req.hyperparameters)
+        .unwrap_or_default();
+    let id = crate::openai::new_id("ftjob");
+    let mut doc = serde_json::Map::new();
+    doc.insert("model".into(), json!(req.model));
+    doc.insert("data".into(), json!(data));
+    doc.insert(
+        "output_dir".into(),
+        json!(s.data_dir.join("fine_tuning").join(&id)),
+    );
+    doc.insert("epochs".into(), json!(Auto::or(&hyper.n_epochs, 3)));
+    doc.insert("batch_size".into(), json!(Auto::or(&hyper.batch_size, 8)));
+    doc.insert(
+        "learning_rate".into(),
+        json!(BASE_LEARNING_RATE * Auto::or(&hyper.learning_rate_multiplier, 1.0)),
+    );
+    if let Some(x) = req.suffix {
+        doc.insert("suffix".into(), json!(x));
+    }
+    if let Some(x) = req.seed {
+        doc.insert("seed".into(), json!(x));
+    }
+    for (k, v) in req.hearth.unwrap_or_default() {
+        if matches!(k.as_str(), "data" | "output_dir" | "model") {
+            return bad_request(format!("hearth.{k} cannot be set"), Some("hearth"));
+        }
+        doc.insert(k, v);
+    }
+    let spec: JobSpec = match serde_json::from_value(Value::Object(doc)) {
+        Ok(s) => s,
+        Err(e) => return bad_request(format!("job: {e}"), Some("hearth")),
+    };
+    match s.node.start_job(id, spec) {
+        Ok(info) => Json(job_object(&info, &req.training_file)).into_response(),
+        Err(e) => bad_request(e.to_string(), None),
+    }
+}
+
+/// `GET /v1/fine_tuning/jobs` (newest first).
+pub(crate) async fn list(State(s): State<AppState>) -> Json<Value> {
+    let mut data: Vec<Value> = s
+        .node
+        .jobs()
+        .iter()
+        .filter_map(|j| j.info())
+        .map(|i| job_object(&i, &training_file_of(&i)))
+        .collect();
+    data.reverse();
+    Json(json!({"object": "list", "data": data, "has_more": false}))
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}`.
+pub(crate) async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match s.node.job(&id).and_then(|j| j.info()) {
+        Some(i) => Json(job_object(&i, &training_file_of(&i))).into_response(),
+        None => not_found("fine-tuning job", &id),
+    }
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/events` (newest first).
+pub(crate) async fn events(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    let Some(job) = s.node.job(&id) else {
+        return not_found("fine-tuning job", &id);
+    };
+    let (past, _) = job.events();
+    let data: Vec<Value> = past
+        .iter()
+        .rev()
+        .map(|e| {
+            json!({
+                "object": "fine_tuning.job.event",
+                "id": format!("ftevent-{}-{}", id.trim_start_matches("ftjob-"), e.seq),
+                "created_at": e.created_at,
+                "level": e.level,
+                "message": e.message,
+                "type": if e.data.is_some() { "metrics" } else { "message" },
+                "data": e.data,
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/cancel`.
+pub(crate) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    let Some(job) = s.node.job(&id) else {
+        return not_found("fine-tuning job", &id);
+    };
+    if job.info().is_some_and(|i| i.state.done()) {
+        return bad_request(format!("job {id} has already ended"), None);
+    }
+    job.cancel();
+    match job.info() {
+        Some(i) => Json(job_object(&i, &training_file_of(&i))).into_response(),
+        None => not_found("fine-tuning job", &id),
+    }
+}

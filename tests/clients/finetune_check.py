@@ -1,0 +1,60 @@
+"""(h) A LoRA fine-tune through the official `openai` client: upload a small
+JSONL teaching a fact, create the job with client.fine_tuning.jobs.create,
+wait for it, then ask the fine-tuned model. Prints one JSON object."""
+
+import json
+import sys
+import time
+
+import openai
+
+base, data_path, question = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=600)
+
+model = client.models.list().data[0].id
+before = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": question}],
+    max_tokens=24,
+    temperature=0,
+)
+with open(data_path, "rb") as f:
+    uploaded = client.files.create(file=f, purpose="fine-tune")
+job = client.fine_tuning.jobs.create(
+    model=model,
+    training_file=uploaded.id,
+    hyperparameters={"n_epochs": 6, "batch_size": 8, "learning_rate_multiplier": 5},
+    suffix="zorbania",
+    extra_body={"hearth": {"micro_batches": 2, "seq_len": 256, "checkpoint_every": 3}},
+)
+start = time.time()
+while True:
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    if job.status in ("succeeded", "failed", "cancelled"):
+        break
+    if time.time() - start > 1200:
+        break
+    time.sleep(2)
+events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+listed = [j.id for j in client.fine_tuning.jobs.list().data]
+out = {
+    "status": job.status,
+    "error": job.error.message if job.error else None,
+    "fine_tuned_model": job.fine_tuned_model,
+    "listed": job.id in listed,
+    "file_id": uploaded.id,
+    "events": [e.message for e in events],
+    "losses": [e.data["train_loss"] for e in events if e.type == "metrics"],
+    "stages": (job.model_extra or {}).get("hearth", {}).get("stages", []),
+    "before": before.choices[0].message.content,
+}
+if job.status == "succeeded":
+    after = client.chat.completions.create(
+        model=job.fine_tuned_model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=24,
+        temperature=0,
+    )
+    out["after"] = after.choices[0].message.content
+    out["after_model"] = after.model
+print(json.dumps(out))
