@@ -25,7 +25,7 @@ pub struct HomeArg {
 }
 
 impl HomeArg {
-    fn dir(&self) -> PathBuf {
+    pub(crate) fn dir(&self) -> PathBuf {
         self.home
             .clone()
             .unwrap_or_else(hearth_models::store::hearth_home)

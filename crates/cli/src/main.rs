@@ -6,6 +6,7 @@ mod generate;
 mod models;
 mod plan;
 mod profile;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Command {
     Profile(profile::Args),
     /// Show how the model is split across the cluster, and why.
     Plan(plan::Args),
+    /// Fine-tune a model as a job file says (TOML), with a progress bar.
+    Train(train::Args),
 }
 
 fn main() {
@@ -65,6 +68,7 @@ fn main() {
         Command::Status(args) => cluster::status(args),
         Command::Profile(args) => profile::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Train(args) => train::run(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes (some carry a backtrace after

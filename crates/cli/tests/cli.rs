@@ -365,3 +365,51 @@ fn cluster_commands_fail_cleanly_on_bad_input() -> Result<()> {
     assert!(String::from_utf8(out.stdout)?.starts_with("hearth1-"));
     Ok(())
 }
+
+/// `hearth train JOB.toml` runs a job over two local nodes, writes the
+/// adapter and a merged model, and refuses a bad job file in one line.
+#[test]
+fn train_runs_a_job_file_and_refuses_a_bad_one() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let mut data = String::new();
+    for i in 0..8 {
+        data += &format!("{{\"text\":\"the fox {i} jumps over {i} dogs\"}}\n");
+    }
+    std::fs::write(dir.path().join("data.jsonl"), data)?;
+    let job = format!(
+        "model = {:?}\ndata = \"data.jsonl\"\noutput_dir = \"out\"\nsteps = 3\nbatch_size = 4\nmicro_batches = 2\nseq_len = 64\nlearning_rate = 0.01\n\n[method]\ntype = \"lora\"\nrank = 4\n",
+        m.gguf_q8_0.to_string_lossy()
+    );
+    let path = dir.path().join("job.toml");
+    std::fs::write(&path, job)?;
+    let home = dir.path().join("home");
+    let p = path.to_string_lossy().into_owned();
+    let h = home.to_string_lossy().into_owned();
+    let out = hearth(&["train", &p, "--local", "2", "--home", &h], &home)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("done: 3 steps"), "{stdout}");
+    assert!(stdout.contains("fine-tuned model: ft-"), "{stdout}");
+    assert!(
+        dir.path()
+            .join("out/adapter/adapter_model.safetensors")
+            .is_file()
+    );
+    assert!(dir.path().join("out/checkpoint/job.json").is_file());
+
+    std::fs::write(
+        &path,
+        "model = \"x\"\ndata = \"data.jsonl\"\noutput_dir = \"o\"\nbatch = 3\n",
+    )?;
+    let out = hearth(&["train", &p, "--home", &h], &home)?;
+    assert_clean_error(&out, "not a job file");
+    std::fs::write(
+        &path,
+        "model = \"x\"\ndata = \"data.jsonl\"\noutput_dir = \"o\"\nlearning_rate = -1.0\n",
+    )?;
+    let out = hearth(&["train", &p, "--home", &h], &home)?;
+    assert_clean_error(&out, "learning_rate");
+    Ok(())
+}

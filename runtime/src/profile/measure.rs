@@ -189,11 +189,7 @@ pub fn measure(
 
     let head = measure_part(weights, head_only, "LM head", opts, progress)?;
 
-    let model = weights
-        .path()
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let model = model_name(weights);
     Ok(ModelTimes {
         model,
         fingerprint: super::model_fingerprint(weights),
@@ -206,4 +202,13 @@ pub fn measure(
         took_s: start.elapsed().as_secs_f64(),
         content: None,
     })
+}
+
+/// The name a model is served under: its file's stem.
+pub(crate) fn model_name(weights: &WeightFile) -> String {
+    weights
+        .path()
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }

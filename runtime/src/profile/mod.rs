@@ -116,6 +116,9 @@ impl ModelInfo {
         progress: &mut dyn FnMut(&str),
     ) -> Result<(Self, bool), ProfileError> {
         let (mut times, cached) = profile_model_with(weights, cache_dir, opts, fresh, progress)?;
+        // The cache is keyed by layout, which files of other names share
+        // (two fine-tunes of one base): the name is always this file's.
+        times.model = measure::model_name(weights);
         progress("hashing the weights");
         times.content = Some(content_hash(weights.path())?);
         Ok((
