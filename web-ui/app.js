@@ -216,6 +216,7 @@ function describe(e) {
     case "stage_failed": return `${e.node} failed to load its stage: ${e.reason}`;
     case "placement_active": return `serving ${e.placement.model} in ${e.placement.stages.length} stage(s)`;
     case "placement_cleared": return `no placement: ${e.reason}`;
+    case "training": return `${e.node}: ${e.message}`;
     default: return e.kind;
   }
 }
@@ -385,3 +386,117 @@ refreshModels();
 listenEvents();
 setInterval(refresh, 3000);
 setInterval(refreshModels, 15000);
+
+// ------------------------------------------------------------ training
+async function refreshTrainModels() {
+  try {
+    const r = await api("/v1/models");
+    const ids = (await r.json()).data.map((m) => m.id);
+    const sel = $("train-model");
+    const keep = sel.value;
+    sel.replaceChildren(...ids.map((id) => el("option", { value: id, text: id })));
+    if (ids.includes(keep)) sel.value = keep;
+  } catch (e) { $("train-msg").textContent = e.message; }
+}
+
+$("train-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const file = $("train-file").files[0];
+  if (!file) return;
+  $("train-start").disabled = true;
+  $("train-msg").textContent = "uploading…";
+  try {
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", file, file.name);
+    const h = headers(false);
+    const up = await fetch("/v1/files", { method: "POST", headers: h, body: form });
+    const upj = await up.json();
+    if (!up.ok) throw new Error(upj.error ? upj.error.message : up.statusText);
+    const num = (id) => Number($(id).value);
+    const body = {
+      model: $("train-model").value,
+      training_file: upj.id,
+      hyperparameters: { n_epochs: num("train-epochs"), batch_size: num("train-batch"), learning_rate_multiplier: num("train-lr") },
+      hearth: { micro_batches: num("train-m"), method: { type: "lora", rank: num("train-rank") } },
+    };
+    if ($("train-suffix").value) body.suffix = $("train-suffix").value;
+    const r = await api("/v1/fine_tuning/jobs", { method: "POST", body });
+    const job = await r.json();
+    $("train-msg").textContent = `started ${job.id}`;
+    refreshJobs();
+  } catch (e) {
+    $("train-msg").textContent = "error: " + e.message;
+  } finally {
+    $("train-start").disabled = false;
+  }
+});
+
+function drawLoss(canvas, losses) {
+  const w = (canvas.width = canvas.clientWidth || 600), h = (canvas.height = 160);
+  const g = canvas.getContext("2d");
+  g.clearRect(0, 0, w, h);
+  if (losses.length === 0) return;
+  const max = Math.max(...losses), min = Math.min(0, ...losses);
+  const x = (i) => 8 + (i / Math.max(1, losses.length - 1)) * (w - 16);
+  const y = (v) => h - 8 - ((v - min) / (max - min || 1)) * (h - 24);
+  g.strokeStyle = "#c2410c";
+  g.lineWidth = 2;
+  g.beginPath();
+  losses.forEach((v, i) => (i ? g.lineTo(x(i), y(v)) : g.moveTo(x(i), y(v))));
+  g.stroke();
+  g.fillStyle = "#6b655c";
+  g.font = "12px system-ui";
+  g.fillText(`loss ${losses[losses.length - 1].toFixed(4)} (start ${losses[0].toFixed(4)})`, 10, 14);
+}
+
+async function renderJob(job) {
+  const id = "job-" + job.id;
+  let card = $(id);
+  if (!card) {
+    card = el("div", { class: "card job", id });
+    $("jobs").prepend(card);
+  }
+  const hs = job.hearth || {};
+  const head = el("div", { class: "row" },
+    el("h2", { text: `${job.id} · ${job.status}` }),
+    job.fine_tuned_model ? el("span", { class: "badge", text: job.fine_tuned_model }) : null);
+  const stats = el("p", { class: "muted", text:
+    `step ${hs.step || 0}/${hs.total_steps || "?"}` +
+    (hs.loss != null ? ` · loss ${hs.loss.toFixed(4)}` : "") +
+    (hs.tokens_per_s != null ? ` · ${hs.tokens_per_s.toFixed(1)} tok/s` : "") +
+    (hs.ideal_bubble != null ? ` · ideal bubble ${(hs.ideal_bubble * 100).toFixed(0)}%` : "") +
+    (job.error ? ` · ${job.error.message}` : "") });
+  const util = el("div", { class: "util" });
+  for (const s of hs.stages || []) {
+    const pct = Math.round((s.utilization || 0) * 100);
+    const bar = el("div", { class: "bar" }, el("span", { style: `width:${pct}%` }), el("em", { text: `${pct}% busy` }));
+    util.append(el("span", { text: `${s.name} layers ${s.start}..${s.end}` }), bar);
+  }
+  const canvas = el("canvas", { "aria-label": "loss curve" });
+  const kids = [head, stats, util, canvas];
+  if (["validating_files", "queued", "running"].includes(job.status)) {
+    const b = el("button", { class: "secondary", text: "Cancel" });
+    b.addEventListener("click", async () => {
+      try { await api(`/v1/fine_tuning/jobs/${job.id}/cancel`, { method: "POST" }); } catch (e) { $("train-msg").textContent = e.message; }
+      refreshJobs();
+    });
+    kids.push(b);
+  }
+  card.replaceChildren(...kids);
+  try {
+    const r = await api(`/v1/fine_tuning/jobs/${job.id}/events`);
+    const losses = (await r.json()).data.filter((e) => e.type === "metrics").reverse().map((e) => e.data.train_loss);
+    drawLoss(canvas, losses);
+  } catch (_) { /* the next poll retries */ }
+}
+
+async function refreshJobs() {
+  try {
+    const r = await api("/v1/fine_tuning/jobs");
+    for (const job of (await r.json()).data.slice().reverse()) await renderJob(job);
+  } catch (_) { /* shown on the next poll */ }
+}
+
+setInterval(() => { if (!$("page-train").hidden) refreshJobs(); }, 2000);
+$("tab-train").addEventListener("click", () => { refreshTrainModels(); refreshJobs(); });

@@ -80,7 +80,30 @@ try {
     await page.screenshot({ path: `${outDir}/ui-chat-${name}.png`, fullPage: true });
     const distinct = new Set(lengths.filter((l) => l > 0)).size;
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
-    result[name] = { layers, reload, answer, stats, distinct_partial_lengths: distinct, failed, overflow };
+    // Training (desktop): upload a JSONL, launch, watch the job to its end
+    // with its loss curve and per-device utilization.
+    let training = null;
+    if (name === "desktop") {
+      await page.click("#tab-train");
+      await page.waitForFunction(() => document.querySelector("#train-model").options.length > 0, null, { timeout: 30000 });
+      const line = (q) => JSON.stringify({ messages: [{ role: "user", content: q }, { role: "assistant", content: "Hearth trains at home." }] });
+      const jsonl = [line("What does Hearth do?"), line("Tell me about Hearth.")].join("\n") + "\n";
+      await page.setInputFiles("#train-file", { name: "facts.jsonl", mimeType: "application/jsonl", buffer: Buffer.from(jsonl) });
+      await page.fill("#train-epochs", "2");
+      await page.fill("#train-batch", "2");
+      await page.fill("#train-m", "2");
+      await page.click("#train-start");
+      await page.waitForFunction(() => /succeeded|failed|cancelled/.test((document.querySelector(".job h2") || {}).textContent || ""), null, { timeout: 300000 });
+      training = await page.$eval(".job", (c) => ({
+        title: c.querySelector("h2").textContent,
+        stats: c.querySelector("p").textContent,
+        bars: [...c.querySelectorAll(".util .bar em")].map((e) => e.textContent),
+        badge: (c.querySelector(".badge") || {}).textContent || null,
+        canvas: c.querySelector("canvas").width,
+      }));
+      await page.screenshot({ path: `${outDir}/ui-training-${name}.png`, fullPage: true });
+    }
+    result[name] = { layers, reload, answer, stats, distinct_partial_lengths: distinct, failed, overflow, training };
     await page.close();
   }
 } finally {

@@ -232,6 +232,24 @@ fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
             "screenshot saved"
         );
     }
+    // The training page ran a job to its end, with a loss curve and each
+    // device's utilization.
+    let t = &got["desktop"]["training"];
+    assert!(
+        t["title"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("succeeded")),
+        "{t}"
+    );
+    assert!(
+        t["stats"].as_str().is_some_and(|s| s.contains("step 2/2")),
+        "{t}"
+    );
+    assert_eq!(t["bars"].as_array().map(Vec::len), Some(2), "{t}");
+    assert!(
+        t["badge"].as_str().is_some_and(|b| b.starts_with("ft-")),
+        "{t}"
+    );
     Ok(())
 }
 

@@ -17,6 +17,13 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/api/models/unload"),
     ("get", "/api/events"),
     ("post", "/api/generate"),
+    ("post", "/v1/files"),
+    ("get", "/v1/files/{id}"),
+    ("post", "/v1/fine_tuning/jobs"),
+    ("get", "/v1/fine_tuning/jobs"),
+    ("get", "/v1/fine_tuning/jobs/{id}"),
+    ("get", "/v1/fine_tuning/jobs/{id}/events"),
+    ("post", "/v1/fine_tuning/jobs/{id}/cancel"),
     ("get", "/health"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
@@ -121,6 +128,27 @@ pub fn document(auth: bool) -> Value {
         {"name": "micro_batch_tokens", "in": "query", "schema": u32()},
         {"name": "micro_batches", "in": "query", "schema": u32()},
         {"name": "schedule", "in": "query", "schema": {"enum": ["1f1b", "gpipe"]}}]);
+    let with_id = |mut o: Value| {
+        o["parameters"] =
+            json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+        o
+    };
+    let mut upload_op = op("Upload fine-tuning data (JSONL)", json_ok("The file"));
+    upload_op["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "purpose"],
+        "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"enum": ["fine-tune"]}}}}}});
+    let auto = |t: &str| json!({"oneOf": [{"type": t, "minimum": 0}, {"const": "auto"}]});
+    let mut create_job_op = op("Start a fine-tuning job", json_ok("The job"));
+    create_job_op["requestBody"] = body(json!({
+        "type": "object", "required": ["model", "training_file"],
+        "properties": {
+            "model": {"type": "string"}, "training_file": {"type": "string"},
+            "suffix": {"type": "string"}, "seed": {"type": "integer", "minimum": 0},
+            "hyperparameters": {"type": "object", "properties": {
+                "n_epochs": auto("integer"), "batch_size": auto("integer"),
+                "learning_rate_multiplier": auto("number")}},
+            "method": {"type": "object"},
+            "hearth": {"type": "object", "description": "Hearth's job fields (micro_batches, seq_len, method, schedule, ...)"}}}));
     let open = |summary: &str, ok: Value| {
         let mut o = op(summary, ok);
         o["security"] = json!([]);
@@ -155,6 +183,15 @@ pub fn document(auth: bool) -> Value {
             "/api/models/unload": {"post": op("Stop serving the model on every member", json_ok("Unloaded"))},
             "/api/events": {"get": op("Cluster events (server-sent events)", json!({"description": "An event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}))},
             "/api/generate": {"post": generate_op},
+            "/v1/files": {"post": upload_op},
+            "/v1/files/{id}": {"get": with_id(op("A stored file", json_ok("The file")))},
+            "/v1/fine_tuning/jobs": {
+                "post": create_job_op,
+                "get": op("Fine-tuning jobs of this node, newest first", json_ok("A list")),
+            },
+            "/v1/fine_tuning/jobs/{id}": {"get": with_id(op("A fine-tuning job", json_ok("The job")))},
+            "/v1/fine_tuning/jobs/{id}/events": {"get": with_id(op("A job's events, newest first", json_ok("A list")))},
+            "/v1/fine_tuning/jobs/{id}/cancel": {"post": with_id(op("Cancel a job", json_ok("The job")))},
             "/health": {"get": open("Liveness", json_ok("ok"))},
             "/metrics": {"get": op("Prometheus metrics", json!({"description": "Text format", "content": {"text/plain": {"schema": {"type": "string"}}}}))},
             "/openapi.json": {"get": op("This document", json_ok("OpenAPI 3.1"))},

@@ -230,3 +230,104 @@ async fn generate_streams_tokens_and_rejects_bad_requests() {
     );
     n.shutdown().await;
 }
+
+/// The fine-tuning routes refuse bad input with 400/404 in OpenAI's shape
+/// and never start a job on it.
+#[tokio::test]
+async fn fine_tuning_routes_refuse_bad_input() {
+    let n = node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = hearth_server::App::new(
+        n.clone(),
+        hearth_server::ServerOptions {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        },
+    )
+    .router();
+    let multipart = |purpose: &str, file: &str| {
+        let b = "XBOUNDARYX";
+        let body = format!(
+            "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n{file}\r\n--{b}--\r\n"
+        );
+        Request::post("/v1/files")
+            .header("content-type", format!("multipart/form-data; boundary={b}"))
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let good = "{\"text\":\"hello\"}\n";
+    for (purpose, file, want) in [
+        ("assistants", good, "purpose"),
+        ("fine-tune", "{\"messages\":[]}\n", "line 1"),
+        ("fine-tune", "not json\n", "line 1"),
+    ] {
+        let (status, _, body) = send(app.clone(), multipart(purpose, file)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{purpose} {file}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(want),
+            "{v}"
+        );
+    }
+    let (status, _, body) = send(app.clone(), multipart("fine-tune", good)).await;
+    assert_eq!(status, StatusCode::OK);
+    let file: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = file["id"].as_str().unwrap().to_string();
+    assert_eq!(file["purpose"], "fine-tune");
+    let (status, _) = get(app.clone(), &format!("/v1/files/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = get(app.clone(), "/v1/files/file-..%2Fetc").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let create = |body: serde_json::Value| {
+        Request::post("/v1/fine_tuning/jobs")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    for (body, want) in [
+        (
+            serde_json::json!({"model": "m", "training_file": "file-nope"}),
+            "no file",
+        ),
+        (
+            serde_json::json!({"model": "m", "training_file": "../x"}),
+            "not a file id",
+        ),
+        (
+            serde_json::json!({"model": "m", "training_file": id, "hyperparameters": {"batch_size": 0}}),
+            "batch_size",
+        ),
+        (
+            serde_json::json!({"model": "m", "training_file": id, "hearth": {"output_dir": "/"}}),
+            "cannot be set",
+        ),
+        (
+            serde_json::json!({"model": "m", "training_file": id, "method": {"type": "dpo"}}),
+            "dpo",
+        ),
+        (
+            serde_json::json!({"model": "m", "training_file": id, "hearth": {"bogus": 1}}),
+            "bogus",
+        ),
+    ] {
+        let (status, _, resp) = send(app.clone(), create(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(want),
+            "{body}: {v}"
+        );
+    }
+    assert!(n.jobs().is_empty(), "no job started on bad input");
+    for path in [
+        "/v1/fine_tuning/jobs/ftjob-x",
+        "/v1/fine_tuning/jobs/ftjob-x/events",
+    ] {
+        let (status, _) = get(app.clone(), path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let (status, body) = get(app.clone(), "/v1/fine_tuning/jobs").await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["data"], serde_json::json!([]));
+}
