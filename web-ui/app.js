@@ -470,7 +470,9 @@ async function renderJob(job) {
   const util = el("div", { class: "util" });
   for (const s of hs.stages || []) {
     const pct = Math.round((s.utilization || 0) * 100);
-    const bar = el("div", { class: "bar" }, el("span", { style: `width:${pct}%` }), el("em", { text: `${pct}% busy` }));
+    const fill = el("span");
+    fill.style.width = pct + "%"; // CSSOM: the page's CSP forbids style attributes
+    const bar = el("div", { class: "bar" }, fill, el("em", { text: `${pct}% busy` }));
     util.append(el("span", { text: `${s.name} layers ${s.start}..${s.end}` }), bar);
   }
   const canvas = el("canvas", { "aria-label": "loss curve" });

@@ -46,7 +46,19 @@ fn file_object(id: &str, bytes: u64, created: u64, filename: &str) -> Value {
 }
 
 /// `POST /v1/files` (multipart: `file`, `purpose`).
-pub(crate) async fn upload(State(s): State<AppState>, mut form: Multipart) -> Response {
+pub(crate) async fn upload(
+    State(s): State<AppState>,
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Response {
+    let mut form = match form {
+        Ok(f) => f,
+        Err(e) => {
+            return bad_request(
+                format!("the body must be multipart/form-data with `file` and `purpose`: {e}"),
+                None,
+            );
+        }
+    };
     let (mut data, mut name, mut purpose) = (None, String::from("data.jsonl"), None);
     loop {
         match form.next_field().await {

@@ -269,6 +269,19 @@ async fn fine_tuning_routes_refuse_bad_input() {
             "{v}"
         );
     }
+    // Not multipart at all: OpenAI's JSON error, not axum's text.
+    let (status, headers, _) = send(
+        app.clone(),
+        Request::post("/v1/files").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
     let (status, _, body) = send(app.clone(), multipart("fine-tune", good)).await;
     assert_eq!(status, StatusCode::OK);
     let file: serde_json::Value = serde_json::from_slice(&body).unwrap();
