@@ -293,6 +293,21 @@ fn lora_merged_equals_unmerged() {
     assert_eq!(stage.merged_weights().unwrap().len(), 1 + 2 * 9 + 1);
 }
 
+/// Every position's logits of the whole 2-layer model through the
+/// inference stage (dense f32).
+fn inference_logits(w: &WeightFile, tokens: Vec<u32>) -> Tensor {
+    let n = tokens.len();
+    let inf = Stage::load(w, StageSpec::full(2), Precision::F32).unwrap();
+    let mut cache = KvCache::new(2);
+    inf.forward(
+        StageInput::Tokens(tokens),
+        &[n],
+        &mut [&mut cache],
+        Logits::All,
+    )
+    .unwrap()
+}
+
 /// The trainable stage computes what the inference stage computes.
 #[test]
 fn training_forward_matches_inference_forward() {
@@ -314,16 +329,7 @@ fn training_forward_matches_inference_forward() {
             &DropCtx::eval(),
         )
         .unwrap();
-    let inf = Stage::load(&w, StageSpec::full(2), Precision::F32).unwrap();
-    let mut cache = KvCache::new(2);
-    let logits = inf
-        .forward(
-            StageInput::Tokens(tokens),
-            &[7],
-            &mut [&mut cache],
-            Logits::All,
-        )
-        .unwrap();
+    let logits = inference_logits(&w, tokens);
     let diff = max_abs(&(&train - &logits).unwrap());
     assert!(
         diff < 1e-4,
@@ -392,16 +398,7 @@ fn merged_gguf_and_peft_adapter_hold_what_was_trained() {
             &DropCtx::eval(),
         )
         .unwrap();
-    let inf = Stage::load(&merged, StageSpec::full(2), Precision::F32).unwrap();
-    let mut cache = KvCache::new(2);
-    let got = inf
-        .forward(
-            StageInput::Tokens(tokens),
-            &[7],
-            &mut [&mut cache],
-            Logits::All,
-        )
-        .unwrap();
+    let got = inference_logits(&merged, tokens);
     let diff = max_abs(&(&got - &want).unwrap());
     assert!(diff < 1e-4, "merged model differs from training by {diff}");
 

@@ -98,11 +98,9 @@ fn venv_python() -> PathBuf {
     workspace_root().join(".venv-clients/bin/python")
 }
 
-#[test]
-fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> {
-    if real_model().is_none() {
-        return Ok(());
-    }
+/// The venv's Python if it has the `openai` client (else skips or fails,
+/// see [`missing`]).
+fn openai_python() -> Option<PathBuf> {
     let python = venv_python();
     let has_openai = python.is_file()
         && Command::new(&python)
@@ -111,8 +109,19 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
             .is_ok_and(|s| s.success());
     if !has_openai {
         missing("the `openai` Python client in .venv-clients");
+        return None;
+    }
+    Some(python)
+}
+
+#[test]
+fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> {
+    if real_model().is_none() {
         return Ok(());
     }
+    let Some(python) = openai_python() else {
+        return Ok(());
+    };
     let home = tempfile::tempdir()?;
     let (_cluster, base) = local_cluster(home.path())?;
     let prompt = "What is the capital of France?";
@@ -314,16 +323,9 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
     if real_model().is_none() {
         return Ok(());
     }
-    let python = venv_python();
-    let has_openai = python.is_file()
-        && Command::new(&python)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !has_openai {
-        missing("the `openai` Python client in .venv-clients");
+    let Some(python) = openai_python() else {
         return Ok(());
-    }
+    };
     let home = tempfile::tempdir()?;
     let (_cluster, base) = local_cluster(home.path())?;
     let questions = [

@@ -460,10 +460,15 @@ impl Checkpoint {
 
     /// The state file for a stage of `spec` (its own tensors only).
     fn for_stage(&self, spec: StageSpec, tied: bool) -> Result<Vec<u8>, TrainError> {
+        self.encode(|n| belongs(n, spec, tied))
+    }
+
+    /// The tensors whose names pass `keep`, as a state file (by name).
+    fn encode(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<u8>, TrainError> {
         let mut mine: Vec<(String, Tensor)> = self
             .tensors
             .iter()
-            .filter(|(n, _)| belongs(n, spec, tied))
+            .filter(|(n, _)| keep(n))
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
         mine.sort_by(|a, b| a.0.cmp(&b.0));
@@ -474,14 +479,7 @@ impl Checkpoint {
     fn save(&self, dir: &Path, spec: &JobSpec, total_steps: u64) -> Result<(), TrainError> {
         let io = |e: std::io::Error| TrainError::Checkpoint(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut all: Vec<(String, Tensor)> = self
-            .tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        let meta = HashMap::from([("optimizer_steps".to_string(), self.step.to_string())]);
-        write_atomic(&dir.join("state.safetensors"), &state::encode(&all, meta)?)?;
+        write_atomic(&dir.join("state.safetensors"), &self.encode(|_| true)?)?;
         let job = json!({
             "format": 1,
             "step": self.step,
@@ -645,7 +643,18 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         .max()
         .unwrap_or(1);
     let mb_tokens = (spec.batch_size.div_ceil(m) * longest).min(u32::MAX as usize) as u32;
-    let tied_model = data.base.config().tie_word_embeddings;
+    let plan = Plan {
+        spec: &spec,
+        method: &method,
+        data: &data,
+        batching: &batching,
+        epochs,
+        total,
+        mb_tokens,
+        tied_model: data.base.config().tie_word_embeddings,
+        content: &content,
+        ckpt_dir: &ckpt_dir,
+    };
     let mut replans = 0;
     let final_state = loop {
         if job.cancelled() {
@@ -656,12 +665,7 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         {
             break c.clone();
         }
-        match attempt(
-            ctx, job, &spec, &method, &data, &batching, total, mb_tokens, tied_model, &content,
-            &mut ckpt, &ckpt_dir,
-        )
-        .await
-        {
+        match attempt(ctx, job, &plan, &mut ckpt).await {
             Ok(Some(state)) => break state,
             Ok(None) => return Ok(()),
             Err(e) if job.cancelled() => return Err(e.error),
@@ -800,23 +804,41 @@ impl From<TrainError> for AttemptError {
     }
 }
 
-/// One placement of the job, from the last checkpoint to the end (the
-/// final state), or until something fails.
-#[allow(clippy::too_many_arguments)]
-async fn attempt(
-    ctx: &Arc<JobCtx>,
-    job: &Arc<JobHandle>,
-    spec: &JobSpec,
-    method: &Method,
-    data: &Data,
-    batching: &Batching,
+/// What every attempt of a job shares.
+struct Plan<'a> {
+    spec: &'a JobSpec,
+    method: &'a Method,
+    data: &'a Data,
+    batching: &'a Batching,
+    /// Passes over the data that `total` steps make.
+    epochs: u64,
     total: u64,
     mb_tokens: u32,
     tied_model: bool,
-    content: &str,
+    content: &'a str,
+    ckpt_dir: &'a Path,
+}
+
+/// One placement of the job, from the last checkpoint to the end (the
+/// final state), or until something fails.
+async fn attempt(
+    ctx: &Arc<JobCtx>,
+    job: &Arc<JobHandle>,
+    plan: &Plan<'_>,
     ckpt: &mut Option<Checkpoint>,
-    ckpt_dir: &Path,
 ) -> Result<Option<Checkpoint>, AttemptError> {
+    let Plan {
+        spec,
+        method,
+        data,
+        batching,
+        epochs,
+        total,
+        mb_tokens,
+        tied_model,
+        content,
+        ckpt_dir,
+    } = *plan;
     let retry = |error: TrainError, step: u64| AttemptError {
         error,
         step,
@@ -931,12 +953,6 @@ async fn attempt(
         warmup: spec.warmup_steps,
         total,
         min_ratio: spec.min_lr_ratio,
-    };
-    let epochs = match spec.steps {
-        Some(s) => (s * spec.batch_size as u64)
-            .div_ceil(data.examples.len() as u64)
-            .max(1),
-        None => spec.epochs,
     };
     let mut cancel = job.cancel.subscribe();
     let mut result = None;
