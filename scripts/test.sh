@@ -20,7 +20,14 @@ fi
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
+# The wgpu backend's tests run on Mesa's software Vulkan driver (llvmpipe)
+# where there is no GPU.
+if ! compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers
+fi
+# Mesa's window-system probing complains without one; nothing here draws.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 export HEARTH_REQUIRE_MODEL=1
-# As root (CI), network-namespace tests must run, not skip.
-if [ "$(id -u)" = 0 ]; then export HEARTH_REQUIRE_NETNS=1; fi
+# As root (CI), network-namespace and GPU (llvmpipe) tests must run, not skip.
+if [ "$(id -u)" = 0 ]; then export HEARTH_REQUIRE_NETNS=1 HEARTH_REQUIRE_GPU=1; fi
 cargo test --workspace --no-fail-fast

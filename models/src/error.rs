@@ -53,6 +53,8 @@ pub enum ModelError {
     },
     #[error("stage input does not match the stage: {0}")]
     BadStageInput(String),
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("unsupported tokenizer {model:?} / pre-tokenizer {pre:?}")]

@@ -14,13 +14,16 @@ struct LayerKv {
     v: Vec<f32>,
 }
 
-/// The KV cache of one sequence for the layers of one stage.
-#[derive(Debug, Clone)]
+/// The KV cache of one sequence for the layers of one stage: in host
+/// memory, or on the device of a GPU stage.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
     /// Floats per token per layer (`kv_heads * head_dim`), known after the first append.
     row: usize,
+    #[cfg(feature = "wgpu")]
+    gpu: Option<crate::gpu::GpuKv>,
 }
 
 impl KvCache {
@@ -30,7 +33,26 @@ impl KvCache {
             layers: vec![LayerKv::default(); layers],
             len: 0,
             row: 0,
+            #[cfg(feature = "wgpu")]
+            gpu: None,
         }
+    }
+
+    /// An empty cache kept on a GPU stage's device.
+    #[cfg(feature = "wgpu")]
+    pub(crate) fn on_gpu() -> Self {
+        Self {
+            layers: Vec::new(),
+            len: 0,
+            row: 0,
+            gpu: Some(crate::gpu::GpuKv::default()),
+        }
+    }
+
+    /// The device part of a GPU stage's cache.
+    #[cfg(feature = "wgpu")]
+    pub(crate) fn gpu_mut(&mut self) -> Option<&mut crate::gpu::GpuKv> {
+        self.gpu.as_mut()
     }
 
     /// Tokens stored so far (the position of the next token).
@@ -45,10 +67,14 @@ impl KvCache {
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.layers
+        let host: usize = self
+            .layers
             .iter()
             .map(|l| (l.k.capacity() + l.v.capacity()) * 4)
-            .sum()
+            .sum();
+        #[cfg(feature = "wgpu")]
+        let host = host + self.gpu.as_ref().map_or(0, crate::gpu::GpuKv::bytes);
+        host
     }
 
     /// Drops the stored tokens after `len` (used to roll back a step).

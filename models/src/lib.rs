@@ -9,6 +9,8 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
+#[cfg(feature = "wgpu")]
+pub mod gpu;
 pub mod kv_cache;
 pub mod layers;
 pub mod quant;

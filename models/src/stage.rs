@@ -94,9 +94,43 @@ pub struct Stage {
     head: Option<Linear>,
     rope: Rope,
     device: Device,
+    /// Set when the stage runs on a GPU (the CPU parts above are then empty).
+    #[cfg(feature = "wgpu")]
+    gpu: Option<Arc<crate::gpu::GpuStage>>,
 }
 
 impl Stage {
+    /// Loads the tensors of `spec` onto `gpu`: the stage then runs there,
+    /// with its KV caches on the device.
+    #[cfg(feature = "wgpu")]
+    pub fn load_gpu(
+        gpu: Arc<crate::gpu::Gpu>,
+        weights: &WeightFile,
+        spec: StageSpec,
+        precision: Precision,
+    ) -> Result<Self> {
+        let cfg = weights.config().clone();
+        let on_gpu = crate::gpu::GpuStage::load(gpu, weights, spec, precision)?;
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings, DType::F32, &Device::Cpu)?;
+        Ok(Self {
+            cfg,
+            spec,
+            embed: None,
+            blocks: Vec::new(),
+            norm: None,
+            head: None,
+            rope,
+            device: Device::Cpu,
+            gpu: Some(Arc::new(on_gpu)),
+        })
+    }
+
+    /// The GPU adapter this stage runs on, if any.
+    #[cfg(feature = "wgpu")]
+    pub fn gpu_adapter(&self) -> Option<crate::gpu::AdapterSummary> {
+        self.gpu.as_ref().map(|g| g.gpu().adapter())
+    }
+
     /// Loads the tensors of `spec` from `weights`.
     pub fn load(weights: &WeightFile, spec: StageSpec, precision: Precision) -> Result<Self> {
         let cfg = weights.config().clone();
@@ -258,6 +292,8 @@ impl Stage {
             head,
             rope,
             device: dev,
+            #[cfg(feature = "wgpu")]
+            gpu: None,
         })
     }
 
@@ -273,6 +309,10 @@ impl Stage {
 
     /// A fresh KV cache for one sequence on this stage.
     pub fn new_cache(&self) -> KvCache {
+        #[cfg(feature = "wgpu")]
+        if self.gpu.is_some() {
+            return KvCache::on_gpu();
+        }
         KvCache::new(self.blocks.len())
     }
 
@@ -314,9 +354,9 @@ impl Stage {
             positions.extend((start..start + len).map(|p| p as u32));
             offset += len;
         }
-        let positions = Tensor::from_vec(positions, n, &self.device)?;
-        let mut x = match (input, &self.embed) {
-            (StageInput::Tokens(ids), Some(embed)) => {
+        let first = self.spec.embed;
+        match &input {
+            StageInput::Tokens(ids) if first => {
                 if ids.len() != n {
                     return Err(ModelError::BadStageInput(format!(
                         "{} tokens for lengths summing to {n}",
@@ -329,9 +369,8 @@ impl Stage {
                         vocab: self.cfg.vocab_size,
                     });
                 }
-                embed.forward(&Tensor::from_vec(ids, n, &self.device)?)?
             }
-            (StageInput::Hidden(h), None) => {
+            StageInput::Hidden(h) if !first => {
                 if h.dims() != [n, self.cfg.hidden_size] || h.dtype() != DType::F32 {
                     return Err(ModelError::BadStageInput(format!(
                         "hidden states {:?} {:?}, expected [{n}, {}] f32",
@@ -340,16 +379,45 @@ impl Stage {
                         self.cfg.hidden_size
                     )));
                 }
-                h
             }
-            (StageInput::Tokens(_), None) => {
+            StageInput::Tokens(_) => {
                 return Err(ModelError::BadStageInput(
                     "tokens sent to a stage without the embedding".into(),
                 ));
             }
-            (StageInput::Hidden(_), Some(_)) => {
+            StageInput::Hidden(_) => {
                 return Err(ModelError::BadStageInput(
                     "hidden states sent to the first stage".into(),
+                ));
+            }
+        }
+        #[cfg(feature = "wgpu")]
+        if let Some(gpu) = &self.gpu {
+            let mut kvs = Vec::with_capacity(caches.len());
+            for cache in caches.iter_mut() {
+                kvs.push(cache.gpu_mut().ok_or_else(|| {
+                    ModelError::BadStageInput("a host KV cache passed to a GPU stage".into())
+                })?);
+            }
+            let (ids, hidden) = match &input {
+                StageInput::Tokens(ids) => (Some(&ids[..]), None),
+                StageInput::Hidden(h) => (None, Some(h)),
+            };
+            let out = gpu.forward(ids, hidden, &spans, &positions, &mut kvs, logits)?;
+            for (cache, &len) in caches.iter_mut().zip(lens) {
+                cache.advance(len);
+            }
+            return Ok(out);
+        }
+        let positions = Tensor::from_vec(positions, n, &self.device)?;
+        let mut x = match (input, &self.embed) {
+            (StageInput::Tokens(ids), Some(embed)) => {
+                embed.forward(&Tensor::from_vec(ids, n, &self.device)?)?
+            }
+            (StageInput::Hidden(h), None) => h,
+            _ => {
+                return Err(ModelError::BadStageInput(
+                    "input does not fit the stage".into(),
                 ));
             }
         };

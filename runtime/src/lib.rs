@@ -1,11 +1,13 @@
-//! A Hearth node. Today: the cluster fabric's membership (which
-//! authenticated peers are alive, by QUIC heartbeats; join/leave events; a
-//! deterministic leader) and the device profiler (hardware, measured model
-//! times, measured links, shared between members). Later: stage actors,
-//! scheduler, training engine.
+//! A Hearth node: the cluster fabric's membership (which authenticated peers
+//! are alive, by QUIC heartbeats; join/leave events; a deterministic
+//! leader), the device profiler (hardware, measured model times, measured
+//! links, shared between members), pipeline inference (placement, stage
+//! workers on the CPU or a GPU, the scheduler) and pipeline-parallel
+//! training (schedules, stage workers, fine-tuning jobs).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod catalog;
+pub mod compute;
 pub mod events;
 mod membership;
 mod node;
@@ -15,6 +17,7 @@ pub mod train;
 mod view;
 
 pub use catalog::{ModelEntry, ModelSource};
+pub use compute::{Backend, Compute};
 pub use events::{ClusterEvent, EventKind};
 pub use membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MembershipEvent};
 pub use node::{Node, NodeConfig};

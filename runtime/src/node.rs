@@ -43,6 +43,8 @@ pub struct NodeConfig {
     pub placement: PlacementPolicy,
     /// Where models are loaded from by name (`Node::load_model`).
     pub models: Option<Arc<dyn ModelSource>>,
+    /// What inference stages run on (measure `model` on the same).
+    pub compute: crate::Compute,
 }
 
 impl NodeConfig {
@@ -60,6 +62,7 @@ impl NodeConfig {
             probe_period: PROBE_PERIOD,
             placement: PlacementPolicy::default(),
             models: None,
+            compute: crate::Compute::Cpu,
         }
     }
 }
@@ -143,6 +146,7 @@ impl Node {
             events.clone(),
             cfg.models,
             train.clone(),
+            cfg.compute,
         );
         events.set_share(share_with_members(service.clone()));
         if let Some(info) = cfg.model {

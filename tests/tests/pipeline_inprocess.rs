@@ -9,18 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hearth_models::{GenerateRequest, LocalModel, Precision, SamplingParams};
-use hearth_runtime::pipeline::{GenEvent, GenerateParams, PlacementPolicy, Prompt};
-use hearth_test_utils::cluster::{generate_all, model_info, pipeline_cluster, tiny_model_info};
+use hearth_runtime::pipeline::{GenEvent, PlacementPolicy};
+use hearth_test_utils::cluster::{
+    generate_all, greedy, model_info, pipeline_cluster, tiny_model_info,
+};
 use hearth_test_utils::{TinySpec, real_model, tiny_model};
-
-fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        prompt: Prompt::Tokens(prompt),
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop: Vec::new(),
-    }
-}
 
 /// Single-node reference tokens.
 fn reference(

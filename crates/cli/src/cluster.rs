@@ -84,7 +84,40 @@ pub struct UpArgs {
     #[arg(long, value_name = "HOW")]
     split: Option<Split>,
     #[command(flatten)]
+    backend: BackendArg,
+    #[command(flatten)]
     home: HomeArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackendArg {
+    /// What this node runs its inference stages on: `cpu`, `wgpu` (a GPU
+    /// through Vulkan, Metal or DX12; software adapters too) or `auto` (a
+    /// hardware GPU when there is one, else the CPU). The model is measured
+    /// on the same, so the planner weighs the device by its real speed.
+    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = parse_backend)]
+    pub backend: hearth_runtime::Backend,
+    /// With `wgpu` or `auto`: the GPU whose adapter name contains NAME
+    /// (case-insensitive; `hearth profile` lists them), for a machine with
+    /// several. A named GPU that is missing is an error, not a CPU fallback.
+    #[arg(long, value_name = "NAME")]
+    pub gpu: Option<String>,
+}
+
+fn parse_backend(s: &str) -> Result<hearth_runtime::Backend, String> {
+    s.parse()
+}
+
+impl BackendArg {
+    /// Opens the chosen compute device and says which it is.
+    pub fn resolve(&self) -> Result<hearth_runtime::Compute> {
+        let compute = hearth_runtime::Compute::resolve(self.backend, self.gpu.as_deref())
+            .with_context(|| match &self.gpu {
+                Some(name) => format!("--backend {:?} --gpu {name:?}", self.backend),
+                None => format!("--backend {:?}", self.backend),
+            })?;
+        Ok(compute)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,6 +141,8 @@ impl Split {
 struct Store {
     /// `HOME/models/fine-tuned`.
     tuned: PathBuf,
+    /// Models are measured on the node's compute.
+    compute: hearth_runtime::Compute,
 }
 
 impl hearth_runtime::ModelSource for Store {
@@ -154,7 +189,7 @@ impl hearth_runtime::ModelSource for Store {
         } else {
             name.to_string()
         };
-        crate::profile::measure_model(Some(&spec), false)
+        crate::profile::measure_model(Some(&spec), false, &self.compute)
             .map(|(info, _)| info)
             .map_err(|e| format!("{e:#}"))
     }
@@ -164,9 +199,13 @@ impl hearth_runtime::ModelSource for Store {
     }
 }
 
-fn model_source(home: &Path) -> Option<std::sync::Arc<dyn hearth_runtime::ModelSource>> {
+fn model_source(
+    home: &Path,
+    compute: &hearth_runtime::Compute,
+) -> Option<std::sync::Arc<dyn hearth_runtime::ModelSource>> {
     Some(std::sync::Arc::new(Store {
         tuned: home.join("models").join("fine-tuned"),
+        compute: compute.clone(),
     }))
 }
 
@@ -271,13 +310,15 @@ pub fn up(args: UpArgs) -> Result<()> {
     if !args.no_mdns {
         discoveries.push(Box::new(MdnsDiscovery::new()));
     }
+    let compute = args.backend.resolve()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let mut cfg = NodeConfig::new(name.clone(), identity, secret.clone());
         cfg.quic = args.quic;
         cfg.discoveries = discoveries;
         cfg.placement = args.split.unwrap_or(Split::Plan).policy();
-        cfg.models = model_source(&home);
+        cfg.models = model_source(&home, &compute);
+        cfg.compute = compute.clone();
         let listener = hearth_server::Listener::bind(args.http).await?;
         let node = Node::start(cfg).await?;
         let quic = node.endpoint().local_addr()?;
@@ -300,15 +341,20 @@ pub fn up(args: UpArgs) -> Result<()> {
         let key = api_key(http, args.api_key.clone());
         print_http(http, key.as_deref(), args.api_key.is_some());
         println!("  discovery  {discovery}");
+        println!("  compute    {}", compute.name());
         let placements = tokio::spawn(print_placements(node.clone()));
         let (server, stop_tx) = serve_http(listener, node.clone(), key, &home);
         // Fetch and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
         let from_peers = args.from_peers.then(|| {
             let node = node.clone();
+            let compute = compute.clone();
             let dir = home.join("models").join("peers");
             tokio::spawn(async move {
-                let opts = hearth_runtime::profile::MeasureOptions::default();
+                let opts = hearth_runtime::profile::MeasureOptions {
+                    compute: compute.clone(),
+                    ..Default::default()
+                };
                 let cache = hearth_runtime::profile::default_cache_dir();
                 loop {
                     let mut bar: Option<(u64, indicatif::ProgressBar)> = None;
@@ -348,9 +394,10 @@ pub fn up(args: UpArgs) -> Result<()> {
         let profiler = {
             let node = node.clone();
             let model = model_arg;
+            let compute = compute.clone();
             tokio::task::spawn_blocking(move || {
                 let Some(model) = model else { return };
-                match crate::profile::measure_model(model.as_deref(), false) {
+                match crate::profile::measure_model(model.as_deref(), false, &compute) {
                     Ok((info, cached)) => {
                         let t = &info.times;
                         println!(
@@ -452,6 +499,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
     let (secret, _) = ClusterSecret::load_or_create(&secret_path(&home))?;
     let policy = args.split.unwrap_or(Split::Even).policy();
     let host = args.name.clone().unwrap_or_else(host_name);
+    let compute = args.backend.resolve()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let listener = hearth_server::Listener::bind(args.http).await?;
@@ -463,7 +511,8 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
             let mut cfg = NodeConfig::new(format!("{host}-{i}"), identity, secret.clone());
             cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
             cfg.placement = policy.clone();
-            cfg.models = model_source(&home);
+            cfg.models = model_source(&home, &compute);
+            cfg.compute = compute.clone();
             if let Some(a) = first {
                 cfg.discoveries = vec![Box::new(StaticDiscovery::new(vec![a.to_string()])?)];
             }
@@ -471,7 +520,10 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
             first.get_or_insert(node.endpoint().local_addr()?);
             nodes.push(node);
         }
-        println!("hearth: {n} local node(s) on loopback");
+        println!(
+            "hearth: {n} local node(s) on loopback, stages on {}",
+            compute.name()
+        );
         for node in &nodes {
             println!(
                 "  {} ({})  QUIC {}",
@@ -487,8 +539,9 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
         let profiler = {
             let nodes = nodes.clone();
             let model = args.model.clone();
+            let compute = compute.clone();
             tokio::task::spawn_blocking(move || {
-                match crate::profile::measure_model(model.as_deref(), false) {
+                match crate::profile::measure_model(model.as_deref(), false, &compute) {
                     Ok((info, _)) => {
                         println!(
                             "  model      {} ({} layers) measured; placing it across the nodes",

@@ -226,7 +226,14 @@ fn from_file(path: &std::path::Path, args: &Args) -> Result<PlanReport> {
     let cost = model_cost(&weights);
     // Relative speeds need this machine's own measurement.
     let here = if file.devices.iter().any(|d| d.times.is_none()) {
-        Some(crate::profile::measure_model(Some(&model_path.to_string_lossy()), false)?.0)
+        Some(
+            crate::profile::measure_model(
+                Some(&model_path.to_string_lossy()),
+                false,
+                &hearth_runtime::Compute::Cpu,
+            )?
+            .0,
+        )
     } else {
         None
     };

@@ -18,6 +18,8 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    backend: crate::cluster::BackendArg,
 }
 
 /// A spinner on stderr that shows each measuring step.
@@ -31,14 +33,26 @@ pub fn spinner() -> ProgressBar {
 }
 
 /// Resolves `model` (fetching the default) and profiles it on this device.
-pub fn measure_model(model: Option<&str>, fresh: bool) -> Result<(ModelInfo, bool)> {
+pub fn measure_model(
+    model: Option<&str>,
+    fresh: bool,
+    compute: &hearth_runtime::Compute,
+) -> Result<(ModelInfo, bool)> {
     let path = store::resolve(model, &mut crate::models::progress_printer())?;
     let weights = WeightFile::open(&path)?;
     let bar = spinner();
     bar.set_message("reading the profile cache");
-    let r = ModelInfo::measure(&weights, fresh, &mut |step| {
-        bar.set_message(step.to_string())
-    });
+    let opts = hearth_runtime::profile::MeasureOptions {
+        compute: compute.clone(),
+        ..Default::default()
+    };
+    let r = ModelInfo::measure_with(
+        &weights,
+        &hearth_runtime::profile::default_cache_dir(),
+        &opts,
+        fresh,
+        &mut |step| bar.set_message(step.to_string()),
+    );
     bar.finish_and_clear();
     Ok(r?)
 }
@@ -52,7 +66,8 @@ struct JsonOut<'a> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (info, cached) = measure_model(args.model.as_deref(), args.fresh)?;
+    let compute = args.backend.resolve()?;
+    let (info, cached) = measure_model(args.model.as_deref(), args.fresh, &compute)?;
     let name = crate::cluster::host_name();
     let profile = NodeProfile::new("(this device)", name, Some(info.times.clone()));
     if args.json {

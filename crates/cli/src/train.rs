@@ -49,7 +49,8 @@ pub fn run(args: Args) -> Result<()> {
     if !spec.data.is_file() {
         bail!("no training data at {}", spec.data.display());
     }
-    let (info, _) = crate::profile::measure_model(Some(&spec.model), false)?;
+    let (info, _) =
+        crate::profile::measure_model(Some(&spec.model), false, &hearth_runtime::Compute::Cpu)?;
     spec.model = info.times.model.clone();
     let home = args.home.dir().join("local");
     let (secret, _) = ClusterSecret::load_or_create(&home.join("cluster").join("secret"))?;

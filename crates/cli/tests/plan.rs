@@ -16,6 +16,18 @@ fn hearth(args: &[&str], home: &Path) -> Result<Output> {
         .output()?)
 }
 
+/// Runs `hearth ARGS`, requires success (else fails with its stderr) and
+/// parses its JSON output.
+fn hearth_json<T: serde::de::DeserializeOwned>(args: &[&str], home: &Path) -> Result<T> {
+    let out = hearth(args, home)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 fn times(ms: f64) -> String {
     let t = |x: f64| {
         format!(
@@ -48,13 +60,7 @@ fn plans_a_cluster_described_in_a_file() -> Result<()> {
     );
     std::fs::write(&file, text)?;
     let f = file.to_string_lossy().into_owned();
-    let out = hearth(&["plan", "--devices", &f, "--json"], dir.path())?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: PlanReport = serde_json::from_slice(&out.stdout)?;
+    let r: PlanReport = hearth_json(&["plan", "--devices", &f, "--json"], dir.path())?;
     let plan = r.plan.expect("a plan");
     // Single-stream decode of a 4-layer model: the fast device alone wins.
     assert_eq!(plan.stages.len(), 1);
@@ -164,16 +170,10 @@ fn the_readme_example_plans_and_profile_prints() -> Result<()> {
         .map(Path::to_path_buf)
         .expect("models dir inside HEARTH_HOME");
     let example = workspace_root().join("examples/home-cluster.toml");
-    let out = hearth(
+    let r: PlanReport = hearth_json(
         &["plan", "--devices", &example.to_string_lossy(), "--json"],
         &home,
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: PlanReport = serde_json::from_slice(&out.stdout)?;
     let plan = r.plan.expect("a plan");
     assert_eq!(plan.stages[0].device_name, "desktop");
     assert!(
@@ -183,15 +183,84 @@ fn the_readme_example_plans_and_profile_prints() -> Result<()> {
         "{:?}",
         plan.explanation
     );
-    let out = hearth(&["profile", "--json"], &home)?;
+    let v: serde_json::Value = hearth_json(&["profile", "--json"], &home)?;
+    assert!(v["model"]["layer"]["decode_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["model_cost"]["layers"].as_array().map(Vec::len), Some(30));
+    assert!(v["hardware"]["logical_cores"].as_u64().unwrap() >= 1);
+    Ok(())
+}
+
+/// `hearth profile --backend wgpu` measures the model on the GPU (Mesa's
+/// llvmpipe where there is none) and lists the adapters; a bad backend
+/// gets a one-line error.
+#[test]
+fn profile_measures_on_the_chosen_backend() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let model = m.gguf_q4_1.to_string_lossy().into_owned();
+    let out = hearth(
+        &["profile", "--backend", "cuda", "--model", &model],
+        dir.path(),
+    )?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
+    let v: serde_json::Value = hearth_json(
+        &["profile", "--backend", "cpu", "--model", &model, "--json"],
+        dir.path(),
+    )?;
+    assert_eq!(v["model"]["backend"], "cpu");
+    let out = hearth(
+        &["profile", "--backend", "wgpu", "--model", &model, "--json"],
+        dir.path(),
+    )?;
+    if !out.status.success() && std::env::var_os("HEARTH_REQUIRE_GPU").is_none() {
+        eprintln!(
+            "skipping the wgpu half: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return Ok(());
+    }
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let backend = v["model"]["backend"].as_str().unwrap_or_default();
+    assert!(backend.starts_with("wgpu:"), "{backend}");
     assert!(v["model"]["layer"]["decode_s"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["model_cost"]["layers"].as_array().map(Vec::len), Some(30));
-    assert!(v["hardware"]["logical_cores"].as_u64().unwrap() >= 1);
+    assert!(!v["hardware"]["gpus"].as_array().unwrap().is_empty());
+    // --gpu picks an adapter by name; a missing one is an error, not the CPU.
+    let out = hearth(
+        &[
+            "profile",
+            "--backend",
+            "auto",
+            "--gpu",
+            "no such adapter",
+            "--model",
+            &model,
+        ],
+        dir.path(),
+    )?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no GPU adapter named like"), "{err}");
+    let name = backend.trim_start_matches("wgpu:");
+    let word = name.split_whitespace().next().unwrap_or(name);
+    let v: serde_json::Value = hearth_json(
+        &[
+            "profile",
+            "--backend",
+            "auto",
+            "--gpu",
+            word,
+            "--model",
+            &model,
+            "--json",
+        ],
+        dir.path(),
+    )?;
+    assert_eq!(v["model"]["backend"].as_str(), Some(backend));
     Ok(())
 }

@@ -141,6 +141,16 @@ pub async fn wait_for_views(
     }
 }
 
+/// Greedy generation of `max_tokens` after the token ids `prompt`.
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> hearth_runtime::pipeline::GenerateParams {
+    hearth_runtime::pipeline::GenerateParams {
+        prompt: hearth_runtime::pipeline::Prompt::Tokens(prompt),
+        max_tokens,
+        sampling: hearth_models::SamplingParams::default(),
+        stop: Vec::new(),
+    }
+}
+
 /// A tiny random model written under `dir`, measured quickly on this
 /// device (cached under `dir`): what a node serving it would hold.
 pub fn tiny_model_info(dir: &std::path::Path) -> Result<ModelInfo> {
@@ -180,11 +190,25 @@ pub async fn pipeline_cluster_in(
     info: &ModelInfo,
     policy: hearth_runtime::pipeline::PlacementPolicy,
 ) -> Result<Vec<TestNode>> {
+    pipeline_cluster_with(secret, n, stages, info, policy, |_, _| {}).await
+}
+
+/// [`pipeline_cluster_in`], with `configure(i, cfg)` applied to node `i`'s
+/// config last (its compute, another measured profile, ...).
+pub async fn pipeline_cluster_with(
+    secret: &ClusterSecret,
+    n: usize,
+    stages: usize,
+    info: &ModelInfo,
+    policy: hearth_runtime::pipeline::PlacementPolicy,
+    configure: impl Fn(usize, &mut NodeConfig),
+) -> Result<Vec<TestNode>> {
     let net = hearth_discovery::MemoryNetwork::new();
     let nodes: Vec<TestNode> = (0..n)
         .map(|i| {
             let info = info.clone();
             let policy = policy.clone();
+            let configure = &configure;
             TestNode::start_with(
                 &format!("n{i}"),
                 secret,
@@ -192,6 +216,7 @@ pub async fn pipeline_cluster_in(
                 move |cfg| {
                     cfg.model = Some(info);
                     cfg.placement = policy;
+                    configure(i, cfg);
                 },
             )
         })

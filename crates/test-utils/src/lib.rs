@@ -407,6 +407,24 @@ pub fn real_model() -> Option<PathBuf> {
     None
 }
 
+/// A wgpu device on the best adapter wgpu finds, software ones included
+/// (Mesa's llvmpipe where there is no GPU).
+///
+/// Returns `None` (after printing why) when there is none, unless
+/// `HEARTH_REQUIRE_GPU` is set — CI sets it, so there the test fails.
+pub fn gpu() -> Option<std::sync::Arc<hearth_models::gpu::Gpu>> {
+    match hearth_models::gpu::Gpu::open(None, true) {
+        Ok(g) => Some(g),
+        Err(e) if std::env::var_os("HEARTH_REQUIRE_GPU").is_some() => {
+            panic!("HEARTH_REQUIRE_GPU is set but no adapter opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: no wgpu adapter ({e}); install mesa-vulkan-drivers");
+            None
+        }
+    }
+}
+
 /// The workspace root (for fixtures).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

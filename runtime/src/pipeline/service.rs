@@ -58,6 +58,8 @@ struct Inner {
     loading: Mutex<Option<String>>,
     /// Training stages run here for jobs coordinated anywhere.
     train: crate::train::TrainHost,
+    /// Where inference stages run.
+    compute: crate::Compute,
 }
 
 /// A cheap handle.
@@ -73,6 +75,7 @@ impl Service {
         events: Events,
         source: Option<Arc<dyn ModelSource>>,
         train: crate::train::TrainHost,
+        compute: crate::Compute,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -87,6 +90,7 @@ impl Service {
                 source,
                 loading: Mutex::new(None),
                 train,
+                compute,
             }),
         }
     }
@@ -327,9 +331,12 @@ impl Service {
             )
             .await?;
         }
+        let compute = self.inner.compute.clone();
         let stage = tokio::task::spawn_blocking(move || -> Result<Stage, String> {
             let weights = WeightFile::open(&path).map_err(|e| e.to_string())?;
-            Stage::load(&weights, spec, Precision::Quantized).map_err(|e| e.to_string())
+            compute
+                .load_stage(&weights, spec, Precision::Quantized)
+                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())??;

@@ -127,7 +127,11 @@ pub fn profile_model_with(
     fresh: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(ModelTimes, bool), ProfileError> {
-    let hardware = Hardware::detect().cache_identity();
+    let mut hardware = Hardware::detect().cache_identity();
+    // A GPU's times are its own (CPU entries keep their old keys).
+    if !matches!(opts.compute, crate::Compute::Cpu) {
+        hardware = format!("{hardware}|{}", opts.compute.name());
+    }
     let fingerprint = model_fingerprint(weights);
     let threads = candle_core::utils::get_num_threads();
     let path = dir.join(format!(

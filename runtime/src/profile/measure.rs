@@ -26,6 +26,8 @@ pub struct MeasureOptions {
     pub decode_reps: usize,
     /// Timed prefill and training passes (the median is kept).
     pub reps: usize,
+    /// Where inference stages run (training is measured on the CPU).
+    pub compute: crate::Compute,
 }
 
 impl Default for MeasureOptions {
@@ -35,6 +37,7 @@ impl Default for MeasureOptions {
             train_tokens: 128,
             decode_reps: 64,
             reps: 3,
+            compute: crate::Compute::Cpu,
         }
     }
 }
@@ -47,6 +50,7 @@ impl MeasureOptions {
             train_tokens: 32,
             decode_reps: 8,
             reps: 1,
+            compute: crate::Compute::Cpu,
         }
     }
 }
@@ -143,7 +147,9 @@ fn measure_part(
     progress: &mut dyn FnMut(&str),
 ) -> Result<PhaseTimes, ProfileError> {
     progress(&format!("{what}: decode and prefill"));
-    let stage = Stage::load(weights, spec, Precision::Quantized)?;
+    let stage = opts
+        .compute
+        .load_stage(weights, spec, Precision::Quantized)?;
     let (decode_s, prefill_s_per_token) = inference_times(&stage, false, opts)?;
     progress(&format!("{what}: training"));
     let stage = Stage::load(weights, spec, Precision::F32)?;
@@ -156,7 +162,7 @@ fn measure_part(
     })
 }
 
-/// Measures `weights` on this device's CPU. `progress` is told each step.
+/// Measures `weights` on `opts.compute`. `progress` is told each step.
 pub fn measure(
     weights: &WeightFile,
     opts: &MeasureOptions,
@@ -177,7 +183,9 @@ pub fn measure(
     let layer = measure_part(weights, one_layer, "decoder layer", opts, progress)?;
 
     progress("embedding");
-    let stage = Stage::load(weights, embed_only, Precision::Quantized)?;
+    let stage = opts
+        .compute
+        .load_stage(weights, embed_only, Precision::Quantized)?;
     let (decode, prefill) = inference_times(&stage, true, opts)?;
     // The frozen embedding is a lookup with no backward work.
     let embed = PhaseTimes {
@@ -193,7 +201,7 @@ pub fn measure(
     Ok(ModelTimes {
         model,
         fingerprint: super::model_fingerprint(weights),
-        backend: "cpu".into(),
+        backend: opts.compute.name(),
         threads: candle_core::utils::get_num_threads(),
         layer,
         embed,

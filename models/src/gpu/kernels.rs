@@ -1,0 +1,360 @@
+//! The compiled WGSL kernels and the helpers that record one dispatch each.
+
+use super::{Batch, Gpu, grid_rows, grid1};
+use crate::error::{ModelError, Result};
+
+const COMMON: &str = include_str!("wgsl/common.wgsl");
+
+/// How a matrix is held on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// GGUF Q4_1 blocks as stored (20 bytes: 5 words).
+    Q4_1,
+    /// GGUF Q8_0 blocks padded to 36 bytes (9 words).
+    Q8_0,
+    F32,
+    F16,
+}
+
+impl Format {
+    const ALL: [Format; 4] = [Format::Q4_1, Format::Q8_0, Format::F32, Format::F16];
+
+    fn index(self) -> usize {
+        match self {
+            Format::Q4_1 => 0,
+            Format::Q8_0 => 1,
+            Format::F32 => 2,
+            Format::F16 => 3,
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Format::Q4_1 => include_str!("wgsl/fmt_q4_1.wgsl"),
+            Format::Q8_0 => include_str!("wgsl/fmt_q8_0.wgsl"),
+            Format::F32 => include_str!("wgsl/fmt_f32.wgsl"),
+            Format::F16 => include_str!("wgsl/fmt_f16.wgsl"),
+        }
+    }
+
+    /// Whether the matmul reads activations quantized to 8-bit blocks.
+    pub fn quantized(self) -> bool {
+        matches!(self, Format::Q4_1 | Format::Q8_0)
+    }
+}
+
+pub(crate) struct Kernels {
+    pub(super) quantize: wgpu::ComputePipeline,
+    rms_norm: wgpu::ComputePipeline,
+    rope: wgpu::ComputePipeline,
+    kv_append: wgpu::ComputePipeline,
+    attention: wgpu::ComputePipeline,
+    silu_mul: wgpu::ComputePipeline,
+    gather: wgpu::ComputePipeline,
+    matmul: Vec<wgpu::ComputePipeline>,
+    matmul_rows: Vec<wgpu::ComputePipeline>,
+    embed: Vec<wgpu::ComputePipeline>,
+}
+
+fn pipeline(device: &wgpu::Device, label: &str, body: &str, entry: &str) -> wgpu::ComputePipeline {
+    let source = format!("{COMMON}\n{body}");
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: Default::default(),
+        cache: None,
+    })
+}
+
+impl Kernels {
+    pub(crate) fn new(device: &wgpu::Device) -> Self {
+        // One pipeline per weight format, its `deq`/`row_dot` spliced in.
+        let per_format = |label: &str, file: &str, entry: &str| -> Vec<wgpu::ComputePipeline> {
+            Format::ALL
+                .iter()
+                .map(|&f| pipeline(device, label, &file.replace("//FORMAT", f.source()), entry))
+                .collect()
+        };
+        let elementwise = include_str!("wgsl/elementwise.wgsl");
+        Self {
+            quantize: pipeline(
+                device,
+                "quantize",
+                include_str!("wgsl/quantize.wgsl"),
+                "main",
+            ),
+            rms_norm: pipeline(
+                device,
+                "rms_norm",
+                include_str!("wgsl/rms_norm.wgsl"),
+                "main",
+            ),
+            rope: pipeline(device, "rope", include_str!("wgsl/rope.wgsl"), "main"),
+            kv_append: pipeline(
+                device,
+                "kv_append",
+                include_str!("wgsl/kv_append.wgsl"),
+                "main",
+            ),
+            attention: pipeline(
+                device,
+                "attention",
+                include_str!("wgsl/attention.wgsl"),
+                "main",
+            ),
+            silu_mul: pipeline(device, "silu_mul", elementwise, "silu_mul"),
+            gather: pipeline(device, "gather", elementwise, "gather"),
+            matmul: per_format("matmul", include_str!("wgsl/matmul.wgsl"), "main"),
+            matmul_rows: per_format("matmul rows", include_str!("wgsl/matmul.wgsl"), "rowwise"),
+            embed: per_format("embed", include_str!("wgsl/embed.wgsl"), "embed"),
+        }
+    }
+}
+
+/// A matrix `[rows, cols]` on the device, with an optional f32 bias `[rows]`.
+#[derive(Debug, Clone)]
+pub struct GpuMatrix {
+    pub format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    pub buf: wgpu::Buffer,
+    pub bias: Option<wgpu::Buffer>,
+}
+
+impl GpuMatrix {
+    /// Uploads a matrix from the bytes of one of the GGUF layouts
+    /// (`Q4_1`, `Q8_0` as stored: 34-byte blocks, f32, f16), rows back to back.
+    pub fn upload(
+        gpu: &Gpu,
+        format: Format,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        let bad =
+            |why: String| ModelError::InvalidConfig(format!("GPU matrix [{rows}, {cols}]: {why}"));
+        let blocks = rows * cols / 32;
+        let expected = match format {
+            Format::Q4_1 | Format::Q8_0 if !cols.is_multiple_of(32) => {
+                return Err(bad("columns are not a multiple of 32".into()));
+            }
+            Format::F16 if !cols.is_multiple_of(2) => {
+                return Err(bad("f16 needs an even column count".into()));
+            }
+            Format::Q4_1 => blocks * 20,
+            Format::Q8_0 => blocks * 34,
+            Format::F32 => rows * cols * 4,
+            Format::F16 => rows * cols * 2,
+        };
+        if bytes.len() != expected {
+            return Err(bad(format!("{} bytes, expected {expected}", bytes.len())));
+        }
+        let buf = match format {
+            Format::Q8_0 => {
+                // 34-byte blocks to 36: f16 d, two bytes of padding, 32 i8.
+                let mut padded = Vec::with_capacity(blocks * 36);
+                for b in bytes.chunks_exact(34) {
+                    padded.extend_from_slice(&b[..2]);
+                    padded.extend_from_slice(&[0, 0]);
+                    padded.extend_from_slice(&b[2..]);
+                }
+                gpu.upload("matrix", &padded)?
+            }
+            _ => gpu.upload("matrix", bytes)?,
+        };
+        let bias = match bias {
+            Some(b) if b.len() != rows => {
+                return Err(bad(format!("bias of {} values", b.len())));
+            }
+            Some(b) => Some(gpu.upload("bias", bytemuck::cast_slice(b))?),
+            None => None,
+        };
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            buf,
+            bias,
+        })
+    }
+}
+
+impl<'g> Batch<'g> {
+    /// `y[n, rows] (+)= x[n, cols] W^T (+ bias)`; quantizes `x` into `act_q`
+    /// (10 words per 32 values) first when the matrix format wants it.
+    /// `accumulate` adds into `y` (residual).
+    pub(crate) fn matmul(
+        &mut self,
+        m: &GpuMatrix,
+        x: &wgpu::Buffer,
+        n: usize,
+        y: &wgpu::Buffer,
+        accumulate: bool,
+        act_q: &wgpu::Buffer,
+    ) -> Result<()> {
+        let k = &self.gpu.kernels;
+        if n.div_ceil(4) > 65535 {
+            return Err(ModelError::Gpu(format!(
+                "a batch of {n} tokens is too large"
+            )));
+        }
+        let input = if m.format.quantized() {
+            let blocks = n * m.cols / 32;
+            self.push(
+                &k.quantize,
+                &[blocks as u32],
+                &[(1, x), (2, act_q)],
+                grid1(blocks),
+            );
+            act_q
+        } else {
+            x
+        };
+        let flags = u32::from(accumulate) | (u32::from(m.bias.is_some()) << 1);
+        let bias = m.bias.as_ref().unwrap_or(&self.gpu.no_bias);
+        let tiles = n.div_ceil(4) as u32;
+        // A workgroup shares a row only when the row has work for all 64
+        // invocations; software adapters pay dearly for its barriers.
+        let shared = (m.cols / 32 >= 64 && !self.gpu.software)
+            || self
+                .gpu
+                .shared_rows_always
+                .load(std::sync::atomic::Ordering::Relaxed);
+        if shared {
+            let [gx, gy, _] = grid_rows(m.rows);
+            self.push(
+                &k.matmul[m.format.index()],
+                &[n as u32, m.rows as u32, m.cols as u32, flags, gx],
+                &[(1, &m.buf), (2, input), (3, bias), (4, y)],
+                [gx, gy, tiles],
+            );
+        } else {
+            let [gx, gy, _] = grid1(m.rows);
+            self.push(
+                &k.matmul_rows[m.format.index()],
+                &[n as u32, m.rows as u32, m.cols as u32, flags, gx],
+                &[(1, &m.buf), (2, input), (3, bias), (4, y)],
+                [gx, gy, tiles],
+            );
+        }
+        Ok(())
+    }
+
+    /// `y[t, :] = table[ids[t], :]` for `n` ids.
+    pub(crate) fn embed(
+        &mut self,
+        table: &GpuMatrix,
+        ids: &wgpu::Buffer,
+        n: usize,
+        y: &wgpu::Buffer,
+    ) {
+        let k = &self.gpu.kernels;
+        self.push(
+            &k.embed[table.format.index()],
+            &[n as u32, table.rows as u32, table.cols as u32, 0, 0],
+            &[(1, &table.buf), (4, y), (5, ids)],
+            grid1(n * table.cols),
+        );
+    }
+
+    pub(crate) fn rms_norm(
+        &mut self,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        n: usize,
+        cols: usize,
+        eps: f64,
+        y: &wgpu::Buffer,
+    ) {
+        let k = &self.gpu.kernels;
+        self.push(
+            &k.rms_norm,
+            &[n as u32, cols as u32, (eps as f32).to_bits()],
+            &[(1, x), (2, w), (3, y)],
+            grid_rows(n),
+        );
+    }
+
+    /// RoPE in place on the first `heads` heads of each of `n` rows of
+    /// `stride` values; `dims` = `[n, heads, head_dim, stride]`.
+    pub(crate) fn rope(
+        &mut self,
+        x: &wgpu::Buffer,
+        positions: &wgpu::Buffer,
+        tables: (&wgpu::Buffer, &wgpu::Buffer),
+        dims: [usize; 4],
+    ) {
+        let [n, heads, head_dim, stride] = dims;
+        let k = &self.gpu.kernels;
+        self.push(
+            &k.rope,
+            &[n as u32, heads as u32, head_dim as u32, stride as u32],
+            &[(1, positions), (2, tables.0), (3, tables.1), (4, x)],
+            grid1(n * heads * head_dim / 2),
+        );
+    }
+
+    /// Parameters: tokens, kv_dim, src_row, stride, k_col, dst_pos,
+    /// cache_row, layer_off (see kv_append.wgsl).
+    pub(crate) fn kv_append(&mut self, params: [u32; 8], src: &wgpu::Buffer, cache: &wgpu::Buffer) {
+        let k = &self.gpu.kernels;
+        let count = params[0] as usize * params[1] as usize;
+        self.push(&k.kv_append, &params, &[(1, src), (2, cache)], grid1(count));
+    }
+
+    /// Parameters as attention.wgsl's `Params`; `heads` x `tokens` workgroups.
+    pub(crate) fn attention(
+        &mut self,
+        params: &[u32; 12],
+        qkv: &wgpu::Buffer,
+        cache: &wgpu::Buffer,
+        scores: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
+        let k = &self.gpu.kernels;
+        let (tokens, heads) = (params[0], params[2]);
+        self.push(
+            &k.attention,
+            params,
+            &[(1, qkv), (2, cache), (3, scores), (4, out)],
+            [heads, tokens, 1],
+        );
+    }
+
+    /// `y[t, i] = silu(x[t, i]) * x[t, inter + i]`.
+    pub(crate) fn silu_mul(&mut self, x: &wgpu::Buffer, n: usize, inter: usize, y: &wgpu::Buffer) {
+        let k = &self.gpu.kernels;
+        let count = n * inter;
+        self.push(
+            &k.silu_mul,
+            &[count as u32, inter as u32],
+            &[(1, x), (2, y)],
+            grid1(count),
+        );
+    }
+
+    /// `y[k, :] = x[rows[k], :]` for `count` rows of `width`.
+    pub(crate) fn gather(
+        &mut self,
+        x: &wgpu::Buffer,
+        rows: &wgpu::Buffer,
+        count: usize,
+        width: usize,
+        y: &wgpu::Buffer,
+    ) {
+        let k = &self.gpu.kernels;
+        self.push(
+            &k.gather,
+            &[(count * width) as u32, width as u32],
+            &[(1, x), (2, y), (3, rows)],
+            grid1(count * width),
+        );
+    }
+}

@@ -1,0 +1,37 @@
+// Small element-wise kernels.
+
+struct Params {
+    // Elements to write.
+    count: u32,
+    // silu_mul: intermediate size; gather: row width.
+    width: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> rows: array<u32>;
+
+// y[t, i] = silu(x[t, i]) * x[t, width + i] over a fused [n, 2 * width] gate/up.
+@compute @workgroup_size(64)
+fn silu_mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = flat(gid, nwg, 64u);
+    if (idx >= p.count) {
+        return;
+    }
+    let t = idx / p.width;
+    let i = idx % p.width;
+    let g = x[t * 2u * p.width + i];
+    let u = x[t * 2u * p.width + p.width + i];
+    y[idx] = g / (1.0 + exp(-g)) * u;
+}
+
+// y[k, :] = x[rows[k], :].
+@compute @workgroup_size(64)
+fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = flat(gid, nwg, 64u);
+    if (idx >= p.count) {
+        return;
+    }
+    y[idx] = x[rows[idx / p.width] * p.width + idx % p.width];
+}
