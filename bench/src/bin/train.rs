@@ -12,17 +12,31 @@
 //! compete for compute and the step time does not fall with p; the bubble
 //! and the per-stage compute are what the schedule controls.
 //!
-//! `cargo run --release -p hearth-bench --bin train`
+//! With `--torch PYTHON` (a Python with torch and safetensors) the same
+//! single-node step also runs in PyTorch on the CPU: the GGUF's tensors
+//! dequantized to f32 under their HF names, the job's own micro-batches
+//! (ids, labels, segments, positions), the same LoRA and optimizer. The
+//! first step's loss of both (LoRA's B starts at zero, so it is the base
+//! model's loss) shows they ran the same model on the same tokens.
+//!
+//! `bench/run_train.sh` (installs torch into `.venv-torch`), or
+//! `cargo run --release -p hearth-bench --bin train [-- --torch PYTHON]`
 #![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use candle_core::Device;
 use clap::Parser;
 use hearth_bench::{Row, cpu_name, median, print, write_results};
+use hearth_models::train::export::{safetensors_bytes, write_atomic};
+use hearth_models::train::{IGNORE, load_jsonl};
+use hearth_models::weights::TensorId;
+use hearth_models::{ModelText, WeightFile};
 use hearth_runtime::pipeline::PlacementPolicy;
-use hearth_runtime::train::{JobSpec, JobState};
+use hearth_runtime::train::{JobSpec, JobState, MethodSpec};
 use hearth_test_utils::cluster::{model_info, pipeline_cluster};
 use hearth_test_utils::real_model;
 
@@ -34,6 +48,9 @@ struct Args {
     /// Steps per configuration (the first is a warm-up and not counted).
     #[arg(long, default_value_t = 3)]
     steps: u64,
+    /// A Python with torch and safetensors: also time the p = 1 step in PyTorch.
+    #[arg(long)]
+    torch: Option<PathBuf>,
     /// Where the tables go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -43,12 +60,21 @@ struct Figures {
     step_s: f64,
     tok_s: f64,
     bubble: f64,
+    /// The first step's training loss.
+    first_loss: f64,
 }
 
-async fn run(p: usize, args: &Args, dir: &std::path::Path) -> Result<Figures> {
-    let model = real_model().context("the real model is missing (hearth models pull)")?;
-    let info = model_info(&model, dir)?;
-    let nodes = pipeline_cluster(p, p, &info, PlacementPolicy::Even).await?;
+/// What the PyTorch run measured.
+struct TorchFigures {
+    version: String,
+    threads: u64,
+    step_s: f64,
+    tok_s: f64,
+    first_loss: f64,
+}
+
+/// The job of `p` stages (m = 4p micro-batches of one example each).
+fn job_spec(p: usize, args: &Args, model: &str, dir: &Path) -> Result<JobSpec> {
     let m = 4 * p;
     // Words of about one token each, so examples fill `len` tokens.
     let data: String = (0..m)
@@ -61,8 +87,8 @@ async fn run(p: usize, args: &Args, dir: &std::path::Path) -> Result<Figures> {
         .collect();
     let path = dir.join(format!("data-{p}.jsonl"));
     std::fs::write(&path, data)?;
-    let spec: JobSpec = serde_json::from_value(serde_json::json!({
-        "model": info.times.model,
+    Ok(serde_json::from_value(serde_json::json!({
+        "model": model,
         "data": path,
         "output_dir": dir.join(format!("out-{p}")),
         "steps": args.steps,
@@ -71,7 +97,14 @@ async fn run(p: usize, args: &Args, dir: &std::path::Path) -> Result<Figures> {
         "seq_len": args.len,
         "checkpoint_every": 0,
         "merge": false,
-    }))?;
+    }))?)
+}
+
+async fn run(p: usize, args: &Args, dir: &Path) -> Result<Figures> {
+    let model = real_model().context("the real model is missing (hearth models pull)")?;
+    let info = model_info(&model, dir)?;
+    let nodes = pipeline_cluster(p, p, &info, PlacementPolicy::Even).await?;
+    let spec = job_spec(p, args, &info.times.model, dir)?;
     let node = &nodes[0].node;
     let id = format!("ftjob-bench{p}");
     node.start_job(id.clone(), spec)?;
@@ -90,13 +123,13 @@ async fn run(p: usize, args: &Args, dir: &std::path::Path) -> Result<Figures> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics: Vec<serde_json::Value> = job
-        .events()
-        .0
-        .into_iter()
-        .filter_map(|e| e.data)
-        .skip(1)
-        .collect();
+    let all: Vec<serde_json::Value> = job.events().0.into_iter().filter_map(|e| e.data).collect();
+    let first_loss = all
+        .iter()
+        .find(|d| d["step"] == 1)
+        .and_then(|d| d["train_loss"].as_f64())
+        .context("no first step")?;
+    let metrics: Vec<serde_json::Value> = all.into_iter().skip(1).collect();
     let get = |k: &str| -> Vec<f64> { metrics.iter().filter_map(|d| d[k].as_f64()).collect() };
     let bubble: Vec<f64> = metrics
         .iter()
@@ -113,6 +146,105 @@ async fn run(p: usize, args: &Args, dir: &std::path::Path) -> Result<Figures> {
         step_s: median(&get("step_s")),
         tok_s: median(&get("tokens_per_s")),
         bubble: median(&bubble),
+        first_loss,
+    })
+}
+
+/// Runs the p = 1 step in PyTorch (`bench/torch_train_step.py`) on what
+/// the Hearth job trained on.
+fn torch_step(python: &Path, args: &Args, dir: &Path) -> Result<TorchFigures> {
+    let model = real_model().context("the real model is missing (hearth models pull)")?;
+    let spec = job_spec(1, args, "base", dir)?;
+    let out = dir.join("torch");
+    std::fs::create_dir_all(&out)?;
+    let weights = WeightFile::open(&model)?;
+    let cfg = weights.config().clone();
+    let tensors = TensorId::all(cfg.num_hidden_layers)
+        .filter(|&id| weights.contains(id))
+        .map(|id| Ok((id.hf_name(), weights.load_f32(id, &Device::Cpu)?)))
+        .collect::<Result<Vec<_>>>()?;
+    write_atomic(
+        &out.join("model.safetensors"),
+        &safetensors_bytes(&tensors, None)?,
+    )?;
+    drop(tensors);
+    std::fs::write(out.join("config.json"), serde_json::to_vec(&cfg)?)?;
+    // The micro-batches exactly as the job cuts its first step.
+    let text = ModelText::load(&weights)?;
+    let raw = std::fs::read_to_string(&spec.data)?;
+    let examples = load_jsonl(&text, &raw, spec.seq_len.min(text.context_length()))?;
+    let batching = spec.batching();
+    let idx = batching.step_examples(examples.len(), 1, 0);
+    let batches: Vec<serde_json::Value> = batching
+        .micro_batches(&examples, &idx)?
+        .iter()
+        .map(|b| {
+            let labels: Vec<i64> = b
+                .labels
+                .iter()
+                .map(|&l| if l == IGNORE { -100 } else { i64::from(l) })
+                .collect();
+            serde_json::json!({
+                "rows": b.layout.rows, "len": b.layout.len, "tokens": b.tokens,
+                "labels": labels, "segments": b.layout.segments,
+                "positions": b.layout.positions(),
+            })
+        })
+        .collect();
+    std::fs::write(out.join("batch.json"), serde_json::to_vec(&batches)?)?;
+    let MethodSpec::Lora {
+        rank,
+        alpha,
+        targets,
+        ..
+    } = &spec.method
+    else {
+        bail!("the benchmark trains LoRA");
+    };
+    let targets: Vec<&str> = targets.iter().map(|t| t.peft_name()).collect();
+    std::fs::write(
+        out.join("lora.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "rank": rank, "alpha": alpha, "targets": targets,
+            "learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
+            "max_grad_norm": spec.max_grad_norm,
+        }))?,
+    )?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let script = hearth_test_utils::workspace_root().join("bench/torch_train_step.py");
+    let run = Command::new(python)
+        .arg(&script)
+        .arg(&out)
+        .arg(args.steps.max(2).to_string())
+        .arg(threads.to_string())
+        .output()
+        .with_context(|| {
+            format!(
+                "starting {} (bench/run_train.sh sets it up)",
+                python.display()
+            )
+        })?;
+    if !run.status.success() {
+        bail!(
+            "PyTorch run failed: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout)?;
+    let nums = |k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    // The first step warms up, as on Hearth's side.
+    let step_s = median(nums("step_s").get(1..).unwrap_or_default());
+    let tokens = v["tokens"].as_f64().context("no token count")?;
+    Ok(TorchFigures {
+        version: v["torch"].as_str().unwrap_or("?").to_string(),
+        threads: v["threads"].as_u64().unwrap_or(0),
+        step_s,
+        tok_s: tokens / step_s,
+        first_loss: *nums("loss").first().context("no loss")?,
     })
 }
 
@@ -121,6 +253,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let mut figs = Vec::new();
+    let mut torch = None;
     for p in 1..=3 {
         let f = run(p, &args, dir.path()).await?;
         print(&format!(
@@ -131,6 +264,15 @@ async fn main() -> Result<()> {
             f.bubble,
             (p as f64 - 1.0) / (5.0 * p as f64 - 1.0)
         ))?;
+        // PyTorch right after Hearth's single node, so both see the same machine.
+        if let (1, Some(python)) = (p, &args.torch) {
+            let t = torch_step(python, &args, dir.path())?;
+            print(&format!(
+                "PyTorch {} ({} threads), p=1 m=4: step {:.2} s, {:.1} tok/s, first loss {:.5} (Hearth {:.5})",
+                t.version, t.threads, t.step_s, t.tok_s, t.first_loss, f.first_loss
+            ))?;
+            torch = Some(t);
+        }
         figs.push(f);
     }
     let mut rows = Vec::new();
@@ -152,6 +294,23 @@ async fn main() -> Result<()> {
             (p as f64 - 1.0) / (5.0 * p as f64 - 1.0) * 1000.0,
         ));
     }
+    if let Some(t) = &torch {
+        rows.push(Row::new(
+            "p=1 m=4 step time (s) vs PyTorch CPU",
+            figs[0].step_s,
+            t.step_s,
+        ));
+        rows.push(Row::new(
+            "p=1 m=4 tokens/s vs PyTorch CPU",
+            figs[0].tok_s,
+            t.tok_s,
+        ));
+        rows.push(Row::new(
+            "first-step loss ×1000 vs PyTorch (same weights and tokens)",
+            figs[0].first_loss * 1000.0,
+            t.first_loss * 1000.0,
+        ));
+    }
     let md = write_results(
         &args.out,
         "train",
@@ -166,6 +325,11 @@ async fn main() -> Result<()> {
             "steps_counted": args.steps.saturating_sub(1),
             "method": "LoRA r=8 on q,k,v,o,gate,up,down; f32; 1F1B; recompute",
             "note": "all nodes share this machine's cores",
+            "pytorch": torch.as_ref().map(|t| serde_json::json!({
+                "version": t.version,
+                "threads": t.threads,
+                "style": "eager modules, autograd, no activation checkpointing, SDPA; same micro-batches, LoRA and AdamW",
+            })),
         }),
     )?;
     print(&md)?;

@@ -203,6 +203,18 @@ impl MethodSpec {
 }
 
 impl JobSpec {
+    /// How the job cuts its data into steps and micro-batches (m is at
+    /// most the batch size).
+    pub fn batching(&self) -> Batching {
+        Batching {
+            batch_size: self.batch_size,
+            micro_batches: (self.micro_batches as usize).min(self.batch_size).max(1),
+            pack: self.pack,
+            seq_len: self.seq_len,
+            seed: self.seed,
+        }
+    }
+
     /// Checks the numbers a person typed.
     pub fn check(&self) -> Result<(), String> {
         let bad = |s: String| Err(s);
@@ -600,14 +612,8 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         .map_err(TrainError::Stage)?
     };
     let n = data.examples.len();
-    let m = (spec.micro_batches as usize).min(spec.batch_size).max(1);
-    let batching = Batching {
-        batch_size: spec.batch_size,
-        micro_batches: m,
-        pack: spec.pack,
-        seq_len: spec.seq_len,
-        seed: spec.seed,
-    };
+    let batching = spec.batching();
+    let m = batching.micro_batches;
     let epochs = match spec.steps {
         Some(s) => (s * spec.batch_size as u64).div_ceil(n as u64).max(1),
         None => spec.epochs,
