@@ -5,7 +5,11 @@
 # Tests of several "hosts" use network namespaces and need root and iproute2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo run --quiet -p hearth-cli -- models pull
+# Build every test target first, then fetch the model with the `hearth` binary
+# that build made: `cargo run -p hearth-cli` alone resolves features apart
+# from the workspace's and would build the dependency graph a second time.
+cargo test --workspace --no-run
+"${CARGO_TARGET_DIR:-target}/debug/hearth" models pull
 # The clients the end-to-end tests drive (tests/tests/clients.rs): the
 # official `openai` Python client and schemathesis in a venv, playwright-core
 # from npm, and Debian's chromium (installed as root; elsewhere those tests
