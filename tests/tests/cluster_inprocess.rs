@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use hearth_discovery::{Discovery, MemoryNetwork, StaticDiscovery};
 use hearth_net::ClusterSecret;
-use hearth_runtime::{MemberState, MembershipEvent};
+use hearth_runtime::{HEARTBEAT_TIMEOUT, MemberState, MembershipEvent};
 use hearth_test_utils::cluster::{TestNode, rogue_member, wait_for_views};
 
 fn mem(net: &MemoryNetwork) -> Vec<Box<dyn Discovery>> {
@@ -84,22 +84,28 @@ async fn three_nodes_form_and_a_killed_node_leaves_within_3s() -> Result<()> {
     assert!(detected.1.contains("heartbeat"), "{}", detected.1);
     wait_for_views(&[&a, &b], Duration::from_secs(3), |v| v.members.len() == 2).await?;
 
-    // A graceful leave is seen at once.
+    // A graceful leave is seen through b's close frame, not by waiting out
+    // the heartbeat timeout. The elapsed time includes b's own shutdown
+    // (its runtime thread joins), so it is printed, and only bounded by the
+    // timeout it must beat: under a loaded CI machine 1 s is not a contract.
     let b_id = b.node.id();
     let left = Instant::now();
     b.shutdown();
-    let took = tokio::time::timeout(Duration::from_secs(5), async {
+    let (took, reason) = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Ok(MembershipEvent::Left { node_id, .. }) = a_events.recv().await
+            if let Ok(MembershipEvent::Left {
+                node_id, reason, ..
+            }) = a_events.recv().await
                 && node_id == b_id
             {
-                return left.elapsed();
+                return (left.elapsed(), reason);
             }
         }
     })
     .await?;
-    println!("graceful leave seen after {took:?}");
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    println!("graceful leave seen after {took:?} ({reason})");
+    assert!(reason.contains("peer shut down"), "{reason}");
+    assert!(took < HEARTBEAT_TIMEOUT, "{took:?}");
     Ok(())
 }
 
