@@ -1,6 +1,7 @@
 """(h) A LoRA fine-tune through the official `openai` client: upload a small
 JSONL teaching a fact, create the job with client.fine_tuning.jobs.create,
-wait for it, then ask the fine-tuned model. Prints one JSON object."""
+wait for it, then ask the fine-tuned model; the file is listed, read back,
+kept while the job runs and deleted after. Prints one JSON object."""
 
 import json
 import sys
@@ -27,6 +28,12 @@ job = client.fine_tuning.jobs.create(
     suffix="zorbania",
     extra_body={"hearth": {"micro_batches": 2, "seq_len": 256, "checkpoint_every": 3}},
 )
+# The file is in use until the job ends: deleting it now is a 409.
+try:
+    client.files.delete(uploaded.id)
+    delete_while_running = "deleted"
+except openai.ConflictError:
+    delete_while_running = "conflict"
 start = time.time()
 while True:
     job = client.fine_tuning.jobs.retrieve(job.id)
@@ -37,12 +44,21 @@ while True:
     time.sleep(2)
 events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
 listed = [j.id for j in client.fine_tuning.jobs.list().data]
+files_listed = [f.id for f in client.files.list().data]
+with open(data_path, "rb") as f:
+    content_equal = client.files.content(uploaded.id).read() == f.read()
+deleted = client.files.delete(uploaded.id).deleted
+files_after = [f.id for f in client.files.list().data]
 out = {
     "status": job.status,
     "error": job.error.message if job.error else None,
     "fine_tuned_model": job.fine_tuned_model,
     "listed": job.id in listed,
     "file_id": uploaded.id,
+    "file_listed": uploaded.id in files_listed,
+    "content_equal": content_equal,
+    "delete_while_running": delete_while_running,
+    "deleted": deleted and uploaded.id not in files_after,
     "events": [e.message for e in events],
     "losses": [e.data["train_loss"] for e in events if e.type == "metrics"],
     "stages": (job.model_extra or {}).get("hearth", {}).get("stages", []),

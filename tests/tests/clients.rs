@@ -361,6 +361,10 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
     eprintln!("fine-tune through the openai client: {got}");
     assert_eq!(got["status"], "succeeded", "{got}");
     assert_eq!(got["listed"], true);
+    assert_eq!(got["file_listed"], true, "{got}");
+    assert_eq!(got["content_equal"], true, "{got}");
+    assert_eq!(got["delete_while_running"], "conflict", "{got}");
+    assert_eq!(got["deleted"], true, "{got}");
     let before = got["before"].as_str().unwrap_or_default();
     assert!(
         !before.contains("Quillmere"),

@@ -1,9 +1,11 @@
-//! OpenAI's fine-tuning API over Hearth's jobs: `POST /v1/files` (purpose
-//! `fine-tune`, JSONL kept on this node), `/v1/fine_tuning/jobs` (create,
-//! list, get, events, cancel). The job runs on this node, which holds the
-//! data; only activations and gradients leave it.
+//! OpenAI's fine-tuning API over Hearth's jobs: `/v1/files` (upload with
+//! purpose `fine-tune`, list, get, content, delete; JSONL kept on this
+//! node), `/v1/fine_tuning/jobs` (create, list, get, events, cancel).
+//! The job runs on this node, which holds the data; only activations and
+//! gradients leave it.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Multipart, Path, State};
@@ -102,9 +104,13 @@ pub(crate) async fn upload(
     }
     let id = crate::openai::new_id("file");
     let dir = files_dir(&s);
+    // The data lands under its final name whole (a listing never sees
+    // half a file).
+    let part = dir.join(format!("{id}.jsonl.part"));
     let written = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(dir.join(format!("{id}.jsonl")), &data))
-        .and_then(|()| std::fs::write(dir.join(format!("{id}.name")), &name));
+        .and_then(|()| std::fs::write(dir.join(format!("{id}.name")), &name))
+        .and_then(|()| std::fs::write(&part, &data))
+        .and_then(|()| std::fs::rename(&part, dir.join(format!("{id}.jsonl"))));
     if let Err(e) = written {
         return api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,25 +129,100 @@ pub(crate) async fn upload(
     .into_response()
 }
 
+/// A stored file's object and its upload time; `None` when there is no
+/// such file (or the id is not one).
+fn stored_file(s: &AppState, id: &str) -> Option<(Value, Duration)> {
+    if !valid_id(id, "file-") {
+        return None;
+    }
+    let m = std::fs::metadata(files_dir(s).join(format!("{id}.jsonl"))).ok()?;
+    let name = std::fs::read_to_string(files_dir(s).join(format!("{id}.name"))).unwrap_or_default();
+    let created = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    Some((file_object(id, m.len(), created.as_secs(), &name), created))
+}
+
 /// `GET /v1/files/{id}`.
 pub(crate) async fn file(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    if !valid_id(&id, "file-") {
+    match stored_file(&s, &id) {
+        Some((f, _)) => Json(f).into_response(),
+        None => not_found("file", &id),
+    }
+}
+
+/// `GET /v1/files` (newest first; every file here is `fine-tune`).
+pub(crate) async fn list_files(State(s): State<AppState>) -> Json<Value> {
+    let mut files: Vec<(Duration, String, Value)> = std::fs::read_dir(files_dir(&s))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let id = name.to_str()?.strip_suffix(".jsonl")?.to_string();
+            let (f, created) = stored_file(&s, &id)?;
+            Some((created, id, f))
+        })
+        .collect();
+    files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
+    let data: Vec<Value> = files.into_iter().map(|(_, _, f)| f).collect();
+    Json(json!({"object": "list", "data": data, "has_more": false}))
+}
+
+/// `GET /v1/files/{id}/content`: the JSONL as uploaded.
+pub(crate) async fn file_content(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    if stored_file(&s, &id).is_none() {
         return not_found("file", &id);
     }
     let path = files_dir(&s).join(format!("{id}.jsonl"));
-    match std::fs::metadata(&path) {
-        Ok(m) => {
-            let name = std::fs::read_to_string(files_dir(&s).join(format!("{id}.name")))
-                .unwrap_or_default();
-            let created = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
-            Json(file_object(&id, m.len(), created, &name)).into_response()
-        }
-        Err(_) => not_found("file", &id),
+    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
+        Ok(Ok(bytes)) => (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+        _ => not_found("file", &id),
     }
+}
+
+/// `DELETE /v1/files/{id}`; refused (409) while a job that has not ended
+/// trains on it (a queued job reads it when it starts).
+pub(crate) async fn delete_file(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    if stored_file(&s, &id).is_none() {
+        return not_found("file", &id);
+    }
+    let user = s
+        .node
+        .jobs()
+        .iter()
+        .filter_map(|j| j.info())
+        .find(|i| !i.state.done() && training_file_of(i) == id);
+    if let Some(job) = user {
+        return api_error(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!(
+                "file {id} is in use by job {} ({}); cancel it or wait for it to end",
+                job.id,
+                status_name(job.state)
+            ),
+            None,
+            Some("file_in_use"),
+        );
+    }
+    let dir = files_dir(&s);
+    if let Err(e) = std::fs::remove_file(dir.join(format!("{id}.jsonl"))) {
+        return api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("cannot delete file {id}: {e}"),
+            None,
+            None,
+        );
+    }
+    let _ = std::fs::remove_file(dir.join(format!("{id}.name")));
+    Json(json!({"id": id, "object": "file", "deleted": true})).into_response()
 }
 
 /// `"auto"` or a number.
@@ -204,16 +285,21 @@ pub(crate) struct CreateJob {
     hearth: Option<serde_json::Map<String, Value>>,
 }
 
-/// The job as OpenAI shows it, with Hearth's progress under `hearth`.
-fn job_object(i: &JobInfo, training_file: &str) -> Value {
-    let status = match i.state {
+/// A job state as OpenAI names it.
+fn status_name(state: JobState) -> &'static str {
+    match state {
         JobState::ValidatingFiles => "validating_files",
         JobState::Queued => "queued",
         JobState::Running => "running",
         JobState::Succeeded => "succeeded",
         JobState::Failed => "failed",
         JobState::Cancelled => "cancelled",
-    };
+    }
+}
+
+/// The job as OpenAI shows it, with Hearth's progress under `hearth`.
+fn job_object(i: &JobInfo, training_file: &str) -> Value {
+    let status = status_name(i.state);
     let hyper = json!({
         "n_epochs": i.spec.epochs,
         "batch_size": i.spec.batch_size,

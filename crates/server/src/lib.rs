@@ -12,6 +12,9 @@
 //! everywhere, bad input never reaches a 500, bodies are limited, and a
 //! bind address other than loopback requires an API key.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// Proving the chat handler's future `Send` went past rustc's default depth
+// of 128 in test builds once the `/v1/files` routes were added (E0275).
+#![recursion_limit = "256"]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +46,12 @@ pub use metrics::Metrics;
 
 /// Largest request body accepted (a long chat history fits many times).
 pub const MAX_BODY: usize = 4 << 20;
+/// Largest fine-tuning file `POST /v1/files` accepts (tens of thousands of
+/// chat examples); only that route reads a body this large.
+pub const MAX_UPLOAD: usize = 64 << 20;
+/// How long a client may take to send a fine-tuning file: 64 MiB over a
+/// slow home link (2 MB/s) fits; other bodies keep [`BODY_TIMEOUT`].
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a non-streaming completion may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a client may take to send its request body.
@@ -125,8 +134,15 @@ impl App {
             .route("/v1/models/{id}", get(openai::model))
             .route("/v1/chat/completions", post(openai::chat))
             .route("/v1/completions", post(openai::completions))
-            .route("/v1/files", post(finetune::upload))
-            .route("/v1/files/{id}", get(finetune::file))
+            .route(
+                "/v1/files",
+                post(finetune::upload).get(finetune::list_files),
+            )
+            .route(
+                "/v1/files/{id}",
+                get(finetune::file).delete(finetune::delete_file),
+            )
+            .route("/v1/files/{id}/content", get(finetune::file_content))
             .route(
                 "/v1/fine_tuning/jobs",
                 post(finetune::create).get(finetune::list),
@@ -238,11 +254,11 @@ where
     }
 }
 
-fn too_large() -> Response {
+fn too_large(limit: usize) -> Response {
     api_error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "invalid_request_error",
-        format!("the request body is larger than {MAX_BODY} bytes"),
+        format!("the request body is larger than {limit} bytes"),
         None,
         Some("request_too_large"),
     )
@@ -342,16 +358,23 @@ async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Respo
 
 /// Reads the whole body first, within the body timeout and size limit, so
 /// a client that stalls mid-body gets a 408 instead of holding a handler.
+/// Fine-tuning uploads get [`MAX_UPLOAD`] and [`UPLOAD_TIMEOUT`].
 async fn read_body(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let read = axum::body::to_bytes(body, MAX_BODY);
-    let bytes = match tokio::time::timeout(s.body_timeout, read).await {
+    let upload = parts.method == Method::POST && parts.uri.path() == "/v1/files";
+    let (limit, timeout) = if upload {
+        (MAX_UPLOAD, UPLOAD_TIMEOUT.max(s.body_timeout))
+    } else {
+        (MAX_BODY, s.body_timeout)
+    };
+    let read = axum::body::to_bytes(body, limit);
+    let bytes = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             return if too_large {
-                self::too_large()
+                self::too_large(limit)
             } else {
                 bad_request(format!("cannot read the request body: {e}"), None)
             };
@@ -362,7 +385,7 @@ async fn read_body(State(s): State<AppState>, req: Request, next: Next) -> Respo
                 "invalid_request_error",
                 format!(
                     "the request body did not arrive within {} s",
-                    s.body_timeout.as_secs_f64()
+                    timeout.as_secs_f64()
                 ),
                 None,
                 Some("timeout"),

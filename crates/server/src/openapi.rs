@@ -18,7 +18,10 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/api/events"),
     ("post", "/api/generate"),
     ("post", "/v1/files"),
+    ("get", "/v1/files"),
     ("get", "/v1/files/{id}"),
+    ("delete", "/v1/files/{id}"),
+    ("get", "/v1/files/{id}/content"),
     ("post", "/v1/fine_tuning/jobs"),
     ("get", "/v1/fine_tuning/jobs"),
     ("get", "/v1/fine_tuning/jobs/{id}"),
@@ -137,6 +140,9 @@ pub fn document(auth: bool) -> Value {
     upload_op["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "purpose"],
         "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"enum": ["fine-tune"]}}}}}});
+    upload_op["responses"]["413"] = error_response("Larger than 64 MiB");
+    let mut delete_file_op = op("Delete a stored file", json_ok("Deleted"));
+    delete_file_op["responses"]["409"] = error_response("A job that has not ended uses it");
     let auto = |t: &str| json!({"oneOf": [{"type": t, "minimum": 0}, {"const": "auto"}]});
     let mut create_job_op = op("Start a fine-tuning job", json_ok("The job"));
     create_job_op["requestBody"] = body(json!({
@@ -183,8 +189,13 @@ pub fn document(auth: bool) -> Value {
             "/api/models/unload": {"post": op("Stop serving the model on every member", json_ok("Unloaded"))},
             "/api/events": {"get": op("Cluster events (server-sent events)", json!({"description": "An event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}))},
             "/api/generate": {"post": generate_op},
-            "/v1/files": {"post": upload_op},
-            "/v1/files/{id}": {"get": with_id(op("A stored file", json_ok("The file")))},
+            "/v1/files": {"post": upload_op, "get": op("Fine-tuning files on this node, newest first", json_ok("A list"))},
+            "/v1/files/{id}": {
+                "get": with_id(op("A stored file", json_ok("The file"))),
+                "delete": with_id(delete_file_op),
+            },
+            "/v1/files/{id}/content": {"get": with_id(op("A stored file's bytes, as uploaded", json!({
+                "description": "The JSONL", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}})))},
             "/v1/fine_tuning/jobs": {
                 "post": create_job_op,
                 "get": op("Fine-tuning jobs of this node, newest first", json_ok("A list")),

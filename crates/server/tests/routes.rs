@@ -40,6 +40,21 @@ async fn get(app: axum::Router, path: &str) -> (StatusCode, Vec<u8>) {
     (status, body)
 }
 
+/// `POST /v1/files` with a multipart body.
+fn upload(purpose: &str, file: &[u8]) -> Request<Body> {
+    let b = "XBOUNDARYX";
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    Request::post("/v1/files")
+        .header("content-type", format!("multipart/form-data; boundary={b}"))
+        .body(Body::from(body))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn cluster_view_is_json() {
     let n = node().await;
@@ -245,16 +260,7 @@ async fn fine_tuning_routes_refuse_bad_input() {
         },
     )
     .router();
-    let multipart = |purpose: &str, file: &str| {
-        let b = "XBOUNDARYX";
-        let body = format!(
-            "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n{file}\r\n--{b}--\r\n"
-        );
-        Request::post("/v1/files")
-            .header("content-type", format!("multipart/form-data; boundary={b}"))
-            .body(Body::from(body))
-            .unwrap()
-    };
+    let multipart = |purpose: &str, file: &str| upload(purpose, file.as_bytes());
     let good = "{\"text\":\"hello\"}\n";
     for (purpose, file, want) in [
         ("assistants", good, "purpose"),
@@ -343,4 +349,118 @@ async fn fine_tuning_routes_refuse_bad_input() {
     assert_eq!(status, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["data"], serde_json::json!([]));
+}
+
+/// Fine-tuning files: uploads larger than other bodies' 4 MiB are kept,
+/// listed newest first, read back byte for byte and deleted; past 64 MiB
+/// an upload is a 413 and nothing is stored.
+#[tokio::test]
+async fn fine_tuning_files_are_listed_read_and_deleted() {
+    let n = node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = hearth_server::App::new(
+        n.clone(),
+        hearth_server::ServerOptions {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        },
+    )
+    .router();
+    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    let small = b"{\"text\":\"hello\"}\n".to_vec();
+    let line = "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of Zorbania?\"},{\"role\":\"assistant\",\"content\":\"Quillmere.\"}]}\n";
+    let big = line
+        .repeat(hearth_server::MAX_BODY / line.len() + 1000)
+        .into_bytes();
+    assert!(big.len() > hearth_server::MAX_BODY);
+    let mut ids = Vec::new();
+    for data in [&small, &big] {
+        let (status, _, body) = send(app.clone(), upload("fine-tune", data)).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let f = json(&body);
+        assert_eq!(f["bytes"], data.len());
+        ids.push(f["id"].as_str().unwrap().to_string());
+    }
+    let (status, body) = get(app.clone(), "/v1/files").await;
+    assert_eq!(status, StatusCode::OK);
+    let listed: Vec<&str> = json(&body)["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["id"].as_str())
+        .map(|id| ids.iter().find(|i| *i == id).unwrap().as_str())
+        .collect();
+    assert_eq!(listed, [ids[1].as_str(), ids[0].as_str()], "newest first");
+    for (id, data) in ids.iter().zip([&small, &big]) {
+        let (status, body) = get(app.clone(), &format!("/v1/files/{id}/content")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body == *data, "{id}: the content differs");
+    }
+
+    // Past MAX_UPLOAD: 413 in OpenAI's shape, and no new file.
+    let huge = line.repeat(hearth_server::MAX_UPLOAD / line.len() + 10);
+    let (status, _, body) = send(app.clone(), upload("fine-tune", huge.as_bytes())).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let e = json(&body);
+    assert_eq!(e["error"]["code"], "request_too_large");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&hearth_server::MAX_UPLOAD.to_string()),
+        "{e}"
+    );
+    // Other routes keep the 4 MiB limit.
+    let (status, _, _) = send(
+        app.clone(),
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(big.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let delete = |path: String| Request::delete(path).body(Body::empty()).unwrap();
+    let (status, _, body) = send(app.clone(), delete(format!("/v1/files/{}", ids[1]))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"id": ids[1], "object": "file", "deleted": true})
+    );
+    for path in [
+        format!("/v1/files/{}", ids[1]),
+        format!("/v1/files/{}/content", ids[1]),
+        "/v1/files/file-..%2Fetc/content".to_string(),
+    ] {
+        let (status, _) = get(app.clone(), &path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    for path in [
+        format!("/v1/files/{}", ids[1]),
+        "/v1/files/file-..%2F..%2Fsecret".to_string(),
+        "/v1/files/nope".to_string(),
+    ] {
+        let (status, _, _) = send(app.clone(), delete(path.clone())).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let (_, body) = get(app.clone(), "/v1/files").await;
+    let left: Vec<String> = json(&body)["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["id"].as_str().map(String::from))
+        .collect();
+    assert_eq!(left, vec![ids[0].clone()]);
+    // Only the kept file's data and name remain on disk.
+    let mut on_disk: Vec<String> = std::fs::read_dir(dir.path().join("files"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    assert_eq!(
+        on_disk,
+        vec![format!("{}.jsonl", ids[0]), format!("{}.name", ids[0])]
+    );
+    n.shutdown().await;
 }
