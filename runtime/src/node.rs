@@ -2,6 +2,7 @@
 //! and shut down together.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -470,8 +471,45 @@ impl Node {
             format!("Created fine-tuning job: {}", info.id),
             None,
         );
+        job.save();
         tokio::spawn(crate::train::job::run(self.jobs.clone(), job));
         Ok(info)
+    }
+
+    /// Brings back the jobs whose records lie in `dir`'s subdirectories
+    /// (each job's output directory; see [`crate::train::RECORD_FILE`]), so
+    /// a restarted node still lists its past jobs. A job that had not ended
+    /// comes back failed as interrupted. Jobs this node already has are
+    /// skipped; a record that cannot be read is logged and skipped.
+    /// Returns how many came back.
+    pub fn restore_jobs(&self, dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut restored: Vec<Arc<JobHandle>> = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path().join(crate::train::RECORD_FILE);
+            if !path.is_file() {
+                continue;
+            }
+            match JobHandle::restore(&path) {
+                Ok(job) => {
+                    if let Some(i) = job.info()
+                        && self.job(&i.id).is_none()
+                    {
+                        restored.push(job);
+                    }
+                }
+                Err(e) => tracing::warn!("skipping a fine-tuning job: {e}"),
+            }
+        }
+        let n = restored.len();
+        if let Ok(mut l) = self.job_list.lock() {
+            // Oldest first, as `jobs` promises.
+            l.extend(restored);
+            l.sort_by_key(|j| j.info().map_or(0, |i| i.created_at));
+        }
+        n
     }
 
     /// The jobs this node ran or runs, oldest first.

@@ -30,6 +30,11 @@ fn not_found(what: &str, id: &str) -> Response {
     )
 }
 
+/// Where jobs started through the API keep their outputs and records.
+pub(crate) fn jobs_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("fine_tuning")
+}
+
 fn files_dir(s: &AppState) -> PathBuf {
     s.data_dir.join("files")
 }
@@ -386,10 +391,7 @@ pub(crate) async fn create(
     let mut doc = serde_json::Map::new();
     doc.insert("model".into(), json!(req.model));
     doc.insert("data".into(), json!(data));
-    doc.insert(
-        "output_dir".into(),
-        json!(s.data_dir.join("fine_tuning").join(&id)),
-    );
+    doc.insert("output_dir".into(), json!(jobs_dir(&s.data_dir).join(&id)));
     doc.insert("epochs".into(), json!(Auto::or(&hyper.n_epochs, 3)));
     doc.insert("batch_size".into(), json!(Auto::or(&hyper.batch_size, 8)));
     doc.insert(

@@ -119,7 +119,13 @@ pub struct App {
 }
 
 impl App {
+    /// The routes over `node`. The node takes back the fine-tuning jobs
+    /// recorded under `opts.data_dir` (a restarted node lists them).
     pub fn new(node: Node, opts: ServerOptions) -> Self {
+        let restored = node.restore_jobs(&finetune::jobs_dir(&opts.data_dir));
+        if restored > 0 {
+            info!("{restored} fine-tuning job(s) restored from their records");
+        }
         let (shutdown, stopping) = watch::channel(false);
         let state = AppState {
             node,

@@ -464,3 +464,127 @@ async fn fine_tuning_files_are_listed_read_and_deleted() {
     );
     n.shutdown().await;
 }
+
+/// A restarted node lists its past fine-tuning jobs: each job's record in
+/// its output directory comes back with its state and events; a job that
+/// had not ended comes back failed as interrupted; an unreadable record is
+/// skipped.
+#[tokio::test]
+async fn fine_tuning_jobs_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || hearth_server::ServerOptions {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    let messages = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // A job on a node that serves no model fails at once, and says why.
+    let first = node().await;
+    let app = hearth_server::App::new(first.clone(), opts()).router();
+    let (_, _, body) = send(app.clone(), upload("fine-tune", b"{\"text\":\"hi\"}\n")).await;
+    let file = json(&body)["id"].as_str().unwrap().to_string();
+    let (status, _, body) = send(
+        app.clone(),
+        Request::post("/v1/fine_tuning/jobs")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                serde_json::json!({"model": "m", "training_file": file}).to_string(),
+            ))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let id = json(&body)["id"].as_str().unwrap().to_string();
+    let ended = loop {
+        let (_, body) = get(app.clone(), &format!("/v1/fine_tuning/jobs/{id}")).await;
+        let job = json(&body);
+        if job["status"] == "failed" {
+            break job;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(
+        ended["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("serves no model"),
+        "{ended}"
+    );
+    let (_, body) = get(app.clone(), &format!("/v1/fine_tuning/jobs/{id}/events")).await;
+    let events = messages(&json(&body));
+    first.shutdown().await;
+
+    // Beside it: a record of a job that was running when its node stopped,
+    // and a directory whose record is not JSON.
+    let jobs = dir.path().join("fine_tuning");
+    let record: serde_json::Value =
+        json(&std::fs::read(jobs.join(&id).join("job-record.json")).unwrap());
+    let mut running = record.clone();
+    running["info"]["id"] = "ftjob-interrupted".into();
+    running["info"]["state"] = "running".into();
+    running["info"]["step"] = 3.into();
+    running["info"]["error"] = serde_json::Value::Null;
+    running["info"]["finished_at"] = serde_json::Value::Null;
+    running["info"]["created_at"] = (record["info"]["created_at"].as_u64().unwrap() + 1).into();
+    std::fs::create_dir_all(jobs.join("ftjob-interrupted")).unwrap();
+    std::fs::write(
+        jobs.join("ftjob-interrupted/job-record.json"),
+        running.to_string(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(jobs.join("ftjob-garbage")).unwrap();
+    std::fs::write(jobs.join("ftjob-garbage/job-record.json"), b"{not json").unwrap();
+
+    // The restarted node (a new node, the same data directory).
+    let second = node().await;
+    let app = hearth_server::App::new(second.clone(), opts()).router();
+    // A second App on the same node adds nothing twice.
+    let _ = hearth_server::App::new(second.clone(), opts());
+    let (_, body) = get(app.clone(), "/v1/fine_tuning/jobs").await;
+    let listed: Vec<String> = json(&body)["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        listed,
+        ["ftjob-interrupted".to_string(), id.clone()],
+        "newest first"
+    );
+    let (_, body) = get(app.clone(), &format!("/v1/fine_tuning/jobs/{id}")).await;
+    assert_eq!(json(&body), ended);
+    let (_, body) = get(app.clone(), &format!("/v1/fine_tuning/jobs/{id}/events")).await;
+    assert_eq!(messages(&json(&body)), events);
+
+    let (_, body) = get(app.clone(), "/v1/fine_tuning/jobs/ftjob-interrupted").await;
+    let job = json(&body);
+    assert_eq!(job["status"], "failed");
+    let error = job["error"]["message"].as_str().unwrap();
+    assert!(
+        error.contains("interrupted") && error.contains("step 3"),
+        "{job}"
+    );
+    assert!(job["finished_at"].is_u64(), "{job}");
+    let (_, body) = get(app.clone(), "/v1/fine_tuning/jobs/ftjob-interrupted/events").await;
+    let newest = messages(&json(&body));
+    assert!(newest[0].contains("interrupted"), "{newest:?}");
+    assert_eq!(newest.len(), events.len() + 1);
+    // Its record now says so: a further restart adds no second notice.
+    let saved = json(&std::fs::read(jobs.join("ftjob-interrupted/job-record.json")).unwrap());
+    assert_eq!(saved["info"]["state"], "failed");
+    second.shutdown().await;
+    let third = node().await;
+    let app = hearth_server::App::new(third.clone(), opts()).router();
+    let (_, body) = get(app.clone(), "/v1/fine_tuning/jobs/ftjob-interrupted/events").await;
+    assert_eq!(messages(&json(&body)), newest);
+    third.shutdown().await;
+}

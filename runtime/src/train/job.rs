@@ -38,6 +38,13 @@ use super::state;
 
 /// Events a job keeps.
 const MAX_EVENTS: usize = 10_000;
+/// The file in a job's output directory that keeps its record (state,
+/// progress, events) across restarts of the node.
+pub const RECORD_FILE: &str = "job-record.json";
+/// The record's format; a record of another version is not read.
+const RECORD_VERSION: u32 = 1;
+/// A record larger than this is not read (10 000 events fit many times).
+const MAX_RECORD_BYTES: u64 = 64 << 20;
 /// How often a job re-plans after failures before it gives up.
 const MAX_REPLANS: u32 = 3;
 
@@ -354,6 +361,14 @@ pub struct JobEvent {
     pub data: Option<Value>,
 }
 
+/// What [`RECORD_FILE`] holds.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    version: u32,
+    info: JobInfo,
+    events: Vec<JobEvent>,
+}
+
 /// A job's shared state.
 pub struct JobHandle {
     info: Mutex<JobInfo>,
@@ -393,10 +408,87 @@ impl JobHandle {
         self.info.lock().ok().map(|i| i.clone())
     }
 
+    /// Changes the job's info; a change of state is saved to its record.
     fn update(&self, f: impl FnOnce(&mut JobInfo)) {
-        if let Ok(mut i) = self.info.lock() {
-            f(&mut i);
+        let changed = match self.info.lock() {
+            Ok(mut i) => {
+                let before = i.state;
+                f(&mut i);
+                i.state != before
+            }
+            Err(_) => false,
+        };
+        if changed {
+            self.save();
         }
+    }
+
+    /// Writes the job's record into its output directory, whole or not
+    /// at all. A failure costs the record, not the job: it is logged.
+    pub fn save(&self) {
+        let (Some(info), Ok(events)) = (self.info(), self.events.lock().map(|e| e.clone())) else {
+            return;
+        };
+        let path = info.output_dir.join(RECORD_FILE);
+        let record = Record {
+            version: RECORD_VERSION,
+            info,
+            events,
+        };
+        let written = serde_json::to_vec(&record)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                std::fs::create_dir_all(&record.info.output_dir).map_err(|e| e.to_string())?;
+                write_atomic(&path, &bytes).map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            warn!("cannot save the job record {}: {e}", path.display());
+        }
+    }
+
+    /// A job from its record. One that had not ended was interrupted by
+    /// the node stopping: it is restored as failed, saying so (its
+    /// checkpoint stays in its output directory).
+    pub fn restore(path: &Path) -> Result<Arc<Self>, TrainError> {
+        let bad = |e: String| TrainError::Checkpoint(format!("job record {}: {e}", path.display()));
+        let len = std::fs::metadata(path)
+            .map_err(|e| bad(e.to_string()))?
+            .len();
+        if len > MAX_RECORD_BYTES {
+            return Err(bad(format!("{len} bytes, more than {MAX_RECORD_BYTES}")));
+        }
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let r: Record = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if r.version != RECORD_VERSION {
+            return Err(bad(format!(
+                "version {}, this build reads {RECORD_VERSION}",
+                r.version
+            )));
+        }
+        let mut info = r.info;
+        // The record lies in the job's output directory, wherever that
+        // directory is now (a moved data directory moves its jobs).
+        if let Some(dir) = path.parent() {
+            info.output_dir = dir.to_path_buf();
+            info.spec.output_dir = dir.to_path_buf();
+        }
+        let interrupted = !info.state.done();
+        let job = Arc::new(Self {
+            info: Mutex::new(info),
+            events: Mutex::new(r.events),
+            tx: broadcast::channel(256).0,
+            cancel: watch::channel(false).0,
+        });
+        if interrupted {
+            let step = job.info().map_or(0, |i| i.step);
+            job.finish(
+                JobState::Failed,
+                Some(format!(
+                    "interrupted: the node stopped while the job ran (at step {step}); its last checkpoint is kept in its output directory"
+                )),
+            );
+        }
+        Ok(job)
     }
 
     /// Past events and a receiver for the next ones.
@@ -440,16 +532,17 @@ impl JobHandle {
     }
 
     fn finish(&self, state: JobState, error: Option<String>) {
-        self.update(|i| {
+        if let Ok(mut i) = self.info.lock() {
             i.state = state;
             i.error = error.clone();
             i.finished_at = Some(now_s());
-        });
+        }
         match (state, error) {
             (JobState::Failed, Some(e)) => self.emit("error", format!("The job failed: {e}"), None),
             (JobState::Cancelled, _) => self.emit("info", "The job was cancelled", None),
             _ => {}
         }
+        self.save();
     }
 }
 
@@ -1025,6 +1118,7 @@ async fn attempt(
                 format!("Checkpoint saved at step {}", step + 1),
                 None,
             );
+            job.save();
             if last {
                 result = Some(c.clone());
             }
