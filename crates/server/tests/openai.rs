@@ -453,16 +453,27 @@ async fn no_model_means_an_empty_list_then_loading_and_unloading_work() {
         model.as_str()
     );
     // The events tell the story: loading, loaded, planned, stage, active.
-    let (history, _) = n.cluster_events();
-    let kinds: Vec<String> = history
-        .iter()
-        .map(|e| {
-            serde_json::to_value(e).unwrap()["kind"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    // (The active placement is published just before its event: a moment
+    // may pass between `wait_placement` returning and the event.)
+    let kinds = || -> Vec<String> {
+        n.cluster_events()
+            .0
+            .iter()
+            .map(|e| {
+                serde_json::to_value(e).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let waited = std::time::Instant::now();
+    while !kinds().iter().any(|k| k == "placement_active")
+        && waited.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let kinds = kinds();
     for k in [
         "model_loading",
         "model_loaded",
