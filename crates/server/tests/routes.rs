@@ -40,6 +40,22 @@ async fn get(app: axum::Router, path: &str) -> (StatusCode, Vec<u8>) {
     (status, body)
 }
 
+/// The routes over `node`, keeping files and jobs in `dir`.
+fn app_in(node: &Node, dir: &std::path::Path) -> axum::Router {
+    hearth_server::App::new(
+        node.clone(),
+        hearth_server::ServerOptions {
+            data_dir: dir.to_path_buf(),
+            ..Default::default()
+        },
+    )
+    .router()
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap()
+}
+
 /// `POST /v1/files` with a multipart body.
 fn upload(purpose: &str, file: &[u8]) -> Request<Body> {
     let b = "XBOUNDARYX";
@@ -252,14 +268,7 @@ async fn generate_streams_tokens_and_rejects_bad_requests() {
 async fn fine_tuning_routes_refuse_bad_input() {
     let n = node().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = hearth_server::App::new(
-        n.clone(),
-        hearth_server::ServerOptions {
-            data_dir: dir.path().to_path_buf(),
-            ..Default::default()
-        },
-    )
-    .router();
+    let app = app_in(&n, dir.path());
     let multipart = |purpose: &str, file: &str| upload(purpose, file.as_bytes());
     let good = "{\"text\":\"hello\"}\n";
     for (purpose, file, want) in [
@@ -358,15 +367,7 @@ async fn fine_tuning_routes_refuse_bad_input() {
 async fn fine_tuning_files_are_listed_read_and_deleted() {
     let n = node().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = hearth_server::App::new(
-        n.clone(),
-        hearth_server::ServerOptions {
-            data_dir: dir.path().to_path_buf(),
-            ..Default::default()
-        },
-    )
-    .router();
-    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    let app = app_in(&n, dir.path());
     let small = b"{\"text\":\"hello\"}\n".to_vec();
     let line = "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of Zorbania?\"},{\"role\":\"assistant\",\"content\":\"Quillmere.\"}]}\n";
     let big = line
@@ -472,11 +473,6 @@ async fn fine_tuning_files_are_listed_read_and_deleted() {
 #[tokio::test]
 async fn fine_tuning_jobs_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = || hearth_server::ServerOptions {
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
     let messages = |v: &serde_json::Value| -> Vec<String> {
         v["data"]
             .as_array()
@@ -488,7 +484,7 @@ async fn fine_tuning_jobs_survive_a_restart() {
 
     // A job on a node that serves no model fails at once, and says why.
     let first = node().await;
-    let app = hearth_server::App::new(first.clone(), opts()).router();
+    let app = app_in(&first, dir.path());
     let (_, _, body) = send(app.clone(), upload("fine-tune", b"{\"text\":\"hi\"}\n")).await;
     let file = json(&body)["id"].as_str().unwrap().to_string();
     let (status, _, body) = send(
@@ -545,9 +541,9 @@ async fn fine_tuning_jobs_survive_a_restart() {
 
     // The restarted node (a new node, the same data directory).
     let second = node().await;
-    let app = hearth_server::App::new(second.clone(), opts()).router();
+    let app = app_in(&second, dir.path());
     // A second App on the same node adds nothing twice.
-    let _ = hearth_server::App::new(second.clone(), opts());
+    let _ = app_in(&second, dir.path());
     let (_, body) = get(app.clone(), "/v1/fine_tuning/jobs").await;
     let listed: Vec<String> = json(&body)["data"]
         .as_array()
@@ -583,7 +579,7 @@ async fn fine_tuning_jobs_survive_a_restart() {
     assert_eq!(saved["info"]["state"], "failed");
     second.shutdown().await;
     let third = node().await;
-    let app = hearth_server::App::new(third.clone(), opts()).router();
+    let app = app_in(&third, dir.path());
     let (_, body) = get(app.clone(), "/v1/fine_tuning/jobs/ftjob-interrupted/events").await;
     assert_eq!(messages(&json(&body)), newest);
     third.shutdown().await;

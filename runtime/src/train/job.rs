@@ -450,7 +450,7 @@ impl JobHandle {
     /// the node stopping: it is restored as failed, saying so (its
     /// checkpoint stays in its output directory).
     pub fn restore(path: &Path) -> Result<Arc<Self>, TrainError> {
-        let bad = |e: String| TrainError::Checkpoint(format!("job record {}: {e}", path.display()));
+        let bad = |e: String| TrainError::Record(format!("{}: {e}", path.display()));
         let len = std::fs::metadata(path)
             .map_err(|e| bad(e.to_string()))?
             .len();

@@ -51,6 +51,8 @@ pub enum TrainError {
     Stage(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("job record {0}")]
+    Record(String),
     #[error("the job was stopped")]
     Stopped,
 }
