@@ -288,6 +288,7 @@ fn input(s: &Scenario, times: (PhaseTimes, PhaseTimes, PhaseTimes)) -> PlannerIn
         links: Links { bandwidth, rtt },
         excluded: Vec::new(),
         unmeasured_links: Vec::new(),
+        figures: Vec::new(),
     }
 }
 

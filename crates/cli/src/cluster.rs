@@ -351,10 +351,7 @@ pub fn up(args: UpArgs) -> Result<()> {
             let compute = compute.clone();
             let dir = home.join("models").join("peers");
             tokio::spawn(async move {
-                let opts = hearth_runtime::profile::MeasureOptions {
-                    compute: compute.clone(),
-                    ..Default::default()
-                };
+                let opts = crate::profile::measure_options(&compute);
                 let cache = hearth_runtime::profile::default_cache_dir();
                 loop {
                     let mut bar: Option<(u64, indicatif::ProgressBar)> = None;

@@ -288,6 +288,7 @@ fn from_file(path: &std::path::Path, args: &Args) -> Result<PlanReport> {
         links: Links { bandwidth, rtt },
         excluded: Vec::new(),
         unmeasured_links,
+        figures: Vec::new(),
     };
     let workload = args
         .request()

@@ -32,6 +32,25 @@ pub fn spinner() -> ProgressBar {
     bar
 }
 
+/// How to measure on `compute`: each figure timed over at least
+/// `HEARTH_MEASURE_SECS` seconds of wall clock (default 1, enough to span
+/// CPU-quota periods; the test suite sets less to save time).
+pub fn measure_options(
+    compute: &hearth_runtime::Compute,
+) -> hearth_runtime::profile::MeasureOptions {
+    let default = hearth_runtime::profile::MeasureOptions::default();
+    let min_secs = std::env::var("HEARTH_MEASURE_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && (0.0..=60.0).contains(v))
+        .unwrap_or(default.min_secs);
+    hearth_runtime::profile::MeasureOptions {
+        compute: compute.clone(),
+        min_secs,
+        ..default
+    }
+}
+
 /// Resolves `model` (fetching the default) and profiles it on this device.
 pub fn measure_model(
     model: Option<&str>,
@@ -42,10 +61,7 @@ pub fn measure_model(
     let weights = WeightFile::open(&path)?;
     let bar = spinner();
     bar.set_message("reading the profile cache");
-    let opts = hearth_runtime::profile::MeasureOptions {
-        compute: compute.clone(),
-        ..Default::default()
-    };
+    let opts = measure_options(compute);
     let r = ModelInfo::measure_with(
         &weights,
         &hearth_runtime::profile::default_cache_dir(),

@@ -51,7 +51,22 @@ pub struct Placement {
     /// What the planner predicted for this split, if it planned.
     #[serde(default)]
     pub predicted_step_s: Option<f64>,
+    /// Tokens per second the planner predicted, if it planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_tokens_per_s: Option<f64>,
+    /// Why the leader made this placement (members changed, or a device's
+    /// figures moved), for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The figures the plan used for each device it considered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub figures: Vec<crate::profile::DeviceFigures>,
 }
+
+/// Longest `reason` a placement from a peer may carry.
+pub const MAX_REASON: usize = 4096;
+/// Most devices a placement from a peer may describe.
+pub const MAX_FIGURES: usize = 256;
 
 /// One stage of a placement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +86,15 @@ impl Placement {
     /// ranges from 0, the embedding on the first stage only, the head on the
     /// last only, and each member at most once.
     pub fn validate(&self) -> Result<(), String> {
+        if self.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON)
+            || self.figures.len() > MAX_FIGURES
+            || self
+                .figures
+                .iter()
+                .any(|f| f.name.len() > MAX_REASON || f.node_id.len() > MAX_REASON)
+        {
+            return Err("a placement with oversized notes".into());
+        }
         let last = self
             .stages
             .len()

@@ -43,15 +43,35 @@ pub enum PlacementPolicy {
 }
 
 impl Default for PlacementPolicy {
-    /// Serving several streams at once: the workload a pipeline is for.
+    /// Single-stream decode, what a person chatting feels, with room for
+    /// 8192 tokens of KV cache (eight 1024-token streams' worth). The cost
+    /// model times decode one sequence at a time, so planning for many
+    /// sequences in flight credits a split with pipelining while a single
+    /// device's batching (which serves them together) goes uncounted: a
+    /// split then wins on paper and loses in practice.
     fn default() -> Self {
         Self::Planned(PlanRequest {
-            sequences: 8,
-            context: 1024,
+            sequences: 1,
+            context: 8192,
             ..PlanRequest::default()
         })
     }
 }
+
+/// How often the leader re-plans from the members' current figures.
+const REPLAN_PERIOD: Duration = Duration::from_secs(2);
+/// Least time a placement stays before one is made for speed alone.
+const DWELL: Duration = Duration::from_secs(6);
+/// A re-plan must predict this much more speed to replace a placement...
+const GAIN: f64 = 1.25;
+/// ...or this much to fall back to one device (the best single device is
+/// what a user without the cluster would get: never be slower than it).
+const FALLBACK_GAIN: f64 = 1.05;
+/// ...in this many consecutive checks proposing the same split.
+const STABLE_CHECKS: u32 = 2;
+/// A device's cores or speed factor must move by this ratio to be named as
+/// the reason of a re-placement.
+const NOTABLE: f64 = 1.15;
 
 /// A control document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,8 +333,9 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
     let _ = send.finish();
 }
 
-/// Stages as (device index, layers), and the planner's predicted step time.
-type Decision = (Vec<(usize, StageSpec)>, Option<f64>);
+/// Stages as (device index, layers), and the planner's predicted step
+/// time and tokens per second.
+type Decision = (Vec<(usize, StageSpec)>, Option<f64>, Option<f64>);
 
 /// Splits `layers` into the stages of `policy` over `input`'s devices.
 pub(crate) fn decide(
@@ -344,6 +365,7 @@ pub(crate) fn decide(
                     })
                     .collect(),
                 None,
+                None,
             ))
         }
         PlacementPolicy::Planned(req) => {
@@ -368,9 +390,156 @@ pub(crate) fn decide(
                     })
                     .collect(),
                 Some(plan.step_s),
+                Some(plan.tokens_per_s),
             ))
         }
     }
+}
+
+/// The stages of a placement as (node id, layers), to compare splits.
+type Split = Vec<(String, usize, usize)>;
+
+fn split_of(p: &Placement) -> Split {
+    p.stages
+        .iter()
+        .map(|s| (s.node_id.clone(), s.spec.start, s.spec.end))
+        .collect()
+}
+
+/// The leader's re-planning for speed: hysteresis (a large predicted gain,
+/// the same proposal in consecutive checks, a dwell time after each
+/// switch) so figures that wobble do not make placements flap.
+struct Replan {
+    last_check: Instant,
+    last_switch: Instant,
+    proposal: Option<(Split, u32)>,
+}
+
+impl Replan {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            last_check: now,
+            last_switch: now,
+            proposal: None,
+        }
+    }
+
+    /// A placement was made (for whatever reason).
+    fn switched(&mut self) {
+        self.last_switch = Instant::now();
+        self.proposal = None;
+    }
+
+    /// Whether to re-place `current` now, and why.
+    fn check(
+        &mut self,
+        policy: &PlacementPolicy,
+        input: &PlannerInput,
+        info: &crate::profile::ModelInfo,
+        current: &Placement,
+    ) -> Option<String> {
+        let PlacementPolicy::Planned(req) = policy else {
+            return None;
+        };
+        if self.last_check.elapsed() < REPLAN_PERIOD || self.last_switch.elapsed() < DWELL {
+            return None;
+        }
+        self.last_check = Instant::now();
+        let workload = req.workload(&info.config).ok()?;
+        let assignment: Option<Vec<(usize, std::ops::Range<usize>)>> = current
+            .stages
+            .iter()
+            .map(|s| {
+                input
+                    .node_ids
+                    .iter()
+                    .position(|n| *n == s.node_id)
+                    .map(|d| (d, s.spec.start..s.spec.end))
+            })
+            .collect();
+        let now = assignment.and_then(|a| {
+            hearth_partitioner::evaluate(&info.cost, &input.devices, &input.links, workload, &a)
+                .ok()
+        });
+        let best =
+            hearth_partitioner::plan(&info.cost, &input.devices, &input.links, workload).ok()?;
+        let proposal: Split = best
+            .stages
+            .iter()
+            .map(|s| {
+                (
+                    input.node_ids[s.device].clone(),
+                    s.layers.start,
+                    s.layers.end,
+                )
+            })
+            .collect();
+        let now_step = now.as_ref().map_or(f64::INFINITY, |p| p.step_s);
+        let need = if best.stages.len() == 1 {
+            FALLBACK_GAIN
+        } else {
+            GAIN
+        };
+        if proposal == split_of(current) || now_step < best.step_s * need {
+            self.proposal = None;
+            return None;
+        }
+        let seen = match &mut self.proposal {
+            Some((p, n)) if *p == proposal => {
+                *n += 1;
+                *n
+            }
+            _ => {
+                self.proposal = Some((proposal, 1));
+                1
+            }
+        };
+        if seen < STABLE_CHECKS {
+            return None;
+        }
+        let moved = moved_figures(&current.figures, &input.figures);
+        let now_tok = now.map_or(0.0, |p| p.tokens_per_s);
+        Some(format!(
+            "{}predicted {now_tok:.1} → {:.1} tok/s",
+            if moved.is_empty() {
+                String::new()
+            } else {
+                format!("{}; ", moved.join("; "))
+            },
+            best.tokens_per_s
+        ))
+    }
+}
+
+/// What changed between the figures a placement used and the current
+/// ones, in words ("b: 0.25 → 1.00 cores available").
+fn moved_figures(
+    then: &[crate::profile::DeviceFigures],
+    now: &[crate::profile::DeviceFigures],
+) -> Vec<String> {
+    let notable = |a: f64, b: f64| a > 0.0 && b > 0.0 && (a / b).max(b / a) >= NOTABLE;
+    let mut out = Vec::new();
+    for f in now {
+        let Some(old) = then.iter().find(|o| o.node_id == f.node_id) else {
+            out.push(format!("{}: now considered", f.name));
+            continue;
+        };
+        if let (Some(a), Some(b)) = (old.cores, f.cores)
+            && notable(a, b)
+        {
+            out.push(format!("{}: {a:.2} → {b:.2} cores available", f.name));
+        } else if notable(old.layer_decode_s, f.layer_decode_s) {
+            out.push(format!(
+                "{}: {:.3} → {:.3} ms per layer ({:?} figures)",
+                f.name,
+                old.layer_decode_s * 1e3,
+                f.layer_decode_s * 1e3,
+                f.source
+            ));
+        }
+    }
+    out
 }
 
 fn now_ms() -> u64 {
@@ -391,6 +560,7 @@ pub(crate) fn spawn(
         let mut seen_since = Instant::now();
         let mut retry_at: Option<Instant> = None;
         let mut informed = Informed::default();
+        let mut replan = Replan::new();
         let mut tick = tokio::time::interval(PERIOD);
         loop {
             tick.tick().await;
@@ -417,16 +587,33 @@ pub(crate) fn spawn(
             let stale = current.as_ref().is_none_or(|p| {
                 p.members != holders || !alive(p) || p.fingerprint != model.info.times.fingerprint
             });
-            if !stale {
+            let reason = if let (false, Some(p)) = (stale, &current) {
                 // Tell members that joined since which placement is active.
-                if let Some(p) = current {
-                    informed.tell(&service, &p, &members).await;
+                informed.tell(&service, p, &members).await;
+                // Stages of an older placement still draining here: wait,
+                // so at most two placements' stages are ever loaded.
+                if service.draining() {
+                    continue;
                 }
-                continue;
-            }
-            if seen_since.elapsed() < SETTLE || retry_at.is_some_and(|t| Instant::now() < t) {
-                continue;
-            }
+                match replan.check(&policy, &input, &model.info, p) {
+                    Some(why) => why,
+                    None => continue,
+                }
+            } else {
+                if seen_since.elapsed() < SETTLE || retry_at.is_some_and(|t| Instant::now() < t) {
+                    continue;
+                }
+                match &current {
+                    None => "no placement is active".to_string(),
+                    Some(p) if p.fingerprint != model.info.times.fingerprint => {
+                        format!("the model is now {}", model.info.times.model)
+                    }
+                    Some(_) => format!(
+                        "the members holding the model changed ({} now)",
+                        holders.len()
+                    ),
+                }
+            };
             let stages = match decide(&policy, &input, &model.info) {
                 Ok(s) => s,
                 Err(e) => {
@@ -457,7 +644,11 @@ pub(crate) fn spawn(
                     .collect(),
                 members: holders.clone(),
                 predicted_step_s: stages.1,
+                predicted_tokens_per_s: stages.2,
+                reason: Some(reason),
+                figures: input.figures.clone(),
             };
+            replan.switched();
             info!(
                 placement = placement.id,
                 split = %placement
@@ -466,6 +657,7 @@ pub(crate) fn spawn(
                     .map(|s| format!("{}:{}..{}", s.name, s.spec.start, s.spec.end))
                     .collect::<Vec<_>>()
                     .join(" "),
+                reason = placement.reason.as_deref().unwrap_or(""),
                 "placing the model"
             );
             service

@@ -372,6 +372,10 @@ impl Service {
                 next,
                 first,
             },
+            Some(worker::StageMeter {
+                live: self.inner.profiles.live(),
+                times: model.info.times.clone(),
+            }),
         )
         .map_err(|e| format!("starting the stage thread: {e}"))?;
         let router = (index == 0).then(|| {
@@ -466,6 +470,15 @@ impl Service {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             ticks < 2
         });
+    }
+
+    /// Whether stages of a placement older than the active one are still
+    /// loaded here (draining their sequences).
+    pub(crate) fn draining(&self) -> bool {
+        let active = self.active().map(|a| a.id);
+        self.stages()
+            .iter()
+            .any(|s| active.is_some_and(|a| s.placement.id < a))
     }
 
     /// Timings of the stages this node runs.

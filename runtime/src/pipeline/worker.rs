@@ -58,6 +58,34 @@ struct HeadState {
     generated: usize,
 }
 
+/// How a stage reports its work to the node's live figures: the meter and
+/// the start-up times that predict each batch.
+pub(crate) struct StageMeter {
+    pub live: Arc<crate::profile::LiveMeter>,
+    pub times: crate::profile::ModelTimes,
+}
+
+impl StageMeter {
+    /// What the start-up figures predict for a batch of `lens` chunks on
+    /// `spec`: one sequence's decode step, or one prompt chunk of 8 tokens
+    /// or more (batched decode is cheaper per sequence than the figures,
+    /// which time one sequence, so it is left out).
+    fn predict(&self, spec: hearth_models::StageSpec, lens: &[usize]) -> Option<f64> {
+        let t = &self.times;
+        let layers = spec.end.saturating_sub(spec.start) as f64;
+        let part = |f: fn(&hearth_partitioner::PhaseTimes) -> f64| {
+            layers * f(&t.layer)
+                + if spec.embed { f(&t.embed) } else { 0.0 }
+                + if spec.head { f(&t.head) } else { 0.0 }
+        };
+        match lens {
+            [1] => Some(part(|p| p.decode_s)),
+            [n] if *n >= 8 => Some(*n as f64 * part(|p| p.prefill_s_per_token)),
+            _ => None,
+        }
+    }
+}
+
 /// Where a worker's results go.
 pub(crate) struct Routes {
     pub placement: u64,
@@ -80,7 +108,11 @@ pub(crate) struct Worker {
 pub(crate) const QUEUE: usize = 2 * super::MAX_IN_FLIGHT + 64;
 
 /// Starts the worker thread for `stage`.
-pub(crate) fn spawn(stage: Stage, routes: Routes) -> std::io::Result<Worker> {
+pub(crate) fn spawn(
+    stage: Stage,
+    routes: Routes,
+    meter: Option<StageMeter>,
+) -> std::io::Result<Worker> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let live = Arc::new(AtomicUsize::new(0));
     let times = Arc::new(StageTimes::default());
@@ -100,6 +132,7 @@ pub(crate) fn spawn(stage: Stage, routes: Routes) -> std::io::Result<Worker> {
                 backlog: VecDeque::new(),
                 live,
                 times,
+                meter,
             }
             .run(rx)
         })?;
@@ -115,6 +148,7 @@ struct StageLoop {
     backlog: VecDeque<WorkItem>,
     live: Arc<AtomicUsize>,
     times: Arc<StageTimes>,
+    meter: Option<StageMeter>,
 }
 
 impl StageLoop {
@@ -254,6 +288,14 @@ impl StageLoop {
         let chunks: Vec<SeqChunk> = ok.iter().map(|(c, _)| c.clone()).collect();
         let result = self.forward(ok);
         let compute = started.elapsed();
+        if let Some(m) = &self.meter
+            && result.is_ok()
+        {
+            let lens: Vec<usize> = chunks.iter().map(|c| c.len as usize).collect();
+            let predicted = m.predict(self.stage.spec(), &lens);
+            m.live
+                .record(compute.as_secs_f64(), predicted, lens.iter().sum());
+        }
         match result {
             Err(e) => self.fail(&chunks, &format!("forward: {e}")),
             Ok(out) if head => self.sample(chunks, out),

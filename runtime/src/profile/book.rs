@@ -20,7 +20,12 @@ use crate::MembershipEvent;
 
 /// How often members' profiles are fetched again (they carry their links,
 /// which change as those are re-measured).
-pub const PROFILE_REFRESH: Duration = Duration::from_secs(5);
+pub const PROFILE_REFRESH: Duration = Duration::from_secs(2);
+/// How often this node samples what the machine offers it.
+pub const OFFER_PERIOD: Duration = Duration::from_secs(1);
+/// A change of the cores available by more than this ratio makes the live
+/// figures start over (they were taken under another offer).
+const OFFER_CHANGE: f64 = 1.2;
 /// Longest a profile request may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -38,6 +43,11 @@ struct Inner {
     /// Links measured from this node, by peer.
     links: HashMap<NodeId, LinkProfile>,
     peers: HashMap<NodeId, NodeProfile>,
+    /// What the machine offers now.
+    offer: Option<super::Offer>,
+    /// Cores available when the live figures last started over.
+    live_cores: Option<f64>,
+    live: Arc<super::LiveMeter>,
 }
 
 impl Inner {
@@ -49,6 +59,8 @@ impl Inner {
         let mut links: Vec<LinkProfile> = self.links.values().cloned().collect();
         links.sort_by(|a, b| a.peer.cmp(&b.peer));
         p.links = links;
+        p.offer = self.offer;
+        p.live = self.live.figures();
         p
     }
 }
@@ -76,8 +88,12 @@ impl ProfileBook {
             model: None,
             links: HashMap::new(),
             peers: HashMap::new(),
+            offer: None,
+            live_cores: None,
+            live: Arc::default(),
         }));
         let (stop, stopped) = watch::channel(false);
+        tokio::spawn(sample_offer(inner.clone(), stopped.clone()));
         tokio::spawn(serve_profiles(profile_streams, inner.clone()));
         tokio::spawn(super::links::serve(probe_streams));
         tokio::spawn(track(
@@ -127,8 +143,51 @@ impl ProfileBook {
         self.inner.read().ok().and_then(|i| i.model.clone())
     }
 
+    /// The meter this node's stages report their work to.
+    pub(crate) fn live(&self) -> Arc<super::LiveMeter> {
+        match self.inner.read() {
+            Ok(i) => i.live.clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// This node's own profile now.
+    pub fn own(&self) -> Option<NodeProfile> {
+        self.inner.read().ok().map(|i| i.own_profile())
+    }
+
     pub(crate) fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+}
+
+/// Samples the machine's offer every [`OFFER_PERIOD`] until stopped; a
+/// large change of the cores available restarts the live figures.
+async fn sample_offer(inner: Arc<RwLock<Inner>>, mut stopped: watch::Receiver<bool>) {
+    let mut sampler = super::LoadSampler::default();
+    let mut tick = tokio::time::interval(OFFER_PERIOD);
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let offer = sampler.offer();
+        let Ok(mut i) = inner.write() else { return };
+        let now = offer.available();
+        match i.live_cores {
+            Some(then) if (now / then).max(then / now) > OFFER_CHANGE => {
+                info!(
+                    from = then,
+                    to = now,
+                    "the cores available changed; live figures start over"
+                );
+                i.live.reset();
+                i.live_cores = Some(now);
+            }
+            None => i.live_cores = Some(now),
+            Some(_) => {}
+        }
+        i.offer = Some(offer);
     }
 }
 

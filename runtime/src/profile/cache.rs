@@ -127,7 +127,19 @@ pub fn profile_model_with(
     fresh: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(ModelTimes, bool), ProfileError> {
-    let mut hardware = Hardware::detect().cache_identity();
+    // What the machine offers (CPUs, quota) is part of the key: a
+    // throttled device never reuses an unthrottled measurement.
+    let offer = super::Offer {
+        cpus: super::offer::affinity_cpus(),
+        quota_cores: super::offer::cgroup_quota(),
+        others_load: 0.0,
+        threads: candle_core::utils::get_num_threads(),
+    };
+    let mut hardware = format!(
+        "{}|{}",
+        Hardware::detect().cache_identity(),
+        offer.cache_identity()
+    );
     // A GPU's times are its own (CPU entries keep their old keys).
     if !matches!(opts.compute, crate::Compute::Cpu) {
         hardware = format!("{hardware}|{}", opts.compute.name());

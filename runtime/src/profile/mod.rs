@@ -8,8 +8,10 @@ mod book;
 mod cache;
 mod hardware;
 mod links;
+pub mod live;
 mod measure;
 mod model_cost;
+pub mod offer;
 mod planning;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,11 +20,13 @@ pub use book::{ClusterProfiles, PROFILE_REFRESH, ProfileBook};
 pub use cache::{default_dir as default_cache_dir, profile_model_with};
 pub use hardware::{GpuAdapter, Hardware};
 pub use links::{PROBE_BYTES, PROBE_PERIOD, measure_link};
+pub use live::{LiveFigures, LiveMeter};
 pub use measure::{MeasureOptions, measure};
 pub use model_cost::model_cost;
+pub use offer::{LoadSampler, Offer};
 pub use planning::{
-    Alternative, PlanReport, PlanRequest, PlannerInput, lora_bytes_per_layer, plan_report,
-    planner_input,
+    Alternative, DeviceFigures, PlanReport, PlanRequest, PlannerInput, lora_bytes_per_layer,
+    plan_report, planner_input,
 };
 
 use hearth_partitioner::PhaseTimes;
@@ -76,6 +80,52 @@ pub struct ModelTimes {
     /// the cached times (the same layout with other weights times the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// What the machine offered while measuring (cores, quota, load of
+    /// other programs); absent in documents of older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<Offer>,
+}
+
+impl ModelTimes {
+    /// Every figure multiplied by `k` (a slower device: k > 1).
+    pub fn scaled(&self, k: f64) -> Self {
+        let s = |t: PhaseTimes| PhaseTimes {
+            decode_s: t.decode_s * k,
+            prefill_s_per_token: t.prefill_s_per_token * k,
+            train_forward_s_per_token: t.train_forward_s_per_token * k,
+            train_s_per_token: t.train_s_per_token * k,
+        };
+        Self {
+            layer: s(self.layer),
+            embed: s(self.embed),
+            head: s(self.head),
+            ..self.clone()
+        }
+    }
+}
+
+/// Where the figures a plan used for a device came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FigureSource {
+    /// The start-up measurement as taken.
+    Measured,
+    /// The start-up measurement scaled to the CPU time offered now.
+    Offer,
+    /// Live figures from the stages' real work.
+    Live,
+}
+
+/// A device's figures as the planner uses them now, and where they came
+/// from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurrentFigures {
+    pub times: ModelTimes,
+    /// Current ÷ start-up time (2.0: half the start-up speed).
+    pub factor: f64,
+    pub source: FigureSource,
+    /// Cores' worth of CPU time offered now, if known.
+    pub cores: Option<f64>,
 }
 
 /// A model as this node knows it: measured times, cost profile, config.
@@ -159,6 +209,12 @@ pub struct NodeProfile {
     pub model: Option<ModelTimes>,
     /// Links to the other members, as measured from this node.
     pub links: Vec<LinkProfile>,
+    /// What the machine offers the node now (sampled every second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<Offer>,
+    /// Figures from the stages' real work, once there is some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveFigures>,
 }
 
 impl NodeProfile {
@@ -177,7 +233,43 @@ impl NodeProfile {
             hardware,
             model,
             links: Vec::new(),
+            offer: None,
+            live: None,
         }
+    }
+
+    /// The model's figures as the planner should use them now: the
+    /// start-up times scaled by trusted live figures, else by the CPU time
+    /// offered now against what was offered while measuring, else as
+    /// measured.
+    pub fn current(&self) -> Option<CurrentFigures> {
+        let times = self.model.as_ref()?;
+        let cores = self.offer.map(|o| o.available());
+        if let Some(l) = self.live.filter(|l| l.trusted) {
+            return Some(CurrentFigures {
+                times: times.scaled(l.factor),
+                factor: l.factor,
+                source: FigureSource::Live,
+                cores,
+            });
+        }
+        if let (Some(then), Some(now)) = (times.offer, self.offer) {
+            let k = then.available() / now.available();
+            if k.is_finite() && k > 0.0 {
+                return Some(CurrentFigures {
+                    times: times.scaled(k),
+                    factor: k,
+                    source: FigureSource::Offer,
+                    cores,
+                });
+            }
+        }
+        Some(CurrentFigures {
+            times: times.clone(),
+            factor: 1.0,
+            source: FigureSource::Measured,
+            cores,
+        })
     }
 
     /// The document as sent to peers.

@@ -28,6 +28,23 @@ pub struct PlannerInput {
     /// Device pairs whose link was not measured yet (both directions
     /// unknown), so the defaults above stand in.
     pub unmeasured_links: Vec<(usize, usize)>,
+    /// Where each device's figures came from (in device order).
+    #[serde(default)]
+    pub figures: Vec<DeviceFigures>,
+}
+
+/// The figures the planner used for one device, for people to read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceFigures {
+    pub node_id: String,
+    pub name: String,
+    /// Cores' worth of CPU time offered now, if known.
+    pub cores: Option<f64>,
+    /// Current ÷ start-up time.
+    pub factor: f64,
+    pub source: super::FigureSource,
+    /// One decoder layer's decode step, as used (seconds).
+    pub layer_decode_s: f64,
 }
 
 /// The planner's devices and links for `model` (the nodes that measured
@@ -37,11 +54,13 @@ pub fn planner_input(profiles: &ClusterProfiles, model: &ModelTimes) -> PlannerI
     let mut devices = Vec::new();
     let mut excluded = Vec::new();
     let mut used = Vec::new();
+    let mut figures = Vec::new();
     for p in &profiles.nodes {
-        let Some(times) = &p.model else {
+        let Some(current) = p.current() else {
             excluded.push(format!("{}: has not measured a model", p.name));
             continue;
         };
+        let times = &current.times;
         if times.fingerprint != model.fingerprint {
             excluded.push(format!(
                 "{}: measured another model ({})",
@@ -60,12 +79,21 @@ pub fn planner_input(profiles: &ClusterProfiles, model: &ModelTimes) -> PlannerI
         }
         let short = p.node_id.get(..8).unwrap_or(&p.node_id);
         let dup = profiles.nodes.iter().filter(|q| q.name == p.name).count() > 1;
+        let name = if dup {
+            format!("{} ({short})", p.name)
+        } else {
+            p.name.clone()
+        };
+        figures.push(DeviceFigures {
+            node_id: p.node_id.clone(),
+            name: name.clone(),
+            cores: current.cores,
+            factor: current.factor,
+            source: current.source,
+            layer_decode_s: times.layer.decode_s,
+        });
         devices.push(DeviceProfile {
-            name: if dup {
-                format!("{} ({short})", p.name)
-            } else {
-                p.name.clone()
-            },
+            name,
             memory_budget: p.memory_budget,
             layer: times.layer,
             embed: times.embed,
@@ -112,6 +140,7 @@ pub fn planner_input(profiles: &ClusterProfiles, model: &ModelTimes) -> PlannerI
         links: Links { bandwidth, rtt },
         excluded,
         unmeasured_links,
+        figures,
     }
 }
 

@@ -87,7 +87,7 @@ impl JobCtx {
                 ..req.clone()
             }),
         };
-        let (stages, _) = decide(&policy, &input, &model.info)?;
+        let (stages, _, _) = decide(&policy, &input, &model.info)?;
         let name_of = |id: &str| {
             view.members
                 .iter()
