@@ -110,7 +110,9 @@ function renderCluster() {
   const total = totalLayers(p);
   if (p) {
     $("serving").textContent = `Serving ${p.model} in ${p.stages.length} stage(s) over ${total} layers` +
-      (p.predicted_step_s ? ` · predicted ${(1 / p.predicted_step_s).toFixed(1)} tok/s per stream` : "");
+      (p.predicted_tokens_per_s ? ` · predicted ${p.predicted_tokens_per_s.toFixed(1)} tok/s` :
+        p.predicted_step_s ? ` · predicted ${(1 / p.predicted_step_s).toFixed(1)} tok/s per stream` : "") +
+      (p.reason ? ` · placed because ${p.reason}` : "");
   } else if (state.loading) {
     $("serving").textContent = `Loading ${state.loading}…`;
   } else {
@@ -147,6 +149,18 @@ function renderCluster() {
     const links = ((prof && prof.links) || []).map((l) =>
       `${names.get(l.peer) || short(l.peer)}: ${(l.bandwidth_bytes_per_s * 8 / 1e9).toFixed(2)} Gbit/s, ${l.rtt_ms.toFixed(2)} ms`);
     const gpus = hw && hw.gpus.length ? hw.gpus.map((g) => `${g.name} (${g.backend})`).join(", ") : "none";
+    // What the machine offers now (quota, other programs' load) and what
+    // the stages do, from the node's live figures.
+    const o = prof && prof.offer;
+    const offer = o ? `${(o.quota_cores != null ? Math.min(o.cpus, o.quota_cores) : o.cpus).toFixed(2)} cores offered` +
+      (o.quota_cores != null ? ` (quota ${o.quota_cores.toFixed(2)})` : "") +
+      ` · other programs ${o.others_load.toFixed(2)} cores` : "…";
+    const lv = prof && prof.live;
+    const live = lv ? `${Math.round(100 * lv.busy)}% busy · ${lv.tokens_per_s.toFixed(1)} tok/s · ` +
+      `${lv.factor.toFixed(2)}× start-up time${lv.trusted ? "" : " (few samples)"}` : "idle";
+    const fig = p && p.figures ? p.figures.find((f) => f.node_id === m.node_id) : null;
+    const planned = fig ? `${(fig.layer_decode_s * 1e3).toFixed(3)} ms/layer (${fig.source} figures` +
+      (fig.cores != null ? `, ${fig.cores.toFixed(2)} cores` : "") + ")" : "not in the plan's input";
     const st = state.nodeState[m.node_id];
     const ready = stage && !st ? { text: "ready", cls: "ready" } : st;
     return el("article", { class: "card device", "data-node": m.name },
@@ -158,6 +172,9 @@ function renderCluster() {
         el("dt", { text: "CPU" }), el("dd", { text: hw ? `${hw.cpu} · ${hw.physical_cores}/${hw.logical_cores} cores · ${hw.arch}` : "…" }),
         el("dt", { text: "GPU" }), el("dd", { text: gpus }),
         el("dt", { text: "Speed" }), el("dd", { text: speed }),
+        el("dt", { text: "Offer" }), el("dd", { "data-testid": "offer", text: offer }),
+        el("dt", { text: "Live" }), el("dd", { "data-testid": "live", text: live }),
+        el("dt", { text: "Planned" }), el("dd", { "data-testid": "planned", text: planned }),
         el("dt", { text: "Links" }), el("dd", { text: links.length ? links.join(" · ") : (m.state === "self" ? "—" : `heartbeat rtt ${m.rtt_ms ? m.rtt_ms.toFixed(2) + " ms" : "…"}`) })),
       el("div", { class: "muted", text: "Memory" }), memBar,
       el("div", { class: "muted", text: "Layers" }), layerBar,
@@ -210,7 +227,8 @@ function describe(e) {
     case "model_loaded": return `${e.node} serves ${e.model} (${e.layer_decode_ms.toFixed(3)} ms per layer per token)`;
     case "model_failed": return `${e.node} cannot load ${e.model}: ${e.reason}`;
     case "model_unloaded": return `${e.node} unloaded ${e.model}`;
-    case "placement_planned": return `plan: ${e.placement.stages.map((s) => `${s.name} ${s.spec.start}..${s.spec.end}`).join(" → ")}`;
+    case "placement_planned": return `plan: ${e.placement.stages.map((s) => `${s.name} ${s.spec.start}..${s.spec.end}`).join(" → ")}` +
+      (e.placement.reason ? ` — ${e.placement.reason}` : "");
     case "stage_loading": return `${e.node} is loading layers ${e.start}..${e.end}`;
     case "stage_loaded": return `${e.node} loaded layers ${e.start}..${e.end} in ${e.secs.toFixed(2)} s`;
     case "stage_failed": return `${e.node} failed to load its stage: ${e.reason}`;

@@ -27,10 +27,15 @@ try {
         return {
           node: c.dataset.node,
           layers: c.querySelector("[data-testid=layers]").textContent,
+          offer: c.querySelector("[data-testid=offer]").textContent,
+          planned: c.querySelector("[data-testid=planned]").textContent,
           width: seg ? seg.getBoundingClientRect().width : 0,
         };
       });
-      const ok = seen.length === n && seen.every((s) => /layers \d+–\d+ of \d+/.test(s.layers) && s.width > 1);
+      // Each device also shows what its machine offers (cores, quota,
+      // other programs' load) and the figures the plan used for it.
+      const ok = seen.length === n && seen.every((s) => /layers \d+–\d+ of \d+/.test(s.layers) && s.width > 1 &&
+        /cores offered/.test(s.offer) && /ms\/layer/.test(s.planned));
       return ok ? seen : null;
     }, nodes, { timeout: 60000 });
     const layers = await ready.jsonValue();

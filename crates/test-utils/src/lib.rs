@@ -2,7 +2,9 @@
 //! written to disk in every format the loaders read, and the location of the
 //! real default model for end-to-end checks.
 
+pub mod cgroup;
 pub mod cluster;
+pub mod home;
 pub mod netns;
 
 use std::collections::HashMap;
@@ -481,7 +483,30 @@ pub fn hearth_up(
     http: u16,
     extra: &[String],
 ) -> Result<netns::ChildGuard> {
-    let mut c = std::process::Command::new(hearth_binary()?);
+    netns::ChildGuard::spawn(hearth_up_command(home, name, quic, http, extra)?)
+}
+
+/// The command [`hearth_up`] runs (to wrap it, e.g. into a CPU cgroup).
+pub fn hearth_up_command(
+    home: &Path,
+    name: &str,
+    quic: u16,
+    http: u16,
+    extra: &[String],
+) -> Result<std::process::Command> {
+    hearth_up_command_with(&hearth_binary()?, home, name, quic, http, extra)
+}
+
+/// [`hearth_up_command`] with another `hearth` binary (a release build).
+pub fn hearth_up_command_with(
+    binary: &Path,
+    home: &Path,
+    name: &str,
+    quic: u16,
+    http: u16,
+    extra: &[String],
+) -> Result<std::process::Command> {
+    let mut c = std::process::Command::new(binary);
     c.args(["up", "--no-mdns", "--name", name])
         .arg("--home")
         .arg(home)
@@ -490,7 +515,7 @@ pub fn hearth_up(
         .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    netns::ChildGuard::spawn(c)
+    Ok(c)
 }
 
 fn build_hearth(release: bool) -> Result<PathBuf, String> {

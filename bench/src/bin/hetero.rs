@@ -1,0 +1,243 @@
+//! A heterogeneous home on one machine (issue #18), on the real model:
+//! `hearth up` processes (release build), each in its own CPU cgroup,
+//! planning by measured figures (`--split plan`). Every figure beside its
+//! reference from the same run:
+//!
+//! 1. a = 1 core, b = 0.25 core: single-stream decode through the cluster
+//!    and 8 concurrent streams' aggregate, against the best single device
+//!    (one node under a 1-core quota);
+//! 2. three nodes at 1 / 0.5 / 0.25 core, the same two figures;
+//! 3. a's quota drops to 0.25 while b's rises to 1 core, mid-run with
+//!    requests flowing: seconds until the re-placement, decode after it
+//!    against the best single device, requests failed;
+//! 4. for every placement used, the planner's predicted single-stream rate
+//!    against the measured one.
+//!
+//! Needs root (cgroups). `cargo run --release -p hearth-bench --bin hetero`
+#![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use hearth_bench::{Row, cpu_name, median, print, write_results};
+use hearth_runtime::pipeline::Placement;
+use hearth_test_utils::home::{Home, HomeSpec};
+use hearth_test_utils::{cgroup, real_model};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Tokens per single-stream run.
+    #[arg(long, default_value_t = 64)]
+    tokens: u32,
+    /// Single-stream runs per configuration (the median is kept).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Tokens per stream in the 8-stream runs.
+    #[arg(long, default_value_t = 32)]
+    concurrent_tokens: u32,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+fn whole(p: &Placement) -> bool {
+    p.stages.last().is_some_and(|s| s.spec.head)
+}
+
+fn split(p: &Placement) -> String {
+    p.stages
+        .iter()
+        .map(|s| format!("{}:{}..{}", s.name, s.spec.start, s.spec.end))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Median single-stream decode tok/s through device `i`.
+fn single(home: &Home, i: usize, args: &Args) -> Result<f64> {
+    let mut rates = Vec::new();
+    for r in 0..args.runs {
+        let (n, secs) = home.generate(i, r as u64, args.tokens)?;
+        if n > 1 && secs > 0.0 {
+            rates.push((n - 1) as f64 / secs);
+        }
+    }
+    Ok(median(&rates))
+}
+
+/// Aggregate tok/s of 8 concurrent generations through device `i`.
+fn eight(home: &Arc<Home>, i: usize, args: &Args) -> Result<f64> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..8u64)
+        .map(|s| {
+            let (home, tokens) = (home.clone(), args.concurrent_tokens);
+            std::thread::spawn(move || home.generate(i, 100 + s, tokens).map(|(n, _)| n))
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+fn start(cores: &[f64]) -> Result<(Arc<Home>, Placement)> {
+    let Some(model) = real_model() else {
+        bail!("the real model is not in the cache: run `hearth models pull`")
+    };
+    let home = Home::start(
+        &model,
+        &HomeSpec {
+            cores: cores.to_vec(),
+            release: true,
+            ..HomeSpec::default()
+        },
+    )?;
+    let n = cores.len();
+    let p = home.wait_placement(0, Duration::from_secs(300), |p| {
+        whole(p) && p.figures.len() == n
+    })?;
+    // Let live figures and the re-planner settle before timing.
+    std::thread::sleep(Duration::from_secs(3));
+    let p = home.view(0)?.placement.unwrap_or(p);
+    Ok((Arc::new(home), p))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(why) = cgroup::unavailable() {
+        bail!("this benchmark needs CPU cgroups: {why}");
+    }
+    let mut rows = Vec::new();
+    let mut placements = Vec::new();
+    let mut predicted = Vec::new();
+
+    println!("reference: one node under a 1-core quota");
+    let (home, p) = start(&[1.0])?;
+    let ref_single = single(&home, 0, &args)?;
+    let ref_eight = eight(&home, 0, &args)?;
+    predicted.push(("1 core alone".to_string(), p.clone(), ref_single));
+    drop(home);
+    println!("  single {ref_single:.1} tok/s, 8 streams {ref_eight:.1} tok/s");
+
+    for (label, cores) in [
+        ("a=1, b=0.25", vec![1.0, 0.25]),
+        ("a=1, b=0.5, c=0.25", vec![1.0, 0.5, 0.25]),
+    ] {
+        println!("{label}");
+        let (home, p) = start(&cores)?;
+        let s = single(&home, cores.len() - 1, &args)?;
+        let e = eight(&home, cores.len() - 1, &args)?;
+        println!(
+            "  placement {}; single {s:.1} tok/s, 8 streams {e:.1} tok/s",
+            split(&p)
+        );
+        rows.push(Row::new(
+            &format!("{label}: single-stream decode tok/s (vs best single device)"),
+            s,
+            ref_single,
+        ));
+        rows.push(Row::new(
+            &format!("{label}: 8 streams aggregate tok/s (vs best single device)"),
+            e,
+            ref_eight,
+        ));
+        placements.push(format!("{label}: {}", split(&p)));
+        predicted.push((label.to_string(), p, s));
+    }
+
+    println!("swap: a 1 → 0.25 core, b 0.25 → 1 core, requests flowing through b");
+    let (home, before) = start(&[1.0, 0.25])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (home, stop, ok, failed) = (home.clone(), stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            for i in 0..2000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match home.generate(1, 1000 + i, 16) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        println!("  request failed: {e:#}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    home.set_cores(0, 0.25)?;
+    home.set_cores(1, 1.0)?;
+    let t = Instant::now();
+    let after = home.wait_placement(0, Duration::from_secs(120), |p| {
+        whole(p) && Home::layers(p, "b") > Home::layers(p, "a") && p.id != before.id
+    });
+    let secs = t.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.join();
+    let after = after?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s = single(&home, 1, &args)?;
+    let failed = failed.load(Ordering::Relaxed);
+    println!(
+        "  {} → {} after {secs:.1} s ({}); after: {s:.1} tok/s; requests ok {}, failed {failed}",
+        split(&before),
+        split(&after),
+        after.reason.clone().unwrap_or_default(),
+        ok.load(Ordering::Relaxed)
+    );
+    rows.push(Row::new("swap: seconds until re-placement", secs, 0.0));
+    rows.push(Row::new(
+        "swap: decode tok/s after it (vs best single device)",
+        s,
+        ref_single,
+    ));
+    rows.push(Row::new(
+        "swap: requests failed (of those sent during it)",
+        failed as f64,
+        ok.load(Ordering::Relaxed) as f64 + failed as f64,
+    ));
+    placements.push(format!(
+        "swap: {} → {} ({})",
+        split(&before),
+        split(&after),
+        after.reason.clone().unwrap_or_default()
+    ));
+    predicted.push(("after the swap".to_string(), after, s));
+    drop(home);
+
+    for (label, p, measured) in &predicted {
+        if let Some(pred) = p.predicted_tokens_per_s {
+            rows.push(Row::new(
+                &format!("{label}: measured single-stream tok/s (vs planner's prediction)"),
+                *measured,
+                pred,
+            ));
+        }
+    }
+
+    let md = write_results(
+        &args.out,
+        "hetero",
+        "Heterogeneous home: CPU quotas per node (cgroups), plan from sustained and current figures",
+        "Hearth",
+        "reference",
+        &rows,
+        serde_json::json!({
+            "cpu": cpu_name(),
+            "tokens": args.tokens,
+            "runs": args.runs,
+            "concurrent_tokens": args.concurrent_tokens,
+            "placements": placements,
+        }),
+    )?;
+    print(&md)?;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! A heterogeneous home on one machine, for tests and benchmarks: `hearth
+//! up` processes on loopback, each in its own CPU cgroup with its own quota
+//! (a fast desktop, a busy laptop), joined into one cluster. A test can
+//! change a device's quota mid-run or start a competing CPU-bound program
+//! in its group, then watch the cluster through its HTTP API.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hearth_runtime::ClusterView;
+use hearth_runtime::pipeline::Placement;
+
+use crate::cgroup::CpuGroup;
+use crate::netns::ChildGuard;
+use crate::{free_port, hearth_binary, hearth_release_binary, hearth_up_command_with};
+
+/// One device: a node process in its CPU group.
+pub struct Device {
+    pub name: String,
+    pub quic: u16,
+    pub http: u16,
+    pub group: CpuGroup,
+    process: Option<ChildGuard>,
+}
+
+/// The devices of one cluster.
+pub struct Home {
+    pub devices: Vec<Device>,
+    _dir: tempfile::TempDir,
+}
+
+/// How to start a home.
+#[derive(Debug, Clone)]
+pub struct HomeSpec {
+    /// Cores' worth of CPU time for each device, in order (names a, b, c…).
+    pub cores: Vec<f64>,
+    /// Least seconds each start-up figure is timed over
+    /// (`HEARTH_MEASURE_SECS`); 1 s spans ten quota periods.
+    pub measure_secs: f64,
+    /// More `hearth up` flags for every node (e.g. `--split even`).
+    pub extra: Vec<String>,
+    /// The release binary instead of the debug one (benchmarks).
+    pub release: bool,
+}
+
+impl Default for HomeSpec {
+    fn default() -> Self {
+        Self {
+            cores: vec![1.0, 0.25],
+            measure_secs: 1.0,
+            extra: Vec::new(),
+            release: false,
+        }
+    }
+}
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+/// `GET /api/cluster` of the node at `http`.
+pub fn view(http: u16) -> Result<ClusterView> {
+    Ok(agent(Duration::from_secs(5))
+        .get(&format!("http://127.0.0.1:{http}/api/cluster"))
+        .call()?
+        .body_mut()
+        .read_json()?)
+}
+
+impl Home {
+    /// Starts one node per entry of `spec.cores`, serving `model` and
+    /// planning by measured figures (`--split plan`), the first one
+    /// making the cluster and the others joining it. Returns once every
+    /// node answers HTTP (not yet placed: see [`Home::wait_placement`]).
+    pub fn start(model: &Path, spec: &HomeSpec) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut devices: Vec<Device> = Vec::new();
+        let mut token = None;
+        for (i, &cores) in spec.cores.iter().enumerate() {
+            let name = ((b'a' + i as u8) as char).to_string();
+            let home = dir.path().join(&name);
+            let (quic, http) = (free_port(true)?, free_port(false)?);
+            let mut extra = vec![
+                "--model".to_string(),
+                model.display().to_string(),
+                "--split".into(),
+                "plan".into(),
+            ];
+            extra.extend(spec.extra.iter().cloned());
+            if let (Some(t), Some(first)) = (&token, devices.first()) {
+                extra.extend(["--join".to_string(), String::clone(t)]);
+                extra.extend(["--peer".to_string(), format!("127.0.0.1:{}", first.quic)]);
+            }
+            let binary = if spec.release {
+                hearth_release_binary()?
+            } else {
+                hearth_binary()?
+            };
+            let mut cmd = hearth_up_command_with(&binary, &home, &name, quic, http, &extra)?;
+            cmd.env("HEARTH_MEASURE_SECS", spec.measure_secs.to_string());
+            if std::env::var_os("HEARTH_HOME_LOGS").is_some() {
+                cmd.stderr(std::process::Stdio::inherit());
+            }
+            let group = CpuGroup::new(cores)?;
+            let process = ChildGuard::spawn(group.wrap(&cmd))?;
+            devices.push(Device {
+                name,
+                quic,
+                http,
+                group,
+                process: Some(process),
+            });
+            let start = Instant::now();
+            while view(http).is_err() {
+                if start.elapsed() > Duration::from_secs(30) {
+                    bail!("node {i} did not answer HTTP in 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if token.is_none() {
+                let out = std::process::Command::new(&binary)
+                    .arg("token")
+                    .arg("--home")
+                    .arg(&home)
+                    .output()
+                    .context("hearth token")?;
+                token = Some(String::from_utf8(out.stdout)?.trim().to_string());
+            }
+        }
+        Ok(Self { devices, _dir: dir })
+    }
+
+    /// Device `i`'s node as the cluster sees it.
+    pub fn view(&self, i: usize) -> Result<ClusterView> {
+        view(self.devices[i].http)
+    }
+
+    /// Waits (up to `limit`) for device `i` to report an active placement
+    /// that `ok` accepts, and returns it.
+    pub fn wait_placement(
+        &self,
+        i: usize,
+        limit: Duration,
+        ok: impl Fn(&Placement) -> bool,
+    ) -> Result<Placement> {
+        let start = Instant::now();
+        loop {
+            if let Ok(v) = self.view(i)
+                && let Some(p) = v.placement
+                && ok(&p)
+            {
+                return Ok(p);
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "no such placement in {limit:?}; last: {:?}",
+                    self.view(i).ok().and_then(|v| v.placement)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Layers device `name` runs in `p` (0 if it has no stage).
+    pub fn layers(p: &Placement, name: &str) -> usize {
+        p.stages
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.spec.end - s.spec.start)
+            .sum()
+    }
+
+    /// Changes device `i`'s CPU quota.
+    pub fn set_cores(&self, i: usize, cores: f64) -> Result<()> {
+        self.devices[i].group.set_cores(cores)
+    }
+
+    /// Kills device `i`'s process.
+    pub fn kill(&mut self, i: usize) {
+        self.devices[i].process.take();
+    }
+
+    /// One generation of `max_tokens` tokens through device `i`'s
+    /// `POST /api/generate` (seeded sampling at temperature 1, so it runs
+    /// its length); returns (tokens generated, seconds from the first token
+    /// to the last).
+    pub fn generate(&self, i: usize, salt: u64, max_tokens: u32) -> Result<(usize, f64)> {
+        let v: serde_json::Value = agent(Duration::from_secs(300))
+            .post(&format!(
+                "http://127.0.0.1:{}/api/generate",
+                self.devices[i].http
+            ))
+            .send_json(serde_json::json!({
+                "prompt": format!("Story {salt}: once upon a time, in a small village by the sea,"),
+                "max_tokens": max_tokens, "temperature": 1.0, "seed": 7 + salt,
+            }))?
+            .body_mut()
+            .read_json()?;
+        let n = v["token_ids"]
+            .as_array()
+            .map(|a| a.len())
+            .with_context(|| format!("no token_ids in {v}"))?;
+        let secs = v["decode_secs"].as_f64().unwrap_or(0.0);
+        Ok((n, secs))
+    }
+
+    /// One non-streamed completion of `max_tokens` tokens through device
+    /// `i`'s API; returns the number of tokens generated.
+    pub fn complete(&self, i: usize, model: &str, prompt: &str, max_tokens: u32) -> Result<u64> {
+        let body = serde_json::json!({
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        });
+        let v: serde_json::Value = agent(Duration::from_secs(120))
+            .post(&format!(
+                "http://127.0.0.1:{}/v1/completions",
+                self.devices[i].http
+            ))
+            .send_json(&body)?
+            .body_mut()
+            .read_json()?;
+        v["usage"]["completion_tokens"]
+            .as_u64()
+            .with_context(|| format!("no usage in {v}"))
+    }
+}

@@ -1,0 +1,151 @@
+//! A heterogeneous home on one machine (issue #18): `hearth up` processes
+//! each under its own CPU quota (cgroups, as root), planning by measured
+//! figures. Asserts behaviour, never wall-clock figures:
+//! - the device with less CPU gets fewer layers than the faster one;
+//! - after the quotas swap mid-run, with requests flowing, the leader
+//!   re-places the model onto the now-faster device, says why, and no
+//!   request fails.
+#![allow(clippy::print_stdout)] // Prints what it observes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use hearth_test_utils::home::{Home, HomeSpec};
+use hearth_test_utils::{TinySpec, cgroup, tiny_model};
+
+fn model(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let tiny = tiny_model(
+        dir,
+        TinySpec {
+            hidden: 256,
+            intermediate: 768,
+            layers: 8,
+            heads: 4,
+            kv_heads: 2,
+            context: 512,
+            ..TinySpec::default()
+        },
+    )?;
+    Ok(tiny.gguf_q8_0)
+}
+
+fn whole(p: &hearth_runtime::pipeline::Placement) -> bool {
+    p.stages.last().is_some_and(|s| s.spec.end == 8)
+}
+
+#[test]
+fn the_slower_device_gets_fewer_layers() -> Result<()> {
+    if !cgroup::available("the_slower_device_gets_fewer_layers") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let home = Home::start(&model(dir.path())?, &HomeSpec::default())?;
+    let p = home.wait_placement(0, Duration::from_secs(90), |p| {
+        whole(p) && p.figures.len() == 2
+    })?;
+    let (a, b) = (Home::layers(&p, "a"), Home::layers(&p, "b"));
+    println!(
+        "placement: a {a} layers, b {b} layers; figures {:?}",
+        p.figures
+    );
+    assert!(a > b, "a (1 core) got {a} layers, b (0.25 core) {b}");
+    // The profiles show what each machine offers: b's quota is 0.25 core.
+    let view = home.view(0)?;
+    let profiles = view.profiles.unwrap_or_default();
+    let quota = |name: &str| {
+        profiles
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .and_then(|n| n.offer)
+            .and_then(|o| o.quota_cores)
+    };
+    assert_eq!(quota("a"), Some(1.0));
+    assert_eq!(quota("b"), Some(0.25));
+    // And the figures the plan used say b is the slower one.
+    let fig = |name: &str| {
+        p.figures
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.layer_decode_s)
+    };
+    let (fa, fb) = (fig("a").unwrap_or(0.0), fig("b").unwrap_or(0.0));
+    assert!(
+        fb > fa * 1.5,
+        "b's layer time {fb} is not well above a's {fa}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_quota_swap_replaces_the_model_and_fails_no_request() -> Result<()> {
+    if !cgroup::available("a_quota_swap_replaces_the_model_and_fails_no_request") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let home = Arc::new(Home::start(&model(dir.path())?, &HomeSpec::default())?);
+    let before = home.wait_placement(0, Duration::from_secs(90), |p| {
+        whole(p) && Home::layers(p, "a") > Home::layers(p, "b")
+    })?;
+    println!("before: {:?}", before.stages);
+    let name = before.model.clone();
+    // Requests flow through b's API for the whole swap (bounded: at most
+    // 5000 requests or until told to stop).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let client = {
+        let (home, stop, ok, failed) = (home.clone(), stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            for i in 0..5000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match home.complete(1, &name, &format!("hello {i}"), 12) {
+                    Ok(n) if n > 0 => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => {
+                        errors.push("no tokens".to_string());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        errors.push(format!("{e:#}"));
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            errors
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let served_before = ok.load(Ordering::Relaxed);
+    home.set_cores(0, 0.25)?;
+    home.set_cores(1, 1.0)?;
+    let swapped = Instant::now();
+    let after = home.wait_placement(0, Duration::from_secs(60), |p| {
+        whole(p) && Home::layers(p, "b") > Home::layers(p, "a")
+    });
+    let secs = swapped.elapsed().as_secs_f64();
+    // Keep the traffic going over the new placement for a while.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let errors = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))?;
+    let after = after?;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        "re-placed {secs:.1} s after the swap: {:?}; reason: {:?}; requests ok {ok} \
+         (before the swap {served_before}), failed {failed}",
+        after.stages, after.reason
+    );
+    assert!(failed == 0, "{failed} requests failed: {errors:?}");
+    assert!(ok > served_before, "no request was served after the swap");
+    let reason = after.reason.unwrap_or_default();
+    assert!(
+        reason.contains("cores available") && reason.contains("tok/s"),
+        "the re-placement does not say why: {reason:?}"
+    );
+    Ok(())
+}
