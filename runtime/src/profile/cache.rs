@@ -70,7 +70,7 @@ struct Turn(Option<PathBuf>);
 
 enum Waited {
     Turn(Turn),
-    Done(ModelTimes),
+    Done(Box<ModelTimes>),
 }
 
 impl Turn {
@@ -84,7 +84,7 @@ impl Turn {
                 Ok(_) => return Waited::Turn(Turn(Some(lock.to_path_buf()))),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     if let Some(times) = done() {
-                        return Waited::Done(times);
+                        return Waited::Done(Box::new(times));
                     }
                     let age = std::fs::metadata(lock)
                         .and_then(|m| m.modified())
@@ -157,7 +157,7 @@ pub fn profile_model_with(
     let _turn = match Turn::wait(&path.with_extension("lock"), || {
         (!fresh).then(|| read_entry(&path, &hardware)).flatten()
     }) {
-        Waited::Done(times) => return Ok((times, true)),
+        Waited::Done(times) => return Ok((*times, true)),
         Waited::Turn(t) => t,
     };
     progress("measuring this device (once per model; cached)");
