@@ -208,8 +208,37 @@ fn plan_from_measured_profiles(bin: &Path, http: &[u16]) -> Result<()> {
             .find(|p| &p.node_id == id)
             .context("device without a profile")?;
         let times = p.model.as_ref().context("profile without model times")?;
-        assert_eq!(dev.layer, times.layer);
-        assert_eq!(dev.head, times.head);
+        // The planner used the published times scaled by the factor it
+        // reports for that device (current figures: offer or live).
+        let fig = report
+            .input
+            .figures
+            .iter()
+            .find(|f| &f.node_id == id)
+            .context("device without figures")?;
+        let scaled = times.scaled(fig.factor);
+        let eq = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(y.abs());
+        macro_rules! close {
+            ($a:expr, $b:expr) => {
+                eq($a.decode_s, $b.decode_s)
+                    && eq($a.prefill_s_per_token, $b.prefill_s_per_token)
+                    && eq($a.train_forward_s_per_token, $b.train_forward_s_per_token)
+                    && eq($a.train_s_per_token, $b.train_s_per_token)
+            };
+        }
+        assert!(
+            close!(dev.layer, scaled.layer),
+            "{:?} vs {:?}",
+            dev.layer,
+            scaled.layer
+        );
+        assert!(
+            close!(dev.head, scaled.head),
+            "{:?} vs {:?}",
+            dev.head,
+            scaled.head
+        );
+        assert!(fig.factor > 0.0 && fig.factor.is_finite());
         assert!(times.layer.decode_s > 0.0);
         assert!(dev.memory_budget > 0);
         // Links were measured over QUIC to both other nodes.
