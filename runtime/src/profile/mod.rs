@@ -245,7 +245,10 @@ impl NodeProfile {
     pub fn current(&self) -> Option<CurrentFigures> {
         let times = self.model.as_ref()?;
         let cores = self.offer.map(|o| o.available());
-        if let Some(l) = self.live.filter(|l| l.trusted) {
+        if let Some(l) = self
+            .live
+            .filter(|l| l.trusted && l.factor.is_finite() && l.factor > 0.0)
+        {
             return Some(CurrentFigures {
                 times: times.scaled(l.factor),
                 factor: l.factor,
