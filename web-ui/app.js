@@ -112,6 +112,7 @@ function renderCluster() {
     $("serving").textContent = `Serving ${p.model} in ${p.stages.length} stage(s) over ${total} layers` +
       (p.predicted_tokens_per_s ? ` · predicted ${p.predicted_tokens_per_s.toFixed(1)} tok/s` :
         p.predicted_step_s ? ` · predicted ${(1 / p.predicted_step_s).toFixed(1)} tok/s per stream` : "") +
+      (v.predicted_now ? ` (${v.predicted_now.tokens_per_s.toFixed(1)} tok/s with the current figures)` : "") +
       (p.reason ? ` · placed because ${p.reason}` : "");
   } else if (state.loading) {
     $("serving").textContent = `Loading ${state.loading}…`;

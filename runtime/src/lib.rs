@@ -21,7 +21,7 @@ pub use compute::{Backend, Compute};
 pub use events::{ClusterEvent, EventKind};
 pub use membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MembershipEvent};
 pub use node::{Node, NodeConfig};
-pub use view::{ClusterView, MemberState, MemberView};
+pub use view::{ClusterView, MemberState, MemberView, PredictedNow};
 
 /// Errors starting or running a node.
 #[derive(Debug, thiserror::Error)]

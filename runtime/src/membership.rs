@@ -592,6 +592,7 @@ impl Actor {
                 .collect(),
             profiles: None,
             placement: None,
+            predicted_now: None,
         }
     }
 }

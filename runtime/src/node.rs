@@ -249,8 +249,18 @@ impl Node {
     /// The current view of the cluster, with the members' profiles.
     pub async fn view(&self) -> Result<ClusterView, RuntimeError> {
         let mut view = self.membership.view().await.ok_or(RuntimeError::Stopped)?;
-        view.profiles = Some(self.profiles(&view));
+        let profiles = self.profiles(&view);
         view.placement = self.placement();
+        view.predicted_now = view
+            .placement
+            .as_ref()
+            .zip(self.pipeline.model())
+            .and_then(|(p, m)| pipeline::placer::predict_now(p, &profiles, &m.info))
+            .map(|plan| crate::view::PredictedNow {
+                tokens_per_s: plan.tokens_per_s,
+                step_s: plan.step_s,
+            });
+        view.profiles = Some(profiles);
         Ok(view)
     }
 

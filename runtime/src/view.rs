@@ -52,4 +52,16 @@ pub struct ClusterView {
     /// Which member runs which layers of the served model, if placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<crate::pipeline::Placement>,
+    /// The placement's single-stream decode rate predicted from the
+    /// figures now (live ones where trusted), beside the rate predicted
+    /// when it was made (`placement.predicted_tokens_per_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_now: Option<PredictedNow>,
+}
+
+/// What the planner's cost model says the active placement does now.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PredictedNow {
+    pub tokens_per_s: f64,
+    pub step_s: f64,
 }

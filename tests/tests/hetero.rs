@@ -4,7 +4,9 @@
 //! - the device with less CPU gets fewer layers than the faster one;
 //! - after the quotas swap mid-run, with requests flowing, the leader
 //!   re-places the model onto the now-faster device, says why, and no
-//!   request fails.
+//!   request fails;
+//! - a LoRA job whose devices swap quotas mid-job re-plans between steps,
+//!   finishes on the new split, and ends at an uninterrupted run's weights.
 #![allow(clippy::print_stdout)] // Prints what it observes.
 
 use std::sync::Arc;
@@ -147,5 +149,111 @@ fn a_quota_swap_replaces_the_model_and_fails_no_request() -> Result<()> {
         reason.contains("cores available") && reason.contains("tok/s"),
         "the re-placement does not say why: {reason:?}"
     );
+    Ok(())
+}
+
+/// The adapter a job wrote (`hearth.output_dir` of its object).
+fn adapter(job: &serde_json::Value) -> Result<Vec<(String, Vec<f32>)>> {
+    let out = job["hearth"]["output_dir"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no output_dir in {job}"))?;
+    let bytes = std::fs::read(std::path::Path::new(out).join("adapter/adapter_model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut all: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(all)
+}
+
+#[test]
+fn a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights() -> Result<()> {
+    if !cgroup::available(
+        "a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights",
+    ) {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let home = Home::start(&model(dir.path())?, &HomeSpec::default())?;
+    home.wait_placement(0, Duration::from_secs(90), |p| {
+        whole(p) && Home::layers(p, "a") > Home::layers(p, "b")
+    })?;
+    let mut data = String::new();
+    for i in 0..8 {
+        data += &format!(
+            "{{\"messages\":[{{\"role\":\"user\",\"content\":\"what is {i}\"}},{{\"role\":\"assistant\",\"content\":\"it is {i}{i}, of course\"}}]}}\n"
+        );
+        data += &format!("{{\"text\":\"a fox {i} jumps over {i} lazy dogs by the river\"}}\n");
+    }
+    let extras = serde_json::json!({
+        "steps": 30, "batch_size": 4, "micro_batches": 2, "seq_len": 128,
+        "learning_rate": 1e-2, "checkpoint_every": 0, "merge": false, "seed": 11,
+        "method": {"type": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.1},
+    });
+    // The uninterrupted run, on the split planned for a = 1, b = 0.25 core.
+    let started = Instant::now();
+    let reference = home.start_job(0, &data, extras.clone())?;
+    let reference = home.wait_job(0, &reference, Duration::from_secs(600))?;
+    assert_eq!(reference["status"], "succeeded", "{reference}");
+    println!(
+        "uninterrupted: {:.1} s on {}",
+        started.elapsed().as_secs_f64(),
+        reference["hearth"]["stages"]
+    );
+    // The same job; the quotas swap after a few steps.
+    let id = home.start_job(0, &data, extras)?;
+    let start = Instant::now();
+    while home.job(0, &id)?["hearth"]["step"].as_u64().unwrap_or(0) < 3 {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(300),
+            "no step 3: {:?}",
+            home.job_messages(0, &id)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    home.set_cores(0, 0.25)?;
+    home.set_cores(1, 1.0)?;
+    let swapped_at = home.job(0, &id)?["hearth"]["step"].as_u64().unwrap_or(0);
+    let done = home.wait_job(0, &id, Duration::from_secs(900))?;
+    let log = home.job_messages(0, &id)?;
+    assert_eq!(done["status"], "succeeded", "{done} {log:#?}");
+    let moved: Vec<&String> = log
+        .iter()
+        .filter(|m| m.contains("Re-planning between steps"))
+        .collect();
+    println!(
+        "swapped at step {swapped_at}; moves: {moved:#?}; final stages {}",
+        done["hearth"]["stages"]
+    );
+    assert!(!moved.is_empty(), "no re-plan after the swap: {log:#?}");
+    // After the move b (1 core now) holds more layers than a.
+    let layers = |name: &str| -> u64 {
+        done["hearth"]["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == name)
+            .map(|s| s["end"].as_u64().unwrap_or(0) - s["start"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(layers("b") > layers("a"), "{}", done["hearth"]["stages"]);
+    // No step lost or applied twice: the uninterrupted run's weights.
+    let (want, got) = (adapter(&reference)?, adapter(&done)?);
+    assert_eq!(want.len(), got.len());
+    for ((n, w), (m, g)) in want.iter().zip(&got) {
+        assert_eq!(n, m);
+        let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let diff = w.iter().zip(g).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(diff <= 1e-4 + 1e-4 * scale, "{n}: {diff} (scale {scale})");
+    }
     Ok(())
 }

@@ -11,7 +11,8 @@
 //!    requests flowing: seconds until the re-placement, decode after it
 //!    against the best single device, requests failed;
 //! 4. for every placement used, the planner's predicted single-stream rate
-//!    against the measured one.
+//!    against the measured one: predicted when it was placed (start-up or
+//!    offer figures) and from the live figures after the traffic.
 //!
 //! Needs root (cgroups). `cargo run --release -p hearth-bench --bin hetero`
 #![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
@@ -85,6 +86,15 @@ fn eight(home: &Arc<Home>, i: usize, args: &Args) -> Result<f64> {
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The active placement's rate predicted from the figures now (live ones
+/// where trusted), as device `i` sees it.
+fn now(home: &Home, i: usize) -> Option<f64> {
+    home.view(i)
+        .ok()
+        .and_then(|v| v.predicted_now)
+        .map(|p| p.tokens_per_s)
+}
+
 fn start(cores: &[f64]) -> Result<(Arc<Home>, Placement)> {
     let Some(model) = real_model() else {
         bail!("the real model is not in the cache: run `hearth models pull`")
@@ -120,7 +130,12 @@ fn main() -> Result<()> {
     let (home, p) = start(&[1.0])?;
     let ref_single = single(&home, 0, &args)?;
     let ref_eight = eight(&home, 0, &args)?;
-    predicted.push(("1 core alone".to_string(), p.clone(), ref_single));
+    predicted.push((
+        "1 core alone".to_string(),
+        p.clone(),
+        ref_single,
+        now(&home, 0),
+    ));
     drop(home);
     println!("  single {ref_single:.1} tok/s, 8 streams {ref_eight:.1} tok/s");
 
@@ -147,7 +162,8 @@ fn main() -> Result<()> {
             ref_eight,
         ));
         placements.push(format!("{label}: {}", split(&p)));
-        predicted.push((label.to_string(), p, s));
+        let n = now(&home, cores.len() - 1);
+        predicted.push((label.to_string(), p, s, n));
     }
 
     println!("swap: a 1 → 0.25 core, b 0.25 → 1 core, requests flowing through b");
@@ -185,6 +201,7 @@ fn main() -> Result<()> {
     let after = after?;
     std::thread::sleep(Duration::from_secs(2));
     let s = single(&home, 1, &args)?;
+    let after_now = now(&home, 1);
     let failed = failed.load(Ordering::Relaxed);
     println!(
         "  {} → {} after {secs:.1} s ({}); after: {s:.1} tok/s; requests ok {}, failed {failed}",
@@ -210,15 +227,22 @@ fn main() -> Result<()> {
         split(&after),
         after.reason.clone().unwrap_or_default()
     ));
-    predicted.push(("after the swap".to_string(), after, s));
+    predicted.push(("after the swap".to_string(), after, s, after_now));
     drop(home);
 
-    for (label, p, measured) in &predicted {
+    for (label, p, measured, now) in &predicted {
         if let Some(pred) = p.predicted_tokens_per_s {
             rows.push(Row::new(
-                &format!("{label}: measured single-stream tok/s (vs planner's prediction)"),
+                &format!("{label}: measured single-stream tok/s (vs prediction when placed)"),
                 *measured,
                 pred,
+            ));
+        }
+        if let Some(pred) = now {
+            rows.push(Row::new(
+                &format!("{label}: measured single-stream tok/s (vs prediction from live figures)"),
+                *measured,
+                *pred,
             ));
         }
     }

@@ -757,6 +757,7 @@ mod tests {
             }],
             profiles: None,
             placement: None,
+            predicted_now: None,
         };
         let out = render(&v);
         assert!(

@@ -229,4 +229,99 @@ impl Home {
             .as_u64()
             .with_context(|| format!("no usage in {v}"))
     }
+
+    /// Uploads `jsonl` through device `i`'s `POST /v1/files` (purpose
+    /// fine-tune) and starts a fine-tuning job on it with `hearth` extras
+    /// (steps, method, …); returns the job id.
+    pub fn start_job(&self, i: usize, jsonl: &str, hearth: serde_json::Value) -> Result<String> {
+        let base = format!("http://127.0.0.1:{}", self.devices[i].http);
+        let boundary = "hearth-home-boundary-7f3a";
+        let body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+             --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"data.jsonl\"\r\n\
+             Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
+        );
+        let file: serde_json::Value = agent(Duration::from_secs(30))
+            .post(&format!("{base}/v1/files"))
+            .header(
+                "Content-Type",
+                &format!("multipart/form-data; boundary={boundary}"),
+            )
+            .send(body.as_bytes())?
+            .body_mut()
+            .read_json()?;
+        let file_id = file["id"]
+            .as_str()
+            .with_context(|| format!("no file id in {file}"))?;
+        let model = self
+            .view(i)?
+            .placement
+            .map(|p| p.model)
+            .context("no model placed")?;
+        let job: serde_json::Value = agent(Duration::from_secs(30))
+            .post(&format!("{base}/v1/fine_tuning/jobs"))
+            .send_json(serde_json::json!({
+                "model": model, "training_file": file_id, "hearth": hearth,
+            }))?
+            .body_mut()
+            .read_json()?;
+        job["id"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no job id in {job}"))
+    }
+
+    /// Device `i`'s `GET /v1/fine_tuning/jobs/{id}`.
+    pub fn job(&self, i: usize, id: &str) -> Result<serde_json::Value> {
+        Ok(agent(Duration::from_secs(10))
+            .get(&format!(
+                "http://127.0.0.1:{}/v1/fine_tuning/jobs/{id}",
+                self.devices[i].http
+            ))
+            .call()?
+            .body_mut()
+            .read_json()?)
+    }
+
+    /// The messages of job `id`'s events on device `i`, oldest first.
+    pub fn job_messages(&self, i: usize, id: &str) -> Result<Vec<String>> {
+        let v: serde_json::Value = agent(Duration::from_secs(10))
+            .get(&format!(
+                "http://127.0.0.1:{}/v1/fine_tuning/jobs/{id}/events",
+                self.devices[i].http
+            ))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        let mut out: Vec<String> = v["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["message"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The API lists the newest first.
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Waits until job `id` on device `i` ends (or `limit` passes); returns
+    /// its last object.
+    pub fn wait_job(&self, i: usize, id: &str, limit: Duration) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let j = self.job(i, id)?;
+            if matches!(
+                j["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return Ok(j);
+            }
+            if start.elapsed() > limit {
+                bail!("job {id} did not end in {limit:?}: {j}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }

@@ -447,21 +447,7 @@ impl Replan {
         }
         self.last_check = Instant::now();
         let workload = req.workload(&info.config).ok()?;
-        let assignment: Option<Vec<(usize, std::ops::Range<usize>)>> = current
-            .stages
-            .iter()
-            .map(|s| {
-                input
-                    .node_ids
-                    .iter()
-                    .position(|n| *n == s.node_id)
-                    .map(|d| (d, s.spec.start..s.spec.end))
-            })
-            .collect();
-        let now = assignment.and_then(|a| {
-            hearth_partitioner::evaluate(&info.cost, &input.devices, &input.links, workload, &a)
-                .ok()
-        });
+        let now = evaluate_placement(current, input, info, workload);
         let best =
             hearth_partitioner::plan(&info.cost, &input.devices, &input.links, workload).ok()?;
         let proposal: Split = best
@@ -510,6 +496,53 @@ impl Replan {
             best.tokens_per_s
         ))
     }
+}
+
+/// `placement` under `input`'s figures for `workload`, if its members are
+/// all in `input` and it fits.
+fn evaluate_placement(
+    placement: &Placement,
+    input: &PlannerInput,
+    info: &crate::profile::ModelInfo,
+    workload: hearth_partitioner::Workload,
+) -> Option<hearth_partitioner::Plan> {
+    let assignment: Vec<(usize, std::ops::Range<usize>)> = placement
+        .stages
+        .iter()
+        .map(|s| {
+            input
+                .node_ids
+                .iter()
+                .position(|n| *n == s.node_id)
+                .map(|d| (d, s.spec.start..s.spec.end))
+        })
+        .collect::<Option<_>>()?;
+    hearth_partitioner::evaluate(
+        &info.cost,
+        &input.devices,
+        &input.links,
+        workload,
+        &assignment,
+    )
+    .ok()
+}
+
+/// The single-stream decode rate `placement` should give with the figures
+/// the cluster has now (live ones where trusted): what the leader compares
+/// re-plans against, for people to set beside what they measure.
+pub(crate) fn predict_now(
+    placement: &Placement,
+    profiles: &crate::profile::ClusterProfiles,
+    info: &crate::profile::ModelInfo,
+) -> Option<hearth_partitioner::Plan> {
+    let input = planner_input(profiles, &info.times);
+    // Decode time does not depend on the context; the smallest one fits
+    // wherever the placement does.
+    let workload = hearth_partitioner::Workload::Decode {
+        sequences: 1,
+        context: 1,
+    };
+    evaluate_placement(placement, &input, info, workload)
 }
 
 /// What changed between the figures a placement used and the current

@@ -70,7 +70,12 @@ impl StageMeter {
     /// `spec`: one sequence's decode step, or one prompt chunk of 8 tokens
     /// or more (batched decode is cheaper per sequence than the figures,
     /// which time one sequence, so it is left out).
-    fn predict(&self, spec: hearth_models::StageSpec, lens: &[usize]) -> Option<f64> {
+    fn predict(
+        &self,
+        spec: hearth_models::StageSpec,
+        lens: &[usize],
+    ) -> Option<(crate::profile::live::Work, f64)> {
+        use crate::profile::live::Work;
         let t = &self.times;
         let layers = spec.end.saturating_sub(spec.start) as f64;
         let part = |f: fn(&hearth_partitioner::PhaseTimes) -> f64| {
@@ -79,8 +84,8 @@ impl StageMeter {
                 + if spec.head { f(&t.head) } else { 0.0 }
         };
         match lens {
-            [1] => Some(part(|p| p.decode_s)),
-            [n] if *n >= 8 => Some(*n as f64 * part(|p| p.prefill_s_per_token)),
+            [1] => Some((Work::Decode, part(|p| p.decode_s))),
+            [n] if *n >= 8 => Some((Work::Prefill, *n as f64 * part(|p| p.prefill_s_per_token))),
             _ => None,
         }
     }

@@ -24,7 +24,8 @@ struct Entry {
 fn cache_key(hardware: &str, fingerprint: &str, threads: usize) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(format!("{PROFILE_FORMAT}|{hardware}|{fingerprint}|{threads}").as_bytes());
+    let method = super::measure::METHOD;
+    h.update(format!("{PROFILE_FORMAT}|{method}|{hardware}|{fingerprint}|{threads}").as_bytes());
     h.finalize()[..12]
         .iter()
         .map(|b| format!("{b:02x}"))

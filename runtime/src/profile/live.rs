@@ -2,8 +2,10 @@
 //! batch it computed, with the time its start-up figures predicted for it.
 //! The meter keeps time-decayed sums (half-life [`HALF_LIFE`]), so its
 //! figures are moving averages: how much slower or faster than measured at
-//! start-up this device runs now (`factor`), how busy its stages are, and
-//! how many tokens they pass per second. Shared in the node's profile.
+//! start-up this device runs decode steps now (`factor`) and prefill chunks
+//! (`prefill_factor`), kept apart because one can drift without the other;
+//! how busy its stages are, and how many tokens they pass per second.
+//! Shared in the node's profile.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,23 +19,47 @@ pub const HALF_LIFE: Duration = Duration::from_secs(8);
 pub const MIN_EVIDENCE_S: f64 = 0.25;
 /// Batches (decayed) the factor must rest on, likewise.
 pub const MIN_BATCHES: f64 = 20.0;
+/// Prefill chunks (decayed) the prefill factor must rest on (each is many
+/// tokens' work).
+pub const MIN_PREFILL_BATCHES: f64 = 3.0;
+
+/// The kinds of batch the start-up figures predict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// One sequence's decode step.
+    Decode,
+    /// One sequence's prompt chunk.
+    Prefill,
+}
+
+impl Work {
+    fn index(self) -> usize {
+        match self {
+            Self::Decode => 0,
+            Self::Prefill => 1,
+        }
+    }
+}
 
 /// This node's live figures, as shared with the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LiveFigures {
-    /// Measured ÷ predicted compute time of the batches that could be
-    /// compared (single-sequence decode steps and prefill chunks): 2.0
-    /// means this device now runs at half its start-up speed.
+    /// Measured ÷ predicted compute time of single-sequence decode steps:
+    /// 2.0 means this device now decodes at half its start-up speed.
     pub factor: f64,
-    /// Decayed batches and predicted seconds the factor rests on.
+    /// Decayed decode steps and their predicted seconds the factor rests on.
     pub batches: f64,
     pub evidence_s: f64,
+    /// The same for prefill chunks, once there are enough of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_factor: Option<f64>,
     /// Fraction of wall time the stages computed, lately.
     pub busy: f64,
     /// Tokens (sequence steps and prompt tokens) the stages passed per
     /// second, lately.
     pub tokens_per_s: f64,
-    /// Whether the factor rests on enough work to replace start-up figures.
+    /// Whether the decode factor rests on enough work to replace start-up
+    /// figures.
     pub trusted: bool,
 }
 
@@ -41,9 +67,10 @@ pub struct LiveFigures {
 struct Sums {
     at: Instant,
     since: Instant,
-    measured: f64,
-    predicted: f64,
-    batches: f64,
+    /// Per [`Work`] kind.
+    measured: [f64; 2],
+    predicted: [f64; 2],
+    batches: [f64; 2],
     busy: f64,
     tokens: f64,
     /// Wall time covered (decayed), for rates.
@@ -55,9 +82,9 @@ impl Sums {
         Self {
             at: now,
             since: now,
-            measured: 0.0,
-            predicted: 0.0,
-            batches: 0.0,
+            measured: [0.0; 2],
+            predicted: [0.0; 2],
+            batches: [0.0; 2],
             busy: 0.0,
             tokens: 0.0,
             wall: 0.0,
@@ -71,9 +98,11 @@ impl Sums {
             return;
         }
         let k = 0.5f64.powf(dt / HALF_LIFE.as_secs_f64());
-        self.measured *= k;
-        self.predicted *= k;
-        self.batches *= k;
+        for i in 0..2 {
+            self.measured[i] *= k;
+            self.predicted[i] *= k;
+            self.batches[i] *= k;
+        }
         self.busy *= k;
         self.tokens *= k;
         // ∫ decayed dt over the step: the wall time the sums cover.
@@ -100,17 +129,21 @@ impl LiveMeter {
     /// A batch took `measured` seconds of compute and passed `tokens`
     /// tokens; `predicted` is what the start-up figures say it should have
     /// taken, when the batch is of a kind they predict.
-    pub fn record(&self, measured: f64, predicted: Option<f64>, tokens: usize) {
+    pub fn record(&self, measured: f64, predicted: Option<(Work, f64)>, tokens: usize) {
         let Ok(mut s) = self.sums.lock() else { return };
         s.advance(Instant::now());
-        s.busy += measured;
+        if measured.is_finite() && measured >= 0.0 {
+            s.busy += measured;
+        }
         s.tokens += tokens as f64;
-        if let Some(p) = predicted.filter(|p| *p > 0.0 && p.is_finite())
+        if let Some((work, p)) = predicted.filter(|(_, p)| *p > 0.0 && p.is_finite())
             && measured.is_finite()
+            && measured >= 0.0
         {
-            s.measured += measured;
-            s.predicted += p;
-            s.batches += 1.0;
+            let i = work.index();
+            s.measured[i] += measured;
+            s.predicted[i] += p;
+            s.batches[i] += 1.0;
         }
     }
 
@@ -130,21 +163,24 @@ impl LiveMeter {
             return None;
         }
         let wall = s.wall.max(0.5);
-        let factor = if s.predicted > 0.0 {
-            s.measured / s.predicted
-        } else {
-            1.0
+        let ratio = |i: usize| {
+            let f = s.measured[i] / s.predicted[i];
+            (s.predicted[i] > 0.0 && f.is_finite() && f > 0.0).then_some(f)
         };
+        let (d, p) = (Work::Decode.index(), Work::Prefill.index());
+        let factor = ratio(d);
+        let prefill_factor = ratio(p)
+            .filter(|_| s.batches[p] >= MIN_PREFILL_BATCHES && s.predicted[p] >= MIN_EVIDENCE_S);
         Some(LiveFigures {
-            factor,
-            batches: s.batches,
-            evidence_s: s.predicted,
+            factor: factor.unwrap_or(1.0),
+            batches: s.batches[d],
+            evidence_s: s.predicted[d],
+            prefill_factor,
             busy: (s.busy / wall).clamp(0.0, 1.0),
             tokens_per_s: s.tokens / wall,
-            trusted: s.batches >= MIN_BATCHES
-                && s.predicted >= MIN_EVIDENCE_S
-                && factor.is_finite()
-                && factor > 0.0,
+            trusted: factor.is_some()
+                && s.batches[d] >= MIN_BATCHES
+                && s.predicted[d] >= MIN_EVIDENCE_S,
         })
     }
 
@@ -163,16 +199,29 @@ mod tests {
         let m = LiveMeter::default();
         assert!(m.figures().is_none());
         for _ in 0..10 {
-            m.record(0.02, Some(0.01), 1);
+            m.record(0.02, Some((Work::Decode, 0.01)), 1);
         }
         let f = m.figures().unwrap();
         assert!((f.factor - 2.0).abs() < 1e-6, "{f:?}");
         assert!(!f.trusted, "10 batches of 10 ms are not enough: {f:?}");
         for _ in 0..40 {
-            m.record(0.02, Some(0.01), 1);
+            m.record(0.02, Some((Work::Decode, 0.01)), 1);
         }
         let f = m.figures().unwrap();
         assert!(f.trusted, "{f:?}");
+        assert_eq!(f.prefill_factor, None, "no prompt was seen");
+        // Prefill is tracked apart: it does not move the decode factor.
+        for _ in 0..4 {
+            m.record(0.05, Some((Work::Prefill, 0.1)), 64);
+        }
+        let f = m.figures().unwrap();
+        assert!((f.factor - 2.0).abs() < 1e-3, "{f:?}");
+        assert!((f.prefill_factor.unwrap() - 0.5).abs() < 1e-3, "{f:?}");
+        // Nonsense figures are ignored.
+        m.record(f64::NAN, Some((Work::Decode, 0.01)), 1);
+        m.record(0.01, Some((Work::Decode, f64::INFINITY)), 1);
+        m.record(-1.0, Some((Work::Decode, 0.01)), 1);
+        assert!((m.figures().unwrap().factor - 2.0).abs() < 1e-3);
         // Batches it cannot predict count for busy time and tokens only.
         m.record(1.0, None, 8);
         let g = m.figures().unwrap();
@@ -186,9 +235,10 @@ mod tests {
     fn sums_decay_by_half_every_half_life() {
         let t0 = Instant::now();
         let mut s = Sums::new(t0);
-        s.measured = 8.0;
+        s.measured = [8.0, 2.0];
         s.advance(t0 + HALF_LIFE);
-        assert!((s.measured - 4.0).abs() < 1e-9);
+        assert!((s.measured[0] - 4.0).abs() < 1e-9);
+        assert!((s.measured[1] - 1.0).abs() < 1e-9);
         // The covered wall time tends to half-life / ln 2.
         s.advance(t0 + HALF_LIFE * 40);
         assert!((s.wall - HALF_LIFE.as_secs_f64() / std::f64::consts::LN_2).abs() < 1e-6);

@@ -1,7 +1,8 @@
 //! Measures how fast this device runs the real model: one decoder layer,
 //! the embedding and the head, for decode, prefill and training.
 //!
-//! Inference runs the quantized stage exactly as serving does. Training runs
+//! Inference runs the quantized stage exactly as serving does, decode over
+//! enough copies of the weights that they come from memory, not cache. Training runs
 //! the dense f32 stage (the only differentiable one): "forward" is its
 //! forward pass, "train" is forward plus the backward pass to the stage's
 //! input, which is what a frozen base (LoRA) costs; the planner adds the
@@ -14,6 +15,10 @@ use hearth_models::{Logits, Precision, Stage, StageInput, StageSpec, WeightFile}
 use hearth_partitioner::PhaseTimes;
 
 use super::{ModelTimes, ProfileError, unix_now};
+
+/// How figures are measured; part of the cache key, so figures measured
+/// another way are measured again (2: decode over copies of the weights).
+pub(crate) const METHOD: u32 = 2;
 
 /// How much to measure.
 #[derive(Debug, Clone)]
@@ -94,11 +99,20 @@ fn time_s(
 }
 
 /// Inference times of a quantized stage fed hidden states (or token ids).
+/// Decode steps rotate over `stages`, copies of the same weights, so that
+/// each step reads its weights from memory as serving does when a whole
+/// model streams through (one small layer timed alone would stay in cache
+/// and look faster than it runs). Prefill is timed on the first copy.
 fn inference_times(
-    stage: &Stage,
+    stages: &[Stage],
     tokens: bool,
     opts: &MeasureOptions,
 ) -> Result<(f64, f64), ProfileError> {
+    let Some(stage) = stages.first() else {
+        return Err(ProfileError::Candle(candle_core::Error::Msg(
+            "nothing to measure".into(),
+        )));
+    };
     let dev = Device::Cpu;
     let hidden = stage.config().hidden_size;
     // Leave room for the decode step in a model with a short context.
@@ -121,15 +135,37 @@ fn inference_times(
         stage.forward(prompt.clone(), &[p], &mut [&mut cache], Logits::Last)?;
         Ok(())
     })?;
-    let mut cache = stage.new_cache();
-    stage.forward(prompt, &[p], &mut [&mut cache], Logits::Last)?;
+    let mut caches = Vec::with_capacity(stages.len());
+    for s in stages {
+        let mut cache = s.new_cache();
+        s.forward(prompt.clone(), &[p], &mut [&mut cache], Logits::Last)?;
+        caches.push(cache);
+    }
     let one = input(1)?;
-    let decode = time_s(opts.decode_reps, opts.min_secs, || {
-        stage.forward(one.clone(), &[1], &mut [&mut cache], Logits::Last)?;
+    let mut next = 0usize;
+    let decode = time_s(opts.decode_reps.max(stages.len()), opts.min_secs, || {
+        let i = next % stages.len();
+        next = next.wrapping_add(1);
+        let (s, cache) = (&stages[i], &mut caches[i]);
+        s.forward(one.clone(), &[1], &mut [cache], Logits::Last)?;
         cache.truncate(p);
         Ok(())
     })?;
     Ok((decode, prefill / p as f64))
+}
+
+/// Most bytes of weight copies decode is timed over ([`inference_times`]):
+/// past any CPU's per-core caches and most last-level caches.
+const STREAM_BYTES: u64 = 256 << 20;
+/// Most copies, for tiny models.
+const MAX_COPIES: u64 = 64;
+
+/// How many copies of a part of `part_bytes` to rotate over so that decode
+/// reads as many weight bytes as `model_bytes` (the whole model's, up to
+/// [`STREAM_BYTES`]) before reading a copy again.
+fn copies(part_bytes: u64, model_bytes: u64) -> usize {
+    let target = model_bytes.min(STREAM_BYTES);
+    target.div_ceil(part_bytes.max(1)).clamp(1, MAX_COPIES) as usize
 }
 
 /// Training times per token of a dense stage: (forward, forward + backward).
@@ -164,15 +200,17 @@ fn train_times(stage: &Stage, opts: &MeasureOptions) -> Result<(f64, f64), Profi
 fn measure_part(
     weights: &WeightFile,
     spec: StageSpec,
+    copies: usize,
     what: &str,
     opts: &MeasureOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PhaseTimes, ProfileError> {
     progress(&format!("{what}: decode and prefill"));
-    let stage = opts
-        .compute
-        .load_stage(weights, spec, Precision::Quantized)?;
-    let (decode_s, prefill_s_per_token) = inference_times(&stage, false, opts)?;
+    let stages = (0..copies.max(1))
+        .map(|_| opts.compute.load_stage(weights, spec, Precision::Quantized))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (decode_s, prefill_s_per_token) = inference_times(&stages, false, opts)?;
+    drop(stages);
     progress(&format!("{what}: training"));
     let stage = Stage::load(weights, spec, Precision::F32)?;
     let (train_forward_s_per_token, train_s_per_token) = train_times(&stage, opts)?;
@@ -204,13 +242,22 @@ pub fn measure(
     let embed_only = spec(0, 0, true, false);
     let head_only = spec(layers, layers, false, true);
 
-    let layer = measure_part(weights, one_layer, "decoder layer", opts, progress)?;
+    // Decode reads as many distinct weight bytes per step as the model
+    // holds, as serving does.
+    let cost = super::model_cost::model_cost(weights);
+    let model_bytes: u64 =
+        cost.layers.iter().map(|l| l.param_bytes).sum::<u64>() + cost.head.param_bytes;
+    let layer_bytes = cost.layers.first().map_or(0, |l| l.param_bytes);
+    let head_bytes = cost.head.param_bytes;
+
+    let n = copies(layer_bytes, model_bytes);
+    let layer = measure_part(weights, one_layer, n, "decoder layer", opts, progress)?;
 
     progress("embedding");
     let stage = opts
         .compute
         .load_stage(weights, embed_only, Precision::Quantized)?;
-    let (decode, prefill) = inference_times(&stage, true, opts)?;
+    let (decode, prefill) = inference_times(std::slice::from_ref(&stage), true, opts)?;
     // The frozen embedding is a lookup with no backward work.
     let embed = PhaseTimes {
         decode_s: decode,
@@ -219,7 +266,8 @@ pub fn measure(
         train_s_per_token: prefill,
     };
 
-    let head = measure_part(weights, head_only, "LM head", opts, progress)?;
+    let n = copies(head_bytes, model_bytes);
+    let head = measure_part(weights, head_only, n, "LM head", opts, progress)?;
 
     let model = model_name(weights);
     Ok(ModelTimes {

@@ -89,11 +89,17 @@ pub struct ModelTimes {
 impl ModelTimes {
     /// Every figure multiplied by `k` (a slower device: k > 1).
     pub fn scaled(&self, k: f64) -> Self {
+        self.scaled_by(k, k, k)
+    }
+
+    /// Decode figures multiplied by `decode`, prefill by `prefill` and
+    /// training by `train`.
+    pub fn scaled_by(&self, decode: f64, prefill: f64, train: f64) -> Self {
         let s = |t: PhaseTimes| PhaseTimes {
-            decode_s: t.decode_s * k,
-            prefill_s_per_token: t.prefill_s_per_token * k,
-            train_forward_s_per_token: t.train_forward_s_per_token * k,
-            train_s_per_token: t.train_s_per_token * k,
+            decode_s: t.decode_s * decode,
+            prefill_s_per_token: t.prefill_s_per_token * prefill,
+            train_forward_s_per_token: t.train_forward_s_per_token * train,
+            train_s_per_token: t.train_s_per_token * train,
         };
         Self {
             layer: s(self.layer),
@@ -245,27 +251,31 @@ impl NodeProfile {
     pub fn current(&self) -> Option<CurrentFigures> {
         let times = self.model.as_ref()?;
         let cores = self.offer.map(|o| o.available());
-        if let Some(l) = self
-            .live
-            .filter(|l| l.trusted && l.factor.is_finite() && l.factor > 0.0)
-        {
+        let usable = |k: &f64| k.is_finite() && *k > 0.0;
+        // CPU time offered while measuring ÷ now.
+        let offered = match (times.offer, self.offer) {
+            (Some(then), Some(now)) => Some(then.available() / now.available()).filter(usable),
+            _ => None,
+        };
+        if let Some(l) = self.live.filter(|l| l.trusted && usable(&l.factor)) {
+            // What live work does not show (prefill without enough prompts
+            // yet, training) follows the offer.
+            let other = offered.unwrap_or(1.0);
+            let prefill = l.prefill_factor.filter(usable).unwrap_or(other);
             return Some(CurrentFigures {
-                times: times.scaled(l.factor),
+                times: times.scaled_by(l.factor, prefill, other),
                 factor: l.factor,
                 source: FigureSource::Live,
                 cores,
             });
         }
-        if let (Some(then), Some(now)) = (times.offer, self.offer) {
-            let k = then.available() / now.available();
-            if k.is_finite() && k > 0.0 {
-                return Some(CurrentFigures {
-                    times: times.scaled(k),
-                    factor: k,
-                    source: FigureSource::Offer,
-                    cores,
-                });
-            }
+        if let Some(k) = offered {
+            return Some(CurrentFigures {
+                times: times.scaled(k),
+                factor: k,
+                source: FigureSource::Offer,
+                cores,
+            });
         }
         Some(CurrentFigures {
             times: times.clone(),

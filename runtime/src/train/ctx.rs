@@ -19,6 +19,12 @@ use crate::pipeline::placer::{Control, decide, request};
 use crate::pipeline::service::Service;
 use crate::profile::{PlanRequest, ProfileBook, planner_input};
 
+/// A training split as (node id, first layer, end layer), to compare.
+pub(crate) type Split = Vec<(String, usize, usize)>;
+
+/// A training re-plan must predict a step this many times shorter.
+pub(crate) const REPLAN_GAIN: f64 = 1.25;
+
 /// How long a stage node may take to load its layers.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -54,18 +60,10 @@ impl JobCtx {
         self.host.net().clone()
     }
 
-    /// Stages (node id, name, layers) over the live members that serve the
-    /// model: the partitioner's training plan, or an even split.
-    pub(crate) async fn place(
-        &self,
-        spec: &JobSpec,
-        micro_batch_tokens: u32,
-    ) -> Result<Vec<(String, String, StageSpec)>, String> {
-        let model = self.service.model().ok_or("the model was unloaded")?;
-        let view = self.membership.view().await.ok_or("the node is stopping")?;
-        let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
-        let input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
-        let policy = match &self.policy {
+    /// The placement policy for training `spec` in micro-batches of
+    /// `micro_batch_tokens` tokens.
+    fn training_policy(&self, spec: &JobSpec, micro_batch_tokens: u32) -> PlacementPolicy {
+        match &self.policy {
             PlacementPolicy::Even => PlacementPolicy::Even,
             PlacementPolicy::Planned(req) => PlacementPolicy::Planned(PlanRequest {
                 workload: "training".into(),
@@ -86,7 +84,21 @@ impl JobCtx {
                 },
                 ..req.clone()
             }),
-        };
+        }
+    }
+
+    /// Stages (node id, name, layers) over the live members that serve the
+    /// model: the partitioner's training plan, or an even split.
+    pub(crate) async fn place(
+        &self,
+        spec: &JobSpec,
+        micro_batch_tokens: u32,
+    ) -> Result<Vec<(String, String, StageSpec)>, String> {
+        let model = self.service.model().ok_or("the model was unloaded")?;
+        let view = self.membership.view().await.ok_or("the node is stopping")?;
+        let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
+        let input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
+        let policy = self.training_policy(spec, micro_batch_tokens);
         let (stages, _, _) = decide(&policy, &input, &model.info)?;
         let name_of = |id: &str| {
             view.members
@@ -104,6 +116,80 @@ impl JobCtx {
                 Ok((id.clone(), name_of(id), s))
             })
             .collect()
+    }
+
+    /// A better training split than `current` under the members' figures
+    /// now (a device got busy or freed up), if the planner predicts one
+    /// with a step at least [`REPLAN_GAIN`] times shorter: the proposed
+    /// split as (node id, layers) and why, in words. Never with an even
+    /// split (nothing is measured then).
+    pub(crate) async fn better_split(
+        &self,
+        spec: &JobSpec,
+        micro_batch_tokens: u32,
+        current: &[(String, String, StageSpec)],
+    ) -> Option<(Split, String)> {
+        let PlacementPolicy::Planned(req) = self.training_policy(spec, micro_batch_tokens) else {
+            return None;
+        };
+        let model = self.service.model()?;
+        let view = self.membership.view().await?;
+        let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
+        let input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
+        let workload = req.workload(&model.info.config).ok()?;
+        let assignment: Vec<(usize, std::ops::Range<usize>)> = current
+            .iter()
+            .map(|(id, _, s)| {
+                input
+                    .node_ids
+                    .iter()
+                    .position(|n| n == id)
+                    .map(|d| (d, s.start..s.end))
+            })
+            .collect::<Option<_>>()?;
+        let (cost, devices, links) = (&model.info.cost, &input.devices, &input.links);
+        let now = hearth_partitioner::evaluate(cost, devices, links, workload, &assignment).ok()?;
+        let best = hearth_partitioner::plan(cost, devices, links, workload).ok()?;
+        let proposal: Split = best
+            .stages
+            .iter()
+            .map(|s| {
+                (
+                    input.node_ids[s.device].clone(),
+                    s.layers.start,
+                    s.layers.end,
+                )
+            })
+            .collect();
+        let same = proposal.len() == current.len()
+            && proposal
+                .iter()
+                .zip(current)
+                .all(|((a, s, e), (b, _, c))| a == b && *s == c.start && *e == c.end);
+        if same || now.step_s < best.step_s * REPLAN_GAIN {
+            return None;
+        }
+        let moved: Vec<String> = input
+            .figures
+            .iter()
+            .filter_map(|f| {
+                f.cores
+                    .map(|c| format!("{}: {c:.2} cores available", f.name))
+            })
+            .collect();
+        Some((
+            proposal,
+            format!(
+                "{}predicted step {:.2} s → {:.2} s",
+                if moved.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}; ", moved.join(", "))
+                },
+                now.step_s,
+                best.step_s
+            ),
+        ))
     }
 
     /// Has `node` load and run `order`'s stage.

@@ -9,6 +9,13 @@
 //! A stage that fails or leaves mid-step means no optimizer step anywhere
 //! for that step: the job re-plans over the live members and resumes from
 //! the last checkpoint.
+//!
+//! Between steps the job also asks the planner, with the members' figures
+//! now (a device got busy or freed up), whether another split would make
+//! the step clearly shorter. If so, twice in a row, the next step saves a
+//! checkpoint, the stages end, and the job resumes from that checkpoint on
+//! the new split: no step is lost or applied twice, and the weights are
+//! those of an uninterrupted run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +54,14 @@ const RECORD_VERSION: u32 = 1;
 const MAX_RECORD_BYTES: u64 = 64 << 20;
 /// How often a job re-plans after failures before it gives up.
 const MAX_REPLANS: u32 = 3;
+/// How often a job may move to a faster split between steps.
+const MAX_MOVES: u32 = 8;
+/// How often a running job asks the planner whether a faster split exists.
+const MOVE_CHECK: Duration = Duration::from_secs(1);
+/// Least time a split runs before it is replaced for speed.
+const MOVE_DWELL: Duration = Duration::from_secs(3);
+/// Checks in a row that must propose the same faster split.
+const MOVE_STABLE: u32 = 2;
 
 fn now_s() -> u64 {
     SystemTime::now()
@@ -755,6 +770,7 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         ckpt_dir: &ckpt_dir,
     };
     let mut replans = 0;
+    let mut moves = 0;
     let final_state = loop {
         if job.cancelled() {
             return Ok(());
@@ -764,9 +780,20 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         {
             break c.clone();
         }
-        match attempt(ctx, job, &plan, &mut ckpt).await {
-            Ok(Some(state)) => break state,
-            Ok(None) => return Ok(()),
+        match attempt(ctx, job, &plan, &mut ckpt, moves < MAX_MOVES).await {
+            Ok(Ended::Done(state)) => break *state,
+            Ok(Ended::Stopped) => return Ok(()),
+            Ok(Ended::Move(why)) => {
+                moves += 1;
+                let from = ckpt.as_ref().map_or(0, |c| c.step);
+                job.emit(
+                    "info",
+                    format!("Re-planning between steps: {why}. Resuming from step {from} on the new split"),
+                    None,
+                );
+                ctx.cluster_event(&info.id, &format!("training re-planned: {why}"));
+                job.update(|i| i.state = JobState::Queued);
+            }
             Err(e) if job.cancelled() => return Err(e.error),
             Err(e) if replans < MAX_REPLANS && e.retryable => {
                 replans += 1;
@@ -886,6 +913,16 @@ fn write_outputs(
     Ok(Some(dst))
 }
 
+/// How an attempt ended without error.
+enum Ended {
+    /// Every step ran: the final state.
+    Done(Box<Checkpoint>),
+    /// The job was cancelled.
+    Stopped,
+    /// A checkpoint was saved to move to a faster split, for this reason.
+    Move(String),
+}
+
 /// Why an attempt ended early.
 struct AttemptError {
     error: TrainError,
@@ -919,13 +956,15 @@ struct Plan<'a> {
 }
 
 /// One placement of the job, from the last checkpoint to the end (the
-/// final state), or until something fails.
+/// final state), until something fails, or (when `may_move`) until a
+/// clearly faster split is found between steps.
 async fn attempt(
     ctx: &Arc<JobCtx>,
     job: &Arc<JobHandle>,
     plan: &Plan<'_>,
     ckpt: &mut Option<Checkpoint>,
-) -> Result<Option<Checkpoint>, AttemptError> {
+    may_move: bool,
+) -> Result<Ended, AttemptError> {
     let Plan {
         spec,
         method,
@@ -1055,16 +1094,43 @@ async fn attempt(
     };
     let mut cancel = job.cancel.subscribe();
     let mut result = None;
+    let began = std::time::Instant::now();
+    let mut checked = began;
+    let mut proposal: Option<(super::ctx::Split, u32)> = None;
+    let mut moving: Option<String> = None;
     for step in start..total {
         if job.cancelled() {
             break;
+        }
+        let last = step + 1 == total;
+        if may_move && !last && began.elapsed() >= MOVE_DWELL && checked.elapsed() >= MOVE_CHECK {
+            checked = std::time::Instant::now();
+            match ctx.better_split(spec, mb_tokens, &stages).await {
+                Some((split, why)) => {
+                    let seen = match &mut proposal {
+                        Some((p, n)) if *p == split => {
+                            *n += 1;
+                            *n
+                        }
+                        _ => {
+                            proposal = Some((split, 1));
+                            1
+                        }
+                    };
+                    if seen >= MOVE_STABLE {
+                        moving = Some(why);
+                    }
+                }
+                None => proposal = None,
+            }
         }
         let idx = batching.step_examples(data.examples.len(), epochs, step);
         let batches = batching
             .micro_batches(&data.examples, &idx)
             .map_err(|e| AttemptError::from(TrainError::Model(e)))?;
-        let last = step + 1 == total;
-        let save = last || (spec.checkpoint_every > 0 && (step + 1) % spec.checkpoint_every == 0);
+        let save = last
+            || moving.is_some()
+            || (spec.checkpoint_every > 0 && (step + 1) % spec.checkpoint_every == 0);
         let lr = schedule.at(step);
         let outcome: Result<StepOutcome, TrainError> = tokio::select! {
             r = coord.step(step, &batches, lr, spec.max_grad_norm, save) => r,
@@ -1077,7 +1143,7 @@ async fn attempt(
                 coord.end().await;
                 end_all(ctx.clone(), nodes.clone()).await;
                 if job.cancelled() {
-                    return Ok(None);
+                    return Ok(Ended::Stopped);
                 }
                 return Err(retry(e, step));
             }
@@ -1123,9 +1189,17 @@ async fn attempt(
                 result = Some(c.clone());
             }
             *ckpt = Some(c);
+            if let Some(why) = moving.take().filter(|_| !last) {
+                coord.end().await;
+                end_all(ctx.clone(), nodes).await;
+                return Ok(Ended::Move(why));
+            }
         }
     }
     coord.end().await;
     end_all(ctx.clone(), nodes).await;
-    Ok(result)
+    Ok(match result {
+        Some(c) => Ended::Done(Box::new(c)),
+        None => Ended::Stopped,
+    })
 }
