@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::pipeline::Placement;
+use crate::placement::Placement;
 
 /// How many past events a node keeps for new subscribers.
 pub const EVENT_HISTORY: usize = 256;

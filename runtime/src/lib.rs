@@ -8,10 +8,14 @@
 
 pub mod catalog;
 pub mod compute;
+pub(crate) mod control;
 pub mod events;
 mod membership;
+pub mod model_file;
+pub mod model_store;
 mod node;
 pub mod pipeline;
+pub mod placement;
 pub mod profile;
 pub mod train;
 mod view;
@@ -20,6 +24,7 @@ pub use catalog::{ModelEntry, ModelSource};
 pub use compute::{Backend, Compute};
 pub use events::{ClusterEvent, EventKind};
 pub use membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MembershipEvent};
+pub use model_store::{FirstModel, ModelProgress, ModelStore};
 pub use node::{Node, NodeConfig};
 pub use view::{ClusterView, MemberState, MemberView, PredictedNow};
 
@@ -38,6 +43,10 @@ pub enum RuntimeError {
     BadRequest(String),
     #[error("no model named {0:?} on this node")]
     UnknownModel(String),
+    #[error("{0} was not placed across the cluster within {1:?}")]
+    NotPlaced(String, std::time::Duration),
     #[error(transparent)]
     Model(#[from] hearth_models::ModelError),
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
 }

@@ -15,9 +15,8 @@ use crate::catalog::{ModelEntry, ModelSource};
 use crate::events::{ClusterEvent, EventKind, Events};
 use crate::membership::{self, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Membership, MembershipEvent};
 use crate::pipeline::service::Service;
-use crate::pipeline::{
-    self, GenStream, GenerateParams, PipelineError, Placement, PlacementPolicy, StageStats,
-};
+use crate::pipeline::{self, GenStream, GenerateParams, PipelineError, StageStats};
+use crate::placement::{Placement, PlacementPolicy};
 use crate::profile::{
     ClusterProfiles, ModelInfo, NodeProfile, PROBE_PERIOD, PlanReport, PlanRequest, ProfileBook,
     plan_report, planner_input,
@@ -156,9 +155,9 @@ impl Node {
         let mut tasks = vec![
             serve_streams(pipe_streams, service.clone(), pipeline::pipe::serve),
             serve_streams(generate_streams, service.clone(), pipeline::client::serve),
-            serve_streams(control_streams, service.clone(), pipeline::placer::serve),
-            serve_streams(weight_streams, service.clone(), pipeline::weights::serve),
-            pipeline::placer::spawn(
+            serve_streams(control_streams, service.clone(), crate::control::serve),
+            serve_streams(weight_streams, service.clone(), crate::model_file::serve),
+            crate::placement::leader::spawn(
                 service.clone(),
                 membership.clone(),
                 profiles.clone(),
@@ -255,7 +254,7 @@ impl Node {
             .placement
             .as_ref()
             .zip(self.pipeline.model())
-            .and_then(|(p, m)| pipeline::placer::predict_now(p, &profiles, &m.info))
+            .and_then(|(p, m)| crate::placement::predict_now(p, &profiles, &m.info))
             .map(|plan| crate::view::PredictedNow {
                 tokens_per_s: plan.tokens_per_s,
                 step_s: plan.step_s,
@@ -294,16 +293,16 @@ impl Node {
     pub async fn load_model(&self, name: &str) -> Result<Vec<(String, String)>, RuntimeError> {
         self.pipeline.load_model(name)?;
         Ok(self
-            .ask_members(pipeline::placer::Control::Load {
+            .ask_members(crate::control::Control::Load {
                 model: name.to_string(),
             })
             .await
             .into_iter()
             .filter_map(|(_, n, r)| match r {
-                Ok(pipeline::placer::Control::Ready { .. }) => None,
-                Ok(pipeline::placer::Control::Failed { reason, .. }) => Some((n, reason)),
+                Ok(crate::control::Control::Ready { .. }) => None,
+                Ok(crate::control::Control::Failed { reason, .. }) => Some((n, reason)),
                 Ok(_) => Some((n, "unexpected reply".into())),
-                Err(e) => Some((n, e)),
+                Err(e) => Some((n, e.to_string())),
             })
             .collect())
     }
@@ -311,7 +310,7 @@ impl Node {
     /// Stops serving the model on this node and on every member.
     pub async fn unload_model(&self) {
         self.pipeline.unload_model();
-        self.ask_members(pipeline::placer::Control::Unload).await;
+        self.ask_members(crate::control::Control::Unload).await;
     }
 
     /// The recent events, then every new one.
@@ -327,10 +326,10 @@ impl Node {
             self.stage_stats(),
         )];
         for (id, name, r) in self
-            .ask_members(pipeline::placer::Control::StatsRequest)
+            .ask_members(crate::control::Control::StatsRequest)
             .await
         {
-            if let Ok(pipeline::placer::Control::Stats { stages }) = r {
+            if let Ok(crate::control::Control::Stats { stages }) = r {
                 out.push((id, name, stages));
             }
         }
@@ -340,15 +339,19 @@ impl Node {
     /// Sends `req` to every other member at once (2 s each).
     async fn ask_members(
         &self,
-        req: pipeline::placer::Control,
-    ) -> Vec<(String, String, Result<pipeline::placer::Control, String>)> {
+        req: crate::control::Control,
+    ) -> Vec<(
+        String,
+        String,
+        Result<crate::control::Control, crate::control::ControlError>,
+    )> {
         let peers = self.endpoint.peers();
         let asks =
             peers.iter().map(|p| {
                 let id = p.info().node_id.to_string();
                 let (service, req) = (self.pipeline.clone(), req.clone());
                 async move {
-                    pipeline::placer::request(&service, &id, &req, Duration::from_secs(2)).await
+                    crate::control::request(&service, &id, &req, Duration::from_secs(2)).await
                 }
             });
         let replies = futures_util::future::join_all(asks).await;
@@ -399,15 +402,15 @@ impl Node {
         ));
         let ep = &self.endpoint;
         // The header first (it names the tensors), then what measuring reads.
-        pipeline::weights::fetch(ep, &sources, &content, &dest, Default::default(), progress)
+        crate::model_file::fetch(ep, &sources, &content, &dest, Default::default(), progress)
             .await
             .map_err(RuntimeError::BadRequest)?;
         let mut wanted = std::collections::BTreeSet::new();
-        for spec in pipeline::weights::measurement_spec() {
+        for spec in crate::model_file::measurement_spec() {
             wanted
-                .extend(pipeline::weights::needed(&dest, spec).map_err(RuntimeError::BadRequest)?);
+                .extend(crate::model_file::needed(&dest, spec).map_err(RuntimeError::BadRequest)?);
         }
-        pipeline::weights::fetch(ep, &sources, &content, &dest, wanted, progress)
+        crate::model_file::fetch(ep, &sources, &content, &dest, wanted, progress)
             .await
             .map_err(RuntimeError::BadRequest)?;
         let (d, c, o) = (dest.clone(), cache_dir.to_path_buf(), opts.clone());
@@ -432,6 +435,50 @@ impl Node {
     /// The placement new requests use, if any.
     pub fn placement(&self) -> Option<Placement> {
         self.pipeline.active().map(|p| (*p).clone())
+    }
+
+    /// Makes `model` the served model: at once if it is (a request then
+    /// fails fast as not ready while its placement is still being made),
+    /// else by loading it from the node's store (a fine-tuned model, say)
+    /// across the cluster and awaiting its placement on the placement
+    /// watch, for at most `wait`. A name may carry its file's `.gguf`.
+    pub async fn ensure_model(&self, model: &str, wait: Duration) -> Result<(), RuntimeError> {
+        if self.model_name().as_deref() == Some(model) {
+            return Ok(());
+        }
+        let placed = |p: &Option<Arc<Placement>>| p.as_ref().is_some_and(|p| p.model == model);
+        let ready = |node: &Self| {
+            node.model_name().as_deref() == Some(model) && placed(&node.pipeline.active())
+        };
+        let gguf = format!("{model}.gguf");
+        let entry = self
+            .available_models()
+            .into_iter()
+            .find(|m| !m.download && (m.name == model || m.name == gguf))
+            .ok_or_else(|| RuntimeError::UnknownModel(model.to_string()))?;
+        tracing::info!(model, "a request asks for a stored model; loading it");
+        if let Err(e) = self.load_model(&entry.name).await {
+            tracing::debug!("load {model}: {e}");
+        }
+        let mut rx = self.pipeline.watch_active();
+        let waited = tokio::time::timeout(wait, async {
+            loop {
+                if ready(self) {
+                    return true;
+                }
+                // Woken by each new placement; the served model is set
+                // before its placement is made.
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RuntimeError::Stopped),
+            Err(_) => Err(RuntimeError::NotPlaced(model.to_string(), wait)),
+        }
     }
 
     /// Waits until a placement is active (for at most `timeout`).
@@ -557,13 +604,13 @@ fn share_with_members(service: Service) -> impl Fn(EventKind) + Send + Sync + 's
     move |event| {
         let service = service.clone();
         rt.spawn(async move {
-            let req = pipeline::placer::Control::Event { event };
+            let req = crate::control::Control::Event { event };
             for p in service.endpoint().peers() {
                 let (service, req) = (service.clone(), req.clone());
                 let id = p.info().node_id.to_string();
                 tokio::spawn(async move {
-                    let _ = pipeline::placer::request(&service, &id, &req, Duration::from_secs(2))
-                        .await;
+                    let _ =
+                        crate::control::request(&service, &id, &req, Duration::from_secs(2)).await;
                 });
             }
         });

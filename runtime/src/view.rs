@@ -51,7 +51,7 @@ pub struct ClusterView {
     pub profiles: Option<ClusterProfiles>,
     /// Which member runs which layers of the served model, if placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub placement: Option<crate::pipeline::Placement>,
+    pub placement: Option<crate::placement::Placement>,
     /// The placement's single-stream decode rate predicted from the
     /// figures now (live ones where trusted), beside the rate predicted
     /// when it was made (`placement.predicted_tokens_per_s`).

@@ -152,29 +152,6 @@ fn a_quota_swap_replaces_the_model_and_fails_no_request() -> Result<()> {
     Ok(())
 }
 
-/// The adapter a job wrote (`hearth.output_dir` of its object).
-fn adapter(job: &serde_json::Value) -> Result<Vec<(String, Vec<f32>)>> {
-    let out = job["hearth"]["output_dir"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("no output_dir in {job}"))?;
-    let bytes = std::fs::read(std::path::Path::new(out).join("adapter/adapter_model.safetensors"))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let mut all: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let v = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (name, v)
-        })
-        .collect();
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(all)
-}
-
 #[test]
 fn a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights() -> Result<()> {
     if !cgroup::available(
@@ -247,7 +224,7 @@ fn a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights(
     };
     assert!(layers("b") > layers("a"), "{}", done["hearth"]["stages"]);
     // No step lost or applied twice: the uninterrupted run's weights.
-    let (want, got) = (adapter(&reference)?, adapter(&done)?);
+    let (want, got) = (Home::job_adapter(&reference)?, Home::job_adapter(&done)?);
     assert_eq!(want.len(), got.len());
     for ((n, w), (m, g)) in want.iter().zip(&got) {
         assert_eq!(n, m);

@@ -434,7 +434,7 @@ async fn a_node_without_the_model_receives_its_stage_from_a_peer() -> Result<()>
 
 async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<()> {
     use hearth_net::ClusterSecret;
-    use hearth_runtime::pipeline::weights::{read_have, stage_tensors};
+    use hearth_runtime::model_file::{read_have, stage_tensors};
     use hearth_runtime::profile::MeasureOptions;
     use hearth_test_utils::cluster::TestNode;
 
@@ -517,7 +517,7 @@ async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<
             .collect()
     };
     let mut expected = stage_tensors(all.iter().cloned(), spec);
-    for m in hearth_runtime::pipeline::weights::measurement_spec() {
+    for m in hearth_runtime::model_file::measurement_spec() {
         expected.extend(stage_tensors(all.iter().cloned(), m));
     }
     assert_eq!(have.tensors, expected);

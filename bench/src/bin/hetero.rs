@@ -14,7 +14,13 @@
 //!    against the measured one: predicted when it was placed (start-up or
 //!    offer figures) and from the live figures after the traffic.
 //!
+//! 5. a LoRA job on a = 1 core, b = 0.25 core: its step time against the
+//!    same job on the best single device; then the same job with the swap
+//!    of 3. mid-job: whether it re-planned, and how far its final weights
+//!    are from the uninterrupted run's.
+//!
 //! Needs root (cgroups). `cargo run --release -p hearth-bench --bin hetero`
+//! (`--part serve` or `--part train` for one half).
 #![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
 
 use std::path::PathBuf;
@@ -40,8 +46,142 @@ struct Args {
     /// Tokens per stream in the 8-stream runs.
     #[arg(long, default_value_t = 32)]
     concurrent_tokens: u32,
+    /// LoRA steps per training run.
+    #[arg(long, default_value_t = 12)]
+    train_steps: u64,
+    /// `all`, `serve` (1 to 4) or `train` (5).
+    #[arg(long, default_value = "all")]
+    part: String,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+}
+
+/// A small chat fine-tune (the same for every run).
+fn train_data() -> String {
+    let mut data = String::new();
+    for i in 0..8 {
+        data += &format!(
+            "{{\"messages\":[{{\"role\":\"user\",\"content\":\"What is the code word number {i}?\"}},{{\"role\":\"assistant\",\"content\":\"The code word number {i} is heron-{i}.\"}}]}}\n"
+        );
+    }
+    data
+}
+
+fn train_extras(steps: u64) -> serde_json::Value {
+    serde_json::json!({
+        "steps": steps, "batch_size": 2, "micro_batches": 2, "seq_len": 64,
+        "learning_rate": 1e-3, "checkpoint_every": 0, "merge": false, "seed": 5,
+        "method": {"type": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0},
+    })
+}
+
+/// Runs a job on device 0 to its end; returns (median step seconds after
+/// the first step, the job object). `during` runs once step 2 is done.
+fn train(
+    home: &Home,
+    steps: u64,
+    during: impl FnOnce() -> Result<()>,
+) -> Result<(f64, serde_json::Value)> {
+    let id = home.start_job(0, &train_data(), train_extras(steps))?;
+    let start = Instant::now();
+    while home.job(0, &id)?["hearth"]["step"].as_u64().unwrap_or(0) < 2 {
+        if start.elapsed() > Duration::from_secs(900) {
+            bail!("no step 2: {:?}", home.job_messages(0, &id)?);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    during()?;
+    let done = home.wait_job(0, &id, Duration::from_secs(1800))?;
+    if done["status"] != "succeeded" {
+        bail!("job failed: {done} {:?}", home.job_messages(0, &id)?);
+    }
+    let steps: Vec<f64> = home
+        .job_events(0, &id)?
+        .iter()
+        .filter_map(|e| e["data"]["step_s"].as_f64())
+        .skip(1)
+        .collect();
+    Ok((median(&steps), done))
+}
+
+fn stages(job: &serde_json::Value) -> String {
+    job["hearth"]["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            format!(
+                "{}:{}..{}",
+                s["name"].as_str().unwrap_or("?"),
+                s["start"],
+                s["end"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Part 5: the LoRA job rows.
+fn training(args: &Args, rows: &mut Vec<Row>, placements: &mut Vec<String>) -> Result<()> {
+    println!("training: best single device (1 core)");
+    let (home, _) = start(&[1.0])?;
+    let (single_s, _) = train(&home, args.train_steps, || Ok(()))?;
+    drop(home);
+    println!("  {single_s:.2} s per step");
+    println!("training: a=1, b=0.25");
+    let (home, _) = start(&[1.0, 0.25])?;
+    let (cluster_s, uninterrupted) = train(&home, args.train_steps, || Ok(()))?;
+    println!("  {cluster_s:.2} s per step on {}", stages(&uninterrupted));
+    println!("training: the same job, a 1 → 0.25 core and b 0.25 → 1 core after step 2");
+    let (_, swapped) = train(&home, args.train_steps, || {
+        home.set_cores(0, 0.25)?;
+        home.set_cores(1, 1.0)
+    })?;
+    let id = swapped["id"].as_str().unwrap_or_default().to_string();
+    let moves: Vec<String> = home
+        .job_messages(0, &id)?
+        .into_iter()
+        .filter(|m| m.contains("Re-planning between steps"))
+        .collect();
+    let (want, got) = (
+        Home::job_adapter(&uninterrupted)?,
+        Home::job_adapter(&swapped)?,
+    );
+    let mut worst = 0f64;
+    for ((n, w), (m, g)) in want.iter().zip(&got) {
+        if n != m || w.len() != g.len() {
+            bail!("the adapters differ in layout: {n} / {m}");
+        }
+        let scale = w.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-6);
+        let diff = w.iter().zip(g).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        worst = worst.max(f64::from(diff / scale));
+    }
+    println!(
+        "  moves: {moves:?}; final split {}; worst relative weight difference {worst:.2e}",
+        stages(&swapped)
+    );
+    rows.push(Row::new(
+        "LoRA a=1, b=0.25: step seconds (vs best single device; lower is better)",
+        cluster_s,
+        single_s,
+    ));
+    rows.push(Row::new(
+        "LoRA swap mid-job: re-plans between steps (vs expected 1)",
+        moves.len() as f64,
+        1.0,
+    ));
+    rows.push(Row::new(
+        "LoRA swap mid-job: worst weight difference ÷ largest weight, against the uninterrupted run (vs 1e-4 bound)",
+        worst,
+        1e-4,
+    ));
+    placements.push(format!(
+        "LoRA a=1, b=0.25: {}; after the swap: {} ({})",
+        stages(&uninterrupted),
+        stages(&swapped),
+        moves.join(" | ")
+    ));
+    Ok(())
 }
 
 fn whole(p: &Placement) -> bool {
@@ -117,19 +257,20 @@ fn start(cores: &[f64]) -> Result<(Arc<Home>, Placement)> {
     Ok((Arc::new(home), p))
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if let Some(why) = cgroup::unavailable() {
-        bail!("this benchmark needs CPU cgroups: {why}");
-    }
-    let mut rows = Vec::new();
-    let mut placements = Vec::new();
-    let mut predicted = Vec::new();
+/// Measured single-stream rate beside the placement's predictions.
+type Predicted = Vec<(String, Placement, f64, Option<f64>)>;
 
+/// Parts 1 to 4: serving rows.
+fn serving(
+    args: &Args,
+    rows: &mut Vec<Row>,
+    placements: &mut Vec<String>,
+    predicted: &mut Predicted,
+) -> Result<()> {
     println!("reference: one node under a 1-core quota");
     let (home, p) = start(&[1.0])?;
-    let ref_single = single(&home, 0, &args)?;
-    let ref_eight = eight(&home, 0, &args)?;
+    let ref_single = single(&home, 0, args)?;
+    let ref_eight = eight(&home, 0, args)?;
     predicted.push((
         "1 core alone".to_string(),
         p.clone(),
@@ -145,8 +286,8 @@ fn main() -> Result<()> {
     ] {
         println!("{label}");
         let (home, p) = start(&cores)?;
-        let s = single(&home, cores.len() - 1, &args)?;
-        let e = eight(&home, cores.len() - 1, &args)?;
+        let s = single(&home, cores.len() - 1, args)?;
+        let e = eight(&home, cores.len() - 1, args)?;
         println!(
             "  placement {}; single {s:.1} tok/s, 8 streams {e:.1} tok/s",
             split(&p)
@@ -200,7 +341,7 @@ fn main() -> Result<()> {
     let _ = traffic.join();
     let after = after?;
     std::thread::sleep(Duration::from_secs(2));
-    let s = single(&home, 1, &args)?;
+    let s = single(&home, 1, args)?;
     let after_now = now(&home, 1);
     let failed = failed.load(Ordering::Relaxed);
     println!(
@@ -230,7 +371,7 @@ fn main() -> Result<()> {
     predicted.push(("after the swap".to_string(), after, s, after_now));
     drop(home);
 
-    for (label, p, measured, now) in &predicted {
+    for (label, p, measured, now) in predicted.iter() {
         if let Some(pred) = p.predicted_tokens_per_s {
             rows.push(Row::new(
                 &format!("{label}: measured single-stream tok/s (vs prediction when placed)"),
@@ -247,6 +388,24 @@ fn main() -> Result<()> {
         }
     }
 
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(why) = cgroup::unavailable() {
+        bail!("this benchmark needs CPU cgroups: {why}");
+    }
+    let mut rows = Vec::new();
+    let mut placements = Vec::new();
+    let mut predicted = Predicted::new();
+    if args.part == "all" || args.part == "serve" {
+        serving(&args, &mut rows, &mut placements, &mut predicted)?;
+    }
+    if args.part == "all" || args.part == "train" {
+        training(&args, &mut rows, &mut placements)?;
+    }
+
     let md = write_results(
         &args.out,
         "hetero",
@@ -259,6 +418,8 @@ fn main() -> Result<()> {
             "tokens": args.tokens,
             "runs": args.runs,
             "concurrent_tokens": args.concurrent_tokens,
+            "train_steps": args.train_steps,
+            "part": args.part,
             "placements": placements,
         }),
     )?;

@@ -3,13 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hearth_discovery::{Discovery, MdnsDiscovery, StaticDiscovery};
 use hearth_net::{ClusterSecret, Identity};
 use hearth_runtime::pipeline::{Placement, PlacementPolicy};
-use hearth_runtime::{ClusterView, MemberState, MembershipEvent, Node, NodeConfig};
+use hearth_runtime::{
+    ClusterView, FirstModel, MemberState, MembershipEvent, ModelProgress, Node, NodeConfig,
+};
 
 /// Default QUIC address: every interface, so the LAN can reach the node.
 pub const DEFAULT_QUIC: &str = "0.0.0.0:7410";
@@ -135,78 +138,67 @@ impl Split {
     }
 }
 
-/// The models in this device's store, loaded by name (`POST
-/// /api/models/load`): fetched if it is the default model, then measured;
-/// plus the models fine-tuned by this node, kept under its home.
-struct Store {
-    /// `HOME/models/fine-tuned`.
-    tuned: PathBuf,
-    /// Models are measured on the node's compute.
-    compute: hearth_runtime::Compute,
+/// The device's model store, measuring on `compute` (the models under
+/// `$HEARTH_HOME/models` and those this node fine-tuned under `home`).
+fn model_store(home: &Path, compute: &hearth_runtime::Compute) -> Arc<hearth_runtime::ModelStore> {
+    Arc::new(hearth_runtime::ModelStore::new(
+        home,
+        crate::profile::measure_options(compute),
+    ))
 }
 
-impl hearth_runtime::ModelSource for Store {
-    fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
-        let mut out: Vec<hearth_runtime::ModelEntry> = hearth_models::store::list()
-            .into_iter()
-            .map(|m| hearth_runtime::ModelEntry {
-                name: m.name,
-                size_bytes: (m.bytes > 0).then_some(m.bytes),
-                download: false,
-            })
-            .collect();
-        if let Ok(rd) = std::fs::read_dir(&self.tuned) {
-            for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
-                if p.extension().is_some_and(|x| x == "gguf")
-                    && let Some(name) = p.file_name().map(|f| f.to_string_lossy().into_owned())
-                {
-                    out.push(hearth_runtime::ModelEntry {
-                        name,
-                        size_bytes: p.metadata().ok().map(|m| m.len()),
-                        download: false,
-                    });
+/// Prints what getting the first model reports, with progress bars.
+fn model_reporter() -> Arc<dyn Fn(ModelProgress) + Send + Sync> {
+    let pull = std::sync::Mutex::new(crate::models::progress_printer());
+    let received: std::sync::Mutex<Option<(u64, indicatif::ProgressBar)>> =
+        std::sync::Mutex::new(None);
+    Arc::new(move |p| match p {
+        ModelProgress::Pull(e) => {
+            if let Ok(mut f) = pull.lock() {
+                f(e);
+            }
+        }
+        ModelProgress::Received { done, total } => {
+            let Ok(mut bar) = received.lock() else { return };
+            if bar.as_ref().is_none_or(|(t, _)| *t != total) {
+                let b = indicatif::ProgressBar::new(total);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "receiving weights {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                ) {
+                    b.set_style(style);
+                }
+                *bar = Some((total, b));
+            }
+            if let Some((_, b)) = bar.as_ref() {
+                b.set_position(done);
+                if done >= total {
+                    b.finish_and_clear();
                 }
             }
         }
-        let default = hearth_models::store::DEFAULT_MODEL.name;
-        if !out.iter().any(|m| m.name == default) {
-            out.insert(
-                0,
-                hearth_runtime::ModelEntry {
-                    name: default.into(),
-                    size_bytes: None,
-                    download: true,
+        ModelProgress::Measuring(step) => tracing::debug!("measuring: {step}"),
+        ModelProgress::Served {
+            info,
+            cached,
+            from_peers,
+        } => {
+            let t = &info.times;
+            println!(
+                "  model      {} ({} layers){}: {:.3} ms per layer per decoded token{}",
+                t.model,
+                info.cost.layers.len(),
+                if from_peers {
+                    " received from a member and measured"
+                } else {
+                    ""
                 },
+                t.layer.decode_s * 1e3,
+                if cached { " (cached profile)" } else { "" }
             );
         }
-        out
-    }
-
-    fn load(&self, name: &str) -> Result<hearth_runtime::profile::ModelInfo, String> {
-        let tuned = self.tuned.join(name);
-        let spec = if !name.contains('/') && tuned.is_file() {
-            tuned.to_string_lossy().into_owned()
-        } else {
-            name.to_string()
-        };
-        crate::profile::measure_model(Some(&spec), false, &self.compute)
-            .map(|(info, _)| info)
-            .map_err(|e| format!("{e:#}"))
-    }
-
-    fn models_dir(&self) -> Option<PathBuf> {
-        Some(self.tuned.clone())
-    }
-}
-
-fn model_source(
-    home: &Path,
-    compute: &hearth_runtime::Compute,
-) -> Option<std::sync::Arc<dyn hearth_runtime::ModelSource>> {
-    Some(std::sync::Arc::new(Store {
-        tuned: home.join("models").join("fine-tuned"),
-        compute: compute.clone(),
-    }))
+        ModelProgress::Waiting(why) => tracing::debug!("no model from peers yet: {why}"),
+        ModelProgress::Failed(why) => eprintln!("warning: cannot serve the model: {why}"),
+    })
 }
 
 /// The API key to require: the given one, else (off loopback) a new one.
@@ -317,7 +309,8 @@ pub fn up(args: UpArgs) -> Result<()> {
         cfg.quic = args.quic;
         cfg.discoveries = discoveries;
         cfg.placement = args.split.unwrap_or(Split::Plan).policy();
-        cfg.models = model_source(&home, &compute);
+        let store = model_store(&home, &compute);
+        cfg.models = Some(store.clone());
         cfg.compute = compute.clone();
         let listener = hearth_server::Listener::bind(args.http).await?;
         let node = Node::start(cfg).await?;
@@ -344,74 +337,14 @@ pub fn up(args: UpArgs) -> Result<()> {
         println!("  compute    {}", compute.name());
         let placements = tokio::spawn(print_placements(node.clone()));
         let (server, stop_tx) = serve_http(listener, node.clone(), key, &home);
-        // Fetch and measure the model in the background: the node is a
+        // Get and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
-        let from_peers = args.from_peers.then(|| {
-            let node = node.clone();
-            let compute = compute.clone();
-            let dir = home.join("models").join("peers");
-            tokio::spawn(async move {
-                let opts = crate::profile::measure_options(&compute);
-                let cache = hearth_runtime::profile::default_cache_dir();
-                loop {
-                    let mut bar: Option<(u64, indicatif::ProgressBar)> = None;
-                    let mut progress = |done: u64, total: u64| {
-                        if bar.as_ref().is_none_or(|(t, _)| *t != total) {
-                            let b = indicatif::ProgressBar::new(total);
-                            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                                "receiving weights {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
-                            ) {
-                                b.set_style(style);
-                            }
-                            bar = Some((total, b));
-                        }
-                        if let Some((_, b)) = &bar {
-                            b.set_position(done);
-                            if done >= total {
-                                b.finish_and_clear();
-                            }
-                        }
-                    };
-                    match node.adopt_model_from_peers(&dir, &cache, &opts, &mut progress).await {
-                        Ok(info) => {
-                            println!(
-                                "  model      {} received from a member and measured: {:.3} ms per layer per decoded token",
-                                info.times.model,
-                                info.times.layer.decode_s * 1e3
-                            );
-                            break;
-                        }
-                        Err(e) => tracing::debug!("no model from peers yet: {e}"),
-                    }
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            })
-        });
-        let model_arg = (!args.from_peers).then(|| args.model.clone());
-        let profiler = {
-            let node = node.clone();
-            let model = model_arg;
-            let compute = compute.clone();
-            tokio::task::spawn_blocking(move || {
-                let Some(model) = model else { return };
-                match crate::profile::measure_model(model.as_deref(), false, &compute) {
-                    Ok((info, cached)) => {
-                        let t = &info.times;
-                        println!(
-                            "  model      {} ({} layers): {:.3} ms per layer per decoded token{}",
-                            t.model,
-                            info.cost.layers.len(),
-                            t.layer.decode_s * 1e3,
-                            if cached { " (cached profile)" } else { "" }
-                        );
-                        if let Err(e) = node.set_model(info) {
-                            eprintln!("warning: cannot serve the model: {e}");
-                        }
-                    }
-                    Err(e) => eprintln!("warning: no model profile: {e:#}"),
-                }
-            })
+        let first = if args.from_peers {
+            FirstModel::Peers(home.join("models").join("peers"))
+        } else {
+            FirstModel::Store(args.model.clone())
         };
+        let model = node.start_model(store, first, model_reporter());
         let printer = tokio::spawn(async move {
             loop {
                 match events.recv().await {
@@ -443,10 +376,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         stop_all(std::slice::from_ref(&node), server, stop_tx).await;
         printer.abort();
         placements.abort();
-        if let Some(t) = from_peers {
-            t.abort();
-        }
-        drop(profiler);
+        model.abort();
         anyhow::Ok(())
     })
 }
@@ -508,7 +438,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
             let mut cfg = NodeConfig::new(format!("{host}-{i}"), identity, secret.clone());
             cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
             cfg.placement = policy.clone();
-            cfg.models = model_source(&home, &compute);
+            cfg.models = Some(model_store(&home, &compute));
             cfg.compute = compute.clone();
             if let Some(a) = first {
                 cfg.discoveries = vec![Box::new(StaticDiscovery::new(vec![a.to_string()])?)];

@@ -1,7 +1,6 @@
 //! `hearth profile`: what this device is and how fast it runs the model.
 
 use anyhow::Result;
-use hearth_models::{WeightFile, store};
 use hearth_runtime::profile::{ModelInfo, NodeProfile};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -32,44 +31,39 @@ pub fn spinner() -> ProgressBar {
     bar
 }
 
-/// How to measure on `compute`: each figure timed over at least
-/// `HEARTH_MEASURE_SECS` seconds of wall clock (default 1, enough to span
-/// CPU-quota periods; the test suite sets less to save time).
+/// How to measure on `compute`: each figure timed over at least 1 s
+/// (`HEARTH_MEASURE_SECS` changes it).
 pub fn measure_options(
     compute: &hearth_runtime::Compute,
 ) -> hearth_runtime::profile::MeasureOptions {
-    let default = hearth_runtime::profile::MeasureOptions::default();
-    let min_secs = std::env::var("HEARTH_MEASURE_SECS")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|v| v.is_finite() && (0.0..=60.0).contains(v))
-        .unwrap_or(default.min_secs);
-    hearth_runtime::profile::MeasureOptions {
-        compute: compute.clone(),
-        min_secs,
-        ..default
-    }
+    hearth_runtime::profile::MeasureOptions::for_compute(compute)
 }
 
-/// Resolves `model` (fetching the default) and profiles it on this device.
+/// Resolves `model` (fetched when missing, with a progress bar) and
+/// measures this device on it, with a spinner; returns the info and whether
+/// the figures came from the cache.
 pub fn measure_model(
     model: Option<&str>,
     fresh: bool,
     compute: &hearth_runtime::Compute,
 ) -> Result<(ModelInfo, bool)> {
-    let path = store::resolve(model, &mut crate::models::progress_printer())?;
-    let weights = WeightFile::open(&path)?;
-    let bar = spinner();
-    bar.set_message("reading the profile cache");
-    let opts = measure_options(compute);
-    let r = ModelInfo::measure_with(
-        &weights,
-        &hearth_runtime::profile::default_cache_dir(),
-        &opts,
-        fresh,
-        &mut |step| bar.set_message(step.to_string()),
-    );
-    bar.finish_and_clear();
+    let store = hearth_runtime::ModelStore::shared(measure_options(compute));
+    let mut pull = crate::models::progress_printer();
+    let mut bar: Option<ProgressBar> = None;
+    let r = store.measure(model, fresh, &mut |p| match p {
+        hearth_runtime::ModelProgress::Pull(e) => pull(e),
+        hearth_runtime::ModelProgress::Measuring(step) => bar
+            .get_or_insert_with(|| {
+                let b = spinner();
+                b.set_message("reading the profile cache");
+                b
+            })
+            .set_message(step),
+        _ => {}
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     Ok(r?)
 }
 

@@ -387,36 +387,16 @@ pub(crate) async fn completions(
 const LOAD_WAIT: Duration = Duration::from_secs(300);
 
 /// Makes `model` the served one: at once if it is, else by loading it from
-/// the node's store (a fine-tuned model, say) and waiting for its placement.
+/// the node's store (a fine-tuned model, say) and awaiting its placement.
 async fn ensure_served(s: &AppState, model: &str) -> Result<(), Response> {
-    if served(s).as_deref() == Some(model) {
-        return Ok(());
-    }
-    let gguf = format!("{model}.gguf");
-    let Some(entry) = s
-        .node
-        .available_models()
-        .into_iter()
-        .find(|m| !m.download && (m.name == model || m.name == gguf))
-    else {
-        return Err(unknown_model(model));
-    };
-    tracing::info!(model, "a request asks for a stored model; loading it");
-    if let Err(e) = s.node.load_model(&entry.name).await
-        && served(s).as_deref() != Some(model)
-    {
-        tracing::debug!("load {model}: {e}");
-    }
-    let start = std::time::Instant::now();
-    while start.elapsed() < LOAD_WAIT {
-        if served(s).as_deref() == Some(model)
-            && s.node.placement().is_some_and(|p| p.model == model)
-        {
-            return Ok(());
+    match s.node.ensure_model(model, LOAD_WAIT).await {
+        Ok(()) => Ok(()),
+        Err(hearth_runtime::RuntimeError::UnknownModel(_)) => Err(unknown_model(model)),
+        Err(e) => {
+            tracing::debug!("ensure {model}: {e}");
+            Err(pipeline_error(PipelineError::NotReady))
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(pipeline_error(PipelineError::NotReady))
 }
 
 async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Response {

@@ -283,8 +283,9 @@ impl Home {
             .read_json()?)
     }
 
-    /// The messages of job `id`'s events on device `i`, oldest first.
-    pub fn job_messages(&self, i: usize, id: &str) -> Result<Vec<String>> {
+    /// Job `id`'s events on device `i`, oldest first (as the API gives
+    /// them: `message`, `level`, `data` with a step's metrics).
+    pub fn job_events(&self, i: usize, id: &str) -> Result<Vec<serde_json::Value>> {
         let v: serde_json::Value = agent(Duration::from_secs(10))
             .get(&format!(
                 "http://127.0.0.1:{}/v1/fine_tuning/jobs/{id}/events",
@@ -293,17 +294,19 @@ impl Home {
             .call()?
             .body_mut()
             .read_json()?;
-        let mut out: Vec<String> = v["data"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e["message"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut out: Vec<serde_json::Value> = v["data"].as_array().cloned().unwrap_or_default();
         // The API lists the newest first.
         out.reverse();
         Ok(out)
+    }
+
+    /// The messages of job `id`'s events on device `i`, oldest first.
+    pub fn job_messages(&self, i: usize, id: &str) -> Result<Vec<String>> {
+        Ok(self
+            .job_events(i, id)?
+            .iter()
+            .filter_map(|e| e["message"].as_str().map(str::to_string))
+            .collect())
     }
 
     /// Waits until job `id` on device `i` ends (or `limit` passes); returns
@@ -323,5 +326,29 @@ impl Home {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The LoRA adapter a finished job wrote (under `hearth.output_dir` of
+    /// its object), as (tensor name, f32 values) sorted by name.
+    pub fn job_adapter(job: &serde_json::Value) -> Result<Vec<(String, Vec<f32>)>> {
+        let out = job["hearth"]["output_dir"]
+            .as_str()
+            .with_context(|| format!("no output_dir in {job}"))?;
+        let bytes = std::fs::read(Path::new(out).join("adapter/adapter_model.safetensors"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)?;
+        let mut all: Vec<(String, Vec<f32>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let v = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                (name, v)
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
     }
 }

@@ -1,7 +1,7 @@
 //! Pipeline inference: one model split by layers across the cluster.
 //!
 //! - The leader plans over the members that hold the model and sends each
-//!   its stage ([`placer`]); a node loads only its layer range and runs it
+//!   its stage ([`crate::placement`]); a node loads only its layer range and runs it
 //!   on a [`worker`] thread that batches whatever is ready.
 //! - A request enters at stage 0 ([`router`]), which embeds the prompt;
 //!   hidden states go stage to stage over one ordered QUIC stream per pair
@@ -11,10 +11,8 @@
 
 pub(crate) mod client;
 pub(crate) mod pipe;
-pub(crate) mod placer;
 pub(crate) mod router;
 pub(crate) mod service;
-pub mod weights;
 pub(crate) mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,103 +23,13 @@ use hearth_proto::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+pub use crate::placement::{MAX_FIGURES, MAX_REASON, PlacedStage, Placement, PlacementPolicy};
 pub use client::{GenEvent, GenStream, GenSummary, GenerateParams, Prompt, finish};
-pub use placer::PlacementPolicy;
 
 /// Most sequences stage 0 keeps in flight; more are refused as busy.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// A sequence that gets no token for this long fails (a stage lost it).
 pub const SEQ_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Which member runs which layers of the model, as the leader decided.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Placement {
-    /// Increases with every new placement (milliseconds since the epoch on
-    /// the leader that made it, or one more than the previous).
-    pub id: u64,
-    /// The model's name, layout fingerprint and content hash.
-    pub model: String,
-    pub fingerprint: String,
-    pub content: Option<String>,
-    /// The stages in pipeline order.
-    pub stages: Vec<PlacedStage>,
-    /// The members that held the model when it was planned (a change
-    /// triggers a new placement).
-    pub members: Vec<String>,
-    /// What the planner predicted for this split, if it planned.
-    #[serde(default)]
-    pub predicted_step_s: Option<f64>,
-    /// Tokens per second the planner predicted, if it planned.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub predicted_tokens_per_s: Option<f64>,
-    /// Why the leader made this placement (members changed, or a device's
-    /// figures moved), for people.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// The figures the plan used for each device it considered.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub figures: Vec<crate::profile::DeviceFigures>,
-}
-
-/// Longest `reason` a placement from a peer may carry.
-pub const MAX_REASON: usize = 4096;
-/// Most devices a placement from a peer may describe.
-pub const MAX_FIGURES: usize = 256;
-
-/// One stage of a placement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PlacedStage {
-    pub node_id: String,
-    pub name: String,
-    pub spec: StageSpec,
-}
-
-impl Placement {
-    /// The index of `node`'s stage, if it has one.
-    pub fn stage_of(&self, node: &str) -> Option<usize> {
-        self.stages.iter().position(|s| s.node_id == node)
-    }
-
-    /// Checks a placement from a peer: at least one stage, contiguous layer
-    /// ranges from 0, the embedding on the first stage only, the head on the
-    /// last only, and each member at most once.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON)
-            || self.figures.len() > MAX_FIGURES
-            || self
-                .figures
-                .iter()
-                .any(|f| f.name.len() > MAX_REASON || f.node_id.len() > MAX_REASON)
-        {
-            return Err("a placement with oversized notes".into());
-        }
-        let last = self
-            .stages
-            .len()
-            .checked_sub(1)
-            .ok_or("a placement without stages")?;
-        let mut next = 0;
-        for (i, s) in self.stages.iter().enumerate() {
-            let spec = s.spec;
-            if spec.start != next || spec.end < spec.start {
-                return Err(format!(
-                    "stage {i} has layers {}..{} after layer {next}",
-                    spec.start, spec.end
-                ));
-            }
-            if spec.embed != (i == 0) || spec.head != (i == last) {
-                return Err(format!(
-                    "stage {i} holds the embedding or head out of place"
-                ));
-            }
-            if self.stage_of(&s.node_id) != Some(i) {
-                return Err(format!("member {} has two stages", s.node_id));
-            }
-            next = spec.end;
-        }
-        Ok(())
-    }
-}
 
 /// Errors of pipeline inference.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -312,16 +312,16 @@ impl Service {
         let path = model.info.path.clone();
         let started = std::time::Instant::now();
         // A partial copy (received from members) first gets what it lacks.
-        if super::weights::read_have(&path).is_some() {
+        if crate::model_file::read_have(&path).is_some() {
             let p = path.clone();
-            let needed = tokio::task::spawn_blocking(move || super::weights::needed(&p, spec))
+            let needed = tokio::task::spawn_blocking(move || crate::model_file::needed(&p, spec))
                 .await
                 .map_err(|e| e.to_string())??;
             let content = placement
                 .content
                 .clone()
                 .ok_or("the placement names no content")?;
-            super::weights::fetch(
+            crate::model_file::fetch(
                 &self.inner.endpoint,
                 &placement.members,
                 &content,

@@ -55,6 +55,22 @@ impl Default for MeasureOptions {
 }
 
 impl MeasureOptions {
+    /// The default measurement on `compute`; `HEARTH_MEASURE_SECS` (0 to
+    /// 60) sets how long each figure is timed over.
+    pub fn for_compute(compute: &crate::Compute) -> Self {
+        let default = Self::default();
+        let min_secs = std::env::var("HEARTH_MEASURE_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && (0.0..=60.0).contains(v))
+            .unwrap_or(default.min_secs);
+        Self {
+            compute: compute.clone(),
+            min_secs,
+            ..default
+        }
+    }
+
     /// A quick measurement for tests (noisier).
     pub fn quick() -> Self {
         Self {

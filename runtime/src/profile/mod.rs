@@ -261,10 +261,16 @@ impl NodeProfile {
             // What live work does not show (prefill without enough prompts
             // yet, training) follows the offer.
             let other = offered.unwrap_or(1.0);
-            let prefill = l.prefill_factor.filter(usable).unwrap_or(other);
+            // Live figures time each batch. Under a CPU quota a short batch
+            // fits inside one period and looks as fast as ever, while the
+            // quota still caps sustained work: a device offered less CPU
+            // than when measured is never credited with more than that.
+            let floor = |k: f64| if other > 1.0 { k.max(other) } else { k };
+            let decode = floor(l.factor);
+            let prefill = floor(l.prefill_factor.filter(usable).unwrap_or(other));
             return Some(CurrentFigures {
-                times: times.scaled_by(l.factor, prefill, other),
-                factor: l.factor,
+                times: times.scaled_by(decode, prefill, other),
+                factor: decode,
                 source: FigureSource::Live,
                 cores,
             });
@@ -316,7 +322,7 @@ pub fn content_hash(path: &std::path::Path) -> Result<String, ProfileError> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
     // A partial copy received from a member stands for the original.
-    if let Some(have) = crate::pipeline::weights::read_have(path) {
+    if let Some(have) = crate::model_file::read_have(path) {
         return Ok(have.content);
     }
     let io = |p: &std::path::Path| {

@@ -10,13 +10,14 @@ use tokio::sync::broadcast;
 
 use super::TrainNet;
 use super::host::{StageOrder, TrainHost};
-use super::job::{JobSpec, MethodSpec};
 use super::schedule::Schedule;
+use super::spec::{JobSpec, MethodSpec};
+use crate::control::{Control, request};
 use crate::events::EventKind;
 use crate::membership::{Membership, MembershipEvent};
-use crate::pipeline::PlacementPolicy;
-use crate::pipeline::placer::{Control, decide, request};
 use crate::pipeline::service::Service;
+use crate::placement::PlacementPolicy;
+use crate::placement::decide;
 use crate::profile::{PlanRequest, ProfileBook, planner_input};
 
 /// A training split as (node id, first layer, end layer), to compare.
@@ -201,7 +202,8 @@ impl JobCtx {
             &Control::TrainStage { order },
             ORDER_TIMEOUT,
         )
-        .await?
+        .await
+        .map_err(|e| e.to_string())?
         {
             Control::Ready { id } if id == job => Ok(()),
             Control::Failed { reason, .. } => Err(format!("{}: {reason}", short(node))),

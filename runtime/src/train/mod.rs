@@ -11,12 +11,14 @@
 //! clipping factor, apply or skip) that every stage applies with its own
 //! AdamW — so no stage steps unless all finished the step.
 
+mod checkpoint;
 pub mod coordinator;
 mod ctx;
 pub mod host;
 pub mod job;
 pub mod net;
 pub mod schedule;
+pub mod spec;
 pub mod state;
 pub mod worker;
 

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use super::placer::{Control, read_control, write_control};
-use super::service::Service;
+use crate::control::{Control, read_control, write_control};
+use crate::pipeline::service::Service;
 
 /// Bytes per `FileChunk`.
 const CHUNK: usize = 1 << 20;
@@ -155,7 +155,7 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
             tensors,
         }) => plan_send(&service, &content, header, &tensors).await,
         Ok(_) => Err("expected a fetch request".into()),
-        Err(e) => Err(e),
+        Err(e) => Err(e.to_string()),
     };
     let (path, manifest, ranges) = match result {
         Ok(r) => r,
@@ -356,9 +356,12 @@ async fn fetch_from(
         header,
         tensors: tensors.to_vec(),
     };
-    write_control(&mut send, &req).await?;
+    write_control(&mut send, &req)
+        .await
+        .map_err(|e| e.to_string())?;
     let _ = send.finish();
-    let (file_len, header_len, header_sha256, pieces) = match read_control(&mut recv).await? {
+    let reply = read_control(&mut recv).await.map_err(|e| e.to_string())?;
+    let (file_len, header_len, header_sha256, pieces) = match reply {
         Control::Manifest {
             file_len,
             header_len,

@@ -1,0 +1,297 @@
+//! The `CONTROL` protocol between members: one JSON document (with its
+//! format version) per stream each way, a request and its reply. The
+//! leader assigns and activates placements with it, a job coordinator
+//! orders training stages, members ask each other to load or unload a
+//! model, for stage timings, and tell each other their events. Every
+//! document from a peer is checked before it is acted on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_net::framed::{expect, write_message};
+use hearth_net::{IncomingStream, NodeId};
+use hearth_proto::{Message, limits, stream_kind};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::pipeline::service::Service;
+use crate::placement::Placement;
+
+/// Version of the control documents.
+pub const CONTROL_FORMAT: u32 = 1;
+
+/// Why a control exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("bad node id {node:?}: {reason}")]
+    NodeId { node: String, reason: String },
+    #[error("no connection to {0}")]
+    NotConnected(String),
+    #[error("no reply from {node} in {} s", wait.as_secs())]
+    Timeout { node: String, wait: Duration },
+    #[error(transparent)]
+    Net(#[from] hearth_net::NetError),
+    #[error("control document of format {found}, this node reads {CONTROL_FORMAT}")]
+    Format { found: u32 },
+    #[error("malformed control document: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// A control document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Control {
+    /// Load your stage of this placement (reply `Ready` or `Failed`).
+    Assign {
+        placement: Placement,
+    },
+    /// Use this placement for new requests (reply `Ready`).
+    Activate {
+        placement: Placement,
+    },
+    Ready {
+        id: u64,
+    },
+    Failed {
+        id: u64,
+        reason: String,
+    },
+    /// Send me these tensors (and the file's header) of the model with
+    /// this content (on a `WEIGHTS` stream).
+    Fetch {
+        content: String,
+        header: bool,
+        tensors: Vec<String>,
+    },
+    /// What follows on a `WEIGHTS` stream: the header (if asked), then the
+    /// pieces in order, as `FileChunk`s.
+    Manifest {
+        file_len: u64,
+        header_len: u64,
+        header_sha256: Option<String>,
+        pieces: Vec<crate::model_file::Piece>,
+    },
+    /// Load the model of this name from your own store (reply at once:
+    /// `Ready`, or `Failed` if you cannot start; events tell the rest).
+    Load {
+        model: String,
+    },
+    /// Stop serving the model (reply `Ready`).
+    Unload,
+    /// Something happened on the sender (no reply expected beyond `Ready`).
+    Event {
+        event: crate::events::EventKind,
+    },
+    /// Send me your stages' timings (reply `Stats`).
+    StatsRequest,
+    Stats {
+        stages: Vec<crate::pipeline::StageStats>,
+    },
+    /// Load and run this training stage, coordinated by the sender (reply
+    /// `Ready { id: job }` or `Failed`).
+    TrainStage {
+        order: crate::train::StageOrder,
+    },
+    /// Drop the sender's job's training stage here (reply `Ready`).
+    TrainEnd {
+        job: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    format: u32,
+    #[serde(flatten)]
+    body: Control,
+}
+
+impl Control {
+    pub(crate) fn to_message(&self) -> Result<Message, ControlError> {
+        let doc = serde_json::to_vec(&Envelope {
+            format: CONTROL_FORMAT,
+            body: self.clone(),
+        })?;
+        Ok(Message::Control(doc))
+    }
+
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, ControlError> {
+        #[derive(Deserialize)]
+        struct Head {
+            format: u32,
+        }
+        let head: Head = serde_json::from_slice(bytes)?;
+        if head.format != CONTROL_FORMAT {
+            return Err(ControlError::Format { found: head.format });
+        }
+        let env: Envelope = serde_json::from_slice(bytes)?;
+        Ok(env.body)
+    }
+}
+
+/// Reads one control document from a stream.
+pub(crate) async fn read_control(recv: &mut quinn::RecvStream) -> Result<Control, ControlError> {
+    let doc = expect(recv, limits::MAX_FRAME, "control", |m| match m {
+        Message::Control(d) => Ok(d),
+        other => Err(other),
+    })
+    .await?;
+    Control::from_bytes(&doc)
+}
+
+/// Writes one control document to a stream.
+pub(crate) async fn write_control(
+    send: &mut quinn::SendStream,
+    c: &Control,
+) -> Result<(), ControlError> {
+    Ok(write_message(send, &c.to_message()?).await?)
+}
+
+/// Sends `req` to `node` and waits for its reply.
+pub(crate) async fn request(
+    service: &Service,
+    node: &str,
+    req: &Control,
+    wait: Duration,
+) -> Result<Control, ControlError> {
+    if node == service.me() {
+        return Ok(handle(service, req.clone(), service.endpoint().id()).await);
+    }
+    let id: NodeId = node.parse().map_err(|e| ControlError::NodeId {
+        node: node.get(..16).unwrap_or(node).to_string(),
+        reason: format!("{e}"),
+    })?;
+    let conn = service
+        .endpoint()
+        .peer(id)
+        .ok_or_else(|| ControlError::NotConnected(id.short()))?;
+    let exchange = async {
+        let (mut send, mut recv) = conn.open(stream_kind::CONTROL).await?;
+        write_control(&mut send, req).await?;
+        let _ = send.finish();
+        read_control(&mut recv).await
+    };
+    tokio::time::timeout(wait, exchange)
+        .await
+        .map_err(|_| ControlError::Timeout {
+            node: id.short(),
+            wait,
+        })?
+}
+
+/// What a node does with a control request.
+async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
+    match req {
+        Control::TrainStage { order } => {
+            let job = order.job;
+            let Some(model) = service.model() else {
+                return Control::Failed {
+                    id: job,
+                    reason: "this node serves no model".into(),
+                };
+            };
+            match service
+                .train()
+                .start(
+                    from,
+                    order,
+                    model.info.path.clone(),
+                    model.info.times.content.clone().unwrap_or_default(),
+                )
+                .await
+            {
+                Ok(()) => Control::Ready { id: job },
+                Err(reason) => {
+                    warn!(job, "cannot start a training stage: {reason}");
+                    Control::Failed { id: job, reason }
+                }
+            }
+        }
+        Control::TrainEnd { job } => {
+            service.train().end(from, job);
+            Control::Ready { id: job }
+        }
+        Control::Assign { placement } | Control::Activate { placement }
+            if let Err(reason) = placement.validate() =>
+        {
+            Control::Failed {
+                id: placement.id,
+                reason,
+            }
+        }
+        Control::Assign { placement } => {
+            let id = placement.id;
+            match service.load_stage(Arc::new(placement)).await {
+                Ok(()) => Control::Ready { id },
+                Err(reason) => {
+                    warn!(placement = id, "cannot load my stage: {reason}");
+                    Control::Failed { id, reason }
+                }
+            }
+        }
+        Control::Activate { placement } => {
+            let id = placement.id;
+            service.activate(Arc::new(placement));
+            Control::Ready { id }
+        }
+        Control::Load { model } => match service.load_model(&model) {
+            Ok(()) => Control::Ready { id: 0 },
+            Err(e) => Control::Failed {
+                id: 0,
+                reason: e.to_string(),
+            },
+        },
+        Control::Unload => {
+            service.unload_model();
+            Control::Ready { id: 0 }
+        }
+        Control::StatsRequest => Control::Stats {
+            stages: service.stats(),
+        },
+        // Recorded by `serve`, which knows the sender; from this node
+        // itself there is nothing to record twice.
+        Control::Event { .. } => Control::Ready { id: 0 },
+        Control::Ready { id } | Control::Failed { id, .. } => Control::Failed {
+            id,
+            reason: "not a request".into(),
+        },
+        Control::Stats { .. } => Control::Failed {
+            id: 0,
+            reason: "not a request".into(),
+        },
+        Control::Fetch { .. } | Control::Manifest { .. } => Control::Failed {
+            id: 0,
+            reason: "weights travel on their own stream".into(),
+        },
+    }
+}
+
+/// Serves one incoming control stream: one request, one reply.
+pub(crate) async fn serve(stream: IncomingStream, service: Service) {
+    let IncomingStream {
+        peer,
+        mut send,
+        mut recv,
+    } = stream;
+    let reply = match tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv)).await {
+        Ok(Ok(Control::Event { event })) => match event.check_from_peer() {
+            Ok(()) => {
+                service
+                    .events()
+                    .record(peer.node_id.to_string(), peer.name.clone(), event);
+                Control::Ready { id: 0 }
+            }
+            Err(reason) => Control::Failed { id: 0, reason },
+        },
+        Ok(Ok(req)) => handle(&service, req, peer.node_id).await,
+        Ok(Err(e)) => {
+            warn!("bad control request from {}: {e}", peer.node_id.short());
+            Control::Failed {
+                id: 0,
+                reason: e.to_string(),
+            }
+        }
+        Err(_) => return,
+    };
+    let _ = write_control(&mut send, &reply).await;
+    let _ = send.finish();
+}

@@ -1,0 +1,234 @@
+//! Where a node's models come from, and how it gets its first one.
+//!
+//! [`ModelStore`] is the device's store as a [`ModelSource`]: the models
+//! under `$HEARTH_HOME/models` (the default model fetched when missing),
+//! plus the models this node fine-tuned, kept under its own home. Loading
+//! one by name resolves it and measures this device on it (cached).
+//!
+//! [`Node::start_model`] is the measure-then-serve start of a node: in the
+//! background, get the model (from the store, or from the members with
+//! `--from-peers`), measure it, and serve it; the node is a member at once
+//! and offers its figures when they are known.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_models::WeightFile;
+use hearth_models::store::{self, PullEvent};
+
+use crate::catalog::{ModelEntry, ModelSource};
+use crate::profile::{MeasureOptions, ModelInfo};
+use crate::{Compute, Node, RuntimeError};
+
+/// How often a node that takes its model from the members asks again while
+/// none serves one.
+const PEERS_RETRY: Duration = Duration::from_secs(2);
+
+/// What getting a model reports, for people: the CLI draws bars, a UI
+/// could show events.
+#[derive(Debug, Clone)]
+pub enum ModelProgress {
+    /// Fetching the model into the store.
+    Pull(PullEvent),
+    /// A measuring step started.
+    Measuring(String),
+    /// Bytes of weights received from members so far, of a total.
+    Received { done: u64, total: u64 },
+    /// The model is measured and served (`cached`: the figures came from
+    /// the profile cache; `from_peers`: the weights came from members).
+    Served {
+        info: Box<ModelInfo>,
+        cached: bool,
+        from_peers: bool,
+    },
+    /// No model yet, and why (from the members: it is tried again).
+    Waiting(String),
+    /// The node cannot serve the model.
+    Failed(String),
+}
+
+/// The device's model store.
+pub struct ModelStore {
+    /// Where this node's fine-tuned models go (`HOME/models/fine-tuned`).
+    tuned: Option<PathBuf>,
+    /// Models are measured on the node's compute, with these options.
+    opts: MeasureOptions,
+    /// The profile cache.
+    cache: PathBuf,
+}
+
+impl ModelStore {
+    /// The store of a node whose home is `home` (fine-tuned models under
+    /// `home/models/fine-tuned`), measuring with `opts`.
+    pub fn new(home: &Path, opts: MeasureOptions) -> Self {
+        Self {
+            tuned: Some(home.join("models").join("fine-tuned")),
+            opts,
+            cache: crate::profile::default_cache_dir(),
+        }
+    }
+
+    /// The shared store alone (no node's fine-tuned models).
+    pub fn shared(opts: MeasureOptions) -> Self {
+        Self {
+            tuned: None,
+            opts,
+            cache: crate::profile::default_cache_dir(),
+        }
+    }
+
+    /// The compute models are measured on.
+    pub fn compute(&self) -> &Compute {
+        &self.opts.compute
+    }
+
+    /// Resolves `spec` (a .gguf file, a model directory, ORG/NAME from the
+    /// Hugging Face cache, the default model's name or none: the default
+    /// model, fetched when missing; or a model this node fine-tuned) and
+    /// measures this device on it (`fresh`: ignore the cache). Blocking.
+    /// Returns the info and whether the figures came from the cache.
+    pub fn measure(
+        &self,
+        spec: Option<&str>,
+        fresh: bool,
+        progress: &mut dyn FnMut(ModelProgress),
+    ) -> Result<(ModelInfo, bool), RuntimeError> {
+        let tuned = spec
+            .filter(|s| !s.contains('/') && !s.contains('\\'))
+            .zip(self.tuned.as_ref())
+            .map(|(s, dir)| dir.join(s))
+            .filter(|p| p.is_file());
+        let path = match tuned {
+            Some(p) => p,
+            None => store::resolve(spec, &mut |e| progress(ModelProgress::Pull(e)))?,
+        };
+        let weights = WeightFile::open(&path)?;
+        Ok(ModelInfo::measure_with(
+            &weights,
+            &self.cache,
+            &self.opts,
+            fresh,
+            &mut |step| progress(ModelProgress::Measuring(step.to_string())),
+        )?)
+    }
+}
+
+impl ModelSource for ModelStore {
+    fn list(&self) -> Vec<ModelEntry> {
+        let mut out: Vec<ModelEntry> = store::list()
+            .into_iter()
+            .map(|m| ModelEntry {
+                name: m.name,
+                size_bytes: (m.bytes > 0).then_some(m.bytes),
+                download: false,
+            })
+            .collect();
+        if let Some(Ok(rd)) = self.tuned.as_ref().map(std::fs::read_dir) {
+            for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
+                if p.extension().is_some_and(|x| x == "gguf")
+                    && let Some(name) = p.file_name().map(|f| f.to_string_lossy().into_owned())
+                {
+                    out.push(ModelEntry {
+                        name,
+                        size_bytes: p.metadata().ok().map(|m| m.len()),
+                        download: false,
+                    });
+                }
+            }
+        }
+        let default = store::DEFAULT_MODEL.name;
+        if !out.iter().any(|m| m.name == default) {
+            out.insert(
+                0,
+                ModelEntry {
+                    name: default.into(),
+                    size_bytes: None,
+                    download: true,
+                },
+            );
+        }
+        out
+    }
+
+    fn load(&self, name: &str) -> Result<ModelInfo, String> {
+        self.measure(Some(name), false, &mut |_| {})
+            .map(|(info, _)| info)
+            .map_err(|e| e.to_string())
+    }
+
+    fn models_dir(&self) -> Option<PathBuf> {
+        self.tuned.clone()
+    }
+}
+
+/// Where a node's first model comes from.
+#[derive(Debug, Clone)]
+pub enum FirstModel {
+    /// From the store: this spec (see [`ModelStore::measure`]), or the
+    /// default model.
+    Store(Option<String>),
+    /// From the members that serve one, into a sparse copy under this
+    /// folder (`--from-peers`).
+    Peers(PathBuf),
+}
+
+impl Node {
+    /// Gets the node's first model in the background, measures this device
+    /// on it and serves it: from the store, or from the members (asking
+    /// again every 2 s while none serves a model). `report` is told each
+    /// step.
+    pub fn start_model(
+        &self,
+        store: Arc<ModelStore>,
+        first: FirstModel,
+        report: Arc<dyn Fn(ModelProgress) + Send + Sync>,
+    ) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            match first {
+                FirstModel::Store(spec) => {
+                    let r = {
+                        let (store, report) = (store.clone(), report.clone());
+                        tokio::task::spawn_blocking(move || {
+                            store.measure(spec.as_deref(), false, &mut |p| report(p))
+                        })
+                        .await
+                    };
+                    match r {
+                        Ok(Ok((info, cached))) => match node.set_model(info.clone()) {
+                            Ok(()) => report(ModelProgress::Served {
+                                info: Box::new(info),
+                                cached,
+                                from_peers: false,
+                            }),
+                            Err(e) => report(ModelProgress::Failed(e.to_string())),
+                        },
+                        Ok(Err(e)) => report(ModelProgress::Failed(e.to_string())),
+                        Err(e) => report(ModelProgress::Failed(e.to_string())),
+                    }
+                }
+                FirstModel::Peers(dir) => loop {
+                    let mut received = |done: u64, total: u64| {
+                        report(ModelProgress::Received { done, total });
+                    };
+                    match node
+                        .adopt_model_from_peers(&dir, &store.cache, &store.opts, &mut received)
+                        .await
+                    {
+                        Ok(info) => {
+                            report(ModelProgress::Served {
+                                info: Box::new(info),
+                                cached: false,
+                                from_peers: true,
+                            });
+                            break;
+                        }
+                        Err(e) => report(ModelProgress::Waiting(e.to_string())),
+                    }
+                    tokio::time::sleep(PEERS_RETRY).await;
+                },
+            }
+        })
+    }
+}

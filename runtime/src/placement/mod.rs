@@ -1,0 +1,251 @@
+//! Placement: which member runs which layers of the served model. The
+//! [`Placement`] data (checked when it comes from a peer), the policy that
+//! splits the model ([`PlacementPolicy`], [`decide`]), and the leader's
+//! loop ([`leader`]) that places, re-places when members or their speed
+//! change, and switches members over. Pipeline inference runs the active
+//! placement's stages; training jobs place their stages with the same
+//! policy and planner input.
+
+pub(crate) mod leader;
+
+use hearth_models::StageSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::profile::{PlanRequest, PlannerInput, plan_report, planner_input};
+
+/// Which member runs which layers of the model, as the leader decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Increases with every new placement (milliseconds since the epoch on
+    /// the leader that made it, or one more than the previous).
+    pub id: u64,
+    /// The model's name, layout fingerprint and content hash.
+    pub model: String,
+    pub fingerprint: String,
+    pub content: Option<String>,
+    /// The stages in pipeline order.
+    pub stages: Vec<PlacedStage>,
+    /// The members that held the model when it was planned (a change
+    /// triggers a new placement).
+    pub members: Vec<String>,
+    /// What the planner predicted for this split, if it planned.
+    #[serde(default)]
+    pub predicted_step_s: Option<f64>,
+    /// Tokens per second the planner predicted, if it planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_tokens_per_s: Option<f64>,
+    /// Why the leader made this placement (members changed, or a device's
+    /// figures moved), for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The figures the plan used for each device it considered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub figures: Vec<crate::profile::DeviceFigures>,
+}
+
+/// Longest `reason` a placement from a peer may carry.
+pub const MAX_REASON: usize = 4096;
+/// Most devices a placement from a peer may describe.
+pub const MAX_FIGURES: usize = 256;
+
+/// One stage of a placement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacedStage {
+    pub node_id: String,
+    pub name: String,
+    pub spec: StageSpec,
+}
+
+impl Placement {
+    /// The index of `node`'s stage, if it has one.
+    pub fn stage_of(&self, node: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.node_id == node)
+    }
+
+    /// Checks a placement from a peer: at least one stage, contiguous layer
+    /// ranges from 0, the embedding on the first stage only, the head on the
+    /// last only, and each member at most once.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON)
+            || self.figures.len() > MAX_FIGURES
+            || self
+                .figures
+                .iter()
+                .any(|f| f.name.len() > MAX_REASON || f.node_id.len() > MAX_REASON)
+        {
+            return Err("a placement with oversized notes".into());
+        }
+        let last = self
+            .stages
+            .len()
+            .checked_sub(1)
+            .ok_or("a placement without stages")?;
+        let mut next = 0;
+        for (i, s) in self.stages.iter().enumerate() {
+            let spec = s.spec;
+            if spec.start != next || spec.end < spec.start {
+                return Err(format!(
+                    "stage {i} has layers {}..{} after layer {next}",
+                    spec.start, spec.end
+                ));
+            }
+            if spec.embed != (i == 0) || spec.head != (i == last) {
+                return Err(format!(
+                    "stage {i} holds the embedding or head out of place"
+                ));
+            }
+            if self.stage_of(&s.node_id) != Some(i) {
+                return Err(format!("member {} has two stages", s.node_id));
+            }
+            next = spec.end;
+        }
+        Ok(())
+    }
+}
+
+/// How the leader splits the model.
+#[derive(Debug, Clone)]
+pub enum PlacementPolicy {
+    /// The partitioner's plan for this workload over the measured profiles.
+    Planned(PlanRequest),
+    /// Equal layer ranges over every member that holds the model (in node
+    /// order): for tests and for several nodes on one machine, whose
+    /// profiles each claim the whole machine.
+    Even,
+}
+
+impl Default for PlacementPolicy {
+    /// Single-stream decode, what a person chatting feels, with room for
+    /// 8192 tokens of KV cache (eight 1024-token streams' worth). The cost
+    /// model times decode one sequence at a time, so planning for many
+    /// sequences in flight credits a split with pipelining while a single
+    /// device's batching (which serves them together) goes uncounted: a
+    /// split then wins on paper and loses in practice.
+    fn default() -> Self {
+        Self::Planned(PlanRequest {
+            sequences: 1,
+            context: 8192,
+            ..PlanRequest::default()
+        })
+    }
+}
+
+/// Stages as (device index, layers), and the planner's predicted step
+/// time and tokens per second.
+pub(crate) type Decision = (Vec<(usize, StageSpec)>, Option<f64>, Option<f64>);
+
+/// Splits `layers` into the stages of `policy` over `input`'s devices.
+pub(crate) fn decide(
+    policy: &PlacementPolicy,
+    input: &PlannerInput,
+    info: &crate::profile::ModelInfo,
+) -> Result<Decision, String> {
+    let layers = info.config.num_hidden_layers;
+    match policy {
+        PlacementPolicy::Even => {
+            let k = input.node_ids.len().min(layers).max(1);
+            if input.node_ids.is_empty() {
+                return Err("no member holds the model".into());
+            }
+            Ok((
+                (0..k)
+                    .map(|i| {
+                        (
+                            i,
+                            StageSpec {
+                                start: layers * i / k,
+                                end: layers * (i + 1) / k,
+                                embed: i == 0,
+                                head: i + 1 == k,
+                            },
+                        )
+                    })
+                    .collect(),
+                None,
+                None,
+            ))
+        }
+        PlacementPolicy::Planned(req) => {
+            let workload = req.workload(&info.config)?;
+            let report = plan_report(&info.cost, input.clone(), workload);
+            let plan = report
+                .plan
+                .ok_or_else(|| report.error.unwrap_or_else(|| "no plan".into()))?;
+            Ok((
+                plan.stages
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.device,
+                            StageSpec {
+                                start: s.layers.start,
+                                end: s.layers.end,
+                                embed: s.embed,
+                                head: s.head,
+                            },
+                        )
+                    })
+                    .collect(),
+                Some(plan.step_s),
+                Some(plan.tokens_per_s),
+            ))
+        }
+    }
+}
+
+/// The stages of a placement as (node id, layers), to compare splits.
+pub(crate) type Split = Vec<(String, usize, usize)>;
+
+pub(crate) fn split_of(p: &Placement) -> Split {
+    p.stages
+        .iter()
+        .map(|s| (s.node_id.clone(), s.spec.start, s.spec.end))
+        .collect()
+}
+
+/// `placement` under `input`'s figures for `workload`, if its members are
+/// all in `input` and it fits.
+pub(crate) fn evaluate_placement(
+    placement: &Placement,
+    input: &PlannerInput,
+    info: &crate::profile::ModelInfo,
+    workload: hearth_partitioner::Workload,
+) -> Option<hearth_partitioner::Plan> {
+    let assignment: Vec<(usize, std::ops::Range<usize>)> = placement
+        .stages
+        .iter()
+        .map(|s| {
+            input
+                .node_ids
+                .iter()
+                .position(|n| *n == s.node_id)
+                .map(|d| (d, s.spec.start..s.spec.end))
+        })
+        .collect::<Option<_>>()?;
+    hearth_partitioner::evaluate(
+        &info.cost,
+        &input.devices,
+        &input.links,
+        workload,
+        &assignment,
+    )
+    .ok()
+}
+
+/// The single-stream decode rate `placement` should give with the figures
+/// the cluster has now (live ones where trusted): what the leader compares
+/// re-plans against, for people to set beside what they measure.
+pub(crate) fn predict_now(
+    placement: &Placement,
+    profiles: &crate::profile::ClusterProfiles,
+    info: &crate::profile::ModelInfo,
+) -> Option<hearth_partitioner::Plan> {
+    let input = planner_input(profiles, &info.times);
+    // Decode time does not depend on the context; the smallest one fits
+    // wherever the placement does.
+    let workload = hearth_partitioner::Workload::Decode {
+        sequences: 1,
+        context: 1,
+    };
+    evaluate_placement(placement, &input, info, workload)
+}
