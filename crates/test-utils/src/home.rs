@@ -2,7 +2,10 @@
 //! up` processes on loopback, each in its own CPU cgroup with its own quota
 //! (a fast desktop, a busy laptop), joined into one cluster. A test can
 //! change a device's quota mid-run or start a competing CPU-bound program
-//! in its group, then watch the cluster through its HTTP API.
+//! in its group, then watch the cluster through its HTTP API. With
+//! [`HomeSpec::link`] each device also sits in its own network namespace on
+//! one bridge, its outgoing traffic shaped by `tc` (rate, and delay where
+//! the kernel has `netem`), as devices on a home LAN or Wi-Fi.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,22 +15,77 @@ use hearth_runtime::ClusterView;
 use hearth_runtime::pipeline::Placement;
 
 use crate::cgroup::CpuGroup;
-use crate::netns::ChildGuard;
-use crate::{free_port, hearth_binary, hearth_release_binary, hearth_up_command_with};
+use crate::netns::{ChildGuard, Lan};
+use crate::{free_port, hearth_binary, hearth_release_binary, hearth_up_command_at};
 
 /// One device: a node process in its CPU group.
 pub struct Device {
     pub name: String,
+    /// Where it listens: loopback, or its address on the home's LAN.
+    pub ip: std::net::IpAddr,
     pub quic: u16,
     pub http: u16,
     pub group: CpuGroup,
+    /// The API key its HTTP API requires (off loopback).
+    key: Option<String>,
     process: Option<ChildGuard>,
+}
+
+impl Device {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}:{}{path}", self.ip, self.http)
+    }
+
+    fn get(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let r = agent(timeout).get(&self.url(path));
+        match &self.key {
+            Some(k) => r.header("Authorization", &format!("Bearer {k}")),
+            None => r,
+        }
+    }
+
+    fn post(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let r = agent(timeout).post(&self.url(path));
+        match &self.key {
+            Some(k) => r.header("Authorization", &format!("Bearer {k}")),
+            None => r,
+        }
+    }
+
+    /// This device's node as the cluster sees it.
+    pub fn view(&self) -> Result<ClusterView> {
+        Ok(self
+            .get("/api/cluster", Duration::from_secs(5))
+            .call()?
+            .body_mut()
+            .read_json()?)
+    }
 }
 
 /// The devices of one cluster.
 pub struct Home {
     pub devices: Vec<Device>,
+    /// The LAN of namespaces, when the devices sit on one (dropped after
+    /// the devices: fields drop in order).
+    _lan: Option<Lan>,
     _dir: tempfile::TempDir,
+}
+
+/// A shaped link: each device's outgoing traffic limited to `rate_mbit`
+/// (`tc tbf`) and, when `delay_ms` > 0, delayed by that much (`tc netem`,
+/// where the kernel has it), so a round trip takes twice the delay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkShape {
+    pub rate_mbit: f64,
+    pub delay_ms: f64,
 }
 
 /// How to start a home.
@@ -42,6 +100,10 @@ pub struct HomeSpec {
     pub extra: Vec<String>,
     /// The release binary instead of the debug one (benchmarks).
     pub release: bool,
+    /// Each device in its own network namespace with this link shape
+    /// (needs root and iproute2; see [`crate::netns::available`]); none:
+    /// every device on loopback.
+    pub link: Option<LinkShape>,
 }
 
 impl Default for HomeSpec {
@@ -51,6 +113,7 @@ impl Default for HomeSpec {
             measure_secs: 1.0,
             extra: Vec::new(),
             release: false,
+            link: None,
         }
     }
 }
@@ -78,29 +141,61 @@ impl Home {
     /// node answers HTTP (not yet placed: see [`Home::wait_placement`]).
     pub fn start(model: &Path, spec: &HomeSpec) -> Result<Self> {
         let dir = tempfile::tempdir()?;
+        let lan = match spec.link {
+            Some(shape) => {
+                let lan = Lan::new(spec.cores.len())?;
+                lan.reach_from_host()?;
+                for i in 0..spec.cores.len() {
+                    lan.shape(i, shape.rate_mbit, shape.delay_ms)?;
+                }
+                Some(lan)
+            }
+            None => None,
+        };
         let mut devices: Vec<Device> = Vec::new();
         let mut token = None;
         for (i, &cores) in spec.cores.iter().enumerate() {
             let name = ((b'a' + i as u8) as char).to_string();
             let home = dir.path().join(&name);
             let (quic, http) = (free_port(true)?, free_port(false)?);
+            let ip: std::net::IpAddr = match &lan {
+                Some(l) => l.ip(i).into(),
+                None => std::net::Ipv4Addr::LOCALHOST.into(),
+            };
+            // Off loopback the API requires a key: give it one.
+            let key = lan
+                .as_ref()
+                .map(|_| format!("home-key-{}-{i}", std::process::id()));
             let mut extra = vec![
                 "--model".to_string(),
                 model.display().to_string(),
                 "--split".into(),
                 "plan".into(),
             ];
+            if let Some(k) = &key {
+                extra.extend(["--api-key".to_string(), k.clone()]);
+            }
             extra.extend(spec.extra.iter().cloned());
             if let (Some(t), Some(first)) = (&token, devices.first()) {
                 extra.extend(["--join".to_string(), String::clone(t)]);
-                extra.extend(["--peer".to_string(), format!("127.0.0.1:{}", first.quic)]);
+                extra.extend(["--peer".to_string(), format!("{}:{}", first.ip, first.quic)]);
             }
             let binary = if spec.release {
                 hearth_release_binary()?
             } else {
                 hearth_binary()?
             };
-            let mut cmd = hearth_up_command_with(&binary, &home, &name, quic, http, &extra)?;
+            let mut cmd = hearth_up_command_at(&binary, &home, &name, ip, quic, http, &extra)?;
+            if let Some(l) = &lan {
+                // `ip netns exec` enters the namespace and execs the node
+                // in the same process, which the group then holds.
+                let mut inside = l.command(i, &binary.display().to_string());
+                inside.args(cmd.get_args());
+                inside
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                cmd = inside;
+            }
             cmd.env("HEARTH_MEASURE_SECS", spec.measure_secs.to_string());
             if std::env::var_os("HEARTH_HOME_LOGS").is_some() {
                 cmd.stderr(std::process::Stdio::inherit());
@@ -109,13 +204,15 @@ impl Home {
             let process = ChildGuard::spawn(group.wrap(&cmd))?;
             devices.push(Device {
                 name,
+                ip,
                 quic,
                 http,
                 group,
+                key,
                 process: Some(process),
             });
             let start = Instant::now();
-            while view(http).is_err() {
+            while devices[i].view().is_err() {
                 if start.elapsed() > Duration::from_secs(30) {
                     bail!("node {i} did not answer HTTP in 30 s");
                 }
@@ -131,12 +228,16 @@ impl Home {
                 token = Some(String::from_utf8(out.stdout)?.trim().to_string());
             }
         }
-        Ok(Self { devices, _dir: dir })
+        Ok(Self {
+            devices,
+            _lan: lan,
+            _dir: dir,
+        })
     }
 
     /// Device `i`'s node as the cluster sees it.
     pub fn view(&self, i: usize) -> Result<ClusterView> {
-        view(self.devices[i].http)
+        self.devices[i].view()
     }
 
     /// Waits (up to `limit`) for device `i` to report an active placement
@@ -189,11 +290,8 @@ impl Home {
     /// its length); returns (tokens generated, seconds from the first token
     /// to the last).
     pub fn generate(&self, i: usize, salt: u64, max_tokens: u32) -> Result<(usize, f64)> {
-        let v: serde_json::Value = agent(Duration::from_secs(300))
-            .post(&format!(
-                "http://127.0.0.1:{}/api/generate",
-                self.devices[i].http
-            ))
+        let v: serde_json::Value = self.devices[i]
+            .post("/api/generate", Duration::from_secs(300))
             .send_json(serde_json::json!({
                 "prompt": format!("Story {salt}: once upon a time, in a small village by the sea,"),
                 "max_tokens": max_tokens, "temperature": 1.0, "seed": 7 + salt,
@@ -217,11 +315,8 @@ impl Home {
             "max_tokens": max_tokens,
             "temperature": 0.0,
         });
-        let v: serde_json::Value = agent(Duration::from_secs(120))
-            .post(&format!(
-                "http://127.0.0.1:{}/v1/completions",
-                self.devices[i].http
-            ))
+        let v: serde_json::Value = self.devices[i]
+            .post("/v1/completions", Duration::from_secs(120))
             .send_json(&body)?
             .body_mut()
             .read_json()?;
@@ -234,15 +329,14 @@ impl Home {
     /// fine-tune) and starts a fine-tuning job on it with `hearth` extras
     /// (steps, method, …); returns the job id.
     pub fn start_job(&self, i: usize, jsonl: &str, hearth: serde_json::Value) -> Result<String> {
-        let base = format!("http://127.0.0.1:{}", self.devices[i].http);
         let boundary = "hearth-home-boundary-7f3a";
         let body = format!(
             "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
              --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"data.jsonl\"\r\n\
              Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
         );
-        let file: serde_json::Value = agent(Duration::from_secs(30))
-            .post(&format!("{base}/v1/files"))
+        let file: serde_json::Value = self.devices[i]
+            .post("/v1/files", Duration::from_secs(30))
             .header(
                 "Content-Type",
                 &format!("multipart/form-data; boundary={boundary}"),
@@ -258,8 +352,8 @@ impl Home {
             .placement
             .map(|p| p.model)
             .context("no model placed")?;
-        let job: serde_json::Value = agent(Duration::from_secs(30))
-            .post(&format!("{base}/v1/fine_tuning/jobs"))
+        let job: serde_json::Value = self.devices[i]
+            .post("/v1/fine_tuning/jobs", Duration::from_secs(30))
             .send_json(serde_json::json!({
                 "model": model, "training_file": file_id, "hearth": hearth,
             }))?
@@ -273,11 +367,11 @@ impl Home {
 
     /// Device `i`'s `GET /v1/fine_tuning/jobs/{id}`.
     pub fn job(&self, i: usize, id: &str) -> Result<serde_json::Value> {
-        Ok(agent(Duration::from_secs(10))
-            .get(&format!(
-                "http://127.0.0.1:{}/v1/fine_tuning/jobs/{id}",
-                self.devices[i].http
-            ))
+        Ok(self.devices[i]
+            .get(
+                &format!("/v1/fine_tuning/jobs/{id}"),
+                Duration::from_secs(10),
+            )
             .call()?
             .body_mut()
             .read_json()?)
@@ -286,11 +380,11 @@ impl Home {
     /// Job `id`'s events on device `i`, oldest first (as the API gives
     /// them: `message`, `level`, `data` with a step's metrics).
     pub fn job_events(&self, i: usize, id: &str) -> Result<Vec<serde_json::Value>> {
-        let v: serde_json::Value = agent(Duration::from_secs(10))
-            .get(&format!(
-                "http://127.0.0.1:{}/v1/fine_tuning/jobs/{id}/events",
-                self.devices[i].http
-            ))
+        let v: serde_json::Value = self.devices[i]
+            .get(
+                &format!("/v1/fine_tuning/jobs/{id}/events"),
+                Duration::from_secs(10),
+            )
             .call()?
             .body_mut()
             .read_json()?;

@@ -506,12 +506,34 @@ pub fn hearth_up_command_with(
     http: u16,
     extra: &[String],
 ) -> Result<std::process::Command> {
+    hearth_up_command_at(
+        binary,
+        home,
+        name,
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        quic,
+        http,
+        extra,
+    )
+}
+
+/// [`hearth_up_command_with`] listening on `ip` (a namespace's LAN
+/// address, say) instead of loopback.
+pub fn hearth_up_command_at(
+    binary: &Path,
+    home: &Path,
+    name: &str,
+    ip: std::net::IpAddr,
+    quic: u16,
+    http: u16,
+    extra: &[String],
+) -> Result<std::process::Command> {
     let mut c = std::process::Command::new(binary);
     c.args(["up", "--no-mdns", "--name", name])
         .arg("--home")
         .arg(home)
-        .args(["--quic", &format!("127.0.0.1:{quic}")])
-        .args(["--http", &format!("127.0.0.1:{http}")])
+        .args(["--quic", &format!("{ip}:{quic}")])
+        .args(["--http", &format!("{ip}:{http}")])
         .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());

@@ -58,9 +58,11 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A bridge and `hosts` namespaces on it, `10.77.0.<i+1>/24` each.
+/// A bridge and `hosts` namespaces on it, `10.77.<n>.<i+1>/24` each (`n`
+/// differs between the LANs of one process, so several can coexist).
 pub struct Lan {
     tag: String,
+    subnet: u8,
     bridge: String,
     namespaces: Vec<String>,
     veths: Vec<String>,
@@ -77,6 +79,7 @@ impl Lan {
         let mut lan = Self {
             bridge: format!("hbr{tag}"),
             tag,
+            subnet: (n % 250) as u8,
             namespaces: Vec::new(),
             veths: Vec::new(),
         };
@@ -130,7 +133,51 @@ impl Lan {
 
     /// Host `i`'s address.
     pub fn ip(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, 0, (i + 1) as u8)
+        Ipv4Addr::new(10, 77, self.subnet, (i + 1) as u8)
+    }
+
+    /// Gives this machine's own namespace the address `.254` on the
+    /// bridge, so a test reaches the hosts directly (their HTTP APIs).
+    pub fn reach_from_host(&self) -> Result<Ipv4Addr> {
+        let me = Ipv4Addr::new(10, 77, self.subnet, 254);
+        // Removed with the bridge.
+        ip(&["addr", "add", &format!("{me}/24"), "dev", &self.bridge])?;
+        Ok(me)
+    }
+
+    /// Shapes host `i`'s outgoing traffic: at most `rate_mbit` Mbit/s
+    /// (`tc tbf`), and with `delay_ms` > 0 each packet delayed by that
+    /// much (`tc netem`, which needs the kernel's `sch_netem`; a round trip
+    /// between two shaped hosts then takes twice the delay).
+    pub fn shape(&self, i: usize, rate_mbit: f64, delay_ms: f64) -> Result<()> {
+        let rate = format!("{rate_mbit}mbit");
+        let mut tc = Command::new("ip");
+        tc.args([
+            "netns",
+            "exec",
+            self.ns(i),
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "eth0",
+        ]);
+        if delay_ms > 0.0 {
+            tc.args(["root", "netem", "delay", &format!("{delay_ms}ms")])
+                .args(["rate", &rate, "limit", "10000"]);
+        } else {
+            tc.args([
+                "root", "tbf", "rate", &rate, "burst", "32kbit", "latency", "400ms",
+            ]);
+        }
+        let out = tc.output().context("running tc")?;
+        if !out.status.success() {
+            bail!(
+                "tc on host {i} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Host `i`'s namespace name.
