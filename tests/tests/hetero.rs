@@ -7,8 +7,11 @@
 //!   request fails;
 //! - a LoRA job whose devices swap quotas mid-job re-plans between steps,
 //!   finishes on the new split, and ends at an uninterrupted run's weights;
-//! - devices in network namespaces over `tc netem` links measure the
-//!   shaped round trip, are placed, and serve from their own namespace.
+//! - devices in network namespaces over `tc`-shaped links measure the
+//!   shaped rate, are placed, and serve from their own namespace;
+//! - busy programs inside one device's own quota (which its offer cannot
+//!   see) slow its training stage; the job sees it in the stage's busy
+//!   time and moves layers off it.
 #![allow(clippy::print_stdout)] // Prints what it observes.
 
 use std::sync::Arc;
@@ -291,5 +294,92 @@ fn a_home_on_shaped_links_measures_them_places_and_serves() -> Result<()> {
         let n = home.complete(i, &p.model, "hello over the LAN", 8)?;
         assert!(n > 0, "device {i} generated nothing");
     }
+    Ok(())
+}
+
+#[test]
+fn a_program_competing_inside_a_devices_quota_moves_the_job_by_its_busy_times() -> Result<()> {
+    let test = "a_program_competing_inside_a_devices_quota_moves_the_job_by_its_busy_times";
+    if !cgroup::available(test) {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // Two devices of one core each.
+    let home = Home::start(
+        &model(dir.path())?,
+        &HomeSpec {
+            cores: vec![1.0, 1.0],
+            ..HomeSpec::default()
+        },
+    )?;
+    home.wait_placement(0, Duration::from_secs(90), |p| {
+        whole(p) && p.figures.len() == 2
+    })?;
+    let mut data = String::new();
+    for i in 0..8 {
+        data += &format!("{{\"text\":\"a fox {i} jumps over {i} lazy dogs by the river\"}}\n");
+    }
+    let extras = serde_json::json!({
+        "steps": 80, "batch_size": 4, "micro_batches": 2, "seq_len": 128,
+        "learning_rate": 1e-2, "checkpoint_every": 0, "merge": false,
+        "method": {"type": "lora", "rank": 4, "alpha": 8.0},
+    });
+    let id = home.start_job(0, &data, extras)?;
+    let start = Instant::now();
+    let job = loop {
+        let j = home.job(0, &id)?;
+        if j["hearth"]["step"].as_u64().unwrap_or(0) >= 2 {
+            break j;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(300),
+            "no step 2: {:?}",
+            home.job_messages(0, &id)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let layers = |job: &serde_json::Value, name: &str| -> u64 {
+        job["hearth"]["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == name)
+            .map(|s| s["end"].as_u64().unwrap_or(0) - s["start"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // The device with the most layers gets busy programs inside its own
+    // quota: its offer still says one core, while its stage gets about two
+    // tenths of it (two compute threads against eight busy ones).
+    let busy = if layers(&job, "a") >= layers(&job, "b") {
+        0
+    } else {
+        1
+    };
+    let name = home.devices[busy].name.clone();
+    let before = layers(&job, &name);
+    let spin: Vec<_> = (0..8)
+        .map(|_| home.devices[busy].group.spin())
+        .collect::<Result<_>>()?;
+    let done = home.wait_job(0, &id, Duration::from_secs(600))?;
+    drop(spin);
+    let log = home.job_messages(0, &id)?;
+    assert_eq!(done["status"], "succeeded", "{done} {log:#?}");
+    let moved: Vec<&String> = log
+        .iter()
+        .filter(|m| m.contains("Re-planning between steps"))
+        .collect();
+    println!(
+        "{name} busy from step 2 ({before} layers); moves: {moved:#?}; final stages {}",
+        done["hearth"]["stages"]
+    );
+    assert!(
+        moved.iter().any(|m| m.contains("busy time")),
+        "no move for the measured slowdown: {log:#?}"
+    );
+    assert!(
+        layers(&done, &name) < before,
+        "{name} kept {} of {before} layers",
+        layers(&done, &name)
+    );
     Ok(())
 }

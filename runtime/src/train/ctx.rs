@@ -23,6 +23,15 @@ use crate::profile::{PlanRequest, ProfileBook, planner_input};
 /// A training split as (node id, first layer, end layer), to compare.
 pub(crate) type Split = Vec<(String, usize, usize)>;
 
+/// Training slowdowns measured from the stages' busy times that the
+/// figures do not show (a program competing inside a device's own CPU
+/// quota), per node id: (factor, the device's training figure then). An
+/// entry holds until the device's figure moves by more than [`NOTABLE`].
+pub(crate) type Observed = std::collections::HashMap<String, (f64, f64)>;
+
+/// A figure that moves by more than this ratio tells something new.
+const NOTABLE: f64 = 1.2;
+
 /// A training re-plan must predict a step this many times shorter.
 pub(crate) const REPLAN_GAIN: f64 = 1.25;
 
@@ -90,15 +99,18 @@ impl JobCtx {
 
     /// Stages (node id, name, layers) over the live members that serve the
     /// model: the partitioner's training plan, or an even split.
+    /// Slowdowns measured so far in the job (`observed`) scale the figures.
     pub(crate) async fn place(
         &self,
         spec: &JobSpec,
         micro_batch_tokens: u32,
+        observed: &mut Observed,
     ) -> Result<Vec<(String, String, StageSpec)>, String> {
         let model = self.service.model().ok_or("the model was unloaded")?;
         let view = self.membership.view().await.ok_or("the node is stopping")?;
         let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
-        let input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
+        let mut input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
+        apply_observed(&mut input, &Default::default(), observed);
         let policy = self.training_policy(spec, micro_batch_tokens);
         let (stages, _, _) = decide(&policy, &input, &model.info)?;
         let name_of = |id: &str| {
@@ -124,11 +136,18 @@ impl JobCtx {
     /// with a step at least [`REPLAN_GAIN`] times shorter: the proposed
     /// split as (node id, layers) and why, in words. Never with an even
     /// split (nothing is measured then).
+    ///
+    /// `drifts` are the current split's stages' measured busy time per
+    /// token now ÷ early in the split, with each device's training figure
+    /// then; a slowdown they show beyond what the figures show goes into
+    /// `observed`, whose entries scale those devices' figures.
     pub(crate) async fn better_split(
         &self,
         spec: &JobSpec,
         micro_batch_tokens: u32,
         current: &[(String, String, StageSpec)],
+        drifts: &std::collections::HashMap<String, (f64, f64)>,
+        observed: &mut Observed,
     ) -> Option<(Split, String)> {
         let PlacementPolicy::Planned(req) = self.training_policy(spec, micro_batch_tokens) else {
             return None;
@@ -136,8 +155,9 @@ impl JobCtx {
         let model = self.service.model()?;
         let view = self.membership.view().await?;
         let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
-        let input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
+        let mut input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
         let workload = req.workload(&model.info.config).ok()?;
+        let slower = apply_observed(&mut input, drifts, observed);
         let assignment: Vec<(usize, std::ops::Range<usize>)> = current
             .iter()
             .map(|(id, _, s)| {
@@ -167,10 +187,16 @@ impl JobCtx {
                 .iter()
                 .zip(current)
                 .all(|((a, s, e), (b, _, c))| a == b && *s == c.start && *e == c.end);
+        tracing::debug!(
+            now = now.step_s,
+            best = best.step_s,
+            ?proposal,
+            "training re-plan check"
+        );
         if same || now.step_s < best.step_s * REPLAN_GAIN {
             return None;
         }
-        let moved: Vec<String> = input
+        let mut moved: Vec<String> = input
             .figures
             .iter()
             .filter_map(|f| {
@@ -178,6 +204,7 @@ impl JobCtx {
                     .map(|c| format!("{}: {c:.2} cores available", f.name))
             })
             .collect();
+        moved.extend(slower);
         Some((
             proposal,
             format!(
@@ -191,6 +218,21 @@ impl JobCtx {
                 best.step_s
             ),
         ))
+    }
+
+    /// Each member's training figure now (one layer's forward + backward
+    /// per token, current figures), by node id.
+    pub(crate) async fn train_figures(&self) -> std::collections::HashMap<String, f64> {
+        let (Some(model), Some(view)) = (self.service.model(), self.membership.view().await) else {
+            return Default::default();
+        };
+        let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
+        let input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
+        input
+            .node_ids
+            .into_iter()
+            .zip(input.devices.iter().map(|d| d.layer.train_s_per_token))
+            .collect()
     }
 
     /// Has `node` load and run `order`'s stage.
@@ -254,6 +296,48 @@ impl JobCtx {
             message: message.to_string(),
         });
     }
+}
+
+/// Records in `observed` what `drifts` show beyond the figures in `input`,
+/// drops entries whose device's figure has moved since, and scales the
+/// training figures in `input` by the rest; returns them in words.
+fn apply_observed(
+    input: &mut crate::profile::PlannerInput,
+    drifts: &std::collections::HashMap<String, (f64, f64)>,
+    observed: &mut Observed,
+) -> Vec<String> {
+    let mut slower = Vec::new();
+    for (d, node) in input.node_ids.iter().enumerate() {
+        let Some(dev) = input.devices.get_mut(d) else {
+            continue;
+        };
+        let fig = dev.layer.train_s_per_token;
+        if let Some((drift, then)) = drifts.get(node) {
+            // What the figures explain of the drift, and what they do not.
+            let k = drift * then / fig;
+            tracing::debug!(node = %node.get(..8).unwrap_or(node), drift, then, fig, k, "training pace");
+            if k.is_finite() && k > NOTABLE {
+                observed.insert(node.clone(), (k, fig));
+            }
+        }
+        let Some(&(k, at)) = observed.get(node) else {
+            continue;
+        };
+        let moved = fig / at;
+        if !(moved.is_finite() && (1.0 / NOTABLE..=NOTABLE).contains(&moved)) {
+            observed.remove(node);
+            continue;
+        }
+        for t in [&mut dev.layer, &mut dev.embed, &mut dev.head] {
+            t.train_s_per_token *= k;
+            t.train_forward_s_per_token *= k;
+        }
+        let name = input.figures.get(d).map_or("?", |f| f.name.as_str());
+        slower.push(format!(
+            "{name}: training {k:.2}× slower than its figures (busy time)"
+        ));
+    }
+    slower
 }
 
 fn short(s: &str) -> &str {

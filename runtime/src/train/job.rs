@@ -434,6 +434,7 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
     };
     let mut replans = 0;
     let mut moves = 0;
+    let mut observed = super::ctx::Observed::new();
     let final_state = loop {
         if job.cancelled() {
             return Ok(());
@@ -443,7 +444,7 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         {
             break c.clone();
         }
-        match attempt(ctx, job, &plan, &mut ckpt, moves < MAX_MOVES).await {
+        match attempt(ctx, job, &plan, &mut ckpt, &mut observed, moves < MAX_MOVES).await {
             Ok(Ended::Done(state)) => break *state,
             Ok(Ended::Stopped) => return Ok(()),
             Ok(Ended::Move(why)) => {
@@ -576,6 +577,18 @@ fn write_outputs(
     Ok(Some(dst))
 }
 
+/// A stage's busy time per token lately (the last 2 steps) ÷ early in its
+/// split (steps 2 and 3: the first warms up), once there are 5 steps.
+fn drift(steps: &[f64]) -> Option<f64> {
+    if steps.len() < 5 {
+        return None;
+    }
+    let early = (steps[1] + steps[2]) / 2.0;
+    let late = steps[steps.len() - 2..].iter().sum::<f64>() / 2.0;
+    let d = late / early;
+    (d.is_finite() && d > 0.0).then_some(d)
+}
+
 /// How an attempt ended without error.
 enum Ended {
     /// Every step ran: the final state.
@@ -620,12 +633,14 @@ struct Plan<'a> {
 
 /// One placement of the job, from the last checkpoint to the end (the
 /// final state), until something fails, or (when `may_move`) until a
-/// clearly faster split is found between steps.
+/// clearly faster split is found between steps. `observed`: the training
+/// slowdowns the job's stages have shown so far, beyond their figures.
 async fn attempt(
     ctx: &Arc<JobCtx>,
     job: &Arc<JobHandle>,
     plan: &Plan<'_>,
     ckpt: &mut Option<Checkpoint>,
+    observed: &mut super::ctx::Observed,
     may_move: bool,
 ) -> Result<Ended, AttemptError> {
     let Plan {
@@ -646,7 +661,7 @@ async fn attempt(
         retryable: true,
     };
     let start = ckpt.as_ref().map_or(0, |c| c.step);
-    let stages = ctx.place(spec, mb_tokens).await.map_err(|e| {
+    let stages = ctx.place(spec, mb_tokens, observed).await.map_err(|e| {
         retry(
             TrainError::Stage(format!("cannot place the job: {e}")),
             start,
@@ -759,6 +774,10 @@ async fn attempt(
     let mut result = None;
     let began = std::time::Instant::now();
     let mut checked = began;
+    // Each stage's busy seconds per token, step by step, and the training
+    // figures its device had when the split started.
+    let mut pace: Vec<Vec<f64>> = vec![Vec::new(); p];
+    let start_figures = ctx.train_figures().await;
     let mut proposal: Option<(super::ctx::Split, u32)> = None;
     let mut moving: Option<String> = None;
     for step in start..total {
@@ -768,7 +787,17 @@ async fn attempt(
         let last = step + 1 == total;
         if may_move && !last && began.elapsed() >= MOVE_DWELL && checked.elapsed() >= MOVE_CHECK {
             checked = std::time::Instant::now();
-            match ctx.better_split(spec, mb_tokens, &stages).await {
+            let drifts: HashMap<String, (f64, f64)> = pace
+                .iter()
+                .zip(&nodes)
+                .filter_map(|(steps, node)| {
+                    Some((node.clone(), (drift(steps)?, *start_figures.get(node)?)))
+                })
+                .collect();
+            match ctx
+                .better_split(spec, mb_tokens, &stages, &drifts, observed)
+                .await
+            {
                 Some((split, why)) => {
                     let seen = match &mut proposal {
                         Some((p, n)) if *p == split => {
@@ -811,6 +840,13 @@ async fn attempt(
                 return Err(retry(e, step));
             }
         };
+        if out.tokens > 0 {
+            for (k, b) in out.busy_s.iter().enumerate() {
+                if let Some(v) = pace.get_mut(k) {
+                    v.push(b / out.tokens as f64);
+                }
+            }
+        }
         let tok_s = out.tokens as f64 / out.wall_s.max(1e-9);
         let utilization: Vec<f64> = out
             .busy_s

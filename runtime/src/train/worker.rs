@@ -363,7 +363,9 @@ impl Worker {
                         ))
                     })?;
                     let d = dropout_ctx(&s, step, mb);
-                    let t0 = Instant::now();
+                    // Busy time is compute alone: not the wait for the
+                    // next stage's gradient.
+                    let mut t0 = Instant::now();
                     let back = if last {
                         let (l, step_targets) = labels.remove(&mb).ok_or_else(|| {
                             TrainError::Protocol(format!("no labels for micro-batch {mb}"))
@@ -385,6 +387,7 @@ impl Worker {
                                 return Err(TrainError::Protocol(format!("unexpected {other:?}")));
                             }
                         };
+                        t0 = Instant::now();
                         self.stage
                             .backward(&input, &layout, &d, Upstream::Grad(&g))?
                     };
