@@ -193,15 +193,7 @@ fn a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights(
     );
     // The same job; the quotas swap after a few steps.
     let id = home.start_job(0, &data, extras)?;
-    let start = Instant::now();
-    while home.job(0, &id)?["hearth"]["step"].as_u64().unwrap_or(0) < 3 {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(300),
-            "no step 3: {:?}",
-            home.job_messages(0, &id)?
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    home.wait_step(0, &id, 3, Duration::from_secs(300))?;
     home.set_cores(0, 0.25)?;
     home.set_cores(1, 1.0)?;
     let swapped_at = home.job(0, &id)?["hearth"]["step"].as_u64().unwrap_or(0);
@@ -218,16 +210,11 @@ fn a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights(
     );
     assert!(!moved.is_empty(), "no re-plan after the swap: {log:#?}");
     // After the move b (1 core now) holds more layers than a.
-    let layers = |name: &str| -> u64 {
+    assert!(
+        Home::job_layers(&done, "b") > Home::job_layers(&done, "a"),
+        "{}",
         done["hearth"]["stages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["name"] == name)
-            .map(|s| s["end"].as_u64().unwrap_or(0) - s["start"].as_u64().unwrap_or(0))
-            .sum()
-    };
-    assert!(layers("b") > layers("a"), "{}", done["hearth"]["stages"]);
+    );
     // No step lost or applied twice: the uninterrupted run's weights.
     let (want, got) = (Home::job_adapter(&reference)?, Home::job_adapter(&done)?);
     assert_eq!(want.len(), got.len());
@@ -325,28 +312,8 @@ fn a_program_competing_inside_a_devices_quota_moves_the_job_by_its_busy_times() 
         "method": {"type": "lora", "rank": 4, "alpha": 8.0},
     });
     let id = home.start_job(0, &data, extras)?;
-    let start = Instant::now();
-    let job = loop {
-        let j = home.job(0, &id)?;
-        if j["hearth"]["step"].as_u64().unwrap_or(0) >= 2 {
-            break j;
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(300),
-            "no step 2: {:?}",
-            home.job_messages(0, &id)?
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let layers = |job: &serde_json::Value, name: &str| -> u64 {
-        job["hearth"]["stages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["name"] == name)
-            .map(|s| s["end"].as_u64().unwrap_or(0) - s["start"].as_u64().unwrap_or(0))
-            .sum()
-    };
+    let job = home.wait_step(0, &id, 2, Duration::from_secs(300))?;
+    let layers = Home::job_layers;
     // The device with the most layers gets busy programs inside its own
     // quota: its offer still says one core, while its stage gets about two
     // tenths of it (two compute threads against eight busy ones).

@@ -83,13 +83,7 @@ fn train(
     during: impl FnOnce() -> Result<()>,
 ) -> Result<(f64, serde_json::Value)> {
     let id = home.start_job(0, &train_data(), train_extras(steps))?;
-    let start = Instant::now();
-    while home.job(0, &id)?["hearth"]["step"].as_u64().unwrap_or(0) < 2 {
-        if start.elapsed() > Duration::from_secs(900) {
-            bail!("no step 2: {:?}", home.job_messages(0, &id)?);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    home.wait_step(0, &id, 2, Duration::from_secs(900))?;
     during()?;
     let done = home.wait_job(0, &id, Duration::from_secs(1800))?;
     if done["status"] != "succeeded" {

@@ -152,6 +152,13 @@ fn model_reporter() -> Arc<dyn Fn(ModelProgress) + Send + Sync> {
     let pull = std::sync::Mutex::new(crate::models::progress_printer());
     let received: std::sync::Mutex<Option<(u64, indicatif::ProgressBar)>> =
         std::sync::Mutex::new(None);
+    // A spinner with the measuring step, cleared once the model is served.
+    let measuring: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    let done_measuring = move |m: &std::sync::Mutex<Option<indicatif::ProgressBar>>| {
+        if let Some(b) = m.lock().ok().and_then(|mut b| b.take()) {
+            b.finish_and_clear();
+        }
+    };
     Arc::new(move |p| match p {
         ModelProgress::Pull(e) => {
             if let Ok(mut f) = pull.lock() {
@@ -176,12 +183,18 @@ fn model_reporter() -> Arc<dyn Fn(ModelProgress) + Send + Sync> {
                 }
             }
         }
-        ModelProgress::Measuring(step) => tracing::debug!("measuring: {step}"),
+        ModelProgress::Measuring(step) => {
+            if let Ok(mut bar) = measuring.lock() {
+                bar.get_or_insert_with(crate::profile::spinner)
+                    .set_message(format!("measuring the model: {step}"));
+            }
+        }
         ModelProgress::Served {
             info,
             cached,
             from_peers,
         } => {
+            done_measuring(&measuring);
             let t = &info.times;
             println!(
                 "  model      {} ({} layers){}: {:.3} ms per layer per decoded token{}",
@@ -197,7 +210,10 @@ fn model_reporter() -> Arc<dyn Fn(ModelProgress) + Send + Sync> {
             );
         }
         ModelProgress::Waiting(why) => tracing::debug!("no model from peers yet: {why}"),
-        ModelProgress::Failed(why) => eprintln!("warning: cannot serve the model: {why}"),
+        ModelProgress::Failed(why) => {
+            done_measuring(&measuring);
+            eprintln!("warning: cannot serve the model: {why}")
+        }
     })
 }
 

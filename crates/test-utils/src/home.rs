@@ -36,16 +36,20 @@ impl Device {
         format!("http://{}:{}{path}", self.ip, self.http)
     }
 
+    /// `r` with this device's API key, if it has one.
+    fn authorized<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.key {
+            Some(k) => r.header("Authorization", &format!("Bearer {k}")),
+            None => r,
+        }
+    }
+
     fn get(
         &self,
         path: &str,
         timeout: Duration,
     ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        let r = agent(timeout).get(&self.url(path));
-        match &self.key {
-            Some(k) => r.header("Authorization", &format!("Bearer {k}")),
-            None => r,
-        }
+        self.authorized(agent(timeout).get(&self.url(path)))
     }
 
     fn post(
@@ -53,11 +57,7 @@ impl Device {
         path: &str,
         timeout: Duration,
     ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
-        let r = agent(timeout).post(&self.url(path));
-        match &self.key {
-            Some(k) => r.header("Authorization", &format!("Bearer {k}")),
-            None => r,
-        }
+        self.authorized(agent(timeout).post(&self.url(path)))
     }
 
     /// This device's node as the cluster sees it.
@@ -123,15 +123,6 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .timeout_global(Some(timeout))
         .build()
         .into()
-}
-
-/// `GET /api/cluster` of the node at `http`.
-pub fn view(http: u16) -> Result<ClusterView> {
-    Ok(agent(Duration::from_secs(5))
-        .get(&format!("http://127.0.0.1:{http}/api/cluster"))
-        .call()?
-        .body_mut()
-        .read_json()?)
 }
 
 impl Home {
@@ -444,5 +435,44 @@ impl Home {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(all)
+    }
+
+    /// Waits until job `id` on device `i` has done `step` steps (or `limit`
+    /// passes); returns its object then.
+    pub fn wait_step(
+        &self,
+        i: usize,
+        id: &str,
+        step: u64,
+        limit: Duration,
+    ) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let j = self.job(i, id)?;
+            if j["hearth"]["step"].as_u64().unwrap_or(0) >= step {
+                return Ok(j);
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "no step {step} in {limit:?}: {:?}",
+                    self.job_messages(i, id)?
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Layers device `name` runs in a job object's current split.
+    pub fn job_layers(job: &serde_json::Value, name: &str) -> u64 {
+        job["hearth"]["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == name)
+            .map(|s| {
+                let (start, end) = (s["start"].as_u64(), s["end"].as_u64());
+                end.unwrap_or(0).saturating_sub(start.unwrap_or(0))
+            })
+            .sum()
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, info, warn};
 
-use super::{PlacedStage, Placement, PlacementPolicy, Split, decide, evaluate_placement, split_of};
+use super::{PlacedStage, Placement, PlacementPolicy, Split, decide, propose, split_of};
 use crate::control::{Control, request};
 use crate::membership::Membership;
 use crate::pipeline::service::Service;
@@ -80,43 +80,30 @@ impl Replan {
         }
         self.last_check = Instant::now();
         let workload = req.workload(&info.config).ok()?;
-        let now = evaluate_placement(current, input, info, workload);
-        let best =
-            hearth_partitioner::plan(&info.cost, &input.devices, &input.links, workload).ok()?;
-        let proposal: Split = best
-            .stages
-            .iter()
-            .map(|s| {
-                (
-                    input.node_ids[s.device].clone(),
-                    s.layers.start,
-                    s.layers.end,
-                )
-            })
-            .collect();
-        let now_step = now.as_ref().map_or(f64::INFINITY, |p| p.step_s);
+        let current_split = split_of(current);
+        let p = propose(input, info, workload, &current_split)?;
         debug!(
-            now_step,
-            best_step = best.step_s,
-            proposal = ?proposal,
+            now_step = p.now.as_ref().map(|n| n.step_s),
+            best_step = p.best.step_s,
+            proposal = ?p.split,
             "re-plan check"
         );
-        let need = if best.stages.len() == 1 {
+        let need = if p.best.stages.len() == 1 {
             FALLBACK_GAIN
         } else {
             GAIN
         };
-        if proposal == split_of(current) || now_step < best.step_s * need {
+        if !p.beats(&current_split, need) {
             self.proposal = None;
             return None;
         }
         let seen = match &mut self.proposal {
-            Some((p, n)) if *p == proposal => {
+            Some((s, n)) if *s == p.split => {
                 *n += 1;
                 *n
             }
             _ => {
-                self.proposal = Some((proposal, 1));
+                self.proposal = Some((p.split.clone(), 1));
                 1
             }
         };
@@ -124,7 +111,7 @@ impl Replan {
             return None;
         }
         let moved = moved_figures(&current.figures, &input.figures);
-        let now_tok = now.map_or(0.0, |p| p.tokens_per_s);
+        let now_tok = p.now.map_or(0.0, |n| n.tokens_per_s);
         Some(format!(
             "{}predicted {now_tok:.1} → {:.1} tok/s",
             if moved.is_empty() {
@@ -132,7 +119,7 @@ impl Replan {
             } else {
                 format!("{}; ", moved.join("; "))
             },
-            best.tokens_per_s
+            p.best.tokens_per_s
         ))
     }
 }

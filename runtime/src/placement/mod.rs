@@ -203,23 +203,22 @@ pub(crate) fn split_of(p: &Placement) -> Split {
         .collect()
 }
 
-/// `placement` under `input`'s figures for `workload`, if its members are
-/// all in `input` and it fits.
-pub(crate) fn evaluate_placement(
-    placement: &Placement,
+/// `split` under `input`'s figures for `workload`, if its nodes are all in
+/// `input` and it fits.
+pub(crate) fn evaluate_split(
+    split: &Split,
     input: &PlannerInput,
     info: &crate::profile::ModelInfo,
     workload: hearth_partitioner::Workload,
 ) -> Option<hearth_partitioner::Plan> {
-    let assignment: Vec<(usize, std::ops::Range<usize>)> = placement
-        .stages
+    let assignment: Vec<(usize, std::ops::Range<usize>)> = split
         .iter()
-        .map(|s| {
+        .map(|(node, start, end)| {
             input
                 .node_ids
                 .iter()
-                .position(|n| *n == s.node_id)
-                .map(|d| (d, s.spec.start..s.spec.end))
+                .position(|n| n == node)
+                .map(|d| (d, *start..*end))
         })
         .collect::<Option<_>>()?;
     hearth_partitioner::evaluate(
@@ -230,6 +229,50 @@ pub(crate) fn evaluate_placement(
         &assignment,
     )
     .ok()
+}
+
+/// What the planner proposes instead of a current split.
+pub(crate) struct Proposal {
+    /// The best split for the workload under the figures now.
+    pub split: Split,
+    pub best: hearth_partitioner::Plan,
+    /// The current split under the same figures (none: it no longer fits
+    /// or lost a member).
+    pub now: Option<hearth_partitioner::Plan>,
+}
+
+impl Proposal {
+    /// Whether `best` beats the current split by `gain` (a current split
+    /// that cannot be evaluated is always beaten).
+    pub fn beats(&self, current: &Split, gain: f64) -> bool {
+        let now = self.now.as_ref().map_or(f64::INFINITY, |p| p.step_s);
+        self.split != *current && now >= self.best.step_s * gain
+    }
+}
+
+/// The planner's best split for `workload` under `input`'s figures, beside
+/// `current` under the same figures: what inference and training re-plans
+/// weigh.
+pub(crate) fn propose(
+    input: &PlannerInput,
+    info: &crate::profile::ModelInfo,
+    workload: hearth_partitioner::Workload,
+    current: &Split,
+) -> Option<Proposal> {
+    let best = hearth_partitioner::plan(&info.cost, &input.devices, &input.links, workload).ok()?;
+    let split = best
+        .stages
+        .iter()
+        .map(|s| {
+            let node = input.node_ids.get(s.device)?;
+            Some((node.clone(), s.layers.start, s.layers.end))
+        })
+        .collect::<Option<Split>>()?;
+    Some(Proposal {
+        split,
+        now: evaluate_split(current, input, info, workload),
+        best,
+    })
 }
 
 /// The single-stream decode rate `placement` should give with the figures
@@ -247,5 +290,5 @@ pub(crate) fn predict_now(
         sequences: 1,
         context: 1,
     };
-    evaluate_placement(placement, &input, info, workload)
+    evaluate_split(&split_of(placement), &input, info, workload)
 }

@@ -17,11 +17,8 @@ use crate::events::EventKind;
 use crate::membership::{Membership, MembershipEvent};
 use crate::pipeline::service::Service;
 use crate::placement::PlacementPolicy;
-use crate::placement::decide;
+use crate::placement::{Split, decide, propose};
 use crate::profile::{PlanRequest, ProfileBook, planner_input};
-
-/// A training split as (node id, first layer, end layer), to compare.
-pub(crate) type Split = Vec<(String, usize, usize)>;
 
 /// Training slowdowns measured from the stages' busy times that the
 /// figures do not show (a program competing inside a device's own CPU
@@ -158,42 +155,14 @@ impl JobCtx {
         let mut input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
         let workload = req.workload(&model.info.config).ok()?;
         let slower = apply_observed(&mut input, drifts, observed);
-        let assignment: Vec<(usize, std::ops::Range<usize>)> = current
+        let current: Split = current
             .iter()
-            .map(|(id, _, s)| {
-                input
-                    .node_ids
-                    .iter()
-                    .position(|n| n == id)
-                    .map(|d| (d, s.start..s.end))
-            })
-            .collect::<Option<_>>()?;
-        let (cost, devices, links) = (&model.info.cost, &input.devices, &input.links);
-        let now = hearth_partitioner::evaluate(cost, devices, links, workload, &assignment).ok()?;
-        let best = hearth_partitioner::plan(cost, devices, links, workload).ok()?;
-        let proposal: Split = best
-            .stages
-            .iter()
-            .map(|s| {
-                (
-                    input.node_ids[s.device].clone(),
-                    s.layers.start,
-                    s.layers.end,
-                )
-            })
+            .map(|(id, _, s)| (id.clone(), s.start, s.end))
             .collect();
-        let same = proposal.len() == current.len()
-            && proposal
-                .iter()
-                .zip(current)
-                .all(|((a, s, e), (b, _, c))| a == b && *s == c.start && *e == c.end);
-        tracing::debug!(
-            now = now.step_s,
-            best = best.step_s,
-            ?proposal,
-            "training re-plan check"
-        );
-        if same || now.step_s < best.step_s * REPLAN_GAIN {
+        let p = propose(&input, &model.info, workload, &current)?;
+        let now = p.now.as_ref()?.step_s;
+        tracing::debug!(now, best = p.best.step_s, proposal = ?p.split, "training re-plan check");
+        if !p.beats(&current, REPLAN_GAIN) {
             return None;
         }
         let mut moved: Vec<String> = input
@@ -205,17 +174,16 @@ impl JobCtx {
             })
             .collect();
         moved.extend(slower);
+        let best = p.best.step_s;
         Some((
-            proposal,
+            p.split,
             format!(
-                "{}predicted step {:.2} s → {:.2} s",
+                "{}predicted step {now:.2} s → {best:.2} s",
                 if moved.is_empty() {
                     String::new()
                 } else {
                     format!("{}; ", moved.join(", "))
                 },
-                now.step_s,
-                best.step_s
             ),
         ))
     }

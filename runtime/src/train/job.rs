@@ -778,7 +778,7 @@ async fn attempt(
     // figures its device had when the split started.
     let mut pace: Vec<Vec<f64>> = vec![Vec::new(); p];
     let start_figures = ctx.train_figures().await;
-    let mut proposal: Option<(super::ctx::Split, u32)> = None;
+    let mut proposal: Option<(crate::placement::Split, u32)> = None;
     let mut moving: Option<String> = None;
     for step in start..total {
         if job.cancelled() {
@@ -844,6 +844,10 @@ async fn attempt(
             for (k, b) in out.busy_s.iter().enumerate() {
                 if let Some(v) = pace.get_mut(k) {
                     v.push(b / out.tokens as f64);
+                    // [`drift`] reads the first 3 steps and the last 2.
+                    if v.len() > 5 {
+                        v.remove(3);
+                    }
                 }
             }
         }
