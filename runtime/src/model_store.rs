@@ -185,6 +185,12 @@ impl Node {
         report: Arc<dyn Fn(ModelProgress) + Send + Sync>,
     ) -> tokio::task::JoinHandle<()> {
         let node = self.clone();
+        // A device later offered clearly more CPU measures the model again.
+        crate::profile::spawn_remeasure(
+            self.profiles.clone(),
+            store.cache.clone(),
+            store.opts.clone(),
+        );
         tokio::spawn(async move {
             match first {
                 FirstModel::Store(spec) => {

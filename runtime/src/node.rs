@@ -72,7 +72,7 @@ impl NodeConfig {
 pub struct Node {
     endpoint: Endpoint,
     membership: Membership,
-    profiles: ProfileBook,
+    pub(crate) profiles: ProfileBook,
     pipeline: Service,
     jobs: Arc<crate::train::JobCtx>,
     job_list: Arc<std::sync::Mutex<Vec<Arc<JobHandle>>>>,

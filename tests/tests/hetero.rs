@@ -149,6 +149,18 @@ fn a_quota_swap_replaces_the_model_and_fails_no_request() -> Result<()> {
     );
     assert!(failed == 0, "{failed} requests failed: {errors:?}");
     assert!(ok > served_before, "no request was served after the swap");
+    // b was measured under 0.25 core: the plan that moves the model to it
+    // used figures b measured again under its new core, not the old ones
+    // scaled up (which overstate a device measured in short bursts).
+    let b = after
+        .figures
+        .iter()
+        .find(|f| f.name == "b")
+        .ok_or_else(|| anyhow::anyhow!("the placement has no figures for b"))?;
+    assert!(
+        !(b.source == hearth_runtime::profile::FigureSource::Offer && b.factor < 1.0 / 1.2),
+        "b's figures were scaled up from 0.25 core, not measured again: {b:?}"
+    );
     let reason = after.reason.unwrap_or_default();
     assert!(
         reason.contains("cores available") && reason.contains("tok/s"),

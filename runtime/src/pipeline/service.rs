@@ -374,7 +374,6 @@ impl Service {
             },
             Some(worker::StageMeter {
                 live: self.inner.profiles.live(),
-                times: model.info.times.clone(),
             }),
         )
         .map_err(|e| format!("starting the stage thread: {e}"))?;

@@ -58,11 +58,10 @@ struct HeadState {
     generated: usize,
 }
 
-/// How a stage reports its work to the node's live figures: the meter and
-/// the start-up times that predict each batch.
+/// How a stage reports its work to the node's live figures: the meter,
+/// whose basis (the node's measured times) predicts each batch.
 pub(crate) struct StageMeter {
     pub live: Arc<crate::profile::LiveMeter>,
-    pub times: crate::profile::ModelTimes,
 }
 
 impl StageMeter {
@@ -76,7 +75,7 @@ impl StageMeter {
         lens: &[usize],
     ) -> Option<(crate::profile::live::Work, f64)> {
         use crate::profile::live::Work;
-        let t = &self.times;
+        let t = self.live.basis()?;
         let layers = spec.end.saturating_sub(spec.start) as f64;
         let part = |f: fn(&hearth_partitioner::PhaseTimes) -> f64| {
             layers * f(&t.layer)

@@ -4,7 +4,7 @@
 //! members holding the model (a join, a leave, a model measured) leads to a
 //! new placement; until it is active, requests use the previous one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, info, warn};
@@ -13,7 +13,7 @@ use super::{PlacedStage, Placement, PlacementPolicy, Split, decide, propose, spl
 use crate::control::{Control, request};
 use crate::membership::Membership;
 use crate::pipeline::service::Service;
-use crate::profile::{PlannerInput, ProfileBook, planner_input};
+use crate::profile::{FigureSource, PlannerInput, ProfileBook, planner_input};
 
 /// How long the set of members must hold still before it is placed on.
 const SETTLE: Duration = Duration::from_millis(1500);
@@ -39,6 +39,11 @@ const STABLE_CHECKS: u32 = 2;
 /// the reason of a re-placement.
 const NOTABLE: f64 = 1.15;
 
+/// Longest the leader waits for a device offered clearly more CPU than when
+/// it measured to measure again (`profile::remeasure`) before re-planning
+/// for speed with its old figures scaled up by the offer.
+const REMEASURE_WAIT: Duration = Duration::from_secs(12);
+
 /// The leader's re-planning for speed: hysteresis (a large predicted gain,
 /// the same proposal in consecutive checks, a dwell time after each
 /// switch) so figures that wobble do not make placements flap.
@@ -46,6 +51,9 @@ struct Replan {
     last_check: Instant,
     last_switch: Instant,
     proposal: Option<(Split, u32)>,
+    /// Devices whose figures are their measurement scaled up to a larger
+    /// offer, since when (they are measuring again).
+    scaled_up: HashMap<String, Instant>,
 }
 
 impl Replan {
@@ -55,6 +63,7 @@ impl Replan {
             last_check: now,
             last_switch: now,
             proposal: None,
+            scaled_up: HashMap::new(),
         }
     }
 
@@ -79,6 +88,9 @@ impl Replan {
             return None;
         }
         self.last_check = Instant::now();
+        if self.awaiting_measurement(&input.figures) {
+            return None;
+        }
         let workload = req.workload(&info.config).ok()?;
         let current_split = split_of(current);
         let p = propose(input, info, workload, &current_split)?;
@@ -121,6 +133,32 @@ impl Replan {
             },
             p.best.tokens_per_s
         ))
+    }
+}
+
+impl Replan {
+    /// Whether a device's figures are still its old measurement scaled up
+    /// to a larger offer, for less than [`REMEASURE_WAIT`]: such a device
+    /// is measuring again, and a plan on the scaled figures would predict
+    /// more than it delivers.
+    fn awaiting_measurement(&mut self, figures: &[crate::profile::DeviceFigures]) -> bool {
+        let scaled_up = |f: &&crate::profile::DeviceFigures| {
+            f.source == FigureSource::Offer && crate::profile::offered_more(f.factor, 1.0)
+        };
+        self.scaled_up
+            .retain(|id, _| figures.iter().filter(scaled_up).any(|f| f.node_id == *id));
+        let mut waiting = false;
+        for f in figures.iter().filter(scaled_up) {
+            let since = *self
+                .scaled_up
+                .entry(f.node_id.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() < REMEASURE_WAIT {
+                debug!(device = %f.name, "waiting for its figures under the larger offer");
+                waiting = true;
+            }
+        }
+        waiting
     }
 }
 
@@ -360,4 +398,38 @@ where
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::DeviceFigures;
+
+    fn figures(source: FigureSource, factor: f64) -> Vec<DeviceFigures> {
+        vec![DeviceFigures {
+            node_id: "b".into(),
+            name: "b".into(),
+            cores: Some(1.0),
+            factor,
+            source,
+            layer_decode_s: 1e-3,
+        }]
+    }
+
+    #[test]
+    fn re_plans_wait_for_a_device_offered_more_to_measure_again() {
+        let mut r = Replan::new();
+        // Scaled up from a quarter of the offer: wait.
+        assert!(r.awaiting_measurement(&figures(FigureSource::Offer, 0.25)));
+        assert!(r.awaiting_measurement(&figures(FigureSource::Offer, 0.25)));
+        // Scaled down, measured, or live: no wait.
+        assert!(!r.awaiting_measurement(&figures(FigureSource::Offer, 4.0)));
+        assert!(!r.awaiting_measurement(&figures(FigureSource::Measured, 1.0)));
+        assert!(!r.awaiting_measurement(&figures(FigureSource::Live, 0.5)));
+        assert!(r.scaled_up.is_empty());
+        // A device that never measures again is waited for only so long.
+        r.scaled_up
+            .insert("b".into(), Instant::now() - REMEASURE_WAIT);
+        assert!(!r.awaiting_measurement(&figures(FigureSource::Offer, 0.25)));
+    }
 }

@@ -25,7 +25,7 @@ pub const PROFILE_REFRESH: Duration = Duration::from_secs(2);
 pub const OFFER_PERIOD: Duration = Duration::from_secs(1);
 /// A change of the cores available by more than this ratio makes the live
 /// figures start over (they were taken under another offer).
-const OFFER_CHANGE: f64 = 1.2;
+pub(crate) const OFFER_CHANGE: f64 = 1.2;
 /// Longest a profile request may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -127,6 +127,7 @@ impl ProfileBook {
     /// profile members fetch).
     pub(crate) fn set_model(&self, info: ModelInfo) {
         if let Ok(mut i) = self.inner.write() {
+            i.live.rebase(info.times.clone());
             i.model = Some(info);
         }
     }
@@ -154,6 +155,41 @@ impl ProfileBook {
     /// This node's own profile now.
     pub fn own(&self) -> Option<NodeProfile> {
         self.inner.read().ok().map(|i| i.own_profile())
+    }
+
+    /// What the machine offers this node now, once sampled.
+    pub(crate) fn offer(&self) -> Option<super::Offer> {
+        self.inner.read().ok().and_then(|i| i.offer)
+    }
+
+    /// Replaces the served model's times with `times` measured again, if
+    /// the node still serves that model (same fingerprint and content).
+    /// Returns whether it did.
+    pub(crate) fn replace_times(&self, times: super::ModelTimes) -> bool {
+        let Ok(mut i) = self.inner.write() else {
+            return false;
+        };
+        let live = i.live.clone();
+        match i.model.as_mut() {
+            Some(m)
+                if m.times.fingerprint == times.fingerprint && m.times.content == times.content =>
+            {
+                live.rebase(times.clone());
+                m.times = times;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Resolves when the book is stopped.
+    pub(crate) async fn stopped(&self) {
+        let mut rx = self.stop.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     pub(crate) fn stop(&self) {

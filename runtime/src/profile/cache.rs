@@ -118,16 +118,9 @@ pub fn default_dir() -> PathBuf {
     hearth_models::store::hearth_home().join("profiles")
 }
 
-/// Times of `weights` on this device: from the cache in `dir` unless
-/// `fresh`, else measured (and cached there). Returns the times and
-/// whether they came from the cache.
-pub fn profile_model_with(
-    weights: &WeightFile,
-    dir: &Path,
-    opts: &MeasureOptions,
-    fresh: bool,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(ModelTimes, bool), ProfileError> {
+/// Where `weights` measured on this device under what the machine offers
+/// now is cached in `dir`, and the hardware identity the entry records.
+fn entry_path(weights: &WeightFile, dir: &Path, opts: &MeasureOptions) -> (PathBuf, String) {
     // What the machine offers (CPUs, quota) is part of the key: a
     // throttled device never reuses an unthrottled measurement.
     let offer = super::Offer {
@@ -151,6 +144,31 @@ pub fn profile_model_with(
         "{}.json",
         cache_key(&hardware, &fingerprint, threads)
     ));
+    (path, hardware)
+}
+
+/// Times of `weights` on this device under what the machine offers now, if
+/// the cache in `dir` has them (a device offered this much CPU before).
+pub(crate) fn cached_times(
+    weights: &WeightFile,
+    dir: &Path,
+    opts: &MeasureOptions,
+) -> Option<ModelTimes> {
+    let (path, hardware) = entry_path(weights, dir, opts);
+    read_entry(&path, &hardware)
+}
+
+/// Times of `weights` on this device: from the cache in `dir` unless
+/// `fresh`, else measured (and cached there). Returns the times and
+/// whether they came from the cache.
+pub fn profile_model_with(
+    weights: &WeightFile,
+    dir: &Path,
+    opts: &MeasureOptions,
+    fresh: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(ModelTimes, bool), ProfileError> {
+    let (path, hardware) = entry_path(weights, dir, opts);
     if !fresh && let Some(times) = read_entry(&path, &hardware) {
         debug!(path = %path.display(), "profile from cache");
         return Ok((times, true));

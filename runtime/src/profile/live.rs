@@ -7,7 +7,7 @@
 //! how busy its stages are, and how many tokens they pass per second.
 //! Shared in the node's profile.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -115,12 +115,17 @@ impl Sums {
 #[derive(Debug)]
 pub struct LiveMeter {
     sums: Mutex<Sums>,
+    /// The figures stages predict their batches from: the factors are
+    /// measured ÷ predicted, so they mean something only against these
+    /// (see [`LiveMeter::rebase`]).
+    basis: Mutex<Option<Arc<super::ModelTimes>>>,
 }
 
 impl Default for LiveMeter {
     fn default() -> Self {
         Self {
             sums: Mutex::new(Sums::new(Instant::now())),
+            basis: Mutex::new(None),
         }
     }
 }
@@ -145,6 +150,21 @@ impl LiveMeter {
             s.predicted[i] += p;
             s.batches[i] += 1.0;
         }
+    }
+
+    /// The figures batches are predicted from now.
+    pub fn basis(&self) -> Option<Arc<super::ModelTimes>> {
+        self.basis.lock().ok().and_then(|b| b.clone())
+    }
+
+    /// Predicts batches from `times` from now on and forgets the work
+    /// seen (its factors were against the previous figures): a model set,
+    /// or measured again.
+    pub fn rebase(&self, times: super::ModelTimes) {
+        if let Ok(mut b) = self.basis.lock() {
+            *b = Some(Arc::new(times));
+        }
+        self.reset();
     }
 
     /// Forgets everything (the offer changed: old work no longer tells

@@ -212,6 +212,19 @@ fn train_times(stage: &Stage, opts: &MeasureOptions) -> Result<(f64, f64), Profi
     Ok((fwd / n as f64, both / n as f64))
 }
 
+/// Decode and prefill times of `spec` quantized, over `copies` copies.
+fn inference_part(
+    weights: &WeightFile,
+    spec: StageSpec,
+    copies: usize,
+    opts: &MeasureOptions,
+) -> Result<(f64, f64), ProfileError> {
+    let stages = (0..copies.max(1))
+        .map(|_| opts.compute.load_stage(weights, spec, Precision::Quantized))
+        .collect::<Result<Vec<_>, _>>()?;
+    inference_times(&stages, spec.embed, opts)
+}
+
 /// Inference times of `spec` quantized, and training times in f32.
 fn measure_part(
     weights: &WeightFile,
@@ -222,11 +235,7 @@ fn measure_part(
     progress: &mut dyn FnMut(&str),
 ) -> Result<PhaseTimes, ProfileError> {
     progress(&format!("{what}: decode and prefill"));
-    let stages = (0..copies.max(1))
-        .map(|_| opts.compute.load_stage(weights, spec, Precision::Quantized))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (decode_s, prefill_s_per_token) = inference_times(&stages, false, opts)?;
-    drop(stages);
+    let (decode_s, prefill_s_per_token) = inference_part(weights, spec, copies, opts)?;
     progress(&format!("{what}: training"));
     let stage = Stage::load(weights, spec, Precision::F32)?;
     let (train_forward_s_per_token, train_s_per_token) = train_times(&stage, opts)?;
@@ -247,33 +256,22 @@ pub fn measure(
     let start = Instant::now();
     // Other programs' load over the whole measurement.
     let mut load = super::offer::LoadSampler::default();
-    let layers = weights.config().num_hidden_layers;
-    let spec = |start: usize, end: usize, embed: bool, head: bool| StageSpec {
-        start,
-        end,
-        embed,
-        head,
-    };
-    let one_layer = spec(0, 1.min(layers), false, false);
-    let embed_only = spec(0, 0, true, false);
-    let head_only = spec(layers, layers, false, true);
+    let (one_layer, embed_only, head_only) = parts(weights);
 
     // Decode reads as many distinct weight bytes per step as the model
     // holds, as serving does.
-    let cost = super::model_cost::model_cost(weights);
-    let model_bytes: u64 =
-        cost.layers.iter().map(|l| l.param_bytes).sum::<u64>() + cost.head.param_bytes;
-    let layer_bytes = cost.layers.first().map_or(0, |l| l.param_bytes);
-    let head_bytes = cost.head.param_bytes;
-
-    let n = copies(layer_bytes, model_bytes);
-    let layer = measure_part(weights, one_layer, n, "decoder layer", opts, progress)?;
+    let (layer_copies, head_copies) = copies_of(weights);
+    let layer = measure_part(
+        weights,
+        one_layer,
+        layer_copies,
+        "decoder layer",
+        opts,
+        progress,
+    )?;
 
     progress("embedding");
-    let stage = opts
-        .compute
-        .load_stage(weights, embed_only, Precision::Quantized)?;
-    let (decode, prefill) = inference_times(std::slice::from_ref(&stage), true, opts)?;
+    let (decode, prefill) = inference_part(weights, embed_only, 1, opts)?;
     // The frozen embedding is a lookup with no backward work.
     let embed = PhaseTimes {
         decode_s: decode,
@@ -282,8 +280,7 @@ pub fn measure(
         train_s_per_token: prefill,
     };
 
-    let n = copies(head_bytes, model_bytes);
-    let head = measure_part(weights, head_only, n, "LM head", opts, progress)?;
+    let head = measure_part(weights, head_only, head_copies, "LM head", opts, progress)?;
 
     let model = model_name(weights);
     Ok(ModelTimes {
@@ -298,6 +295,89 @@ pub fn measure(
         took_s: start.elapsed().as_secs_f64(),
         content: None,
         offer: Some(load.offer()),
+    })
+}
+
+/// The parts measured: one decoder layer, the embedding, the head.
+fn parts(weights: &WeightFile) -> (StageSpec, StageSpec, StageSpec) {
+    let layers = weights.config().num_hidden_layers;
+    let spec = |start: usize, end: usize, embed: bool, head: bool| StageSpec {
+        start,
+        end,
+        embed,
+        head,
+    };
+    (
+        spec(0, 1.min(layers), false, false),
+        spec(0, 0, true, false),
+        spec(layers, layers, false, true),
+    )
+}
+
+/// Copies to rotate decode over for the layer and the head of `weights`
+/// (see [`copies`]).
+fn copies_of(weights: &WeightFile) -> (usize, usize) {
+    let cost = super::model_cost::model_cost(weights);
+    let model_bytes: u64 =
+        cost.layers.iter().map(|l| l.param_bytes).sum::<u64>() + cost.head.param_bytes;
+    let layer_bytes = cost.layers.first().map_or(0, |l| l.param_bytes);
+    (
+        copies(layer_bytes, model_bytes),
+        copies(cost.head.param_bytes, model_bytes),
+    )
+}
+
+/// Measures the inference figures of `weights` again under what the
+/// machine offers now, keeping the rest of `old` (the same model measured
+/// under another offer). Training figures follow the offer linearly: they
+/// are compute-bound, and timing them again would take far longer.
+///
+/// Used when a device is offered more CPU than when it was measured: decode
+/// under a small quota runs in short bursts that each go faster than
+/// sustained work does, so scaling a throttled measurement up to a larger
+/// offer overstates the device (by about 25% from 0.25 to 1 core on the
+/// machines here).
+pub fn remeasure_inference(
+    weights: &WeightFile,
+    old: &ModelTimes,
+    opts: &MeasureOptions,
+) -> Result<ModelTimes, ProfileError> {
+    let start = Instant::now();
+    let mut load = super::offer::LoadSampler::default();
+    let (one_layer, embed_only, head_only) = parts(weights);
+    let (layer_copies, head_copies) = copies_of(weights);
+    let layer = inference_part(weights, one_layer, layer_copies, opts)?;
+    let embed = inference_part(weights, embed_only, 1, opts)?;
+    let head = inference_part(weights, head_only, head_copies, opts)?;
+    let offer = load.offer();
+    // Training time ∝ 1 / cores offered.
+    let train = match old.offer {
+        Some(then) => then.available() / offer.available(),
+        None => 1.0,
+    };
+    let train = if train.is_finite() && train > 0.0 {
+        train
+    } else {
+        1.0
+    };
+    let with = |old: PhaseTimes, (decode_s, prefill_s_per_token): (f64, f64)| PhaseTimes {
+        decode_s,
+        prefill_s_per_token,
+        train_forward_s_per_token: old.train_forward_s_per_token * train,
+        train_s_per_token: old.train_s_per_token * train,
+    };
+    let mut embed = with(old.embed, embed);
+    // The frozen embedding's training work is its lookup.
+    embed.train_forward_s_per_token = embed.prefill_s_per_token;
+    embed.train_s_per_token = embed.prefill_s_per_token;
+    Ok(ModelTimes {
+        layer: with(old.layer, layer),
+        embed,
+        head: with(old.head, head),
+        measured_at: unix_now(),
+        took_s: start.elapsed().as_secs_f64(),
+        offer: Some(offer),
+        ..old.clone()
     })
 }
 

@@ -13,6 +13,7 @@ mod measure;
 mod model_cost;
 pub mod offer;
 mod planning;
+mod remeasure;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,13 +22,14 @@ pub use cache::{default_dir as default_cache_dir, profile_model_with};
 pub use hardware::{GpuAdapter, Hardware};
 pub use links::{PROBE_BYTES, PROBE_PERIOD, measure_link};
 pub use live::{LiveFigures, LiveMeter};
-pub use measure::{MeasureOptions, measure};
+pub use measure::{MeasureOptions, measure, remeasure_inference};
 pub use model_cost::model_cost;
 pub use offer::{LoadSampler, Offer};
 pub use planning::{
     Alternative, DeviceFigures, PlanReport, PlanRequest, PlannerInput, lora_bytes_per_layer,
     plan_report, planner_input,
 };
+pub(crate) use remeasure::{offered_more, spawn as spawn_remeasure};
 
 use hearth_partitioner::PhaseTimes;
 use serde::{Deserialize, Serialize};
