@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 #[cfg(feature = "wgpu")]
 pub mod gpu;
 pub mod kv_cache;

@@ -247,21 +247,7 @@ impl WeightFile {
             _ => ModelError::io(path, e),
         })?;
         let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            // candle appends a backtrace after a newline when RUST_BACKTRACE is set.
-            let reason = e.to_string().lines().next().unwrap_or("").to_string();
-            if reason.contains("unknown dtype") {
-                ModelError::UnsupportedQuant {
-                    tensor: "(header)".into(),
-                    dtype: reason,
-                }
-            } else {
-                ModelError::BadGguf {
-                    path: path.to_path_buf(),
-                    reason,
-                }
-            }
-        })?;
+        let content = crate::gguf::read_content(&mut file, path)?;
         // Check every tensor fits in the file before anything is loaded, so a
         // truncated download is reported up front and by name.
         for (name, info) in &content.tensor_infos {

@@ -65,8 +65,7 @@ struct Layout(u64, u64, HashMap<String, (u64, u64)>);
 fn layout(path: &Path) -> Result<Layout, String> {
     let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let file_len = f.metadata().map_err(|e| e.to_string())?.len();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let content = hearth_models::gguf::read_content(&mut f, path).map_err(|e| e.to_string())?;
     let base = content.tensor_data_offset;
     let mut out = HashMap::new();
     for (name, t) in &content.tensor_infos {

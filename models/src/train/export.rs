@@ -155,10 +155,7 @@ pub fn write_merged_gguf(
     }
     let src = base.path();
     let mut file = std::fs::File::open(src).map_err(io(src))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::BadGguf {
-        path: src.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let content = crate::gguf::read_content(&mut file, src)?;
     let mut new: HashMap<String, QTensor> = HashMap::new();
     for (id, t) in replaced {
         let t = t.to_dtype(DType::F32)?;
