@@ -160,21 +160,79 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
     Ok(())
 }
 
+/// Playwright and Chromium, or why not (see [`missing`]).
+fn browser() -> Option<(PathBuf, String)> {
+    let dir = workspace_root().join("tests/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !dir.join("node_modules/playwright-core").is_dir() {
+        missing("playwright-core in tests/browser/node_modules");
+        return None;
+    }
+    if !Path::new(&chromium).is_file() {
+        missing("chromium");
+        return None;
+    }
+    Some((dir, chromium))
+}
+
+/// A page from another origin in a real browser posts to a keyless node
+/// (unload, multipart upload; by fetch and by form): the node refuses each
+/// and nothing changes.
+#[test]
+fn a_web_page_from_another_site_cannot_drive_a_keyless_node() -> Result<()> {
+    if real_model().is_none() {
+        return Ok(());
+    }
+    let Some((dir, chromium)) = browser() else {
+        return Ok(());
+    };
+    let home = tempfile::tempdir()?;
+    let (_cluster, base) = local_cluster(home.path())?;
+    let mut script = Command::new("node");
+    script
+        .arg(dir.join("cross_site.mjs"))
+        .arg(&base)
+        .env("CHROMIUM", &chromium);
+    let got = script_json(script, "cross_site.mjs")?;
+    eprintln!("browser: {got}");
+    let pages = got["pages"].as_array().context("pages")?;
+    assert_eq!(pages.len(), 2, "{got}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let view: Value = agent
+        .get(&format!("{base}/api/cluster"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    assert_eq!(
+        view["placement"]["stages"].as_array().map(Vec::len),
+        Some(2),
+        "the model is still placed: {view}"
+    );
+    let files: Value = agent
+        .get(&format!("{base}/v1/files"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    assert_eq!(files["data"], serde_json::json!([]), "nothing uploaded");
+    // The browser did send them: the node refused each of the 2 pages'
+    // 2 fetches and 2 forms.
+    let log = std::fs::read_to_string(home.path().join("up.log"))?;
+    let refused = log.matches("refused a cross-site request").count();
+    assert!(refused >= 8, "{refused} refusals logged:\n{log}");
+    Ok(())
+}
+
 #[test]
 fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
     if real_model().is_none() {
         return Ok(());
     }
-    let dir = workspace_root().join("tests/browser");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !dir.join("node_modules/playwright-core").is_dir() {
-        missing("playwright-core in tests/browser/node_modules");
+    let Some((dir, chromium)) = browser() else {
         return Ok(());
-    }
-    if !Path::new(&chromium).is_file() {
-        missing("chromium");
-        return Ok(());
-    }
+    };
     let home = tempfile::tempdir()?;
     let (_cluster, base) = local_cluster(home.path())?;
     let artifacts = workspace_root().join("tests/.artifacts");

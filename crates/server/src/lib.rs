@@ -31,7 +31,7 @@ use axum::{Json, Router};
 use hearth_runtime::Node;
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 mod control;
 mod finetune;
@@ -314,7 +314,52 @@ fn local_host(host: &str) -> bool {
     name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
+/// Why a state-changing request comes from another site, if it does: its
+/// `Sec-Fetch-Site` says anything but `same-origin` or `none` (typed by the
+/// user), or its `Origin` is not this server's. Browsers send a POST with
+/// a form-like body or none at all (an unload, a multipart upload) across
+/// sites without asking first, so a web page the user visits could drive
+/// a node; programs send neither header and are not affected.
+fn cross_site(req: &Request) -> Option<String> {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    let h = req.headers();
+    let text = |name| h.get(name).map(|v: &HeaderValue| v.to_str().unwrap_or("?"));
+    if let Some(site) = text("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Some(format!("Sec-Fetch-Site: {site}"));
+    }
+    let origin = text("origin")?;
+    let host = text("host").unwrap_or("");
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    match authority {
+        Some(a) if !host.is_empty() && a.eq_ignore_ascii_case(host) => None,
+        _ => Some(format!("Origin: {origin}")),
+    }
+}
+
 async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(why) = cross_site(&req) {
+        warn!(
+            method = %req.method(),
+            path = req.uri().path(),
+            "refused a cross-site request ({why})"
+        );
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            format!(
+                "this node takes state-changing requests only from its own pages or from \
+                 programs, not from another site ({why})"
+            ),
+            None,
+            Some("cross_site_request"),
+        );
+    }
     let Some(key) = s.api_key.as_deref() else {
         let host = req
             .headers()

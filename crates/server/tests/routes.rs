@@ -584,3 +584,92 @@ async fn fine_tuning_jobs_survive_a_restart() {
     assert_eq!(messages(&json(&body)), newest);
     third.shutdown().await;
 }
+
+/// A web page on another site cannot drive a node: state-changing requests
+/// whose `Origin` or `Sec-Fetch-Site` say another site are refused before
+/// any handler runs (no upload is stored), while the node's own pages and
+/// programs (which send neither header) are served.
+#[tokio::test]
+async fn state_changing_requests_from_another_site_are_refused() {
+    let node = node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = app_in(&node, dir.path());
+    fn with(mut req: Request<Body>, headers: &[(&str, &str)]) -> Request<Body> {
+        for (k, v) in headers {
+            let name = axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+            req.headers_mut()
+                .insert(name, axum::http::HeaderValue::from_str(v).unwrap());
+        }
+        req
+    }
+    let unload = || {
+        Request::post("/api/models/unload")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let file = b"{\"messages\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"assistant\",\"content\":\"b\"}]}\n";
+    let hostile: &[&[(&str, &str)]] = &[
+        &[
+            ("host", "127.0.0.1:7411"),
+            ("origin", "http://evil.example"),
+        ],
+        &[("host", "127.0.0.1:7411"), ("origin", "null")],
+        // Same site, another port: still another origin.
+        &[
+            ("host", "127.0.0.1:7411"),
+            ("origin", "http://127.0.0.1:8000"),
+        ],
+        &[("host", "127.0.0.1:7411"), ("sec-fetch-site", "cross-site")],
+        &[("host", "127.0.0.1:7411"), ("sec-fetch-site", "same-site")],
+        // A matching Origin does not excuse a cross-site fetch.
+        &[
+            ("host", "127.0.0.1:7411"),
+            ("origin", "http://127.0.0.1:7411"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+    ];
+    for h in hostile {
+        for req in [with(unload(), h), with(upload("fine-tune", file), h)] {
+            let path = req.uri().path().to_string();
+            let (status, _, body) = send(app.clone(), req).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path} {h:?}");
+            assert_eq!(json(&body)["error"]["code"], "cross_site_request");
+        }
+    }
+    let (_, listed) = get(app.clone(), "/v1/files").await;
+    assert_eq!(json(&listed)["data"].as_array().map(Vec::len), Some(0));
+    // Reading stays open to any page (nothing changes).
+    let req = with(
+        Request::get("/api/cluster").body(Body::empty()).unwrap(),
+        &[
+            ("origin", "http://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+    );
+    assert_eq!(send(app.clone(), req).await.0, StatusCode::OK);
+    // The node's own page, and a program.
+    let own: &[&[(&str, &str)]] = &[
+        &[
+            ("host", "127.0.0.1:7411"),
+            ("origin", "http://127.0.0.1:7411"),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        &[
+            ("host", "localhost:7411"),
+            ("origin", "http://LOCALHOST:7411"),
+        ],
+        &[],
+    ];
+    for h in own {
+        let (status, _, body) = send(app.clone(), with(upload("fine-tune", file), h)).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{h:?}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (_, listed) = get(app.clone(), "/v1/files").await;
+    assert_eq!(json(&listed)["data"].as_array().map(Vec::len), Some(3));
+    node.shutdown().await;
+}
