@@ -68,8 +68,6 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 /// How to serve.
@@ -82,6 +80,8 @@ pub struct ServerOptions {
     pub body_timeout: Duration,
     /// Where uploaded files and fine-tuning outputs go.
     pub data_dir: PathBuf,
+    /// Limits on connections (see [`HttpLimits`]).
+    pub limits: HttpLimits,
 }
 
 impl Default for ServerOptions {
@@ -90,6 +90,30 @@ impl Default for ServerOptions {
             api_key: None,
             body_timeout: BODY_TIMEOUT,
             data_dir: std::env::temp_dir().join("hearth-data"),
+            limits: HttpLimits::default(),
+        }
+    }
+}
+
+/// Limits on HTTP connections, as nginx's defaults set them, so clients
+/// that open connections and send nothing (or half a request) cannot hold
+/// them, and the file descriptors behind them, forever.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Longest a connection may take to send a request's headers, and
+    /// longest it may sit idle between requests (nginx:
+    /// `client_header_timeout` 60 s).
+    pub header_timeout: Duration,
+    /// Most connections open at once; past it new ones are closed at once
+    /// (nginx: `worker_connections` × workers).
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }
@@ -116,6 +140,7 @@ impl FromRef<AppState> for Node {
 pub struct App {
     router: Router,
     shutdown: watch::Sender<bool>,
+    limits: HttpLimits,
 }
 
 impl App {
@@ -127,6 +152,7 @@ impl App {
             info!("{restored} fine-tuning job(s) restored from their records");
         }
         let (shutdown, stopping) = watch::channel(false);
+        let limits = opts.limits;
         let state = AppState {
             node,
             api_key: opts.api_key.map(Arc::from),
@@ -182,7 +208,11 @@ impl App {
             // `read_body` enforces MAX_BODY; extractors see its whole body.
             .layer(DefaultBodyLimit::disable())
             .with_state(state);
-        Self { router, shutdown }
+        Self {
+            router,
+            shutdown,
+            limits,
+        }
     }
 
     /// The routes (for serving, or for `tower::ServiceExt::oneshot`).
@@ -464,7 +494,11 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Binds `addr`, and lets the process open as many files as its hard
+    /// limit allows (the soft limit is often 1024, fewer than
+    /// [`HttpLimits::max_connections`]).
     pub async fn bind(addr: SocketAddr) -> Result<Self, ServerError> {
+        raise_file_limit();
         let inner = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
@@ -477,23 +511,90 @@ impl Listener {
 
     /// Serves `app` until `shutdown` resolves; then open streams are told
     /// to end (see [`App::begin_shutdown`]) and open requests finish.
+    /// Connections follow `app`'s [`HttpLimits`].
     pub async fn serve(
         self,
         app: App,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        use tower::ServiceExt;
+
         if let Some(a) = self.local_addr() {
             info!("HTTP on http://{a}");
         }
-        let router = app.router();
-        let signal = async move {
-            shutdown.await;
-            app.begin_shutdown();
+        let limits = app.limits;
+        let service = app
+            .router()
+            .map_request(|r: Request<hyper::body::Incoming>| r.map(axum::body::Body::new));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+        let mut refused_at: Option<std::time::Instant> = None;
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                () = &mut shutdown => break,
+                r = self.inner.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: let
+                        // connections finish instead of spinning.
+                        warn!("accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if refused_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    warn!(
+                        max = limits.max_connections,
+                        "too many open HTTP connections; closing new ones"
+                    );
+                    refused_at = Some(std::time::Instant::now());
+                }
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = http.serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service.clone()),
+            );
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(slot);
+            });
+        }
+        app.begin_shutdown();
+        graceful.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit.
+fn raise_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
-        axum::serve(self.inner, router)
-            .with_graceful_shutdown(signal)
-            .await
-            .map_err(ServerError::Serve)
+        // SAFETY: getrlimit/setrlimit read and write one plain struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                let want = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                    tracing::debug!("could not raise the open-file limit");
+                }
+            }
+        }
     }
 }
 
