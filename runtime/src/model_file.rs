@@ -452,9 +452,7 @@ async fn fetch_from(
     }
     f.sync_all().map_err(|e| e.to_string())?;
     let doc = serde_json::to_vec_pretty(&have).map_err(|e| e.to_string())?;
-    let tmp = have_path(dest).with_extension("tmp");
-    std::fs::write(&tmp, doc).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, have_path(dest)).map_err(|e| e.to_string())?;
+    hearth_models::durable::write(&have_path(dest), &doc).map_err(|e| e.to_string())?;
     info!(
         from = %id.short(),
         tensors = pieces.len(),

@@ -50,14 +50,13 @@ impl Identity {
             })?;
             return Self::from_key(key);
         }
-        std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir.display().to_string(), e))?;
+        private_dir(dir)?;
         let key = rcgen::KeyPair::generate().map_err(|e| NetError::Cert(e.to_string()))?;
         write_private(&key_path, key.serialize_pem().as_bytes())?;
         let (me, cert_pem) = Self::build(key)?;
         // The certificate is derived from the key; saved for inspection only.
         let cert_path: PathBuf = dir.join(CERT_FILE);
-        std::fs::write(&cert_path, cert_pem)
-            .map_err(|e| NetError::io(cert_path.display().to_string(), e))?;
+        write_private(&cert_path, cert_pem.as_bytes())?;
         Ok(me)
     }
 
@@ -110,25 +109,35 @@ pub fn node_id_of_cert(cert: &CertificateDer<'_>) -> Result<NodeId, NetError> {
     ))
 }
 
-/// Writes a file readable only by its owner.
+/// Makes `dir` and its missing parents, those made here 0700.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), NetError> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+        .map_err(|e| NetError::io(dir.display().to_string(), e))
+}
+
+/// Writes a file readable only by its owner, durably: a temporary file
+/// beside it, fsynced, renamed over it, the folder fsynced. A crash leaves
+/// the old file or the new one, never an empty one.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NetError> {
     use std::io::Write;
     let io = |e| NetError::io(path.display().to_string(), e);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
+    let mut f = atomic_write_file::AtomicWriteFile::open(path).map_err(io)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        f.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
     }
-    Ok(())
+    f.write_all(bytes).map_err(io)?;
+    f.commit().map_err(io)
 }
 
 #[cfg(test)]

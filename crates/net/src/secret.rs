@@ -66,7 +66,7 @@ impl ClusterSecret {
     /// Writes the secret file, mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), NetError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir.display().to_string(), e))?;
+            crate::identity::private_dir(dir)?;
         }
         write_private(path, format!("{}\n", self.token()).as_bytes())
     }

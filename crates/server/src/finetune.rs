@@ -109,13 +109,11 @@ pub(crate) async fn upload(
     }
     let id = crate::openai::new_id("file");
     let dir = files_dir(&s);
-    // The data lands under its final name whole (a listing never sees
-    // half a file).
-    let part = dir.join(format!("{id}.jsonl.part"));
-    let written = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(dir.join(format!("{id}.name")), &name))
-        .and_then(|()| std::fs::write(&part, &data))
-        .and_then(|()| std::fs::rename(&part, dir.join(format!("{id}.jsonl"))));
+    // The data lands under its final name whole and durably (a listing
+    // never sees half a file, a crash never leaves one).
+    use hearth_models::durable;
+    let written = durable::write(&dir.join(format!("{id}.name")), name.as_bytes())
+        .and_then(|()| durable::write(&dir.join(format!("{id}.jsonl")), &data));
     if let Err(e) = written {
         return api_error(
             StatusCode::INTERNAL_SERVER_ERROR,

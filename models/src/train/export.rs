@@ -20,12 +20,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |e| ModelError::io(path, e)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so a
-/// reader never sees half a file.
+/// Writes `bytes` to `path` durably (see [`crate::durable`]): a reader
+/// never sees half a file, a crash leaves the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::durable::write(path, bytes)
 }
 
 /// Named tensors as f32 safetensors bytes.
@@ -62,7 +60,7 @@ pub fn write_peft_adapter(
     base_model: &str,
     tensors: &[(String, Tensor)],
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::durable::create_dir(dir)?;
     let adapters: Vec<(String, Tensor)> = tensors
         .iter()
         .filter(|(n, _)| n.contains(".lora_A.") || n.contains(".lora_B."))
@@ -192,12 +190,10 @@ pub fn write_merged_gguf(
     let meta_refs: Vec<(&str, &gguf_file::Value)> =
         meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tmp = dst.with_extension("partial");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
-        gguf_file::write(&mut f, &meta_refs, &t_refs)?;
-        use std::io::Write;
-        f.flush().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, dst).map_err(io(dst))
+    let mut f = std::io::BufWriter::new(crate::durable::create(dst)?);
+    gguf_file::write(&mut f, &meta_refs, &t_refs)?;
+    let f = f
+        .into_inner()
+        .map_err(|e| ModelError::io(dst, e.into_error()))?;
+    f.commit().map_err(io(dst))
 }

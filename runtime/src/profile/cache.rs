@@ -45,19 +45,11 @@ fn read_entry(path: &Path, hardware: &str) -> Option<ModelTimes> {
 }
 
 fn write_entry(path: &Path, entry: &Entry) -> Result<(), ProfileError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ProfileError::Io { path, source }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    // Write then rename, so a reader (another node on this machine) never
-    // sees half a file.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(entry)?).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
+    // A reader (another node on this machine) never sees half a file.
+    hearth_models::durable::write(path, &serde_json::to_vec_pretty(entry)?).map_err(|e| match e {
+        hearth_models::ModelError::Io { path, source } => ProfileError::Io { path, source },
+        e => ProfileError::Model(e),
+    })
 }
 
 /// Longest a measurement may hold the lock before others take it over.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 use hearth_models::StageSpec;
-use hearth_models::train::export::write_atomic;
+use hearth_models::durable::write as write_atomic;
 use serde_json::{Value, json};
 
 use super::TrainError;
@@ -34,11 +34,16 @@ impl Checkpoint {
 
     /// The state file for a stage of `spec` (its own tensors only).
     pub(crate) fn for_stage(&self, spec: StageSpec, tied: bool) -> Result<Vec<u8>, TrainError> {
-        self.encode(|n| belongs(n, spec, tied))
+        self.encode(|n| belongs(n, spec, tied), None)
     }
 
-    /// The tensors whose names pass `keep`, as a state file (by name).
-    fn encode(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<u8>, TrainError> {
+    /// The tensors whose names pass `keep`, as a state file (by name),
+    /// naming `job` in its header when given.
+    fn encode(
+        &self,
+        keep: impl Fn(&str) -> bool,
+        job: Option<&Value>,
+    ) -> Result<Vec<u8>, TrainError> {
         let mut mine: Vec<(String, Tensor)> = self
             .tensors
             .iter()
@@ -46,26 +51,36 @@ impl Checkpoint {
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
         mine.sort_by(|a, b| a.0.cmp(&b.0));
-        let meta = HashMap::from([("optimizer_steps".to_string(), self.step.to_string())]);
+        let mut meta = HashMap::from([("optimizer_steps".to_string(), self.step.to_string())]);
+        if let Some(job) = job {
+            meta.insert(JOB_KEY.to_string(), job.to_string());
+        }
         state::encode(&mine, meta)
     }
 
+    /// Saves the checkpoint as one file, durably: the state carries the
+    /// step and the job it belongs to in its own header, so a crash at any
+    /// moment leaves the previous checkpoint or this one whole. `job.json`
+    /// beside it is written after, for people (a resume never reads its
+    /// step).
     pub(crate) fn save(
         &self,
         dir: &Path,
         spec: &JobSpec,
         total_steps: u64,
     ) -> Result<(), TrainError> {
-        let io = |e: std::io::Error| TrainError::Checkpoint(format!("{}: {e}", dir.display()));
-        std::fs::create_dir_all(dir).map_err(io)?;
-        write_atomic(&dir.join("state.safetensors"), &self.encode(|_| true)?)?;
+        let fingerprint = spec.fingerprint();
+        write_atomic(
+            &dir.join(STATE_FILE),
+            &self.encode(|_| true, Some(&fingerprint))?,
+        )?;
         let job = json!({
             "format": 1,
             "step": self.step,
             "total_steps": total_steps,
             "examples_seen": self.step * spec.batch_size as u64,
             "seed": spec.seed,
-            "spec": spec.fingerprint(),
+            "spec": fingerprint,
         });
         write_atomic(
             &dir.join("job.json"),
@@ -74,28 +89,44 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// The checkpoint in `dir`, if it was written by the same job.
+    /// The checkpoint in `dir`, if it was written by the same job. The step
+    /// and the job come from the state file's own header; a state without
+    /// them (or naming another job) is refused.
     pub(crate) fn load(dir: &Path, spec: &JobSpec) -> Result<Option<Self>, TrainError> {
-        let Ok(text) = std::fs::read(dir.join("job.json")) else {
-            return Ok(None);
+        let path = dir.join(STATE_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(TrainError::Checkpoint(format!("{}: {e}", path.display()))),
         };
-        let job: Value = serde_json::from_slice(&text)
-            .map_err(|e| TrainError::Checkpoint(format!("job.json: {e}")))?;
-        if job["spec"] != spec.fingerprint() {
+        let (tensors, meta) = state::decode(&bytes)?;
+        let job: Value = meta
+            .get(JOB_KEY)
+            .and_then(|j| serde_json::from_str(j).ok())
+            .ok_or_else(|| {
+                TrainError::Checkpoint(format!(
+                    "{} does not say which job it belongs to; use another output_dir",
+                    path.display()
+                ))
+            })?;
+        if job != spec.fingerprint() {
             return Err(TrainError::Checkpoint(format!(
                 "{} holds a checkpoint of another job (different model, data cut or method); use another output_dir",
                 dir.display()
             )));
         }
-        let step = job["step"]
-            .as_u64()
-            .ok_or_else(|| TrainError::Checkpoint("job.json has no step".into()))?;
-        let bytes = std::fs::read(dir.join("state.safetensors"))
-            .map_err(|e| TrainError::Checkpoint(format!("state.safetensors: {e}")))?;
-        let (tensors, _) = state::decode(&bytes)?;
+        let step = meta
+            .get("optimizer_steps")
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| TrainError::Checkpoint(format!("{} records no step", path.display())))?;
         Ok(Some(Self { step, tensors }))
     }
 }
+
+/// The checkpoint's one file.
+const STATE_FILE: &str = "state.safetensors";
+/// The state header's entry naming the job (its spec fingerprint).
+const JOB_KEY: &str = "hearth.job";
 
 /// Whether the state entry `name` belongs to a stage of `spec`.
 fn belongs(name: &str, spec: StageSpec, tied_copy: bool) -> bool {
