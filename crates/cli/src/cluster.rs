@@ -66,6 +66,11 @@ pub struct UpArgs {
     /// Join the cluster of this token (from `hearth token` on a member).
     #[arg(long, value_name = "TOKEN")]
     join: Option<String>,
+    /// With --join: replace this device's saved cluster secret when it is
+    /// of another cluster (without it, that is an error: the device would
+    /// leave its cluster for good).
+    #[arg(long, requires = "join")]
+    leave_cluster: bool,
     /// Do not use mDNS (only --peer addresses and gossip).
     #[arg(long)]
     no_mdns: bool,
@@ -217,13 +222,40 @@ fn model_reporter() -> Arc<dyn Fn(ModelProgress) + Send + Sync> {
     })
 }
 
-/// The API key to require: the given one, else (off loopback) a new one.
-fn api_key(http: SocketAddr, given: Option<String>) -> Option<String> {
-    match given.filter(|k| !k.trim().is_empty()) {
-        Some(k) => Some(k.trim().to_string()),
-        None if !http.ip().is_loopback() => Some(hearth_server::new_api_key()),
-        None => None,
+/// Where this device's API key is saved (mode 0600).
+fn key_path(home: &Path) -> PathBuf {
+    home.join("api_key")
+}
+
+/// This device's saved API key: made and saved the first time, replaced
+/// with `rotate`. It stays the same across restarts, so configured clients
+/// keep working.
+fn saved_api_key(home: &Path, rotate: bool) -> Result<String> {
+    let path = key_path(home);
+    if !rotate && let Ok(text) = std::fs::read_to_string(&path) {
+        let key = text.trim();
+        if key.len() >= 32 && key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Ok(key.to_string());
+        }
+        tracing::warn!(
+            "{} does not hold a usable key; making a new one",
+            path.display()
+        );
     }
+    let key = hearth_server::new_api_key();
+    hearth_models::durable::write(&path, format!("{key}\n").as_bytes())
+        .with_context(|| format!("saving the API key to {}", path.display()))?;
+    Ok(key)
+}
+
+/// The API key to require: the given one, else (off loopback) this
+/// device's saved one.
+fn api_key(http: SocketAddr, given: Option<String>, home: &Path) -> Result<Option<String>> {
+    Ok(match given.filter(|k| !k.trim().is_empty()) {
+        Some(k) => Some(k.trim().to_string()),
+        None if !http.ip().is_loopback() => Some(saved_api_key(home, false)?),
+        None => None,
+    })
 }
 
 /// Starts the HTTP server; returns the task and the switch that stops it.
@@ -259,7 +291,10 @@ fn print_http(http: SocketAddr, key: Option<&str>, given: bool) {
         if given {
             println!("  API key    required (from --api-key / HEARTH_API_KEY)");
         } else {
-            println!("  API key    {k}   (generated: this address is reachable off this machine)");
+            println!(
+                "  API key    {k}   (this address is reachable off this machine; \
+                 `hearth key` shows it, `hearth key --rotate` replaces it)"
+            );
         }
     }
 }
@@ -285,7 +320,12 @@ pub fn host_name() -> String {
 }
 
 /// The cluster secret: from `--join`, else the saved one, else a new one.
-fn cluster_secret(home: &Path, join: Option<&str>) -> Result<(ClusterSecret, &'static str)> {
+/// A saved secret of another cluster is replaced only with `leave`.
+fn cluster_secret(
+    home: &Path,
+    join: Option<&str>,
+    leave: bool,
+) -> Result<(ClusterSecret, &'static str)> {
     let path = secret_path(home);
     if let Some(token) = join {
         let secret: ClusterSecret = token.parse().context("--join")?;
@@ -293,11 +333,18 @@ fn cluster_secret(home: &Path, join: Option<&str>) -> Result<(ClusterSecret, &'s
             .exists()
             .then(|| ClusterSecret::load(&path))
             .transpose()?;
-        if old.as_ref() != Some(&secret) {
-            secret.save(&path)?;
-            return Ok((secret, "joined with --join"));
+        match old {
+            Some(old) if old == secret => return Ok((secret, "saved")),
+            Some(_) if !leave => bail!(
+                "{} holds the secret of another cluster; joining this one would leave it for good. \
+                 Add --leave-cluster to do so, or use another --home",
+                path.display()
+            ),
+            _ => {
+                secret.save(&path)?;
+                return Ok((secret, "joined with --join"));
+            }
         }
-        return Ok((secret, "saved"));
     }
     let (secret, created) = ClusterSecret::load_or_create(&path)?;
     Ok((secret, if created { "new" } else { "saved" }))
@@ -308,7 +355,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         return up_local(args, n);
     }
     let home = args.home.dir();
-    let (secret, origin) = cluster_secret(&home, args.join.as_deref())?;
+    let (secret, origin) = cluster_secret(&home, args.join.as_deref(), args.leave_cluster)?;
     let identity = Identity::load_or_create(&home.join("node"))?;
     let name = args.name.clone().unwrap_or_else(host_name);
     let mut discoveries: Vec<Box<dyn Discovery>> = Vec::new();
@@ -347,7 +394,7 @@ pub fn up(args: UpArgs) -> Result<()> {
             );
         }
         println!("  QUIC       {quic}");
-        let key = api_key(http, args.api_key.clone());
+        let key = api_key(http, args.api_key.clone(), &home)?;
         print_http(http, key.as_deref(), args.api_key.is_some());
         println!("  discovery  {discovery}");
         println!("  compute    {}", compute.name());
@@ -475,7 +522,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
                 node.endpoint().local_addr()?
             );
         }
-        let key = api_key(http, args.api_key.clone());
+        let key = api_key(http, args.api_key.clone(), &home)?;
         print_http(http, key.as_deref(), args.api_key.is_some());
         let (server, stop_tx) = serve_http(listener, nodes[0].clone(), key, &home);
         let placements = tokio::spawn(print_placements(nodes[0].clone()));
@@ -554,6 +601,30 @@ pub fn token(args: TokenArgs) -> Result<()> {
         );
     }
     println!("{}", ClusterSecret::load(&path)?.token());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeyArgs {
+    /// Replace the key with a new one (running nodes keep the old one until
+    /// restarted).
+    #[arg(long)]
+    rotate: bool,
+    #[command(flatten)]
+    home: HomeArg,
+}
+
+/// Prints this device's API key (made the first time), or a new one.
+pub fn key(args: KeyArgs) -> Result<()> {
+    let home = args.home.dir();
+    let key = saved_api_key(&home, args.rotate)?;
+    println!("{key}");
+    if args.rotate {
+        eprintln!(
+            "saved in {}; restart `hearth up` to require it",
+            key_path(&home).display()
+        );
+    }
     Ok(())
 }
 
@@ -671,16 +742,78 @@ mod tests {
     use hearth_runtime::MemberView;
 
     #[test]
+    fn joining_another_cluster_over_a_saved_secret_needs_leave_cluster() {
+        let home = tempfile::tempdir().unwrap();
+        let a = ClusterSecret::generate().token();
+        let b = ClusterSecret::generate().token();
+        let (s, how) = cluster_secret(home.path(), Some(&a), false).unwrap();
+        assert_eq!((s.token(), how), (a.clone(), "joined with --join"));
+        // The same token again, or none: the saved secret.
+        assert_eq!(
+            cluster_secret(home.path(), Some(&a), false).unwrap().1,
+            "saved"
+        );
+        assert_eq!(
+            cluster_secret(home.path(), None, false).unwrap().0.token(),
+            a
+        );
+        // Another cluster's token: refused, and the saved secret stays.
+        let e = cluster_secret(home.path(), Some(&b), false).unwrap_err();
+        assert!(e.to_string().contains("--leave-cluster"), "{e}");
+        assert_eq!(
+            ClusterSecret::load(&secret_path(home.path()))
+                .unwrap()
+                .token(),
+            a
+        );
+        // Unless asked to leave.
+        let (s, _) = cluster_secret(home.path(), Some(&b), true).unwrap();
+        assert_eq!(s.token(), b);
+        assert_eq!(
+            ClusterSecret::load(&secret_path(home.path()))
+                .unwrap()
+                .token(),
+            b
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            let path = secret_path(home.path());
+            assert_eq!(mode(&path), 0o600);
+            assert_eq!(mode(path.parent().unwrap()), 0o700);
+        }
+    }
+
+    #[test]
     fn an_address_off_loopback_always_gets_an_api_key() {
         let lan: SocketAddr = "0.0.0.0:7411".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:7411".parse().unwrap();
-        let generated = api_key(lan, None).unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        let generated = api_key(lan, None, h).unwrap().unwrap();
         assert_eq!(generated.len(), 64);
-        assert_ne!(api_key(lan, None), Some(generated));
-        assert_eq!(api_key(lan, Some(" k ".into())).as_deref(), Some("k"));
-        assert!(api_key(lan, Some("  ".into())).is_some());
-        assert_eq!(api_key(local, None), None);
-        assert_eq!(api_key(local, Some("k".into())).as_deref(), Some("k"));
+        // Saved: the same key after a restart, until rotated.
+        assert_eq!(api_key(lan, None, h).unwrap(), Some(generated.clone()));
+        let rotated = saved_api_key(h, true).unwrap();
+        assert_ne!(rotated, generated);
+        assert_eq!(api_key(lan, None, h).unwrap(), Some(rotated));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(key_path(h)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(
+            api_key(lan, Some(" k ".into()), h).unwrap().as_deref(),
+            Some("k")
+        );
+        assert!(api_key(lan, Some("  ".into()), h).unwrap().is_some());
+        assert_eq!(api_key(local, None, h).unwrap(), None);
+        assert_eq!(
+            api_key(local, Some("k".into()), h).unwrap().as_deref(),
+            Some("k")
+        );
     }
 
     #[test]

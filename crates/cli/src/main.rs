@@ -33,6 +33,8 @@ enum Command {
     Up(cluster::UpArgs),
     /// Print the cluster's join token (secret: share it only with your devices).
     Token(cluster::TokenArgs),
+    /// Print the API key required off loopback (secret), or replace it.
+    Key(cluster::KeyArgs),
     /// Show a running node's view of the cluster.
     Status(cluster::StatusArgs),
     /// Show this device's hardware and its measured speed on the model.
@@ -65,6 +67,7 @@ fn main() {
         Command::Models(cmd) => models::run(cmd),
         Command::Up(args) => cluster::up(args),
         Command::Token(args) => cluster::token(args),
+        Command::Key(args) => cluster::key(args),
         Command::Status(args) => cluster::status(args),
         Command::Profile(args) => profile::run(args),
         Command::Plan(args) => plan::run(args),
@@ -83,5 +86,41 @@ fn main() {
         }
         eprintln!("{msg}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The service files shipped in `dist/` start `hearth` with arguments
+    /// it takes.
+    #[test]
+    fn the_service_files_run_a_command_hearth_takes() {
+        let unit = include_str!("../dist/hearth.service");
+        let exec: Vec<&str> = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ExecStart")
+            .split_whitespace()
+            .collect();
+        assert!(exec[0].ends_with("/hearth"), "{exec:?}");
+        let cli = Cli::try_parse_from(&exec).expect("the unit's command parses");
+        assert!(matches!(cli.command, Command::Up(_)));
+
+        let plist = include_str!("../dist/dev.hearth.node.plist");
+        let args = plist
+            .split("<key>ProgramArguments</key>")
+            .nth(1)
+            .and_then(|s| s.split("</array>").next())
+            .expect("ProgramArguments");
+        let argv: Vec<&str> = args
+            .split("<string>")
+            .skip(1)
+            .filter_map(|s| s.split("</string>").next())
+            .collect();
+        assert!(argv[0].ends_with("/hearth"), "{argv:?}");
+        let cli = Cli::try_parse_from(&argv).expect("the plist's command parses");
+        assert!(matches!(cli.command, Command::Up(_)));
     }
 }

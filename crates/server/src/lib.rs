@@ -190,6 +190,7 @@ impl App {
             .route("/api/events", get(control::events))
             .route("/api/generate", post(generate::generate))
             .route("/health", get(health))
+            .route("/ready", get(ready))
             .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::serve))
             .route("/", get(ui::index))
@@ -324,11 +325,35 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Whether a request may go without the API key: the health check and
-/// the UI's static files (the UI asks for the key to call the API).
+/// Readiness: whether requests can be served now (a model is placed over
+/// the cluster, every stage on a member), for a service manager or a
+/// load balancer; `/health` stays liveness only.
+async fn ready(State(s): State<AppState>) -> Response {
+    let reason = match s.node.placement() {
+        Some(p) if p.stages.last().is_some_and(|st| st.spec.head) => {
+            return Json(json!({"status": "ready"})).into_response();
+        }
+        Some(_) => "the placement is incomplete",
+        None if s.node.model_name().is_some() => "the model is being placed",
+        None => "no model is loaded",
+    };
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "not_ready", "reason": reason})),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    r
+}
+
+/// Whether a request may go without the API key: the health and readiness
+/// checks and the UI's static files (the UI asks for the key to call the
+/// API).
 fn public(req: &Request) -> bool {
     let p = req.uri().path();
-    req.method() == Method::GET && (p == "/health" || p == "/" || p.starts_with("/ui/"))
+    req.method() == Method::GET
+        && (p == "/health" || p == "/ready" || p == "/" || p.starts_with("/ui/"))
 }
 
 /// Whether a `Host` header names this machine by address or as

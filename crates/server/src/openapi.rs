@@ -28,6 +28,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/v1/fine_tuning/jobs/{id}/events"),
     ("post", "/v1/fine_tuning/jobs/{id}/cancel"),
     ("get", "/health"),
+    ("get", "/ready"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
 ];
@@ -204,6 +205,7 @@ pub fn document(auth: bool) -> Value {
             "/v1/fine_tuning/jobs/{id}/events": {"get": with_id(op("A job's events, newest first", json_ok("A list")))},
             "/v1/fine_tuning/jobs/{id}/cancel": {"post": with_id(op("Cancel a job", json_ok("The job")))},
             "/health": {"get": open("Liveness", json_ok("ok"))},
+            "/ready": {"get": open("Readiness: 200 once a model is placed over the cluster, else 503 with the reason", json_ok("ready"))},
             "/metrics": {"get": op("Prometheus metrics", json!({"description": "Text format", "content": {"text/plain": {"schema": {"type": "string"}}}}))},
             "/openapi.json": {"get": op("This document", json_ok("OpenAPI 3.1"))},
         }

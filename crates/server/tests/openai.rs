@@ -436,6 +436,11 @@ async fn no_model_means_an_empty_list_then_loading_and_unloading_work() {
     let n = node(dir.path(), false).await;
     let app = || hearth_server::router(n.clone());
     assert_eq!(get(app(), "/v1/models").await.json()["data"], json!([]));
+    // Live, but not ready.
+    assert_eq!(get(app(), "/health").await.status, StatusCode::OK);
+    let r = get(app(), "/ready").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["reason"], "no model is loaded");
     let r = post(app(), "/v1/chat/completions", &chat_body(json!({}))).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let catalog = get(app(), "/api/models").await.json();
@@ -448,6 +453,9 @@ async fn no_model_means_an_empty_list_then_loading_and_unloading_work() {
     let p = n.wait_placement(Duration::from_secs(30)).await.unwrap();
     let model = n.model_name().unwrap();
     assert_eq!(p.model, model);
+    let r = get(app(), "/ready").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["status"], "ready");
     assert_eq!(
         get(app(), "/v1/models").await.json()["data"][0]["id"],
         model.as_str()
@@ -490,6 +498,10 @@ async fn no_model_means_an_empty_list_then_loading_and_unloading_work() {
     assert_eq!(r.json()["unloaded"], model.as_str());
     assert!(n.placement().is_none());
     assert_eq!(get(app(), "/v1/models").await.json()["data"], json!([]));
+    assert_eq!(
+        get(app(), "/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     n.shutdown().await;
 }
 
