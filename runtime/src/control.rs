@@ -211,8 +211,15 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             Control::Ready { id: job }
         }
         Control::Assign { placement } | Control::Activate { placement }
-            if let Err(reason) = placement.validate() =>
+            if let Err(reason) = placement
+                .validate()
+                .and_then(|()| placement_order_allowed(service, &placement, from)) =>
         {
+            warn!(
+                from = %from.short(),
+                placement = placement.id,
+                "refused a placement order: {reason}"
+            );
             Control::Failed {
                 id: placement.id,
                 reason,
@@ -263,6 +270,41 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             reason: "weights travel on their own stream".into(),
         },
     }
+}
+
+/// Furthest a placement id (milliseconds since the epoch on the leader
+/// that made it) may be ahead of this node's clock: clocks in a home drift,
+/// but not by a day.
+pub(crate) const MAX_PLACEMENT_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+/// Whether `from` may order `placement` here: only the leader (as this
+/// node sees it) places the model, and its ids follow its clock, so an id
+/// far past this node's clock (one that would leave no id above it) is
+/// refused.
+fn placement_order_allowed(
+    service: &Service,
+    placement: &Placement,
+    from: NodeId,
+) -> Result<(), String> {
+    let me = service.endpoint().id();
+    let leader = service.leader();
+    if from != me && from != leader {
+        return Err(format!(
+            "only the leader ({}) orders placements, not {}",
+            leader.short(),
+            from.short()
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if placement.id > now.saturating_add(MAX_PLACEMENT_AHEAD_MS) {
+        return Err(format!(
+            "placement id {} is more than a day ahead of this node's clock ({now})",
+            placement.id
+        ));
+    }
+    Ok(())
 }
 
 /// Serves one incoming control stream: one request, one reply.

@@ -13,7 +13,7 @@ use hearth_discovery::{DiscoveryEvent, PeerHint};
 use hearth_net::framed::{expect, write_message};
 use hearth_net::{Endpoint, IncomingStream, NetEvent, NodeId, PeerInfo, close_code};
 use hearth_proto::{Message, PeerAddr, limits, stream_kind};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::view::{ClusterView, MemberState, MemberView};
@@ -94,6 +94,7 @@ enum Msg {
 pub(crate) struct Membership {
     tx: mpsc::Sender<Msg>,
     events: broadcast::Sender<MembershipEvent>,
+    leader: watch::Receiver<NodeId>,
 }
 
 impl Membership {
@@ -111,6 +112,11 @@ impl Membership {
     pub(crate) fn events(&self) -> broadcast::Receiver<MembershipEvent> {
         self.events.subscribe()
     }
+
+    /// The leader as this node sees it now, kept current.
+    pub(crate) fn leader(&self) -> watch::Receiver<NodeId> {
+        self.leader.clone()
+    }
 }
 
 /// Spawns the actor and the handler for incoming membership streams.
@@ -123,6 +129,7 @@ pub(crate) fn spawn(
 ) -> Membership {
     let (tx, rx) = mpsc::channel(256);
     let events = broadcast::channel(256).0;
+    let (leader_tx, leader_rx) = watch::channel(endpoint.id());
     let gossip: Arc<RwLock<Vec<PeerAddr>>> = Arc::default();
     let actor = Actor {
         net_events: endpoint.events(),
@@ -131,6 +138,7 @@ pub(crate) fn spawn(
         members: HashMap::new(),
         candidates: HashMap::new(),
         leader: None,
+        leader_tx,
         seq: 0,
         tx: tx.clone(),
         events: events.clone(),
@@ -141,7 +149,11 @@ pub(crate) fn spawn(
     };
     tokio::spawn(serve_streams(streams, tx.clone(), gossip));
     tokio::spawn(actor.run(rx, discovery));
-    Membership { tx, events }
+    Membership {
+        tx,
+        events,
+        leader: leader_rx,
+    }
 }
 
 fn peers_of(m: Message) -> Result<Vec<PeerAddr>, Message> {
@@ -198,6 +210,7 @@ struct Actor {
     members: HashMap<NodeId, Member>,
     candidates: HashMap<CandidateKey, Candidate>,
     leader: Option<NodeId>,
+    leader_tx: watch::Sender<NodeId>,
     seq: u64,
     tx: mpsc::Sender<Msg>,
     events: broadcast::Sender<MembershipEvent>,
@@ -529,6 +542,7 @@ impl Actor {
         let leader = self.members.keys().copied().chain([me]).min().unwrap_or(me);
         if self.leader != Some(leader) {
             self.leader = Some(leader);
+            self.leader_tx.send_replace(leader);
             info!(leader = %leader.short(), "leader");
             let _ = self.events.send(MembershipEvent::LeaderChanged(leader));
         }

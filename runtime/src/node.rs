@@ -147,6 +147,7 @@ impl Node {
             cfg.models,
             train.clone(),
             cfg.compute,
+            membership.leader(),
         );
         events.set_share(share_with_members(service.clone()));
         if let Some(info) = cfg.model {

@@ -350,17 +350,70 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
             let doc = serde_json::json!({"format": 1, "type": "activate", "placement": p});
             Ok(encode_frame(&Message::Control(serde_json::to_vec(&doc)?))?)
         };
-        let control_payloads: Vec<Vec<u8>> = vec![
-            activate(&hollow)?,
-            activate(&gap)?,
-            encode_frame(&Message::Control(b"{not json".to_vec()))?,
-            encode_frame(&Message::Control(br#"{"format":99,"type":"ready","id":1}"#.to_vec()))?,
-            encode_frame(&Message::Control(
-                br#"{"format":1,"type":"assign","placement":{"id":9,"model":"x","fingerprint":"x","content":null,"stages":[],"members":[]}}"#
-                    .to_vec(),
-            ))?,
+        // Well-formed but hostile: a whole placement on the rogue (which
+        // would route every prompt to it), one with the last possible id
+        // (no placement could follow it), and an assignment of a valid
+        // placement. Only the leader places the model.
+        let rogue_id = rogue.id().to_string();
+        let mut takeover = placement.clone();
+        takeover.id += 1;
+        takeover.stages = vec![hearth_runtime::pipeline::PlacedStage {
+            node_id: rogue_id.clone(),
+            name: "rogue".into(),
+            spec: hearth_models::StageSpec::full(info.config.num_hidden_layers),
+        }];
+        takeover.members.push(rogue_id.clone());
+        let mut last_id = placement.clone();
+        last_id.id = u64::MAX;
+        let mut reassign = placement.clone();
+        reassign.id += 3;
+        let assign = |p: &hearth_runtime::pipeline::Placement| -> Result<Vec<u8>> {
+            let doc = serde_json::json!({"format": 1, "type": "assign", "placement": p});
+            Ok(encode_frame(&Message::Control(serde_json::to_vec(&doc)?))?)
+        };
+        // Training orders past every bound: a LoRA rank of 2^28, a
+        // checkpoint of u64::MAX bytes, one of 1 GiB for a tiny stage, an
+        // optimizer with a NaN, a fifth stage. Each is refused; none aborts.
+        let order = |rank: u64, restore_len: u64, beta1: f64| -> Result<Vec<u8>> {
+            let doc = serde_json::json!({"format": 1, "type": "train_stage", "order": {
+                "job": 77, "stage": 0, "stages": 1,
+                "spec": {"start": 0, "end": info.config.num_hidden_layers, "embed": true, "head": true},
+                "content": info.times.content.clone().unwrap_or_default(),
+                "method": {"type": "lora", "rank": rank, "alpha": 16.0, "targets": ["q", "v"]},
+                "schedule": "gpipe", "micro_batches": 2, "prev": null, "next": null, "tied": null,
+                "seed": 1, "optim": {"beta1": beta1, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+                "timeout_s": 30, "restore_len": restore_len, "max_len": 64,
+            }});
+            Ok(encode_frame(&Message::Control(serde_json::to_vec(&doc)?))?)
+        };
+        // Each with (part of) the reason it must be refused for.
+        let control_payloads: Vec<(Vec<u8>, &str)> = vec![
+            (activate(&takeover)?, "only the leader"),
+            (activate(&last_id)?, "only the leader"),
+            (assign(&takeover)?, "only the leader"),
+            (assign(&reassign)?, "only the leader"),
+            (order(1 << 28, 0, 0.9)?, "rank"),
+            (order(4, u64::MAX, 0.9)?, "checkpoint of"),
+            (order(4, 1 << 30, 0.9)?, "state takes at most"),
+            (order(4, 0, 1.5)?, "optimizer"),
+            (activate(&hollow)?, ""),
+            (activate(&gap)?, ""),
+            (encode_frame(&Message::Control(b"{not json".to_vec()))?, ""),
+            (
+                encode_frame(&Message::Control(
+                    br#"{"format":99,"type":"ready","id":1}"#.to_vec(),
+                ))?,
+                "",
+            ),
+            (
+                encode_frame(&Message::Control(
+                    br#"{"format":1,"type":"assign","placement":{"id":9,"model":"x","fingerprint":"x","content":null,"stages":[],"members":[]}}"#
+                        .to_vec(),
+                ))?,
+                "",
+            ),
         ];
-        for p in &control_payloads {
+        for (p, why) in &control_payloads {
             let (mut s, mut r) = conn.open(stream_kind::CONTROL).await?;
             s.write_all(p).await?;
             let _ = s.finish();
@@ -374,6 +427,10 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
             };
             let v: serde_json::Value = serde_json::from_slice(&doc)?;
             assert_eq!(v["type"], "failed", "{v}");
+            assert!(
+                v["reason"].as_str().unwrap_or("").contains(why),
+                "refused for another reason than {why:?}: {v}"
+            );
         }
         // Weights: garbage, a fetch of another model, of a tensor that does
         // not exist: refused, never a manifest.

@@ -56,6 +56,8 @@ struct Inner {
     source: Option<Arc<dyn ModelSource>>,
     /// The model being loaded by name, if any.
     loading: Mutex<Option<String>>,
+    /// The leader as this node sees it: only it orders placements.
+    leader: watch::Receiver<NodeId>,
     /// Training stages run here for jobs coordinated anywhere.
     train: crate::train::TrainHost,
     /// Where inference stages run.
@@ -76,6 +78,7 @@ impl Service {
         source: Option<Arc<dyn ModelSource>>,
         train: crate::train::TrainHost,
         compute: crate::Compute,
+        leader: watch::Receiver<NodeId>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -89,6 +92,7 @@ impl Service {
                 events,
                 source,
                 loading: Mutex::new(None),
+                leader,
                 train,
                 compute,
             }),
@@ -199,6 +203,11 @@ impl Service {
         }
     }
 
+    /// The leader as this node sees it now.
+    pub(crate) fn leader(&self) -> NodeId {
+        *self.inner.leader.borrow()
+    }
+
     pub(crate) fn me(&self) -> &str {
         &self.inner.me
     }
@@ -258,6 +267,19 @@ impl Service {
     pub(crate) async fn load_stage(&self, placement: Arc<Placement>) -> Result<(), String> {
         if self.stage(placement.id).is_some() {
             return Ok(());
+        }
+        let active = self.active().map(|a| a.id);
+        if let Some(a) = active.filter(|a| placement.id < *a) {
+            return Err(format!(
+                "placement {} is older than the active one ({a})",
+                placement.id
+            ));
+        }
+        // At most one placement waits to become active here: a newer order
+        // replaces a pending one (stages of the active placement and of
+        // older ones still draining stay).
+        if let Ok(mut stages) = self.inner.stages.lock() {
+            stages.retain(|id, _| active.is_some_and(|a| *id <= a));
         }
         let index = placement
             .stage_of(self.me())

@@ -279,7 +279,7 @@ pub(crate) fn spawn(
                     .map_or_else(|| id.get(..8).unwrap_or(id).to_string(), |m| m.name.clone())
             };
             let placement = Placement {
-                id: now_ms().max(current.as_ref().map_or(0, |p| p.id + 1)),
+                id: now_ms().max(current.as_ref().map_or(0, |p| p.id.saturating_add(1))),
                 model: model.info.times.model.clone(),
                 fingerprint: model.info.times.fingerprint.clone(),
                 content: model.info.times.content.clone(),

@@ -46,6 +46,8 @@ pub struct Coordinator {
     stages: Vec<NodeId>,
     rx: mpsc::UnboundedReceiver<(NodeId, TrainMsg)>,
     timeout: Duration,
+    /// Most bytes a stage's state may announce.
+    max_state: u64,
 }
 
 impl Coordinator {
@@ -66,7 +68,14 @@ impl Coordinator {
             stages,
             rx,
             timeout,
+            max_state: super::host::MAX_RESTORE,
         }
+    }
+
+    /// Bounds each stage's state to `bytes` (see `max_state`).
+    pub fn with_max_state(mut self, bytes: u64) -> Self {
+        self.max_state = bytes.min(super::host::MAX_RESTORE);
+        self
     }
 
     async fn next(&mut self, what: &str) -> Result<(NodeId, TrainMsg), TrainError> {
@@ -205,18 +214,23 @@ impl Coordinator {
                         step: st,
                         stage,
                         offset,
+                        total,
                         data,
                         ..
                     },
                 ) if st == step && save && (stage as usize) < p => {
                     let buf = &mut states[stage as usize];
-                    if offset != buf.len() as u64 {
+                    let end = offset.saturating_add(data.len() as u64);
+                    if offset != buf.len() as u64 || end > total || total > self.max_state {
                         return Err(TrainError::Protocol(format!(
-                            "state chunk at {offset}, expected {}",
-                            buf.len()
+                            "state chunk of {} bytes at {offset} of {total} (expected at {}, at most {} in all)",
+                            data.len(),
+                            buf.len(),
+                            self.max_state
                         )));
                     }
-                    // Grows as chunks arrive: `total` is the peer's claim.
+                    // Grows as chunks arrive, never past `total`, which is
+                    // bounded by what the model can hold.
                     buf.extend_from_slice(&data);
                 }
                 (from, other) => {

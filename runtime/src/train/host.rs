@@ -19,6 +19,13 @@ use super::worker::{StageHandle, StageSetup, spawn_stage};
 
 /// Longest row a job may ask for.
 pub const MAX_SEQ_LEN: usize = 8192;
+/// Largest LoRA rank a job may ask for (over HTTP and in a stage order).
+pub const MAX_LORA_RANK: usize = 1024;
+/// Most training stages this node runs at once (for any coordinators).
+pub const MAX_STAGES_HERE: usize = 4;
+/// Most checkpoint bytes any stage order may announce; the stage itself
+/// then bounds it by its own state's size.
+pub const MAX_RESTORE: u64 = 64 << 30;
 
 /// What a coordinator asks a node to run (a control document).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +64,19 @@ impl StageOrder {
         if !(1..=86_400).contains(&self.timeout_s) {
             return Err(format!("a timeout of {} s", self.timeout_s));
         }
+        if self.restore_len > MAX_RESTORE {
+            return Err(format!("a checkpoint of {} bytes", self.restore_len));
+        }
+        check_method(&self.method)?;
+        let o = &self.optim;
+        let unit = |x: f64| x.is_finite() && (0.0..1.0).contains(&x);
+        if !unit(o.beta1)
+            || !unit(o.beta2)
+            || !(o.eps.is_finite() && o.eps > 0.0)
+            || !(o.weight_decay.is_finite() && o.weight_decay >= 0.0)
+        {
+            return Err(format!("optimizer settings {o:?}"));
+        }
         if (self.prev.is_none()) != (self.stage == 0)
             || (self.next.is_none()) != (self.stage + 1 == self.stages)
         {
@@ -64,6 +84,28 @@ impl StageOrder {
         }
         Ok(())
     }
+}
+
+/// The same bounds on a method as a job over HTTP has.
+pub(crate) fn check_method(method: &Method) -> Result<(), String> {
+    if let Method::Lora(l) = method {
+        let targets: std::collections::HashSet<_> = l.targets.iter().collect();
+        if l.rank == 0
+            || l.rank > MAX_LORA_RANK
+            || l.targets.is_empty()
+            || targets.len() != l.targets.len()
+            || !l.alpha.is_finite()
+            || !(l.dropout.is_finite() && (0.0..1.0).contains(&l.dropout))
+            || !l.init_b_std.is_finite()
+        {
+            return Err(format!(
+                "LoRA needs a rank in 1..={MAX_LORA_RANK}, distinct targets, a finite alpha and a dropout in [0, 1) (got rank {}, {} targets)",
+                l.rank,
+                l.targets.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn node(s: &str) -> Result<NodeId, String> {
@@ -114,13 +156,20 @@ impl TrainHost {
             ));
         }
         self.collect();
-        if self
+        match self
             .stages
             .lock()
-            .map(|s| s.contains_key(&order.job))
-            .unwrap_or(true)
+            .map(|s| (s.contains_key(&order.job), s.len()))
         {
-            return Err(format!("job {} already has a stage here", order.job));
+            Ok((true, _)) | Err(_) => {
+                return Err(format!("job {} already has a stage here", order.job));
+            }
+            Ok((false, n)) if n >= MAX_STAGES_HERE => {
+                return Err(format!(
+                    "this node already runs {n} training stages (at most {MAX_STAGES_HERE})"
+                ));
+            }
+            Ok(_) => {}
         }
         let setup = StageSetup {
             job: order.job,

@@ -431,6 +431,10 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         tied_model: data.base.config().tie_word_embeddings,
         content: &content,
         ckpt_dir: &ckpt_dir,
+        max_state: std::fs::metadata(&path)
+            .map_or(u64::MAX, |m| m.len())
+            .saturating_mul(24)
+            .saturating_add(64 << 20),
     };
     let mut replans = 0;
     let mut moves = 0;
@@ -629,6 +633,9 @@ struct Plan<'a> {
     tied_model: bool,
     content: &'a str,
     ckpt_dir: &'a Path,
+    /// Most bytes a stage's state may take: its tensors and two optimizer
+    /// moments in f32 (at most the whole model's, ~24× its quantized file).
+    max_state: u64,
 }
 
 /// One placement of the job, from the last checkpoint to the end (the
@@ -654,6 +661,7 @@ async fn attempt(
         tied_model,
         content,
         ckpt_dir,
+        max_state,
     } = *plan;
     let retry = |error: TrainError, step: u64| AttemptError {
         error,
@@ -737,7 +745,8 @@ async fn attempt(
         .collect::<Result<_, _>>()
         .map_err(|e| AttemptError::from(TrainError::Protocol(format!("node id: {e}"))))?;
     let net = ctx.net();
-    let mut coord = Coordinator::new(&net, wire, ids, Duration::from_secs(spec.timeout_s));
+    let mut coord = Coordinator::new(&net, wire, ids, Duration::from_secs(spec.timeout_s))
+        .with_max_state(max_state);
     let ordered =
         futures_util::future::join_all(nodes.iter().zip(orders).map(|(n, o)| ctx.order(n, o)))
             .await;

@@ -8,7 +8,7 @@ use hearth_models::train::{Batching, LoraConfig, Method, Target};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::host::MAX_SEQ_LEN;
+use super::host::{MAX_LORA_RANK, MAX_SEQ_LEN};
 use super::schedule::Schedule;
 
 /// What to train, on what, and how (`hearth train JOB.toml`, or the API).
@@ -224,8 +224,10 @@ impl JobSpec {
             alpha,
         } = &self.method
         {
-            if *rank == 0 || *rank > 1024 || targets.is_empty() || !alpha.is_finite() {
-                return bad("LoRA needs a rank in 1..=1024, an alpha and targets".into());
+            if *rank == 0 || *rank > MAX_LORA_RANK || targets.is_empty() || !alpha.is_finite() {
+                return bad(format!(
+                    "LoRA needs a rank in 1..={MAX_LORA_RANK}, an alpha and targets"
+                ));
             }
             if !(0.0..1.0).contains(dropout) {
                 return bad(format!("LoRA dropout {dropout} is not in [0, 1)"));

@@ -103,6 +103,21 @@ pub fn spawn_stage(
     stage: TrainStage,
     setup: StageSetup,
 ) -> Result<StageHandle, TrainError> {
+    // The checkpoint a stage restores holds its trainable tensors and two
+    // optimizer moments each (f32), plus names: one announced as larger
+    // would only make this node buffer what it can never use.
+    let state_bound: u64 = stage
+        .trainables()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count() as u64 * 12)
+        .sum::<u64>()
+        + (1 << 20);
+    if setup.restore_len > state_bound {
+        return Err(TrainError::Protocol(format!(
+            "a checkpoint of {} bytes for a stage whose state takes at most {state_bound}",
+            setup.restore_len
+        )));
+    }
     let m = setup.micro_batches as usize;
     let cap = 2 * m + 8;
     let (inputs_tx, inputs) = std_mpsc::sync_channel(cap);
