@@ -70,11 +70,13 @@ impl StageOrder {
         check_method(&self.method)?;
         let o = &self.optim;
         let unit = |x: f64| x.is_finite() && (0.0..1.0).contains(&x);
-        if !unit(o.beta1)
-            || !unit(o.beta2)
-            || !(o.eps.is_finite() && o.eps > 0.0)
-            || !(o.weight_decay.is_finite() && o.weight_decay >= 0.0)
-        {
+        let sane = unit(o.beta1)
+            && unit(o.beta2)
+            && o.eps.is_finite()
+            && o.eps > 0.0
+            && o.weight_decay.is_finite()
+            && o.weight_decay >= 0.0;
+        if !sane {
             return Err(format!("optimizer settings {o:?}"));
         }
         if (self.prev.is_none()) != (self.stage == 0)
