@@ -69,10 +69,24 @@ fn layout(path: &Path) -> Result<Layout, String> {
     let base = content.tensor_data_offset;
     let mut out = HashMap::new();
     for (name, t) in &content.tensor_infos {
-        let elems = t.shape.elem_count() as u64;
-        let block = t.ggml_dtype.block_size() as u64;
-        let len = elems / block * t.ggml_dtype.type_size() as u64;
-        out.insert(name.clone(), (base + t.offset, len));
+        // Checked: the header may come from a peer.
+        let elems = t
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let block = (t.ggml_dtype.block_size() as u64).max(1);
+        let range = elems
+            .and_then(|e| (e / block).checked_mul(t.ggml_dtype.type_size() as u64))
+            .and_then(|len| base.checked_add(t.offset).map(|o| (o, len)))
+            .filter(|(o, len)| o.checked_add(*len).is_some());
+        let Some(range) = range else {
+            return Err(format!(
+                "{}: tensor {name} lies past any file",
+                path.display()
+            ));
+        };
+        out.insert(name.clone(), range);
     }
     Ok(Layout(base, file_len, out))
 }
@@ -382,11 +396,28 @@ async fn fetch_from(
         ranges.push((p.offset, p.len));
     }
     if pieces.len() != tensors.len()
+        || file_len > MAX_PEER_FILE
         || ranges
             .iter()
             .any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > file_len))
     {
         return Err("the manifest does not match the request".into());
+    }
+    // Once the header is here, the file's length and every piece's range
+    // come from it, not from the sender's word.
+    if !header {
+        let Layout(_, _, layout) = layout(dest)?;
+        let end = layout
+            .values()
+            .map(|&(o, l)| o.saturating_add(l))
+            .max()
+            .unwrap_or(0);
+        let misplaced = pieces
+            .iter()
+            .any(|p| layout.get(&p.name) != Some(&(p.offset, p.len)));
+        if misplaced || file_len < end {
+            return Err("the manifest disagrees with the model's header".into());
+        }
     }
     let total: u64 = ranges.iter().map(|r| r.1).sum();
     if let Some(dir) = dest.parent() {
@@ -463,8 +494,69 @@ async fn fetch_from(
     Ok(())
 }
 
+/// Largest model file a peer may announce (the largest open models are
+/// a few hundred GB).
+pub const MAX_PEER_FILE: u64 = 2 << 40;
+
+/// The file name a model received from peers is stored under, from the
+/// name and content id a member's profile gives: a plain name of safe
+/// characters, never a path, so nothing is written outside the models
+/// folder.
+pub fn peer_file_name(model: &str, content: &str) -> Result<String, String> {
+    let safe_name = !model.is_empty()
+        && model.len() <= 128
+        && !model.starts_with('.')
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !safe_name {
+        return Err(format!(
+            "a member names its model {:?}: not a plain file name",
+            model.chars().take(64).collect::<String>()
+        ));
+    }
+    let hex = !content.is_empty()
+        && content.len() <= 128
+        && content.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex {
+        return Err("a member gives a content id that is not hexadecimal".into());
+    }
+    Ok(format!(
+        "{model}-{}.gguf",
+        &content[..content.len().min(12)]
+    ))
+}
+
 /// The tensors of `spec` in the model file at `path` (its header must be there).
 pub(crate) fn needed(path: &Path, spec: StageSpec) -> Result<BTreeSet<String>, String> {
     let Layout(_, _, all) = layout(path)?;
     Ok(stage_tensors(all.into_keys(), spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_model_name_is_a_plain_file_name() {
+        assert_eq!(
+            peer_file_name("SmolLM2-135M.Q4_1", "b179c9523d0e6a0f98a330c7").unwrap(),
+            "SmolLM2-135M.Q4_1-b179c9523d0e.gguf"
+        );
+        for bad in [
+            "../evil",
+            "/etc/passwd",
+            "a/b",
+            ".hidden",
+            "",
+            "a\\b",
+            "x\0y",
+            &"a".repeat(200),
+        ] {
+            assert!(peer_file_name(bad, "ab12").is_err(), "{bad:?}");
+        }
+        for bad in ["", "../x", "zz", &"a".repeat(200)] {
+            assert!(peer_file_name("m", bad).is_err(), "{bad:?}");
+        }
+    }
 }

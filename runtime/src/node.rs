@@ -396,11 +396,10 @@ impl Node {
             ));
         };
         let content = times.content.clone().unwrap_or_default();
-        let dest = dir.join(format!(
-            "{}-{}.gguf",
-            times.model,
-            content.get(..12).unwrap_or(&content)
-        ));
+        let dest = dir.join(
+            crate::model_file::peer_file_name(&times.model, &content)
+                .map_err(RuntimeError::BadRequest)?,
+        );
         let ep = &self.endpoint;
         // The header first (it names the tensors), then what measuring reads.
         crate::model_file::fetch(ep, &sources, &content, &dest, Default::default(), progress)
