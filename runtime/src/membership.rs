@@ -28,6 +28,12 @@ const CHECK_PERIOD: Duration = Duration::from_millis(100);
 /// Most candidates kept (a home has far fewer devices; bounds what gossip
 /// can make us remember).
 const MAX_CANDIDATES: usize = 1024;
+/// Most candidates from one source ("mdns", "gossip", ...): a flood of
+/// spoofed mDNS records leaves room for gossip, and the reverse.
+const MAX_PER_SOURCE: usize = MAX_CANDIDATES / 2;
+/// Failed dials, with no success ever, after which a candidate that no
+/// one typed in (`--peer`) is forgotten (discovery may report it again).
+const EXPIRE_FAILURES: u32 = 3;
 /// Longest wait between dial attempts to a candidate.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -65,6 +71,10 @@ struct Candidate {
     backoff: Duration,
     dialing: bool,
     warned: bool,
+    /// Failed dials since it last answered.
+    failures: u32,
+    /// Whether a dial ever succeeded.
+    answered: bool,
 }
 
 /// Messages to the actor.
@@ -352,7 +362,7 @@ impl Actor {
             Some(id) => CandidateKey::Id(id),
             None => CandidateKey::Addr(first),
         };
-        if !self.candidates.contains_key(&key) && self.candidates.len() >= MAX_CANDIDATES {
+        if !self.candidates.contains_key(&key) && !self.make_room(hint.source) {
             debug!("candidate table full; ignoring {key:?}");
             return;
         }
@@ -363,11 +373,47 @@ impl Actor {
             backoff: Duration::ZERO,
             dialing: false,
             warned: false,
+            failures: 0,
+            answered: false,
         });
         for a in hint.addrs {
             if !c.addrs.contains(&a) && c.addrs.len() < 8 {
                 c.addrs.push(a);
             }
+        }
+    }
+
+    /// Makes room for one more candidate from `source` if the table (or
+    /// that source's share) is full, by forgetting one that is not a member
+    /// and was not typed in: the one that failed most, else any (chosen at
+    /// random, so hints that keep arriving cannot keep an honest newcomer
+    /// out). Returns whether there is room.
+    fn make_room(&mut self, source: &'static str) -> bool {
+        let of_source = self
+            .candidates
+            .values()
+            .filter(|c| c.source == source)
+            .count();
+        let source_full = of_source >= MAX_PER_SOURCE;
+        if !source_full && self.candidates.len() < MAX_CANDIDATES {
+            return true;
+        }
+        let victim = self
+            .candidates
+            .iter()
+            .filter(|(k, c)| {
+                c.source != "static"
+                    && (!source_full || c.source == source)
+                    && !self.connected(k, c)
+            })
+            .max_by_key(|(_, c)| (c.failures, !c.dialing, rand::random::<u32>()))
+            .map(|(k, _)| k.clone());
+        match victim {
+            Some(k) => {
+                self.candidates.remove(&k);
+                true
+            }
+            None => false,
         }
     }
 
@@ -504,8 +550,19 @@ impl Actor {
             Ok(_) => {
                 c.backoff = Duration::ZERO;
                 c.warned = false;
+                c.failures = 0;
+                c.answered = true;
             }
             Err(e) => {
+                c.failures = c.failures.saturating_add(1);
+                if !c.answered && c.failures >= EXPIRE_FAILURES && c.source != "static" {
+                    debug!(
+                        source = c.source,
+                        "forgetting {:?}: never answered", c.addrs
+                    );
+                    self.candidates.remove(&key);
+                    return;
+                }
                 c.backoff = (c.backoff * 2).clamp(Duration::from_millis(500), MAX_BACKOFF);
                 c.next_try = Instant::now() + c.backoff;
                 if !c.warned {

@@ -333,3 +333,73 @@ async fn malformed_probe_and_profile_streams_do_not_hurt_a_node() -> Result<()> 
     rogue.shutdown().await;
     Ok(())
 }
+
+/// A discovery that reports `hints` once, in order (as a LAN host without
+/// the secret can, by answering mDNS with made-up records).
+struct Flood(Vec<hearth_discovery::PeerHint>);
+
+impl Discovery for Flood {
+    fn name(&self) -> &'static str {
+        "flood"
+    }
+
+    fn start(
+        &self,
+        _me: &hearth_discovery::Announcement,
+        events: tokio::sync::mpsc::Sender<hearth_discovery::DiscoveryEvent>,
+    ) -> Result<(), hearth_discovery::DiscoveryError> {
+        let hints = self.0.clone();
+        tokio::spawn(async move {
+            for h in hints {
+                if events
+                    .send(hearth_discovery::DiscoveryEvent::Found(h))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn stop(&self) {}
+}
+
+/// 1024 spoofed mDNS hints (made-up node ids at addresses where no node
+/// answers) fill the candidate table; an honest node's hint after them
+/// still gets in, and the two meet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_node_joins_after_1024_spoofed_discovery_hints() -> Result<()> {
+    let secret = ClusterSecret::generate();
+    let b = TestNode::start("b", &secret, vec![])?;
+    // Addresses where nothing listens: UDP sockets bound and dropped.
+    let mut hints = Vec::new();
+    for i in 0..1024u32 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        id[31] = 0xee;
+        hints.push(hearth_discovery::PeerHint {
+            node_id: Some(hearth_net::NodeId(id)),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))],
+            source: "mdns",
+        });
+    }
+    hints.push(hearth_discovery::PeerHint {
+        node_id: Some(b.node.endpoint().id()),
+        addrs: vec![b.node.endpoint().local_addr()?],
+        source: "mdns",
+    });
+    let a = TestNode::start("a", &secret, vec![Box::new(Flood(hints))])?;
+    let met = wait_for_views(&[&a, &b], Duration::from_secs(20), |v| {
+        ["a", "b"]
+            .iter()
+            .all(|n| v.members.iter().any(|m| m.name == *n))
+    })
+    .await?;
+    println!("met after {met:?} despite 1024 spoofed hints");
+    Ok(())
+}
