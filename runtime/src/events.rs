@@ -20,7 +20,9 @@ use crate::placement::Placement;
 
 /// How many past events a node keeps for new subscribers.
 pub const EVENT_HISTORY: usize = 256;
-/// Longest text field an event from a member may carry.
+/// Largest event a member may send, serialized.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Longest text in an event a member may send.
 pub const MAX_EVENT_TEXT: usize = 4096;
 
 /// What happened.
@@ -123,6 +125,14 @@ impl EventKind {
         };
         if texts.iter().any(|t| t.len() > MAX_EVENT_TEXT) {
             return Err(format!("event text over {MAX_EVENT_TEXT} bytes"));
+        }
+        // Kept (up to the log's length) and sent to every subscriber: the
+        // whole event is bounded too.
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if size > MAX_EVENT_BYTES {
+            return Err(format!(
+                "an event of {size} bytes (at most {MAX_EVENT_BYTES})"
+            ));
         }
         Ok(())
     }
@@ -251,6 +261,34 @@ mod tests {
         assert!(long.check_from_peer().is_err());
         let observed = EventKind::MemberLeft { reason: "r".into() };
         assert!(observed.check_from_peer().is_err());
+        // A well-formed plan carrying a megabyte of figures.
+        let figure = crate::profile::DeviceFigures {
+            node_id: "ab".repeat(32),
+            name: "x".repeat(200),
+            cores: Some(1.0),
+            factor: 1.0,
+            source: crate::profile::FigureSource::Measured,
+            layer_decode_s: 1e-3,
+        };
+        let huge = EventKind::PlacementPlanned {
+            placement: crate::placement::Placement {
+                id: 1,
+                model: "m".into(),
+                fingerprint: "f".into(),
+                content: None,
+                stages: vec![crate::placement::PlacedStage {
+                    node_id: "ab".repeat(32),
+                    name: "a".into(),
+                    spec: hearth_models::StageSpec::full(2),
+                }],
+                members: vec!["ab".repeat(32)],
+                predicted_step_s: None,
+                predicted_tokens_per_s: None,
+                reason: None,
+                figures: vec![figure; 3000],
+            },
+        };
+        assert!(huge.check_from_peer().is_err());
     }
 
     #[test]

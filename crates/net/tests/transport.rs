@@ -389,3 +389,45 @@ async fn unknown_stream_kind_is_reset_and_shutdown_is_announced() {
     assert!(a.peers().is_empty());
     assert!(matches!(b.connect(addr(&a)).await, Err(NetError::Shutdown)));
 }
+
+/// A peer that starts a frame (its prefix claims 1 MiB) and then stops
+/// sending does not hold the reader: the read fails once the frame's
+/// deadline passes, and what arrived is all that was buffered.
+#[tokio::test]
+async fn a_frame_that_stops_midway_times_out() {
+    let secret = ClusterSecret::generate();
+    let (a, _ra) = node("a", &secret);
+    let (b, mut rb) = node("b", &secret);
+    let mut echo = rb.remove(&stream_kind::ECHO).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Some(mut s) = echo.recv().await {
+            let started = std::time::Instant::now();
+            let r = hearth_net::framed::read_message_within(
+                &mut s.recv,
+                1 << 20,
+                Duration::from_millis(500),
+            )
+            .await;
+            let _ = tx.send((r, started.elapsed()));
+        }
+    });
+    let conn = within(a.connect(addr(&b))).await.unwrap();
+    let (mut send, _recv) = within(conn.open(stream_kind::ECHO)).await.unwrap();
+    let mut partial = ((1u32 << 20) - 8).to_le_bytes().to_vec();
+    partial.extend_from_slice(&[0x06; 100]);
+    send.write_all(&partial).await.unwrap();
+    // Never finished: the stream stays open, silent.
+    let (r, took) = tokio::time::timeout(Duration::from_secs(20), rx)
+        .await
+        .expect("the read never gave up")
+        .unwrap();
+    assert!(
+        matches!(r, Err(NetError::Read(ref m)) if m.contains("not whole")),
+        "{r:?}"
+    );
+    // 0.5 s + 4 s for the 1 MiB this read accepts.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
