@@ -38,12 +38,22 @@ fn model(dir: &std::path::Path) -> Result<std::path::PathBuf> {
     Ok(tiny.gguf_q8_0)
 }
 
+/// One home at a time: each test sizes its devices' CPU on purpose, and a
+/// second home's processes on the same two cores would be load none of
+/// them planned for (a device measured under it measures again when it
+/// ends, which is right but not what a test of busy time looks at).
+fn one_home_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn whole(p: &hearth_runtime::pipeline::Placement) -> bool {
     p.stages.last().is_some_and(|s| s.spec.end == 8)
 }
 
 #[test]
 fn the_slower_device_gets_fewer_layers() -> Result<()> {
+    let _one = one_home_at_a_time();
     if !cgroup::available("the_slower_device_gets_fewer_layers") {
         return Ok(());
     }
@@ -88,6 +98,7 @@ fn the_slower_device_gets_fewer_layers() -> Result<()> {
 
 #[test]
 fn a_quota_swap_replaces_the_model_and_fails_no_request() -> Result<()> {
+    let _one = one_home_at_a_time();
     if !cgroup::available("a_quota_swap_replaces_the_model_and_fails_no_request") {
         return Ok(());
     }
@@ -171,6 +182,7 @@ fn a_quota_swap_replaces_the_model_and_fails_no_request() -> Result<()> {
 
 #[test]
 fn a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights() -> Result<()> {
+    let _one = one_home_at_a_time();
     if !cgroup::available(
         "a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights",
     ) {
@@ -241,6 +253,7 @@ fn a_quota_swap_mid_job_re_plans_training_and_ends_at_the_uninterrupted_weights(
 
 #[test]
 fn a_home_on_shaped_links_measures_them_places_and_serves() -> Result<()> {
+    let _one = one_home_at_a_time();
     let test = "a_home_on_shaped_links_measures_them_places_and_serves";
     if !cgroup::available(test) || !hearth_test_utils::netns::available(test) {
         return Ok(());
@@ -298,6 +311,7 @@ fn a_home_on_shaped_links_measures_them_places_and_serves() -> Result<()> {
 
 #[test]
 fn a_program_competing_inside_a_devices_quota_moves_the_job_by_its_busy_times() -> Result<()> {
+    let _one = one_home_at_a_time();
     let test = "a_program_competing_inside_a_devices_quota_moves_the_job_by_its_busy_times";
     if !cgroup::available(test) {
         return Ok(());

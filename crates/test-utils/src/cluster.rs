@@ -257,14 +257,31 @@ pub async fn generate_all(
 }
 
 /// An authenticated member that speaks nonsense, connected to `a`; no
-/// handlers of its own.
+/// handlers of its own. Its node id is above every member `a` knows, so it
+/// is not the leader (the lowest id leads; a member that grinds its id
+/// lower is out of the trust model's reach).
 pub async fn rogue_member(
     secret: &ClusterSecret,
     a: &TestNode,
 ) -> Result<(hearth_net::Endpoint, hearth_net::PeerConn)> {
+    let highest = a
+        .view()
+        .await?
+        .members
+        .iter()
+        .map(|m| m.node_id.clone())
+        .max()
+        .unwrap_or_default();
+    let mut identity = hearth_net::Identity::generate()?;
+    for _ in 0..1000 {
+        if identity.id().to_string() > highest {
+            break;
+        }
+        identity = hearth_net::Identity::generate()?;
+    }
     let (rogue, _rx) = hearth_net::Endpoint::bind(
         hearth_net::EndpointConfig {
-            identity: hearth_net::Identity::generate()?,
+            identity,
             secret: secret.clone(),
             name: "rogue".into(),
             bind: "127.0.0.1:0".parse()?,
