@@ -68,8 +68,10 @@ pub(crate) enum Control {
     Manifest {
         file_len: u64,
         header_len: u64,
-        header_sha256: Option<String>,
         pieces: Vec<crate::model_file::Piece>,
+        /// The model's whole hash tree (its root is the content id asked
+        /// for), which proves the header and every piece.
+        leaves: Vec<crate::model_file::Leaf>,
     },
     /// Load the model of this name from your own store (reply at once:
     /// `Ready`, or `Failed` if you cannot start; events tell the rest).

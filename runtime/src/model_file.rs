@@ -1,6 +1,10 @@
 //! Weight transfer between members: a node that lacks the model receives
 //! the GGUF header and exactly the tensors it needs from a member that has
-//! them, over QUIC, each piece verified by SHA-256. The pieces are written
+//! them, over QUIC. Every piece is verified against the model's content id,
+//! which is the root of a hash tree every holder computes the same way
+//! ([`leaves`], [`content_root`]): BLAKE3 of the header and of each tensor,
+//! then of the list of (name, offset, length, hash) and the file's length.
+//! A sender cannot make a piece pass that is not the model's own. The pieces are written
 //! at their offsets in a sparse file of the original's size, so the result
 //! is a GGUF with the original layout (same fingerprint) whose missing
 //! tensors are holes; a sidecar `<file>.have.json` lists what is present
@@ -15,7 +19,6 @@ use hearth_net::framed::{read_message, write_message};
 use hearth_net::{Endpoint, IncomingStream, NodeId};
 use hearth_proto::{Message, limits, stream_kind};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::control::{Control, read_control, write_control};
@@ -33,16 +36,137 @@ pub struct Piece {
     /// Absolute byte offset in the file.
     pub offset: u64,
     pub len: u64,
-    /// SHA-256 of the bytes, hex.
-    pub sha256: String,
 }
+
+/// One leaf of a model file's content tree: its header, or one tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leaf {
+    /// The tensor's name, or [`HEADER_LEAF`].
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+    /// BLAKE3 of the bytes, hex.
+    pub blake3: String,
+}
+
+/// The header's leaf name (no tensor has it: GGUF names have no parentheses).
+pub const HEADER_LEAF: &str = "(header)";
 
 /// The sidecar of a partial copy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Have {
-    /// Content hash of the original file.
+    /// Content id of the original file (the root of its leaves).
     pub content: String,
     pub tensors: BTreeSet<String>,
+    /// The original's leaves (checked against `content`), so a partial
+    /// copy can prove the pieces it serves.
+    #[serde(default)]
+    pub leaves: Vec<Leaf>,
+}
+
+/// BLAKE3 (hex) of `len` bytes of `f` from `offset`, read in chunks.
+fn blake3_range(f: &std::fs::File, offset: u64, len: u64) -> Result<String, String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(CHUNK as u64) as usize;
+        f.read_exact_at(&mut buf[..n], offset + at)
+            .map_err(|e| e.to_string())?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The leaves of the (whole) GGUF at `path`: its header, then every tensor
+/// in file order; and the file's length.
+pub fn leaves(path: &Path) -> Result<(u64, Vec<Leaf>), String> {
+    let Layout(header_len, file_len, all) = layout(path)?;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut tensors: Vec<(String, u64, u64)> =
+        all.into_iter().map(|(n, (o, l))| (n, o, l)).collect();
+    tensors.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let mut out = Vec::with_capacity(tensors.len() + 1);
+    out.push(Leaf {
+        name: HEADER_LEAF.into(),
+        offset: 0,
+        len: header_len,
+        blake3: blake3_range(&f, 0, header_len)?,
+    });
+    for (name, offset, len) in tensors {
+        if offset.saturating_add(len) > file_len {
+            return Err(format!(
+                "{}: tensor {name} passes the end of the file",
+                path.display()
+            ));
+        }
+        out.push(Leaf {
+            blake3: blake3_range(&f, offset, len)?,
+            name,
+            offset,
+            len,
+        });
+    }
+    Ok((file_len, out))
+}
+
+/// The content id of a file of `file_len` bytes with these leaves: the
+/// root of its tree (the first 16 bytes of a BLAKE3, hex).
+pub fn content_root(file_len: u64, leaves: &[Leaf]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"hearth model content v1\0");
+    h.update(&file_len.to_le_bytes());
+    h.update(&(leaves.len() as u64).to_le_bytes());
+    for l in leaves {
+        h.update(&(l.name.len() as u64).to_le_bytes());
+        h.update(l.name.as_bytes());
+        h.update(&l.offset.to_le_bytes());
+        h.update(&l.len.to_le_bytes());
+        h.update(l.blake3.as_bytes());
+    }
+    h.finalize().as_bytes()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The leaves a manifest gives, by name, if their root is `content`.
+fn proven_leaves(
+    content: &str,
+    file_len: u64,
+    leaves: &[Leaf],
+) -> Result<HashMap<String, Leaf>, String> {
+    if content_root(file_len, leaves) != content {
+        return Err("the manifest's hash tree is not the model's content id".into());
+    }
+    let by_name: HashMap<String, Leaf> =
+        leaves.iter().map(|l| (l.name.clone(), l.clone())).collect();
+    if by_name.len() != leaves.len() {
+        return Err("the manifest's tree names a part twice".into());
+    }
+    Ok(by_name)
+}
+
+/// Leaves computed once per served file (hashing reads the whole file).
+fn served_leaves(path: &Path) -> Result<std::sync::Arc<(u64, Vec<Leaf>)>, String> {
+    type Cache = std::sync::Mutex<HashMap<(PathBuf, u64), std::sync::Arc<(u64, Vec<Leaf>)>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let key = (path.to_path_buf(), len);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(l) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(l);
+    }
+    let l = std::sync::Arc::new(leaves(path)?);
+    if let Ok(mut c) = cache.lock() {
+        if c.len() > 16 {
+            c.clear();
+        }
+        c.insert(key, l.clone());
+    }
+    Ok(l)
 }
 
 /// The sidecar path of a (possibly partial) model file.
@@ -132,23 +256,6 @@ pub fn measurement_spec() -> [StageSpec; 2] {
     ]
 }
 
-/// SHA-256 (hex) of `len` bytes of `f` from `offset`, read in chunks so a
-/// large tensor needs no buffer of its size.
-fn hash_range(f: &std::fs::File, offset: u64, len: u64) -> Result<String, String> {
-    use std::os::unix::fs::FileExt;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut at = 0u64;
-    while at < len {
-        let n = (len - at).min(CHUNK as u64) as usize;
-        f.read_exact_at(&mut buf[..n], offset + at)
-            .map_err(|e| e.to_string())?;
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Serves one `WEIGHTS` stream: a `Fetch` in; a `Manifest`, then the
 /// header and the pieces as `FileChunk`s out (or `Failed`).
 pub(crate) async fn serve(stream: IncomingStream, service: Service) {
@@ -226,37 +333,33 @@ async fn plan_send(
         pieces.push((name.clone(), offset, len));
         ranges.push((offset, len));
     }
-    // Hash the pieces (reading them once more; the file is in the page cache).
-    let p = path.clone();
-    let (pieces, header_sha256) = tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
-        let pieces = pieces
-            .into_iter()
-            .map(|(name, offset, len)| {
-                Ok(Piece {
-                    sha256: hash_range(&f, offset, len)?,
-                    name,
-                    offset,
-                    len,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        let header = if header {
-            Some(hash_range(&f, 0, header_len)?)
-        } else {
-            None
-        };
-        Ok::<_, String>((pieces, header))
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    // The tree that proves every piece: computed from a whole file, or
+    // as received (and proven) for a partial copy.
+    let leaves = match &have {
+        Some(h) if h.leaves.is_empty() => {
+            return Err("this node's partial copy has no hash tree to prove pieces with".into());
+        }
+        Some(h) => h.leaves.clone(),
+        None => {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || served_leaves(&p))
+                .await
+                .map_err(|e| e.to_string())??
+                .1
+                .clone()
+        }
+    };
+    let pieces = pieces
+        .into_iter()
+        .map(|(name, offset, len)| Piece { name, offset, len })
+        .collect();
     Ok((
         path,
         Control::Manifest {
             file_len,
             header_len,
-            header_sha256,
             pieces,
+            leaves,
         },
         ranges,
     ))
@@ -374,16 +477,34 @@ async fn fetch_from(
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
     let reply = read_control(&mut recv).await.map_err(|e| e.to_string())?;
-    let (file_len, header_len, header_sha256, pieces) = match reply {
+    let (file_len, header_len, pieces, leaves) = match reply {
         Control::Manifest {
             file_len,
             header_len,
-            header_sha256,
             pieces,
-        } => (file_len, header_len, header_sha256, pieces),
+            leaves,
+        } => (file_len, header_len, pieces, leaves),
         Control::Failed { reason, .. } => return Err(reason),
         other => return Err(format!("unexpected reply {other:?}")),
     };
+    // The tree must be the model's (its root is the content id we asked
+    // for), and every part we receive must be where the tree says.
+    if leaves.len() > 1 << 20 {
+        return Err("the manifest's tree is too large".into());
+    }
+    let proven = proven_leaves(content, file_len, &leaves)?;
+    let header_leaf = proven
+        .get(HEADER_LEAF)
+        .ok_or("the manifest's tree has no header")?;
+    if header && header_leaf.len != header_len {
+        return Err("the manifest's header length is not the tree's".into());
+    }
+    for p in &pieces {
+        match proven.get(&p.name) {
+            Some(l) if l.offset == p.offset && l.len == p.len => {}
+            _ => return Err(format!("{} is not where the model's tree puts it", p.name)),
+        }
+    }
     // Every range must lie in the file, and the pieces must be the ones asked.
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     if header {
@@ -464,22 +585,25 @@ async fn fetch_from(
             }
         }
     }
-    // Verify what arrived before recording it.
-    let verify = |offset: u64, len: u64| hash_range(&f, offset, len);
-    if let Some(want) = header_sha256.filter(|_| header)
-        && verify(0, header_len)? != want
-    {
-        return Err("the header does not match its hash".into());
+    // Verify what arrived against the model's tree before recording it.
+    let verify = |offset: u64, len: u64| blake3_range(&f, offset, len);
+    if header && verify(0, header_len)? != header_leaf.blake3 {
+        return Err("the header is not the model's".into());
     }
     let mut have = read_have(dest).unwrap_or(Have {
         content: content.to_string(),
         tensors: BTreeSet::new(),
+        leaves: leaves.clone(),
     });
     for p in &pieces {
-        if verify(p.offset, p.len)? != p.sha256 {
-            return Err(format!("{} does not match its hash", p.name));
+        let want = proven.get(&p.name).map(|l| l.blake3.as_str());
+        if Some(verify(p.offset, p.len)?.as_str()) != want {
+            return Err(format!("{} is not the model's (its hash differs)", p.name));
         }
         have.tensors.insert(p.name.clone());
+    }
+    if have.leaves.is_empty() {
+        have.leaves = leaves;
     }
     f.sync_all().map_err(|e| e.to_string())?;
     let doc = serde_json::to_vec_pretty(&have).map_err(|e| e.to_string())?;
@@ -536,6 +660,41 @@ pub(crate) fn needed(path: &Path, spec: StageSpec) -> Result<BTreeSet<String>, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_content_id_is_the_root_of_a_tree_that_proves_each_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = hearth_test_utils::tiny_model(dir.path(), hearth_test_utils::TinySpec::default())
+            .unwrap();
+        let path = m.gguf_q8_0;
+        let (len, tree) = leaves(&path).unwrap();
+        assert_eq!(tree[0].name, HEADER_LEAF);
+        let root = content_root(len, &tree);
+        assert_eq!(crate::profile::content_hash(&path).unwrap(), root);
+        assert!(proven_leaves(&root, len, &tree).is_ok());
+        // A tree with one leaf, one offset or the length changed is not
+        // the model's.
+        let mut bad = tree.clone();
+        bad[1].blake3 = "00".repeat(32);
+        assert!(proven_leaves(&root, len, &bad).is_err());
+        let mut moved = tree.clone();
+        moved[2].offset += 32;
+        assert!(proven_leaves(&root, len, &moved).is_err());
+        assert!(proven_leaves(&root, len + 1, &tree).is_err());
+        // A poisoned copy: one byte of one tensor changed. Its tensor's
+        // leaf differs from the tree's (so the piece is refused), the
+        // others do not, and its root is another content id.
+        let poisoned = dir.path().join("poisoned.gguf");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let victim = &tree[tree.len() / 2];
+        bytes[(victim.offset + victim.len / 2) as usize] ^= 0x55;
+        std::fs::write(&poisoned, bytes).unwrap();
+        let (plen, ptree) = leaves(&poisoned).unwrap();
+        for (a, b) in tree.iter().zip(&ptree) {
+            assert_eq!(a.name == victim.name, a.blake3 != b.blake3, "{}", a.name);
+        }
+        assert_ne!(content_root(plen, &ptree), root);
+    }
 
     #[test]
     fn a_peers_model_name_is_a_plain_file_name() {

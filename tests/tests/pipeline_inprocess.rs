@@ -594,3 +594,73 @@ async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<
     );
     Ok(())
 }
+
+/// A member that serves a poisoned copy of the model (one byte of one
+/// tensor changed) under the honest content id: the manifest it sends
+/// cannot prove its pieces, so the node adopting the model refuses every
+/// piece and writes nothing it would use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_copy_under_the_honest_content_id_is_refused() -> Result<()> {
+    use hearth_net::ClusterSecret;
+    use hearth_runtime::profile::MeasureOptions;
+    use hearth_test_utils::cluster::TestNode;
+
+    let dir = tempfile::tempdir()?;
+    let tiny = tiny_model(dir.path(), TinySpec::default())?;
+    let honest = model_info(&tiny.gguf_q8_0, dir.path())?;
+    // The same file with one byte of its largest tensor flipped, served
+    // under the honest file's content id.
+    let (_, tree) =
+        hearth_runtime::model_file::leaves(&tiny.gguf_q8_0).map_err(anyhow::Error::msg)?;
+    let victim = tree
+        .iter()
+        .max_by_key(|l| l.len)
+        .ok_or_else(|| anyhow::anyhow!("no tensors"))?;
+    let poisoned = dir.path().join("poisoned.gguf");
+    let mut bytes = std::fs::read(&tiny.gguf_q8_0)?;
+    bytes[(victim.offset + victim.len / 2) as usize] ^= 0x55;
+    std::fs::write(&poisoned, bytes)?;
+    let mut rogue = honest.clone();
+    rogue.path = poisoned;
+
+    let net = hearth_discovery::MemoryNetwork::new();
+    let secret = ClusterSecret::generate();
+    let a = TestNode::start_with("a", &secret, vec![Box::new(net.discovery())], |cfg| {
+        cfg.model = Some(rogue.clone());
+        cfg.placement = PlacementPolicy::Even;
+    })?;
+    let b = TestNode::start_with("b", &secret, vec![Box::new(net.discovery())], |cfg| {
+        cfg.placement = PlacementPolicy::Even;
+    })?;
+    let start = Instant::now();
+    while !b
+        .view()
+        .await?
+        .profiles
+        .is_some_and(|p| p.nodes.iter().any(|n| n.model.is_some()))
+    {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "b never saw a's model"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let empty = tempfile::tempdir()?;
+    let got = b
+        .node
+        .adopt_model_from_peers(
+            &empty.path().join("models"),
+            &empty.path().join("profiles"),
+            &MeasureOptions::quick(),
+            &mut |_, _| {},
+        )
+        .await;
+    let err = got.expect_err("a poisoned copy was adopted");
+    assert!(
+        err.to_string().contains("hash tree"),
+        "refused for another reason: {err}"
+    );
+    assert!(b.node.model_name().is_none());
+    drop(a);
+    Ok(())
+}

@@ -331,6 +331,13 @@ pub fn content_hash(path: &std::path::Path) -> Result<String, ProfileError> {
         let path = p.to_path_buf();
         move |source| ProfileError::Io { path, source }
     };
+    // A GGUF: the root of its hash tree, which members verify received
+    // pieces against (`model_file`).
+    if path.is_file()
+        && let Ok((len, leaves)) = crate::model_file::leaves(path)
+    {
+        return Ok(crate::model_file::content_root(len, &leaves));
+    }
     let files = if path.is_dir() {
         let mut v: Vec<_> = std::fs::read_dir(path)
             .map_err(io(path))?
