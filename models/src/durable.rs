@@ -21,12 +21,16 @@ const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
 
 /// A file that replaces `path` when [`AtomicWriteFile::commit`] is called
-/// (dropped uncommitted, it leaves `path` as it was). Mode 0600.
+/// (dropped uncommitted, it leaves `path` as it was). Mode 0600; readable.
 pub fn create(path: &Path) -> Result<AtomicWriteFile> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_dir(dir)?;
     }
-    let f = AtomicWriteFile::open(path).map_err(|e| ModelError::io(path, e))?;
+    // Readable too, so a caller can check what it wrote before committing.
+    let f = AtomicWriteFile::options()
+        .read(true)
+        .open(path)
+        .map_err(|e| ModelError::io(path, e))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -66,27 +66,56 @@ pub(crate) async fn upload(
             );
         }
     };
-    let (mut data, mut name, mut purpose) = (None, String::from("data.jsonl"), None);
+    let dir = files_dir(&s);
+    if let Err(why) = room_for_a_file(&dir) {
+        return quota_exceeded(why);
+    }
+    let id = crate::openai::new_id("file");
+    let path = dir.join(format!("{id}.jsonl"));
+    // The data streams into a temporary file beside its final name; it
+    // takes that name whole and durably only once checked (a listing
+    // never sees half a file, a crash never leaves one).
+    let (mut file, mut name, mut purpose, mut bytes) =
+        (None, String::from("data.jsonl"), None, 0u64);
     loop {
         match form.next_field().await {
-            Ok(Some(field)) => match field.name() {
-                Some("file") => {
+            Ok(Some(mut field)) => match field.name() {
+                Some("file") if file.is_none() => {
                     if let Some(f) = field.file_name() {
                         name = f.chars().filter(|c| !c.is_control()).take(200).collect();
                     }
-                    match field.bytes().await {
-                        Ok(b) => data = Some(b),
-                        Err(e) => return bad_request(format!("file: {e}"), Some("file")),
+                    let mut out = match hearth_models::durable::create(&path) {
+                        Ok(f) => f,
+                        Err(e) => return store_failed(e),
+                    };
+                    loop {
+                        match field.chunk().await {
+                            Ok(Some(chunk)) => {
+                                bytes += chunk.len() as u64;
+                                if bytes > MAX_FILES_BYTES {
+                                    return quota_exceeded(format!(
+                                        "the stored files may take {MAX_FILES_BYTES} bytes in all"
+                                    ));
+                                }
+                                use std::io::Write;
+                                if let Err(e) = out.write_all(&chunk) {
+                                    return store_failed(e);
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return multipart_error("file", e),
+                        }
                     }
+                    file = Some(out);
                 }
                 Some("purpose") => match field.text().await {
                     Ok(t) => purpose = Some(t),
-                    Err(e) => return bad_request(format!("purpose: {e}"), Some("purpose")),
+                    Err(e) => return multipart_error("purpose", e),
                 },
                 _ => {}
             },
             Ok(None) => break,
-            Err(e) => return bad_request(format!("multipart body: {e}"), None),
+            Err(e) => return multipart_error("", e),
         }
     }
     if purpose.as_deref() != Some("fine-tune") {
@@ -95,41 +124,116 @@ pub(crate) async fn upload(
             Some("purpose"),
         );
     }
-    let Some(data) = data else {
+    let Some(mut file) = file else {
         return bad_request("no file in the form".into(), Some("file"));
     };
-    let Ok(text) = std::str::from_utf8(&data) else {
-        return bad_request("the file is not UTF-8 text".into(), Some("file"));
+    if let Err(why) = room_for_bytes(&dir, bytes) {
+        return quota_exceeded(why);
+    }
+    // Checked from the disk (one copy in memory, not the upload's).
+    let text = {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        let read = file
+            .as_file_mut()
+            .seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| file.as_file_mut().read_to_string(&mut text));
+        if read.is_err() {
+            return bad_request("the file is not UTF-8 text".into(), Some("file"));
+        }
+        text
     };
-    if let Err(e) = hearth_models::train::parse_jsonl(text) {
+    if let Err(e) = hearth_models::train::parse_jsonl(&text) {
         return bad_request(
             format!("the file is not fine-tuning JSONL: {e}"),
             Some("file"),
         );
     }
-    let id = crate::openai::new_id("file");
-    let dir = files_dir(&s);
-    // The data lands under its final name whole and durably (a listing
-    // never sees half a file, a crash never leaves one).
-    use hearth_models::durable;
-    let written = durable::write(&dir.join(format!("{id}.name")), name.as_bytes())
-        .and_then(|()| durable::write(&dir.join(format!("{id}.jsonl")), &data));
-    if let Err(e) = written {
-        return api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            format!("cannot store the file: {e}"),
-            None,
-            None,
-        );
+    drop(text);
+    if let Err(e) = hearth_models::durable::write(&dir.join(format!("{id}.name")), name.as_bytes())
+    {
+        return store_failed(e);
     }
-    Json(file_object(
-        &id,
-        data.len() as u64,
-        crate::openai::now_s(),
-        &name,
-    ))
-    .into_response()
+    if let Err(e) = file.commit() {
+        let _ = std::fs::remove_file(dir.join(format!("{id}.name")));
+        return store_failed(e);
+    }
+    Json(file_object(&id, bytes, crate::openai::now_s(), &name)).into_response()
+}
+
+/// Most files kept for fine-tuning on a node.
+pub const MAX_FILES: usize = 256;
+/// Most bytes they may take together.
+pub const MAX_FILES_BYTES: u64 = 1 << 30;
+
+/// The stored files' count and bytes.
+fn usage(dir: &std::path::Path) -> (usize, u64) {
+    std::fs::read_dir(dir).map_or((0, 0), |rd| {
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+            .fold((0, 0), |(n, b), e| {
+                (n + 1, b + e.metadata().map_or(0, |m| m.len()))
+            })
+    })
+}
+
+fn room_for_a_file(dir: &std::path::Path) -> Result<(), String> {
+    let (n, b) = usage(dir);
+    if n >= MAX_FILES {
+        return Err(format!(
+            "this node keeps at most {MAX_FILES} files; delete some first"
+        ));
+    }
+    if b >= MAX_FILES_BYTES {
+        return Err(format!(
+            "the stored files take {b} bytes, at most {MAX_FILES_BYTES}; delete some first"
+        ));
+    }
+    Ok(())
+}
+
+fn room_for_bytes(dir: &std::path::Path, more: u64) -> Result<(), String> {
+    let (_, b) = usage(dir);
+    if b.saturating_add(more) > MAX_FILES_BYTES {
+        return Err(format!(
+            "this file would bring the stored files to {} bytes, past {MAX_FILES_BYTES}; delete some first",
+            b.saturating_add(more)
+        ));
+    }
+    Ok(())
+}
+
+fn quota_exceeded(why: String) -> Response {
+    api_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        why,
+        Some("file"),
+        Some("quota_exceeded"),
+    )
+}
+
+fn store_failed(e: impl std::fmt::Display) -> Response {
+    api_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        format!("cannot store the file: {e}"),
+        None,
+        None,
+    )
+}
+
+/// A multipart error: past the upload limit it is a 413, else a 400.
+fn multipart_error(what: &str, e: axum::extract::multipart::MultipartError) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return crate::too_large(crate::MAX_UPLOAD);
+    }
+    let what = if what.is_empty() {
+        "multipart body"
+    } else {
+        what
+    };
+    bad_request(format!("{what}: {e}"), None)
 }
 
 /// A stored file's object and its upload time; `None` when there is no

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 mod control;
 mod finetune;
+pub use finetune::{MAX_FILES, MAX_FILES_BYTES};
 mod generate;
 mod metrics;
 mod openai;
@@ -291,7 +292,7 @@ where
     }
 }
 
-fn too_large(limit: usize) -> Response {
+pub(crate) fn too_large(limit: usize) -> Response {
     api_error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "invalid_request_error",
@@ -464,15 +465,27 @@ async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Respo
 
 /// Reads the whole body first, within the body timeout and size limit, so
 /// a client that stalls mid-body gets a 408 instead of holding a handler.
-/// Fine-tuning uploads get [`MAX_UPLOAD`] and [`UPLOAD_TIMEOUT`].
+/// Fine-tuning uploads are not read here: their handler streams them to
+/// disk, within [`MAX_UPLOAD`] bytes and [`UPLOAD_TIMEOUT`].
 async fn read_body(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     let upload = parts.method == Method::POST && parts.uri.path() == "/v1/files";
-    let (limit, timeout) = if upload {
-        (MAX_UPLOAD, UPLOAD_TIMEOUT.max(s.body_timeout))
-    } else {
-        (MAX_BODY, s.body_timeout)
-    };
+    if upload {
+        let timeout = UPLOAD_TIMEOUT.max(s.body_timeout);
+        let body = axum::body::Body::new(http_body_util::Limited::new(body, MAX_UPLOAD));
+        return match tokio::time::timeout(timeout, next.run(Request::from_parts(parts, body))).await
+        {
+            Ok(r) => r,
+            Err(_) => api_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("the upload did not arrive within {} s", timeout.as_secs()),
+                None,
+                Some("timeout"),
+            ),
+        };
+    }
+    let (limit, timeout) = (MAX_BODY, s.body_timeout);
     let read = axum::body::to_bytes(body, limit);
     let bytes = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(b)) => b,

@@ -673,3 +673,46 @@ async fn state_changing_requests_from_another_site_are_refused() {
     assert_eq!(json(&listed)["data"].as_array().map(Vec::len), Some(3));
     node.shutdown().await;
 }
+
+/// Uploads stream to disk and have a quota: at most `MAX_FILES` files are
+/// kept; the next is refused (413 `quota_exceeded`) and stored nowhere
+/// until one is deleted.
+#[tokio::test]
+async fn uploads_have_a_file_quota() {
+    let n = node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = app_in(&n, dir.path());
+    let data = b"{\"text\":\"hello\"}\n";
+    let mut first = None;
+    for _ in 0..hearth_server::MAX_FILES {
+        let (status, _, body) = send(app.clone(), upload("fine-tune", data)).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        first.get_or_insert_with(|| json(&body)["id"].as_str().unwrap().to_string());
+    }
+    let (status, _, body) = send(app.clone(), upload("fine-tune", data)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(json(&body)["error"]["code"], "quota_exceeded");
+    let (_, listed) = get(app.clone(), "/v1/files").await;
+    assert_eq!(
+        json(&listed)["data"].as_array().map(Vec::len),
+        Some(hearth_server::MAX_FILES)
+    );
+    // No temporary file is left beside the stored ones.
+    let files = dir.path().join("files");
+    let stray: Vec<_> = std::fs::read_dir(&files)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    // Deleting one makes room.
+    let del = Request::delete(format!("/v1/files/{}", first.unwrap()))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(app.clone(), del).await.0, StatusCode::OK);
+    assert_eq!(
+        send(app.clone(), upload("fine-tune", data)).await.0,
+        StatusCode::OK
+    );
+    n.shutdown().await;
+}

@@ -23,7 +23,8 @@ use crate::profile::{PlanRequest, ProfileBook, planner_input};
 /// Training slowdowns measured from the stages' busy times that the
 /// figures do not show (a program competing inside a device's own CPU
 /// quota), per node id: (factor, the device's training figure then). An
-/// entry holds until the device's figure moves by more than [`NOTABLE`].
+/// entry holds until the device's figure gets faster by more than
+/// [`NOTABLE`]; a slower figure explains part of it, and the rest holds.
 pub(crate) type Observed = std::collections::HashMap<String, (f64, f64)>;
 
 /// A figure that moves by more than this ratio tells something new.
@@ -267,8 +268,9 @@ impl JobCtx {
 }
 
 /// Records in `observed` what `drifts` show beyond the figures in `input`,
-/// drops entries whose device's figure has moved since, and scales the
-/// training figures in `input` by the rest; returns them in words.
+/// updates entries whose device's figure has moved since (see
+/// [`Observed`]), and scales the training figures in `input` by the rest;
+/// returns them in words.
 fn apply_observed(
     input: &mut crate::profile::PlannerInput,
     drifts: &std::collections::HashMap<String, (f64, f64)>,
@@ -292,10 +294,24 @@ fn apply_observed(
             continue;
         };
         let moved = fig / at;
-        if !(moved.is_finite() && (1.0 / NOTABLE..=NOTABLE).contains(&moved)) {
+        // Faster figures: whatever slowed the device may be gone.
+        if !moved.is_finite() || moved < 1.0 / NOTABLE {
             observed.remove(node);
             continue;
         }
+        // Slower figures (its offer dropped) explain part of the measured
+        // slowdown; the rest still holds.
+        let k = if moved > NOTABLE {
+            let rest = k / moved;
+            if rest <= NOTABLE {
+                observed.remove(node);
+                continue;
+            }
+            observed.insert(node.clone(), (rest, fig));
+            rest
+        } else {
+            k
+        };
         for t in [&mut dev.layer, &mut dev.embed, &mut dev.head] {
             t.train_s_per_token *= k;
             t.train_forward_s_per_token *= k;
