@@ -268,3 +268,133 @@ fn plan_from_measured_profiles(bin: &Path, http: &[u16]) -> Result<()> {
     );
     Ok(())
 }
+
+/// A member that sends a `hearth up` process orders past every bound (a
+/// LoRA rank of 2^28, a checkpoint of u64::MAX bytes or of 1 GiB for a
+/// tiny stage, a takeover placement): each is answered `Failed` with its
+/// reason, and the process is still alive and serving afterwards. (As a
+/// process, so an allocation failure, which aborts, would show.)
+#[test]
+fn a_node_process_refuses_hostile_orders_and_keeps_serving() -> Result<()> {
+    use hearth_net::framed::read_message;
+    use hearth_net::{ClusterSecret, Endpoint, EndpointConfig, Identity};
+    use hearth_proto::{Message, encode_frame, limits, stream_kind};
+
+    let dir = tempfile::tempdir()?;
+    let tiny = hearth_test_utils::tiny_model(dir.path(), hearth_test_utils::TinySpec::default())?;
+    let home = dir.path().join("victim");
+    let (quic, http) = (free_port(true)?, free_port(false)?);
+    let model = tiny.gguf_q8_0.to_string_lossy().into_owned();
+    let mut node = hearth_up(&home, "victim", quic, http, &["--model".into(), model])?;
+    let base = format!("http://127.0.0.1:{http}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let start = Instant::now();
+    while agent
+        .get(&format!("{base}/ready"))
+        .call()
+        .map_or(true, |r| r.status() != 200)
+    {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(90), "never ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let view: serde_json::Value = agent
+        .get(&format!("{base}/api/cluster"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    let content = view["profiles"]["nodes"][0]["model"]["content"]
+        .as_str()
+        .context("the node's content id")?
+        .to_string();
+    let layers = view["placement"]["stages"][0]["spec"]["end"]
+        .as_u64()
+        .context("layers")?;
+    let token = Command::new(hearth_binary()?)
+        .args(["token", "--home"])
+        .arg(&home)
+        .output()?;
+    let secret: ClusterSecret = String::from_utf8(token.stdout)?.trim().parse()?;
+
+    let order = |rank: u64, restore_len: u64| -> Result<Vec<u8>> {
+        let doc = serde_json::json!({"format": 1, "type": "train_stage", "order": {
+            "job": 5, "stage": 0, "stages": 1,
+            "spec": {"start": 0, "end": layers, "embed": true, "head": true},
+            "content": content,
+            "method": {"type": "lora", "rank": rank, "alpha": 16.0, "targets": ["q", "v"]},
+            "schedule": "gpipe", "micro_batches": 2, "prev": null, "next": null, "tied": null,
+            "seed": 1, "optim": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+            "timeout_s": 30, "restore_len": restore_len, "max_len": 64,
+        }});
+        Ok(encode_frame(&Message::Control(serde_json::to_vec(&doc)?))?)
+    };
+    let mut takeover = view["placement"].clone();
+    takeover["id"] = serde_json::json!(u64::MAX);
+    let activate = encode_frame(&Message::Control(serde_json::to_vec(
+        &serde_json::json!({"format": 1, "type": "activate", "placement": takeover}),
+    )?))?;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (order(1 << 28, 0)?, "rank"),
+        (order(4, u64::MAX)?, "checkpoint of"),
+        (order(4, 1 << 30)?, "state takes at most"),
+        (activate, "only the leader"),
+    ];
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut identity = Identity::generate()?;
+        let me = view["node_id"].as_str().unwrap_or("").to_string();
+        // Above the node's id: not the leader of a two-member view.
+        while identity.id().to_string() <= me {
+            identity = Identity::generate()?;
+        }
+        let (rogue, _rx) = Endpoint::bind(
+            EndpointConfig {
+                identity,
+                secret,
+                name: "rogue".into(),
+                bind: "127.0.0.1:0".parse()?,
+            },
+            &[],
+        )?;
+        let conn = rogue.connect(format!("127.0.0.1:{quic}").parse()?).await?;
+        for (payload, why) in &cases {
+            let (mut s, mut r) = conn.open(stream_kind::CONTROL).await?;
+            s.write_all(payload).await?;
+            let _ = s.finish();
+            let got = tokio::time::timeout(
+                Duration::from_secs(30),
+                read_message(&mut r, limits::MAX_CONTROL_FRAME),
+            )
+            .await??;
+            let Some(Message::Control(doc)) = got else {
+                bail!("expected a control reply to the {why:?} case, got {got:?}");
+            };
+            let v: serde_json::Value = serde_json::from_slice(&doc)?;
+            assert_eq!(v["type"], "failed", "{v}");
+            assert!(
+                v["reason"].as_str().unwrap_or("").contains(why),
+                "{why}: {v}"
+            );
+        }
+        rogue.shutdown().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Still alive, still serving, on the same placement.
+    assert!(node.0.try_wait()?.is_none(), "the node process died");
+    let r = agent
+        .post(&format!("{base}/v1/completions"))
+        .send_json(serde_json::json!({
+            "model": view["placement"]["model"], "prompt": "the fox", "max_tokens": 3,
+        }))?;
+    assert_eq!(r.status(), 200);
+    let after: serde_json::Value = agent
+        .get(&format!("{base}/api/cluster"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    assert_eq!(after["placement"]["id"], view["placement"]["id"]);
+    Ok(())
+}
