@@ -339,3 +339,74 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
     let _ = write_control(&mut send, &reply).await;
     let _ = send.finish();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A training order document with these numbers.
+    fn order_doc(rank: u64, restore_len: u64, micro: u64, max_len: u64, beta1: f64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"format": 1, "type": "train_stage", "order": {
+            "job": 5, "stage": 0, "stages": 1,
+            "spec": {"start": 0, "end": 2, "embed": true, "head": true},
+            "content": "00",
+            "method": {"type": "lora", "rank": rank, "alpha": 16.0, "targets": ["q", "v"]},
+            "schedule": "gpipe", "micro_batches": micro, "prev": null, "next": null, "tied": null,
+            "seed": 1, "optim": {"beta1": beta1, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+            "timeout_s": 30, "restore_len": restore_len, "max_len": max_len,
+        }}))
+        .unwrap_or_default()
+    }
+
+    proptest! {
+        /// Any bytes: a typed error or a document, never a panic.
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Control::from_bytes(&bytes);
+        }
+
+        /// Well-formed training orders with any numbers: whatever passes
+        /// the order's check is within every bound that sizes memory.
+        #[test]
+        fn training_orders_that_pass_are_bounded(
+            rank in prop_oneof![0u64..2048, any::<u64>()],
+            restore_len in prop_oneof![0u64..(1 << 20), any::<u64>()],
+            micro in prop_oneof![0u64..8192, any::<u64>()],
+            max_len in prop_oneof![0u64..16384, any::<u64>()],
+            beta1 in prop_oneof![-1.0f64..2.0, any::<f64>()],
+        ) {
+            let doc = order_doc(rank, restore_len, micro, max_len, beta1);
+            if let Ok(Control::TrainStage { order }) = Control::from_bytes(&doc)
+                && order.check().is_ok()
+            {
+                let hearth_models::train::Method::Lora(l) = &order.method else {
+                    panic!("not the method sent");
+                };
+                prop_assert!(l.rank >= 1 && l.rank <= crate::train::host::MAX_LORA_RANK);
+                prop_assert!(order.restore_len <= crate::train::host::MAX_RESTORE);
+                prop_assert!(order.micro_batches >= 1 && order.micro_batches <= 4096);
+                prop_assert!(order.max_len >= 1 && order.max_len <= crate::train::host::MAX_SEQ_LEN);
+                prop_assert!((0.0..1.0).contains(&order.optim.beta1));
+            }
+        }
+
+        /// Mutated placement documents: refused or checked, never a panic.
+        #[test]
+        fn mutated_placement_documents_fail_cleanly(
+            id in any::<u64>(),
+            start in any::<u64>(),
+            end in any::<u64>(),
+            cut in 0usize..400,
+        ) {
+            let doc = serde_json::to_vec(&serde_json::json!({"format": 1, "type": "activate", "placement": {
+                "id": id, "model": "m", "fingerprint": "f", "content": null, "members": ["a"],
+                "stages": [{"node_id": "a", "name": "a", "spec": {"start": start, "end": end, "embed": true, "head": true}}],
+            }})).unwrap_or_default();
+            let doc = &doc[..cut.min(doc.len())];
+            if let Ok(Control::Activate { placement }) = Control::from_bytes(doc) {
+                let _ = placement.validate();
+            }
+        }
+    }
+}

@@ -51,7 +51,7 @@ pub struct StageOrder {
 }
 
 impl StageOrder {
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if self.stages == 0 || self.stage >= self.stages {
             return Err(format!("stage {} of {}", self.stage, self.stages));
         }
