@@ -61,11 +61,14 @@ pub async fn read_message_within(
         let total = 4 + len;
         let mut frame = Vec::with_capacity(total.min(READ_CHUNK));
         frame.extend_from_slice(&prefix);
-        let mut chunk = vec![0u8; READ_CHUNK.min(total - frame.len()).max(1)];
+        // Read straight into the frame, growing it at most a chunk ahead of
+        // what has arrived.
         while frame.len() < total {
-            let want = (total - frame.len()).min(chunk.len());
-            match recv.read(&mut chunk[..want]).await {
-                Ok(Some(n)) if n > 0 => frame.extend_from_slice(&chunk[..n]),
+            let at = frame.len();
+            let end = (at + READ_CHUNK).min(total);
+            frame.resize(end, 0);
+            match recv.read(&mut frame[at..end]).await {
+                Ok(Some(n)) if n > 0 => frame.truncate(at + n),
                 Ok(_) => return Err(NetError::Read("the stream ended mid-frame".into())),
                 Err(e) => return Err(NetError::Read(e.to_string())),
             }
