@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hearth_net::framed::{expect, write_message};
 use hearth_net::{IncomingStream, NodeId};
-use hearth_proto::{Message, limits, stream_kind};
+use hearth_proto::{Message, stream_kind};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -130,9 +130,16 @@ impl Control {
     }
 }
 
-/// Reads one control document from a stream.
-pub(crate) async fn read_control(recv: &mut quinn::RecvStream) -> Result<Control, ControlError> {
-    let doc = expect(recv, limits::MAX_FRAME, "control", |m| match m {
+/// Largest control document read, except a weights manifest (which lists
+/// the model's whole hash tree and may take up to a frame).
+pub(crate) const MAX_CONTROL_DOC: usize = 1 << 20;
+
+/// Reads one control document of at most `max` bytes from a stream.
+pub(crate) async fn read_control(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Control, ControlError> {
+    let doc = expect(recv, max, "control", |m| match m {
         Message::Control(d) => Ok(d),
         other => Err(other),
     })
@@ -170,7 +177,7 @@ pub(crate) async fn request(
         let (mut send, mut recv) = conn.open(stream_kind::CONTROL).await?;
         write_control(&mut send, req).await?;
         let _ = send.finish();
-        read_control(&mut recv).await
+        read_control(&mut recv, MAX_CONTROL_DOC).await
     };
     tokio::time::timeout(wait, exchange)
         .await
@@ -297,9 +304,7 @@ fn placement_order_allowed(
             from.short()
         ));
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = crate::placement::now_ms();
     if placement.id > now.saturating_add(MAX_PLACEMENT_AHEAD_MS) {
         return Err(format!(
             "placement id {} is more than a day ahead of this node's clock ({now})",
@@ -316,7 +321,12 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
         mut send,
         mut recv,
     } = stream;
-    let reply = match tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv)).await {
+    let reply = match tokio::time::timeout(
+        Duration::from_secs(10),
+        read_control(&mut recv, MAX_CONTROL_DOC),
+    )
+    .await
+    {
         Ok(Ok(Control::Event { event })) => match event.check_from_peer() {
             Ok(()) => {
                 service

@@ -264,7 +264,12 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
         mut send,
         mut recv,
     } = stream;
-    let req = match tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv)).await {
+    let req = match tokio::time::timeout(
+        Duration::from_secs(10),
+        read_control(&mut recv, crate::control::MAX_CONTROL_DOC),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => return,
     };
@@ -476,7 +481,9 @@ async fn fetch_from(
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
-    let reply = read_control(&mut recv).await.map_err(|e| e.to_string())?;
+    let reply = read_control(&mut recv, limits::MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
     let (file_len, header_len, pieces, leaves) = match reply {
         Control::Manifest {
             file_len,

@@ -5,11 +5,11 @@
 //! new placement; until it is active, requests use the previous one.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::{PlacedStage, Placement, PlacementPolicy, Split, decide, propose, split_of};
+use super::{PlacedStage, Placement, PlacementPolicy, Split, decide, now_ms, propose, split_of};
 use crate::control::{Control, request};
 use crate::membership::Membership;
 use crate::pipeline::service::Service;
@@ -42,7 +42,7 @@ const NOTABLE: f64 = 1.15;
 /// Longest the leader waits for a device offered clearly more CPU than when
 /// it measured to measure again (`profile::remeasure`) before re-planning
 /// for speed with its old figures scaled up by the offer.
-const REMEASURE_WAIT: Duration = Duration::from_secs(12);
+const REMEASURE_WAIT: Duration = Duration::from_secs(20);
 
 /// The leader's re-planning for speed: hysteresis (a large predicted gain,
 /// the same proposal in consecutive checks, a dwell time after each
@@ -190,12 +190,6 @@ fn moved_figures(
         }
     }
     out
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs the leader's side on every node (it acts only while the node leads).

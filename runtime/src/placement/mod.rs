@@ -43,6 +43,14 @@ pub struct Placement {
     pub figures: Vec<crate::profile::DeviceFigures>,
 }
 
+/// Milliseconds since the Unix epoch on this node's clock: what placement
+/// ids follow (the leader makes them; members bound them by it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Longest `reason` a placement from a peer may carry.
 pub const MAX_REASON: usize = 4096;
 /// Most devices a placement from a peer may describe.
