@@ -67,7 +67,7 @@ pub(crate) async fn upload(
         }
     };
     let dir = files_dir(&s);
-    if let Err(why) = room_for_a_file(&dir) {
+    if let Err(why) = room(&dir, 0) {
         return quota_exceeded(why);
     }
     let id = crate::openai::new_id("file");
@@ -80,7 +80,10 @@ pub(crate) async fn upload(
     loop {
         match form.next_field().await {
             Ok(Some(mut field)) => match field.name() {
-                Some("file") if file.is_none() => {
+                Some("file") if file.is_some() => {
+                    return bad_request("one file per upload".into(), Some("file"));
+                }
+                Some("file") => {
                     if let Some(f) = field.file_name() {
                         name = f.chars().filter(|c| !c.is_control()).take(200).collect();
                     }
@@ -92,11 +95,6 @@ pub(crate) async fn upload(
                         match field.chunk().await {
                             Ok(Some(chunk)) => {
                                 bytes += chunk.len() as u64;
-                                if bytes > MAX_FILES_BYTES {
-                                    return quota_exceeded(format!(
-                                        "the stored files may take {MAX_FILES_BYTES} bytes in all"
-                                    ));
-                                }
                                 use std::io::Write;
                                 if let Err(e) = out.write_all(&chunk) {
                                     return store_failed(e);
@@ -127,7 +125,7 @@ pub(crate) async fn upload(
     let Some(mut file) = file else {
         return bad_request("no file in the form".into(), Some("file"));
     };
-    if let Err(why) = room_for_bytes(&dir, bytes) {
+    if let Err(why) = room(&dir, bytes) {
         return quota_exceeded(why);
     }
     // Checked from the disk (one copy in memory, not the upload's).
@@ -177,27 +175,18 @@ fn usage(dir: &std::path::Path) -> (usize, u64) {
     })
 }
 
-fn room_for_a_file(dir: &std::path::Path) -> Result<(), String> {
+/// Whether one more file of `more` bytes fits the quota.
+fn room(dir: &std::path::Path, more: u64) -> Result<(), String> {
     let (n, b) = usage(dir);
     if n >= MAX_FILES {
         return Err(format!(
             "this node keeps at most {MAX_FILES} files; delete some first"
         ));
     }
-    if b >= MAX_FILES_BYTES {
+    let after = b.saturating_add(more);
+    if after > MAX_FILES_BYTES || b >= MAX_FILES_BYTES {
         return Err(format!(
-            "the stored files take {b} bytes, at most {MAX_FILES_BYTES}; delete some first"
-        ));
-    }
-    Ok(())
-}
-
-fn room_for_bytes(dir: &std::path::Path, more: u64) -> Result<(), String> {
-    let (_, b) = usage(dir);
-    if b.saturating_add(more) > MAX_FILES_BYTES {
-        return Err(format!(
-            "this file would bring the stored files to {} bytes, past {MAX_FILES_BYTES}; delete some first",
-            b.saturating_add(more)
+            "the stored files would take {after} bytes, at most {MAX_FILES_BYTES}; delete some first"
         ));
     }
     Ok(())
