@@ -19,9 +19,6 @@ use super::{MeasureOptions, ProfileBook};
 const HOLD: u32 = 2;
 /// Least time between two measurements of the same model.
 const MIN_GAP: Duration = Duration::from_secs(20);
-/// Each inference figure is timed over this long (the start-up
-/// measurement's second would take several seconds in all).
-const FIGURE_SECS: f64 = 0.5;
 
 /// Whether the machine offers `now` cores where the figures were measured
 /// with `then`: clearly more (past [`OFFER_CHANGE`]).
@@ -31,7 +28,9 @@ pub(crate) fn offered_more(then: f64, now: f64) -> bool {
 
 /// Watches what the machine offers against what the served model was
 /// measured under, and measures again when it is clearly more (or takes
-/// the figures cached in `cache` for this offer, if it had it before). Runs until
+/// the figures cached in `cache` for this offer, if it had it before).
+/// Each figure is timed as long as at start-up (`opts.min_secs`, 1 s by
+/// default: sustained work across quota periods, not a burst). Runs until
 /// the book stops. Only CPU figures follow a CPU offer; a node computing on
 /// a GPU never measures again here.
 pub(crate) fn spawn(
@@ -39,10 +38,6 @@ pub(crate) fn spawn(
     cache: std::path::PathBuf,
     opts: MeasureOptions,
 ) -> tokio::task::JoinHandle<()> {
-    let opts = MeasureOptions {
-        min_secs: opts.min_secs.min(FIGURE_SECS),
-        ..opts
-    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(OFFER_PERIOD);
         let mut held = 0u32;
