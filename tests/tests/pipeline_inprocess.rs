@@ -489,19 +489,17 @@ async fn a_node_without_the_model_receives_its_stage_from_a_peer() -> Result<()>
     }
 }
 
-async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<()> {
-    use hearth_net::ClusterSecret;
-    use hearth_runtime::model_file::{read_have, stage_tensors};
-    use hearth_runtime::profile::MeasureOptions;
+/// Node `a` serving `info` and node `b` without a model, once `b` has
+/// `a`'s profile (so it can take the model from `a`).
+async fn holder_and_newcomer(
+    info: &hearth_runtime::profile::ModelInfo,
+) -> Result<(
+    hearth_test_utils::cluster::TestNode,
+    hearth_test_utils::cluster::TestNode,
+)> {
     use hearth_test_utils::cluster::TestNode;
-
-    let info = model_info(path, dir)?;
-    let local = LocalModel::load(path, Precision::Quantized)?;
-    let prompt = vec![9, 8, 7, 6];
-    let want = reference(&local, &prompt, 30, SamplingParams::default())?;
-
     let net = hearth_discovery::MemoryNetwork::new();
-    let secret = ClusterSecret::generate();
+    let secret = hearth_net::ClusterSecret::generate();
     let a = TestNode::start_with("a", &secret, vec![Box::new(net.discovery())], |cfg| {
         cfg.model = Some(info.clone());
         cfg.placement = PlacementPolicy::Even;
@@ -509,21 +507,33 @@ async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<
     let b = TestNode::start_with("b", &secret, vec![Box::new(net.discovery())], |cfg| {
         cfg.placement = PlacementPolicy::Even;
     })?;
-    // b learns a's profile, then takes the model from a.
     let start = Instant::now();
-    loop {
-        let v = b.view().await?;
-        if v.profiles
-            .is_some_and(|p| p.nodes.iter().any(|n| n.model.is_some()))
-        {
-            break;
-        }
+    while !b
+        .view()
+        .await?
+        .profiles
+        .is_some_and(|p| p.nodes.iter().any(|n| n.model.is_some()))
+    {
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(20),
             "b never saw a's model"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok((a, b))
+}
+
+async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    use hearth_runtime::model_file::{read_have, stage_tensors};
+    use hearth_runtime::profile::MeasureOptions;
+
+    let info = model_info(path, dir)?;
+    let local = LocalModel::load(path, Precision::Quantized)?;
+    let prompt = vec![9, 8, 7, 6];
+    let want = reference(&local, &prompt, 30, SamplingParams::default())?;
+
+    // b learns a's profile, then takes the model from a.
+    let (a, b) = holder_and_newcomer(&info).await?;
     let empty = tempfile::tempdir()?;
     let mut received = 0;
     let got_info = b
@@ -601,9 +611,7 @@ async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<
 /// piece and writes nothing it would use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_copy_under_the_honest_content_id_is_refused() -> Result<()> {
-    use hearth_net::ClusterSecret;
     use hearth_runtime::profile::MeasureOptions;
-    use hearth_test_utils::cluster::TestNode;
 
     let dir = tempfile::tempdir()?;
     let tiny = tiny_model(dir.path(), TinySpec::default())?;
@@ -623,28 +631,7 @@ async fn a_poisoned_copy_under_the_honest_content_id_is_refused() -> Result<()> 
     let mut rogue = honest.clone();
     rogue.path = poisoned;
 
-    let net = hearth_discovery::MemoryNetwork::new();
-    let secret = ClusterSecret::generate();
-    let a = TestNode::start_with("a", &secret, vec![Box::new(net.discovery())], |cfg| {
-        cfg.model = Some(rogue.clone());
-        cfg.placement = PlacementPolicy::Even;
-    })?;
-    let b = TestNode::start_with("b", &secret, vec![Box::new(net.discovery())], |cfg| {
-        cfg.placement = PlacementPolicy::Even;
-    })?;
-    let start = Instant::now();
-    while !b
-        .view()
-        .await?
-        .profiles
-        .is_some_and(|p| p.nodes.iter().any(|n| n.model.is_some()))
-    {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "b never saw a's model"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (a, b) = holder_and_newcomer(&rogue).await?;
     let empty = tempfile::tempdir()?;
     let got = b
         .node

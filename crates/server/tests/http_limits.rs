@@ -20,6 +20,39 @@ async fn node() -> Node {
     Node::start(cfg).await.unwrap()
 }
 
+/// A node's app served over real TCP on loopback with `limits`: the node,
+/// its data folder, the address, the switch that stops the server and the
+/// server's task.
+async fn serving(
+    limits: HttpLimits,
+) -> (
+    Node,
+    tempfile::TempDir,
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), hearth_server::ServerError>>,
+) {
+    let node = node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::new(
+        node.clone(),
+        ServerOptions {
+            data_dir: dir.path().to_path_buf(),
+            limits,
+            ..Default::default()
+        },
+    );
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(listener.serve(app, async {
+        let _ = stopped.await;
+    }));
+    (node, dir, addr, stop, server)
+}
+
 /// Reads until the peer closes (EOF or reset) or `deadline` passes;
 /// returns whether it closed, and what it sent.
 async fn closed_by(s: &mut TcpStream, deadline: Instant) -> (bool, Vec<u8>) {
@@ -52,28 +85,12 @@ async fn health(addr: std::net::SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_clients_are_closed_and_others_are_served() {
-    let node = node().await;
-    let dir = tempfile::tempdir().unwrap();
     let timeout = Duration::from_secs(3);
-    let app = App::new(
-        node.clone(),
-        ServerOptions {
-            data_dir: dir.path().to_path_buf(),
-            limits: HttpLimits {
-                header_timeout: timeout,
-                max_connections: 4096,
-            },
-            ..Default::default()
-        },
-    );
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(listener.serve(app, async {
-        let _ = stopped.await;
-    }));
+    let (node, _dir, addr, stop, server) = serving(HttpLimits {
+        header_timeout: timeout,
+        max_connections: 4096,
+    })
+    .await;
 
     // 2000 connections that each send one header line and stop.
     let started = Instant::now();
@@ -127,27 +144,11 @@ async fn slow_and_idle_clients_are_closed_and_others_are_served() {
 
 #[tokio::test]
 async fn connections_past_the_cap_are_closed_and_slots_come_back() {
-    let node = node().await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = App::new(
-        node.clone(),
-        ServerOptions {
-            data_dir: dir.path().to_path_buf(),
-            limits: HttpLimits {
-                header_timeout: Duration::from_secs(60),
-                max_connections: 4,
-            },
-            ..Default::default()
-        },
-    );
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(listener.serve(app, async {
-        let _ = stopped.await;
-    }));
+    let (node, _dir, addr, stop, server) = serving(HttpLimits {
+        header_timeout: Duration::from_secs(60),
+        max_connections: 4,
+    })
+    .await;
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(addr).await.unwrap();
