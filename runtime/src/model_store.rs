@@ -186,10 +186,12 @@ impl Node {
     ) -> tokio::task::JoinHandle<()> {
         let node = self.clone();
         // A device later offered clearly more CPU measures the model again.
+        let (train, live) = (self.pipeline.train().clone(), self.profiles.live());
         crate::profile::spawn_remeasure(
             self.profiles.clone(),
             store.cache.clone(),
             store.opts.clone(),
+            move || train.running() > 0 || live.figures().is_some_and(|f| f.busy > 0.2),
         );
         tokio::spawn(async move {
             match first {

@@ -73,7 +73,7 @@ pub struct Node {
     endpoint: Endpoint,
     membership: Membership,
     pub(crate) profiles: ProfileBook,
-    pipeline: Service,
+    pub(crate) pipeline: Service,
     jobs: Arc<crate::train::JobCtx>,
     job_list: Arc<std::sync::Mutex<Vec<Arc<JobHandle>>>>,
     discoveries: Arc<Vec<Box<dyn Discovery>>>,

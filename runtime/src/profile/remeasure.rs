@@ -33,10 +33,14 @@ pub(crate) fn offered_more(then: f64, now: f64) -> bool {
 /// default: sustained work across quota periods, not a burst). Runs until
 /// the book stops. Only CPU figures follow a CPU offer; a node computing on
 /// a GPU never measures again here.
+/// Not while this node works: a measurement then competes with its stages
+/// for the same CPU, is itself too slow, and makes the stages' measured
+/// pace look slower than it is (`busy`: whether it trains or serves now).
 pub(crate) fn spawn(
     book: ProfileBook,
     cache: std::path::PathBuf,
     opts: MeasureOptions,
+    busy: impl Fn() -> bool + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(OFFER_PERIOD);
@@ -57,7 +61,7 @@ pub(crate) fn spawn(
             if info.times.backend != "cpu" || opts.compute.name() != "cpu" {
                 continue;
             }
-            if !offered_more(then.available(), now.available()) {
+            if !offered_more(then.available(), now.available()) || busy() {
                 held = 0;
                 continue;
             }

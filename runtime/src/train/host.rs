@@ -134,6 +134,11 @@ impl TrainHost {
         }
     }
 
+    /// How many training stages run here now.
+    pub(crate) fn running(&self) -> usize {
+        self.stages.lock().map_or(0, |s| s.len())
+    }
+
     /// This node's training transport.
     pub fn net(&self) -> &TrainNet {
         &self.net
