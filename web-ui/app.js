@@ -109,7 +109,9 @@ function renderCluster() {
   const p = v.placement;
   const total = totalLayers(p);
   if (p) {
+    const reps = p.replicas || [];
     $("serving").textContent = `Serving ${p.model} in ${p.stages.length} stage(s) over ${total} layers` +
+      (reps.length ? ` + ${reps.length} whole-model replica(s) (${reps.map((r) => r.name).join(", ")})` : "") +
       (p.predicted_tokens_per_s ? ` · predicted ${p.predicted_tokens_per_s.toFixed(1)} tok/s` :
         p.predicted_step_s ? ` · predicted ${(1 / p.predicted_step_s).toFixed(1)} tok/s per stream` : "") +
       (v.predicted_now ? ` (${v.predicted_now.tokens_per_s.toFixed(1)} tok/s with the current figures)` : "") +
@@ -126,16 +128,19 @@ function renderCluster() {
     const prof = profiles.get(m.node_id);
     const hw = prof && prof.hardware;
     const stageIdx = p ? p.stages.findIndex((s) => s.node_id === m.node_id) : -1;
-    const stage = stageIdx >= 0 ? p.stages[stageIdx] : null;
+    const replica = p && p.replicas ? p.replicas.find((r) => r.node_id === m.node_id) : null;
+    const stage = stageIdx >= 0 ? p.stages[stageIdx] :
+      replica ? { spec: { start: 0, end: total, embed: true, head: true } } : null;
     const layerBar = el("div", { class: "bar layers", "data-testid": "layers" });
     if (stage && total) {
       const seg = el("span");
       seg.style.left = (100 * stage.spec.start / total) + "%";
       seg.style.width = (100 * (stage.spec.end - stage.spec.start) / total) + "%";
-      seg.style.background = `var(--stage-${stageIdx % 4})`;
+      seg.style.background = `var(--stage-${stageIdx >= 0 ? stageIdx % 4 : 3})`;
       layerBar.append(seg);
     }
-    const layerText = stage ? `layers ${stage.spec.start}–${stage.spec.end - 1} of ${total}` +
+    const layerText = replica ? `replica: all ${total} layers, takes requests when that adds speed` :
+      stage ? `layers ${stage.spec.start}–${stage.spec.end - 1} of ${total}` +
       (stage.spec.embed ? " · embedding" : "") + (stage.spec.head ? " · head" : "") : "no layers";
     layerBar.append(el("em", { text: layerText }));
     const memBar = el("div", { class: "bar mem" });

@@ -286,6 +286,7 @@ mod tests {
                 predicted_tokens_per_s: None,
                 reason: None,
                 figures: vec![figure; 3000],
+                replicas: Vec::new(),
             },
         };
         assert!(huge.check_from_peer().is_err());

@@ -1,7 +1,8 @@
 //! A heterogeneous home on one machine (issue #18): `hearth up` processes
 //! each under its own CPU quota (cgroups, as root), planning by measured
 //! figures. Asserts behaviour, never wall-clock figures:
-//! - the device with less CPU gets fewer layers than the faster one;
+//! - the device with less CPU gets fewer layers than the faster one (with
+//!   none, it serves the whole model as a replica beside the pipeline);
 //! - after the quotas swap mid-run, with requests flowing, the leader
 //!   re-places the model onto the now-faster device, says why, and no
 //!   request fails;
@@ -68,6 +69,18 @@ fn the_slower_device_gets_fewer_layers() -> Result<()> {
         p.figures
     );
     assert!(a > b, "a (1 core) got {a} layers, b (0.25 core) {b}");
+    // A device left out of the pipeline still serves: the whole model as
+    // a replica, predicted slower than the pipeline.
+    if b == 0 {
+        let r = p.replicas.iter().find(|r| r.name == "b");
+        assert!(
+            r.and_then(|r| r.predicted_tokens_per_s) < p.predicted_tokens_per_s,
+            "b is no slower replica: {:?} beside {:?}",
+            p.replicas,
+            p.predicted_tokens_per_s
+        );
+        assert!(r.is_some());
+    }
     // The profiles show what each machine offers: b's quota is 0.25 core.
     let view = home.view(0)?;
     let profiles = view.profiles.unwrap_or_default();

@@ -126,6 +126,65 @@ async fn eight_sequences_at_once_match_their_solo_runs() -> Result<()> {
     wait_freed(&nodes).await
 }
 
+/// Planned over two equal members, single-stream decode keeps the tiny
+/// model on one of them; the other holds it whole as a replica, and
+/// concurrent requests (entering at either member) run on both, each
+/// giving the tokens it gives alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_also_run_on_a_whole_model_replica() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let info = tiny_model_info(dir.path())?;
+    let tiny = tiny_model(dir.path(), TinySpec::default())?;
+    let local = LocalModel::load(&tiny.gguf_q8_0, Precision::Quantized)?;
+    let nodes = pipeline_cluster(2, 1, &info, PlacementPolicy::default()).await?;
+    let p = nodes[0]
+        .node
+        .placement()
+        .ok_or_else(|| anyhow::anyhow!("no placement"))?;
+    println!("placement {:?} replicas {:?}", p.stages, p.replicas);
+    assert_eq!(
+        p.replicas.len(),
+        1,
+        "the member outside the pipeline is a replica: {p:?}"
+    );
+    assert_ne!(p.replicas[0].node_id, p.stages[0].node_id);
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| {
+            (0..(4 + i as usize))
+                .map(|k| (i * 17 + k as u32 * 5) % 200 + 1)
+                .collect()
+        })
+        .collect();
+    let mut want = Vec::new();
+    for p in &prompts {
+        want.push(reference(&local, p, 24, SamplingParams::default())?);
+    }
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let node = nodes[i % 2].node.clone();
+            let params = greedy(p.clone(), 24);
+            tokio::spawn(async move { generate_all(&node, params, Duration::from_secs(60)).await })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let got = h.await??;
+        assert_eq!(got.token_ids, want[i], "sequence {i}");
+    }
+    for t in &nodes {
+        let stats = t.node.stage_stats();
+        println!("  {}: {stats:?}", t.name);
+        assert!(
+            stats.iter().any(|s| s.placement == p.id && s.batches > 0),
+            "{} computed nothing for placement {}: {stats:?}",
+            t.name,
+            p.id
+        );
+    }
+    wait_freed(&nodes).await
+}
+
 /// Waits until no stage holds a sequence's cache.
 async fn wait_freed(nodes: &[hearth_test_utils::cluster::TestNode]) -> Result<()> {
     let start = Instant::now();

@@ -297,6 +297,32 @@ impl Home {
         Ok((n, secs))
     }
 
+    /// A streamed generation of `max_tokens` tokens through device `i`'s
+    /// `POST /api/generate`; returns when each token arrived.
+    pub fn stream(&self, i: usize, salt: u64, max_tokens: u32) -> Result<Vec<std::time::Instant>> {
+        use std::io::BufRead;
+        let mut resp = self.devices[i]
+            .post("/api/generate", Duration::from_secs(300))
+            .send_json(serde_json::json!({
+                "prompt": format!("Story {salt}: once upon a time, in a small village by the sea,"),
+                "max_tokens": max_tokens, "temperature": 1.0, "seed": 7 + salt, "stream": true,
+            }))?;
+        let mut arrived = Vec::new();
+        for line in std::io::BufReader::new(resp.body_mut().as_reader()).lines() {
+            let line = line?;
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("a line that is not JSON: {line}"))?;
+            if v.get("token").is_some() {
+                arrived.push(std::time::Instant::now());
+            } else if let Some(e) = v.get("error") {
+                anyhow::bail!("the generation failed: {e}");
+            } else if v.get("done").is_some() {
+                break;
+            }
+        }
+        Ok(arrived)
+    }
+
     /// One non-streamed completion of `max_tokens` tokens through device
     /// `i`'s API; returns the number of tokens generated.
     pub fn complete(&self, i: usize, model: &str, prompt: &str, max_tokens: u32) -> Result<u64> {

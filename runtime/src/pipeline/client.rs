@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
+use super::balance;
 use super::router::{RouterMsg, SeqOut};
 use super::service::Service;
 use super::{PipelineError, finish_reason, to_seq_params};
@@ -165,33 +166,52 @@ pub(crate) async fn generate(
     let model_name = placement.model.clone();
     let (tok_tx, tok_rx) = mpsc::unbounded_channel::<SeqOut>();
     let started = Instant::now();
-    let first = &placement.stages[0].node_id;
-    let cancel: Box<dyn FnOnce() + Send> = if first == service.me() {
-        let stage = service.stage(placement.id).ok_or(PipelineError::NotReady)?;
-        let router = stage.router.clone().ok_or(PipelineError::NotReady)?;
-        let (reply, rx) = oneshot::channel();
-        router
-            .send(RouterMsg::Admit {
-                prompt: ids,
-                params,
-                sink: tok_tx,
-                reply,
-            })
-            .map_err(|_| PipelineError::NotReady)?;
-        let seq = rx.await.map_err(|_| PipelineError::NotReady)??;
-        Box::new(move || {
-            let _ = router.send(RouterMsg::Cancel(seq));
-        })
+    // The pipeline or a replica, whichever adds most; a replica that
+    // cannot take it after all leaves it to the pipeline.
+    let reachable = |n: &str| {
+        n == service.me()
+            || n.parse::<NodeId>()
+                .ok()
+                .and_then(|id| service.endpoint().peer(id))
+                .is_some()
+    };
+    let candidates = balance::candidates(&placement, reachable);
+    let mut ticket = service
+        .balancer()
+        .choose(placement.id, &candidates)
+        .ok_or(PipelineError::NotReady)?;
+    let main = &placement.stages[0].node_id;
+    let cancel = match start(
+        service,
+        &placement,
+        ticket.node(),
+        ids.clone(),
+        params.clone(),
+        tok_tx.clone(),
+    )
+    .await
+    {
+        Err(e) if ticket.node() != main => {
+            debug!(
+                "replica {} refused a request ({e}); the pipeline takes it",
+                ticket.node()
+            );
+            drop(ticket);
+            ticket = service
+                .balancer()
+                .choose(placement.id, &candidates[..1])
+                .ok_or(PipelineError::NotReady)?;
+            start(service, &placement, main, ids, params, tok_tx).await?
+        }
+        other => other?,
+    };
+    let stages = if ticket.node() == main {
+        placement.stages.len()
     } else {
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        remote(service, first, placement.id, ids, params, tok_tx, stop_rx).await?;
-        Box::new(move || {
-            let _ = stop_tx.send(());
-        })
+        1
     };
     let (tx, rx) = mpsc::channel(256);
     let tokenizer = model.clone();
-    let stages = placement.stages.len();
     let placement_id = placement.id;
     tokio::spawn(async move {
         let mut tok_rx = tok_rx;
@@ -207,6 +227,7 @@ pub(crate) async fn generate(
                 SeqOut::Failed(why) => break Err(why),
                 SeqOut::Tokens(t) => t,
             };
+            ticket.tokens(tokens.len());
             for t in tokens {
                 first_at.get_or_insert_with(Instant::now);
                 if t.finish == Finish::Failed {
@@ -272,6 +293,42 @@ pub(crate) async fn generate(
         }
     });
     Ok(rx)
+}
+
+/// Hands the request to the first stage of a pipeline on `node` (this
+/// node's router, or a peer's over a `GENERATE` stream); returns what
+/// cancels it.
+async fn start(
+    service: &Service,
+    placement: &super::Placement,
+    node: &str,
+    ids: Vec<u32>,
+    params: SeqParams,
+    tok_tx: mpsc::UnboundedSender<SeqOut>,
+) -> Result<Box<dyn FnOnce() + Send>, PipelineError> {
+    if node == service.me() {
+        let stage = service.stage(placement.id).ok_or(PipelineError::NotReady)?;
+        let router = stage.router.clone().ok_or(PipelineError::NotReady)?;
+        let (reply, rx) = oneshot::channel();
+        router
+            .send(RouterMsg::Admit {
+                prompt: ids,
+                params,
+                sink: tok_tx,
+                reply,
+            })
+            .map_err(|_| PipelineError::NotReady)?;
+        let seq = rx.await.map_err(|_| PipelineError::NotReady)??;
+        Ok(Box::new(move || {
+            let _ = router.send(RouterMsg::Cancel(seq));
+        }))
+    } else {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        remote(service, node, placement.id, ids, params, tok_tx, stop_rx).await?;
+        Ok(Box::new(move || {
+            let _ = stop_tx.send(());
+        }))
+    }
 }
 
 /// Sends the request to the member running stage 0 and relays its tokens

@@ -8,7 +8,11 @@
 //!   of members ([`pipe`]); the last stage samples and sends the token back
 //!   to stage 0, which feeds it in as the next step and streams it to the
 //!   requester ([`client`]).
+//! - Members outside the pipeline that hold the whole model serve as
+//!   replicas: the requester sends a request to one of them instead when
+//!   that adds to the total rate ([`balance`]).
 
+pub(crate) mod balance;
 pub(crate) mod client;
 pub(crate) mod pipe;
 pub(crate) mod router;

@@ -62,6 +62,8 @@ struct Inner {
     train: crate::train::TrainHost,
     /// Where inference stages run.
     compute: crate::Compute,
+    /// Which pipeline (or replica) new requests from here go to.
+    balancer: super::balance::Balancer,
 }
 
 /// A cheap handle.
@@ -95,6 +97,7 @@ impl Service {
                 leader,
                 train,
                 compute,
+                balancer: Default::default(),
             }),
         }
     }
@@ -208,6 +211,10 @@ impl Service {
         *self.inner.leader.borrow()
     }
 
+    pub(crate) fn balancer(&self) -> &super::balance::Balancer {
+        &self.inner.balancer
+    }
+
     pub(crate) fn me(&self) -> &str {
         &self.inner.me
     }
@@ -281,8 +288,10 @@ impl Service {
         if let Ok(mut stages) = self.inner.stages.lock() {
             stages.retain(|id, _| active.is_some_and(|a| *id <= a));
         }
-        let index = placement
-            .stage_of(self.me())
+        // A replica runs a one-stage pipeline of its own.
+        let (placement, index) = placement
+            .pipeline_for(self.me())
+            .map(|(p, i)| (Arc::new(p), i))
             .ok_or("this node has no stage in the placement")?;
         let model = self.model().ok_or("this node has no model")?;
         let times = &model.info.times;

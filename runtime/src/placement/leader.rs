@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::{PlacedStage, Placement, PlacementPolicy, Split, decide, now_ms, propose, split_of};
+use super::{
+    PlacedStage, Placement, PlacementPolicy, Replica, Split, decide, now_ms, propose, replicas,
+    split_of,
+};
 use crate::control::{Control, request};
 use crate::membership::Membership;
 use crate::pipeline::service::Service;
@@ -272,7 +275,8 @@ pub(crate) fn spawn(
                     .find(|m| m.node_id == id)
                     .map_or_else(|| id.get(..8).unwrap_or(id).to_string(), |m| m.name.clone())
             };
-            let placement = Placement {
+            let used: Vec<usize> = stages.0.iter().map(|(d, _)| *d).collect();
+            let mut placement = Placement {
                 id: now_ms().max(current.as_ref().map_or(0, |p| p.id.saturating_add(1))),
                 model: model.info.times.model.clone(),
                 fingerprint: model.info.times.fingerprint.clone(),
@@ -291,6 +295,14 @@ pub(crate) fn spawn(
                 predicted_tokens_per_s: stages.2,
                 reason: Some(reason),
                 figures: input.figures.clone(),
+                replicas: replicas(&policy, &input, &model.info, &used)
+                    .into_iter()
+                    .map(|(d, tokens_per_s)| Replica {
+                        node_id: input.node_ids[d].clone(),
+                        name: name_of(&input.node_ids[d]),
+                        predicted_tokens_per_s: Some(tokens_per_s),
+                    })
+                    .collect(),
             };
             replan.switched();
             info!(
@@ -299,6 +311,12 @@ pub(crate) fn spawn(
                     .stages
                     .iter()
                     .map(|s| format!("{}:{}..{}", s.name, s.spec.start, s.spec.end))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                replicas = %placement
+                    .replicas
+                    .iter()
+                    .map(|r| r.name.as_str())
                     .collect::<Vec<_>>()
                     .join(" "),
                 reason = placement.reason.as_deref().unwrap_or(""),
@@ -312,10 +330,14 @@ pub(crate) fn spawn(
             let assign = Control::Assign {
                 placement: placement.clone(),
             };
-            let replies = futures_join(placement.stages.iter().map(|s| {
+            let nodes = placement
+                .stages
+                .iter()
+                .map(|s| s.node_id.clone())
+                .chain(placement.replicas.iter().map(|r| r.node_id.clone()));
+            let replies = futures_join(nodes.map(|node| {
                 let service = service.clone();
                 let assign = assign.clone();
-                let node = s.node_id.clone();
                 async move {
                     (
                         node.clone(),
@@ -324,6 +346,21 @@ pub(crate) fn spawn(
                 }
             }))
             .await;
+            // A replica that could not load is left out; a pipeline stage
+            // that could not fails the placement.
+            let (replies, replica_replies): (Vec<_>, Vec<_>) = replies
+                .into_iter()
+                .partition(|(node, _)| placement.stage_of(node).is_some());
+            for (node, r) in replica_replies {
+                if !matches!(r, Ok(Control::Ready { id }) if id == placement.id) {
+                    warn!(
+                        "replica {} left out of placement {}: {r:?}",
+                        name_of(&node),
+                        placement.id
+                    );
+                    placement.replicas.retain(|x| x.node_id != node);
+                }
+            }
             let failed: Vec<String> = replies
                 .into_iter()
                 .filter_map(|(node, r)| match r {

@@ -41,6 +41,23 @@ pub struct Placement {
     /// The figures the plan used for each device it considered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub figures: Vec<crate::profile::DeviceFigures>,
+    /// Members outside the pipeline that hold the whole model as one more
+    /// stage each: requests go to one of them instead of the pipeline when
+    /// that adds to the cluster's total rate ([`crate::pipeline`]'s
+    /// balancer), so a device too slow to shorten the pipeline still adds
+    /// work under concurrent requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Replica>,
+}
+
+/// A member serving the whole model on its own, beside the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replica {
+    pub node_id: String,
+    pub name: String,
+    /// Single-stream decode rate the planner predicted for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_tokens_per_s: Option<f64>,
 }
 
 /// Milliseconds since the Unix epoch on this node's clock: what placement
@@ -70,18 +87,71 @@ impl Placement {
         self.stages.iter().position(|s| s.node_id == node)
     }
 
+    /// The whole model as one stage (what a replica runs).
+    pub fn whole_model(&self) -> Option<StageSpec> {
+        self.stages.last().map(|s| StageSpec {
+            start: 0,
+            end: s.spec.end,
+            embed: true,
+            head: true,
+        })
+    }
+
+    /// The pipeline `node` runs a stage of, and the index of its stage:
+    /// this placement itself for a member of the pipeline, a one-stage
+    /// pipeline of its own for a replica.
+    pub fn pipeline_for(&self, node: &str) -> Option<(Placement, usize)> {
+        if let Some(i) = self.stage_of(node) {
+            return Some((self.clone(), i));
+        }
+        let r = self.replicas.iter().find(|r| r.node_id == node)?;
+        let spec = self.whole_model()?;
+        Some((
+            Placement {
+                stages: vec![PlacedStage {
+                    node_id: r.node_id.clone(),
+                    name: r.name.clone(),
+                    spec,
+                }],
+                replicas: Vec::new(),
+                predicted_tokens_per_s: r.predicted_tokens_per_s,
+                predicted_step_s: r.predicted_tokens_per_s.map(|t| 1.0 / t.max(1e-9)),
+                ..self.clone()
+            },
+            0,
+        ))
+    }
+
     /// Checks a placement from a peer: at least one stage, contiguous layer
     /// ranges from 0, the embedding on the first stage only, the head on the
-    /// last only, and each member at most once.
+    /// last only, each member at most once (in the pipeline or as a
+    /// replica).
     pub fn validate(&self) -> Result<(), String> {
         if self.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON)
             || self.figures.len() > MAX_FIGURES
+            || self.replicas.len() > MAX_FIGURES
             || self
                 .figures
                 .iter()
                 .any(|f| f.name.len() > MAX_REASON || f.node_id.len() > MAX_REASON)
+            || self
+                .replicas
+                .iter()
+                .any(|r| r.name.len() > MAX_REASON || r.node_id.len() > MAX_REASON)
         {
             return Err("a placement with oversized notes".into());
+        }
+        for (i, r) in self.replicas.iter().enumerate() {
+            if self.stage_of(&r.node_id).is_some()
+                || self.replicas[..i].iter().any(|o| o.node_id == r.node_id)
+            {
+                return Err(format!("member {} has two stages", r.node_id));
+            }
+            if r.predicted_tokens_per_s
+                .is_some_and(|t| !t.is_finite() || t < 0.0)
+            {
+                return Err(format!("replica {} has a nonsense prediction", r.node_id));
+            }
         }
         let last = self
             .stages
@@ -201,6 +271,36 @@ pub(crate) fn decide(
     }
 }
 
+/// The devices of `input` outside the pipeline (`used`) that could each run
+/// the whole model on their own, with the single-stream decode rate the
+/// planner predicts for each: the replicas a planned placement offers
+/// beside its pipeline (none for [`PlacementPolicy::Even`], which uses
+/// every member).
+pub(crate) fn replicas(
+    policy: &PlacementPolicy,
+    input: &PlannerInput,
+    info: &crate::profile::ModelInfo,
+    used: &[usize],
+) -> Vec<(usize, f64)> {
+    let PlacementPolicy::Planned(req) = policy else {
+        return Vec::new();
+    };
+    let layers = info.config.num_hidden_layers;
+    let workload = hearth_partitioner::Workload::Decode {
+        sequences: 1,
+        context: req.context,
+    };
+    (0..input.node_ids.len())
+        .filter(|d| !used.contains(d))
+        .filter_map(|d| {
+            let whole = vec![(input.node_ids[d].clone(), 0, layers)];
+            let plan = evaluate_split(&whole, input, info, workload)?;
+            (plan.tokens_per_s.is_finite() && plan.tokens_per_s > 0.0)
+                .then_some((d, plan.tokens_per_s))
+        })
+        .collect()
+}
+
 /// The stages of a placement as (node id, layers), to compare splits.
 pub(crate) type Split = Vec<(String, usize, usize)>;
 
@@ -299,4 +399,66 @@ pub(crate) fn predict_now(
         context: 1,
     };
     evaluate_split(&split_of(placement), &input, info, workload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placement(replicas: serde_json::Value) -> Placement {
+        serde_json::from_value(serde_json::json!({
+            "id": 5, "model": "m", "fingerprint": "f", "content": null,
+            "members": ["a", "b", "c"],
+            "stages": [
+                {"node_id": "a", "name": "a", "spec": {"start": 0, "end": 3, "embed": true, "head": false}},
+                {"node_id": "b", "name": "b", "spec": {"start": 3, "end": 8, "embed": false, "head": true}}
+            ],
+            "replicas": replicas,
+        }))
+        .unwrap_or_else(|e| panic!("test placement: {e}"))
+    }
+
+    #[test]
+    fn a_replica_runs_the_whole_model_as_a_pipeline_of_its_own() {
+        let p = placement(
+            serde_json::json!([{"node_id": "c", "name": "c", "predicted_tokens_per_s": 4.0}]),
+        );
+        assert_eq!(p.validate(), Ok(()));
+        let (own, i) = p.pipeline_for("c").expect("c has a stage");
+        assert_eq!(i, 0);
+        assert_eq!(own.id, p.id);
+        assert_eq!(own.stages.len(), 1);
+        assert_eq!(own.stages[0].spec, StageSpec::full(8));
+        assert!(own.replicas.is_empty());
+        assert_eq!(own.validate(), Ok(()));
+        // Pipeline members keep the placement as it is.
+        assert_eq!(p.pipeline_for("b"), Some((p.clone(), 1)));
+        assert_eq!(p.pipeline_for("d"), None);
+        // Older documents without replicas still read.
+        let old: Placement = serde_json::from_str(
+            &serde_json::to_string(&placement(serde_json::json!([]))).unwrap_or_default(),
+        )
+        .expect("old placement");
+        assert!(old.replicas.is_empty());
+    }
+
+    #[test]
+    fn hostile_replica_lists_are_refused() {
+        for bad in [
+            // A pipeline member also as a replica: two stages on one node.
+            serde_json::json!([{"node_id": "a", "name": "a"}]),
+            // The same replica twice.
+            serde_json::json!([{"node_id": "c", "name": "c"}, {"node_id": "c", "name": "c"}]),
+            // Nonsense predictions.
+            serde_json::json!([{"node_id": "c", "name": "c", "predicted_tokens_per_s": -1.0}]),
+            // Oversized names.
+            serde_json::json!([{"node_id": "c", "name": "x".repeat(MAX_REASON + 1)}]),
+        ] {
+            assert!(placement(bad.clone()).validate().is_err(), "{bad}");
+        }
+        let many: Vec<serde_json::Value> = (0..=MAX_FIGURES)
+            .map(|i| serde_json::json!({"node_id": format!("r{i}"), "name": "r"}))
+            .collect();
+        assert!(placement(serde_json::Value::from(many)).validate().is_err());
+    }
 }
