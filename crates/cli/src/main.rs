@@ -1,6 +1,7 @@
 //! `hearth`: run models, and run and inspect cluster nodes.
 #![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
 
+mod args;
 mod cluster;
 mod generate;
 mod models;
@@ -62,6 +63,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    args::migrate_legacy();
     let result: Result<()> = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Models(cmd) => models::run(cmd),

@@ -8,33 +8,39 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Fetch the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into $HEARTH_HOME/models.
+    /// Fetch the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into the
+    /// model store (`models` in the data folder).
     Pull {
         /// Download again even if the model is present.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        home: crate::args::HomeArg,
     },
     /// Show the models on this machine.
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        home: crate::args::HomeArg,
     },
 }
 
 pub fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Pull { force } => {
+        Cmd::Pull { force, home } => {
+            let models = home.dirs().models();
             let path = if force {
-                store::pull_default(&mut progress_printer())?
+                store::pull_default_in(&models, &mut progress_printer())?
             } else {
-                store::ensure_default(&mut progress_printer())?
+                store::ensure_default_in(&models, &mut progress_printer())?
             };
             eprintln!("model ready: {}", path.display());
             Ok(())
         }
-        Cmd::List { json } => {
-            let list = store::list();
+        Cmd::List { json, home } => {
+            let list = store::list_in(&home.dirs().models());
             let mut out = String::new();
             if json {
                 out = serde_json::to_string_pretty(&list)?;

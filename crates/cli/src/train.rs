@@ -52,7 +52,7 @@ pub fn run(args: Args) -> Result<()> {
     let (info, _) =
         crate::profile::measure_model(Some(&spec.model), false, &hearth_runtime::Compute::Cpu)?;
     spec.model = info.times.model.clone();
-    let home = args.home.dir().join("local");
+    let home = args.home.dirs().sub("local").config;
     let (secret, _) = ClusterSecret::load_or_create(&home.join("cluster").join("secret"))?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

@@ -388,13 +388,17 @@ fn write_tokenizer_json(dir: &Path, tokens: &[String], merges: &[String]) -> Res
 /// `HEARTH_REQUIRE_MODEL` is set — CI sets it, so there the test fails
 /// instead of silently skipping.
 pub fn real_model() -> Option<PathBuf> {
-    let home = std::env::var_os("HEARTH_HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hearth")))?;
-    let path = home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    // The store `hearth models pull` fills; or where versions before the
+    // platform folders kept it, until a `hearth` command moves it.
+    let path = hearth_models::store::default_model_path();
     if path.is_file() {
         return Some(path);
+    }
+    if let Some(old) = hearth_models::dirs::Dirs::legacy()
+        .map(|l| hearth_models::store::default_model_path_in(&l.join("models")))
+        .filter(|p| p.is_file())
+    {
+        return Some(old);
     }
     if std::env::var_os("HEARTH_REQUIRE_MODEL").is_some() {
         panic!(

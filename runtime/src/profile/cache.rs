@@ -1,6 +1,10 @@
-//! The on-disk cache of measured model times, keyed by hardware and model:
-//! measuring takes seconds, and a device's speed does not change between
-//! runs. A cached entry of another format, or one that does not parse, is
+//! The on-disk cache of measured model times, keyed by hardware, what the
+//! machine offers (CPUs, quota) and model: measuring takes seconds, so
+//! nodes started close together (a restart, several nodes on one machine)
+//! reuse it. An entry is current for [`PROFILE_TTL`]: a machine's speed
+//! drifts over hours (other tenants, thermal state, power settings), and a
+//! plan from a day-old figure predicts what the device no longer does. An
+//! older entry, one of another format, or one that does not parse is
 //! measured again.
 
 use std::path::{Path, PathBuf};
@@ -32,7 +36,18 @@ fn cache_key(hardware: &str, fingerprint: &str, threads: usize) -> String {
         .collect()
 }
 
+/// How long a measured profile stands for the device's current speed.
+pub const PROFILE_TTL: Duration = Duration::from_secs(3600);
+
 fn read_entry(path: &Path, hardware: &str) -> Option<ModelTimes> {
+    let age = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
+    if age.is_some_and(|a| a > PROFILE_TTL) {
+        debug!(path = %path.display(), "profile cache entry older than an hour: measuring again");
+        return None;
+    }
     let bytes = std::fs::read(path).ok()?;
     match serde_json::from_slice::<Entry>(&bytes) {
         Ok(e) if e.format == PROFILE_FORMAT && e.hardware == hardware => Some(e.times),
@@ -105,9 +120,11 @@ impl Drop for Turn {
     }
 }
 
-/// The default cache directory: `$HEARTH_HOME/profiles`.
+/// The default cache directory: `profiles` in this device's cache folder
+/// (`$HEARTH_HOME/profiles`, else the platform's; see
+/// [`hearth_models::dirs`]).
 pub fn default_dir() -> PathBuf {
-    hearth_models::store::hearth_home().join("profiles")
+    hearth_models::dirs::Dirs::resolve(None).profiles()
 }
 
 /// Where `weights` measured on this device under what the machine offers
@@ -171,7 +188,7 @@ pub fn profile_model_with(
         Waited::Done(times) => return Ok((*times, true)),
         Waited::Turn(t) => t,
     };
-    progress("measuring this device (once per model; cached)");
+    progress("measuring this device (cached for an hour)");
     let times = measure(weights, opts, progress)?;
     info!(
         model = %times.model,
@@ -201,5 +218,30 @@ mod tests {
         assert_ne!(a, cache_key("cpu B", "f1", 2));
         assert_ne!(a, cache_key("cpu A", "f2", 2));
         assert_ne!(a, cache_key("cpu A", "f1", 4));
+    }
+
+    #[test]
+    fn entries_older_than_the_ttl_are_measured_again() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("e.json");
+        let tiny =
+            hearth_test_utils::tiny_model(dir.path(), hearth_test_utils::TinySpec::default())?;
+        let weights = WeightFile::open(&tiny.gguf_q8_0)?;
+        let times = measure(&weights, &MeasureOptions::quick(), &mut |_| {})?;
+        let entry = Entry {
+            format: PROFILE_FORMAT,
+            hardware: "hw".into(),
+            times,
+        };
+        write_entry(&path, &entry)?;
+        assert!(read_entry(&path, "hw").is_some());
+        assert!(read_entry(&path, "other hw").is_none());
+        let old = std::time::SystemTime::now() - PROFILE_TTL - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)?
+            .set_modified(old)?;
+        assert!(read_entry(&path, "hw").is_none(), "a stale entry was used");
+        Ok(())
     }
 }
