@@ -10,6 +10,8 @@ pub mod catalog;
 pub mod compute;
 pub(crate) mod control;
 pub mod events;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod membership;
 pub mod model_file;
 pub mod model_store;
