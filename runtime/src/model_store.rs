@@ -79,17 +79,6 @@ impl ModelStore {
         self
     }
 
-    /// This device's store (no node's fine-tuned models).
-    pub fn shared(opts: MeasureOptions) -> Self {
-        let dirs = hearth_models::dirs::Dirs::resolve(None);
-        Self {
-            models: dirs.models(),
-            tuned: None,
-            opts,
-            cache: dirs.profiles(),
-        }
-    }
-
     /// The compute models are measured on.
     pub fn compute(&self) -> &Compute {
         &self.opts.compute

@@ -55,7 +55,12 @@ try {
         const placed = await page.$$eval(".device [data-testid=layers]", (es) => es.filter((e) => /layers \d+–\d+ of \d+/.test(e.textContent)).length);
         const plan = await page.$$eval("#plan tbody tr", (rs) => rs.length);
         if (placed === nodes && plan === nodes) break;
-        if (Date.now() > until) throw new Error("no placement after loading from the page");
+        if (Date.now() > until) {
+          await page.screenshot({ path: `${outDir}/ui-reload-timeout-${name}.png`, fullPage: true });
+          const events = await page.$$eval("#events li", (ls) => ls.map((l) => l.textContent));
+          const shown = await page.$$eval(".device [data-testid=layers]", (es) => es.map((e) => e.textContent));
+          throw new Error(`no placement after loading from the page: ${placed} of ${nodes} devices placed (${JSON.stringify(shown)}), ${plan} plan rows; states ${JSON.stringify([...states])}; events ${JSON.stringify(events.slice(0, 30))}`);
+        }
         await page.waitForTimeout(50);
       }
       const events = await page.$$eval("#events li", (ls) => ls.map((l) => l.textContent));

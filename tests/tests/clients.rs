@@ -9,7 +9,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use hearth_test_utils::{free_port, hearth_binary, netns::ChildGuard, real_model, workspace_root};
+use hearth_test_utils::{
+    free_port, hearth_binary, netns::ChildGuard, real_model, stock_home_with, workspace_root,
+};
 use serde_json::Value;
 
 /// Whether a missing client fails the test (CI) or skips it.
@@ -32,6 +34,9 @@ fn local_cluster(home: &Path) -> Result<(ChildGuard, String)> {
 
 /// [`local_cluster`] with `extra` flags.
 fn local_cluster_of(home: &Path, extra: &[&str]) -> Result<(ChildGuard, String)> {
+    if let Some(model) = real_model() {
+        stock_home_with(home, &model)?;
+    }
     let port = free_port(false)?;
     let mut c = Command::new(hearth_binary()?);
     c.args(["up", "--local", "2", "--http", &format!("127.0.0.1:{port}")])

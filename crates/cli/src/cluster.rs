@@ -524,8 +524,9 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
             let nodes = nodes.clone();
             let model = args.model.clone();
             let compute = compute.clone();
+            let device = device.clone();
             tokio::task::spawn_blocking(move || {
-                match crate::profile::measure_model(model.as_deref(), false, &compute) {
+                match crate::profile::measure_model(&device, model.as_deref(), false, &compute) {
                     Ok((info, _)) => {
                         println!(
                             "  model      {} ({} layers) measured; placing it across the nodes",

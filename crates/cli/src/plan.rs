@@ -228,6 +228,7 @@ fn from_file(path: &std::path::Path, args: &Args) -> Result<PlanReport> {
     let here = if file.devices.iter().any(|d| d.times.is_none()) {
         Some(
             crate::profile::measure_model(
+                &hearth_models::dirs::Dirs::resolve(None),
                 Some(&model_path.to_string_lossy()),
                 false,
                 &hearth_runtime::Compute::Cpu,

@@ -43,11 +43,12 @@ pub fn measure_options(
 /// measures this device on it, with a spinner; returns the info and whether
 /// the figures came from the cache.
 pub fn measure_model(
+    dirs: &hearth_models::dirs::Dirs,
     model: Option<&str>,
     fresh: bool,
     compute: &hearth_runtime::Compute,
 ) -> Result<(ModelInfo, bool)> {
-    let store = hearth_runtime::ModelStore::shared(measure_options(compute));
+    let store = hearth_runtime::ModelStore::new(dirs, measure_options(compute));
     let mut pull = crate::models::progress_printer();
     let mut bar: Option<ProgressBar> = None;
     let r = store.measure(model, fresh, &mut |p| match p {
@@ -77,7 +78,12 @@ struct JsonOut<'a> {
 
 pub fn run(args: Args) -> Result<()> {
     let compute = args.backend.resolve()?;
-    let (info, cached) = measure_model(args.model.as_deref(), args.fresh, &compute)?;
+    let (info, cached) = measure_model(
+        &hearth_models::dirs::Dirs::resolve(None),
+        args.model.as_deref(),
+        args.fresh,
+        &compute,
+    )?;
     let name = crate::cluster::host_name();
     let profile = NodeProfile::new("(this device)", name, Some(info.times.clone()));
     if args.json {

@@ -49,8 +49,12 @@ pub fn run(args: Args) -> Result<()> {
     if !spec.data.is_file() {
         bail!("no training data at {}", spec.data.display());
     }
-    let (info, _) =
-        crate::profile::measure_model(Some(&spec.model), false, &hearth_runtime::Compute::Cpu)?;
+    let (info, _) = crate::profile::measure_model(
+        &args.home.dirs(),
+        Some(&spec.model),
+        false,
+        &hearth_runtime::Compute::Cpu,
+    )?;
     spec.model = info.times.model.clone();
     let home = args.home.dirs().sub("local").config;
     let (secret, _) = ClusterSecret::load_or_create(&home.join("cluster").join("secret"))?;

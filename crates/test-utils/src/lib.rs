@@ -382,6 +382,19 @@ fn write_tokenizer_json(dir: &Path, tokens: &[String], merges: &[String]) -> Res
     Ok(())
 }
 
+/// Puts the real default model `model` into the store of a node whose
+/// `--home` is `home` (a symbolic link), as `hearth models pull` would have:
+/// such a node then finds the default model by name without fetching it.
+pub fn stock_home_with(home: &Path, model: &Path) -> std::io::Result<()> {
+    let models = hearth_models::dirs::Dirs::resolve(Some(home)).models();
+    std::fs::create_dir_all(&models)?;
+    let dest = hearth_models::store::default_model_path_in(&models);
+    if !dest.exists() {
+        std::os::unix::fs::symlink(model, &dest)?;
+    }
+    Ok(())
+}
+
 /// The real default model if it is on disk.
 ///
 /// Returns `None` (after printing why) when it is missing, unless
