@@ -351,7 +351,9 @@ fn a_program_competing_inside_a_devices_quota_moves_the_job_by_its_busy_times() 
         "method": {"type": "lora", "rank": 4, "alpha": 8.0},
     });
     let id = home.start_job(0, &data, extras)?;
-    let job = home.wait_step(0, &id, 2, Duration::from_secs(300))?;
+    // Three steps at the unloaded pace: the baseline the busy times are
+    // compared with.
+    let job = home.wait_step(0, &id, 3, Duration::from_secs(300))?;
     let layers = Home::job_layers;
     // The device with the most layers gets busy programs inside its own
     // quota: its offer still says one core, while its stage gets about two
@@ -375,7 +377,7 @@ fn a_program_competing_inside_a_devices_quota_moves_the_job_by_its_busy_times() 
         .filter(|m| m.contains("Re-planning between steps"))
         .collect();
     println!(
-        "{name} busy from step 2 ({before} layers); moves: {moved:#?}; final stages {}",
+        "{name} busy from step 3 ({before} layers); moves: {moved:#?}; final stages {}",
         done["hearth"]["stages"]
     );
     assert!(

@@ -582,12 +582,14 @@ fn write_outputs(
 }
 
 /// A stage's busy time per token lately (the last 2 steps) ÷ early in its
-/// split (steps 2 and 3: the first warms up), once there are 5 steps.
+/// split (the faster of steps 2 and 3: the first warms up, and a slowdown
+/// that starts during step 3 must not raise the baseline), once there are
+/// 5 steps.
 fn drift(steps: &[f64]) -> Option<f64> {
     if steps.len() < 5 {
         return None;
     }
-    let early = (steps[1] + steps[2]) / 2.0;
+    let early = steps[1].min(steps[2]);
     let late = steps[steps.len() - 2..].iter().sum::<f64>() / 2.0;
     let d = late / early;
     (d.is_finite() && d > 0.0).then_some(d)
@@ -914,4 +916,20 @@ async fn attempt(
         Some(c) => Ended::Done(Box::new(c)),
         None => Ended::Stopped,
     })
+}
+
+#[cfg(test)]
+mod drift_tests {
+    use super::drift;
+
+    #[test]
+    fn drift_needs_five_steps_and_compares_late_with_the_fast_early_pace() {
+        assert_eq!(drift(&[1.0, 1.0, 1.0, 1.0]), None);
+        assert_eq!(drift(&[3.0, 1.0, 1.0, 1.0, 1.0]), Some(1.0));
+        // A slowdown that began during the third step: the baseline is
+        // the second step's pace, not the mean with the slowed one.
+        assert_eq!(drift(&[3.0, 1.0, 4.0, 5.0, 5.0, 5.0]), Some(5.0));
+        // Nothing measured: no drift.
+        assert_eq!(drift(&[0.0, 0.0, 0.0, 0.0, 0.0]), None);
+    }
 }
