@@ -15,35 +15,33 @@ pub fn control_document(bytes: &[u8]) {
         return;
     };
     match c {
-        Control::Assign { placement } | Control::Activate { placement } => {
-            if placement.validate().is_ok() {
-                let last = placement.stages.last().map(|s| s.spec.end);
-                for s in &placement.stages {
-                    assert!(s.spec.start <= s.spec.end);
-                    let (own, i) = placement
-                        .pipeline_for(&s.node_id)
-                        .unwrap_or_else(|| panic!("a stage's member has no pipeline"));
-                    assert_eq!(own.stages[i].node_id, s.node_id);
-                }
-                for r in &placement.replicas {
-                    let (own, _) = placement
-                        .pipeline_for(&r.node_id)
-                        .unwrap_or_else(|| panic!("a replica has no pipeline"));
-                    assert_eq!(own.stages.len(), 1);
-                    assert_eq!(Some(own.stages[0].spec.end), last);
-                    assert!(own.validate().is_ok());
-                }
+        Control::Assign { placement } | Control::Activate { placement }
+            if placement.validate().is_ok() =>
+        {
+            let last = placement.stages.last().map(|s| s.spec.end);
+            for s in &placement.stages {
+                assert!(s.spec.start <= s.spec.end);
+                let (own, i) = placement
+                    .pipeline_for(&s.node_id)
+                    .unwrap_or_else(|| panic!("a stage's member has no pipeline"));
+                assert_eq!(own.stages[i].node_id, s.node_id);
+            }
+            for r in &placement.replicas {
+                let (own, _) = placement
+                    .pipeline_for(&r.node_id)
+                    .unwrap_or_else(|| panic!("a replica has no pipeline"));
+                assert_eq!(own.stages.len(), 1);
+                assert_eq!(Some(own.stages[0].spec.end), last);
+                assert!(own.validate().is_ok());
             }
         }
         Control::TrainStage { order } => training_order_checked(&order),
-        Control::Event { event } => {
-            if event.check_from_peer().is_ok() {
-                let size = serde_json::to_vec(&event).map_or(0, |v| v.len());
-                assert!(
-                    size <= crate::events::MAX_EVENT_BYTES,
-                    "{size} bytes passed"
-                );
-            }
+        Control::Event { event } if event.check_from_peer().is_ok() => {
+            let size = serde_json::to_vec(&event).map_or(0, |v| v.len());
+            assert!(
+                size <= crate::events::MAX_EVENT_BYTES,
+                "{size} bytes passed"
+            );
         }
         _ => {}
     }
