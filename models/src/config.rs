@@ -24,6 +24,109 @@ pub struct Config {
     pub tie_word_embeddings: bool,
     /// Biases on the q/k/v projections (Qwen2).
     pub attention_bias: bool,
+    /// How the rotary frequencies are rescaled for long contexts (Llama
+    /// 3.x); none: plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// A rescaling of the rotary frequencies.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Llama 3.1's: wavelengths longer than `original_max_position_embeddings
+    /// / low_freq_factor` are stretched by `factor`, those shorter than
+    /// `... / high_freq_factor` kept, and the ones between blended.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// The rescaled inverse frequency `inv` (radians per position).
+    pub fn apply(&self, inv: f64) -> f64 {
+        match *self {
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let wavelen = 2.0 * std::f64::consts::PI / inv;
+                if wavelen < old / high_freq_factor {
+                    inv
+                } else if wavelen > old / low_freq_factor {
+                    inv / factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv / factor + smooth * inv
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        match *self {
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let all = [
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                ];
+                if all.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                    return Err("llama3 rope_scaling values must be positive".into());
+                }
+                if high_freq_factor <= low_freq_factor {
+                    return Err(format!(
+                        "llama3 rope_scaling: high_freq_factor {high_freq_factor} must exceed low_freq_factor {low_freq_factor}"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads `rope_scaling` (or transformers 5's `rope_parameters`) of a
+/// `config.json`: Llama 3's; none, or a `default`
+/// type, is plain RoPE; any other type is refused by name rather than run
+/// wrong.
+fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let num = |k: &str| -> Result<f64> {
+        v.get(k).and_then(serde_json::Value::as_f64).ok_or_else(|| {
+            ModelError::InvalidConfig(format!("rope_scaling of type {kind} needs a number {k}"))
+        })
+    };
+    match kind {
+        "default" => Ok(None),
+        "llama3" => Ok(Some(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        })),
+        other => Err(ModelError::InvalidConfig(format!(
+            "rope_scaling of type {other:?} is not supported (supported: llama3)"
+        ))),
+    }
 }
 
 impl Config {
@@ -60,6 +163,9 @@ impl Config {
         if self.max_position_embeddings == 0 {
             return bad("context length must be positive".into());
         }
+        if let Some(r) = &self.rope_scaling {
+            r.validate().map_err(ModelError::InvalidConfig)?;
+        }
         Ok(())
     }
 
@@ -83,8 +189,7 @@ impl Config {
             num_attention_heads: usize,
             num_key_value_heads: Option<usize>,
             head_dim: Option<usize>,
-            #[serde(default = "default_theta")]
-            rope_theta: f64,
+            rope_theta: Option<f64>,
             #[serde(default = "default_eps")]
             rms_norm_eps: f64,
             #[serde(default = "default_ctx")]
@@ -92,9 +197,11 @@ impl Config {
             #[serde(default)]
             tie_word_embeddings: bool,
             attention_bias: Option<bool>,
-        }
-        fn default_theta() -> f64 {
-            10_000.0
+            #[serde(default)]
+            rope_scaling: Option<serde_json::Value>,
+            /// transformers 5's form: the theta and the scaling together.
+            #[serde(default)]
+            rope_parameters: Option<serde_json::Value>,
         }
         fn default_eps() -> f64 {
             1e-6
@@ -128,11 +235,22 @@ impl Config {
             intermediate_size: hf.intermediate_size,
             num_hidden_layers: hf.num_hidden_layers,
             num_attention_heads: hf.num_attention_heads,
-            rope_theta: hf.rope_theta,
+            rope_theta: hf
+                .rope_theta
+                .or_else(|| {
+                    hf.rope_parameters
+                        .as_ref()
+                        .and_then(|p| p.get("rope_theta"))
+                        .and_then(serde_json::Value::as_f64)
+                })
+                .unwrap_or(10_000.0),
             rms_norm_eps: hf.rms_norm_eps,
             max_position_embeddings: hf.max_position_embeddings,
             tie_word_embeddings: hf.tie_word_embeddings,
             attention_bias,
+            rope_scaling: hf_rope_scaling(
+                hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()),
+            )?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -182,5 +300,88 @@ mod tests {
             Err(ModelError::InvalidConfig(_))
         ));
         assert!(Config::from_hf_json("{not json").is_err());
+    }
+
+    fn with_scaling(scaling: &str) -> String {
+        format!(
+            r#"{{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":2,
+            "rope_scaling":{scaling}}}"#
+        )
+    }
+
+    #[test]
+    fn llama3_rope_scaling_is_read_and_other_kinds_are_refused_by_name() {
+        let c = Config::from_hf_json(&with_scaling(
+            r#"{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0
+            })
+        );
+        // transformers 5 writes the theta and the scaling together.
+        let c = Config::from_hf_json(&with_scaling("null").replace(
+            r#""rope_scaling":null"#,
+            r#""rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert!(matches!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 { factor: 32.0, .. })
+        ));
+        // Plain RoPE either way.
+        for plain in ["null", r#"{"rope_type":"default"}"#] {
+            assert_eq!(
+                Config::from_hf_json(&with_scaling(plain))
+                    .unwrap()
+                    .rope_scaling,
+                None
+            );
+        }
+        let err = Config::from_hf_json(&with_scaling(r#"{"rope_type":"yarn","factor":4.0}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("yarn") && err.contains("not supported"),
+            "{err}"
+        );
+        let err = Config::from_hf_json(&with_scaling(r#"{"rope_type":"llama3","factor":8.0}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("low_freq_factor"), "{err}");
+        for bad in [
+            r#"{"rope_type":"llama3","factor":0,"low_freq_factor":1,"high_freq_factor":4,"original_max_position_embeddings":8192}"#,
+            r#"{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":4,"original_max_position_embeddings":8192}"#,
+        ] {
+            assert!(Config::from_hf_json(&with_scaling(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_short_wavelengths_stretches_long_ones_and_blends_between() {
+        let r = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        };
+        let tau = 2.0 * std::f64::consts::PI;
+        // Wavelength 8 < 64/4: kept.
+        assert_eq!(r.apply(tau / 8.0), tau / 8.0);
+        // Wavelength 128 > 64/1: divided by the factor.
+        assert_eq!(r.apply(tau / 128.0), tau / 128.0 / 8.0);
+        // Between: continuous at both ends and in between.
+        let at = |w: f64| r.apply(tau / w) * w / tau;
+        assert!((at(16.0 + 1e-9) - 1.0).abs() < 1e-6);
+        assert!((at(64.0 - 1e-9) - 1.0 / 8.0).abs() < 1e-6);
+        let mid = at(32.0);
+        assert!(mid > 1.0 / 8.0 && mid < 1.0, "{mid}");
     }
 }

@@ -586,8 +586,16 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
         max_position_embeddings: meta_usize(c, &k("context_length"))?,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        rope_scaling: None,
         architecture: arch,
     };
+    // Llama 3.x GGUFs carry their RoPE scaling as per-frequency factors;
+    // running without them would be silently wrong.
+    if c.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(ModelError::InvalidConfig(
+            "this GGUF scales its RoPE frequencies (rope_freqs.weight, Llama 3.x), which Hearth does not apply to GGUF files yet; use the model's Hugging Face folder (config.json + safetensors)".into(),
+        ));
+    }
     cfg.validate()?;
     Ok(cfg)
 }

@@ -447,3 +447,40 @@ fn k_quants_and_q4_0_run_close_to_f32() -> Result<()> {
     }
     Ok(())
 }
+
+/// Hugging Face transformers' logits (tests/fixtures/make_hf_reference.py)
+/// for the model in `tests/fixtures/hf/{name}`, beside Hearth's on the f32
+/// path: the largest difference, and the largest logit.
+fn against_transformers(name: &str) -> Result<(f32, f32)> {
+    let dir = hearth_test_utils::workspace_root()
+        .join("tests/fixtures/hf")
+        .join(name);
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+    let ids: Vec<u32> = want["ids"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("ids"))?
+        .iter()
+        .filter_map(|v| v.as_u64().map(|v| v as u32))
+        .collect();
+    let rows: Vec<Vec<f32>> = serde_json::from_value(want["logits"].clone())?;
+    let vocab = rows.first().map_or(0, Vec::len);
+    let want = Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<f32>>(),
+        (ids.len(), vocab),
+        &candle_core::Device::Cpu,
+    )?;
+    let got = full_logits(&WeightFile::open(&dir)?, Precision::F32, &ids)?;
+    let got = got.reshape(want.shape())?;
+    Ok((max_diff(&got, &want)?, max_abs(&want)?))
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() -> Result<()> {
+    let (diff, scale) = against_transformers("llama3-rope")?;
+    assert!(
+        diff < 1e-4 * scale.max(1.0),
+        "max diff {diff} (logits up to {scale})"
+    );
+    Ok(())
+}

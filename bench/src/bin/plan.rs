@@ -196,6 +196,7 @@ impl Shape {
             max_position_embeddings: 8192,
             tie_word_embeddings: false,
             attention_bias: false,
+            rope_scaling: None,
         }
     }
 

@@ -265,6 +265,7 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         max_position_embeddings: 64,
         tie_word_embeddings: true,
         attention_bias: false,
+        rope_scaling: None,
     };
     let rope = Rope::new(&cfg, 64, candle_core::DType::F32, &dev).unwrap();
     let (n, heads, hd, stride) = (4, 4, 16, 80);
