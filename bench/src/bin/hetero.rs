@@ -6,7 +6,8 @@
 //! 1. a = 1 core, b = 0.25 core: single-stream decode through the cluster
 //!    and the aggregate of 8 clients each streaming one generation after
 //!    another (tokens arriving in a 12 s window after 3 s of warm-up),
-//!    against the best single device (one node under a 1-core quota);
+//!    against the best single device (one node under a 1-core quota,
+//!    measured before and after each configuration: the mean of the two);
 //! 2. three nodes at 1 / 0.5 / 0.25 core, the same two figures;
 //! 3. a's quota drops to 0.25 while b's rises to 1 core, mid-run with
 //!    requests flowing: seconds until the re-placement, decode after it
@@ -283,26 +284,42 @@ fn start(cores: &[f64]) -> Result<(Arc<Home>, Placement)> {
 /// Measured single-stream rate beside the placement's predictions.
 type Predicted = Vec<(String, Placement, f64, Option<f64>)>;
 
+/// The best single device measured now: one node under a 1-core quota,
+/// single-stream and 8-stream rates through it. Measured before and after
+/// each configuration, whose reference is the mean of the two (the host's
+/// speed drifts by 10-20% over minutes here; a bracket cancels it).
+fn reference(args: &Args, predicted: &mut Predicted, refs: &mut Vec<(f64, f64)>) -> Result<()> {
+    println!("reference: one node under a 1-core quota");
+    let (home, p) = start(&[1.0])?;
+    let single = single(&home, 0, args)?;
+    let eight = eight(&home, 0, args)?;
+    if refs.is_empty() {
+        predicted.push(("1 core alone".to_string(), p, single, now(&home, 0)));
+    }
+    drop(home);
+    println!("  single {single:.1} tok/s, 8 streams {eight:.1} tok/s");
+    refs.push((single, eight));
+    Ok(())
+}
+
+/// The mean of the last two references (single, eight).
+fn bracket(refs: &[(f64, f64)]) -> (f64, f64) {
+    match refs {
+        [.., a, b] => ((a.0 + b.0) / 2.0, (a.1 + b.1) / 2.0),
+        [a] => *a,
+        [] => (f64::NAN, f64::NAN),
+    }
+}
+
 /// Parts 1 to 4: serving rows.
 fn serving(
     args: &Args,
     rows: &mut Vec<Row>,
     placements: &mut Vec<String>,
     predicted: &mut Predicted,
+    refs: &mut Vec<(f64, f64)>,
 ) -> Result<()> {
-    println!("reference: one node under a 1-core quota");
-    let (home, p) = start(&[1.0])?;
-    let ref_single = single(&home, 0, args)?;
-    let ref_eight = eight(&home, 0, args)?;
-    predicted.push((
-        "1 core alone".to_string(),
-        p.clone(),
-        ref_single,
-        now(&home, 0),
-    ));
-    drop(home);
-    println!("  single {ref_single:.1} tok/s, 8 streams {ref_eight:.1} tok/s");
-
+    reference(args, predicted, refs)?;
     for (label, cores) in [
         ("a=1, b=0.25", vec![1.0, 0.25]),
         ("a=1, b=0.5, c=0.25", vec![1.0, 0.5, 0.25]),
@@ -315,6 +332,10 @@ fn serving(
             "  placement {}; single {s:.1} tok/s, 8 streams {e:.1} tok/s",
             split(&p)
         );
+        let n = now(&home, cores.len() - 1);
+        drop(home);
+        reference(args, predicted, refs)?;
+        let (ref_single, ref_eight) = bracket(refs);
         rows.push(Row::new(
             &format!("{label}: single-stream decode tok/s (vs best single device)"),
             s,
@@ -326,7 +347,6 @@ fn serving(
             ref_eight,
         ));
         placements.push(format!("{label}: {}", split(&p)));
-        let n = now(&home, cores.len() - 1);
         predicted.push((label.to_string(), p, s, n));
     }
 
@@ -374,6 +394,16 @@ fn serving(
         after.reason.clone().unwrap_or_default(),
         ok.load(Ordering::Relaxed)
     );
+    placements.push(format!(
+        "swap: {} → {} ({})",
+        split(&before),
+        split(&after),
+        after.reason.clone().unwrap_or_default()
+    ));
+    predicted.push(("after the swap".to_string(), after, s, after_now));
+    drop(home);
+    reference(args, predicted, refs)?;
+    let (ref_single, _) = bracket(refs);
     rows.push(Row::new("swap: seconds until re-placement", secs, 0.0));
     rows.push(Row::new(
         "swap: decode tok/s after it (vs best single device)",
@@ -385,14 +415,6 @@ fn serving(
         failed as f64,
         ok.load(Ordering::Relaxed) as f64 + failed as f64,
     ));
-    placements.push(format!(
-        "swap: {} → {} ({})",
-        split(&before),
-        split(&after),
-        after.reason.clone().unwrap_or_default()
-    ));
-    predicted.push(("after the swap".to_string(), after, s, after_now));
-    drop(home);
 
     for (label, p, measured, now) in predicted.iter() {
         if let Some(pred) = p.predicted_tokens_per_s {
@@ -422,9 +444,30 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut placements = Vec::new();
     let mut predicted = Predicted::new();
+    let mut refs = Vec::new();
     if args.part == "all" || args.part == "serve" {
-        serving(&args, &mut rows, &mut placements, &mut predicted)?;
+        serving(&args, &mut rows, &mut placements, &mut predicted, &mut refs)?;
     }
+    // What each prediction came from: the figures the plan used per device
+    // (source, cores offered, current ÷ start-up factor, decode per layer).
+    let plans: Vec<serde_json::Value> = predicted
+        .iter()
+        .map(|(label, p, measured, now)| {
+            serde_json::json!({
+                "label": label,
+                "split": split(p),
+                "reason": p.reason,
+                "measured_tokens_per_s": measured,
+                "predicted_when_placed": p.predicted_tokens_per_s,
+                "predicted_from_live_figures": now,
+                "figures": p.figures,
+            })
+        })
+        .collect();
+    let references: Vec<serde_json::Value> = refs
+        .iter()
+        .map(|(s, e)| serde_json::json!({"single": s, "eight": e}))
+        .collect();
     if args.part == "all" || args.part == "train" {
         training(&args, &mut rows, &mut placements)?;
     }
@@ -444,6 +487,8 @@ fn main() -> Result<()> {
             "train_steps": args.train_steps,
             "part": args.part,
             "placements": placements,
+            "references": references,
+            "plans": plans,
         }),
     )?;
     print(&md)?;
