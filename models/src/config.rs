@@ -105,11 +105,17 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
+    // No type and no factor (e.g. `rope_parameters` with only a theta):
+    // plain RoPE.
     let kind = v
         .get("rope_type")
         .or_else(|| v.get("type"))
         .and_then(serde_json::Value::as_str)
-        .unwrap_or("");
+        .unwrap_or(if v.get("factor").is_some() {
+            ""
+        } else {
+            "default"
+        });
     let num = |k: &str| -> Result<f64> {
         v.get(k).and_then(serde_json::Value::as_f64).ok_or_else(|| {
             ModelError::InvalidConfig(format!("rope_scaling of type {kind} needs a number {k}"))
@@ -337,7 +343,11 @@ mod tests {
             Some(RopeScaling::Llama3 { factor: 32.0, .. })
         ));
         // Plain RoPE either way.
-        for plain in ["null", r#"{"rope_type":"default"}"#] {
+        for plain in [
+            "null",
+            r#"{"rope_type":"default"}"#,
+            r#"{"rope_theta":10000.0}"#,
+        ] {
             assert_eq!(
                 Config::from_hf_json(&with_scaling(plain))
                     .unwrap()
@@ -352,6 +362,8 @@ mod tests {
             err.contains("yarn") && err.contains("not supported"),
             "{err}"
         );
+        // A factor with no type says nothing of how to apply it.
+        assert!(Config::from_hf_json(&with_scaling(r#"{"factor":8.0}"#)).is_err());
         let err = Config::from_hf_json(&with_scaling(r#"{"rope_type":"llama3","factor":8.0}"#))
             .unwrap_err()
             .to_string();
