@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 
 /// Architectures whose decoder this crate implements (llama family).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "mistral"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "mistral"];
 
 /// Hyper-parameters of a llama-family decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +175,12 @@ impl Config {
         Ok(())
     }
 
+    /// Whether each layer normalizes its query and key heads (RMSNorm over
+    /// the head dimension, before RoPE): Qwen3.
+    pub fn qk_norm(&self) -> bool {
+        self.architecture == "qwen3"
+    }
+
     /// Query heads per KV head.
     pub fn gqa_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -208,6 +214,12 @@ impl Config {
             /// transformers 5's form: the theta and the scaling together.
             #[serde(default)]
             rope_parameters: Option<serde_json::Value>,
+            /// Qwen's switch for its sliding-window layers.
+            #[serde(default)]
+            use_sliding_window: bool,
+            /// transformers 5: each layer's attention kind.
+            #[serde(default)]
+            layer_types: Vec<String>,
         }
         fn default_eps() -> f64 {
             1e-6
@@ -222,11 +234,22 @@ impl Config {
             None => match hf.architectures.first().map(String::as_str) {
                 Some("LlamaForCausalLM") => "llama".into(),
                 Some("Qwen2ForCausalLM") => "qwen2".into(),
+                Some("Qwen3ForCausalLM") => "qwen3".into(),
                 Some("MistralForCausalLM") => "mistral".into(),
                 other => other.unwrap_or("unknown").to_string(),
             },
         };
         let attention_bias = hf.attention_bias.unwrap_or(arch == "qwen2");
+        if hf.use_sliding_window && arch.starts_with("qwen") {
+            return Err(ModelError::InvalidConfig(
+                "use_sliding_window is set: sliding-window attention is not supported for Qwen models yet".into(),
+            ));
+        }
+        if let Some(t) = hf.layer_types.iter().find(|t| *t != "full_attention") {
+            return Err(ModelError::InvalidConfig(format!(
+                "layer_types names {t:?} layers; only full attention is supported for {arch} yet"
+            )));
+        }
         if hf.num_attention_heads == 0 {
             return Err(ModelError::InvalidConfig("num_attention_heads is 0".into()));
         }
@@ -288,6 +311,30 @@ mod tests {
         let cfg = Config::from_hf_json(json).unwrap();
         assert!(cfg.attention_bias);
         assert_eq!(cfg.num_key_value_heads, 4);
+    }
+
+    #[test]
+    fn qwen3_has_qk_norm_and_no_bias() {
+        let json = r#"{"architectures":["Qwen3ForCausalLM"],"vocab_size":100,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+            "num_key_value_heads":2,"head_dim":32,"use_sliding_window":false}"#;
+        let cfg = Config::from_hf_json(json).unwrap();
+        assert_eq!(cfg.architecture, "qwen3");
+        assert!(cfg.qk_norm());
+        assert!(!cfg.attention_bias);
+        // Wider heads than hidden / heads, as Qwen3 has.
+        assert_eq!(cfg.head_dim, 32);
+        let sliding = json.replace(
+            r#""use_sliding_window":false"#,
+            r#""use_sliding_window":true"#,
+        );
+        let err = Config::from_hf_json(&sliding).unwrap_err().to_string();
+        assert!(err.contains("sliding"), "{err}");
+        assert!(
+            !Config::from_hf_json(&json.replace("Qwen3", "Qwen2"))
+                .unwrap()
+                .qk_norm()
+        );
     }
 
     #[test]

@@ -192,6 +192,8 @@ impl QkvProj {
 #[derive(Debug, Clone)]
 pub struct Attention {
     pub qkv: QkvProj,
+    /// Per-head RMSNorm of the queries and keys before RoPE (Qwen3).
+    pub qk_norm: Option<(RmsNorm, RmsNorm)>,
     pub o: Linear,
     pub heads: usize,
     pub kv_heads: usize,
@@ -225,6 +227,10 @@ impl Attention {
         let q = q.reshape((n, self.heads, self.head_dim))?;
         let k = k.reshape((n, self.kv_heads, self.head_dim))?;
         let v = v.reshape((n, self.kv_heads, self.head_dim))?;
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            None => (q, k),
+        };
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();

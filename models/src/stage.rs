@@ -189,6 +189,15 @@ impl Stage {
                 fused,
             })
         };
+        let head_norm = |id| -> Result<RmsNorm> {
+            let w = f32t(id)?;
+            check_shape(id, w.dims(), &[cfg.head_dim])?;
+            Ok(RmsNorm {
+                weight: w,
+                eps: cfg.rms_norm_eps,
+                fused,
+            })
+        };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let qdim = cfg.num_attention_heads * hd;
         let kvdim = cfg.num_key_value_heads * hd;
@@ -225,10 +234,16 @@ impl Stage {
                     },
                 ),
             };
+            let qk_norm = if cfg.qk_norm() {
+                Some((head_norm(id(L::QNorm))?, head_norm(id(L::KNorm))?))
+            } else {
+                None
+            };
             blocks.push(Block {
                 attn_norm: norm(id(L::AttnNorm))?,
                 attn: Attention {
                     qkv,
+                    qk_norm,
                     o: group(&[(id(L::O), None, h)], qdim)?,
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.num_key_value_heads,

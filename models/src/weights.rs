@@ -27,6 +27,10 @@ pub enum LayerTensor {
     QBias,
     KBias,
     VBias,
+    /// Per-head RMSNorm of the queries, before RoPE (Qwen3).
+    QNorm,
+    /// Per-head RMSNorm of the keys, before RoPE (Qwen3).
+    KNorm,
     FfnNorm,
     Gate,
     Up,
@@ -34,7 +38,8 @@ pub enum LayerTensor {
 }
 
 impl LayerTensor {
-    const ALL: [LayerTensor; 12] = [
+    /// Every tensor a layer may have.
+    pub const ALL: [LayerTensor; 14] = [
         Self::AttnNorm,
         Self::Q,
         Self::K,
@@ -43,6 +48,8 @@ impl LayerTensor {
         Self::QBias,
         Self::KBias,
         Self::VBias,
+        Self::QNorm,
+        Self::KNorm,
         Self::FfnNorm,
         Self::Gate,
         Self::Up,
@@ -58,6 +65,8 @@ impl LayerTensor {
             Self::QBias => "self_attn.q_proj.bias",
             Self::KBias => "self_attn.k_proj.bias",
             Self::VBias => "self_attn.v_proj.bias",
+            Self::QNorm => "self_attn.q_norm.weight",
+            Self::KNorm => "self_attn.k_norm.weight",
             Self::FfnNorm => "post_attention_layernorm.weight",
             Self::Gate => "mlp.gate_proj.weight",
             Self::Up => "mlp.up_proj.weight",
@@ -74,6 +83,8 @@ impl LayerTensor {
             Self::QBias => "attn_q.bias",
             Self::KBias => "attn_k.bias",
             Self::VBias => "attn_v.bias",
+            Self::QNorm => "attn_q_norm.weight",
+            Self::KNorm => "attn_k_norm.weight",
             Self::FfnNorm => "ffn_norm.weight",
             Self::Gate => "ffn_gate.weight",
             Self::Up => "ffn_up.weight",

@@ -67,9 +67,10 @@ fn gpu_stage_matches_the_cpu_stage_for_every_format() -> Result<()> {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    for attention_bias in [false, true] {
+    for (attention_bias, architecture) in [(false, "llama"), (true, "llama"), (false, "qwen3")] {
         let spec = TinySpec {
             attention_bias,
+            architecture,
             ..TinySpec::default()
         };
         check_every_format(&gpu, &tiny_model(dir.path(), spec)?)?;

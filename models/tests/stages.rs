@@ -476,6 +476,38 @@ fn against_transformers(name: &str) -> Result<(f32, f32)> {
 }
 
 #[test]
+fn qwen3_matches_transformers() -> Result<()> {
+    // Per-head q/k norms, heads wider than hidden / heads, tied head.
+    let (diff, scale) = against_transformers("qwen3")?;
+    assert!(
+        diff < 1e-4 * scale.max(1.0),
+        "max diff {diff} (logits up to {scale})"
+    );
+    Ok(())
+}
+
+#[test]
+fn qwen3_gguf_equals_safetensors() -> Result<()> {
+    let (_d, m) = tiny(TinySpec {
+        architecture: "qwen3",
+        ..TinySpec::default()
+    })?;
+    let st = reference_logits(&m)?;
+    for (path, precision, tol) in [
+        (&m.gguf_f32, Precision::F32, 1e-4),
+        (&m.gguf_f32, Precision::Quantized, 1e-3),
+        (&m.gguf_q8_0, Precision::Quantized, 0.05),
+    ] {
+        let w = WeightFile::open(path)?;
+        assert!(w.config().qk_norm());
+        let got = full_logits(&w, precision, &PROMPT)?;
+        let d = max_diff(&st, &got)? / max_abs(&st)?;
+        assert!(d < tol, "{} {precision:?}: rel diff {d}", path.display());
+    }
+    Ok(())
+}
+
+#[test]
 fn llama3_rope_scaling_matches_transformers() -> Result<()> {
     let (diff, scale) = against_transformers("llama3-rope")?;
     assert!(

@@ -422,3 +422,88 @@ fn merged_gguf_and_peft_adapter_hold_what_was_trained() {
     assert_eq!(conf["r"], cfg.rank);
     assert_eq!(conf["target_modules"].as_array().map(|a| a.len()), Some(7));
 }
+
+/// A full fine-tune's backward against PyTorch autograd (transformers'
+/// model in float64, tests/fixtures/make_hf_reference.py): the summed
+/// next-token cross-entropy, and for every parameter the L2 norm of its
+/// gradient and its first 64 entries.
+fn backward_matches_transformers(name: &str) {
+    let dir = hearth_test_utils::workspace_root()
+        .join("tests/fixtures/hf")
+        .join(name);
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = want["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let n = ids.len();
+    let labels: Vec<u32> = (0..n)
+        .map(|i| ids.get(i + 1).copied().unwrap_or(IGNORE))
+        .collect();
+    let w = WeightFile::open(&dir).unwrap();
+    let layers = w.config().num_hidden_layers;
+    let stage =
+        TrainStage::load(&w, StageSpec::full(layers), &opts(Method::Full, DType::F64)).unwrap();
+    let back = stage
+        .backward(
+            &TrainInput::Tokens(ids),
+            &BatchLayout::new(1, n, vec![1; n]).unwrap(),
+            &DropCtx::eval(),
+            Upstream::Loss {
+                labels: &labels,
+                scale: 1.0,
+            },
+        )
+        .unwrap();
+    let loss = back.loss_sum.unwrap();
+    let want_loss = want["loss_sum"].as_f64().unwrap();
+    assert!(
+        (loss - want_loss).abs() < 1e-5 * want_loss.abs(),
+        "{name}: loss {loss} vs {want_loss}"
+    );
+    let grads = want["grads"].as_object().unwrap();
+    // Every parameter torch has, Hearth trains, and no other.
+    let mut ours: Vec<&str> = stage.trainables().iter().map(|(n, _)| n.as_str()).collect();
+    let mut theirs: Vec<&str> = grads.keys().map(String::as_str).collect();
+    ours.sort_unstable();
+    theirs.sort_unstable();
+    assert_eq!(ours, theirs, "{name}: parameters");
+    for ((pname, _), grad) in stage.trainables().iter().zip(&back.grads) {
+        let g: Vec<f64> = grad
+            .as_ref()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let r = &grads[pname];
+        let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let want_norm = r["norm"].as_f64().unwrap();
+        assert!(
+            (norm - want_norm).abs() <= 1e-6 * want_norm.max(1e-9),
+            "{name} {pname}: gradient norm {norm} vs {want_norm}"
+        );
+        for (i, w) in r["head"].as_array().unwrap().iter().enumerate() {
+            let w = w.as_f64().unwrap();
+            assert!(
+                (g[i] - w).abs() <= 1e-9 + 1e-6 * want_norm,
+                "{name} {pname}[{i}]: {} vs {w}",
+                g[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn qwen3_backward_matches_pytorch() {
+    backward_matches_transformers("qwen3");
+}
+
+#[test]
+fn llama3_rope_scaling_backward_matches_pytorch() {
+    backward_matches_transformers("llama3-rope");
+}

@@ -175,6 +175,17 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
                 randn(&[spec.kv_heads * hd], 0.1, 0.0)?,
             ));
         }
+        if spec.architecture == "qwen3" {
+            // Per-head query and key norms.
+            hf.push((
+                format!("{p}.self_attn.q_norm.weight"),
+                randn(&[hd], 0.2, 1.0)?,
+            ));
+            hf.push((
+                format!("{p}.self_attn.k_norm.weight"),
+                randn(&[hd], 0.2, 1.0)?,
+            ));
+        }
         hf.push((
             format!("{p}.self_attn.o_proj.weight"),
             randn(&[h, spec.heads * hd], s, 0.0)?,
@@ -238,6 +249,8 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
             .replace("self_attn.k_proj", "attn_k")
             .replace("self_attn.v_proj", "attn_v")
             .replace("self_attn.o_proj", "attn_output")
+            .replace("self_attn.q_norm", "attn_q_norm")
+            .replace("self_attn.k_norm", "attn_k_norm")
             .replace("post_attention_layernorm", "ffn_norm")
             .replace("input_layernorm", "attn_norm")
             .replace("mlp.gate_proj", "ffn_gate")

@@ -46,6 +46,7 @@ impl Format {
 pub(crate) struct Kernels {
     pub(super) quantize: wgpu::ComputePipeline,
     rms_norm: wgpu::ComputePipeline,
+    head_norm: wgpu::ComputePipeline,
     rope: wgpu::ComputePipeline,
     kv_append: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
@@ -93,6 +94,12 @@ impl Kernels {
                 device,
                 "rms_norm",
                 include_str!("wgsl/rms_norm.wgsl"),
+                "main",
+            ),
+            head_norm: pipeline(
+                device,
+                "head_norm",
+                include_str!("wgsl/head_norm.wgsl"),
                 "main",
             ),
             rope: pipeline(device, "rope", include_str!("wgsl/rope.wgsl"), "main"),
@@ -279,6 +286,33 @@ impl<'g> Batch<'g> {
             &[n as u32, cols as u32, (eps as f32).to_bits()],
             &[(1, x), (2, w), (3, y)],
             grid_rows(n),
+        );
+    }
+
+    /// RMSNorm in place over `heads` heads of `head_dim` values from
+    /// column `col0` of each of `n` rows of `stride` (per-head q/k norms);
+    /// `dims` = `[n, heads, head_dim, stride, col0]`.
+    pub(crate) fn head_norm(
+        &mut self,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        dims: [usize; 5],
+        eps: f64,
+    ) {
+        let [n, heads, head_dim, stride, col0] = dims;
+        let k = &self.gpu.kernels;
+        self.push(
+            &k.head_norm,
+            &[
+                (n * heads) as u32,
+                heads as u32,
+                head_dim as u32,
+                stride as u32,
+                col0 as u32,
+                (eps as f32).to_bits(),
+            ],
+            &[(1, x), (2, w)],
+            grid_rows(n * heads),
         );
     }
 

@@ -31,6 +31,8 @@ impl GpuKv {
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
     qkv: GpuMatrix,
+    /// Per-head query and key norm weights (Qwen3).
+    qk_norm: Option<(wgpu::Buffer, wgpu::Buffer)>,
     o: GpuMatrix,
     ffn_norm: wgpu::Buffer,
     gate_up: GpuMatrix,
@@ -154,6 +156,11 @@ impl GpuStage {
                     ],
                     h,
                 )?,
+                qk_norm: if cfg.qk_norm() {
+                    Some((vector(id(L::QNorm), hd)?, vector(id(L::KNorm), hd)?))
+                } else {
+                    None
+                },
                 o: group(&[(id(L::O), None, h)], qdim)?,
                 ffn_norm: vector(id(L::FfnNorm), h)?,
                 gate_up: group(&[(id(L::Gate), None, inter), (id(L::Up), None, inter)], h)?,
@@ -293,6 +300,10 @@ impl GpuStage {
         for (li, layer) in self.layers.iter().enumerate() {
             b.rms_norm(&x, &layer.attn_norm, n, h, cfg.rms_norm_eps, &hn);
             b.matmul(&layer.qkv, &hn, n, &qkv, false, &act_q)?;
+            if let Some((qn, kn)) = &layer.qk_norm {
+                b.head_norm(&qkv, qn, [n, heads, hd, stride, 0], cfg.rms_norm_eps);
+                b.head_norm(&qkv, kn, [n, kvh, hd, stride, qdim], cfg.rms_norm_eps);
+            }
             b.rope(
                 &qkv,
                 &pos,

@@ -230,6 +230,8 @@ fn dropout(x: &Tensor, p: f64, ctx: &DropCtx, name: &str) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct TBlock {
     attn_norm: RmsNorm,
+    /// Per-head query and key norms (Qwen3).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     q: TLinear,
     k: TLinear,
     v: TLinear,
@@ -269,8 +271,14 @@ impl TBlock {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rotate(&split(self.q.forward(&h, c.drop)?, heads)?, &c.cos, &c.sin)?;
-        let k = rotate(&split(self.k.forward(&h, c.drop)?, kvh)?, &c.cos, &c.sin)?;
+        let q = split(self.q.forward(&h, c.drop)?, heads)?;
+        let k = split(self.k.forward(&h, c.drop)?, kvh)?;
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            None => (q, k),
+        };
+        let q = rotate(&q, &c.cos, &c.sin)?;
+        let k = rotate(&k, &c.cos, &c.sin)?;
         let v = split(self.v.forward(&h, c.drop)?, kvh)?;
         let groups = heads / kvh;
         let repeat = |t: Tensor| -> Result<Tensor> {
@@ -379,6 +387,20 @@ impl TrainStage {
                 })
             };
             let attn_norm = norm(L::AttnNorm, &mut trainables)?;
+            let qk_norm = if cfg.qk_norm() {
+                let mut head_norm = |t: L| -> Result<RmsNorm> {
+                    let w = load(id(t), &mut trainables)?;
+                    check_shape(id(t), w.dims(), &[hd])?;
+                    Ok(RmsNorm {
+                        weight: w,
+                        eps: cfg.rms_norm_eps,
+                        fused: false,
+                    })
+                };
+                Some((head_norm(L::QNorm)?, head_norm(L::KNorm)?))
+            } else {
+                None
+            };
             let ffn_norm = norm(L::FfnNorm, &mut trainables)?;
             let lin = |t: L,
                        bias: Option<L>,
@@ -409,6 +431,7 @@ impl TrainStage {
             let down = lin(L::Down, None, h, inter, &mut trainables)?;
             blocks.push(TBlock {
                 attn_norm,
+                qk_norm,
                 q,
                 k,
                 v,
@@ -647,6 +670,7 @@ impl TrainStage {
             .map(|b| {
                 Ok(TBlock {
                     attn_norm: norm(&b.attn_norm),
+                    qk_norm: b.qk_norm.as_ref().map(|(q, k)| (norm(q), norm(k))),
                     q: fold(&b.q)?,
                     k: fold(&b.k)?,
                     v: fold(&b.v)?,
@@ -682,6 +706,10 @@ impl TrainStage {
             let id = |t| TensorId::Layer(i, t).hf_name();
             out.push((id(L::AttnNorm), b.attn_norm.weight.detach()));
             out.push((id(L::FfnNorm), b.ffn_norm.weight.detach()));
+            if let Some((q, k)) = &b.qk_norm {
+                out.push((id(L::QNorm), q.weight.detach()));
+                out.push((id(L::KNorm), k.weight.detach()));
+            }
             for (t, l) in b.linears() {
                 out.push((id(t), l.merged()?));
             }

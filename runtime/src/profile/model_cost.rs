@@ -29,23 +29,10 @@ pub fn model_cost(weights: &WeightFile) -> ModelProfile {
     let train_act = F32 * (6 * h + 2 * (q + 2 * kv) + q + 4 * i) + 2 * F32 * heads * TRAIN_SEQ;
     let layers = (0..c.num_hidden_layers)
         .map(|l| {
-            let param_bytes = [
-                LayerTensor::AttnNorm,
-                LayerTensor::Q,
-                LayerTensor::K,
-                LayerTensor::V,
-                LayerTensor::O,
-                LayerTensor::QBias,
-                LayerTensor::KBias,
-                LayerTensor::VBias,
-                LayerTensor::FfnNorm,
-                LayerTensor::Gate,
-                LayerTensor::Up,
-                LayerTensor::Down,
-            ]
-            .into_iter()
-            .map(|t| bytes(TensorId::Layer(l, t)))
-            .sum();
+            let param_bytes = LayerTensor::ALL
+                .into_iter()
+                .map(|t| bytes(TensorId::Layer(l, t)))
+                .sum();
             LayerCost {
                 param_bytes,
                 flops_per_token: 2.0 * matmul as f64,
