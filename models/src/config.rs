@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// A rescaling of the rotary frequencies.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RopeScaling {
     /// Llama 3.1's: wavelengths longer than `original_max_position_embeddings
@@ -43,12 +43,17 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// One divisor per rotary frequency, as llama.cpp's GGUF files store a
+    /// scaling (`rope_freqs.weight`: Llama 3.x's, computed by its converter).
+    Factors { factors: Vec<f64> },
 }
 
 impl RopeScaling {
-    /// The rescaled inverse frequency `inv` (radians per position).
-    pub fn apply(&self, inv: f64) -> f64 {
+    /// The rescaled inverse frequency `inv` (radians per position) of
+    /// rotary pair `i`.
+    pub fn apply(&self, i: usize, inv: f64) -> f64 {
         match *self {
+            Self::Factors { ref factors } => inv / factors.get(i).copied().unwrap_or(1.0),
             Self::Llama3 {
                 factor,
                 low_freq_factor,
@@ -69,8 +74,21 @@ impl RopeScaling {
         }
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    fn validate(&self, head_dim: usize) -> std::result::Result<(), String> {
         match *self {
+            Self::Factors { ref factors } => {
+                if factors.len() != head_dim / 2 {
+                    return Err(format!(
+                        "{} RoPE frequency factors for a head of {head_dim} (want {})",
+                        factors.len(),
+                        head_dim / 2
+                    ));
+                }
+                if factors.iter().any(|f| !f.is_finite() || *f <= 0.0) {
+                    return Err("RoPE frequency factors must be positive".into());
+                }
+                Ok(())
+            }
             Self::Llama3 {
                 factor,
                 low_freq_factor,
@@ -170,7 +188,8 @@ impl Config {
             return bad("context length must be positive".into());
         }
         if let Some(r) = &self.rope_scaling {
-            r.validate().map_err(ModelError::InvalidConfig)?;
+            r.validate(self.head_dim)
+                .map_err(ModelError::InvalidConfig)?;
         }
         Ok(())
     }
@@ -433,11 +452,11 @@ mod tests {
         };
         let tau = 2.0 * std::f64::consts::PI;
         // Wavelength 8 < 64/4: kept.
-        assert_eq!(r.apply(tau / 8.0), tau / 8.0);
+        assert_eq!(r.apply(0, tau / 8.0), tau / 8.0);
         // Wavelength 128 > 64/1: divided by the factor.
-        assert_eq!(r.apply(tau / 128.0), tau / 128.0 / 8.0);
+        assert_eq!(r.apply(0, tau / 128.0), tau / 128.0 / 8.0);
         // Between: continuous at both ends and in between.
-        let at = |w: f64| r.apply(tau / w) * w / tau;
+        let at = |w: f64| r.apply(0, tau / w) * w / tau;
         assert!((at(16.0 + 1e-9) - 1.0).abs() < 1e-6);
         assert!((at(64.0 - 1e-9) - 1.0 / 8.0).abs() < 1e-6);
         let mid = at(32.0);

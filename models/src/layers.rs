@@ -99,8 +99,10 @@ impl Rope {
     pub fn new(cfg: &Config, max_pos: usize, dtype: DType, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let inv: Vec<f64> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
-            .map(|f| cfg.rope_scaling.as_ref().map_or(f, |r| r.apply(f)))
+            .map(|i| {
+                let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+                cfg.rope_scaling.as_ref().map_or(f, |r| r.apply(i, f))
+            })
             .collect();
         let mut cos = Vec::with_capacity(max_pos * cfg.head_dim);
         let mut sin = Vec::with_capacity(max_pos * cfg.head_dim);

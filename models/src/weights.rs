@@ -132,6 +132,9 @@ impl TensorId {
     }
 }
 
+/// The GGUF tensor of per-frequency RoPE divisors (Llama 3.x).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// GGUF metadata that is not part of [`Config`] but needed by the tokenizer.
 pub type GgufMetadata = HashMap<String, gguf_file::Value>;
 
@@ -259,6 +262,18 @@ impl WeightFile {
         })?;
         let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let content = crate::gguf::read_content(&mut file, path)?;
+        // A GGUF split in parts (`-00001-of-0000N`) holds only some tensors
+        // in each part.
+        if let Some(n) = content.metadata.get("split.count").and_then(value_usize)
+            && n > 1
+        {
+            return Err(ModelError::BadGguf {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "it is one of {n} parts of a split GGUF, which Hearth does not load yet; join them first (llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`)"
+                ),
+            });
+        }
         // Check every tensor fits in the file before anything is loaded, so a
         // truncated download is reported up front and by name.
         for (name, info) in &content.tensor_infos {
@@ -286,7 +301,33 @@ impl WeightFile {
                 });
             }
         }
-        let config = gguf_config(&content)?;
+        let mut config = gguf_config(&content)?;
+        // Llama 3.x GGUFs carry their RoPE scaling as one divisor per
+        // rotary frequency.
+        if let Some(info) = content.tensor_infos.get(ROPE_FREQS) {
+            let want = config.head_dim / 2;
+            if info.shape.elem_count() != want {
+                return Err(ModelError::BadGguf {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "{ROPE_FREQS} has {} values for a head of {} (want {want})",
+                        info.shape.elem_count(),
+                        config.head_dim
+                    ),
+                });
+            }
+            let t = info
+                .read(&mut file, content.tensor_data_offset, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?;
+            let factors = t
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            config.rope_scaling = Some(crate::config::RopeScaling::Factors { factors });
+            config.validate()?;
+        }
         let permuted_qk = matches!(config.architecture.as_str(), "llama" | "mistral");
         Ok(Self {
             path: path.to_path_buf(),
@@ -600,13 +641,6 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
         rope_scaling: None,
         architecture: arch,
     };
-    // Llama 3.x GGUFs carry their RoPE scaling as per-frequency factors;
-    // running without them would be silently wrong.
-    if c.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(ModelError::InvalidConfig(
-            "this GGUF scales its RoPE frequencies (rope_freqs.weight, Llama 3.x), which Hearth does not apply to GGUF files yet; use the model's Hugging Face folder (config.json + safetensors)".into(),
-        ));
-    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -620,7 +654,32 @@ mod tests {
         let id = TensorId::Layer(3, LayerTensor::Q);
         assert_eq!(id.hf_name(), "model.layers.3.self_attn.q_proj.weight");
         assert_eq!(id.gguf_name(), "blk.3.attn_q.weight");
-        assert_eq!(TensorId::all(2).count(), 3 + 24);
+        assert_eq!(TensorId::all(2).count(), 3 + 28);
+    }
+
+    #[test]
+    fn a_part_of_a_split_gguf_is_refused_with_how_to_join_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("m-00001-of-00002.gguf");
+        let t = QTensor::quantize(
+            &Tensor::zeros(32, DType::F32, &Device::Cpu)?,
+            GgmlDType::F32,
+        )?;
+        let arch = gguf_file::Value::String("llama".into());
+        let count = gguf_file::Value::U16(2);
+        let mut f = File::create(&p)?;
+        gguf_file::write(
+            &mut f,
+            &[("general.architecture", &arch), ("split.count", &count)],
+            &[("token_embd.weight", &t)],
+        )?;
+        drop(f);
+        let err = WeightFile::open(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("split GGUF") && err.contains("--merge"),
+            "{err}"
+        );
+        Ok(())
     }
 
     #[test]

@@ -507,6 +507,82 @@ fn qwen3_gguf_equals_safetensors() -> Result<()> {
     Ok(())
 }
 
+/// `rope_freqs.weight` as llama.cpp's converter computes it from a Llama
+/// 3 `config.json` (one divisor per rotary frequency).
+fn llama3_rope_freqs(config: &serde_json::Value) -> Vec<f32> {
+    let p = &config["rope_parameters"];
+    let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+    let (theta, factor, low, high, old) = (
+        f("rope_theta"),
+        f("factor"),
+        f("low_freq_factor"),
+        f("high_freq_factor"),
+        f("original_max_position_embeddings"),
+    );
+    let dim = config["head_dim"].as_u64().unwrap_or(0) as usize;
+    (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf((2 * i) as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                factor as f32
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn llama3_gguf_rope_freqs_match_transformers() -> Result<()> {
+    let hf = hearth_test_utils::workspace_root().join("tests/fixtures/hf/llama3-rope");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json"))?)?;
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("reference.json"))?)?;
+    let ids: Vec<u32> = serde_json::from_value(want["ids"].clone())?;
+    let rows: Vec<Vec<f32>> = serde_json::from_value(want["logits"].clone())?;
+    let vocab = rows.first().map_or(0, Vec::len);
+    let want = Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<f32>>(),
+        (ids.len(), vocab),
+        &candle_core::Device::Cpu,
+    )?;
+    let scale = max_abs(&want)?;
+    let factors = llama3_rope_freqs(&config);
+    let dir = tempfile::tempdir()?;
+    let (with, without) = (
+        dir.path().join("with.gguf"),
+        dir.path().join("without.gguf"),
+    );
+    let freqs = Tensor::new(factors.as_slice(), &candle_core::Device::Cpu)?;
+    hearth_test_utils::hf_llama_to_gguf(&hf, &with, &[("rope_freqs.weight".into(), freqs)])?;
+    hearth_test_utils::hf_llama_to_gguf(&hf, &without, &[])?;
+    for precision in [Precision::F32, Precision::Quantized] {
+        let got = full_logits(&WeightFile::open(&with)?, precision, &ids)?;
+        let d = max_diff(&got, &want)?;
+        assert!(d < 1e-4 * scale.max(1.0), "{precision:?}: max diff {d}");
+    }
+    // The factors are what makes it right.
+    let plain = full_logits(&WeightFile::open(&without)?, Precision::F32, &ids)?;
+    assert!(max_diff(&plain, &want)? > 1e-3 * scale);
+    // A table of the wrong length, or a factor of zero, is a clear error.
+    for (bad, what) in [
+        (factors[1..].to_vec(), "values for a head"),
+        ([vec![0.0], factors[1..].to_vec()].concat(), "positive"),
+    ] {
+        let p = dir.path().join("bad.gguf");
+        let t = Tensor::new(bad.as_slice(), &candle_core::Device::Cpu)?;
+        hearth_test_utils::hf_llama_to_gguf(&hf, &p, &[("rope_freqs.weight".into(), t)])?;
+        let err = WeightFile::open(&p).unwrap_err().to_string();
+        assert!(err.contains(what), "{err}");
+    }
+    Ok(())
+}
+
 #[test]
 fn llama3_rope_scaling_matches_transformers() -> Result<()> {
     let (diff, scale) = against_transformers("llama3-rope")?;

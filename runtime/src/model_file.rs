@@ -231,6 +231,8 @@ pub fn stage_tensors(all: impl Iterator<Item = String>, spec: StageSpec) -> BTre
                 None => match n.as_str() {
                     "token_embd.weight" => spec.embed || (spec.head && tied),
                     "output_norm.weight" | "output.weight" => spec.head,
+                    // Every stage's rotary tables (and the config) use it.
+                    hearth_models::weights::ROPE_FREQS => true,
                     _ => false,
                 },
             }
@@ -701,6 +703,47 @@ mod tests {
             assert_eq!(a.name == victim.name, a.blake3 != b.blake3, "{}", a.name);
         }
         assert_ne!(content_root(plen, &ptree), root);
+    }
+
+    #[test]
+    fn a_stage_reads_its_layers_the_ends_it_holds_and_the_rope_table() {
+        let all = [
+            "token_embd.weight",
+            "output_norm.weight",
+            "rope_freqs.weight",
+            "blk.0.attn_q.weight",
+            "blk.1.attn_q.weight",
+            "blk.1.attn_q_norm.weight",
+            "blk.2.ffn_up.weight",
+            "blk.x.bogus",
+            "other.weight",
+        ]
+        .map(String::from);
+        let spec = StageSpec {
+            start: 1,
+            end: 2,
+            embed: false,
+            head: false,
+        };
+        let got = stage_tensors(all.iter().cloned(), spec);
+        let want: BTreeSet<String> = [
+            "rope_freqs.weight",
+            "blk.1.attn_q.weight",
+            "blk.1.attn_q_norm.weight",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(got, want);
+        // The last stage of a tied model reads the embedding as its head.
+        let last = StageSpec {
+            start: 2,
+            end: 3,
+            embed: false,
+            head: true,
+        };
+        let got = stage_tensors(all.iter().cloned(), last);
+        assert!(got.contains("token_embd.weight") && got.contains("output_norm.weight"));
+        assert!(got.contains("rope_freqs.weight") && !got.contains("blk.1.attn_q.weight"));
     }
 
     #[test]

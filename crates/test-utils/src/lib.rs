@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod cluster;
 pub mod home;
+//HUBLINE
 pub mod netns;
 
 use std::collections::HashMap;
@@ -240,23 +241,6 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
     write_tokenizer_json(&st_dir, &tokens, &merges)?;
 
     // GGUF variants.
-    let gguf_name = |name: &str| -> String {
-        name.replace("model.embed_tokens", "token_embd")
-            .replace("model.norm", "output_norm")
-            .replace("lm_head", "output")
-            .replace("model.layers.", "blk.")
-            .replace("self_attn.q_proj", "attn_q")
-            .replace("self_attn.k_proj", "attn_k")
-            .replace("self_attn.v_proj", "attn_v")
-            .replace("self_attn.o_proj", "attn_output")
-            .replace("self_attn.q_norm", "attn_q_norm")
-            .replace("self_attn.k_norm", "attn_k_norm")
-            .replace("post_attention_layernorm", "ffn_norm")
-            .replace("input_layernorm", "attn_norm")
-            .replace("mlp.gate_proj", "ffn_gate")
-            .replace("mlp.up_proj", "ffn_up")
-            .replace("mlp.down_proj", "ffn_down")
-    };
     let permuted = spec.architecture == "llama";
     let write = |path: &Path, dtype: GgmlDType| -> Result<()> {
         let mut qts: Vec<(String, QTensor)> = Vec::new();
@@ -354,6 +338,100 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
         safetensors_dir: st_dir,
         extra,
     })
+}
+
+/// llama.cpp's GGUF name of a Hugging Face tensor name.
+pub fn gguf_name(name: &str) -> String {
+    name.replace("model.embed_tokens", "token_embd")
+        .replace("model.norm", "output_norm")
+        .replace("lm_head", "output")
+        .replace("model.layers.", "blk.")
+        .replace("self_attn.q_proj", "attn_q")
+        .replace("self_attn.k_proj", "attn_k")
+        .replace("self_attn.v_proj", "attn_v")
+        .replace("self_attn.o_proj", "attn_output")
+        .replace("self_attn.q_norm", "attn_q_norm")
+        .replace("self_attn.k_norm", "attn_k_norm")
+        .replace("post_attention_layernorm", "ffn_norm")
+        .replace("input_layernorm", "attn_norm")
+        .replace("mlp.gate_proj", "ffn_gate")
+        .replace("mlp.up_proj", "ffn_up")
+        .replace("mlp.down_proj", "ffn_down")
+}
+
+/// Writes a Hugging Face llama folder (`config.json` + safetensors) as an
+/// f32 GGUF the way llama.cpp's converter lays it out (Q/K rows permuted
+/// for its interleaved RoPE), plus `extra` tensors under their GGUF names.
+/// Holds no tokenizer: for model-code checks.
+pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -> Result<()> {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf_dir.join("config.json"))?)?;
+    let num = |k: &str| -> Result<u32> {
+        cfg[k]
+            .as_u64()
+            .map(|v| v as u32)
+            .with_context(|| format!("config.json {k}"))
+    };
+    let theta = cfg["rope_theta"]
+        .as_f64()
+        .or_else(|| cfg["rope_parameters"]["rope_theta"].as_f64())
+        .unwrap_or(10_000.0);
+    let (heads, kv_heads) = (num("num_attention_heads")?, num("num_key_value_heads")?);
+    let tensors = candle_core::safetensors::load(hf_dir.join("model.safetensors"), &Device::Cpu)?;
+    let mut qts: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in &tensors {
+        let mut t = t.to_dtype(DType::F32)?;
+        if name.contains("q_proj") || name.contains("k_proj") {
+            let h = if name.contains("q_proj") {
+                heads
+            } else {
+                kv_heads
+            };
+            t = hearth_models::weights::permute_for_gguf(&t, h as usize)?;
+        }
+        qts.push((gguf_name(name), QTensor::quantize(&t, GgmlDType::F32)?));
+    }
+    for (name, t) in extra {
+        qts.push((name.clone(), QTensor::quantize(t, GgmlDType::F32)?));
+    }
+    qts.sort_by(|a, b| a.0.cmp(&b.0));
+    let a = "llama";
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        (
+            format!("{a}.block_count"),
+            Value::U32(num("num_hidden_layers")?),
+        ),
+        (
+            format!("{a}.context_length"),
+            Value::U32(num("max_position_embeddings")?),
+        ),
+        (
+            format!("{a}.embedding_length"),
+            Value::U32(num("hidden_size")?),
+        ),
+        (
+            format!("{a}.feed_forward_length"),
+            Value::U32(num("intermediate_size")?),
+        ),
+        (format!("{a}.attention.head_count"), Value::U32(heads)),
+        (format!("{a}.attention.head_count_kv"), Value::U32(kv_heads)),
+        (
+            format!("{a}.attention.key_length"),
+            Value::U32(num("head_dim")?),
+        ),
+        (format!("{a}.vocab_size"), Value::U32(num("vocab_size")?)),
+        (format!("{a}.rope.freq_base"), Value::F32(theta as f32)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32),
+        ),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(out).with_context(|| out.display().to_string())?;
+    gguf_file::write(&mut f, &meta_refs, &t_refs)?;
+    Ok(())
 }
 
 fn write_tokenizer_json(dir: &Path, tokens: &[String], merges: &[String]) -> Result<()> {
