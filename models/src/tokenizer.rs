@@ -1,5 +1,12 @@
-//! Tokenizers built from GGUF metadata (gpt2-style byte-level BPE) or from a
-//! Hugging Face `tokenizer.json`, giving the same ids as llama.cpp.
+//! Tokenizers built from GGUF metadata (gpt2-style byte-level BPE, or
+//! SentencePiece `llama` vocabularies) or from a Hugging Face
+//! `tokenizer.json`, giving the same ids as llama.cpp.
+//!
+//! A SentencePiece vocabulary (Llama 2, Mistral, Gemma, Phi-3) becomes a
+//! byte-fallback BPE of the `tokenizers` crate as Hugging Face converts one:
+//! merges from the pieces' scores, `▁` for spaces (and a leading one unless
+//! `tokenizer.ggml.add_space_prefix` is false), `<0xNN>` byte pieces for
+//! text the vocabulary lacks.
 //!
 //! llama.cpp pre-tokenizes byte-level BPE with a list of regexes chosen by
 //! `tokenizer.ggml.pre`; we rebuild that as a `Split` sequence followed by a
@@ -36,6 +43,142 @@ fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// A gpt2-style byte-level BPE with llama.cpp's pre-tokenizer `regexes`.
+fn byte_level_bpe(
+    tokens: &[String],
+    merges: Vec<String>,
+    regexes: &[&str],
+) -> Result<tokenizers::Tokenizer> {
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|s| {
+            s.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| ModelError::Tokenizer(format!("bad merge {s:?}")))
+        })
+        .collect::<Result<_>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(regexes == [LLAMA3_RE])
+        .build()
+        .map_err(tok_err)?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let mut pres: Vec<PreTokenizerWrapper> = Vec::new();
+    for re in regexes {
+        let split = Split::new(
+            SplitPattern::Regex((*re).to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tok_err)?;
+        pres.push(split.into());
+    }
+    pres.push(ByteLevel::new(false, false, false).into());
+    inner.with_pre_tokenizer(Some(Sequence::new(pres)));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
+}
+
+/// SentencePiece's word-boundary mark.
+const SPM_SPACE: &str = "\u{2581}";
+
+/// A SentencePiece vocabulary (pieces, scores, llama.cpp token types) as a
+/// byte-fallback BPE, the way Hugging Face converts one: each normal piece
+/// that splits into two pieces of the vocabulary is a merge, ranked by the
+/// piece's score (ties by the halves' ids).
+fn sentencepiece_bpe(
+    tokens: &[String],
+    scores: &[f64],
+    types: &[usize],
+    unk: Option<usize>,
+    space_prefix: bool,
+) -> Result<tokenizers::Tokenizer> {
+    use std::collections::HashMap;
+    use tokenizers::decoders::DecoderWrapper;
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as Decoders;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as Normalizers};
+
+    if scores.len() != tokens.len() {
+        return Err(ModelError::Tokenizer(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let normal = |i: usize| matches!(types.get(i).copied().unwrap_or(1), 1 | 4);
+    let mut ranked: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if !normal(i) {
+            continue;
+        }
+        for (k, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(k);
+            if let (Some(&a), Some(&b)) = (ids.get(l), ids.get(r))
+                && normal(a)
+                && normal(b)
+            {
+                ranked.push((scores[i], a, b, i));
+            }
+        }
+    }
+    // Highest score first; equal scores by the halves' ids.
+    ranked.sort_by(|x, y| {
+        y.0.partial_cmp(&x.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(x.1.cmp(&y.1))
+            .then(x.2.cmp(&y.2))
+    });
+    let merges: Vec<(String, String)> = ranked
+        .into_iter()
+        .map(|(_, a, b, _)| (tokens[a].clone(), tokens[b].clone()))
+        .collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(u) = unk.and_then(|u| tokens.get(u)) {
+        bpe = bpe.unk_token(u.clone());
+    }
+    let mut inner = tokenizers::Tokenizer::new(bpe.build().map_err(tok_err)?);
+    let space = SPM_SPACE.to_string();
+    let mut norms: Vec<NormalizerWrapper> = Vec::new();
+    if space_prefix {
+        norms.push(Prepend::new(space.clone()).into());
+    }
+    norms.push(Replace::new(" ", space.as_str()).map_err(tok_err)?.into());
+    inner
+        .with_normalizer(Some(Normalizers::new(norms)))
+        .map_err(tok_err)?;
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new(space.as_str(), " ").map_err(tok_err)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(Decoders::new(decoders)));
+    Ok(inner)
+}
+
 /// A text tokenizer plus what generation needs to know about its special tokens.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -66,10 +209,6 @@ impl Tokenizer {
             model: model.to_string(),
             pre: pre.to_string(),
         };
-        if model != "gpt2" {
-            return Err(unsupported());
-        }
-        let regexes = pre_regexes(pre).ok_or_else(unsupported)?;
         let strings = |key: &str| -> Result<Vec<String>> {
             match m.get(key) {
                 Some(Value::Array(a)) => a
@@ -83,42 +222,44 @@ impl Tokenizer {
             }
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|s| {
-                s.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| ModelError::Tokenizer(format!("bad merge {s:?}")))
-            })
-            .collect::<Result<_>>()?;
         let types: Vec<usize> = match m.get("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a.iter().map(|v| value_usize(v).unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(regexes == [LLAMA3_RE])
-            .build()
-            .map_err(tok_err)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let mut pres: Vec<PreTokenizerWrapper> = Vec::new();
-        for re in regexes {
-            let split = Split::new(
-                SplitPattern::Regex((*re).to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(tok_err)?;
-            pres.push(split.into());
-        }
-        pres.push(ByteLevel::new(false, false, false).into());
-        inner.with_pre_tokenizer(Some(Sequence::new(pres)));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let mut inner = match model {
+            "gpt2" => {
+                let regexes = pre_regexes(pre).ok_or_else(unsupported)?;
+                byte_level_bpe(&tokens, strings("tokenizer.ggml.merges")?, regexes)?
+            }
+            "llama" => {
+                let scores: Vec<f64> = match m.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|v| match v {
+                            Value::F32(f) => Ok(f64::from(*f)),
+                            Value::F64(f) => Ok(*f),
+                            _ => Err(ModelError::Tokenizer(
+                                "tokenizer.ggml.scores holds a non-number".into(),
+                            )),
+                        })
+                        .collect::<Result<_>>()?,
+                    _ => {
+                        return Err(ModelError::MissingMetadata {
+                            key: "tokenizer.ggml.scores".into(),
+                        });
+                    }
+                };
+                let space_prefix = !matches!(
+                    m.get("tokenizer.ggml.add_space_prefix"),
+                    Some(Value::Bool(false))
+                );
+                let unk = m
+                    .get("tokenizer.ggml.unknown_token_id")
+                    .and_then(value_usize);
+                sentencepiece_bpe(&tokens, &scores, &types, unk, space_prefix)?
+            }
+            _ => return Err(unsupported()),
+        };
         // Control (3) and user-defined (4) tokens are matched in text as whole tokens.
         let added: Vec<AddedToken> = tokens
             .iter()
@@ -137,10 +278,11 @@ impl Tokenizer {
             inner,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos,
-            add_bos: matches!(
-                m.get("tokenizer.ggml.add_bos_token"),
-                Some(Value::Bool(true))
-            ),
+            // llama.cpp's default: SentencePiece vocabularies start with BOS.
+            add_bos: match m.get("tokenizer.ggml.add_bos_token") {
+                Some(Value::Bool(b)) => *b,
+                _ => model == "llama",
+            },
             chat_template: str_meta(m, "tokenizer.chat_template").map(str::to_string),
         })
     }
