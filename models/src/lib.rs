@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 #[cfg(feature = "wgpu")]
 pub mod gpu;
+pub mod hub;
 pub mod kv_cache;
 pub mod layers;
 pub mod quant;

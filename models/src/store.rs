@@ -12,6 +12,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
+use crate::hub::HubRef;
 
 /// The model used when none is named.
 #[derive(Debug, Clone, Copy)]
@@ -101,53 +102,28 @@ pub fn resolve_in(
             if in_store.is_file() {
                 return Ok(in_store);
             }
-            if let Some(found) = find_in_hf_cache(s) {
-                return Ok(found);
+            if let Ok(r) = HubRef::parse(s) {
+                if let Some(found) = crate::hub::find(&r) {
+                    return Ok(found);
+                }
+                return Err(ModelError::NotFound {
+                    what: s.to_string(),
+                    hint: format!(
+                        " (not in the Hugging Face cache; fetch it with `hearth models pull {s}`)"
+                    ),
+                });
             }
             Err(ModelError::NotFound {
                 what: s.to_string(),
-                hint: " (pass a .gguf file, a directory with config.json + *.safetensors, or ORG/NAME from the Hugging Face cache)".into(),
+                hint: " (pass a .gguf file, a directory with config.json + *.safetensors, or ORG/NAME[:QUANT] from the Hugging Face hub)".into(),
             })
         }
     }
 }
 
-/// Hugging Face hub cache root (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
-fn hf_hub_cache() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(p) = std::env::var_os("HF_HOME") {
-        return Some(PathBuf::from(p).join("hub"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
-}
-
-/// Finds `ORG/NAME` in the hub cache: a snapshot with `config.json`, or one `.gguf` in it.
+/// Finds `ORG/NAME[:QUANT]` in the hub cache (see [`crate::hub::find`]).
 pub fn find_in_hf_cache(repo: &str) -> Option<PathBuf> {
-    let (org, name) = repo.split_once('/')?;
-    let snaps = hf_hub_cache()?
-        .join(format!("models--{org}--{name}"))
-        .join("snapshots");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(snaps)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    for d in dirs.iter().rev() {
-        if d.join("config.json").is_file() {
-            return Some(d.clone());
-        }
-        let gguf = std::fs::read_dir(d)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "gguf"));
-        if gguf.is_some() {
-            return gguf;
-        }
-    }
-    None
+    crate::hub::find(&HubRef::parse(repo).ok()?)
 }
 
 /// The default model's path in the store `models`, fetching it first when
@@ -319,27 +295,8 @@ pub fn list_in(models: &Path) -> Vec<ModelEntry> {
             }
         }
     }
-    if let Some(cache) = hf_hub_cache()
-        && let Ok(rd) = std::fs::read_dir(cache)
-    {
-        for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
-            let Some(dirname) = p.file_name().map(|f| f.to_string_lossy().into_owned()) else {
-                continue;
-            };
-            let Some(rest) = dirname.strip_prefix("models--") else {
-                continue;
-            };
-            let repo = rest.replacen("--", "/", 1);
-            if let Some(path) = find_in_hf_cache(&repo) {
-                let format = if path.is_dir() { "safetensors" } else { "gguf" };
-                out.push(ModelEntry {
-                    name: repo,
-                    path,
-                    format,
-                    bytes: 0,
-                });
-            }
-        }
+    if let Some(cache) = crate::hub::hub_cache() {
+        out.extend(crate::hub::list_in(&cache));
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out

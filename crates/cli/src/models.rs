@@ -1,19 +1,34 @@
-//! `hearth models pull|list`, and the progress display used when a command
-//! fetches the default model.
+//! `hearth models pull|list|rm`, and the progress display used when a
+//! command fetches a model.
 
 use anyhow::Result;
 use clap::Subcommand;
+use hearth_models::hub::{self, HubRef};
 use hearth_models::store::{self, PullEvent};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Fetch the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into the
-    /// model store (`models` in the data folder).
+    /// Fetch a model: the default one (SmolLM2-135M-Instruct, GGUF Q4_1)
+    /// into the model store (`models` in the data folder), or `ORG/NAME`
+    /// (a model folder or a repository of one GGUF) or `ORG/NAME:QUANT`
+    /// (e.g. `:Q4_K_M`) from the Hugging Face hub into its cache. Honours
+    /// HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_ENDPOINT; an interrupted
+    /// download resumes.
     Pull {
-        /// Download again even if the model is present.
+        /// `ORG/NAME[:QUANT]`; none: the default model.
+        model: Option<String>,
+        /// Download the default model again even if it is present.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        home: crate::args::HomeArg,
+    },
+    /// Remove a model: a file of the model store, or a repository from the
+    /// Hugging Face cache (`ORG/NAME`, all its files).
+    Rm {
+        /// As `hearth models list` names it.
+        name: String,
         #[command(flatten)]
         home: crate::args::HomeArg,
     },
@@ -29,7 +44,17 @@ pub enum Cmd {
 
 pub fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Pull { force, home } => {
+        Cmd::Pull {
+            model: Some(m),
+            force: _,
+            home: _,
+        } if m != store::DEFAULT_MODEL.name && m != "default" => {
+            let r = HubRef::parse(&m)?;
+            let path = hub::pull(&r, &mut progress_printer())?;
+            eprintln!("model ready: {} ({})", m, path.display());
+            Ok(())
+        }
+        Cmd::Pull { force, home, .. } => {
             let models = home.dirs().models();
             let path = if force {
                 store::pull_default_in(&models, &mut progress_printer())?
@@ -38,6 +63,31 @@ pub fn run(cmd: Cmd) -> Result<()> {
             };
             eprintln!("model ready: {}", path.display());
             Ok(())
+        }
+        Cmd::Rm { name, home } => {
+            let models = home.dirs().models();
+            let file = if name == store::DEFAULT_MODEL.name {
+                store::default_model_path_in(&models)
+            } else {
+                models.join(&name)
+            };
+            // Only a plain name of the store's own folder.
+            let plain = !name.contains(['/', '\\']) && !name.starts_with('.');
+            if plain && file.is_file() {
+                std::fs::remove_file(&file)?;
+                eprintln!("removed {}", file.display());
+                return Ok(());
+            }
+            let r = HubRef::parse(&name)
+                .map_err(|_| anyhow::anyhow!("no model {name:?} (see `hearth models list`)"))?;
+            let cache =
+                hub::hub_cache().ok_or_else(|| anyhow::anyhow!("no Hugging Face cache folder"))?;
+            if hub::remove_in(&cache, &r)? {
+                eprintln!("removed {} from {}", r.repo, cache.display());
+                Ok(())
+            } else {
+                anyhow::bail!("no model {name:?} (see `hearth models list`)")
+            }
         }
         Cmd::List { json, home } => {
             let list = store::list_in(&home.dirs().models());

@@ -5,7 +5,7 @@
 pub mod cgroup;
 pub mod cluster;
 pub mod home;
-//HUBLINE
+pub mod hub;
 pub mod netns;
 
 use std::collections::HashMap;

@@ -1,0 +1,259 @@
+//! `hearth models pull ORG/NAME[:QUANT]` through the real hub client
+//! (`hf-hub`) against a local server with the hub's HTTP layout
+//! (`hearth_test_utils::hub`): GGUF repositories with several
+//! quantizations, model folders, gated repositories and `HF_TOKEN`, a
+//! download cut short and resumed, a corrupted blob, `refs/main` moving,
+//! and `hearth models rm`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::Result;
+use hearth_test_utils::hub::{HubMock, MockRepo};
+use hearth_test_utils::{TinySpec, tiny_model};
+
+fn hearth(args: &[&str], home: &Path, hub: &HubMock, token: Option<&str>) -> Result<Output> {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    c.args(args)
+        .env("HEARTH_HOME", home)
+        .env("HF_HOME", home.join("hf-home"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env("HF_ENDPOINT", &hub.url);
+    if let Some(t) = token {
+        c.env("HF_TOKEN", t);
+    }
+    Ok(c.output()?)
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "failed: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn failed(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_default()
+}
+
+/// Generates 3 tokens with `model`: the pulled model loads and runs.
+fn generates(model: &str, home: &Path, hub: &HubMock) -> Result<()> {
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "3",
+            "--json",
+        ],
+        home,
+        hub,
+        None,
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&ok(&out))?;
+    assert_eq!(v["completion_tokens"], 3, "{v}");
+    Ok(())
+}
+
+#[test]
+fn gguf_quantizations_resume_gating_and_rm() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let (q8, q41) = (read(&m.gguf_q8_0), read(&m.gguf_q4_1));
+    let repo = MockRepo {
+        id: "acme/tiny-GGUF".into(),
+        commit: "1111111111111111111111111111111111111111".into(),
+        files: vec![
+            ("README.md".into(), b"# tiny".to_vec()),
+            ("tiny-Q8_0.gguf".into(), q8.clone()),
+            ("tiny-Q4_1.gguf".into(), q41.clone()),
+        ],
+        token: None,
+        wrong_hash: vec![],
+    };
+    let gated = MockRepo {
+        id: "acme/gated-GGUF".into(),
+        commit: "2222222222222222222222222222222222222222".into(),
+        files: vec![("gated-Q8_0.gguf".into(), q8.clone())],
+        token: Some("hf_secret".into()),
+        wrong_hash: vec![],
+    };
+    let hub = HubMock::start(vec![repo.clone(), gated])?;
+    let home = dir.path().join("home");
+    let cache = home.join("hf-home/hub");
+
+    // Several quantizations, none named, none preferred: the error lists them.
+    let out = hearth(&["models", "pull", "acme/tiny-GGUF"], &home, &hub, None)?;
+    failed(&out, "tiny-Q8_0.gguf");
+
+    // A download cut short resumes where it stopped.
+    hub.cut_once("acme/tiny-GGUF", "tiny-Q8_0.gguf", q8.len() / 3);
+    let out = hearth(
+        &["models", "pull", "acme/tiny-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )?;
+    ok(&out);
+    let snap = cache
+        .join("models--acme--tiny-GGUF/snapshots")
+        .join(&repo.commit);
+    assert_eq!(read(&snap.join("tiny-Q8_0.gguf")), q8);
+    assert!(
+        !snap.join("tiny-Q4_1.gguf").exists(),
+        "fetched one quantization only"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cache.join("models--acme--tiny-GGUF/refs/main"))?.trim(),
+        repo.commit
+    );
+    let bodies: Vec<Option<String>> = hub
+        .requests()
+        .into_iter()
+        .filter(|(p, r)| p.ends_with("tiny-Q8_0.gguf") && r.as_deref() != Some("bytes=0-0"))
+        .map(|(_, r)| r)
+        .collect();
+    let resumed = bodies.iter().flatten().any(|r| {
+        r.strip_prefix("bytes=")
+            .and_then(|r| r.split('-').next())
+            .and_then(|a| a.parse::<usize>().ok())
+            .is_some_and(|a| a > 0)
+    });
+    assert!(resumed, "no request resumed past byte 0: {bodies:?}");
+
+    // It is listed and it runs under the id it was pulled by.
+    let list = ok(&hearth(&["models", "list"], &home, &hub, None)?);
+    assert!(list.contains("acme/tiny-GGUF:Q8_0"), "{list}");
+    generates("acme/tiny-GGUF:Q8_0", &home, &hub)?;
+    // Not pulled: a clear pointer to `models pull`.
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            "acme/tiny-GGUF:Q4_1",
+            "--prompt",
+            "x",
+        ],
+        &home,
+        &hub,
+        None,
+    )?;
+    failed(&out, "hearth models pull acme/tiny-GGUF:Q4_1");
+
+    // A gated repository: refused without a token (saying so), fetched with it.
+    let out = hearth(&["models", "pull", "acme/gated-GGUF"], &home, &hub, None)?;
+    failed(&out, "HF_TOKEN");
+    let out = hearth(
+        &["models", "pull", "acme/gated-GGUF"],
+        &home,
+        &hub,
+        Some("hf_secret"),
+    )?;
+    ok(&out);
+
+    // `main` moves to a new commit with new bytes: pulled again, used.
+    let mut moved = repo.clone();
+    moved.commit = "3333333333333333333333333333333333333333".into();
+    moved.files[1].1 = q41.clone();
+    hub.set_repo(moved.clone());
+    ok(&hearth(
+        &["models", "pull", "acme/tiny-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )?);
+    let list = ok(&hearth(&["models", "list", "--json"], &home, &hub, None)?);
+    let list: serde_json::Value = serde_json::from_str(&list)?;
+    let entry = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "acme/tiny-GGUF:Q8_0")
+        .cloned()
+        .unwrap_or_default();
+    let path = entry["path"].as_str().unwrap_or_default();
+    assert!(path.contains(&moved.commit), "{entry}");
+    assert_eq!(read(Path::new(path)), q41);
+
+    // rm takes the repository out of the cache.
+    ok(&hearth(
+        &["models", "rm", "acme/tiny-GGUF"],
+        &home,
+        &hub,
+        None,
+    )?);
+    assert!(!cache.join("models--acme--tiny-GGUF").exists());
+    let out = hearth(&["models", "rm", "acme/tiny-GGUF"], &home, &hub, None)?;
+    failed(&out, "no model");
+    Ok(())
+}
+
+#[test]
+fn a_model_folder_is_pulled_whole_and_a_corrupted_blob_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let st = &m.safetensors_dir;
+    let mut files = vec![(".gitattributes".to_string(), b"*.safetensors lfs".to_vec())];
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        files.push((f.to_string(), read(&st.join(f))));
+    }
+    let folder = MockRepo {
+        id: "acme/tiny".into(),
+        commit: "4444444444444444444444444444444444444444".into(),
+        files: files.clone(),
+        token: None,
+        wrong_hash: vec![],
+    };
+    let corrupt = MockRepo {
+        id: "acme/corrupt".into(),
+        commit: "5555555555555555555555555555555555555555".into(),
+        files,
+        token: None,
+        wrong_hash: vec!["model.safetensors".into()],
+    };
+    let hub = HubMock::start(vec![folder.clone(), corrupt])?;
+    let home = dir.path().join("home");
+    ok(&hearth(
+        &["models", "pull", "acme/tiny"],
+        &home,
+        &hub,
+        None,
+    )?);
+    let snap = home
+        .join("hf-home/hub/models--acme--tiny/snapshots")
+        .join(&folder.commit);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(snap.join(f).is_file(), "{f}");
+    }
+    assert!(!snap.join(".gitattributes").exists());
+    generates("acme/tiny", &home, &hub)?;
+
+    let out = hearth(&["models", "pull", "acme/corrupt"], &home, &hub, None)?;
+    failed(&out, "content hash");
+    let blobs = home.join("hf-home/hub/models--acme--corrupt/blobs");
+    let kept: Vec<u64> = std::fs::read_dir(&blobs)?
+        .filter_map(|e| e.ok()?.metadata().ok().map(|m| m.len()))
+        .collect();
+    let weights = read(&st.join("model.safetensors")).len() as u64;
+    assert!(!kept.contains(&weights), "the corrupted blob was kept");
+    // No such repository: the hub's answer, said plainly.
+    let out = hearth(&["models", "pull", "acme/missing"], &home, &hub, None)?;
+    failed(&out, "no such repository");
+    Ok(())
+}
