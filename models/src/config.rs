@@ -7,6 +7,19 @@ use crate::error::{ModelError, Result};
 /// Architectures whose decoder this crate implements (llama family).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "mistral"];
 
+/// The error for a mixture-of-experts model: what it is, and that Hearth
+/// runs dense decoders only.
+pub fn moe_refusal(arch: &str, experts: usize, used: Option<usize>) -> String {
+    let what = match (experts, used) {
+        (0, _) => String::new(),
+        (n, Some(k)) => format!(", {n} experts with {k} used per token"),
+        (n, None) => format!(", {n} experts"),
+    };
+    format!(
+        "{arch} is a mixture-of-experts model{what}; Hearth runs dense decoders only and does not run MoE models (Mixtral, Qwen3-MoE, DeepSeek) yet"
+    )
+}
+
 /// Hyper-parameters of a llama-family decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
@@ -239,6 +252,11 @@ impl Config {
             /// transformers 5: each layer's attention kind.
             #[serde(default)]
             layer_types: Vec<String>,
+            /// Mixture-of-experts: Mixtral's, Qwen-MoE's, DeepSeek's counts.
+            num_local_experts: Option<usize>,
+            num_experts: Option<usize>,
+            n_routed_experts: Option<usize>,
+            num_experts_per_tok: Option<usize>,
         }
         fn default_eps() -> f64 {
             1e-6
@@ -258,6 +276,18 @@ impl Config {
                 other => other.unwrap_or("unknown").to_string(),
             },
         };
+        let experts = hf
+            .num_local_experts
+            .or(hf.num_experts)
+            .or(hf.n_routed_experts)
+            .unwrap_or(0);
+        if experts > 1 || arch.contains("moe") || arch == "mixtral" {
+            return Err(ModelError::InvalidConfig(moe_refusal(
+                &arch,
+                experts,
+                hf.num_experts_per_tok,
+            )));
+        }
         let attention_bias = hf.attention_bias.unwrap_or(arch == "qwen2");
         if hf.use_sliding_window && arch.starts_with("qwen") {
             return Err(ModelError::InvalidConfig(
@@ -354,6 +384,28 @@ mod tests {
                 .unwrap()
                 .qk_norm()
         );
+    }
+
+    #[test]
+    fn mixture_of_experts_is_refused_by_name() {
+        for (json, needle) in [
+            (
+                r#"{"model_type":"mixtral","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_local_experts":8,"num_experts_per_tok":2}"#,
+                "8 experts with 2 used per token",
+            ),
+            (
+                r#"{"model_type":"qwen3_moe","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_experts":128,"num_experts_per_tok":8}"#,
+                "128 experts",
+            ),
+        ] {
+            let err = Config::from_hf_json(json).unwrap_err().to_string();
+            assert!(
+                err.contains("mixture-of-experts") && err.contains(needle),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{CHATML, ChatTemplate, Message};
+use crate::chat::{CHATML, ChatInputs, ChatTemplate, DEFAULT_TEMPLATE, Message};
 use crate::error::{ModelError, Result};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stage::{Logits, Precision, Stage, StageInput, StageSpec};
@@ -65,12 +65,32 @@ fn rate(n: usize, secs: f64) -> f64 {
 pub struct ModelText {
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    source: TemplateSource,
     context: usize,
+}
+
+/// Where a model's chat template came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateSource {
+    /// The model's own (GGUF metadata, `chat_template.jinja`,
+    /// `tokenizer_config.json`).
+    Model,
+    /// Given in place of the model's (`--chat-template FILE`).
+    Given,
+    /// The model ships none: ChatML.
+    ChatmlFallback,
 }
 
 impl ModelText {
     /// Reads the tokenizer and template of an opened weight file.
     pub fn load(weights: &WeightFile) -> Result<Self> {
+        Self::load_with(weights, None)
+    }
+
+    /// [`Self::load`], with `template` (Jinja source, e.g. from
+    /// `--chat-template FILE`) in place of the model's own templates. A
+    /// model that ships none gets ChatML, with a warning that says so.
+    pub fn load_with(weights: &WeightFile, template: Option<&str>) -> Result<Self> {
         let tokenizer = match weights.gguf_metadata() {
             Some(m) => Tokenizer::from_gguf(m)?,
             None => Tokenizer::from_dir(weights.path())?,
@@ -81,12 +101,41 @@ impl ModelText {
         };
         let bos = tok_text(tokenizer.bos_id());
         let eos = tok_text(tokenizer.eos_ids().first().copied());
-        let template = ChatTemplate::new(tokenizer.chat_template().unwrap_or(CHATML), &bos, &eos)?;
+        let (templates, source) = match template {
+            Some(t) => (
+                vec![(DEFAULT_TEMPLATE.to_string(), t.to_string())],
+                TemplateSource::Given,
+            ),
+            None if tokenizer.chat_templates().is_empty() => {
+                tracing::warn!(
+                    model = %weights.path().display(),
+                    "the model ships no chat template; chats are rendered as ChatML (give one with --chat-template FILE)"
+                );
+                (
+                    vec![(DEFAULT_TEMPLATE.to_string(), CHATML.to_string())],
+                    TemplateSource::ChatmlFallback,
+                )
+            }
+            None => (tokenizer.chat_templates().to_vec(), TemplateSource::Model),
+        };
+        let template = ChatTemplate::named(&templates, &bos, &eos)?;
         Ok(Self {
             tokenizer,
             template,
+            source,
             context: weights.config().max_position_embeddings,
         })
+    }
+
+    /// Where the chat template came from.
+    pub fn template_source(&self) -> TemplateSource {
+        self.source
+    }
+
+    /// Renders `inputs` (tools, documents, keyword arguments) through the
+    /// chat template.
+    pub fn render_inputs(&self, inputs: &ChatInputs) -> Result<String> {
+        self.template.render_inputs(inputs)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -203,8 +252,13 @@ impl TextStream {
 impl LocalModel {
     /// Loads a `.gguf` file or a safetensors directory as one full stage.
     pub fn load(path: &Path, precision: Precision) -> Result<Self> {
+        Self::load_with(path, precision, None)
+    }
+
+    /// [`Self::load`] with a chat template in place of the model's own.
+    pub fn load_with(path: &Path, precision: Precision, template: Option<&str>) -> Result<Self> {
         let weights = WeightFile::open(path)?;
-        let text = ModelText::load(&weights)?;
+        let text = ModelText::load_with(&weights, template)?;
         let spec = StageSpec::full(weights.config().num_hidden_layers);
         let stage = Stage::load(&weights, spec, precision)?;
         let name = path

@@ -25,10 +25,12 @@ pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
-pub use chat::{ChatTemplate, Message};
+pub use chat::{ChatInputs, ChatTemplate, Message};
 pub use config::Config;
 pub use error::{ModelError, Result};
-pub use generate::{FinishReason, GenerateRequest, Generation, LocalModel, ModelText, TextStream};
+pub use generate::{
+    FinishReason, GenerateRequest, Generation, LocalModel, ModelText, TemplateSource, TextStream,
+};
 pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};
 pub use stage::{Logits, Precision, Stage, StageInput, StageSpec};

@@ -43,6 +43,76 @@ fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// A GGUF's chat templates: `tokenizer.chat_template` (the default) and the
+/// named ones llama.cpp's converter writes as `tokenizer.chat_template.NAME`.
+fn gguf_templates(m: &GgufMetadata) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    if let Some(t) = str_meta(m, "tokenizer.chat_template") {
+        out.push((crate::chat::DEFAULT_TEMPLATE.into(), t.to_string()));
+    }
+    let mut named: Vec<(String, String)> = m
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix("tokenizer.chat_template.")?;
+            match v {
+                Value::String(t) if !name.is_empty() => Some((name.to_string(), t.clone())),
+                _ => None,
+            }
+        })
+        .collect();
+    named.sort();
+    for (name, t) in named {
+        if !out.iter().any(|(n, _)| *n == name) {
+            out.push((name, t));
+        }
+    }
+    out
+}
+
+/// A model folder's chat templates, where transformers keeps them:
+/// `chat_template.jinja` (the default, over the others),
+/// `tokenizer_config.json`'s `chat_template` (a string, or a list of
+/// `{name, template}`), or `chat_template.json`.
+fn dir_templates(dir: &Path, cfg: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    let default = crate::chat::DEFAULT_TEMPLATE;
+    let mut out: Vec<(String, String)> = Vec::new();
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let t = std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?;
+        out.push((default.into(), t));
+    }
+    let from_json = |v: Option<&serde_json::Value>, out: &mut Vec<(String, String)>| match v {
+        Some(serde_json::Value::String(t)) => out.push((default.into(), t.clone())),
+        Some(serde_json::Value::Array(list)) => {
+            for item in list {
+                if let (Some(n), Some(t)) = (
+                    item.get("name").and_then(|v| v.as_str()),
+                    item.get("template").and_then(|v| v.as_str()),
+                ) {
+                    out.push((n.to_string(), t.to_string()));
+                }
+            }
+        }
+        _ => {}
+    };
+    from_json(cfg.get("chat_template"), &mut out);
+    let side = dir.join("chat_template.json");
+    if side.is_file() {
+        let text = std::fs::read_to_string(&side).map_err(|e| ModelError::io(&side, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Template(format!("{}: {e}", side.display())))?;
+        from_json(v.get("chat_template"), &mut out);
+    }
+    // The first of each name wins; the default leads.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|(n, _)| seen.insert(n.clone()));
+    if let Some(i) = out.iter().position(|(n, _)| n == default) {
+        let d = out.remove(i);
+        out.insert(0, d);
+    }
+    Ok(out)
+}
+
 /// A gpt2-style byte-level BPE with llama.cpp's pre-tokenizer `regexes`.
 fn byte_level_bpe(
     tokens: &[String],
@@ -186,7 +256,8 @@ pub struct Tokenizer {
     bos: Option<u32>,
     eos: Vec<u32>,
     add_bos: bool,
-    chat_template: Option<String>,
+    /// The model's chat templates by name, the default first.
+    chat_templates: Vec<(String, String)>,
 }
 
 fn str_meta<'a>(m: &'a GgufMetadata, key: &str) -> Option<&'a str> {
@@ -283,7 +354,7 @@ impl Tokenizer {
                 Some(Value::Bool(b)) => *b,
                 _ => model == "llama",
             },
-            chat_template: str_meta(m, "tokenizer.chat_template").map(str::to_string),
+            chat_templates: gguf_templates(m),
         })
     }
 
@@ -310,10 +381,7 @@ impl Tokenizer {
                 .get("add_bos_token")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
-            chat_template: cfg
-                .get("chat_template")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            chat_templates: dir_templates(dir, &cfg)?,
             inner,
         })
     }
@@ -368,8 +436,14 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// The model's own Jinja chat template, if it ships one.
+    /// The model's own (default) Jinja chat template, if it ships one.
     pub fn chat_template(&self) -> Option<&str> {
-        self.chat_template.as_deref()
+        self.chat_templates.first().map(|(_, t)| t.as_str())
+    }
+
+    /// Every chat template the model ships, by name, the default first
+    /// (e.g. `default` and `tool_use`).
+    pub fn chat_templates(&self) -> &[(String, String)] {
+        &self.chat_templates
     }
 }

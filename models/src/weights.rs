@@ -587,13 +587,28 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
             ));
         }
     };
+    let k = |s: &str| format!("{arch}.{s}");
+    // Mixtral keeps the llama architecture name; its experts show in the
+    // metadata and the tensors.
+    let experts = c.metadata.get(&k("expert_count")).and_then(value_usize);
+    let expert_tensors = c.tensor_infos.keys().any(|n| n.contains("_exps."));
+    if experts.is_some_and(|n| n > 1) || expert_tensors {
+        let used = c
+            .metadata
+            .get(&k("expert_used_count"))
+            .and_then(value_usize);
+        return Err(ModelError::InvalidConfig(crate::config::moe_refusal(
+            &arch,
+            experts.unwrap_or(0),
+            used,
+        )));
+    }
     if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
         return Err(ModelError::UnsupportedArchitecture {
             arch,
             supported: SUPPORTED_ARCHITECTURES.join(", "),
         });
     }
-    let k = |s: &str| format!("{arch}.{s}");
     let hidden = meta_usize(c, &k("embedding_length"))?;
     let heads = meta_usize(c, &k("attention.head_count"))?;
     let kv_heads = match c.metadata.get(&k("attention.head_count_kv")) {
@@ -655,6 +670,35 @@ mod tests {
         assert_eq!(id.hf_name(), "model.layers.3.self_attn.q_proj.weight");
         assert_eq!(id.gguf_name(), "blk.3.attn_q.weight");
         assert_eq!(TensorId::all(2).count(), 3 + 28);
+    }
+
+    #[test]
+    fn a_mixture_of_experts_gguf_is_refused_by_name() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("mixtral.gguf");
+        let t = QTensor::quantize(
+            &Tensor::zeros(32, DType::F32, &Device::Cpu)?,
+            GgmlDType::F32,
+        )?;
+        let arch = gguf_file::Value::String("llama".into());
+        let (n, k) = (gguf_file::Value::U32(8), gguf_file::Value::U32(2));
+        let mut f = File::create(&p)?;
+        gguf_file::write(
+            &mut f,
+            &[
+                ("general.architecture", &arch),
+                ("llama.expert_count", &n),
+                ("llama.expert_used_count", &k),
+            ],
+            &[("blk.0.ffn_gate_exps.weight", &t)],
+        )?;
+        drop(f);
+        let err = WeightFile::open(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("mixture-of-experts") && err.contains("8 experts with 2 used"),
+            "{err}"
+        );
+        Ok(())
     }
 
     #[test]

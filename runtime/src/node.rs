@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub models: Option<Arc<dyn ModelSource>>,
     /// What inference stages run on (measure `model` on the same).
     pub compute: crate::Compute,
+    /// A chat template (Jinja source) used in place of every served
+    /// model's own (`--chat-template FILE`).
+    pub chat_template: Option<String>,
 }
 
 impl NodeConfig {
@@ -63,6 +66,7 @@ impl NodeConfig {
             placement: PlacementPolicy::default(),
             models: None,
             compute: crate::Compute::Cpu,
+            chat_template: None,
         }
     }
 }
@@ -144,10 +148,13 @@ impl Node {
             endpoint.clone(),
             profiles.clone(),
             events.clone(),
-            cfg.models,
             train.clone(),
-            cfg.compute,
             membership.leader(),
+            crate::pipeline::service::Serving {
+                source: cfg.models,
+                compute: cfg.compute,
+                chat_template: cfg.chat_template,
+            },
         );
         events.set_share(share_with_members(service.clone()));
         if let Some(info) = cfg.model {

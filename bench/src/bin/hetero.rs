@@ -58,6 +58,9 @@ struct Args {
     out: PathBuf,
 }
 
+/// Cluster training runs, each between two single-device runs.
+const TRAIN_ROUNDS: usize = 2;
+
 /// A small chat fine-tune (the same for every run).
 fn train_data() -> String {
     let mut data = String::new();
@@ -119,26 +122,38 @@ fn stages(job: &serde_json::Value) -> String {
 
 /// Part 5: the LoRA job rows.
 fn training(args: &Args, rows: &mut Vec<Row>, placements: &mut Vec<String>) -> Result<()> {
-    // The best single device is measured before and after the cluster
-    // (the mean of the two), so a host whose speed drifts over minutes
-    // shifts both sides alike.
-    let alone = |when: &str| -> Result<f64> {
-        println!("training: best single device (1 core), {when}");
+    // The best single device and the cluster take turns (single, cluster,
+    // single, cluster, single): each side's figure is the mean of its runs,
+    // so a host whose speed drifts over minutes shifts both sides alike.
+    let alone = |when: usize| -> Result<f64> {
+        println!("training: best single device (1 core), run {when}");
         let (home, _) = start(&[1.0])?;
         let (s, _) = train(&home, args.train_steps, || Ok(()))?;
         println!("  {s:.2} s per step");
         Ok(s)
     };
-    let before = alone("before")?;
-    println!("training: a=1, b=0.25");
-    let (home, _) = start(&[1.0, 0.25])?;
-    let (cluster_s, uninterrupted) = train(&home, args.train_steps, || Ok(()))?;
-    println!("  {cluster_s:.2} s per step on {}", stages(&uninterrupted));
-    // Read before the home (and its files) goes.
-    let want = Home::job_adapter(&uninterrupted)?;
-    drop(home);
-    let after = alone("after")?;
-    let single_s = (before + after) / 2.0;
+    let mut singles = vec![alone(1)?];
+    let mut clusters = Vec::new();
+    let mut want = None;
+    let mut uninterrupted = serde_json::Value::Null;
+    for round in 1..=TRAIN_ROUNDS {
+        println!("training: a=1, b=0.25, run {round}");
+        let (home, _) = start(&[1.0, 0.25])?;
+        let (s, job) = train(&home, args.train_steps, || Ok(()))?;
+        println!("  {s:.2} s per step on {}", stages(&job));
+        clusters.push(s);
+        if want.is_none() {
+            // Read before the home (and its files) goes.
+            want = Some(Home::job_adapter(&job)?);
+            uninterrupted = job;
+        }
+        drop(home);
+        singles.push(alone(round + 1)?);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (single_s, cluster_s) = (mean(&singles), mean(&clusters));
+    println!("  single {singles:.2?} → {single_s:.2}; cluster {clusters:.2?} → {cluster_s:.2}");
+    let want = want.unwrap_or_default();
     let (home, _) = start(&[1.0, 0.25])?;
     println!("training: the same job, a 1 → 0.25 core and b 0.25 → 1 core after step 2");
     let (_, swapped) = train(&home, args.train_steps, || {

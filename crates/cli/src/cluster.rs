@@ -65,6 +65,10 @@ pub struct UpArgs {
     /// model directory, or the default model's name (fetched when missing).
     #[arg(long)]
     model: Option<String>,
+    /// A Jinja chat template file used in place of the served model's own
+    /// (for a model that ships none, or a fixed one).
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
     /// Take the model from a member of the cluster instead of the internet:
     /// only the file's header and the tensors this node needs are sent.
     #[arg(long, conflicts_with = "model")]
@@ -354,6 +358,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         discoveries.push(Box::new(MdnsDiscovery::new()));
     }
     let compute = args.backend.resolve()?;
+    let template = crate::generate::read_template(args.chat_template.as_deref())?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let mut cfg = NodeConfig::new(name.clone(), identity, secret.clone());
@@ -363,6 +368,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         let store = model_store(&dirs, &compute);
         cfg.models = Some(store.clone());
         cfg.compute = compute.clone();
+        cfg.chat_template = template.clone();
         let listener = hearth_server::Listener::bind(args.http).await?;
         let node = Node::start(cfg).await?;
         let quic = node.endpoint().local_addr()?;
@@ -480,6 +486,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
     let policy = args.split.unwrap_or(Split::Even).policy();
     let host = args.name.clone().unwrap_or_else(host_name);
     let compute = args.backend.resolve()?;
+    let template = crate::generate::read_template(args.chat_template.as_deref())?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let listener = hearth_server::Listener::bind(args.http).await?;
@@ -497,6 +504,7 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
                     .fine_tuned_in(dirs.fine_tuned()),
             ));
             cfg.compute = compute.clone();
+            cfg.chat_template = template.clone();
             if let Some(a) = first {
                 cfg.discoveries = vec![Box::new(StaticDiscovery::new(vec![a.to_string()])?)];
             }

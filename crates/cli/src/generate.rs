@@ -43,6 +43,9 @@ pub struct Args {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// A Jinja chat template file used in place of the model's own.
+    #[arg(long, value_name = "FILE", conflicts_with = "cluster")]
+    chat_template: Option<std::path::PathBuf>,
     /// Send the request to a running cluster at this HTTP address
     /// (`hearth up`) instead of loading the model here.
     #[arg(long, value_name = "ADDR")]
@@ -62,6 +65,27 @@ struct JsonOut<'a> {
     decode_tok_per_s: f64,
 }
 
+/// The text of a `--chat-template FILE` (a bounded read: templates are
+/// small).
+pub fn read_template(path: Option<&std::path::Path>) -> Result<Option<String>> {
+    let Some(p) = path else { return Ok(None) };
+    let len = std::fs::metadata(p)
+        .with_context(|| format!("--chat-template {}", p.display()))?
+        .len();
+    if len > 1 << 20 {
+        anyhow::bail!(
+            "--chat-template {}: {len} bytes; at most 1 MiB",
+            p.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("--chat-template {}", p.display()))?;
+    // Compile it now, so a broken one is an error before anything starts.
+    hearth_models::ChatTemplate::new(&text, "", "")
+        .with_context(|| format!("--chat-template {}", p.display()))?;
+    Ok(Some(text))
+}
+
 pub fn run(args: Args) -> Result<()> {
     if args.prompt.trim().is_empty() {
         anyhow::bail!("the prompt is empty");
@@ -78,7 +102,8 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         Precision::Quantized
     };
-    let model = LocalModel::load(&path, precision)
+    let template = read_template(args.chat_template.as_deref())?;
+    let model = LocalModel::load_with(&path, precision, template.as_deref())
         .with_context(|| format!("loading {}", path.display()))?;
     let prompt_text = if args.raw {
         args.prompt.clone()

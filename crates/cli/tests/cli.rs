@@ -31,6 +31,49 @@ fn assert_clean_error(out: &Output, needle: &str) {
 }
 
 #[test]
+fn a_given_chat_template_replaces_the_models_own() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let model = m.gguf_q8_0.to_string_lossy().into_owned();
+    let tmpl = dir.path().join("t.jinja");
+    std::fs::write(&tmpl, "[{{ messages[-1].content | upper }}]")?;
+    let ids = |extra: &[&str], prompt: &str| -> Result<serde_json::Value> {
+        let mut a = vec!["generate", "--model", &model, "--prompt", prompt];
+        a.extend_from_slice(&["--max-tokens", "1", "--json"]);
+        a.extend_from_slice(extra);
+        let out = hearth(&a, dir.path())?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["prompt_token_ids"].clone())
+    };
+    let t = tmpl.to_string_lossy().into_owned();
+    let given = ids(&["--chat-template", &t], "the cat")?;
+    let raw = ids(&["--raw"], "[THE CAT]")?;
+    assert_eq!(given, raw);
+    assert_ne!(given, ids(&[], "the cat")?);
+    // A broken template is refused before anything loads.
+    std::fs::write(&tmpl, "{% for %}")?;
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "x",
+            "--chat-template",
+            &t,
+        ],
+        dir.path(),
+    )?;
+    assert_clean_error(&out, "--chat-template");
+    Ok(())
+}
+
+#[test]
 fn generate_json_has_the_contract_fields() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;

@@ -64,6 +64,16 @@ struct Inner {
     compute: crate::Compute,
     /// Which pipeline (or replica) new requests from here go to.
     balancer: super::balance::Balancer,
+    /// A chat template in place of the served models' own.
+    chat_template: Option<String>,
+}
+
+/// What a node serves with: where models come from by name, what its
+/// stages run on, and a chat template in place of the models' own.
+pub(crate) struct Serving {
+    pub source: Option<Arc<dyn ModelSource>>,
+    pub compute: crate::Compute,
+    pub chat_template: Option<String>,
 }
 
 /// A cheap handle.
@@ -77,11 +87,15 @@ impl Service {
         endpoint: Endpoint,
         profiles: ProfileBook,
         events: Events,
-        source: Option<Arc<dyn ModelSource>>,
         train: crate::train::TrainHost,
-        compute: crate::Compute,
         leader: watch::Receiver<NodeId>,
+        serving: Serving,
     ) -> Self {
+        let Serving {
+            source,
+            compute,
+            chat_template,
+        } = serving;
         Self {
             inner: Arc::new(Inner {
                 me: endpoint.id().to_string(),
@@ -98,8 +112,14 @@ impl Service {
                 train,
                 compute,
                 balancer: Default::default(),
+                chat_template,
             }),
         }
+    }
+
+    /// The chat template given in place of the models' own, if any.
+    pub(crate) fn chat_template(&self) -> Option<&str> {
+        self.inner.chat_template.as_deref()
     }
 
     pub(crate) fn train(&self) -> &crate::train::TrainHost {
@@ -118,7 +138,7 @@ impl Service {
     /// next profile refresh; the leader places it).
     pub(crate) fn serve_model(&self, info: ModelInfo) -> Result<(), hearth_models::ModelError> {
         let weights = WeightFile::open(&info.path)?;
-        let text = ModelText::load(&weights)?;
+        let text = ModelText::load_with(&weights, self.chat_template())?;
         let (model, ms) = (info.times.model.clone(), info.times.layer.decode_s * 1e3);
         if let Ok(mut m) = self.inner.model.write() {
             *m = Some(Arc::new(ServedModel {

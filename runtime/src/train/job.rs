@@ -368,9 +368,11 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
     );
     let data = {
         let (path, file, seq_len) = (path.clone(), spec.data.clone(), spec.seq_len);
+        let template = ctx.service.chat_template().map(str::to_string);
         tokio::task::spawn_blocking(move || -> Result<Data, String> {
             let base = WeightFile::open(&path).map_err(|e| e.to_string())?;
-            let text = ModelText::load(&base).map_err(|e| e.to_string())?;
+            let text =
+                ModelText::load_with(&base, template.as_deref()).map_err(|e| e.to_string())?;
             let raw = std::fs::read_to_string(&file)
                 .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             // Rows never outgrow the model's context.
