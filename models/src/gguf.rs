@@ -186,6 +186,84 @@ fn declared_alignment<R: Read + Seek>(r: &mut R, len: u64) -> Result<Option<i128
     Ok(alignment)
 }
 
+/// ggml's name of tensor type `t`, for types candle cannot read.
+fn ggml_type_name(t: u32) -> String {
+    match t {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        t => return format!("ggml type {t}"),
+    }
+    .to_string()
+}
+
+/// Tensor types candle reads (F32, F16, Q4_0 .. Q8_K, BF16).
+fn candle_reads(t: u32) -> bool {
+    matches!(t, 0..=3 | 6..=15 | 30)
+}
+
+/// The first tensor of a header whose type candle cannot read: its name
+/// and ggml's name for the type.
+fn first_unreadable_tensor<R: Read + Seek>(
+    r: &mut R,
+    len: u64,
+) -> Result<Option<(String, String)>, Bad> {
+    let mut w = Walker { r, v1: false, len };
+    let magic = w.u32()?;
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Ok(None);
+    }
+    w.v1 = w.u32()? == 1;
+    let tensors = w.count()?;
+    let kvs = w.count()?;
+    if kvs > len / 12 || tensors > len / 24 {
+        return Err(Bad("the header's counts do not fit in the file".into()));
+    }
+    for _ in 0..kvs {
+        w.string_is(b"")?;
+        let t = w.u32()?;
+        w.value(t, 0)?;
+    }
+    for _ in 0..tensors {
+        let n = w.count()?;
+        if n > 4096 {
+            return Err(Bad(format!("a tensor name of {n} bytes")));
+        }
+        let mut name = vec![0u8; n as usize];
+        w.r.read_exact(&mut name)?;
+        let dims = w.u32()?;
+        if dims > 8 {
+            return Err(Bad(format!("a tensor of {dims} dimensions")));
+        }
+        for _ in 0..dims {
+            w.count()?;
+        }
+        let t = w.u32()?;
+        w.u64()?;
+        if !candle_reads(t) {
+            return Ok(Some((
+                String::from_utf8_lossy(&name).into_owned(),
+                ggml_type_name(t),
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Reads the GGUF header of `file` (at `path`, for messages) with candle,
 /// after checking what candle does not: the declared alignment.
 pub fn read_content<R: Read + Seek>(file: &mut R, path: &Path) -> Result<Content, ModelError> {
@@ -212,17 +290,23 @@ pub fn read_content<R: Read + Seek>(file: &mut R, path: &Path) -> Result<Content
     }
     file.seek(SeekFrom::Start(start))
         .map_err(|e| ModelError::io(path, e))?;
-    Content::read(file).map_err(|e| {
+    let read = Content::read(file);
+    read.or_else(|e| {
         // candle appends a backtrace after a newline when RUST_BACKTRACE is set.
         let reason = e.to_string().lines().next().unwrap_or("").to_string();
-        if reason.contains("unknown dtype") {
-            ModelError::UnsupportedQuant {
+        if !reason.contains("unknown dtype") {
+            return Err(bad(reason));
+        }
+        // Name the tensor and its type (IQ-quants and the like).
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| ModelError::io(path, e))?;
+        Err(match first_unreadable_tensor(file, end) {
+            Ok(Some((tensor, dtype))) => ModelError::UnsupportedQuant { tensor, dtype },
+            _ => ModelError::UnsupportedQuant {
                 tensor: "(header)".into(),
                 dtype: reason,
-            }
-        } else {
-            bad(reason)
-        }
+            },
+        })
     })
 }
 
@@ -291,6 +375,26 @@ mod tests {
         let c = read(h).unwrap();
         assert_eq!(c.tensor_data_offset % 64, 0);
         assert!(c.metadata.contains_key("tokenizer.ggml.tokens"));
+    }
+
+    #[test]
+    fn an_iq_quant_tensor_is_named_with_its_type() {
+        let mut h = header(&[("general.name", 8, string("m"))]);
+        // One tensor: name, 1 dim of 256, type 17 (IQ2_XS), offset 0.
+        h[8..16].copy_from_slice(&1u64.to_le_bytes());
+        h.extend(string("blk.0.ffn_down.weight"));
+        h.extend_from_slice(&1u32.to_le_bytes());
+        h.extend_from_slice(&256u64.to_le_bytes());
+        h.extend_from_slice(&17u32.to_le_bytes());
+        h.extend_from_slice(&0u64.to_le_bytes());
+        h.extend(vec![0u8; 512]);
+        match read(h) {
+            Err(ModelError::UnsupportedQuant { tensor, dtype }) => {
+                assert_eq!(tensor, "blk.0.ffn_down.weight");
+                assert_eq!(dtype, "IQ2_XS");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
