@@ -6,8 +6,10 @@
 //! 1. a = 1 core, b = 0.25 core: single-stream decode through the cluster
 //!    and the aggregate of 8 clients each streaming one generation after
 //!    another (tokens arriving in a 12 s window after 3 s of warm-up),
-//!    against the best single device (one node under a 1-core quota,
-//!    measured before and after each configuration: the mean of the two);
+//!    against the best single device (one node under a 1-core quota that
+//!    runs beside each configuration, idle while the other is measured;
+//!    the two are measured in turns, run by run, so the host's drift over
+//!    minutes falls on both sides alike);
 //! 2. three nodes at 1 / 0.5 / 0.25 core, the same two figures;
 //! 3. a's quota drops to 0.25 while b's rises to 1 core, mid-run with
 //!    requests flowing: seconds until the re-placement, decode after it
@@ -17,7 +19,8 @@
 //!    offer figures) and from the live figures after the traffic.
 //!
 //! 5. a LoRA job on a = 1 core, b = 0.25 core: its step time against the
-//!    same job on the best single device; then the same job with the swap
+//!    same job on the best single device (jobs in turns: single, cluster,
+//!    single, ...; the means); then the same job with the swap
 //!    of 3. mid-job: whether it re-planned, and how far its final weights
 //!    are from the uninterrupted run's.
 //!
@@ -58,8 +61,8 @@ struct Args {
     out: PathBuf,
 }
 
-/// Cluster training runs, each between two single-device runs.
-const TRAIN_ROUNDS: usize = 2;
+/// Cluster training jobs, each between two single-device jobs.
+const TRAIN_ROUNDS: usize = 3;
 
 /// A small chat fine-tune (the same for every run).
 fn train_data() -> String {
@@ -122,39 +125,35 @@ fn stages(job: &serde_json::Value) -> String {
 
 /// Part 5: the LoRA job rows.
 fn training(args: &Args, rows: &mut Vec<Row>, placements: &mut Vec<String>) -> Result<()> {
-    // The best single device and the cluster take turns (single, cluster,
-    // single, cluster, single): each side's figure is the mean of its runs,
-    // so a host whose speed drifts over minutes shifts both sides alike.
-    let alone = |when: usize| -> Result<f64> {
-        println!("training: best single device (1 core), run {when}");
-        let (home, _) = start(&[1.0])?;
-        let (s, _) = train(&home, args.train_steps, || Ok(()))?;
-        println!("  {s:.2} s per step");
+    // The best single device runs beside the cluster, and the two take
+    // turns (single, cluster, single, ...): each side's figure is the mean
+    // of its jobs, so a host whose speed drifts over minutes shifts both
+    // sides alike.
+    println!("training: the best single device (1 core) beside a=1, b=0.25");
+    let (reference, _) = start(&[1.0])?;
+    let (home, _) = start(&[1.0, 0.25])?;
+    let alone = || -> Result<f64> {
+        let (s, _) = train(&reference, args.train_steps, || Ok(()))?;
+        println!("  single device: {s:.2} s per step");
         Ok(s)
     };
-    let mut singles = vec![alone(1)?];
+    let mut singles = vec![alone()?];
     let mut clusters = Vec::new();
-    let mut want = None;
     let mut uninterrupted = serde_json::Value::Null;
-    for round in 1..=TRAIN_ROUNDS {
-        println!("training: a=1, b=0.25, run {round}");
-        let (home, _) = start(&[1.0, 0.25])?;
+    for _ in 0..TRAIN_ROUNDS {
         let (s, job) = train(&home, args.train_steps, || Ok(()))?;
-        println!("  {s:.2} s per step on {}", stages(&job));
+        println!("  cluster: {s:.2} s per step on {}", stages(&job));
         clusters.push(s);
-        if want.is_none() {
-            // Read before the home (and its files) goes.
-            want = Some(Home::job_adapter(&job)?);
+        if uninterrupted.is_null() {
             uninterrupted = job;
         }
-        drop(home);
-        singles.push(alone(round + 1)?);
+        singles.push(alone()?);
     }
+    drop(reference);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let (single_s, cluster_s) = (mean(&singles), mean(&clusters));
     println!("  single {singles:.2?} → {single_s:.2}; cluster {clusters:.2?} → {cluster_s:.2}");
-    let want = want.unwrap_or_default();
-    let (home, _) = start(&[1.0, 0.25])?;
+    let want = Home::job_adapter(&uninterrupted)?;
     println!("training: the same job, a 1 → 0.25 core and b 0.25 → 1 core after step 2");
     let (_, swapped) = train(&home, args.train_steps, || {
         home.set_cores(0, 0.25)?;
@@ -220,18 +219,6 @@ fn split(p: &Placement) -> String {
     }
     let replicas: Vec<&str> = p.replicas.iter().map(|r| r.name.as_str()).collect();
     format!("{stages}, replicas {}", replicas.join(" "))
-}
-
-/// Median single-stream decode tok/s through device `i`.
-fn single(home: &Home, i: usize, args: &Args) -> Result<f64> {
-    let mut rates = Vec::new();
-    for r in 0..args.runs {
-        let (n, secs) = home.generate(i, r as u64, args.tokens)?;
-        if n > 1 && secs > 0.0 {
-            rates.push((n - 1) as f64 / secs);
-        }
-    }
-    Ok(median(&rates))
 }
 
 /// Seconds the 8-stream load runs before tokens are counted (the requester
@@ -308,31 +295,49 @@ fn start(cores: &[f64]) -> Result<(Arc<Home>, Placement)> {
 /// Measured single-stream rate beside the placement's predictions.
 type Predicted = Vec<(String, Placement, f64, Option<f64>)>;
 
-/// The best single device measured now: one node under a 1-core quota,
-/// single-stream and 8-stream rates through it. Measured before and after
-/// each configuration, whose reference is the mean of the two (the host's
-/// speed drifts by 10-20% over minutes here; a bracket cancels it).
-fn reference(args: &Args, predicted: &mut Predicted, refs: &mut Vec<(f64, f64)>) -> Result<()> {
+/// The best single device: one node under a 1-core quota. It runs beside
+/// each configuration (idle while the other is measured) and the two are
+/// measured in turns, run by run, so the host's drift over minutes (10-25%
+/// here) falls on both sides alike.
+fn reference_home() -> Result<(Arc<Home>, Placement)> {
     println!("reference: one node under a 1-core quota");
-    let (home, p) = start(&[1.0])?;
-    let single = single(&home, 0, args)?;
-    let eight = eight(&home, 0, args)?;
-    if refs.is_empty() {
-        predicted.push(("1 core alone".to_string(), p, single, now(&home, 0)));
-    }
-    drop(home);
-    println!("  single {single:.1} tok/s, 8 streams {eight:.1} tok/s");
-    refs.push((single, eight));
-    Ok(())
+    start(&[1.0])
 }
 
-/// The mean of the last two references (single, eight).
-fn bracket(refs: &[(f64, f64)]) -> (f64, f64) {
-    match refs {
-        [.., a, b] => ((a.0 + b.0) / 2.0, (a.1 + b.1) / 2.0),
-        [a] => *a,
-        [] => (f64::NAN, f64::NAN),
+/// Single-stream decode tok/s through the configuration's device `ci` and
+/// through the reference, alternating run by run: the medians.
+fn paired_single(
+    cl: &Home,
+    ci: usize,
+    reference: &Home,
+    args: &Args,
+) -> Result<(f64, f64)> {
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let rate = |(n, secs): (usize, f64)| (n > 1 && secs > 0.0).then(|| (n - 1) as f64 / secs);
+    for r in 0..args.runs {
+        theirs.extend(rate(reference.generate(0, r as u64, args.tokens)?));
+        ours.extend(rate(cl.generate(ci, r as u64, args.tokens)?));
     }
+    Ok((median(&ours), median(&theirs)))
+}
+
+/// Windows of 8 concurrent streams per side, in turns.
+const EIGHT_TURNS: usize = 2;
+
+/// 8-stream aggregate tok/s through the configuration and through the
+/// reference, in turns: the means.
+fn paired_eight(
+    cl: &Arc<Home>,
+    ci: usize,
+    reference: &Arc<Home>,
+    args: &Args,
+) -> Result<(f64, f64)> {
+    let (mut ours, mut theirs) = (0.0, 0.0);
+    for _ in 0..EIGHT_TURNS {
+        theirs += eight(reference, 0, args)?;
+        ours += eight(cl, ci, args)?;
+    }
+    Ok((ours / EIGHT_TURNS as f64, theirs / EIGHT_TURNS as f64))
 }
 
 /// Parts 1 to 4: serving rows.
@@ -341,25 +346,25 @@ fn serving(
     rows: &mut Vec<Row>,
     placements: &mut Vec<String>,
     predicted: &mut Predicted,
-    refs: &mut Vec<(f64, f64)>,
 ) -> Result<()> {
-    reference(args, predicted, refs)?;
+    let (reference, ref_p) = reference_home()?;
+    let mut alone = None;
     for (label, cores) in [
         ("a=1, b=0.25", vec![1.0, 0.25]),
         ("a=1, b=0.5, c=0.25", vec![1.0, 0.5, 0.25]),
     ] {
         println!("{label}");
         let (home, p) = start(&cores)?;
-        let s = single(&home, cores.len() - 1, args)?;
-        let e = eight(&home, cores.len() - 1, args)?;
+        let ci = cores.len() - 1;
+        let (s, ref_single) = paired_single(&home, ci, &reference, args)?;
+        let (e, ref_eight) = paired_eight(&home, ci, &reference, args)?;
         println!(
-            "  placement {}; single {s:.1} tok/s, 8 streams {e:.1} tok/s",
+            "  placement {}; single {s:.1} tok/s (reference {ref_single:.1}), 8 streams {e:.1} tok/s (reference {ref_eight:.1})",
             split(&p)
         );
-        let n = now(&home, cores.len() - 1);
+        alone.get_or_insert(ref_single);
+        let n = now(&home, ci);
         drop(home);
-        reference(args, predicted, refs)?;
-        let (ref_single, ref_eight) = bracket(refs);
         rows.push(Row::new(
             &format!("{label}: single-stream decode tok/s (vs best single device)"),
             s,
@@ -373,6 +378,15 @@ fn serving(
         placements.push(format!("{label}: {}", split(&p)));
         predicted.push((label.to_string(), p, s, n));
     }
+    predicted.insert(
+        0,
+        (
+            "1 core alone".to_string(),
+            ref_p,
+            alone.unwrap_or(f64::NAN),
+            now(&reference, 0),
+        ),
+    );
 
     println!("swap: a 1 → 0.25 core, b 0.25 → 1 core, requests flowing through b");
     let (home, before) = start(&[1.0, 0.25])?;
@@ -408,7 +422,7 @@ fn serving(
     let _ = traffic.join();
     let after = after?;
     std::thread::sleep(Duration::from_secs(2));
-    let s = single(&home, 1, args)?;
+    let (s, ref_single) = paired_single(&home, 1, &reference, args)?;
     let after_now = now(&home, 1);
     let failed = failed.load(Ordering::Relaxed);
     println!(
@@ -426,8 +440,7 @@ fn serving(
     ));
     predicted.push(("after the swap".to_string(), after, s, after_now));
     drop(home);
-    reference(args, predicted, refs)?;
-    let (ref_single, _) = bracket(refs);
+    drop(reference);
     rows.push(Row::new("swap: seconds until re-placement", secs, 0.0));
     rows.push(Row::new(
         "swap: decode tok/s after it (vs best single device)",
@@ -468,9 +481,8 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut placements = Vec::new();
     let mut predicted = Predicted::new();
-    let mut refs = Vec::new();
     if args.part == "all" || args.part == "serve" {
-        serving(&args, &mut rows, &mut placements, &mut predicted, &mut refs)?;
+        serving(&args, &mut rows, &mut placements, &mut predicted)?;
     }
     // What each prediction came from: the figures the plan used per device
     // (source, cores offered, current ÷ start-up factor, decode per layer).
@@ -487,10 +499,6 @@ fn main() -> Result<()> {
                 "figures": p.figures,
             })
         })
-        .collect();
-    let references: Vec<serde_json::Value> = refs
-        .iter()
-        .map(|(s, e)| serde_json::json!({"single": s, "eight": e}))
         .collect();
     if args.part == "all" || args.part == "train" {
         training(&args, &mut rows, &mut placements)?;
@@ -511,7 +519,7 @@ fn main() -> Result<()> {
             "train_steps": args.train_steps,
             "part": args.part,
             "placements": placements,
-            "references": references,
+            "method": "the best single device (one node, 1-core quota) runs beside each configuration and the two are measured in turns: single-stream runs alternate (medians), 8-stream windows alternate (means), LoRA jobs alternate single, cluster, single, ... (means)",
             "plans": plans,
         }),
     )?;
