@@ -306,12 +306,7 @@ fn reference_home() -> Result<(Arc<Home>, Placement)> {
 
 /// Single-stream decode tok/s through the configuration's device `ci` and
 /// through the reference, alternating run by run: the medians.
-fn paired_single(
-    cl: &Home,
-    ci: usize,
-    reference: &Home,
-    args: &Args,
-) -> Result<(f64, f64)> {
+fn paired_single(cl: &Home, ci: usize, reference: &Home, args: &Args) -> Result<(f64, f64)> {
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let rate = |(n, secs): (usize, f64)| (n > 1 && secs > 0.0).then(|| (n - 1) as f64 / secs);
     for r in 0..args.runs {

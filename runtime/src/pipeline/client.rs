@@ -158,110 +158,120 @@ pub(crate) async fn generate(
     req.sampling
         .validate()
         .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
-    let placement = service.active().ok_or(PipelineError::NotReady)?;
     let stop_ids = text.tokenizer().eos_ids().to_vec();
     let params = to_seq_params(&req.sampling, req.max_tokens, &stop_ids);
     let prompt_tokens = ids.len();
     let prompt_token_ids = ids.clone();
-    let model_name = placement.model.clone();
+    let context = text.context_length();
     let (tok_tx, tok_rx) = mpsc::unbounded_channel::<SeqOut>();
     let started = Instant::now();
-    // The pipeline or a replica, whichever adds most; a replica that
-    // cannot take it after all leaves it to the pipeline.
-    let reachable = |n: &str| {
-        n == service.me()
-            || n.parse::<NodeId>()
-                .ok()
-                .and_then(|id| service.endpoint().peer(id))
-                .is_some()
-    };
-    let candidates = balance::candidates(&placement, reachable);
-    let mut ticket = service
-        .balancer()
-        .choose(placement.id, &candidates)
-        .ok_or(PipelineError::NotReady)?;
-    let main = &placement.stages[0].node_id;
-    let cancel = match start(
-        service,
-        &placement,
-        ticket.node(),
-        ids.clone(),
-        params.clone(),
-        tok_tx.clone(),
-    )
-    .await
-    {
-        Err(e) if ticket.node() != main => {
-            debug!(
-                "replica {} refused a request ({e}); the pipeline takes it",
-                ticket.node()
-            );
-            drop(ticket);
-            ticket = service
-                .balancer()
-                .choose(placement.id, &candidates[..1])
-                .ok_or(PipelineError::NotReady)?;
-            start(service, &placement, main, ids, params, tok_tx).await?
+    let first = match launch(service, ids.clone(), params.clone(), tok_tx.clone()).await {
+        // The placement changed under the request (a re-placement's
+        // switch-over): the new one takes it.
+        Err((e, tried))
+            if !matches!(e, PipelineError::BadRequest(_))
+                && service.active().is_some_and(|a| a.id != tried) =>
+        {
+            debug!("placement {tried} refused a request ({e}); the newer one takes it");
+            launch(service, ids.clone(), params.clone(), tok_tx)
+                .await
+                .map_err(|(e, _)| e)?
         }
-        other => other?,
+        other => other.map_err(|(e, _)| e)?,
     };
-    let stages = if ticket.node() == main {
-        placement.stages.len()
-    } else {
-        1
-    };
+    let model_name = first.model.clone();
     let (tx, rx) = mpsc::channel(256);
     let tokenizer = model.clone();
-    let placement_id = placement.id;
+    let service = service.clone();
     tokio::spawn(async move {
         let mut tok_rx = tok_rx;
+        let mut run = first;
+        let mut replays = 0;
         let mut stream = TextStream::new(req.stop.clone());
         let mut out: Vec<u32> = Vec::new();
         let mut first_at: Option<Instant> = None;
-        let mut cancel = Some(cancel);
         let finish = 'outer: loop {
-            let Some(item) = tok_rx.recv().await else {
-                break Err("the pipeline closed the sequence".to_string());
+            let failed = match tok_rx.recv().await {
+                None => "the pipeline closed the sequence".to_string(),
+                Some(SeqOut::Failed(why)) => why,
+                Some(SeqOut::Tokens(tokens)) => {
+                    run.ticket.tokens(tokens.len());
+                    let mut failed = None;
+                    for t in tokens {
+                        first_at.get_or_insert_with(Instant::now);
+                        if t.finish == Finish::Failed {
+                            failed = Some("a stage failed on this sequence".to_string());
+                            break;
+                        }
+                        if t.finish == Finish::Stop {
+                            break 'outer Ok(FinishReason::Stop);
+                        }
+                        out.push(t.token);
+                        let decoded = tokenizer.text.tokenizer().decode(&out).unwrap_or_default();
+                        let (piece, stopped) = stream.update(decoded);
+                        if tx
+                            .send(GenEvent::Token {
+                                id: t.token,
+                                text: piece,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            break 'outer Err("the client went away".into());
+                        }
+                        if stopped {
+                            break 'outer Ok(FinishReason::Stop);
+                        }
+                        if let Some(r) = finish_reason(t.finish) {
+                            break 'outer Ok(r);
+                        }
+                    }
+                    match failed {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
             };
-            let tokens = match item {
-                SeqOut::Failed(why) => break Err(why),
-                SeqOut::Tokens(t) => t,
-            };
-            ticket.tokens(tokens.len());
-            for t in tokens {
-                first_at.get_or_insert_with(Instant::now);
-                if t.finish == Finish::Failed {
-                    break 'outer Err("a stage failed on this sequence".into());
+            // The pipeline failed under the sequence. When a re-placement's
+            // switch-over took its stages (a newer placement is active), it
+            // moves to the new placement, replaying its prompt and what it
+            // already produced, for what is left of its length. A stage
+            // that died fails it at once (the leader re-plans meanwhile).
+            let remaining = (params.max_tokens as usize).saturating_sub(out.len());
+            let prefix: Vec<u32> = prompt_token_ids.iter().chain(&out).copied().collect();
+            if replays >= MAX_REPLAYS || remaining == 0 || prefix.len() >= context {
+                break Err(failed);
+            }
+            if let Some(c) = run.cancel.take() {
+                c();
+            }
+            // A switch-over in progress finishes.
+            tokio::time::sleep(REPLAY_PAUSE).await;
+            if service.active().is_none_or(|a| a.id <= run.placement) {
+                break Err(failed);
+            }
+            replays += 1;
+            let mut p = params.clone();
+            p.max_tokens = remaining as u32;
+            let (again_tx, again_rx) = mpsc::unbounded_channel::<SeqOut>();
+            match launch(&service, prefix, p, again_tx).await {
+                Ok(next) => {
+                    debug!(
+                        "a sequence's pipeline failed ({failed}); replayed {} tokens on placement {}",
+                        out.len(),
+                        next.placement
+                    );
+                    run = next;
+                    tok_rx = again_rx;
                 }
-                if t.finish == Finish::Stop {
-                    break 'outer Ok(FinishReason::Stop);
-                }
-                out.push(t.token);
-                let decoded = tokenizer.text.tokenizer().decode(&out).unwrap_or_default();
-                let (piece, stopped) = stream.update(decoded);
-                if tx
-                    .send(GenEvent::Token {
-                        id: t.token,
-                        text: piece,
-                    })
-                    .await
-                    .is_err()
-                {
-                    break 'outer Err("the client went away".into());
-                }
-                if stopped {
-                    break 'outer Ok(FinishReason::Stop);
-                }
-                if let Some(r) = finish_reason(t.finish) {
-                    break 'outer Ok(r);
-                }
+                Err((e, _)) => break Err(format!("{failed}; moving it failed: {e}")),
             }
         };
         let ended = Instant::now();
         match finish {
             Ok(reason) => {
                 // A stop string ends it early: tell stage 0.
-                if let Some(c) = cancel.take() {
+                if let Some(c) = run.cancel.take() {
                     c();
                 }
                 let rest = stream.flush();
@@ -279,13 +289,13 @@ pub(crate) async fn generate(
                         prompt_tokens,
                         prefill_secs: (first - started).as_secs_f64(),
                         decode_secs: (ended - first).as_secs_f64(),
-                        placement: placement_id,
-                        stages,
+                        placement: run.placement,
+                        stages: run.stages,
                     }))
                     .await;
             }
             Err(why) => {
-                if let Some(c) = cancel.take() {
+                if let Some(c) = run.cancel.take() {
                     c();
                 }
                 let _ = tx.send(GenEvent::Failed(why)).await;
@@ -293,6 +303,88 @@ pub(crate) async fn generate(
         }
     });
     Ok(rx)
+}
+
+/// Times a sequence whose pipeline a switch-over took is moved to the
+/// newer placement (its prefix replayed).
+const MAX_REPLAYS: usize = 2;
+
+/// Pause before a replay, for a switch-over in progress to finish.
+const REPLAY_PAUSE: Duration = Duration::from_millis(200);
+
+/// A sequence started on a pipeline.
+struct Launched {
+    /// Stops it at stage 0 (taken when used).
+    cancel: Option<Box<dyn FnOnce() + Send>>,
+    ticket: balance::Ticket,
+    /// The placement and its model, and the stages of the pipeline taken.
+    placement: u64,
+    model: String,
+    stages: usize,
+}
+
+/// Starts `ids` on the active placement: on the pipeline or a replica,
+/// whichever adds most; a replica that cannot take it after all leaves it
+/// to the pipeline. An error names the placement tried.
+async fn launch(
+    service: &Service,
+    ids: Vec<u32>,
+    params: SeqParams,
+    tok_tx: mpsc::UnboundedSender<SeqOut>,
+) -> Result<Launched, (PipelineError, u64)> {
+    let placement = service.active().ok_or((PipelineError::NotReady, 0))?;
+    let id = placement.id;
+    let reachable = |n: &str| {
+        n == service.me()
+            || n.parse::<NodeId>()
+                .ok()
+                .and_then(|id| service.endpoint().peer(id))
+                .is_some()
+    };
+    let candidates = balance::candidates(&placement, reachable);
+    let mut ticket = service
+        .balancer()
+        .choose(id, &candidates)
+        .ok_or((PipelineError::NotReady, id))?;
+    let main = &placement.stages[0].node_id;
+    let started = start(
+        service,
+        &placement,
+        ticket.node(),
+        ids.clone(),
+        params.clone(),
+        tok_tx.clone(),
+    )
+    .await;
+    let cancel = match started {
+        Err(e) if ticket.node() != main => {
+            debug!(
+                "replica {} refused a request ({e}); the pipeline takes it",
+                ticket.node()
+            );
+            drop(ticket);
+            ticket = service
+                .balancer()
+                .choose(id, &candidates[..1])
+                .ok_or((PipelineError::NotReady, id))?;
+            start(service, &placement, main, ids, params, tok_tx)
+                .await
+                .map_err(|e| (e, id))?
+        }
+        other => other.map_err(|e| (e, id))?,
+    };
+    let stages = if ticket.node() == main {
+        placement.stages.len()
+    } else {
+        1
+    };
+    Ok(Launched {
+        cancel: Some(cancel),
+        ticket,
+        placement: id,
+        model: placement.model.clone(),
+        stages,
+    })
 }
 
 /// Hands the request to the first stage of a pipeline on `node` (this
