@@ -596,16 +596,26 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
     let seq = match rx.await {
         Ok(Ok(seq)) => seq,
         Ok(Err(e)) => {
+            // Nothing was admitted: the requester may take it elsewhere.
             let code = match e {
                 PipelineError::Busy(_) => refusal::BUSY,
                 PipelineError::BadRequest(_) => refusal::BAD_REQUEST,
-                _ => refusal::FAILED,
+                _ => refusal::NOT_READY,
             };
             let _ = write_message(&mut send, &refuse(code, e.to_string())).await;
             let _ = send.finish();
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            // The stage stopped (a switch-over dropped it) before answering.
+            let _ = write_message(
+                &mut send,
+                &refuse(refusal::NOT_READY, "the stage stopped".into()),
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
     };
     // Admitted: say so at once with an empty batch.
     let placement = req.placement;

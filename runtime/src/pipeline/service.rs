@@ -513,6 +513,8 @@ impl Service {
             }
             let idle = st.worker.live.load(std::sync::atomic::Ordering::Relaxed) == 0;
             if !idle {
+                // Idle ticks count in a row.
+                st.idle_ticks.store(0, std::sync::atomic::Ordering::Relaxed);
                 return true;
             }
             let ticks = st

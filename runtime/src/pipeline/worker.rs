@@ -289,6 +289,9 @@ impl StageLoop {
         if ok.is_empty() {
             return;
         }
+        // A sequence admitted here counts as live before its (possibly long)
+        // prefill runs: an old placement's stage is dropped only when idle.
+        self.live.store(self.seqs.len(), Ordering::Relaxed);
         let chunks: Vec<SeqChunk> = ok.iter().map(|(c, _)| c.clone()).collect();
         let result = self.forward(ok);
         let compute = started.elapsed();
