@@ -179,10 +179,19 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         let mut names = Vec::new();
-        for (name, source) in templates {
-            env.add_template_owned(name.clone(), source.clone())
-                .map_err(|e| ModelError::Template(format!("template {name:?}: {e}")))?;
-            names.push(name.clone());
+        for (i, (name, source)) in templates.iter().enumerate() {
+            match env.add_template_owned(name.clone(), source.clone()) {
+                Ok(()) => names.push(name.clone()),
+                // The default must compile; a variant that does not (say a
+                // `tool_use` template using what minijinja lacks) is left out
+                // rather than making the model unusable.
+                Err(e) if i > 0 => {
+                    tracing::warn!("chat template {name:?} does not compile, left out: {e}")
+                }
+                Err(e) => {
+                    return Err(ModelError::Template(format!("template {name:?}: {e}")));
+                }
+            }
         }
         if names.is_empty() {
             return Err(ModelError::Template("no template".into()));
@@ -362,5 +371,27 @@ mod tests {
     #[test]
     fn bad_template_is_an_error() {
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
+        // A broken variant beside a good default is left out.
+        let t = ChatTemplate::named(
+            &[
+                ("default".into(), "ok".into()),
+                ("tool_use".into(), "{% for %}".into()),
+            ],
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(t.names(), ["default"]);
+        assert!(
+            ChatTemplate::named(
+                &[
+                    ("default".into(), "{% for %}".into()),
+                    ("tool_use".into(), "ok".into())
+                ],
+                "",
+                ""
+            )
+            .is_err()
+        );
     }
 }

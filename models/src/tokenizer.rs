@@ -154,8 +154,53 @@ fn byte_level_bpe(
     Ok(inner)
 }
 
+/// Longest piece (bytes) that becomes a merge; real SentencePiece
+/// vocabularies stay far below (pieces of 16 characters by default).
+const MAX_MERGED_PIECE: usize = 256;
+
 /// SentencePiece's word-boundary mark.
 const SPM_SPACE: &str = "\u{2581}";
+
+/// The merges of a SentencePiece vocabulary: each normal piece that splits
+/// into two normal pieces, ranked by the piece's score (ties by the halves'
+/// ids). `scores` has one entry per token.
+fn spm_merges(tokens: &[String], scores: &[f64], types: &[usize]) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let normal = |i: usize| matches!(types.get(i).copied().unwrap_or(1), 1 | 4);
+    let mut ranked: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        // Every split of a piece is looked up: a piece longer than any real
+        // vocabulary's (a hostile header) would cost its length squared.
+        if !normal(i) || piece.len() > MAX_MERGED_PIECE {
+            continue;
+        }
+        for (k, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(k);
+            if let (Some(&a), Some(&b)) = (ids.get(l), ids.get(r))
+                && normal(a)
+                && normal(b)
+            {
+                ranked.push((scores.get(i).copied().unwrap_or(f64::MIN), a, b, i));
+            }
+        }
+    }
+    // Highest score first; equal scores by the halves' ids.
+    ranked.sort_by(|x, y| {
+        y.0.partial_cmp(&x.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(x.1.cmp(&y.1))
+            .then(x.2.cmp(&y.2))
+    });
+    ranked
+        .into_iter()
+        .map(|(_, a, b, _)| (tokens[a].clone(), tokens[b].clone()))
+        .collect()
+}
 
 /// A SentencePiece vocabulary (pieces, scores, llama.cpp token types) as a
 /// byte-fallback BPE, the way Hugging Face converts one: each normal piece
@@ -168,7 +213,6 @@ fn sentencepiece_bpe(
     unk: Option<usize>,
     space_prefix: bool,
 ) -> Result<tokenizers::Tokenizer> {
-    use std::collections::HashMap;
     use tokenizers::decoders::DecoderWrapper;
     use tokenizers::decoders::byte_fallback::ByteFallback;
     use tokenizers::decoders::fuse::Fuse;
@@ -183,38 +227,7 @@ fn sentencepiece_bpe(
             tokens.len()
         )));
     }
-    let ids: HashMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
-    let normal = |i: usize| matches!(types.get(i).copied().unwrap_or(1), 1 | 4);
-    let mut ranked: Vec<(f64, usize, usize, usize)> = Vec::new();
-    for (i, piece) in tokens.iter().enumerate() {
-        if !normal(i) {
-            continue;
-        }
-        for (k, _) in piece.char_indices().skip(1) {
-            let (l, r) = piece.split_at(k);
-            if let (Some(&a), Some(&b)) = (ids.get(l), ids.get(r))
-                && normal(a)
-                && normal(b)
-            {
-                ranked.push((scores[i], a, b, i));
-            }
-        }
-    }
-    // Highest score first; equal scores by the halves' ids.
-    ranked.sort_by(|x, y| {
-        y.0.partial_cmp(&x.0)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(x.1.cmp(&y.1))
-            .then(x.2.cmp(&y.2))
-    });
-    let merges: Vec<(String, String)> = ranked
-        .into_iter()
-        .map(|(_, a, b, _)| (tokens[a].clone(), tokens[b].clone()))
-        .collect();
+    let merges = spm_merges(tokens, scores, types);
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
         .enumerate()
@@ -445,5 +458,37 @@ impl Tokenizer {
     /// (e.g. `default` and `tool_use`).
     pub fn chat_templates(&self) -> &[(String, String)] {
         &self.chat_templates
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_rank_by_score_and_skip_pieces_longer_than_any_real_one() {
+        let long = "x".repeat(MAX_MERGED_PIECE / 2 + 1);
+        let tokens: Vec<String> = ["a", "b", "ab", "ba", "aba"]
+            .into_iter()
+            .map(String::from)
+            .chain([long.clone(), long.repeat(2)])
+            .collect();
+        let scores = [0.0, 0.0, -1.0, -2.0, -3.0, 0.0, -4.0];
+        let m = spm_merges(&tokens, &scores, &[1; 7]);
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        // "ab" (score -1) before "ba" (-2) before both splits of "aba" (-3);
+        // the piece of twice the long half is never looked at.
+        assert_eq!(
+            m,
+            [
+                pair("a", "b"),
+                pair("b", "a"),
+                pair("a", "ba"),
+                pair("ab", "a")
+            ]
+        );
+        // A control or byte piece is never a merge's result or half.
+        let m = spm_merges(&tokens[..3], &scores[..3], &[1, 3, 1]);
+        assert!(m.is_empty(), "{m:?}");
     }
 }

@@ -455,24 +455,26 @@ fn against_transformers(name: &str) -> Result<(f32, f32)> {
     let dir = hearth_test_utils::workspace_root()
         .join("tests/fixtures/hf")
         .join(name);
+    let (ids, want) = transformers_logits(&dir)?;
+    let got = full_logits(&WeightFile::open(&dir)?, Precision::F32, &ids)?;
+    let got = got.reshape(want.shape())?;
+    Ok((max_diff(&got, &want)?, max_abs(&want)?))
+}
+
+/// The token ids and transformers' logits `[ids, vocab]` of a fixture
+/// folder's `reference.json`.
+fn transformers_logits(dir: &std::path::Path) -> Result<(Vec<u32>, Tensor)> {
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
-    let ids: Vec<u32> = want["ids"]
-        .as_array()
-        .ok_or_else(|| anyhow::anyhow!("ids"))?
-        .iter()
-        .filter_map(|v| v.as_u64().map(|v| v as u32))
-        .collect();
+    let ids: Vec<u32> = serde_json::from_value(want["ids"].clone())?;
     let rows: Vec<Vec<f32>> = serde_json::from_value(want["logits"].clone())?;
     let vocab = rows.first().map_or(0, Vec::len);
-    let want = Tensor::from_vec(
+    let logits = Tensor::from_vec(
         rows.into_iter().flatten().collect::<Vec<f32>>(),
         (ids.len(), vocab),
         &candle_core::Device::Cpu,
     )?;
-    let got = full_logits(&WeightFile::open(&dir)?, Precision::F32, &ids)?;
-    let got = got.reshape(want.shape())?;
-    Ok((max_diff(&got, &want)?, max_abs(&want)?))
+    Ok((ids, logits))
 }
 
 #[test]
@@ -541,16 +543,7 @@ fn llama3_gguf_rope_freqs_match_transformers() -> Result<()> {
     let hf = hearth_test_utils::workspace_root().join("tests/fixtures/hf/llama3-rope");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hf.join("config.json"))?)?;
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hf.join("reference.json"))?)?;
-    let ids: Vec<u32> = serde_json::from_value(want["ids"].clone())?;
-    let rows: Vec<Vec<f32>> = serde_json::from_value(want["logits"].clone())?;
-    let vocab = rows.first().map_or(0, Vec::len);
-    let want = Tensor::from_vec(
-        rows.into_iter().flatten().collect::<Vec<f32>>(),
-        (ids.len(), vocab),
-        &candle_core::Device::Cpu,
-    )?;
+    let (ids, want) = transformers_logits(&hf)?;
     let scale = max_abs(&want)?;
     let factors = llama3_rope_freqs(&config);
     let dir = tempfile::tempdir()?;
