@@ -61,8 +61,8 @@ struct Args {
     out: PathBuf,
 }
 
-/// Cluster training jobs, each between two single-device jobs.
-const TRAIN_ROUNDS: usize = 3;
+/// Rounds in which a cluster job and a single-device job run at once.
+const TRAIN_ROUNDS: usize = 4;
 
 /// A small chat fine-tune (the same for every run).
 fn train_data() -> String {
@@ -83,6 +83,46 @@ fn train_extras(steps: u64) -> serde_json::Value {
     })
 }
 
+/// Median step seconds of a job's events after its first step.
+fn step_median(home: &Home, id: &str) -> Result<f64> {
+    let steps: Vec<f64> = home
+        .job_events(0, id)?
+        .iter()
+        .filter_map(|e| e["data"]["step_s"].as_f64())
+        .skip(1)
+        .collect();
+    Ok(median(&steps))
+}
+
+/// Waits for job `id` on `home`'s device 0 to succeed.
+fn finished(home: &Home, id: &str) -> Result<serde_json::Value> {
+    let done = home.wait_job(0, id, Duration::from_secs(1800))?;
+    if done["status"] != "succeeded" {
+        bail!("job failed: {done} {:?}", home.job_messages(0, id)?);
+    }
+    Ok(done)
+}
+
+/// CPU seconds and throttled periods of each of `home`'s devices.
+fn usage(home: &Home) -> Result<Vec<(f64, u64)>> {
+    home.devices.iter().map(|d| d.group.usage()).collect()
+}
+
+/// Prints what each device of `home` used since `before`, over `wall` s.
+fn print_usage(label: &str, home: &Home, before: &[(f64, u64)], wall: f64) -> Result<()> {
+    for (d, (cpu0, thr0)) in home.devices.iter().zip(before) {
+        let (cpu, thr) = d.group.usage()?;
+        println!(
+            "    {label} {}: {:.1} CPU s in {wall:.1} s ({:.2} cores), throttled in {} periods",
+            d.name,
+            cpu - cpu0,
+            (cpu - cpu0) / wall,
+            thr.saturating_sub(*thr0),
+        );
+    }
+    Ok(())
+}
+
 /// Runs a job on device 0 to its end; returns (median step seconds after
 /// the first step, the job object). `during` runs once step 2 is done.
 fn train(
@@ -93,17 +133,29 @@ fn train(
     let id = home.start_job(0, &train_data(), train_extras(steps))?;
     home.wait_step(0, &id, 2, Duration::from_secs(900))?;
     during()?;
-    let done = home.wait_job(0, &id, Duration::from_secs(1800))?;
-    if done["status"] != "succeeded" {
-        bail!("job failed: {done} {:?}", home.job_messages(0, &id)?);
-    }
-    let steps: Vec<f64> = home
-        .job_events(0, &id)?
-        .iter()
-        .filter_map(|e| e["data"]["step_s"].as_f64())
-        .skip(1)
-        .collect();
-    Ok((median(&steps), done))
+    let done = finished(home, &id)?;
+    Ok((step_median(home, &id)?, done))
+}
+
+/// The same job on `single` and on `cluster` at once (each on its own
+/// share of the host's cores, under the same host conditions): the two
+/// median step times, the cluster's job object.
+fn train_together(
+    single: &Home,
+    cluster: &Home,
+    steps: u64,
+) -> Result<(f64, f64, serde_json::Value)> {
+    let (u_single, u_cluster) = (usage(single)?, usage(cluster)?);
+    let t0 = Instant::now();
+    let a = single.start_job(0, &train_data(), train_extras(steps))?;
+    let b = cluster.start_job(0, &train_data(), train_extras(steps))?;
+    finished(single, &a)?;
+    let wall_single = t0.elapsed().as_secs_f64();
+    let job = finished(cluster, &b)?;
+    let wall_cluster = t0.elapsed().as_secs_f64();
+    print_usage("single", single, &u_single, wall_single)?;
+    print_usage("cluster", cluster, &u_cluster, wall_cluster)?;
+    Ok((step_median(single, &a)?, step_median(cluster, &b)?, job))
 }
 
 fn stages(job: &serde_json::Value) -> String {
@@ -125,29 +177,27 @@ fn stages(job: &serde_json::Value) -> String {
 
 /// Part 5: the LoRA job rows.
 fn training(args: &Args, rows: &mut Vec<Row>, placements: &mut Vec<String>) -> Result<()> {
-    // The best single device runs beside the cluster, and the two take
-    // turns (single, cluster, single, ...): each side's figure is the mean
-    // of its jobs, so a host whose speed drifts over minutes shifts both
-    // sides alike.
-    println!("training: the best single device (1 core) beside a=1, b=0.25");
+    // The best single device runs beside the cluster, and in each round
+    // the two run the same job at the same time, each on its own core's
+    // worth of the host (2 cores here): the host's speed, which drifts by
+    // 10-25% over minutes, is then the same for both. Each side's figure
+    // is the mean over rounds of its jobs' median step.
+    println!("training: the best single device (1 core) beside a=1, b=0.25, jobs at the same time");
     let (reference, _) = start(&[1.0])?;
     let (home, _) = start(&[1.0, 0.25])?;
-    let alone = || -> Result<f64> {
-        let (s, _) = train(&reference, args.train_steps, || Ok(()))?;
-        println!("  single device: {s:.2} s per step");
-        Ok(s)
-    };
-    let mut singles = vec![alone()?];
-    let mut clusters = Vec::new();
+    let (mut singles, mut clusters) = (Vec::new(), Vec::new());
     let mut uninterrupted = serde_json::Value::Null;
     for _ in 0..TRAIN_ROUNDS {
-        let (s, job) = train(&home, args.train_steps, || Ok(()))?;
-        println!("  cluster: {s:.2} s per step on {}", stages(&job));
-        clusters.push(s);
+        let (s, c, job) = train_together(&reference, &home, args.train_steps)?;
+        println!(
+            "  single device {s:.2} s per step; cluster {c:.2} s per step on {}",
+            stages(&job)
+        );
+        singles.push(s);
+        clusters.push(c);
         if uninterrupted.is_null() {
             uninterrupted = job;
         }
-        singles.push(alone()?);
     }
     drop(reference);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -514,7 +564,7 @@ fn main() -> Result<()> {
             "train_steps": args.train_steps,
             "part": args.part,
             "placements": placements,
-            "method": "the best single device (one node, 1-core quota) runs beside each configuration and the two are measured in turns: single-stream runs alternate (medians), 8-stream windows alternate (means), LoRA jobs alternate single, cluster, single, ... (means)",
+            "method": "the best single device (one node, 1-core quota) runs beside each configuration and the two are measured in turns: single-stream runs alternate (medians), 8-stream windows alternate (means), LoRA jobs run at the same time on both, each on its own core of the host (means over rounds of each job's median step)",
             "plans": plans,
         }),
     )?;

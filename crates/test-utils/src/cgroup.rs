@@ -148,6 +148,34 @@ impl CpuGroup {
         self.cores
     }
 
+    /// CPU seconds its processes have used so far (user + system, all
+    /// threads, from `/proc/PID/stat`), and how many quota periods it was
+    /// throttled in (`cpu.stat`; 0 where the file lacks it).
+    pub fn usage(&self) -> Result<(f64, u64)> {
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs"))?;
+        // Clock ticks per second: 100 on every Linux this runs on.
+        let mut ticks = 0u64;
+        for pid in procs.split_whitespace() {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the command (which may hold spaces) in `)`.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15, i.e. 11 and 12 here.
+            for i in [11, 12] {
+                ticks += f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        let throttled = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok((ticks as f64 / 100.0, throttled))
+    }
+
     /// The group's directory.
     pub fn path(&self) -> &Path {
         &self.dir
