@@ -41,6 +41,15 @@ pub struct Config {
     /// 3.x); none: plain RoPE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// Sliding-window attention: a query at position p sees the keys at
+    /// positions p - w < j <= p (w keys, itself included), as transformers
+    /// masks them. Mistral 7B v0.1's every layer; Qwen's layers from
+    /// `max_window_layers` on when `use_sliding_window` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Which layers slide (by global index); empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sliding_layers: Vec<bool>,
 }
 
 /// A rescaling of the rotary frequencies.
@@ -166,6 +175,94 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
     }
 }
 
+/// The sliding window of a `config.json` as transformers reads it: the
+/// window and which layers slide (empty: all).
+/// - Mistral: every layer, `sliding_window` (4096 where the key is missing,
+///   none where it is null); transformers ignores `layer_types` there.
+/// - Qwen2/3: only with `use_sliding_window`, the layers from
+///   `max_window_layers` (28) on, or as `layer_types` names them.
+/// - Others (Llama): full attention; a `layer_types` naming anything else
+///   is refused.
+fn hf_sliding_window(
+    arch: &str,
+    text: &str,
+    use_sliding_window: bool,
+    max_window_layers: Option<usize>,
+    layer_types: &[String],
+    layers: usize,
+) -> Result<(Option<usize>, Vec<bool>)> {
+    let raw: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ModelError::InvalidConfig(format!("config.json: {e}")))?;
+    let window = match raw.get("sliding_window") {
+        None => None,
+        Some(v) if v.is_null() => Some(None),
+        Some(v) => Some(Some(
+            v.as_u64()
+                .and_then(|w| usize::try_from(w).ok())
+                .filter(|w| *w > 0)
+                .ok_or_else(|| {
+                    ModelError::InvalidConfig(format!("sliding_window {v} is not a positive size"))
+                })?,
+        )),
+    };
+    let named = |w: usize| -> Result<(Option<usize>, Vec<bool>)> {
+        if layer_types.len() != layers {
+            return Err(ModelError::InvalidConfig(format!(
+                "layer_types names {} layers of {layers}",
+                layer_types.len()
+            )));
+        }
+        let mut kinds = Vec::with_capacity(layers);
+        for t in layer_types {
+            kinds.push(match t.as_str() {
+                "full_attention" => false,
+                "sliding_attention" => true,
+                other => {
+                    return Err(ModelError::InvalidConfig(format!(
+                        "layer_types names {other:?} layers; only full and sliding attention are supported"
+                    )));
+                }
+            });
+        }
+        Ok(if kinds.iter().any(|k| *k) {
+            (Some(w), kinds)
+        } else {
+            (None, Vec::new())
+        })
+    };
+    match arch {
+        "mistral" => Ok((window.unwrap_or(Some(4096)), Vec::new())),
+        "qwen2" | "qwen3" => {
+            let w = if use_sliding_window {
+                window.unwrap_or(Some(4096))
+            } else {
+                None
+            };
+            match w {
+                None => Ok((None, Vec::new())),
+                Some(w) if !layer_types.is_empty() => named(w),
+                Some(w) => {
+                    let from = max_window_layers.unwrap_or(28);
+                    let kinds: Vec<bool> = (0..layers).map(|i| i >= from).collect();
+                    Ok(if kinds.iter().any(|k| *k) {
+                        (Some(w), kinds)
+                    } else {
+                        (None, Vec::new())
+                    })
+                }
+            }
+        }
+        _ => {
+            if let Some(t) = layer_types.iter().find(|t| *t != "full_attention") {
+                return Err(ModelError::InvalidConfig(format!(
+                    "layer_types names {t:?} layers; only full attention is supported for {arch}"
+                )));
+            }
+            Ok((None, Vec::new()))
+        }
+    }
+}
+
 impl Config {
     /// Checks the relations between fields that the decoder relies on.
     pub fn validate(&self) -> Result<()> {
@@ -204,6 +301,16 @@ impl Config {
             r.validate(self.head_dim)
                 .map_err(ModelError::InvalidConfig)?;
         }
+        if self.sliding_window == Some(0) {
+            return bad("a sliding window of 0 tokens".into());
+        }
+        if !self.sliding_layers.is_empty() && self.sliding_layers.len() != self.num_hidden_layers {
+            return bad(format!(
+                "{} layer kinds for {} layers",
+                self.sliding_layers.len(),
+                self.num_hidden_layers
+            ));
+        }
         Ok(())
     }
 
@@ -211,6 +318,14 @@ impl Config {
     /// the head dimension, before RoPE): Qwen3.
     pub fn qk_norm(&self) -> bool {
         self.architecture == "qwen3"
+    }
+
+    /// The attention window of layer `layer` (its global index), if it
+    /// slides.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        (self.sliding_layers.is_empty() || self.sliding_layers.get(layer).copied() == Some(true))
+            .then_some(w)
     }
 
     /// Query heads per KV head.
@@ -249,6 +364,8 @@ impl Config {
             /// Qwen's switch for its sliding-window layers.
             #[serde(default)]
             use_sliding_window: bool,
+            /// Qwen: layers from this index on slide (when switched on).
+            max_window_layers: Option<usize>,
             /// transformers 5: each layer's attention kind.
             #[serde(default)]
             layer_types: Vec<String>,
@@ -289,16 +406,14 @@ impl Config {
             )));
         }
         let attention_bias = hf.attention_bias.unwrap_or(arch == "qwen2");
-        if hf.use_sliding_window && arch.starts_with("qwen") {
-            return Err(ModelError::InvalidConfig(
-                "use_sliding_window is set: sliding-window attention is not supported for Qwen models yet".into(),
-            ));
-        }
-        if let Some(t) = hf.layer_types.iter().find(|t| *t != "full_attention") {
-            return Err(ModelError::InvalidConfig(format!(
-                "layer_types names {t:?} layers; only full attention is supported for {arch} yet"
-            )));
-        }
+        let (sliding_window, sliding_layers) = hf_sliding_window(
+            &arch,
+            text,
+            hf.use_sliding_window,
+            hf.max_window_layers,
+            &hf.layer_types,
+            hf.num_hidden_layers,
+        )?;
         if hf.num_attention_heads == 0 {
             return Err(ModelError::InvalidConfig("num_attention_heads is 0".into()));
         }
@@ -329,6 +444,8 @@ impl Config {
             rope_scaling: hf_rope_scaling(
                 hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()),
             )?,
+            sliding_window,
+            sliding_layers,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -373,17 +490,85 @@ mod tests {
         assert!(!cfg.attention_bias);
         // Wider heads than hidden / heads, as Qwen3 has.
         assert_eq!(cfg.head_dim, 32);
+        assert_eq!(cfg.window(0), None);
+        // Switched on: the layers from max_window_layers (28) on slide, so
+        // none of these two.
         let sliding = json.replace(
             r#""use_sliding_window":false"#,
             r#""use_sliding_window":true"#,
         );
-        let err = Config::from_hf_json(&sliding).unwrap_err().to_string();
-        assert!(err.contains("sliding"), "{err}");
+        assert_eq!(Config::from_hf_json(&sliding).unwrap().sliding_window, None);
+        let from_one = sliding.replace(
+            r#""use_sliding_window":true"#,
+            r#""use_sliding_window":true,"max_window_layers":1,"sliding_window":16"#,
+        );
+        let cfg = Config::from_hf_json(&from_one).unwrap();
+        assert_eq!((cfg.window(0), cfg.window(1)), (None, Some(16)));
         assert!(
             !Config::from_hf_json(&json.replace("Qwen3", "Qwen2"))
                 .unwrap()
                 .qk_norm()
         );
+    }
+
+    #[test]
+    fn sliding_windows_read_as_transformers_reads_them() {
+        let base = r#"{"model_type":"mistral","vocab_size":100,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4"#;
+        let cfg = |extra: &str| Config::from_hf_json(&format!("{base}{extra}}}"));
+        // Mistral: every layer; 4096 when the key is missing, none when null.
+        let c = cfg("").unwrap();
+        assert_eq!((c.window(0), c.window(1)), (Some(4096), Some(4096)));
+        assert_eq!(cfg(r#","sliding_window":null"#).unwrap().window(1), None);
+        let c = cfg(r#","sliding_window":8"#).unwrap();
+        assert_eq!((c.window(0), c.window(1)), (Some(8), Some(8)));
+        for bad in [
+            r#","sliding_window":0"#,
+            r#","sliding_window":-3"#,
+            r#","sliding_window":"x""#,
+        ] {
+            let err = cfg(bad).unwrap_err().to_string();
+            assert!(err.contains("sliding_window"), "{bad}: {err}");
+        }
+        // Qwen with layer_types: as they say.
+        let qwen = r#"{"model_type":"qwen2","vocab_size":100,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+            "use_sliding_window":true,"sliding_window":5,
+            "layer_types":["sliding_attention","full_attention"]}"#;
+        let c = Config::from_hf_json(qwen).unwrap();
+        assert_eq!((c.window(0), c.window(1)), (Some(5), None));
+        let short = qwen.replace(r#","full_attention""#, "");
+        assert!(
+            Config::from_hf_json(&short)
+                .unwrap_err()
+                .to_string()
+                .contains("layer_types")
+        );
+        let odd = qwen.replace("full_attention", "chunked_attention");
+        assert!(
+            Config::from_hf_json(&odd)
+                .unwrap_err()
+                .to_string()
+                .contains("chunked_attention")
+        );
+        // Llama has no sliding layers in transformers: refused, not run wrong.
+        let llama = qwen.replace("qwen2", "llama");
+        assert!(
+            Config::from_hf_json(&llama)
+                .unwrap_err()
+                .to_string()
+                .contains("sliding_attention")
+        );
+        // A layer list that does not cover the layers is invalid.
+        let mut c = Config::from_hf_json(qwen).unwrap();
+        c.sliding_layers.push(true);
+        assert!(c.validate().is_err());
+        // Older documents without the fields still read.
+        let mut v = serde_json::to_value(Config::from_hf_json(qwen).unwrap()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("sliding_window");
+        o.remove("sliding_layers");
+        assert_eq!(serde_json::from_value::<Config>(v).unwrap().window(0), None);
     }
 
     #[test]

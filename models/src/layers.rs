@@ -200,6 +200,9 @@ pub struct Attention {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding-window attention: each query sees this many keys at most,
+    /// its own and those just before it (`Config::window`).
+    pub window: Option<usize>,
     pub fused: bool,
 }
 
@@ -247,16 +250,19 @@ impl Attention {
             )?;
             let t = span.start_pos + l;
             if l == 1 && self.fused {
-                // Single-token decode: attend straight over the cache rows.
+                // Single-token decode: attend straight over the cache rows
+                // (the window's last ones, when it slides).
                 let qv = q
                     .narrow(0, span.offset, 1)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
                 let (ks, vs) = cache.slices(layer, t);
+                let skip = self.window.map_or(0, |w| t.saturating_sub(w));
+                let row = self.kv_heads * self.head_dim;
                 let o = decode_attention(
                     &qv,
-                    ks,
-                    vs,
+                    ks.get(skip * row..).unwrap_or_default(),
+                    vs.get(skip * row..).unwrap_or_default(),
                     self.heads,
                     self.kv_heads,
                     self.head_dim,
@@ -284,8 +290,9 @@ impl Attention {
             // Heads h*groups..(h+1)*groups share KV head h: fold them into rows.
             let qg = (qs.reshape((self.kv_heads, groups * l, self.head_dim))? * scale)?;
             let scores = qg.matmul(&kall.t()?)?; // [kvh, g*l, t]
-            let scores = if l > 1 {
-                let mask = causal_mask(l, t, span.start_pos, x.device())?;
+            let slides = self.window.is_some_and(|w| t > w);
+            let scores = if l > 1 || slides {
+                let mask = causal_mask(l, t, span.start_pos, self.window, x.device())?;
                 scores
                     .reshape((self.kv_heads, groups, l, t))?
                     .broadcast_add(&mask)?
@@ -365,12 +372,21 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&s)?)
 }
 
-/// `[l, t]` additive mask: query i (at position start+i) sees keys 0..=start+i.
-fn causal_mask(l: usize, t: usize, start: usize, device: &Device) -> Result<Tensor> {
+/// `[l, t]` additive mask: query i (at position p = start+i) sees keys
+/// 0..=p, or with a sliding window w only those with p - j < w.
+fn causal_mask(
+    l: usize,
+    t: usize,
+    start: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let w = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..l)
         .flat_map(|i| {
             (0..t).map(move |j| {
-                if j <= start + i {
+                let p = start + i;
+                if j <= p && p - j < w {
                     0.0
                 } else {
                     f32::NEG_INFINITY

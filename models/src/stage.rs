@@ -248,6 +248,7 @@ impl Stage {
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.num_key_value_heads,
                     head_dim: hd,
+                    window: cfg.window(i),
                     fused,
                 },
                 ffn_norm: norm(id(L::FfnNorm))?,

@@ -654,6 +654,15 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
         rope_scaling: None,
+        // Every layer slides where the file says so (llama.cpp's converter
+        // writes no window for Llama or Mistral, which it then runs with
+        // full attention, as Hearth does).
+        sliding_window: c
+            .metadata
+            .get(&k("attention.sliding_window"))
+            .and_then(value_usize)
+            .filter(|w| *w > 0),
+        sliding_layers: Vec::new(),
         architecture: arch,
     };
     cfg.validate()?;

@@ -325,3 +325,37 @@ fn smollm2_quantized_gpu_picks_the_cpu_token_wherever_the_choice_is_clear() -> R
     assert!(clear >= 16, "only {clear} clear choices");
     Ok(())
 }
+
+/// A sliding window of 8 (transformers' Mistral fixture) on the device:
+/// a prefill that crosses it, then decode steps past it, against the CPU
+/// stage (which matches transformers, `stages.rs`).
+#[test]
+fn sliding_window_attention_on_the_gpu_equals_the_cpu() -> Result<()> {
+    let Some(gpu) = hearth_test_utils::gpu() else {
+        return Ok(());
+    };
+    let dir = hearth_test_utils::workspace_root().join("tests/fixtures/hf/mistral-swa");
+    let w = WeightFile::open(&dir)?;
+    assert_eq!(w.config().window(0), Some(8));
+    let full = StageSpec::full(w.config().num_hidden_layers);
+    let ids: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % 64).collect();
+    for precision in [Precision::F32, Precision::Quantized] {
+        let cpu = Stage::load(&w, full, precision)?;
+        let on_gpu = Stage::load_gpu(gpu.clone(), &w, full, precision)?;
+        let (mut cc, mut gc) = (cpu.new_cache(), on_gpu.new_cache());
+        let run = |s: &Stage, c: &mut KvCache, ids: &[u32], l: Logits| {
+            s.forward(StageInput::Tokens(ids.to_vec()), &[ids.len()], &mut [c], l)
+        };
+        let a = run(&on_gpu, &mut gc, &ids[..12], Logits::All)?;
+        let b = run(&cpu, &mut cc, &ids[..12], Logits::All)?;
+        let d = rel_diff(&a, &b)?;
+        assert!(d < F32_TOL, "{precision:?}: prefill differs by {d}");
+        for (i, id) in ids.iter().enumerate().skip(12) {
+            let a = run(&on_gpu, &mut gc, &[*id], Logits::Last)?;
+            let b = run(&cpu, &mut cc, &[*id], Logits::Last)?;
+            let d = rel_diff(&a, &b)?;
+            assert!(d < F32_TOL, "{precision:?}: decode at {i} differs by {d}");
+        }
+    }
+    Ok(())
+}

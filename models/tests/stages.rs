@@ -488,6 +488,75 @@ fn qwen3_matches_transformers() -> Result<()> {
     Ok(())
 }
 
+/// transformers' sliding-window models (a window of 8 on every layer of a
+/// Mistral; of 6 on layers 1 and 2 of a Qwen2), over 40 ids: all at once,
+/// in chunks that start inside and past the window, and token by token
+/// (the single-token decode path), on the f32 and the fused paths.
+#[test]
+fn sliding_window_models_match_transformers() -> Result<()> {
+    for name in ["mistral-swa", "qwen2-swa"] {
+        let dir = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/hf")
+            .join(name);
+        let w = WeightFile::open(&dir)?;
+        assert!(w.config().sliding_window.is_some(), "{name}");
+        let (ids, want) = transformers_logits(&dir)?;
+        let (n, vocab) = want.dims2()?;
+        let scale = max_abs(&want)?;
+        let mut steps = vec![13];
+        steps.resize(n - 13 + 1, 1);
+        for precision in [Precision::F32, Precision::Quantized] {
+            let st = Stage::load(&w, StageSpec::full(w.config().num_hidden_layers), precision)?;
+            for chunks in [vec![n], vec![3, 9, 1, 5, 22], steps.clone()] {
+                let mut c = st.new_cache();
+                let mut rows = Vec::new();
+                let mut at = 0;
+                for len in chunks.iter().copied() {
+                    let y = st.forward(
+                        StageInput::Tokens(ids[at..at + len].to_vec()),
+                        &[len],
+                        &mut [&mut c],
+                        Logits::All,
+                    )?;
+                    rows.push(y.reshape((len, vocab))?);
+                    at += len;
+                }
+                let got = Tensor::cat(&rows, 0)?;
+                let d = max_diff(&got, &want)?;
+                assert!(
+                    d < 1e-4 * scale.max(1.0),
+                    "{name} {precision:?} in chunks {:?}: max diff {d} (logits up to {scale})",
+                    &chunks[..chunks.len().min(6)]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A GGUF that names a window (`llama.attention.sliding_window`) runs it
+/// on every layer, as transformers runs the same Mistral.
+#[test]
+fn a_gguf_sliding_window_matches_transformers() -> Result<()> {
+    let dir = hearth_test_utils::workspace_root().join("tests/fixtures/hf/mistral-swa");
+    let out = tempfile::tempdir()?;
+    let gguf = out.path().join("mistral-swa.gguf");
+    hearth_test_utils::hf_llama_to_gguf(&dir, &gguf, &[])?;
+    let w = WeightFile::open(&gguf)?;
+    assert_eq!(
+        (w.config().window(0), w.config().window(1)),
+        (Some(8), Some(8))
+    );
+    let (ids, want) = transformers_logits(&dir)?;
+    let got = full_logits(&w, Precision::F32, &ids)?.reshape(want.shape())?;
+    let (d, scale) = (max_diff(&got, &want)?, max_abs(&want)?);
+    assert!(
+        d < 1e-4 * scale.max(1.0),
+        "max diff {d} (logits up to {scale})"
+    );
+    Ok(())
+}
+
 #[test]
 fn qwen3_gguf_equals_safetensors() -> Result<()> {
     let (_d, m) = tiny(TinySpec {

@@ -504,6 +504,12 @@ fn qwen3_backward_matches_pytorch() {
 }
 
 #[test]
+fn sliding_window_backward_matches_pytorch() {
+    backward_matches_transformers("mistral-swa");
+    backward_matches_transformers("qwen2-swa");
+}
+
+#[test]
 fn llama3_rope_scaling_backward_matches_pytorch() {
     backward_matches_transformers("llama3-rope");
 }

@@ -197,6 +197,8 @@ impl Shape {
             tie_word_embeddings: false,
             attention_bias: false,
             rope_scaling: None,
+            sliding_window: None,
+            sliding_layers: Vec::new(),
         }
     }
 

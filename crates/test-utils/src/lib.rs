@@ -361,7 +361,8 @@ pub fn gguf_name(name: &str) -> String {
 
 /// Writes a Hugging Face llama folder (`config.json` + safetensors) as an
 /// f32 GGUF the way llama.cpp's converter lays it out (Q/K rows permuted
-/// for its interleaved RoPE), plus `extra` tensors under their GGUF names.
+/// for its interleaved RoPE), plus `extra` tensors under their GGUF names,
+/// and `llama.attention.sliding_window` where `config.json` has a window.
 /// Holds no tokenizer: for model-code checks.
 pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -> Result<()> {
     let cfg: serde_json::Value =
@@ -427,6 +428,14 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
             Value::F32(cfg["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32),
         ),
     ];
+    let mut meta = meta;
+    // A window on every layer (Mistral's), where the folder has one.
+    if let Some(w) = cfg["sliding_window"].as_u64() {
+        meta.push((
+            format!("{a}.attention.sliding_window"),
+            Value::U32(w as u32),
+        ));
+    }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(out).with_context(|| out.display().to_string())?;

@@ -346,7 +346,7 @@ impl<'g> Batch<'g> {
     /// Parameters as attention.wgsl's `Params`; `heads` x `tokens` workgroups.
     pub(crate) fn attention(
         &mut self,
-        params: &[u32; 12],
+        params: &[u32; 13],
         qkv: &wgpu::Buffer,
         cache: &wgpu::Buffer,
         scores: &wgpu::Buffer,

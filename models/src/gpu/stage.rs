@@ -33,6 +33,8 @@ struct GpuLayer {
     qkv: GpuMatrix,
     /// Per-head query and key norm weights (Qwen3).
     qk_norm: Option<(wgpu::Buffer, wgpu::Buffer)>,
+    /// Sliding-window attention: keys seen per query (0: all).
+    window: u32,
     o: GpuMatrix,
     ffn_norm: wgpu::Buffer,
     gate_up: GpuMatrix,
@@ -161,6 +163,9 @@ impl GpuStage {
                 } else {
                     None
                 },
+                window: cfg
+                    .window(i)
+                    .map_or(0, |w| u32::try_from(w).unwrap_or(u32::MAX)),
                 o: group(&[(id(L::O), None, h)], qdim)?,
                 ffn_norm: vector(id(L::FfnNorm), h)?,
                 gate_up: group(&[(id(L::Gate), None, inter), (id(L::Up), None, inter)], h)?,
@@ -344,6 +349,7 @@ impl GpuStage {
                         kvdim as u32,
                         t_max as u32,
                         (scale as f32).to_bits(),
+                        layer.window,
                     ],
                     &qkv,
                     cache,

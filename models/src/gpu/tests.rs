@@ -266,6 +266,8 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         tie_word_embeddings: true,
         attention_bias: false,
         rope_scaling: None,
+        sliding_window: None,
+        sliding_layers: Vec::new(),
     };
     let rope = Rope::new(&cfg, 64, candle_core::DType::F32, &dev).unwrap();
     let (n, heads, hd, stride) = (4, 4, 16, 80);
@@ -332,15 +334,25 @@ fn naive_attention(
     heads: usize,
     kvh: usize,
     hd: usize,
+    window: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; l * heads * hd];
     for i in 0..l {
         for h in 0..heads {
             let g = h / (heads / kvh);
             let t = start + i + 1;
+            // Keys p - window < j <= p (all of them with no window).
+            let lo = if window > 0 {
+                t.saturating_sub(window)
+            } else {
+                0
+            };
             let qv = &q[(i * heads + h) * hd..(i * heads + h + 1) * hd];
             let s: Vec<f32> = (0..t)
                 .map(|j| {
+                    if j < lo {
+                        return f32::NEG_INFINITY;
+                    }
                     let k = &keys[(j * kvh + g) * hd..(j * kvh + g + 1) * hd];
                     qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
                 })
@@ -390,47 +402,56 @@ fn kv_append_and_attention_match_a_naive_reference() {
         qkv[row + qdim..row + qdim + kvdim].copy_from_slice(&keys[j * kvdim..(j + 1) * kvdim]);
         qkv[row + qdim + kvdim..row + stride].copy_from_slice(&values[j * kvdim..(j + 1) * kvdim]);
     }
-    let want = naive_attention(&q, &keys, &values, l, start, heads, kvh, hd);
-    let (qb, cb) = (upload_f32(&gpu, &qkv), upload_f32(&gpu, &cache));
-    let scores = gpu.scratch("scores", l * heads * t).unwrap();
-    let out = gpu.scratch("out", (offset + l) * qdim).unwrap();
-    let scale = (1.0 / (hd as f32).sqrt()).to_bits();
-    let layer_off = (layer * 2 * kvdim) as u32;
-    let got = run(&gpu, &out, (offset + l) * qdim, |b| {
-        b.kv_append(
-            [
-                l as u32,
-                kvdim as u32,
-                offset as u32,
-                stride as u32,
-                qdim as u32,
-                start as u32,
-                cache_row as u32,
-                layer_off,
-            ],
-            &qb,
-            &cb,
+    // No window, and one of 3 keys (the first new token sees 3 of its 6).
+    for window in [0usize, 3] {
+        let want = naive_attention(&q, &keys, &values, l, start, heads, kvh, hd, window);
+        let (qb, cb) = (upload_f32(&gpu, &qkv), upload_f32(&gpu, &cache));
+        let scores = gpu.scratch("scores", l * heads * t).unwrap();
+        let out = gpu.scratch("out", (offset + l) * qdim).unwrap();
+        let scale = (1.0 / (hd as f32).sqrt()).to_bits();
+        let layer_off = (layer * 2 * kvdim) as u32;
+        let got = run(&gpu, &out, (offset + l) * qdim, |b| {
+            b.kv_append(
+                [
+                    l as u32,
+                    kvdim as u32,
+                    offset as u32,
+                    stride as u32,
+                    qdim as u32,
+                    start as u32,
+                    cache_row as u32,
+                    layer_off,
+                ],
+                &qb,
+                &cb,
+            );
+            b.attention(
+                &[
+                    l as u32,
+                    start as u32,
+                    heads as u32,
+                    kvh as u32,
+                    hd as u32,
+                    stride as u32,
+                    offset as u32,
+                    cache_row as u32,
+                    layer_off,
+                    kvdim as u32,
+                    t as u32,
+                    scale,
+                    window as u32,
+                ],
+                &qb,
+                &cb,
+                &scores,
+                &out,
+            );
+        });
+        assert_close(
+            &got[offset * qdim..],
+            &want,
+            1e-5,
+            &format!("attention, window {window}"),
         );
-        b.attention(
-            &[
-                l as u32,
-                start as u32,
-                heads as u32,
-                kvh as u32,
-                hd as u32,
-                stride as u32,
-                offset as u32,
-                cache_row as u32,
-                layer_off,
-                kvdim as u32,
-                t as u32,
-                scale,
-            ],
-            &qb,
-            &cb,
-            &scores,
-            &out,
-        );
-    });
-    assert_close(&got[offset * qdim..], &want, 1e-5, "attention");
+    }
 }

@@ -61,12 +61,24 @@ impl BatchLayout {
     /// see key `j` (`j <= i`, same segment), `-inf` elsewhere. The diagonal
     /// is always visible, so no row is empty (padding attends to itself).
     pub fn mask(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.windowed_mask(None, dtype, device)
+    }
+
+    /// [`BatchLayout::mask`] of a sliding-window layer: query `i` sees
+    /// only the `window` keys up to itself (`i - j < window`).
+    pub fn windowed_mask(
+        &self,
+        window: Option<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let w = window.unwrap_or(usize::MAX);
         let l = self.len;
         let mut m = Vec::with_capacity(self.rows * l * l);
         for row in self.segments.chunks(l) {
             for i in 0..l {
                 for j in 0..l {
-                    let visible = j <= i && row[i] == row[j];
+                    let visible = j <= i && i - j < w && row[i] == row[j];
                     m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
                 }
             }

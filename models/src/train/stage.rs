@@ -232,6 +232,9 @@ struct TBlock {
     attn_norm: RmsNorm,
     /// Per-head query and key norms (Qwen3).
     qk_norm: Option<(RmsNorm, RmsNorm)>,
+    /// Whether its attention slides (`Config::window`): it then takes
+    /// the batch's windowed mask.
+    slides: bool,
     q: TLinear,
     k: TLinear,
     v: TLinear,
@@ -247,6 +250,8 @@ struct Ctx<'a> {
     rows: usize,
     len: usize,
     mask: Tensor,
+    /// The mask of sliding-window layers (when the stage has any).
+    window_mask: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
     drop: &'a DropCtx,
@@ -291,7 +296,11 @@ impl TBlock {
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&c.mask)?;
+        let mask = match (&c.window_mask, self.slides) {
+            (Some(w), true) => w,
+            _ => &c.mask,
+        };
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
         let o = softmax(&scores)?.matmul(&v)?; // [rows, heads, len, d]
         let o = o
             .transpose(1, 2)?
@@ -432,6 +441,7 @@ impl TrainStage {
             blocks.push(TBlock {
                 attn_norm,
                 qk_norm,
+                slides: cfg.window(i).is_some(),
                 q,
                 k,
                 v,
@@ -574,6 +584,12 @@ impl TrainStage {
             rows: b.rows,
             len: b.len,
             mask: b.mask(self.dtype, &dev)?,
+            window_mask: match self.cfg.sliding_window {
+                Some(w) if self.blocks.iter().any(|k| k.slides) => {
+                    Some(b.windowed_mask(Some(w), self.dtype, &dev)?)
+                }
+                _ => None,
+            },
             cos: at(&self.rope.cos)?,
             sin: at(&self.rope.sin)?,
             drop,
@@ -671,6 +687,7 @@ impl TrainStage {
                 Ok(TBlock {
                     attn_norm: norm(&b.attn_norm),
                     qk_norm: b.qk_norm.as_ref().map(|(q, k)| (norm(q), norm(k))),
+                    slides: b.slides,
                     q: fold(&b.q)?,
                     k: fold(&b.k)?,
                     v: fold(&b.v)?,

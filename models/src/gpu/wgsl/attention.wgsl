@@ -18,6 +18,8 @@ struct Params {
     // Scratch floats per (token, head).
     t_max: u32,
     scale: f32,
+    // Sliding window: keys seen per query, its own included (0: all).
+    window: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -33,12 +35,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let h = wid.x;
     let i = wid.y;
     let t = p.start + i + 1u;
+    // The first key this query sees.
+    var lo = 0u;
+    if (p.window > 0u && t > p.window) {
+        lo = t - p.window;
+    }
     let g = h / (p.heads / p.kv_heads);
     let qb = (p.src_row + i) * p.stride + h * p.head_dim;
     let sb = (i * p.heads + h) * p.t_max;
     let kb = p.layer_off + g * p.head_dim;
     var m = -3.4e38;
-    for (var j = lid; j < t; j += 64u) {
+    for (var j = lo + lid; j < t; j += 64u) {
         var s = 0.0;
         for (var d = 0u; d < p.head_dim; d++) {
             s += qkv[qb + d] * cache[j * p.cache_row + kb + d];
@@ -58,7 +65,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let mx = red[0];
     workgroupBarrier();
     var sum = 0.0;
-    for (var j = lid; j < t; j += 64u) {
+    for (var j = lo + lid; j < t; j += 64u) {
         let e = exp(scores[sb + j] - mx);
         scores[sb + j] = e;
         sum += e;
@@ -77,7 +84,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let vb = kb + p.kv_dim;
     for (var d = lid; d < p.head_dim; d += 64u) {
         var o = 0.0;
-        for (var j = 0u; j < t; j++) {
+        for (var j = lo; j < t; j++) {
             o += (scores[sb + j] / total) * cache[j * p.cache_row + vb + d];
         }
         out[(p.src_row + i) * p.heads * p.head_dim + h * p.head_dim + d] = o;
