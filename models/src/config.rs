@@ -230,6 +230,15 @@ fn hf_sliding_window(
             (None, Vec::new())
         })
     };
+    // transformers refuses other kinds whatever the switches say.
+    if let Some(t) = layer_types
+        .iter()
+        .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+    {
+        return Err(ModelError::InvalidConfig(format!(
+            "layer_types names {t:?} layers; only full and sliding attention are supported"
+        )));
+    }
     match arch {
         "mistral" => Ok((window.unwrap_or(Some(4096)), Vec::new())),
         "qwen2" | "qwen3" => {

@@ -662,7 +662,25 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
             .get(&k("attention.sliding_window"))
             .and_then(value_usize)
             .filter(|w| *w > 0),
-        sliding_layers: Vec::new(),
+        // Which layers slide, where the file says (llama.cpp writes one
+        // bool per layer for models that mix them).
+        sliding_layers: match c.metadata.get(&k("attention.sliding_window_pattern")) {
+            Some(gguf_file::Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    gguf_file::Value::Bool(b) => Ok(*b),
+                    _ => Err(ModelError::InvalidConfig(
+                        "attention.sliding_window_pattern holds a non-boolean".into(),
+                    )),
+                })
+                .collect::<Result<Vec<bool>>>()?,
+            Some(_) => {
+                return Err(ModelError::InvalidConfig(
+                    "attention.sliding_window_pattern is not a list".into(),
+                ));
+            }
+            None => Vec::new(),
+        },
         architecture: arch,
     };
     cfg.validate()?;

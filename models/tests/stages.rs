@@ -538,22 +538,28 @@ fn sliding_window_models_match_transformers() -> Result<()> {
 /// on every layer, as transformers runs the same Mistral.
 #[test]
 fn a_gguf_sliding_window_matches_transformers() -> Result<()> {
-    let dir = hearth_test_utils::workspace_root().join("tests/fixtures/hf/mistral-swa");
-    let out = tempfile::tempdir()?;
-    let gguf = out.path().join("mistral-swa.gguf");
-    hearth_test_utils::hf_llama_to_gguf(&dir, &gguf, &[])?;
-    let w = WeightFile::open(&gguf)?;
-    assert_eq!(
-        (w.config().window(0), w.config().window(1)),
-        (Some(8), Some(8))
-    );
-    let (ids, want) = transformers_logits(&dir)?;
-    let got = full_logits(&w, Precision::F32, &ids)?.reshape(want.shape())?;
-    let (d, scale) = (max_diff(&got, &want)?, max_abs(&want)?);
-    assert!(
-        d < 1e-4 * scale.max(1.0),
-        "max diff {d} (logits up to {scale})"
-    );
+    // Every layer (Mistral), and the layers a pattern names (Qwen2's 1, 2).
+    for (name, windows) in [
+        ("mistral-swa", vec![Some(8), Some(8)]),
+        ("qwen2-swa", vec![None, Some(6), Some(6)]),
+    ] {
+        let dir = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/hf")
+            .join(name);
+        let out = tempfile::tempdir()?;
+        let gguf = out.path().join("swa.gguf");
+        hearth_test_utils::hf_llama_to_gguf(&dir, &gguf, &[])?;
+        let w = WeightFile::open(&gguf)?;
+        let got: Vec<Option<usize>> = (0..windows.len()).map(|i| w.config().window(i)).collect();
+        assert_eq!(got, windows, "{name}");
+        let (ids, want) = transformers_logits(&dir)?;
+        let got = full_logits(&w, Precision::F32, &ids)?.reshape(want.shape())?;
+        let (d, scale) = (max_diff(&got, &want)?, max_abs(&want)?);
+        assert!(
+            d < 1e-4 * scale.max(1.0),
+            "{name}: max diff {d} (logits up to {scale})"
+        );
+    }
     Ok(())
 }
 

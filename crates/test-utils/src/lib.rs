@@ -378,6 +378,8 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
         .or_else(|| cfg["rope_parameters"]["rope_theta"].as_f64())
         .unwrap_or(10_000.0);
     let (heads, kv_heads) = (num("num_attention_heads")?, num("num_key_value_heads")?);
+    let hf =
+        hearth_models::Config::from_hf_json(&std::fs::read_to_string(hf_dir.join("config.json"))?)?;
     let tensors = candle_core::safetensors::load(hf_dir.join("model.safetensors"), &Device::Cpu)?;
     let mut qts: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &tensors {
@@ -419,7 +421,7 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
         (format!("{a}.attention.head_count_kv"), Value::U32(kv_heads)),
         (
             format!("{a}.attention.key_length"),
-            Value::U32(num("head_dim")?),
+            Value::U32(u32::try_from(hf.head_dim)?),
         ),
         (format!("{a}.vocab_size"), Value::U32(num("vocab_size")?)),
         (format!("{a}.rope.freq_base"), Value::F32(theta as f32)),
@@ -429,12 +431,19 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
         ),
     ];
     let mut meta = meta;
-    // A window on every layer (Mistral's), where the folder has one.
-    if let Some(w) = cfg["sliding_window"].as_u64() {
+    // The window, as transformers reads the folder (Qwen's only when
+    // switched on), with the layers it covers where not all.
+    if let Some(w) = hf.sliding_window {
         meta.push((
             format!("{a}.attention.sliding_window"),
-            Value::U32(w as u32),
+            Value::U32(u32::try_from(w)?),
         ));
+        if !hf.sliding_layers.is_empty() {
+            meta.push((
+                format!("{a}.attention.sliding_window_pattern"),
+                Value::Array(hf.sliding_layers.iter().map(|b| Value::Bool(*b)).collect()),
+            ));
+        }
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -585,7 +585,8 @@ impl TrainStage {
             len: b.len,
             mask: b.mask(self.dtype, &dev)?,
             window_mask: match self.cfg.sliding_window {
-                Some(w) if self.blocks.iter().any(|k| k.slides) => {
+                // Only where the window cuts (else it is `mask`).
+                Some(w) if b.len > w && self.blocks.iter().any(|k| k.slides) => {
                     Some(b.windowed_mask(Some(w), self.dtype, &dev)?)
                 }
                 _ => None,
