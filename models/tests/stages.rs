@@ -660,3 +660,72 @@ fn llama3_rope_scaling_matches_transformers() -> Result<()> {
     );
     Ok(())
 }
+
+/// `src` rewritten with `extra` metadata entries added (tensors as they are).
+fn gguf_with_meta(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    extra: Vec<(String, candle_core::quantized::gguf_file::Value)>,
+) -> Result<()> {
+    use candle_core::quantized::{QTensor, gguf_file};
+    let mut f = std::fs::File::open(src)?;
+    let c = gguf_file::Content::read(&mut f)?;
+    let mut meta: Vec<(String, gguf_file::Value)> = c
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.extend(extra);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for n in c.tensor_infos.keys() {
+        tensors.push((n.clone(), c.tensor(&mut f, n, &candle_core::Device::Cpu)?));
+    }
+    let m: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(dst)?, &m, &t)?;
+    Ok(())
+}
+
+/// A GGUF's window and per-layer pattern: honoured when well formed, a
+/// clear error when the pattern is not a list of one bool per layer.
+#[test]
+fn gguf_sliding_window_patterns_are_checked() -> Result<()> {
+    use candle_core::quantized::gguf_file::Value;
+    let (d, m) = tiny(TinySpec::default())?;
+    let layers = WeightFile::open(&m.gguf_f32)?.config().num_hidden_layers;
+    let out = d.path().join("swa.gguf");
+    let window = ("llama.attention.sliding_window".to_string(), Value::U32(4));
+    let pattern = |v: Value| ("llama.attention.sliding_window_pattern".to_string(), v);
+    // Every layer but the first.
+    let kinds: Vec<Value> = (0..layers).map(|i| Value::Bool(i > 0)).collect();
+    gguf_with_meta(
+        &m.gguf_f32,
+        &out,
+        vec![window.clone(), pattern(Value::Array(kinds))],
+    )?;
+    let w = WeightFile::open(&out)?;
+    assert_eq!(
+        (w.config().window(0), w.config().window(1)),
+        (None, Some(4))
+    );
+    // The window cuts this prompt: the logits move.
+    let with = full_logits(&w, Precision::F32, &PROMPT)?;
+    let without = full_logits(&WeightFile::open(&m.gguf_f32)?, Precision::F32, &PROMPT)?;
+    assert!(max_diff(&with, &without)? > 1e-4);
+    for (bad, needle) in [
+        (Value::Array(vec![Value::Bool(true)]), "layer kinds"),
+        (
+            Value::Array((0..layers).map(|_| Value::U32(1)).collect()),
+            "non-boolean",
+        ),
+        (Value::Bool(true), "not a list"),
+    ] {
+        gguf_with_meta(&m.gguf_f32, &out, vec![window.clone(), pattern(bad)])?;
+        let err = WeightFile::open(&out).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains(needle)),
+            "{needle}: {err:?}"
+        );
+    }
+    Ok(())
+}
