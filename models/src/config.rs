@@ -181,63 +181,39 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
 ///   none where it is null); transformers ignores `layer_types` there.
 /// - Qwen2/3: only with `use_sliding_window`, the layers from
 ///   `max_window_layers` (28) on, or as `layer_types` names them.
-/// - Others (Llama): full attention; a `layer_types` naming anything else
+/// - Others (Llama): full attention; a `layer_types` naming sliding layers
 ///   is refused.
+///
+/// `layer_types` naming any other kind is refused, as transformers does.
 fn hf_sliding_window(
     arch: &str,
-    text: &str,
+    sliding_window: Option<&serde_json::Value>,
     use_sliding_window: bool,
     max_window_layers: Option<usize>,
     layer_types: &[String],
     layers: usize,
 ) -> Result<(Option<usize>, Vec<bool>)> {
-    let raw: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ModelError::InvalidConfig(format!("config.json: {e}")))?;
-    let window = match raw.get("sliding_window") {
+    let bad = |m: String| Err(ModelError::InvalidConfig(m));
+    // Missing: None; null: Some(None).
+    let window = match sliding_window {
         None => None,
         Some(v) if v.is_null() => Some(None),
-        Some(v) => Some(Some(
-            v.as_u64()
-                .and_then(|w| usize::try_from(w).ok())
-                .filter(|w| *w > 0)
-                .ok_or_else(|| {
-                    ModelError::InvalidConfig(format!("sliding_window {v} is not a positive size"))
-                })?,
-        )),
+        Some(v) => match v.as_u64().and_then(|w| usize::try_from(w).ok()) {
+            Some(w) if w > 0 => Some(Some(w)),
+            _ => return bad(format!("sliding_window {v} is not a positive size")),
+        },
     };
-    let named = |w: usize| -> Result<(Option<usize>, Vec<bool>)> {
-        if layer_types.len() != layers {
-            return Err(ModelError::InvalidConfig(format!(
-                "layer_types names {} layers of {layers}",
-                layer_types.len()
-            )));
-        }
-        let mut kinds = Vec::with_capacity(layers);
-        for t in layer_types {
-            kinds.push(match t.as_str() {
-                "full_attention" => false,
-                "sliding_attention" => true,
-                other => {
-                    return Err(ModelError::InvalidConfig(format!(
-                        "layer_types names {other:?} layers; only full and sliding attention are supported"
-                    )));
-                }
-            });
-        }
-        Ok(if kinds.iter().any(|k| *k) {
-            (Some(w), kinds)
-        } else {
-            (None, Vec::new())
-        })
-    };
-    // transformers refuses other kinds whatever the switches say.
-    if let Some(t) = layer_types
-        .iter()
-        .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
-    {
-        return Err(ModelError::InvalidConfig(format!(
-            "layer_types names {t:?} layers; only full and sliding attention are supported"
-        )));
+    let mut named = Vec::with_capacity(layer_types.len());
+    for t in layer_types {
+        named.push(match t.as_str() {
+            "full_attention" => false,
+            "sliding_attention" => true,
+            other => {
+                return bad(format!(
+                    "layer_types names {other:?} layers; only full and sliding attention are supported"
+                ));
+            }
+        });
     }
     match arch {
         "mistral" => Ok((window.unwrap_or(Some(4096)), Vec::new())),
@@ -247,28 +223,30 @@ fn hf_sliding_window(
             } else {
                 None
             };
-            match w {
-                None => Ok((None, Vec::new())),
-                Some(w) if !layer_types.is_empty() => named(w),
-                Some(w) => {
-                    let from = max_window_layers.unwrap_or(28);
-                    let kinds: Vec<bool> = (0..layers).map(|i| i >= from).collect();
-                    Ok(if kinds.iter().any(|k| *k) {
-                        (Some(w), kinds)
-                    } else {
-                        (None, Vec::new())
-                    })
-                }
-            }
+            let Some(w) = w else {
+                return Ok((None, Vec::new()));
+            };
+            let kinds = if named.is_empty() {
+                let from = max_window_layers.unwrap_or(28);
+                (0..layers).map(|i| i >= from).collect()
+            } else if named.len() == layers {
+                named
+            } else {
+                return bad(format!(
+                    "layer_types names {} layers of {layers}",
+                    named.len()
+                ));
+            };
+            Ok(if kinds.contains(&true) {
+                (Some(w), kinds)
+            } else {
+                (None, Vec::new())
+            })
         }
-        _ => {
-            if let Some(t) = layer_types.iter().find(|t| *t != "full_attention") {
-                return Err(ModelError::InvalidConfig(format!(
-                    "layer_types names {t:?} layers; only full attention is supported for {arch}"
-                )));
-            }
-            Ok((None, Vec::new()))
-        }
+        _ if named.contains(&true) => bad(format!(
+            "layer_types names \"sliding_attention\" layers; only full attention is supported for {arch}"
+        )),
+        _ => Ok((None, Vec::new())),
     }
 }
 
@@ -390,8 +368,9 @@ impl Config {
         fn default_ctx() -> usize {
             4096
         }
-        let hf: Hf = serde_json::from_str(text)
-            .map_err(|e| ModelError::InvalidConfig(format!("config.json: {e}")))?;
+        let invalid = |e: serde_json::Error| ModelError::InvalidConfig(format!("config.json: {e}"));
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(invalid)?;
+        let hf = Hf::deserialize(&raw).map_err(invalid)?;
         let arch = match hf.model_type.as_deref() {
             Some(t) => t.to_string(),
             None => match hf.architectures.first().map(String::as_str) {
@@ -417,7 +396,7 @@ impl Config {
         let attention_bias = hf.attention_bias.unwrap_or(arch == "qwen2");
         let (sliding_window, sliding_layers) = hf_sliding_window(
             &arch,
-            text,
+            raw.get("sliding_window"),
             hf.use_sliding_window,
             hf.max_window_layers,
             &hf.layer_types,
