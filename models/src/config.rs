@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 
 /// Architectures whose decoder this crate implements (llama family).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "mistral"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"];
 
 /// The error for a mixture-of-experts model: what it is, and that Hearth
 /// runs dense decoders only.
@@ -50,6 +51,48 @@ pub struct Config {
     /// Which layers slide (by global index); empty: all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sliding_layers: Vec<bool>,
+    /// The MLP's gate activation.
+    #[serde(default)]
+    pub hidden_act: Activation,
+    /// Attention scores are scaled by `1/sqrt(query_pre_attn_scalar)`
+    /// (Gemma) rather than `1/sqrt(head_dim)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Attention scores soft-capped to `(-c, c)` by `c·tanh(s/c)` before
+    /// the mask (Gemma 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcap: Option<f64>,
+    /// Output logits soft-capped the same way (Gemma 2, some Gemma 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcap: Option<f64>,
+    /// The RoPE theta of sliding-window layers, unscaled, where it differs
+    /// from the global layers' (Gemma 3's local RoPE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_theta: Option<f64>,
+}
+
+/// The activation of the MLP's gate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x·sigmoid(x)` (Llama, Qwen, Mistral, Phi).
+    #[default]
+    Silu,
+    /// GELU's tanh approximation, `gelu_pytorch_tanh` (Gemma).
+    GeluTanh,
+}
+
+impl Activation {
+    /// Reads a transformers activation name.
+    pub fn from_hf(name: &str) -> Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Self::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Ok(Self::GeluTanh),
+            other => Err(ModelError::InvalidConfig(format!(
+                "the MLP activation {other:?} is not supported (supported: silu, gelu_pytorch_tanh)"
+            ))),
+        }
+    }
 }
 
 /// A rescaling of the rotary frequencies.
@@ -65,6 +108,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Every frequency divided by `factor` (positions interpolated): Gemma
+    /// 3's global layers, older long-context Llama 2s.
+    Linear { factor: f64 },
     /// One divisor per rotary frequency, as llama.cpp's GGUF files store a
     /// scaling (`rope_freqs.weight`: Llama 3.x's, computed by its converter).
     Factors { factors: Vec<f64> },
@@ -76,6 +122,7 @@ impl RopeScaling {
     pub fn apply(&self, i: usize, inv: f64) -> f64 {
         match *self {
             Self::Factors { ref factors } => inv / factors.get(i).copied().unwrap_or(1.0),
+            Self::Linear { factor } => inv / factor,
             Self::Llama3 {
                 factor,
                 low_freq_factor,
@@ -98,6 +145,14 @@ impl RopeScaling {
 
     fn validate(&self, head_dim: usize) -> std::result::Result<(), String> {
         match *self {
+            Self::Linear { factor } => {
+                if !factor.is_finite() || factor <= 0.0 {
+                    return Err(format!(
+                        "linear rope_scaling factor {factor} must be positive"
+                    ));
+                }
+                Ok(())
+            }
             Self::Factors { ref factors } => {
                 if factors.len() != head_dim / 2 {
                     return Err(format!(
@@ -163,6 +218,9 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
     };
     match kind {
         "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: num("factor")?,
+        })),
         "llama3" => Ok(Some(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -170,7 +228,7 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         })),
         other => Err(ModelError::InvalidConfig(format!(
-            "rope_scaling of type {other:?} is not supported (supported: llama3)"
+            "rope_scaling of type {other:?} is not supported (supported: llama3, linear)"
         ))),
     }
 }
@@ -181,6 +239,9 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
 ///   none where it is null); transformers ignores `layer_types` there.
 /// - Qwen2/3: only with `use_sliding_window`, the layers from
 ///   `max_window_layers` (28) on, or as `layer_types` names them.
+/// - Gemma 2/3: `sliding_window` (4096 where missing), on the layers
+///   `layer_types` names, or else all but every `pattern`-th (Gemma 2: 2,
+///   the even layers slide; Gemma 3: `sliding_window_pattern`, 6).
 /// - Others (Llama): full attention; a `layer_types` naming sliding layers
 ///   is refused.
 ///
@@ -192,6 +253,7 @@ fn hf_sliding_window(
     max_window_layers: Option<usize>,
     layer_types: &[String],
     layers: usize,
+    pattern: Option<usize>,
 ) -> Result<(Option<usize>, Vec<bool>)> {
     let bad = |m: String| Err(ModelError::InvalidConfig(m));
     // Missing: None; null: Some(None).
@@ -217,8 +279,9 @@ fn hf_sliding_window(
     }
     match arch {
         "mistral" => Ok((window.unwrap_or(Some(4096)), Vec::new())),
-        "qwen2" | "qwen3" => {
-            let w = if use_sliding_window {
+        "qwen2" | "qwen3" | "gemma2" | "gemma3" => {
+            let gemma = arch.starts_with("gemma");
+            let w = if use_sliding_window || gemma {
                 window.unwrap_or(Some(4096))
             } else {
                 None
@@ -226,7 +289,17 @@ fn hf_sliding_window(
             let Some(w) = w else {
                 return Ok((None, Vec::new()));
             };
-            let kinds = if named.is_empty() {
+            let kinds = if named.is_empty() && gemma {
+                let period = if arch == "gemma2" {
+                    2
+                } else {
+                    pattern.unwrap_or(6)
+                };
+                if period == 0 {
+                    return bad("sliding_window_pattern 0".into());
+                }
+                (0..layers).map(|i| (i + 1) % period != 0).collect()
+            } else if named.is_empty() {
                 let from = max_window_layers.unwrap_or(28);
                 (0..layers).map(|i| i >= from).collect()
             } else if named.len() == layers {
@@ -288,6 +361,16 @@ impl Config {
             r.validate(self.head_dim)
                 .map_err(ModelError::InvalidConfig)?;
         }
+        let positive = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v > 0.0);
+        if !positive(self.query_pre_attn_scalar)
+            || !positive(self.attn_logit_softcap)
+            || !positive(self.final_logit_softcap)
+            || !positive(self.rope_local_theta)
+        {
+            return bad(
+                "query_pre_attn_scalar, soft-caps and the local RoPE theta must be positive".into(),
+            );
+        }
         if self.sliding_window == Some(0) {
             return bad("a sliding window of 0 tokens".into());
         }
@@ -304,7 +387,40 @@ impl Config {
     /// Whether each layer normalizes its query and key heads (RMSNorm over
     /// the head dimension, before RoPE): Qwen3.
     pub fn qk_norm(&self) -> bool {
-        self.architecture == "qwen3"
+        matches!(self.architecture.as_str(), "qwen3" | "gemma3")
+    }
+
+    /// Gemma's decoder: embeddings scaled by `sqrt(hidden)`, RMSNorms that
+    /// multiply by `1 + w`, and a norm after attention and after the MLP
+    /// as well as before them.
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.architecture.as_str(), "gemma2" | "gemma3")
+    }
+
+    /// What each RMSNorm adds to its stored weight before multiplying
+    /// (Gemma's `1 + w`; weights are held as transformers stores them).
+    pub fn norm_shift(&self) -> f64 {
+        if self.is_gemma() { 1.0 } else { 0.0 }
+    }
+
+    /// The factor token embeddings are multiplied by (Gemma: `sqrt(hidden)`
+    /// in f32, as llama.cpp and transformers in f32 compute it).
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.is_gemma()
+            .then(|| f64::from((self.hidden_size as f32).sqrt()))
+    }
+
+    /// The multiplier of `q·k`.
+    pub fn attn_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
+    }
+
+    /// Whether layer `layer` (global index) uses the local RoPE.
+    pub fn local_rope(&self, layer: usize) -> bool {
+        self.rope_local_theta.is_some() && self.window(layer).is_some()
     }
 
     /// The attention window of layer `layer` (its global index), if it
@@ -338,10 +454,8 @@ impl Config {
             rope_theta: Option<f64>,
             #[serde(default = "default_eps")]
             rms_norm_eps: f64,
-            #[serde(default = "default_ctx")]
-            max_position_embeddings: usize,
-            #[serde(default)]
-            tie_word_embeddings: bool,
+            max_position_embeddings: Option<usize>,
+            tie_word_embeddings: Option<bool>,
             attention_bias: Option<bool>,
             #[serde(default)]
             rope_scaling: Option<serde_json::Value>,
@@ -361,12 +475,19 @@ impl Config {
             num_experts: Option<usize>,
             n_routed_experts: Option<usize>,
             num_experts_per_tok: Option<usize>,
+            hidden_act: Option<String>,
+            /// Gemma's name for the activation.
+            hidden_activation: Option<String>,
+            query_pre_attn_scalar: Option<f64>,
+            /// Gemma 3: the unscaled theta of its sliding layers.
+            rope_local_base_freq: Option<f64>,
+            /// Gemma 3: every this-many-th layer is global.
+            sliding_window_pattern: Option<usize>,
+            #[serde(default)]
+            use_bidirectional_attention: Option<bool>,
         }
         fn default_eps() -> f64 {
             1e-6
-        }
-        fn default_ctx() -> usize {
-            4096
         }
         let invalid = |e: serde_json::Error| ModelError::InvalidConfig(format!("config.json: {e}"));
         let raw: serde_json::Value = serde_json::from_str(text).map_err(invalid)?;
@@ -378,9 +499,29 @@ impl Config {
                 Some("Qwen2ForCausalLM") => "qwen2".into(),
                 Some("Qwen3ForCausalLM") => "qwen3".into(),
                 Some("MistralForCausalLM") => "mistral".into(),
+                Some("Gemma2ForCausalLM") => "gemma2".into(),
+                Some("Gemma3ForCausalLM") => "gemma3".into(),
                 other => other.unwrap_or("unknown").to_string(),
             },
         };
+        // transformers names Gemma 3's text decoder apart from the
+        // multimodal model that wraps it.
+        let arch = if arch == "gemma3_text" {
+            "gemma3".to_string()
+        } else {
+            arch
+        };
+        if raw.get("vision_config").is_some() || raw.get("text_config").is_some() {
+            return Err(ModelError::InvalidConfig(format!(
+                "{arch} here is a multimodal model (its text decoder under text_config); Hearth runs text decoders only: use the text-only checkpoint or a GGUF of it"
+            )));
+        }
+        if hf.use_bidirectional_attention == Some(true) {
+            return Err(ModelError::InvalidConfig(
+                "use_bidirectional_attention (an embedding model) is not a causal decoder".into(),
+            ));
+        }
+        let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
         let experts = hf
             .num_local_experts
             .or(hf.num_experts)
@@ -401,39 +542,104 @@ impl Config {
             hf.max_window_layers,
             &hf.layer_types,
             hf.num_hidden_layers,
+            hf.sliding_window_pattern,
         )?;
+        // A key that is missing takes the architecture's default; one that
+        // is null means none.
+        let opt_f64 = |k: &str, default: Option<f64>| -> Result<Option<f64>> {
+            match raw.get(k) {
+                None => Ok(default),
+                Some(v) if v.is_null() => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| ModelError::InvalidConfig(format!("{k} {v} is not a number"))),
+            }
+        };
+        let hidden_act = match hf.hidden_activation.as_deref().or(hf.hidden_act.as_deref()) {
+            Some(name) => Activation::from_hf(name)?,
+            None if gemma => Activation::GeluTanh,
+            None => Activation::Silu,
+        };
+        // RoPE: transformers 5 nests Gemma 3's two under the layer kinds;
+        // older files give the global theta, its scaling and a local theta.
+        let nested = hf.rope_parameters.as_ref().and_then(|p| {
+            p.get("full_attention")
+                .map(|f| (f, p.get("sliding_attention")))
+        });
+        let theta_of = |v: Option<&serde_json::Value>| {
+            v.and_then(|p| p.get("rope_theta"))
+                .and_then(serde_json::Value::as_f64)
+        };
+        let default_theta = if arch == "gemma3" { 1e6 } else { 10_000.0 };
+        let (rope_theta, rope_scaling, rope_local_theta) = match nested {
+            Some((full, local)) => {
+                if hf_rope_scaling(local)?.is_some() {
+                    return Err(ModelError::InvalidConfig(
+                        "a scaled RoPE on sliding layers is not supported".into(),
+                    ));
+                }
+                (
+                    theta_of(Some(full)).unwrap_or(default_theta),
+                    hf_rope_scaling(Some(full))?,
+                    theta_of(local).or((arch == "gemma3").then_some(10_000.0)),
+                )
+            }
+            None => (
+                hf.rope_theta
+                    .or_else(|| theta_of(hf.rope_parameters.as_ref()))
+                    .unwrap_or(default_theta),
+                hf_rope_scaling(hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()))?,
+                hf.rope_local_base_freq
+                    .or((arch == "gemma3").then_some(10_000.0)),
+            ),
+        };
         if hf.num_attention_heads == 0 {
             return Err(ModelError::InvalidConfig("num_attention_heads is 0".into()));
         }
         let cfg = Config {
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            head_dim: hf.head_dim.unwrap_or(if gemma {
+                256
+            } else {
+                hf.hidden_size / hf.num_attention_heads
+            }),
             num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            architecture: arch,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,
             num_hidden_layers: hf.num_hidden_layers,
             num_attention_heads: hf.num_attention_heads,
-            rope_theta: hf
-                .rope_theta
-                .or_else(|| {
-                    hf.rope_parameters
-                        .as_ref()
-                        .and_then(|p| p.get("rope_theta"))
-                        .and_then(serde_json::Value::as_f64)
-                })
-                .unwrap_or(10_000.0),
+            rope_theta,
             rms_norm_eps: hf.rms_norm_eps,
-            max_position_embeddings: hf.max_position_embeddings,
-            tie_word_embeddings: hf.tie_word_embeddings,
+            max_position_embeddings: hf.max_position_embeddings.unwrap_or(match arch.as_str() {
+                "gemma2" => 8192,
+                "gemma3" => 131_072,
+                _ => 4096,
+            }),
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(gemma),
             attention_bias,
-            rope_scaling: hf_rope_scaling(
-                hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()),
-            )?,
+            rope_scaling,
             sliding_window,
             sliding_layers,
+            hidden_act,
+            query_pre_attn_scalar: if gemma {
+                Some(hf.query_pre_attn_scalar.unwrap_or(256.0))
+            } else {
+                hf.query_pre_attn_scalar
+            },
+            // Gemma 3 has no attention cap, whatever its file says.
+            attn_logit_softcap: if arch == "gemma2" {
+                opt_f64("attn_logit_softcapping", Some(50.0))?
+            } else {
+                None
+            },
+            final_logit_softcap: match arch.as_str() {
+                "gemma2" => opt_f64("final_logit_softcapping", Some(30.0))?,
+                "gemma3" => opt_f64("final_logit_softcapping", None)?,
+                _ => None,
+            },
+            rope_local_theta,
+            architecture: arch,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -557,6 +763,105 @@ mod tests {
         o.remove("sliding_window");
         o.remove("sliding_layers");
         assert_eq!(serde_json::from_value::<Config>(v).unwrap().window(0), None);
+    }
+
+    #[test]
+    fn gemma_configs_read_as_transformers_reads_them() {
+        // Gemma 2 as the hub has it: no layer_types, caps, a query scalar
+        // other than the head size (27B's).
+        let g2 = r#"{"architectures":["Gemma2ForCausalLM"],"model_type":"gemma2","vocab_size":100,
+            "hidden_size":64,"intermediate_size":128,"num_hidden_layers":4,"num_attention_heads":4,
+            "num_key_value_heads":2,"head_dim":16,"hidden_act":"gelu_pytorch_tanh",
+            "hidden_activation":"gelu_pytorch_tanh","query_pre_attn_scalar":144,
+            "rope_theta":10000.0,"sliding_window":4096,"final_logit_softcapping":30.0,
+            "attn_logit_softcapping":50.0}"#;
+        let c = Config::from_hf_json(g2).unwrap();
+        assert!(c.is_gemma() && c.tie_word_embeddings && !c.qk_norm());
+        assert_eq!(c.hidden_act, Activation::GeluTanh);
+        assert_eq!(
+            (0..4).map(|i| c.window(i)).collect::<Vec<_>>(),
+            [Some(4096), None, Some(4096), None]
+        );
+        assert_eq!(
+            (c.attn_logit_softcap, c.final_logit_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert!((c.attn_scale() - 1.0 / 12.0).abs() < 1e-12);
+        assert_eq!(c.embed_scale(), Some(8.0));
+        assert_eq!((c.norm_shift(), c.rope_local_theta), (1.0, None));
+        // Missing keys take Gemma 2's defaults; null caps are none.
+        let bare = r#"{"model_type":"gemma2","vocab_size":100,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4"#;
+        let c = Config::from_hf_json(&format!("{bare}}}")).unwrap();
+        assert_eq!(c.head_dim, 256);
+        assert_eq!(c.query_pre_attn_scalar, Some(256.0));
+        assert_eq!(
+            (c.attn_logit_softcap, c.final_logit_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(c.max_position_embeddings, 8192);
+        let c = Config::from_hf_json(&format!(
+            r#"{bare},"attn_logit_softcapping":null,"final_logit_softcapping":null}}"#
+        ))
+        .unwrap();
+        assert_eq!((c.attn_logit_softcap, c.final_logit_softcap), (None, None));
+        // Gemma 3 as the hub has it: a pattern, a global theta with linear
+        // scaling, a local theta; its attention cap is ignored.
+        let g3 = r#"{"architectures":["Gemma3ForCausalLM"],"model_type":"gemma3_text","vocab_size":100,
+            "hidden_size":64,"intermediate_size":128,"num_hidden_layers":7,"num_attention_heads":4,
+            "num_key_value_heads":1,"head_dim":16,"rope_theta":1000000.0,"rope_local_base_freq":10000.0,
+            "rope_scaling":{"rope_type":"linear","factor":8.0},"sliding_window":512,
+            "sliding_window_pattern":6,"attn_logit_softcapping":50.0,"final_logit_softcapping":null}"#;
+        let c = Config::from_hf_json(g3).unwrap();
+        assert_eq!(c.architecture, "gemma3");
+        assert!(c.qk_norm());
+        assert_eq!(
+            (0..7).map(|i| c.local_rope(i)).collect::<Vec<_>>(),
+            [true, true, true, true, true, false, true]
+        );
+        assert_eq!((c.window(5), c.window(6)), (None, Some(512)));
+        assert_eq!((c.rope_theta, c.rope_local_theta), (1e6, Some(10_000.0)));
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!((c.attn_logit_softcap, c.final_logit_softcap), (None, None));
+        // transformers 5's nested RoPE parameters read the same.
+        let nested = g3.replace(
+            r#""rope_theta":1000000.0,"rope_local_base_freq":10000.0,
+            "rope_scaling":{"rope_type":"linear","factor":8.0},"#,
+            r#""rope_parameters":{"full_attention":{"rope_type":"linear","factor":8.0,"rope_theta":1000000.0},
+            "sliding_attention":{"rope_type":"default","rope_theta":10000.0}},"#,
+        );
+        assert_ne!(nested, g3);
+        assert_eq!(Config::from_hf_json(&nested).unwrap(), c);
+        // The multimodal wrapper, an embedding model and an unknown
+        // activation are refused by name.
+        let mm = r#"{"model_type":"gemma3","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"text_config":{},"vision_config":{}}"#;
+        assert!(
+            Config::from_hf_json(mm)
+                .unwrap_err()
+                .to_string()
+                .contains("multimodal")
+        );
+        let emb = g3.replace(
+            r#""sliding_window":512,"#,
+            r#""sliding_window":512,"use_bidirectional_attention":true,"#,
+        );
+        assert!(
+            Config::from_hf_json(&emb)
+                .unwrap_err()
+                .to_string()
+                .contains("bidirectional")
+        );
+        let erf = g2.replace(
+            r#""hidden_activation":"gelu_pytorch_tanh""#,
+            r#""hidden_activation":"gelu""#,
+        );
+        assert!(
+            Config::from_hf_json(&erf)
+                .unwrap_err()
+                .to_string()
+                .contains("\"gelu\"")
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
-use crate::config::Config;
+use crate::config::{Activation, Config};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::quant::Q4_1Matrix;
@@ -68,22 +68,39 @@ impl Linear {
     }
 }
 
-/// Root-mean-square norm with a learned scale.
+/// Root-mean-square norm with a learned scale: `x / rms(x) · (w + shift)`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
     pub fused: bool,
+    /// Added to the weight before it multiplies (Gemma's `1 + w`: 1).
+    pub shift: f64,
 }
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let shifted;
+        let w = if self.shift == 0.0 {
+            &self.weight
+        } else {
+            shifted = (&self.weight + self.shift)?;
+            &shifted
+        };
         if self.fused {
-            return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
+            return Ok(candle_nn::ops::rms_norm(x, w, self.eps as f32)?);
         }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        Ok(x.broadcast_mul(&self.weight)?)
+        Ok(x.broadcast_mul(w)?)
+    }
+}
+
+/// `c · tanh(x / c)`: Gemma's soft cap, smooth and bounded by `±c`.
+pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    match cap {
+        Some(c) => Ok(((x / c)?.tanh()? * c)?),
+        None => Ok(x.clone()),
     }
 }
 
@@ -97,11 +114,41 @@ pub struct Rope {
 impl Rope {
     /// Tables for positions `0..max_pos` in `dtype` (computed in f64).
     pub fn new(cfg: &Config, max_pos: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Self::with(
+            cfg,
+            cfg.rope_theta,
+            cfg.rope_scaling.as_ref(),
+            max_pos,
+            dtype,
+            device,
+        )
+    }
+
+    /// The local (sliding-layer) tables, unscaled, where `cfg` has them.
+    pub fn local(
+        cfg: &Config,
+        max_pos: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        cfg.rope_local_theta
+            .map(|theta| Self::with(cfg, theta, None, max_pos, dtype, device))
+            .transpose()
+    }
+
+    fn with(
+        cfg: &Config,
+        theta: f64,
+        scaling: Option<&crate::config::RopeScaling>,
+        max_pos: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let inv: Vec<f64> = (0..half)
             .map(|i| {
-                let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
-                cfg.rope_scaling.as_ref().map_or(f, |r| r.apply(i, f))
+                let f = 1.0 / theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+                scaling.map_or(f, |r| r.apply(i, f))
             })
             .collect();
         let mut cos = Vec::with_capacity(max_pos * cfg.head_dim);
@@ -203,6 +250,10 @@ pub struct Attention {
     /// Sliding-window attention: each query sees this many keys at most,
     /// its own and those just before it (`Config::window`).
     pub window: Option<usize>,
+    /// The multiplier of `q·k` (`Config::attn_scale`).
+    pub scale: f64,
+    /// Soft cap of the scores, before the mask (Gemma 2).
+    pub softcap: Option<f64>,
     pub fused: bool,
 }
 
@@ -238,7 +289,7 @@ impl Attention {
         };
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.scale;
         let groups = self.heads / self.kv_heads;
         let mut outs = Vec::with_capacity(spans.len());
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
@@ -259,14 +310,10 @@ impl Attention {
                 let (ks, vs) = cache.slices(layer, t);
                 let skip = self.window.map_or(0, |w| t.saturating_sub(w));
                 let row = self.kv_heads * self.head_dim;
-                let o = decode_attention(
+                let o = self.decode_attention(
                     &qv,
                     ks.get(skip * row..).unwrap_or_default(),
                     vs.get(skip * row..).unwrap_or_default(),
-                    self.heads,
-                    self.kv_heads,
-                    self.head_dim,
-                    scale as f32,
                 );
                 outs.push(Tensor::from_vec(
                     o,
@@ -290,6 +337,8 @@ impl Attention {
             // Heads h*groups..(h+1)*groups share KV head h: fold them into rows.
             let qg = (qs.reshape((self.kv_heads, groups * l, self.head_dim))? * scale)?;
             let scores = qg.matmul(&kall.t()?)?; // [kvh, g*l, t]
+            // Capped before the mask: tanh(-inf) would unmask.
+            let scores = softcap(&scores, self.softcap)?;
             let slides = self.window.is_some_and(|w| t > w);
             let scores = if l > 1 || slides {
                 let mask = causal_mask(l, t, span.start_pos, self.window, x.device())?;
@@ -324,44 +373,44 @@ impl Attention {
 
 /// Attention of one query token over `t` cached tokens (token-major rows of
 /// `kv_heads * head_dim`), for inference. Returns `[heads * head_dim]`.
-fn decode_attention(
-    q: &[f32],
-    ks: &[f32],
-    vs: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    scale: f32,
-) -> Vec<f32> {
-    let row = kv_heads * head_dim;
-    let t = ks.len() / row.max(1);
-    let groups = heads / kv_heads.max(1);
-    let mut out = vec![0f32; heads * head_dim];
-    let mut scores = vec![0f32; t];
-    for h in 0..heads {
-        let g = h / groups.max(1);
-        let qh = &q[h * head_dim..(h + 1) * head_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let kj = &ks[j * row + g * head_dim..j * row + (g + 1) * head_dim];
-            *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
-        for (j, s) in scores.iter().enumerate() {
-            let p = s / sum;
-            let vj = &vs[j * row + g * head_dim..j * row + (g + 1) * head_dim];
-            for (o, v) in oh.iter_mut().zip(vj) {
-                *o += p * v;
+impl Attention {
+    fn decode_attention(&self, q: &[f32], ks: &[f32], vs: &[f32]) -> Vec<f32> {
+        let (heads, kv_heads, head_dim) = (self.heads, self.kv_heads, self.head_dim);
+        let scale = self.scale as f32;
+        let cap = self.softcap.map(|c| c as f32);
+        let row = kv_heads * head_dim;
+        let t = ks.len() / row.max(1);
+        let groups = heads / kv_heads.max(1);
+        let mut out = vec![0f32; heads * head_dim];
+        let mut scores = vec![0f32; t];
+        for h in 0..heads {
+            let g = h / groups.max(1);
+            let qh = &q[h * head_dim..(h + 1) * head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                let kj = &ks[j * row + g * head_dim..j * row + (g + 1) * head_dim];
+                *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                if let Some(c) = cap {
+                    *s = c * (*s / c).tanh();
+                }
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+            for (j, s) in scores.iter().enumerate() {
+                let p = s / sum;
+                let vj = &vs[j * row + g * head_dim..j * row + (g + 1) * head_dim];
+                for (o, v) in oh.iter_mut().zip(vj) {
+                    *o += p * v;
+                }
             }
         }
+        out
     }
-    out
 }
 
 /// Differentiable softmax over the last dimension.
@@ -404,11 +453,21 @@ pub enum GateUpProj {
     Fused { gate_up: Linear, inter: usize },
 }
 
-/// SiLU-gated feed-forward: `down(silu(gate(x)) * up(x))`.
+/// Gated feed-forward: `down(act(gate(x)) * up(x))`, SiLU (SwiGLU) or
+/// tanh-GELU (GeGLU).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_up: GateUpProj,
     pub down: Linear,
+    pub act: Activation,
+}
+
+/// The gate activation (differentiable).
+pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Silu => x.silu()?,
+        Activation::GeluTanh => x.gelu()?,
+    })
 }
 
 impl Mlp {
@@ -420,7 +479,7 @@ impl Mlp {
                 (y.narrow(1, 0, *inter)?, y.narrow(1, *inter, *inter)?)
             }
         };
-        let h = (candle_nn::ops::silu(&g)? * u)?;
+        let h = (activate(self.act, &g)? * u)?;
         self.down.forward(&h)
     }
 }
@@ -430,8 +489,14 @@ impl Mlp {
 pub struct Block {
     pub attn_norm: RmsNorm,
     pub attn: Attention,
+    /// Gemma's norm of the attention output.
+    pub post_attn_norm: Option<RmsNorm>,
     pub ffn_norm: RmsNorm,
     pub mlp: Mlp,
+    /// Gemma's norm of the MLP output.
+    pub post_ffn_norm: Option<RmsNorm>,
+    /// Whether it takes the local RoPE (`Config::local_rope`).
+    pub local_rope: bool,
 }
 
 impl Block {
@@ -443,11 +508,15 @@ impl Block {
         caches: &mut [&mut KvCache],
         rope: &RopeAt,
     ) -> Result<Tensor> {
+        let post = |n: &Option<RmsNorm>, h: Tensor| match n {
+            Some(n) => n.forward(&h),
+            None => Ok(h),
+        };
         let h = self.attn_norm.forward(x)?;
         let h = self.attn.forward(layer, &h, spans, caches, rope)?;
-        let x = (x + h)?;
+        let x = (x + post(&self.post_attn_norm, h)?)?;
         let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
-        Ok((x + h)?)
+        Ok((x + post(&self.post_ffn_norm, h)?)?)
     }
 }
 

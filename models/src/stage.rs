@@ -93,6 +93,8 @@ pub struct Stage {
     norm: Option<RmsNorm>,
     head: Option<Linear>,
     rope: Rope,
+    /// Gemma 3's RoPE of sliding layers.
+    rope_local: Option<Rope>,
     device: Device,
     /// Set when the stage runs on a GPU (the CPU parts above are then empty).
     #[cfg(feature = "wgpu")]
@@ -120,6 +122,7 @@ impl Stage {
             norm: None,
             head: None,
             rope,
+            rope_local: None,
             device: Device::Cpu,
             gpu: Some(Arc::new(on_gpu)),
         })
@@ -187,6 +190,7 @@ impl Stage {
                 weight: w,
                 eps: cfg.rms_norm_eps,
                 fused,
+                shift: cfg.norm_shift(),
             })
         };
         let head_norm = |id| -> Result<RmsNorm> {
@@ -196,6 +200,7 @@ impl Stage {
                 weight: w,
                 eps: cfg.rms_norm_eps,
                 fused,
+                shift: cfg.norm_shift(),
             })
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -239,6 +244,8 @@ impl Stage {
             } else {
                 None
             };
+            let sandwich =
+                |t| -> Result<Option<RmsNorm>> { cfg.is_gemma().then(|| norm(id(t))).transpose() };
             blocks.push(Block {
                 attn_norm: norm(id(L::AttnNorm))?,
                 attn: Attention {
@@ -249,13 +256,19 @@ impl Stage {
                     kv_heads: cfg.num_key_value_heads,
                     head_dim: hd,
                     window: cfg.window(i),
+                    scale: cfg.attn_scale(),
+                    softcap: cfg.attn_logit_softcap,
                     fused,
                 },
-                ffn_norm: norm(id(L::FfnNorm))?,
+                post_attn_norm: sandwich(L::PostAttnNorm)?,
+                ffn_norm: norm(id(L::ffn_norm(&cfg)))?,
                 mlp: Mlp {
                     gate_up,
                     down: group(&[(id(L::Down), None, h)], inter)?,
+                    act: cfg.hidden_act,
                 },
+                post_ffn_norm: sandwich(L::PostFfnNorm)?,
+                local_rope: cfg.local_rope(i),
             });
         }
         let vocab_shape = [cfg.vocab_size, h];
@@ -299,6 +312,7 @@ impl Stage {
             (None, None)
         };
         let rope = Rope::new(&cfg, cfg.max_position_embeddings, DType::F32, &dev)?;
+        let rope_local = Rope::local(&cfg, cfg.max_position_embeddings, DType::F32, &dev)?;
         Ok(Self {
             cfg,
             spec,
@@ -307,6 +321,7 @@ impl Stage {
             norm: norm_w,
             head,
             rope,
+            rope_local,
             device: dev,
             #[cfg(feature = "wgpu")]
             gpu: None,
@@ -428,7 +443,11 @@ impl Stage {
         let positions = Tensor::from_vec(positions, n, &self.device)?;
         let mut x = match (input, &self.embed) {
             (StageInput::Tokens(ids), Some(embed)) => {
-                embed.forward(&Tensor::from_vec(ids, n, &self.device)?)?
+                let x = embed.forward(&Tensor::from_vec(ids, n, &self.device)?)?;
+                match self.cfg.embed_scale() {
+                    Some(s) => (x * s)?,
+                    None => x,
+                }
             }
             (StageInput::Hidden(h), None) => h,
             _ => {
@@ -438,8 +457,16 @@ impl Stage {
             }
         };
         let rope = self.rope.at(&positions)?;
+        let rope_local = match &self.rope_local {
+            Some(r) => Some(r.at(&positions)?),
+            None => None,
+        };
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(i, &x, &spans, caches, &rope)?;
+            let r = match (&rope_local, block.local_rope) {
+                (Some(local), true) => local,
+                _ => &rope,
+            };
+            x = block.forward(i, &x, &spans, caches, r)?;
         }
         for (cache, &len) in caches.iter_mut().zip(lens) {
             cache.advance(len);
@@ -458,7 +485,10 @@ impl Stage {
                 x.index_select(&idx, 0)?
             }
         };
-        head.forward(&norm.forward(&x)?)
+        crate::layers::softcap(
+            &head.forward(&norm.forward(&x)?)?,
+            self.cfg.final_logit_softcap,
+        )
     }
 }
 

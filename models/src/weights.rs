@@ -35,11 +35,17 @@ pub enum LayerTensor {
     Gate,
     Up,
     Down,
+    /// Gemma's norm of the attention output, before the residual add.
+    PostAttnNorm,
+    /// Gemma's norm before the MLP (its `FfnNorm`, under its own HF name).
+    PreFfnNorm,
+    /// Gemma's norm of the MLP output, before the residual add.
+    PostFfnNorm,
 }
 
 impl LayerTensor {
     /// Every tensor a layer may have.
-    pub const ALL: [LayerTensor; 14] = [
+    pub const ALL: [LayerTensor; 17] = [
         Self::AttnNorm,
         Self::Q,
         Self::K,
@@ -54,7 +60,49 @@ impl LayerTensor {
         Self::Gate,
         Self::Up,
         Self::Down,
+        Self::PostAttnNorm,
+        Self::PreFfnNorm,
+        Self::PostFfnNorm,
     ];
+
+    /// The tensors a layer of `cfg`'s architecture may have (no two with
+    /// the same name in either format).
+    pub fn of(cfg: &Config) -> Vec<LayerTensor> {
+        Self::ALL
+            .into_iter()
+            .filter(|t| match t {
+                Self::FfnNorm => !cfg.is_gemma(),
+                Self::PostAttnNorm | Self::PreFfnNorm | Self::PostFfnNorm => cfg.is_gemma(),
+                Self::QNorm | Self::KNorm => cfg.qk_norm(),
+                Self::QBias | Self::KBias | Self::VBias => cfg.attention_bias,
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// The norm before the MLP in `cfg`'s architecture.
+    pub fn ffn_norm(cfg: &Config) -> LayerTensor {
+        if cfg.is_gemma() {
+            Self::PreFfnNorm
+        } else {
+            Self::FfnNorm
+        }
+    }
+
+    /// Whether this is an RMSNorm weight.
+    pub fn is_norm(self) -> bool {
+        matches!(
+            self,
+            Self::AttnNorm
+                | Self::QNorm
+                | Self::KNorm
+                | Self::FfnNorm
+                | Self::PostAttnNorm
+                | Self::PreFfnNorm
+                | Self::PostFfnNorm
+        )
+    }
+
     fn hf(self) -> &'static str {
         match self {
             Self::AttnNorm => "input_layernorm.weight",
@@ -71,6 +119,9 @@ impl LayerTensor {
             Self::Gate => "mlp.gate_proj.weight",
             Self::Up => "mlp.up_proj.weight",
             Self::Down => "mlp.down_proj.weight",
+            Self::PostAttnNorm => "post_attention_layernorm.weight",
+            Self::PreFfnNorm => "pre_feedforward_layernorm.weight",
+            Self::PostFfnNorm => "post_feedforward_layernorm.weight",
         }
     }
     fn gguf(self) -> &'static str {
@@ -89,6 +140,9 @@ impl LayerTensor {
             Self::Gate => "ffn_gate.weight",
             Self::Up => "ffn_up.weight",
             Self::Down => "ffn_down.weight",
+            Self::PostAttnNorm => "post_attention_norm.weight",
+            Self::PreFfnNorm => "ffn_norm.weight",
+            Self::PostFfnNorm => "post_ffw_norm.weight",
         }
     }
 }
@@ -121,14 +175,24 @@ impl TensorId {
             Self::Layer(i, t) => format!("blk.{i}.{}", t.gguf()),
         }
     }
-    /// Every tensor a full model of `layers` layers may have.
-    pub fn all(layers: usize) -> impl Iterator<Item = TensorId> {
+    /// Every tensor a full model of `cfg`'s shape may have.
+    pub fn all(cfg: &Config) -> impl Iterator<Item = TensorId> {
+        let kinds = LayerTensor::of(cfg);
         [Self::Embed, Self::FinalNorm, Self::Head]
             .into_iter()
             .chain(
-                (0..layers)
-                    .flat_map(|i| LayerTensor::ALL.into_iter().map(move |t| Self::Layer(i, t))),
+                (0..cfg.num_hidden_layers)
+                    .flat_map(move |i| kinds.clone().into_iter().map(move |t| Self::Layer(i, t))),
             )
+    }
+
+    /// Whether this is an RMSNorm weight.
+    pub fn is_norm(self) -> bool {
+        match self {
+            Self::FinalNorm => true,
+            Self::Layer(_, t) => t.is_norm(),
+            _ => false,
+        }
     }
 }
 
@@ -389,10 +453,23 @@ impl WeightFile {
         }
     }
 
+    /// What llama.cpp's converter added to `id` (Gemma's norms hold `1 +
+    /// w` in a GGUF; Hearth holds `w`, as transformers does).
+    pub fn gguf_shift(&self, id: TensorId) -> f64 {
+        match self.kind {
+            Kind::Gguf { .. } if id.is_norm() => self.config.norm_shift(),
+            _ => 0.0,
+        }
+    }
+
     /// Loads `id` as a dense f32 tensor (dequantizing GGUF data), in the HF layout.
     pub fn load_f32(&self, id: TensorId, device: &Device) -> Result<Tensor> {
         let t = match &self.kind {
-            Kind::Gguf { content, .. } => self.read_gguf(content, id)?.dequantize(device)?,
+            Kind::Gguf { content, .. } => {
+                let t = self.read_gguf(content, id)?.dequantize(device)?;
+                let shift = self.gguf_shift(id);
+                if shift == 0.0 { t } else { (t - shift)? }
+            }
             Kind::Safetensors { tensors } => {
                 let name = id.hf_name();
                 tensors
@@ -411,6 +488,10 @@ impl WeightFile {
     /// For safetensors this is the f32 tensor wrapped as an F32 `QTensor`.
     pub fn load_raw_quantized(&self, id: TensorId, device: &Device) -> Result<QTensor> {
         match &self.kind {
+            Kind::Gguf { .. } if self.gguf_shift(id) != 0.0 => Ok(QTensor::quantize(
+                &self.load_f32(id, device)?,
+                GgmlDType::F32,
+            )?),
             Kind::Gguf { content, .. } => {
                 let q = self.read_gguf(content, id)?;
                 match self.heads_for(id) {
@@ -635,52 +716,103 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
                 })?,
         },
     };
+    let layers = meta_usize(c, &k("block_count"))?;
+    let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
+    let f64_key = |key: &str| c.metadata.get(&k(key)).and_then(value_f64);
+    // Every layer slides where the file names a window and no pattern
+    // (llama.cpp's converter writes no window for Llama or Mistral, which
+    // it then runs with full attention, as Hearth does). Gemma's windows
+    // follow llama.cpp's fixed patterns: Gemma 2 the even layers (4096
+    // when the key is missing), Gemma 3 all but every sixth.
+    let window = c
+        .metadata
+        .get(&k("attention.sliding_window"))
+        .and_then(value_usize)
+        .or((arch == "gemma2").then_some(4096))
+        .filter(|w| *w > 0);
+    let sliding_layers = match c.metadata.get(&k("attention.sliding_window_pattern")) {
+        // One bool per layer.
+        Some(gguf_file::Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                gguf_file::Value::Bool(b) => Ok(*b),
+                _ => Err(ModelError::InvalidConfig(
+                    "attention.sliding_window_pattern holds a non-boolean".into(),
+                )),
+            })
+            .collect::<Result<Vec<bool>>>()?,
+        // A period: every this-many-th layer is global.
+        Some(v) if value_usize(v).is_some_and(|p| p > 0) => {
+            let p = value_usize(v).unwrap_or(1);
+            (0..layers).map(|i| (i + 1) % p != 0).collect()
+        }
+        Some(_) => {
+            return Err(ModelError::InvalidConfig(
+                "attention.sliding_window_pattern is not a list (nor a period)".into(),
+            ));
+        }
+        None if window.is_some() && arch == "gemma2" => (0..layers).map(|i| i % 2 == 0).collect(),
+        None if window.is_some() && arch == "gemma3" => (0..layers).map(|i| i % 6 != 5).collect(),
+        None => Vec::new(),
+    };
+    // llama.cpp's RoPE scaling keys: a linear factor (Gemma 3's global
+    // layers, long-context Llama 2s). Llama 3's comes as `rope_freqs`.
+    let rope_scaling = match c.metadata.get(&k("rope.scaling.type")) {
+        Some(gguf_file::Value::String(t)) if t == "linear" => {
+            match f64_key("rope.scaling.factor") {
+                Some(f) if f != 1.0 => Some(crate::config::RopeScaling::Linear { factor: f }),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     let cfg = Config {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: meta_usize(c, &k("feed_forward_length"))?,
-        num_hidden_layers: meta_usize(c, &k("block_count"))?,
+        num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
-        rope_theta: c
-            .metadata
-            .get(&k("rope.freq_base"))
-            .and_then(value_f64)
-            .unwrap_or(10_000.0),
+        rope_theta: f64_key("rope.freq_base").unwrap_or(if arch == "gemma3" {
+            1e6
+        } else {
+            10_000.0
+        }),
         rms_norm_eps: value_f64(meta(c, &k("attention.layer_norm_rms_epsilon"))?)
             .ok_or_else(|| ModelError::InvalidConfig("rms epsilon is not a number".into()))?,
         max_position_embeddings: meta_usize(c, &k("context_length"))?,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        rope_scaling: None,
-        // Every layer slides where the file says so (llama.cpp's converter
-        // writes no window for Llama or Mistral, which it then runs with
-        // full attention, as Hearth does).
-        sliding_window: c
-            .metadata
-            .get(&k("attention.sliding_window"))
-            .and_then(value_usize)
-            .filter(|w| *w > 0),
-        // Which layers slide, where the file says (llama.cpp writes one
-        // bool per layer for models that mix them).
-        sliding_layers: match c.metadata.get(&k("attention.sliding_window_pattern")) {
-            Some(gguf_file::Value::Array(a)) => a
-                .iter()
-                .map(|v| match v {
-                    gguf_file::Value::Bool(b) => Ok(*b),
-                    _ => Err(ModelError::InvalidConfig(
-                        "attention.sliding_window_pattern holds a non-boolean".into(),
-                    )),
-                })
-                .collect::<Result<Vec<bool>>>()?,
-            Some(_) => {
-                return Err(ModelError::InvalidConfig(
-                    "attention.sliding_window_pattern is not a list".into(),
-                ));
-            }
-            None => Vec::new(),
+        rope_scaling,
+        sliding_window: window,
+        sliding_layers,
+        hidden_act: if gemma {
+            crate::config::Activation::GeluTanh
+        } else {
+            crate::config::Activation::Silu
         },
+        // Not stored: llama.cpp derives it, hidden / heads for the 27B
+        // models (46 layers of Gemma 2, 62 of Gemma 3), else the head size.
+        query_pre_attn_scalar: gemma.then(|| match f64_key("attention.scale") {
+            Some(s) if s > 0.0 => 1.0 / (s * s),
+            _ if (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62) => {
+                (hidden / heads.max(1)) as f64
+            }
+            _ => head_dim as f64,
+        }),
+        attn_logit_softcap: if arch == "gemma2" {
+            f64_key("attn_logit_softcapping").filter(|c| *c > 0.0)
+        } else {
+            None
+        },
+        final_logit_softcap: if gemma {
+            f64_key("final_logit_softcapping").filter(|c| *c > 0.0)
+        } else {
+            None
+        },
+        rope_local_theta: (arch == "gemma3")
+            .then(|| f64_key("rope.freq_base_swa").unwrap_or(10_000.0)),
         architecture: arch,
     };
     cfg.validate()?;
@@ -696,7 +828,20 @@ mod tests {
         let id = TensorId::Layer(3, LayerTensor::Q);
         assert_eq!(id.hf_name(), "model.layers.3.self_attn.q_proj.weight");
         assert_eq!(id.gguf_name(), "blk.3.attn_q.weight");
-        assert_eq!(TensorId::all(2).count(), 3 + 28);
+        let mut cfg = crate::config::Config::from_hf_json(
+            r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":2,"num_attention_heads":2}"#,
+        )
+        .unwrap();
+        assert_eq!(TensorId::all(&cfg).count(), 3 + 2 * 9);
+        // Gemma's three extra norms; no name twice in either format.
+        cfg.architecture = "gemma3".into();
+        let all: Vec<TensorId> = TensorId::all(&cfg).collect();
+        assert_eq!(all.len(), 3 + 2 * 13);
+        for name in [TensorId::hf_name, TensorId::gguf_name] {
+            let names: std::collections::HashSet<String> = all.iter().map(|id| name(*id)).collect();
+            assert_eq!(names.len(), all.len());
+        }
     }
 
     #[test]

@@ -489,12 +489,14 @@ fn qwen3_matches_transformers() -> Result<()> {
 }
 
 /// transformers' sliding-window models (a window of 8 on every layer of a
-/// Mistral; of 6 on layers 1 and 2 of a Qwen2), over 40 ids: all at once,
+/// Mistral; of 6 on layers 1 and 2 of a Qwen2; Gemma 2's even layers and
+/// Gemma 3's two of every three, with their soft-caps, sandwich norms,
+/// GeGLU, scaled embeddings and Gemma 3's local RoPE), over 40 ids: all at once,
 /// in chunks that start inside and past the window, and token by token
 /// (the single-token decode path), on the f32 and the fused paths.
 #[test]
 fn sliding_window_models_match_transformers() -> Result<()> {
-    for name in ["mistral-swa", "qwen2-swa"] {
+    for name in ["mistral-swa", "qwen2-swa", "gemma2", "gemma3"] {
         let dir = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);
@@ -559,6 +561,50 @@ fn a_gguf_sliding_window_matches_transformers() -> Result<()> {
             d < 1e-4 * scale.max(1.0),
             "{name}: max diff {d} (logits up to {scale})"
         );
+    }
+    Ok(())
+}
+
+/// Gemma 2 and 3 as llama.cpp's converter writes them (norms stored as
+/// `1 + w`, the post-norms under their own names, Gemma 2's layer pattern
+/// left for the reader to derive, Gemma 3's local theta and linear scaling
+/// in metadata) run as transformers runs the folders, on both paths.
+#[test]
+fn gemma_ggufs_match_transformers() -> Result<()> {
+    for (name, windows) in [
+        ("gemma2", vec![Some(6), None, Some(6), None]),
+        ("gemma3", vec![Some(6), Some(6), None, Some(6)]),
+    ] {
+        let dir = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/hf")
+            .join(name);
+        let out = tempfile::tempdir()?;
+        let gguf = out.path().join("gemma.gguf");
+        hearth_test_utils::hf_llama_to_gguf(&dir, &gguf, &[])?;
+        let w = WeightFile::open(&gguf)?;
+        let hf = WeightFile::open(&dir)?;
+        let got: Vec<Option<usize>> = (0..windows.len()).map(|i| w.config().window(i)).collect();
+        assert_eq!(got, windows, "{name}");
+        // The same decoder read from either format (the query scale and
+        // epsilon are read back through f32).
+        let mut c = w.config().clone();
+        c.query_pre_attn_scalar = hf.config().query_pre_attn_scalar;
+        c.rms_norm_eps = hf.config().rms_norm_eps;
+        assert_eq!(&c, hf.config(), "{name}");
+        // The file holds 1 + w; Hearth holds w, as transformers does.
+        let norm = hearth_models::TensorId::Layer(0, hearth_models::weights::LayerTensor::AttnNorm);
+        let cpu = candle_core::Device::Cpu;
+        assert!(max_diff(&w.load_f32(norm, &cpu)?, &hf.load_f32(norm, &cpu)?)? < 1e-6);
+        let (ids, want) = transformers_logits(&dir)?;
+        let scale = max_abs(&want)?;
+        for precision in [Precision::F32, Precision::Quantized] {
+            let got = full_logits(&w, precision, &ids)?.reshape(want.shape())?;
+            let d = max_diff(&got, &want)?;
+            assert!(
+                d < 1e-4 * scale.max(1.0),
+                "{name} {precision:?}: max diff {d} (logits up to {scale})"
+            );
+        }
     }
     Ok(())
 }

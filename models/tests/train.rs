@@ -293,12 +293,13 @@ fn lora_merged_equals_unmerged() {
     assert_eq!(stage.merged_weights().unwrap().len(), 1 + 2 * 9 + 1);
 }
 
-/// Every position's logits of the whole 2-layer model through the
-/// inference stage (dense f32).
+/// Every position's logits of the whole model through the inference stage
+/// (dense f32).
 fn inference_logits(w: &WeightFile, tokens: Vec<u32>) -> Tensor {
     let n = tokens.len();
-    let inf = Stage::load(w, StageSpec::full(2), Precision::F32).unwrap();
-    let mut cache = KvCache::new(2);
+    let layers = w.config().num_hidden_layers;
+    let inf = Stage::load(w, StageSpec::full(layers), Precision::F32).unwrap();
+    let mut cache = KvCache::new(layers);
     inf.forward(
         StageInput::Tokens(tokens),
         &[n],
@@ -512,4 +513,69 @@ fn sliding_window_backward_matches_pytorch() {
 #[test]
 fn llama3_rope_scaling_backward_matches_pytorch() {
     backward_matches_transformers("llama3-rope");
+}
+
+/// Gemma 2 and 3: gradients through the soft-caps, the sandwich and
+/// `1 + w` norms (q/k norms too on Gemma 3), GeGLU, the scaled embedding
+/// shared with the head, and both RoPEs.
+#[test]
+fn gemma_backward_matches_pytorch() {
+    backward_matches_transformers("gemma2");
+    backward_matches_transformers("gemma3");
+}
+
+/// A full fine-tune of a Gemma GGUF writes its norms back as llama.cpp
+/// stores them (`1 + w`): the merged file, with every weight nudged,
+/// serves what the training stage computes.
+#[test]
+fn a_gemma_full_fine_tune_merges_into_its_gguf() {
+    use hearth_models::train::export::{merged_tensors, write_merged_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["gemma2", "gemma3"] {
+        let hf = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/hf")
+            .join(name);
+        let gguf = dir.path().join(format!("{name}.gguf"));
+        hearth_test_utils::hf_llama_to_gguf(&hf, &gguf, &[]).unwrap();
+        let base = WeightFile::open(&gguf).unwrap();
+        let layers = base.config().num_hidden_layers;
+        let stage = TrainStage::load(
+            &base,
+            StageSpec::full(layers),
+            &opts(Method::Full, DType::F32),
+        )
+        .unwrap();
+        // "Training": every weight moved a little.
+        let trained: std::collections::HashMap<String, Tensor> = stage
+            .trainables()
+            .iter()
+            .map(|(n, v)| (n.clone(), (v.as_tensor() * 1.01).unwrap()))
+            .collect();
+        for (n, t) in &trained {
+            stage.set(n, t).unwrap();
+        }
+        let replaced = merged_tensors(&base, &Method::Full, &trained).unwrap();
+        let out = dir.path().join(format!("{name}-ft.gguf"));
+        write_merged_gguf(&base, &replaced, "ft", &out).unwrap();
+        let merged = WeightFile::open(&out).unwrap();
+        let tokens: Vec<u32> = (0..12u32).map(|i| (i * 41 + 5) % 64).collect();
+        let want = stage
+            .forward(
+                &TrainInput::Tokens(tokens.clone()),
+                &BatchLayout::new(1, 12, vec![1; 12]).unwrap(),
+                &DropCtx::eval(),
+            )
+            .unwrap();
+        let got = inference_logits(&merged, tokens.clone());
+        let diff = max_abs(&(&got - &want).unwrap());
+        assert!(
+            diff < 1e-4,
+            "{name}: merged model differs from training by {diff}"
+        );
+        let before = inference_logits(&base, tokens);
+        assert!(
+            max_abs(&(&before - &want).unwrap()) > 1e-3,
+            "{name}: nothing changed"
+        );
+    }
 }

@@ -199,6 +199,11 @@ impl Shape {
             rope_scaling: None,
             sliding_window: None,
             sliding_layers: Vec::new(),
+            hidden_act: Default::default(),
+            query_pre_attn_scalar: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            rope_local_theta: None,
         }
     }
 

@@ -159,7 +159,7 @@ fn torch_step(python: &Path, args: &Args, dir: &Path) -> Result<TorchFigures> {
     std::fs::create_dir_all(&out)?;
     let weights = WeightFile::open(&model)?;
     let cfg = weights.config().clone();
-    let tensors = TensorId::all(cfg.num_hidden_layers)
+    let tensors = TensorId::all(&cfg)
         .filter(|&id| weights.contains(id))
         .map(|id| Ok((id.hf_name(), weights.load_f32(id, &Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;

@@ -363,6 +363,11 @@ pub fn gguf_name(name: &str) -> String {
 /// f32 GGUF the way llama.cpp's converter lays it out (Q/K rows permuted
 /// for its interleaved RoPE), plus `extra` tensors under their GGUF names,
 /// and `llama.attention.sliding_window` where `config.json` has a window.
+/// A Gemma 2/3 folder is written as llama.cpp's `gemma2`/`gemma3`: no
+/// permutation, every norm stored as `1 + w`, its post-norms' names, the
+/// soft-caps, the global RoPE theta and scaling and the local theta; Gemma
+/// 2's layer pattern left to the reader (llama.cpp writes none), and the
+/// query scale as `attention.scale` where it is not the head size's.
 /// Holds no tokenizer: for model-code checks.
 pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -> Result<()> {
     let cfg: serde_json::Value =
@@ -381,9 +386,23 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
     let hf =
         hearth_models::Config::from_hf_json(&std::fs::read_to_string(hf_dir.join("config.json"))?)?;
     let tensors = candle_core::safetensors::load(hf_dir.join("model.safetensors"), &Device::Cpu)?;
+    let gemma = hf.is_gemma();
     let mut qts: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &tensors {
         let mut t = t.to_dtype(DType::F32)?;
+        if gemma {
+            if name.ends_with("norm.weight") {
+                t = (t + 1.0)?;
+            }
+            let name = gguf_name(
+                &name
+                    .replace("post_attention_layernorm", "post_attention_norm")
+                    .replace("pre_feedforward_layernorm", "ffn_norm")
+                    .replace("post_feedforward_layernorm", "post_ffw_norm"),
+            );
+            qts.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
+            continue;
+        }
         if name.contains("q_proj") || name.contains("k_proj") {
             let h = if name.contains("q_proj") {
                 heads
@@ -398,7 +417,11 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
         qts.push((name.clone(), QTensor::quantize(t, GgmlDType::F32)?));
     }
     qts.sort_by(|a, b| a.0.cmp(&b.0));
-    let a = "llama";
+    let a = if gemma {
+        hf.architecture.as_str()
+    } else {
+        "llama"
+    };
     let meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         (
@@ -424,13 +447,35 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
             Value::U32(u32::try_from(hf.head_dim)?),
         ),
         (format!("{a}.vocab_size"), Value::U32(num("vocab_size")?)),
-        (format!("{a}.rope.freq_base"), Value::F32(theta as f32)),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(if gemma { hf.rope_theta } else { theta } as f32),
+        ),
         (
             format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(cfg["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32),
         ),
     ];
     let mut meta = meta;
+    if gemma {
+        let mut push = |k: &str, v: Value| meta.push((format!("{a}.{k}"), v));
+        if let Some(c) = hf.attn_logit_softcap {
+            push("attn_logit_softcapping", Value::F32(c as f32));
+        }
+        if let Some(c) = hf.final_logit_softcap {
+            push("final_logit_softcapping", Value::F32(c as f32));
+        }
+        if let Some(t) = hf.rope_local_theta {
+            push("rope.freq_base_swa", Value::F32(t as f32));
+        }
+        if let Some(hearth_models::config::RopeScaling::Linear { factor }) = hf.rope_scaling {
+            push("rope.scaling.type", Value::String("linear".into()));
+            push("rope.scaling.factor", Value::F32(factor as f32));
+        }
+        if hf.query_pre_attn_scalar != Some(hf.head_dim as f64) {
+            push("attention.scale", Value::F32(hf.attn_scale() as f32));
+        }
+    }
     // The window, as transformers reads the folder (Qwen's only when
     // switched on), with the layers it covers where not all.
     if let Some(w) = hf.sliding_window {
@@ -438,7 +483,7 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
             format!("{a}.attention.sliding_window"),
             Value::U32(u32::try_from(w)?),
         ));
-        if !hf.sliding_layers.is_empty() {
+        if !hf.sliding_layers.is_empty() && a != "gemma2" {
             meta.push((
                 format!("{a}.attention.sliding_window_pattern"),
                 Value::Array(hf.sliding_layers.iter().map(|b| Value::Bool(*b)).collect()),

@@ -95,6 +95,12 @@ impl GpuStage {
     ) -> Result<Self> {
         let cfg = weights.config().clone();
         spec.check(cfg.num_hidden_layers)?;
+        if cfg.is_gemma() {
+            return Err(ModelError::InvalidConfig(format!(
+                "the wgpu backend does not run {} yet (its sandwich norms, GeGLU, soft-caps and local RoPE); run it on the CPU",
+                cfg.architecture
+            )));
+        }
         let dev = Device::Cpu;
         let vector = |id: TensorId, len: usize| -> Result<wgpu::Buffer> {
             let w = weights.load_f32(id, &dev)?;

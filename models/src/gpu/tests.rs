@@ -234,6 +234,7 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         weight: Tensor::from_slice(&wv, cols, &dev).unwrap(),
         eps: 1e-5,
         fused: true,
+        shift: 0.0,
     };
     let want = to_vec(
         &norm
@@ -268,6 +269,11 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         rope_scaling: None,
         sliding_window: None,
         sliding_layers: Vec::new(),
+        hidden_act: Default::default(),
+        query_pre_attn_scalar: None,
+        attn_logit_softcap: None,
+        final_logit_softcap: None,
+        rope_local_theta: None,
     };
     let rope = Rope::new(&cfg, 64, candle_core::DType::F32, &dev).unwrap();
     let (n, heads, hd, stride) = (4, 4, 16, 80);

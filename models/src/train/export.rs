@@ -116,8 +116,9 @@ pub fn merged_tensors(
             .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
         stage.set(name, t)?;
     }
-    let by_name: HashMap<String, TensorId> =
-        TensorId::all(layers).map(|id| (id.hf_name(), id)).collect();
+    let by_name: HashMap<String, TensorId> = TensorId::all(base.config())
+        .map(|id| (id.hf_name(), id))
+        .collect();
     let changed = |id: TensorId| match method {
         Method::Full => true,
         Method::Lora(c) => match id {
@@ -161,6 +162,9 @@ pub fn write_merged_gguf(
             Some(heads) => permute_for_gguf(&t, heads)?,
             None => t,
         };
+        // Gemma's norms go back to llama.cpp's `1 + w`.
+        let shift = base.gguf_shift(*id);
+        let t = if shift == 0.0 { t } else { (t + shift)? };
         new.insert(id.gguf_name(), QTensor::quantize(&t, GgmlDType::F32)?);
     }
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();

@@ -10,7 +10,7 @@ use super::batch::{BatchLayout, IGNORE};
 use super::rng;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::layers::{RmsNorm, Rope, softmax};
+use crate::layers::{RmsNorm, Rope, activate, softcap, softmax};
 use crate::stage::{StageSpec, check_shape};
 use crate::weights::{LayerTensor as L, TensorId, WeightFile};
 
@@ -239,10 +239,15 @@ struct TBlock {
     k: TLinear,
     v: TLinear,
     o: TLinear,
+    /// Gemma's norms of the attention and MLP outputs.
+    post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     gate: TLinear,
     up: TLinear,
     down: TLinear,
+    post_ffn_norm: Option<RmsNorm>,
+    /// Whether it takes the local RoPE (`Config::local_rope`).
+    local_rope: bool,
 }
 
 /// Per-batch tensors every block needs.
@@ -254,6 +259,8 @@ struct Ctx<'a> {
     window_mask: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
+    /// The local RoPE's tables (Gemma 3's sliding layers).
+    local: Option<(Tensor, Tensor)>,
     drop: &'a DropCtx,
 }
 
@@ -282,8 +289,12 @@ impl TBlock {
             Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             None => (q, k),
         };
-        let q = rotate(&q, &c.cos, &c.sin)?;
-        let k = rotate(&k, &c.cos, &c.sin)?;
+        let (cos, sin) = match (&c.local, self.local_rope) {
+            (Some((cos, sin)), true) => (cos, sin),
+            _ => (&c.cos, &c.sin),
+        };
+        let q = rotate(&q, cos, sin)?;
+        let k = rotate(&k, cos, sin)?;
         let v = split(self.v.forward(&h, c.drop)?, kvh)?;
         let groups = heads / kvh;
         let repeat = |t: Tensor| -> Result<Tensor> {
@@ -295,22 +306,27 @@ impl TBlock {
                 .reshape((rows, heads, len, hd))?)
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scale = 1.0 / (hd as f64).sqrt();
         let mask = match (&c.window_mask, self.slides) {
             (Some(w), true) => w,
             _ => &c.mask,
         };
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * cfg.attn_scale())?;
+        let scores = softcap(&scores, cfg.attn_logit_softcap)?.broadcast_add(mask)?;
         let o = softmax(&scores)?.matmul(&v)?; // [rows, heads, len, d]
         let o = o
             .transpose(1, 2)?
             .contiguous()?
             .reshape((rows * len, heads * hd))?;
-        let x = (x + self.o.forward(&o, c.drop)?)?;
+        let post = |n: &Option<RmsNorm>, h: Tensor| match n {
+            Some(n) => n.forward(&h),
+            None => Ok(h),
+        };
+        let x = (x + post(&self.post_attn_norm, self.o.forward(&o, c.drop)?)?)?;
         let h = self.ffn_norm.forward(&x)?;
-        let g = self.gate.forward(&h, c.drop)?.silu()?;
+        let g = activate(cfg.hidden_act, &self.gate.forward(&h, c.drop)?)?;
         let u = self.up.forward(&h, c.drop)?;
-        Ok((&x + self.down.forward(&(g * u)?, c.drop)?)?)
+        let h = self.down.forward(&(g * u)?, c.drop)?;
+        Ok((&x + post(&self.post_ffn_norm, h)?)?)
     }
 
     fn linears(&self) -> [(L, &TLinear); 7] {
@@ -337,6 +353,8 @@ pub struct TrainStage {
     norm: Option<RmsNorm>,
     head: Option<Tensor>,
     rope: Rope,
+    /// Gemma 3's RoPE of sliding layers.
+    rope_local: Option<Rope>,
     trainables: Vec<(String, Var)>,
 }
 
@@ -393,6 +411,7 @@ impl TrainStage {
                     weight: w,
                     eps: cfg.rms_norm_eps,
                     fused: false,
+                    shift: cfg.norm_shift(),
                 })
             };
             let attn_norm = norm(L::AttnNorm, &mut trainables)?;
@@ -404,13 +423,22 @@ impl TrainStage {
                         weight: w,
                         eps: cfg.rms_norm_eps,
                         fused: false,
+                        shift: cfg.norm_shift(),
                     })
                 };
                 Some((head_norm(L::QNorm)?, head_norm(L::KNorm)?))
             } else {
                 None
             };
-            let ffn_norm = norm(L::FfnNorm, &mut trainables)?;
+            let (post_attn_norm, post_ffn_norm) = if cfg.is_gemma() {
+                (
+                    Some(norm(L::PostAttnNorm, &mut trainables)?),
+                    Some(norm(L::PostFfnNorm, &mut trainables)?),
+                )
+            } else {
+                (None, None)
+            };
+            let ffn_norm = norm(L::ffn_norm(&cfg), &mut trainables)?;
             let lin = |t: L,
                        bias: Option<L>,
                        rows: usize,
@@ -446,10 +474,13 @@ impl TrainStage {
                 k,
                 v,
                 o,
+                post_attn_norm,
                 ffn_norm,
                 gate,
                 up,
                 down,
+                post_ffn_norm,
+                local_rope: cfg.local_rope(i),
             });
         }
         let (norm, head) = if spec.head {
@@ -459,6 +490,7 @@ impl TrainStage {
                 weight: w,
                 eps: cfg.rms_norm_eps,
                 fused: false,
+                shift: cfg.norm_shift(),
             };
             let head = if weights.contains(TensorId::Head) {
                 load(TensorId::Head, &mut trainables)?
@@ -476,6 +508,7 @@ impl TrainStage {
             (None, None)
         };
         let rope = Rope::new(&cfg, cfg.max_position_embeddings, opts.dtype, &dev)?;
+        let rope_local = Rope::local(&cfg, cfg.max_position_embeddings, opts.dtype, &dev)?;
         Ok(Self {
             cfg,
             spec,
@@ -485,6 +518,7 @@ impl TrainStage {
             norm,
             head,
             rope,
+            rope_local,
             trainables,
         })
     }
@@ -546,7 +580,12 @@ impl TrainStage {
                         vocab: self.cfg.vocab_size,
                     });
                 }
-                e.index_select(&Tensor::from_vec(ids.clone(), n, &dev)?, 0)?
+                let x = e.index_select(&Tensor::from_vec(ids.clone(), n, &dev)?, 0)?;
+                match self.cfg.embed_scale() {
+                    // Not folded into the table: a tied head uses it unscaled.
+                    Some(s) => (x * s)?,
+                    None => x,
+                }
             }
             (TrainInput::Hidden(h), None) => {
                 if h.dims() != [n, self.cfg.hidden_size] {
@@ -593,13 +632,20 @@ impl TrainStage {
             },
             cos: at(&self.rope.cos)?,
             sin: at(&self.rope.sin)?,
+            local: match &self.rope_local {
+                Some(r) => Some((at(&r.cos)?, at(&r.sin)?)),
+                None => None,
+            },
             drop,
         };
         for block in &self.blocks {
             x = block.forward(&self.cfg, &x, &ctx)?;
         }
         match (&self.norm, &self.head) {
-            (Some(norm), Some(head)) => Ok(norm.forward(&x)?.matmul(&head.t()?)?),
+            (Some(norm), Some(head)) => softcap(
+                &norm.forward(&x)?.matmul(&head.t()?)?,
+                self.cfg.final_logit_softcap,
+            ),
             _ => Ok(x),
         }
     }
@@ -680,6 +726,7 @@ impl TrainStage {
             weight: n.weight.detach(),
             eps: n.eps,
             fused: false,
+            shift: n.shift,
         };
         let blocks = self
             .blocks
@@ -693,10 +740,13 @@ impl TrainStage {
                     k: fold(&b.k)?,
                     v: fold(&b.v)?,
                     o: fold(&b.o)?,
+                    post_attn_norm: b.post_attn_norm.as_ref().map(norm),
                     ffn_norm: norm(&b.ffn_norm),
                     gate: fold(&b.gate)?,
                     up: fold(&b.up)?,
                     down: fold(&b.down)?,
+                    post_ffn_norm: b.post_ffn_norm.as_ref().map(norm),
+                    local_rope: b.local_rope,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -709,6 +759,7 @@ impl TrainStage {
             norm: self.norm.as_ref().map(norm),
             head: self.head.as_ref().map(|t| t.detach()),
             rope: self.rope.clone(),
+            rope_local: self.rope_local.clone(),
             trainables: Vec::new(),
         })
     }
@@ -723,7 +774,15 @@ impl TrainStage {
         for (i, b) in (self.spec.start..self.spec.end).zip(&self.blocks) {
             let id = |t| TensorId::Layer(i, t).hf_name();
             out.push((id(L::AttnNorm), b.attn_norm.weight.detach()));
-            out.push((id(L::FfnNorm), b.ffn_norm.weight.detach()));
+            out.push((id(L::ffn_norm(&self.cfg)), b.ffn_norm.weight.detach()));
+            for (t, n) in [
+                (L::PostAttnNorm, &b.post_attn_norm),
+                (L::PostFfnNorm, &b.post_ffn_norm),
+            ] {
+                if let Some(n) = n {
+                    out.push((id(t), n.weight.detach()));
+                }
+            }
             if let Some((q, k)) = &b.qk_norm {
                 out.push((id(L::QNorm), q.weight.detach()));
                 out.push((id(L::KNorm), k.weight.detach()));

@@ -29,7 +29,7 @@ pub fn model_cost(weights: &WeightFile) -> ModelProfile {
     let train_act = F32 * (6 * h + 2 * (q + 2 * kv) + q + 4 * i) + 2 * F32 * heads * TRAIN_SEQ;
     let layers = (0..c.num_hidden_layers)
         .map(|l| {
-            let param_bytes = LayerTensor::ALL
+            let param_bytes = LayerTensor::of(c)
                 .into_iter()
                 .map(|t| bytes(TensorId::Layer(l, t)))
                 .sum();
