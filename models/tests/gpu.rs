@@ -328,15 +328,26 @@ fn smollm2_quantized_gpu_picks_the_cpu_token_wherever_the_choice_is_clear() -> R
 
 /// A sliding window of 8 (transformers' Mistral fixture) on the device:
 /// a prefill that crosses it, then decode steps past it, against the CPU
-/// stage (which matches transformers, `stages.rs`).
+/// stage (which matches transformers, `stages.rs`). Then Gemma 2 and 3 the
+/// same way: their windows on some layers, soft-caps, sandwich `1 + w`
+/// norms, GeGLU, scaled embeddings, Gemma 3's q/k norms and local RoPE.
 #[test]
 fn sliding_window_attention_on_the_gpu_equals_the_cpu() -> Result<()> {
     let Some(gpu) = hearth_test_utils::gpu() else {
         return Ok(());
     };
-    let dir = hearth_test_utils::workspace_root().join("tests/fixtures/hf/mistral-swa");
+    for name in ["mistral-swa", "gemma2", "gemma3"] {
+        on_the_gpu_equals_the_cpu(&gpu, name)?;
+    }
+    Ok(())
+}
+
+fn on_the_gpu_equals_the_cpu(gpu: &Arc<Gpu>, name: &str) -> Result<()> {
+    let dir = hearth_test_utils::workspace_root()
+        .join("tests/fixtures/hf")
+        .join(name);
     let w = WeightFile::open(&dir)?;
-    assert_eq!(w.config().window(0), Some(8));
+    assert!(w.config().window(0).is_some(), "{name}");
     let full = StageSpec::full(w.config().num_hidden_layers);
     let ids: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % 64).collect();
     for precision in [Precision::F32, Precision::Quantized] {
@@ -349,12 +360,15 @@ fn sliding_window_attention_on_the_gpu_equals_the_cpu() -> Result<()> {
         let a = run(&on_gpu, &mut gc, &ids[..12], Logits::All)?;
         let b = run(&cpu, &mut cc, &ids[..12], Logits::All)?;
         let d = rel_diff(&a, &b)?;
-        assert!(d < F32_TOL, "{precision:?}: prefill differs by {d}");
+        assert!(d < F32_TOL, "{name} {precision:?}: prefill differs by {d}");
         for (i, id) in ids.iter().enumerate().skip(12) {
             let a = run(&on_gpu, &mut gc, &[*id], Logits::Last)?;
             let b = run(&cpu, &mut cc, &[*id], Logits::Last)?;
             let d = rel_diff(&a, &b)?;
-            assert!(d < F32_TOL, "{precision:?}: decode at {i} differs by {d}");
+            assert!(
+                d < F32_TOL,
+                "{name} {precision:?}: decode at {i} differs by {d}"
+            );
         }
     }
     Ok(())

@@ -51,6 +51,8 @@ pub(crate) struct Kernels {
     kv_append: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
     silu_mul: wgpu::ComputePipeline,
+    gelu_mul: wgpu::ComputePipeline,
+    scale_cap: wgpu::ComputePipeline,
     gather: wgpu::ComputePipeline,
     matmul: Vec<wgpu::ComputePipeline>,
     matmul_rows: Vec<wgpu::ComputePipeline>,
@@ -116,6 +118,13 @@ impl Kernels {
                 "main",
             ),
             silu_mul: pipeline(device, "silu_mul", elementwise, "silu_mul"),
+            gelu_mul: pipeline(device, "gelu_mul", elementwise, "gelu_mul"),
+            scale_cap: pipeline(
+                device,
+                "scale_cap",
+                include_str!("wgsl/scale_cap.wgsl"),
+                "main",
+            ),
             gather: pipeline(device, "gather", elementwise, "gather"),
             matmul: per_format("matmul", include_str!("wgsl/matmul.wgsl"), "main"),
             matmul_rows: per_format("matmul rows", include_str!("wgsl/matmul.wgsl"), "rowwise"),
@@ -280,12 +289,48 @@ impl<'g> Batch<'g> {
         eps: f64,
         y: &wgpu::Buffer,
     ) {
+        self.rms_norm_into(x, w, [n, cols], eps, y, false);
+    }
+
+    /// RMSNorm of `x` (`dims` = `[n, cols]`) into `y`, or added to it.
+    pub(crate) fn rms_norm_into(
+        &mut self,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        dims: [usize; 2],
+        eps: f64,
+        y: &wgpu::Buffer,
+        add: bool,
+    ) {
+        let [n, cols] = dims;
         let k = &self.gpu.kernels;
         self.push(
             &k.rms_norm,
-            &[n as u32, cols as u32, (eps as f32).to_bits()],
+            &[
+                n as u32,
+                cols as u32,
+                (eps as f32).to_bits(),
+                u32::from(add),
+            ],
             &[(1, x), (2, w), (3, y)],
             grid_rows(n),
+        );
+    }
+
+    /// In place: `y = cap·tanh(y·scale/cap)` with a cap, else `y·scale`.
+    pub(crate) fn scale_cap(
+        &mut self,
+        y: &wgpu::Buffer,
+        count: usize,
+        scale: f32,
+        cap: Option<f32>,
+    ) {
+        let k = &self.gpu.kernels;
+        self.push(
+            &k.scale_cap,
+            &[count as u32, scale.to_bits(), cap.unwrap_or(0.0).to_bits()],
+            &[(2, y)],
+            grid1(count),
         );
     }
 
@@ -346,7 +391,7 @@ impl<'g> Batch<'g> {
     /// Parameters as attention.wgsl's `Params`; `heads` x `tokens` workgroups.
     pub(crate) fn attention(
         &mut self,
-        params: &[u32; 13],
+        params: &[u32; 14],
         qkv: &wgpu::Buffer,
         cache: &wgpu::Buffer,
         scores: &wgpu::Buffer,
@@ -368,6 +413,18 @@ impl<'g> Batch<'g> {
         let count = n * inter;
         self.push(
             &k.silu_mul,
+            &[count as u32, inter as u32],
+            &[(1, x), (2, y)],
+            grid1(count),
+        );
+    }
+
+    /// `y[t, i] = gelu_tanh(x[t, i]) * x[t, inter + i]`.
+    pub(crate) fn gelu_mul(&mut self, x: &wgpu::Buffer, n: usize, inter: usize, y: &wgpu::Buffer) {
+        let k = &self.gpu.kernels;
+        let count = n * inter;
+        self.push(
+            &k.gelu_mul,
             &[count as u32, inter as u32],
             &[(1, x), (2, y)],
             grid1(count),

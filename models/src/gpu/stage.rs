@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 
 use super::kernels::{Format, GpuMatrix};
 use super::{Batch, Gpu};
-use crate::config::Config;
+use crate::config::{Activation, Config};
 use crate::error::{ModelError, Result};
 use crate::layers::{Rope, SeqSpan};
 use crate::stage::{Logits, Precision, StageSpec, check_shape};
@@ -35,10 +35,15 @@ struct GpuLayer {
     qk_norm: Option<(wgpu::Buffer, wgpu::Buffer)>,
     /// Sliding-window attention: keys seen per query (0: all).
     window: u32,
+    /// Takes the local RoPE tables (Gemma 3's sliding layers).
+    local_rope: bool,
     o: GpuMatrix,
+    /// Gemma's norms of the attention and MLP outputs.
+    post_attn_norm: Option<wgpu::Buffer>,
     ffn_norm: wgpu::Buffer,
     gate_up: GpuMatrix,
     down: GpuMatrix,
+    post_ffn_norm: Option<wgpu::Buffer>,
 }
 
 /// The layers `[start, end)` (plus embedding / head) of a model on a GPU.
@@ -51,6 +56,8 @@ pub struct GpuStage {
     head: Option<GpuMatrix>,
     cos: wgpu::Buffer,
     sin: wgpu::Buffer,
+    /// The local RoPE's tables (Gemma 3).
+    local: Option<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
 impl std::fmt::Debug for GpuStage {
@@ -95,15 +102,10 @@ impl GpuStage {
     ) -> Result<Self> {
         let cfg = weights.config().clone();
         spec.check(cfg.num_hidden_layers)?;
-        if cfg.is_gemma() {
-            return Err(ModelError::InvalidConfig(format!(
-                "the wgpu backend does not run {} yet (its sandwich norms, GeGLU, soft-caps and local RoPE); run it on the CPU",
-                cfg.architecture
-            )));
-        }
         let dev = Device::Cpu;
+        // Norm weights as they multiply (Gemma's `1 + w`).
         let vector = |id: TensorId, len: usize| -> Result<wgpu::Buffer> {
-            let w = weights.load_f32(id, &dev)?;
+            let w = (weights.load_f32(id, &dev)? + cfg.norm_shift())?;
             check_shape(id, w.dims(), &[len])?;
             gpu.upload("norm", &f32_bytes(&w)?)
         };
@@ -154,6 +156,9 @@ impl GpuStage {
         let mut layers = Vec::with_capacity(spec.layers());
         for i in spec.start..spec.end {
             let id = |t| TensorId::Layer(i, t);
+            let sandwich = |t| -> Result<Option<wgpu::Buffer>> {
+                cfg.is_gemma().then(|| vector(id(t), h)).transpose()
+            };
             layers.push(GpuLayer {
                 attn_norm: vector(id(L::AttnNorm), h)?,
                 qkv: group(
@@ -172,10 +177,13 @@ impl GpuStage {
                 window: cfg
                     .window(i)
                     .map_or(0, |w| u32::try_from(w).unwrap_or(u32::MAX)),
+                local_rope: cfg.local_rope(i),
                 o: group(&[(id(L::O), None, h)], qdim)?,
-                ffn_norm: vector(id(L::FfnNorm), h)?,
+                post_attn_norm: sandwich(L::PostAttnNorm)?,
+                ffn_norm: vector(id(L::ffn_norm(&cfg)), h)?,
                 gate_up: group(&[(id(L::Gate), None, inter), (id(L::Up), None, inter)], h)?,
                 down: group(&[(id(L::Down), None, h)], inter)?,
+                post_ffn_norm: sandwich(L::PostFfnNorm)?,
             });
         }
         // The embedding table, and whether it can serve as a tied head: the
@@ -221,6 +229,18 @@ impl GpuStage {
         )?;
         let cos = gpu.upload("rope cos", &f32_bytes(&rope.cos)?)?;
         let sin = gpu.upload("rope sin", &f32_bytes(&rope.sin)?)?;
+        let local = match Rope::local(
+            &cfg,
+            cfg.max_position_embeddings,
+            candle_core::DType::F32,
+            &dev,
+        )? {
+            Some(r) => Some((
+                gpu.upload("local rope cos", &f32_bytes(&r.cos)?)?,
+                gpu.upload("local rope sin", &f32_bytes(&r.sin)?)?,
+            )),
+            None => None,
+        };
         Ok(Self {
             gpu,
             cfg,
@@ -230,6 +250,7 @@ impl GpuStage {
             head,
             cos,
             sin,
+            local,
         })
     }
 
@@ -298,6 +319,9 @@ impl GpuStage {
                 let idb = gpu.upload("ids", bytemuck::cast_slice(ids))?;
                 let out = gpu.scratch("residual", n * h)?;
                 b.embed(table, &idb, n, &out);
+                if let Some(s) = cfg.embed_scale() {
+                    b.scale_cap(&out, n * h, s as f32, None);
+                }
                 out
             }
             (_, Some(t), None) => gpu.upload("hidden", &f32_bytes(t)?)?,
@@ -307,7 +331,14 @@ impl GpuStage {
                 ));
             }
         };
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.attn_scale();
+        let cap = cfg.attn_logit_softcap.unwrap_or(0.0) as f32;
+        // Gemma: block outputs land here, then are normed into the residual.
+        let block_out = if cfg.is_gemma() {
+            Some(gpu.scratch("block out", n * h)?)
+        } else {
+            None
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             b.rms_norm(&x, &layer.attn_norm, n, h, cfg.rms_norm_eps, &hn);
             b.matmul(&layer.qkv, &hn, n, &qkv, false, &act_q)?;
@@ -315,12 +346,11 @@ impl GpuStage {
                 b.head_norm(&qkv, qn, [n, heads, hd, stride, 0], cfg.rms_norm_eps);
                 b.head_norm(&qkv, kn, [n, kvh, hd, stride, qdim], cfg.rms_norm_eps);
             }
-            b.rope(
-                &qkv,
-                &pos,
-                (&self.cos, &self.sin),
-                [n, heads + kvh, hd, stride],
-            );
+            let tables = match (&self.local, layer.local_rope) {
+                (Some((cos, sin)), true) => (cos, sin),
+                _ => (&self.cos, &self.sin),
+            };
+            b.rope(&qkv, &pos, tables, [n, heads + kvh, hd, stride]);
             for (span, kv) in spans.iter().zip(caches.iter()) {
                 let cache = kv
                     .buf
@@ -356,6 +386,7 @@ impl GpuStage {
                         t_max as u32,
                         (scale as f32).to_bits(),
                         layer.window,
+                        cap.to_bits(),
                     ],
                     &qkv,
                     cache,
@@ -363,11 +394,29 @@ impl GpuStage {
                     &att,
                 );
             }
-            b.matmul(&layer.o, &att, n, &x, true, &act_q)?;
+            // x += post_norm(o(att)), or x += o(att).
+            let residual_add = |b: &mut Batch<'_>,
+                                m: &GpuMatrix,
+                                input: &wgpu::Buffer,
+                                post: &Option<wgpu::Buffer>|
+             -> Result<()> {
+                match (post, &block_out) {
+                    (Some(w), Some(tmp)) => {
+                        b.matmul(m, input, n, tmp, false, &act_q)?;
+                        b.rms_norm_into(tmp, w, [n, h], cfg.rms_norm_eps, &x, true);
+                    }
+                    _ => b.matmul(m, input, n, &x, true, &act_q)?,
+                }
+                Ok(())
+            };
+            residual_add(&mut b, &layer.o, &att, &layer.post_attn_norm)?;
             b.rms_norm(&x, &layer.ffn_norm, n, h, cfg.rms_norm_eps, &hn);
             b.matmul(&layer.gate_up, &hn, n, &gu, false, &act_q)?;
-            b.silu_mul(&gu, n, inter, &hm);
-            b.matmul(&layer.down, &hm, n, &x, true, &act_q)?;
+            match cfg.hidden_act {
+                Activation::Silu => b.silu_mul(&gu, n, inter, &hm),
+                Activation::GeluTanh => b.gelu_mul(&gu, n, inter, &hm),
+            }
+            residual_add(&mut b, &layer.down, &hm, &layer.post_ffn_norm)?;
         }
         let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
             b.encode(&mut encoder);
@@ -391,6 +440,9 @@ impl GpuStage {
         b.rms_norm(&picked, norm, rows, h, cfg.rms_norm_eps, &normed);
         let out = gpu.scratch("logits", rows * cfg.vocab_size)?;
         b.matmul(head, &normed, rows, &out, false, &act_q)?;
+        if let Some(c) = cfg.final_logit_softcap {
+            b.scale_cap(&out, rows * cfg.vocab_size, 1.0, Some(c as f32));
+        }
         b.encode(&mut encoder);
         let v = gpu.finish_and_read(encoder, &out, rows * cfg.vocab_size)?;
         Ok(Tensor::from_vec(v, (rows, cfg.vocab_size), &Device::Cpu)?)

@@ -250,6 +250,14 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         b.rms_norm(&xb, &wb, n, cols, 1e-5, &y)
     });
     assert_close(&got, &want, 1e-6, "rms_norm");
+    // Added to what y holds (Gemma's post-norms into the residual).
+    let held = randn(&mut rng, n * cols);
+    let yb = upload_f32(&gpu, &held);
+    let got = run(&gpu, &yb, n * cols, |b| {
+        b.rms_norm_into(&xb, &wb, [n, cols], 1e-5, &yb, true)
+    });
+    let sum: Vec<f32> = want.iter().zip(&held).map(|(a, b)| a + b).collect();
+    assert_close(&got, &sum, 1e-6, "rms_norm added");
 
     // RoPE on 3 Q heads + 1 K head of 16, rows padded with 16 V values.
     let cfg = crate::config::Config {
@@ -316,6 +324,29 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
     let (gb, y) = (upload_f32(&gpu, &gu), gpu.scratch("y", n * inter).unwrap());
     let got = run(&gpu, &y, n * inter, |b| b.silu_mul(&gb, n, inter, &y));
     assert_close(&got, &want, 1e-6, "silu_mul");
+    // GeGLU (tanh GELU), over values wide enough to reach its tails.
+    let wide: Vec<f32> = gu.iter().map(|v| v * 6.0).collect();
+    let wt = Tensor::from_slice(&wide, (n, 2 * inter), &dev).unwrap();
+    let want = to_vec(
+        &(wt.narrow(1, 0, inter).unwrap().gelu().unwrap() * wt.narrow(1, inter, inter).unwrap())
+            .unwrap(),
+    );
+    let gb = upload_f32(&gpu, &wide);
+    let got = run(&gpu, &y, n * inter, |b| b.gelu_mul(&gb, n, inter, &y));
+    assert_close(&got, &want, 1e-5, "gelu_mul");
+    // Scale, then soft-cap, in place.
+    let yb = upload_f32(&gpu, &wide);
+    let want: Vec<f32> = wide.iter().map(|v| 3.0 * (v * 2.0 / 3.0).tanh()).collect();
+    let got = run(&gpu, &yb, wide.len(), |b| {
+        b.scale_cap(&yb, wide.len(), 2.0, Some(3.0))
+    });
+    assert_close(&got, &want, 1e-6, "scale_cap");
+    let yb = upload_f32(&gpu, &wide);
+    let want: Vec<f32> = wide.iter().map(|v| v * 0.5).collect();
+    let got = run(&gpu, &yb, wide.len(), |b| {
+        b.scale_cap(&yb, wide.len(), 0.5, None)
+    });
+    assert_close(&got, &want, 1e-6, "scale");
 
     // Gather rows 2 and 0 of a [3, 5] matrix.
     let x: Vec<f32> = (0..15).map(|v| v as f32).collect();
@@ -341,6 +372,7 @@ fn naive_attention(
     kvh: usize,
     hd: usize,
     window: usize,
+    cap: f32,
 ) -> Vec<f32> {
     let mut out = vec![0f32; l * heads * hd];
     for i in 0..l {
@@ -360,7 +392,8 @@ fn naive_attention(
                         return f32::NEG_INFINITY;
                     }
                     let k = &keys[(j * kvh + g) * hd..(j * kvh + g + 1) * hd];
-                    qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
+                    let s = qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt();
+                    if cap > 0.0 { cap * (s / cap).tanh() } else { s }
                 })
                 .collect();
             let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -408,9 +441,10 @@ fn kv_append_and_attention_match_a_naive_reference() {
         qkv[row + qdim..row + qdim + kvdim].copy_from_slice(&keys[j * kvdim..(j + 1) * kvdim]);
         qkv[row + qdim + kvdim..row + stride].copy_from_slice(&values[j * kvdim..(j + 1) * kvdim]);
     }
-    // No window, and one of 3 keys (the first new token sees 3 of its 6).
-    for window in [0usize, 3] {
-        let want = naive_attention(&q, &keys, &values, l, start, heads, kvh, hd, window);
+    // No window, and one of 3 keys (the first new token sees 3 of its 6);
+    // then soft-capped scores (Gemma 2).
+    for (window, cap) in [(0usize, 0f32), (3, 0.0), (3, 1.5), (0, 0.7)] {
+        let want = naive_attention(&q, &keys, &values, l, start, heads, kvh, hd, window, cap);
         let (qb, cb) = (upload_f32(&gpu, &qkv), upload_f32(&gpu, &cache));
         let scores = gpu.scratch("scores", l * heads * t).unwrap();
         let out = gpu.scratch("out", (offset + l) * qdim).unwrap();
@@ -446,6 +480,7 @@ fn kv_append_and_attention_match_a_naive_reference() {
                     t as u32,
                     scale,
                     window as u32,
+                    cap.to_bits(),
                 ],
                 &qb,
                 &cb,

@@ -20,6 +20,8 @@ struct Params {
     scale: f32,
     // Sliding window: keys seen per query, its own included (0: all).
     window: u32,
+    // Soft cap of the scores, c * tanh(s / c) (0: none; Gemma 2).
+    cap: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -51,6 +53,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             s += qkv[qb + d] * cache[j * p.cache_row + kb + d];
         }
         s *= p.scale;
+        if (p.cap > 0.0) {
+            s = p.cap * tanh_c(s / p.cap);
+        }
         scores[sb + j] = s;
         m = max(m, s);
     }

@@ -29,3 +29,8 @@ fn dot4ss(a: u32, b: u32) -> i32 {
         + extractBits(ai, 16u, 8u) * extractBits(bi, 16u, 8u)
         + extractBits(ai, 24u, 8u) * extractBits(bi, 24u, 8u);
 }
+
+// tanh, clamped where it is 1 in f32 anyway (some drivers overflow exp).
+fn tanh_c(z: f32) -> f32 {
+    return tanh(clamp(z, -15.0, 15.0));
+}

@@ -26,6 +26,21 @@ fn silu_mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     y[idx] = g / (1.0 + exp(-g)) * u;
 }
 
+// y[t, i] = gelu_tanh(x[t, i]) * x[t, width + i] (GeGLU, Gemma).
+@compute @workgroup_size(64)
+fn gelu_mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = flat(gid, nwg, 64u);
+    if (idx >= p.count) {
+        return;
+    }
+    let t = idx / p.width;
+    let i = idx % p.width;
+    let g = x[t * 2u * p.width + i];
+    let u = x[t * 2u * p.width + p.width + i];
+    let c = 0.7978845608028654 * (g + 0.044715 * g * g * g);
+    y[idx] = 0.5 * g * (1.0 + tanh_c(c)) * u;
+}
+
 // y[k, :] = x[rows[k], :].
 @compute @workgroup_size(64)
 fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

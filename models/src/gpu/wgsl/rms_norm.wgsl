@@ -1,9 +1,12 @@
-// y[t, :] = x[t, :] * w / sqrt(mean(x[t, :]^2) + eps), one workgroup a row.
+// y[t, :] = x[t, :] * w / sqrt(mean(x[t, :]^2) + eps), one workgroup a row;
+// with `add`, y[t, :] += that (Gemma's norm of a block's output, added to
+// the residual).
 
 struct Params {
     n: u32,
     cols: u32,
     eps: f32,
+    add: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -35,6 +38,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let m = sqrt(part[0] / f32(p.cols) + p.eps);
     for (var c = lid; c < p.cols; c += 256u) {
-        y[base + c] = x[base + c] * w[c] / m;
+        let v = x[base + c] * w[c] / m;
+        if (p.add != 0u) {
+            y[base + c] += v;
+        } else {
+            y[base + c] = v;
+        }
     }
 }
