@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 
 /// Architectures whose decoder this crate implements (llama family).
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
+];
 
 /// The error for a mixture-of-experts model: what it is, and that Hearth
 /// runs dense decoders only.
@@ -227,6 +228,9 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         })),
+        "longrope" | "su" => Err(ModelError::InvalidConfig(format!(
+            "rope_scaling of type {kind:?} (LongRoPE: Phi-3-128k, Phi-3.5, Phi-4-mini) is not supported yet (supported: llama3, linear)"
+        ))),
         other => Err(ModelError::InvalidConfig(format!(
             "rope_scaling of type {other:?} is not supported (supported: llama3, linear)"
         ))),
@@ -279,6 +283,9 @@ fn hf_sliding_window(
     }
     match arch {
         "mistral" => Ok((window.unwrap_or(Some(4096)), Vec::new())),
+        // Every layer, where set (transformers applies it; llama.cpp
+        // currently runs Phi-3 with full attention).
+        "phi3" => Ok((window.flatten(), Vec::new())),
         "qwen2" | "qwen3" | "gemma2" | "gemma3" => {
             let gemma = arch.starts_with("gemma");
             let w = if use_sliding_window || gemma {
@@ -388,6 +395,12 @@ impl Config {
     /// the head dimension, before RoPE): Qwen3.
     pub fn qk_norm(&self) -> bool {
         matches!(self.architecture.as_str(), "qwen3" | "gemma3")
+    }
+
+    /// Whether the checkpoint stores q/k/v as one `qkv_proj` and gate/up as
+    /// one `gate_up_proj` (Phi-3).
+    pub fn fused_projections(&self) -> bool {
+        self.architecture == "phi3"
     }
 
     /// Gemma's decoder: embeddings scaled by `sqrt(hidden)`, RMSNorms that
@@ -501,6 +514,7 @@ impl Config {
                 Some("MistralForCausalLM") => "mistral".into(),
                 Some("Gemma2ForCausalLM") => "gemma2".into(),
                 Some("Gemma3ForCausalLM") => "gemma3".into(),
+                Some("Phi3ForCausalLM") => "phi3".into(),
                 other => other.unwrap_or("unknown").to_string(),
             },
         };
@@ -522,6 +536,17 @@ impl Config {
             ));
         }
         let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
+        // Rotating only part of each head (Phi-4-mini's 0.75) is refused
+        // rather than run wrong.
+        let partial = raw
+            .get("partial_rotary_factor")
+            .or_else(|| hf.rope_parameters.as_ref()?.get("partial_rotary_factor"))
+            .and_then(serde_json::Value::as_f64);
+        if let Some(f) = partial.filter(|f| *f != 1.0) {
+            return Err(ModelError::InvalidConfig(format!(
+                "partial_rotary_factor {f} (RoPE on part of each head, as Phi-4-mini has) is not supported yet"
+            )));
+        }
         let experts = hf
             .num_local_experts
             .or(hf.num_experts)
@@ -862,6 +887,39 @@ mod tests {
                 .to_string()
                 .contains("\"gelu\"")
         );
+    }
+
+    #[test]
+    fn phi3_reads_and_what_it_lacks_is_refused_by_name() {
+        let phi = r#"{"architectures":["Phi3ForCausalLM"],"model_type":"phi3","vocab_size":100,
+            "hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+            "num_key_value_heads":2,"sliding_window":2047,"rope_scaling":null"#;
+        let c = Config::from_hf_json(&format!("{phi}}}")).unwrap();
+        assert!(c.fused_projections() && !c.is_gemma() && !c.tie_word_embeddings);
+        assert_eq!(
+            (c.head_dim, c.window(0), c.window(1)),
+            (16, Some(2047), Some(2047))
+        );
+        assert_eq!(c.hidden_act, Activation::Silu);
+        // No window key: full attention (Phi-4).
+        let c = Config::from_hf_json(&format!(
+            "{}}}",
+            phi.replace(r#""sliding_window":2047,"#, "")
+        ))
+        .unwrap();
+        assert_eq!(c.window(0), None);
+        for (extra, needle) in [
+            (
+                r#","rope_scaling":{"type":"longrope","short_factor":[1],"long_factor":[2]}"#,
+                "LongRoPE",
+            ),
+            (r#","rope_scaling":{"type":"su"}"#, "LongRoPE"),
+            (r#","partial_rotary_factor":0.75"#, "partial_rotary_factor"),
+        ] {
+            let json = format!("{}{extra}}}", phi.replace(r#","rope_scaling":null"#, ""));
+            let err = Config::from_hf_json(&json).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -216,6 +216,42 @@ impl Stage {
             let gate = (id(L::Gate), None, inter);
             let up = (id(L::Up), None, inter);
             let (qkv, gate_up) = match precision {
+                // Stored stacked (Phi-3): one matrix each, as stored...
+                Precision::Quantized if cfg.fused_projections() => (
+                    QkvProj::Fused {
+                        qkv: group(&[(id(L::Qkv), None, qdim + 2 * kvdim)], h)?,
+                        q_out: qdim,
+                        kv_out: kvdim,
+                    },
+                    GateUpProj::Fused {
+                        gate_up: group(&[(id(L::GateUp), None, 2 * inter)], h)?,
+                        inter,
+                    },
+                ),
+                // ...or split by rows, each projection its own matrix.
+                Precision::F32 if cfg.fused_projections() => {
+                    let qkv = f32t(id(L::Qkv))?;
+                    check_shape(id(L::Qkv), qkv.dims(), &[qdim + 2 * kvdim, h])?;
+                    let gu = f32t(id(L::GateUp))?;
+                    check_shape(id(L::GateUp), gu.dims(), &[2 * inter, h])?;
+                    let rows = |t: &Tensor, at: usize, n: usize| -> Result<Linear> {
+                        Ok(Linear::Dense {
+                            w: t.narrow(0, at, n)?.contiguous()?,
+                            b: None,
+                        })
+                    };
+                    (
+                        QkvProj::Separate {
+                            q: rows(&qkv, 0, qdim)?,
+                            k: rows(&qkv, qdim, kvdim)?,
+                            v: rows(&qkv, qdim + kvdim, kvdim)?,
+                        },
+                        GateUpProj::Separate {
+                            gate: rows(&gu, 0, inter)?,
+                            up: rows(&gu, inter, inter)?,
+                        },
+                    )
+                }
                 Precision::Quantized => (
                     QkvProj::Fused {
                         qkv: group(&[q, k, v], h)?,

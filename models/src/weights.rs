@@ -41,11 +41,15 @@ pub enum LayerTensor {
     PreFfnNorm,
     /// Gemma's norm of the MLP output, before the residual add.
     PostFfnNorm,
+    /// Q, K and V stacked by rows (Phi-3's `qkv_proj`).
+    Qkv,
+    /// Gate and up stacked by rows, gate first (Phi-3's `gate_up_proj`).
+    GateUp,
 }
 
 impl LayerTensor {
     /// Every tensor a layer may have.
-    pub const ALL: [LayerTensor; 17] = [
+    pub const ALL: [LayerTensor; 19] = [
         Self::AttnNorm,
         Self::Q,
         Self::K,
@@ -63,6 +67,8 @@ impl LayerTensor {
         Self::PostAttnNorm,
         Self::PreFfnNorm,
         Self::PostFfnNorm,
+        Self::Qkv,
+        Self::GateUp,
     ];
 
     /// The tensors a layer of `cfg`'s architecture may have (no two with
@@ -75,6 +81,8 @@ impl LayerTensor {
                 Self::PostAttnNorm | Self::PreFfnNorm | Self::PostFfnNorm => cfg.is_gemma(),
                 Self::QNorm | Self::KNorm => cfg.qk_norm(),
                 Self::QBias | Self::KBias | Self::VBias => cfg.attention_bias,
+                Self::Q | Self::K | Self::V | Self::Gate | Self::Up => !cfg.fused_projections(),
+                Self::Qkv | Self::GateUp => cfg.fused_projections(),
                 _ => true,
             })
             .collect()
@@ -122,6 +130,8 @@ impl LayerTensor {
             Self::PostAttnNorm => "post_attention_layernorm.weight",
             Self::PreFfnNorm => "pre_feedforward_layernorm.weight",
             Self::PostFfnNorm => "post_feedforward_layernorm.weight",
+            Self::Qkv => "self_attn.qkv_proj.weight",
+            Self::GateUp => "mlp.gate_up_proj.weight",
         }
     }
     fn gguf(self) -> &'static str {
@@ -143,6 +153,9 @@ impl LayerTensor {
             Self::PostAttnNorm => "post_attention_norm.weight",
             Self::PreFfnNorm => "ffn_norm.weight",
             Self::PostFfnNorm => "post_ffw_norm.weight",
+            Self::Qkv => "attn_qkv.weight",
+            // llama.cpp keeps Phi-3's gate and up together under the up name.
+            Self::GateUp => "ffn_up.weight",
         }
     }
 }
@@ -718,6 +731,21 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
     };
     let layers = meta_usize(c, &k("block_count"))?;
     let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
+    if c.tensor_infos.contains_key("rope_factors_long.weight") {
+        return Err(ModelError::InvalidConfig(format!(
+            "{arch} with LongRoPE factors (Phi-3-128k, Phi-3.5, Phi-4-mini) is not supported yet"
+        )));
+    }
+    if let Some(rot) = c
+        .metadata
+        .get(&k("rope.dimension_count"))
+        .and_then(value_usize)
+        && rot != head_dim
+    {
+        return Err(ModelError::InvalidConfig(format!(
+            "RoPE over {rot} of each head's {head_dim} values (partial rotary) is not supported yet"
+        )));
+    }
     let f64_key = |key: &str| c.metadata.get(&k(key)).and_then(value_f64);
     // Every layer slides where the file names a window and no pattern
     // (llama.cpp's converter writes no window for Llama or Mistral, which

@@ -336,7 +336,7 @@ fn sliding_window_attention_on_the_gpu_equals_the_cpu() -> Result<()> {
     let Some(gpu) = hearth_test_utils::gpu() else {
         return Ok(());
     };
-    for name in ["mistral-swa", "gemma2", "gemma3"] {
+    for name in ["mistral-swa", "gemma2", "gemma3", "phi3"] {
         on_the_gpu_equals_the_cpu(&gpu, name)?;
     }
     Ok(())

@@ -491,12 +491,13 @@ fn qwen3_matches_transformers() -> Result<()> {
 /// transformers' sliding-window models (a window of 8 on every layer of a
 /// Mistral; of 6 on layers 1 and 2 of a Qwen2; Gemma 2's even layers and
 /// Gemma 3's two of every three, with their soft-caps, sandwich norms,
-/// GeGLU, scaled embeddings and Gemma 3's local RoPE), over 40 ids: all at once,
+/// GeGLU, scaled embeddings and Gemma 3's local RoPE; Phi-3's stacked
+/// projections and window on every layer), over 40 ids: all at once,
 /// in chunks that start inside and past the window, and token by token
 /// (the single-token decode path), on the f32 and the fused paths.
 #[test]
 fn sliding_window_models_match_transformers() -> Result<()> {
-    for name in ["mistral-swa", "qwen2-swa", "gemma2", "gemma3"] {
+    for name in ["mistral-swa", "qwen2-swa", "gemma2", "gemma3", "phi3"] {
         let dir = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);
@@ -544,6 +545,8 @@ fn a_gguf_sliding_window_matches_transformers() -> Result<()> {
     for (name, windows) in [
         ("mistral-swa", vec![Some(8), Some(8)]),
         ("qwen2-swa", vec![None, Some(6), Some(6)]),
+        // llama.cpp's phi3 layout: attn_qkv, and gate and up in ffn_up.
+        ("phi3", vec![Some(8), Some(8)]),
     ] {
         let dir = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")

@@ -524,14 +524,21 @@ fn gemma_backward_matches_pytorch() {
     backward_matches_transformers("gemma3");
 }
 
-/// A full fine-tune of a Gemma GGUF writes its norms back as llama.cpp
-/// stores them (`1 + w`): the merged file, with every weight nudged,
-/// serves what the training stage computes.
+/// Phi-3's stacked qkv and gate/up are one parameter each, as in torch.
 #[test]
-fn a_gemma_full_fine_tune_merges_into_its_gguf() {
+fn phi3_backward_matches_pytorch() {
+    backward_matches_transformers("phi3");
+}
+
+/// A full fine-tune of a Gemma GGUF writes its norms back as llama.cpp
+/// stores them (`1 + w`), and one of a Phi-3 its stacked projections: the
+/// merged file, with every weight nudged, serves what the training stage
+/// computes.
+#[test]
+fn gemma_and_phi3_fine_tunes_merge_into_their_ggufs() {
     use hearth_models::train::export::{merged_tensors, write_merged_gguf};
     let dir = tempfile::tempdir().unwrap();
-    for name in ["gemma2", "gemma3"] {
+    for name in ["gemma2", "gemma3", "phi3"] {
         let hf = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);
@@ -539,43 +546,62 @@ fn a_gemma_full_fine_tune_merges_into_its_gguf() {
         hearth_test_utils::hf_llama_to_gguf(&hf, &gguf, &[]).unwrap();
         let base = WeightFile::open(&gguf).unwrap();
         let layers = base.config().num_hidden_layers;
-        let stage = TrainStage::load(
-            &base,
-            StageSpec::full(layers),
-            &opts(Method::Full, DType::F32),
-        )
-        .unwrap();
-        // "Training": every weight moved a little.
-        let trained: std::collections::HashMap<String, Tensor> = stage
-            .trainables()
-            .iter()
-            .map(|(n, v)| (n.clone(), (v.as_tensor() * 1.01).unwrap()))
-            .collect();
-        for (n, t) in &trained {
-            stage.set(n, t).unwrap();
-        }
-        let replaced = merged_tensors(&base, &Method::Full, &trained).unwrap();
-        let out = dir.path().join(format!("{name}-ft.gguf"));
-        write_merged_gguf(&base, &replaced, "ft", &out).unwrap();
-        let merged = WeightFile::open(&out).unwrap();
-        let tokens: Vec<u32> = (0..12u32).map(|i| (i * 41 + 5) % 64).collect();
-        let want = stage
-            .forward(
-                &TrainInput::Tokens(tokens.clone()),
-                &BatchLayout::new(1, 12, vec![1; 12]).unwrap(),
-                &DropCtx::eval(),
+        // A full fine-tune, and adapters on every projection (which on
+        // Phi-3 fold into its stacked matrices).
+        for method in [Method::Full, lora_all(0.5, 0.0)] {
+            let stage = TrainStage::load(
+                &base,
+                StageSpec::full(layers),
+                &opts(method.clone(), DType::F32),
             )
             .unwrap();
-        let got = inference_logits(&merged, tokens.clone());
-        let diff = max_abs(&(&got - &want).unwrap());
-        assert!(
-            diff < 1e-4,
-            "{name}: merged model differs from training by {diff}"
-        );
-        let before = inference_logits(&base, tokens);
-        assert!(
-            max_abs(&(&before - &want).unwrap()) > 1e-3,
-            "{name}: nothing changed"
-        );
+            // "Training": every full weight moved a little; adapters as
+            // initialised (non-zero).
+            let trained: std::collections::HashMap<String, Tensor> = stage
+                .trainables()
+                .iter()
+                .map(|(n, v)| {
+                    let t = v.as_tensor();
+                    let t = match method {
+                        Method::Full => (t * 1.01).unwrap(),
+                        Method::Lora(_) => t.copy().unwrap(),
+                    };
+                    (n.clone(), t)
+                })
+                .collect();
+            for (n, t) in &trained {
+                stage.set(n, t).unwrap();
+            }
+            let replaced = merged_tensors(&base, &method, &trained).unwrap();
+            if let Method::Lora(_) = method {
+                assert_eq!(
+                    replaced.len(),
+                    layers * if name == "phi3" { 4 } else { 7 },
+                    "{name}"
+                );
+            }
+            let out = dir.path().join(format!("{name}-ft.gguf"));
+            write_merged_gguf(&base, &replaced, "ft", &out).unwrap();
+            let merged = WeightFile::open(&out).unwrap();
+            let tokens: Vec<u32> = (0..12u32).map(|i| (i * 41 + 5) % 64).collect();
+            let want = stage
+                .forward(
+                    &TrainInput::Tokens(tokens.clone()),
+                    &BatchLayout::new(1, 12, vec![1; 12]).unwrap(),
+                    &DropCtx::eval(),
+                )
+                .unwrap();
+            let got = inference_logits(&merged, tokens.clone());
+            let diff = max_abs(&(&got - &want).unwrap());
+            assert!(
+                diff < 1e-4,
+                "{name} {method:?}: merged model differs from training by {diff}"
+            );
+            let before = inference_logits(&base, tokens);
+            assert!(
+                max_abs(&(&before - &want).unwrap()) > 1e-3,
+                "{name}: nothing changed"
+            );
+        }
     }
 }

@@ -352,6 +352,8 @@ pub fn gguf_name(name: &str) -> String {
         .replace("self_attn.o_proj", "attn_output")
         .replace("self_attn.q_norm", "attn_q_norm")
         .replace("self_attn.k_norm", "attn_k_norm")
+        .replace("self_attn.qkv_proj", "attn_qkv")
+        .replace("mlp.gate_up_proj", "ffn_up")
         .replace("post_attention_layernorm", "ffn_norm")
         .replace("input_layernorm", "attn_norm")
         .replace("mlp.gate_proj", "ffn_gate")
@@ -367,7 +369,9 @@ pub fn gguf_name(name: &str) -> String {
 /// permutation, every norm stored as `1 + w`, its post-norms' names, the
 /// soft-caps, the global RoPE theta and scaling and the local theta; Gemma
 /// 2's layer pattern left to the reader (llama.cpp writes none), and the
-/// query scale as `attention.scale` where it is not the head size's.
+/// query scale as `attention.scale` where it is not the head size's. A
+/// Phi-3 folder is written as `phi3`: its stacked `attn_qkv` and `ffn_up`
+/// (gate and up), unpermuted.
 /// Holds no tokenizer: for model-code checks.
 pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -> Result<()> {
     let cfg: serde_json::Value =
@@ -387,19 +391,25 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
         hearth_models::Config::from_hf_json(&std::fs::read_to_string(hf_dir.join("config.json"))?)?;
     let tensors = candle_core::safetensors::load(hf_dir.join("model.safetensors"), &Device::Cpu)?;
     let gemma = hf.is_gemma();
+    // Architectures llama.cpp keeps under their own name, unpermuted.
+    let native = gemma || hf.fused_projections();
     let mut qts: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &tensors {
         let mut t = t.to_dtype(DType::F32)?;
-        if gemma {
-            if name.ends_with("norm.weight") {
-                t = (t + 1.0)?;
-            }
-            let name = gguf_name(
-                &name
-                    .replace("post_attention_layernorm", "post_attention_norm")
-                    .replace("pre_feedforward_layernorm", "ffn_norm")
-                    .replace("post_feedforward_layernorm", "post_ffw_norm"),
-            );
+        if native {
+            let name = if gemma {
+                if name.ends_with("norm.weight") {
+                    t = (t + 1.0)?;
+                }
+                gguf_name(
+                    &name
+                        .replace("post_attention_layernorm", "post_attention_norm")
+                        .replace("pre_feedforward_layernorm", "ffn_norm")
+                        .replace("post_feedforward_layernorm", "post_ffw_norm"),
+                )
+            } else {
+                gguf_name(name)
+            };
             qts.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
             continue;
         }
@@ -417,7 +427,7 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
         qts.push((name.clone(), QTensor::quantize(t, GgmlDType::F32)?));
     }
     qts.sort_by(|a, b| a.0.cmp(&b.0));
-    let a = if gemma {
+    let a = if native {
         hf.architecture.as_str()
     } else {
         "llama"

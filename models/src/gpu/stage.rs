@@ -161,14 +161,18 @@ impl GpuStage {
             };
             layers.push(GpuLayer {
                 attn_norm: vector(id(L::AttnNorm), h)?,
-                qkv: group(
-                    &[
-                        (id(L::Q), Some(id(L::QBias)), qdim),
-                        (id(L::K), Some(id(L::KBias)), kvdim),
-                        (id(L::V), Some(id(L::VBias)), kvdim),
-                    ],
-                    h,
-                )?,
+                qkv: if cfg.fused_projections() {
+                    group(&[(id(L::Qkv), None, qdim + 2 * kvdim)], h)?
+                } else {
+                    group(
+                        &[
+                            (id(L::Q), Some(id(L::QBias)), qdim),
+                            (id(L::K), Some(id(L::KBias)), kvdim),
+                            (id(L::V), Some(id(L::VBias)), kvdim),
+                        ],
+                        h,
+                    )?
+                },
                 qk_norm: if cfg.qk_norm() {
                     Some((vector(id(L::QNorm), hd)?, vector(id(L::KNorm), hd)?))
                 } else {
@@ -181,7 +185,11 @@ impl GpuStage {
                 o: group(&[(id(L::O), None, h)], qdim)?,
                 post_attn_norm: sandwich(L::PostAttnNorm)?,
                 ffn_norm: vector(id(L::ffn_norm(&cfg)), h)?,
-                gate_up: group(&[(id(L::Gate), None, inter), (id(L::Up), None, inter)], h)?,
+                gate_up: if cfg.fused_projections() {
+                    group(&[(id(L::GateUp), None, 2 * inter)], h)?
+                } else {
+                    group(&[(id(L::Gate), None, inter), (id(L::Up), None, inter)], h)?
+                },
                 down: group(&[(id(L::Down), None, h)], inter)?,
                 post_ffn_norm: sandwich(L::PostFfnNorm)?,
             });

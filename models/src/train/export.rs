@@ -14,7 +14,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use super::stage::{LoraConfig, Method, TrainOptions, TrainStage};
 use crate::error::{ModelError, Result};
 use crate::stage::StageSpec;
-use crate::weights::{TensorId, WeightFile, permute_for_gguf};
+use crate::weights::{LayerTensor, TensorId, WeightFile, permute_for_gguf};
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |e| ModelError::io(path, e)
@@ -122,7 +122,14 @@ pub fn merged_tensors(
     let changed = |id: TensorId| match method {
         Method::Full => true,
         Method::Lora(c) => match id {
-            TensorId::Layer(_, t) => c.targets.iter().any(|x| x.tensor() == t),
+            TensorId::Layer(_, t) => c.targets.iter().any(|x| {
+                let x = x.tensor();
+                x == t
+                    || (t == LayerTensor::Qkv
+                        && matches!(x, LayerTensor::Q | LayerTensor::K | LayerTensor::V))
+                    || (t == LayerTensor::GateUp
+                        && matches!(x, LayerTensor::Gate | LayerTensor::Up))
+            }),
             _ => false,
         },
     };

@@ -439,13 +439,31 @@ impl TrainStage {
                 (None, None)
             };
             let ffn_norm = norm(L::ffn_norm(&cfg), &mut trainables)?;
+            // Phi-3 stores q/k/v and gate/up stacked: one parameter each,
+            // its row blocks the projections (LoRA adapts each block).
+            let stacked = if cfg.fused_projections() {
+                let qkv = load(id(L::Qkv), &mut trainables)?;
+                check_shape(id(L::Qkv), qkv.dims(), &[qdim + 2 * kvdim, h])?;
+                let gu = load(id(L::GateUp), &mut trainables)?;
+                check_shape(id(L::GateUp), gu.dims(), &[2 * inter, h])?;
+                Some((qkv, gu))
+            } else {
+                None
+            };
             let lin = |t: L,
                        bias: Option<L>,
                        rows: usize,
                        cols: usize,
                        tr: &mut Vec<(String, Var)>|
              -> Result<TLinear> {
-                let w = load(id(t), tr)?;
+                let w = match (&stacked, t) {
+                    (Some((qkv, _)), L::Q) => qkv.narrow(0, 0, qdim)?,
+                    (Some((qkv, _)), L::K) => qkv.narrow(0, qdim, kvdim)?,
+                    (Some((qkv, _)), L::V) => qkv.narrow(0, qdim + kvdim, kvdim)?,
+                    (Some((_, gu)), L::Gate) => gu.narrow(0, 0, inter)?,
+                    (Some((_, gu)), L::Up) => gu.narrow(0, inter, inter)?,
+                    _ => load(id(t), tr)?,
+                };
                 check_shape(id(t), w.dims(), &[rows, cols])?;
                 let bias = match bias {
                     Some(b) if cfg.attention_bias => Some(load(id(b), tr)?),
@@ -787,8 +805,19 @@ impl TrainStage {
                 out.push((id(L::QNorm), q.weight.detach()));
                 out.push((id(L::KNorm), k.weight.detach()));
             }
-            for (t, l) in b.linears() {
-                out.push((id(t), l.merged()?));
+            if self.cfg.fused_projections() {
+                let stack = |ls: &[&TLinear]| -> Result<Tensor> {
+                    let ws = ls.iter().map(|l| l.merged()).collect::<Result<Vec<_>>>()?;
+                    Ok(Tensor::cat(&ws, 0)?)
+                };
+                out.push((id(L::Qkv), stack(&[&b.q, &b.k, &b.v])?));
+                out.push((id(L::GateUp), stack(&[&b.gate, &b.up])?));
+                out.push((id(L::O), b.o.merged()?));
+                out.push((id(L::Down), b.down.merged()?));
+            } else {
+                for (t, l) in b.linears() {
+                    out.push((id(t), l.merged()?));
+                }
             }
             for (t, l) in [(L::QBias, &b.q), (L::KBias, &b.k), (L::VBias, &b.v)] {
                 if let Some(bias) = &l.bias {
