@@ -70,6 +70,10 @@ pub struct Config {
     /// from the global layers' (Gemma 3's local RoPE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_theta: Option<f64>,
+    /// Lanes of each head that RoPE rotates (the first ones, paired within
+    /// them), where not all: Phi-4-mini's `partial_rotary_factor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_dim: Option<usize>,
 }
 
 /// The activation of the MLP's gate.
@@ -112,6 +116,17 @@ pub enum RopeScaling {
     /// Every frequency divided by `factor` (positions interpolated): Gemma
     /// 3's global layers, older long-context Llama 2s.
     Linear { factor: f64 },
+    /// Phi-3's LongRoPE: per-frequency divisors, `short_factor` for a
+    /// sequence that stays within `original_max_position_embeddings`,
+    /// `long_factor` once it runs past (decided per forward pass from the
+    /// sequence's last position, as transformers does), cos and sin scaled
+    /// by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+    },
     /// One divisor per rotary frequency, as llama.cpp's GGUF files store a
     /// scaling (`rope_freqs.weight`: Llama 3.x's, computed by its converter).
     Factors { factors: Vec<f64> },
@@ -124,6 +139,10 @@ impl RopeScaling {
         match *self {
             Self::Factors { ref factors } => inv / factors.get(i).copied().unwrap_or(1.0),
             Self::Linear { factor } => inv / factor,
+            // The short table; `Rope` builds the long one beside it.
+            Self::LongRope {
+                ref short_factor, ..
+            } => inv / short_factor.get(i).copied().unwrap_or(1.0),
             Self::Llama3 {
                 factor,
                 low_freq_factor,
@@ -146,6 +165,24 @@ impl RopeScaling {
 
     fn validate(&self, head_dim: usize) -> std::result::Result<(), String> {
         match *self {
+            Self::LongRope {
+                ref short_factor,
+                ref long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                for f in [short_factor, long_factor] {
+                    Self::Factors { factors: f.clone() }.validate(head_dim)?;
+                }
+                let orig_ok = original_max_position_embeddings.is_finite()
+                    && original_max_position_embeddings >= 1.0;
+                if !orig_ok || !attention_factor.is_finite() || attention_factor <= 0.0 {
+                    return Err(
+                        "longrope needs a positive original context and attention factor".into(),
+                    );
+                }
+                Ok(())
+            }
             Self::Linear { factor } => {
                 if !factor.is_finite() || factor <= 0.0 {
                     return Err(format!(
@@ -197,7 +234,13 @@ impl RopeScaling {
 /// `config.json`: Llama 3's; none, or a `default`
 /// type, is plain RoPE; any other type is refused by name rather than run
 /// wrong.
-fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>> {
+/// `max_pos` and `original` (a top-level `original_max_position_embeddings`,
+/// which wins over one inside, as in transformers) complete LongRoPE's.
+fn hf_rope_scaling(
+    v: Option<&serde_json::Value>,
+    max_pos: usize,
+    original: Option<f64>,
+) -> Result<Option<RopeScaling>> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
@@ -228,11 +271,44 @@ fn hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScaling>>
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         })),
-        "longrope" | "su" => Err(ModelError::InvalidConfig(format!(
-            "rope_scaling of type {kind:?} (LongRoPE: Phi-3-128k, Phi-3.5, Phi-4-mini) is not supported yet (supported: llama3, linear)"
-        ))),
+        "longrope" | "su" => {
+            let factors = |k: &str| -> Result<Vec<f64>> {
+                v.get(k)
+                    .and_then(serde_json::Value::as_array)
+                    .and_then(|a| a.iter().map(serde_json::Value::as_f64).collect())
+                    .ok_or_else(|| {
+                        ModelError::InvalidConfig(format!(
+                            "rope_scaling of type {kind} needs a list of numbers {k}"
+                        ))
+                    })
+            };
+            let orig = match original {
+                Some(o) => o,
+                None => num("original_max_position_embeddings")?,
+            };
+            // transformers' defaults: the context's stretch, and the
+            // attention factor that follows from it.
+            let factor = v
+                .get("factor")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(max_pos as f64 / orig);
+            let attention_factor = match v
+                .get("attention_factor")
+                .and_then(serde_json::Value::as_f64)
+            {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / orig.ln()).sqrt(),
+            };
+            Ok(Some(RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: orig,
+                attention_factor,
+            }))
+        }
         other => Err(ModelError::InvalidConfig(format!(
-            "rope_scaling of type {other:?} is not supported (supported: llama3, linear)"
+            "rope_scaling of type {other:?} is not supported (supported: llama3, linear, longrope)"
         ))),
     }
 }
@@ -364,9 +440,18 @@ impl Config {
         if self.max_position_embeddings == 0 {
             return bad("context length must be positive".into());
         }
+        let rot = self.rotary_dim();
+        if rot == 0 || rot > self.head_dim || !rot.is_multiple_of(2) {
+            return bad(format!(
+                "RoPE over {rot} lanes of a head of {}",
+                self.head_dim
+            ));
+        }
         if let Some(r) = &self.rope_scaling {
-            r.validate(self.head_dim)
-                .map_err(ModelError::InvalidConfig)?;
+            r.validate(rot).map_err(ModelError::InvalidConfig)?;
+            if self.rope_local_theta.is_some() && matches!(r, RopeScaling::LongRope { .. }) {
+                return bad("LongRoPE with a local RoPE".into());
+            }
         }
         let positive = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v > 0.0);
         if !positive(self.query_pre_attn_scalar)
@@ -395,6 +480,11 @@ impl Config {
     /// the head dimension, before RoPE): Qwen3.
     pub fn qk_norm(&self) -> bool {
         matches!(self.architecture.as_str(), "qwen3" | "gemma3")
+    }
+
+    /// Lanes of each head that RoPE rotates.
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim.unwrap_or(self.head_dim)
     }
 
     /// Whether the checkpoint stores q/k/v as one `qkv_proj` and gate/up as
@@ -536,17 +626,25 @@ impl Config {
             ));
         }
         let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
-        // Rotating only part of each head (Phi-4-mini's 0.75) is refused
-        // rather than run wrong.
+        // RoPE on part of each head (Phi-4-mini's 0.75).
         let partial = raw
             .get("partial_rotary_factor")
             .or_else(|| hf.rope_parameters.as_ref()?.get("partial_rotary_factor"))
-            .and_then(serde_json::Value::as_f64);
-        if let Some(f) = partial.filter(|f| *f != 1.0) {
+            .and_then(serde_json::Value::as_f64)
+            .filter(|f| *f != 1.0);
+        if partial.is_some_and(|f| !(f > 0.0 && f <= 1.0)) {
             return Err(ModelError::InvalidConfig(format!(
-                "partial_rotary_factor {f} (RoPE on part of each head, as Phi-4-mini has) is not supported yet"
+                "partial_rotary_factor {partial:?} is not in (0, 1]"
             )));
         }
+        let max_pos = hf.max_position_embeddings.unwrap_or(match arch.as_str() {
+            "gemma2" => 8192,
+            "gemma3" => 131_072,
+            _ => 4096,
+        });
+        let original = raw
+            .get("original_max_position_embeddings")
+            .and_then(serde_json::Value::as_f64);
         let experts = hf
             .num_local_experts
             .or(hf.num_experts)
@@ -599,14 +697,14 @@ impl Config {
         let default_theta = if arch == "gemma3" { 1e6 } else { 10_000.0 };
         let (rope_theta, rope_scaling, rope_local_theta) = match nested {
             Some((full, local)) => {
-                if hf_rope_scaling(local)?.is_some() {
+                if hf_rope_scaling(local, max_pos, original)?.is_some() {
                     return Err(ModelError::InvalidConfig(
                         "a scaled RoPE on sliding layers is not supported".into(),
                     ));
                 }
                 (
                     theta_of(Some(full)).unwrap_or(default_theta),
-                    hf_rope_scaling(Some(full))?,
+                    hf_rope_scaling(Some(full), max_pos, original)?,
                     theta_of(local).or((arch == "gemma3").then_some(10_000.0)),
                 )
             }
@@ -614,7 +712,11 @@ impl Config {
                 hf.rope_theta
                     .or_else(|| theta_of(hf.rope_parameters.as_ref()))
                     .unwrap_or(default_theta),
-                hf_rope_scaling(hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()))?,
+                hf_rope_scaling(
+                    hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()),
+                    max_pos,
+                    original,
+                )?,
                 hf.rope_local_base_freq
                     .or((arch == "gemma3").then_some(10_000.0)),
             ),
@@ -636,11 +738,7 @@ impl Config {
             num_attention_heads: hf.num_attention_heads,
             rope_theta,
             rms_norm_eps: hf.rms_norm_eps,
-            max_position_embeddings: hf.max_position_embeddings.unwrap_or(match arch.as_str() {
-                "gemma2" => 8192,
-                "gemma3" => 131_072,
-                _ => 4096,
-            }),
+            max_position_embeddings: max_pos,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(gemma),
             attention_bias,
             rope_scaling,
@@ -664,6 +762,12 @@ impl Config {
                 _ => None,
             },
             rope_local_theta,
+            rotary_dim: partial.map(|f| {
+                let hd = hf
+                    .head_dim
+                    .unwrap_or(hf.hidden_size / hf.num_attention_heads);
+                (hd as f64 * f) as usize
+            }),
             architecture: arch,
         };
         cfg.validate()?;
@@ -890,7 +994,7 @@ mod tests {
     }
 
     #[test]
-    fn phi3_reads_and_what_it_lacks_is_refused_by_name() {
+    fn phi3_longrope_and_partial_rotary_read_as_transformers_reads_them() {
         let phi = r#"{"architectures":["Phi3ForCausalLM"],"model_type":"phi3","vocab_size":100,
             "hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
             "num_key_value_heads":2,"sliding_window":2047,"rope_scaling":null"#;
@@ -908,17 +1012,63 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.window(0), None);
-        for (extra, needle) in [
+        // LongRoPE ("su" is its old name), with transformers' defaults:
+        // factor = context / original, attention factor from it; the
+        // top-level original context wins.
+        let longrope = |kind: &str, extra: &str| {
+            format!(
+                r#"{},"max_position_embeddings":131072,"original_max_position_embeddings":4096,
+                "rope_scaling":{{"type":"{kind}","short_factor":[1,1,1,1,1,1,1,1],
+                "long_factor":[2,2,2,2,2,2,2,2],"original_max_position_embeddings":7}}{extra}}}"#,
+                phi.replace(r#","rope_scaling":null"#, "")
+            )
+        };
+        for kind in ["longrope", "su"] {
+            let c = Config::from_hf_json(&longrope(kind, "")).unwrap();
+            let Some(RopeScaling::LongRope {
+                original_max_position_embeddings: orig,
+                attention_factor,
+                ref long_factor,
+                ..
+            }) = c.rope_scaling
+            else {
+                panic!("{kind}: {:?}", c.rope_scaling)
+            };
+            assert_eq!((orig, long_factor[0]), (4096.0, 2.0));
+            assert!(
+                (attention_factor - 1.190_238_071_4).abs() < 1e-9,
+                "{attention_factor}"
+            );
+        }
+        // Partial rotary: the factors cover the rotated lanes only.
+        let c = Config::from_hf_json(
+            &longrope("longrope", r#","partial_rotary_factor":0.5"#)
+                .replace("[1,1,1,1,1,1,1,1]", "[1,1,1,1]")
+                .replace("[2,2,2,2,2,2,2,2]", "[2,2,2,2]"),
+        )
+        .unwrap();
+        assert_eq!(c.rotary_dim(), 8);
+        for (json, needle) in [
+            // Eight factors for a rotated quarter of 16 lanes (want 2).
             (
-                r#","rope_scaling":{"type":"longrope","short_factor":[1],"long_factor":[2]}"#,
-                "LongRoPE",
+                longrope("longrope", r#","partial_rotary_factor":0.25"#),
+                "RoPE frequency factors",
             ),
-            (r#","rope_scaling":{"type":"su"}"#, "LongRoPE"),
-            (r#","partial_rotary_factor":0.75"#, "partial_rotary_factor"),
+            (
+                longrope("longrope", "").replace(r#""short_factor":[1,1,1,1,1,1,1,1],"#, ""),
+                "short_factor",
+            ),
+            (
+                format!("{phi},\"partial_rotary_factor\":1.5}}"),
+                "partial_rotary_factor",
+            ),
+            (
+                format!("{}}}", phi.replace("null", r#"{"type":"yarn","factor":4}"#)),
+                "yarn",
+            ),
         ] {
-            let json = format!("{}{extra}}}", phi.replace(r#","rope_scaling":null"#, ""));
             let err = Config::from_hf_json(&json).unwrap_err().to_string();
-            assert!(err.contains(needle), "{extra}: {err}");
+            assert!(err.contains(needle), "{json}: {err}");
         }
     }
 

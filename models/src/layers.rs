@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
-use crate::config::{Activation, Config};
+use crate::config::{Activation, Config, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::quant::Q4_1Matrix;
@@ -104,11 +104,17 @@ pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
     }
 }
 
-/// Rotary position embedding tables (HF "rotate half" layout).
+/// Rotary position embedding tables (HF "rotate half" layout, over the
+/// first `Config::rotary_dim` lanes of each head). With LongRoPE the long
+/// table follows the short one: [`Rope::rows`] picks.
 #[derive(Debug, Clone)]
 pub struct Rope {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
+    /// Positions each table covers.
+    positions: usize,
+    /// LongRoPE: a span ending past this position reads the long table.
+    long_after: Option<usize>,
 }
 
 impl Rope {
@@ -139,49 +145,98 @@ impl Rope {
     fn with(
         cfg: &Config,
         theta: f64,
-        scaling: Option<&crate::config::RopeScaling>,
+        scaling: Option<&RopeScaling>,
         max_pos: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = cfg.head_dim / 2;
-        let inv: Vec<f64> = (0..half)
-            .map(|i| {
-                let f = 1.0 / theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
-                scaling.map_or(f, |r| r.apply(i, f))
-            })
+        let rot = cfg.rotary_dim();
+        let base: Vec<f64> = (0..rot / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rot as f64))
             .collect();
-        let mut cos = Vec::with_capacity(max_pos * cfg.head_dim);
-        let mut sin = Vec::with_capacity(max_pos * cfg.head_dim);
-        for p in 0..max_pos {
-            // The two halves of a head share frequencies ("rotate half").
-            for _half in 0..2 {
-                for f in &inv {
-                    let a = p as f64 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+        // (inverse frequencies, cos/sin multiplier) of each table.
+        let (tables, long_after) = match scaling {
+            Some(RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            }) => {
+                let div =
+                    |fs: &[f64]| -> Vec<f64> { base.iter().zip(fs).map(|(f, d)| f / d).collect() };
+                (
+                    vec![
+                        (div(short_factor), *attention_factor),
+                        (div(long_factor), *attention_factor),
+                    ],
+                    Some(*original_max_position_embeddings as usize),
+                )
+            }
+            Some(r) => (
+                vec![(
+                    base.iter()
+                        .enumerate()
+                        .map(|(i, f)| r.apply(i, *f))
+                        .collect(),
+                    1.0,
+                )],
+                None,
+            ),
+            None => (vec![(base.clone(), 1.0)], None),
+        };
+        let len = tables.len() * max_pos * rot;
+        let mut cos = Vec::with_capacity(len);
+        let mut sin = Vec::with_capacity(len);
+        for (inv, m) in &tables {
+            for p in 0..max_pos {
+                // The two halves of the rotated lanes share frequencies
+                // ("rotate half").
+                for _half in 0..2 {
+                    for f in inv {
+                        let a = p as f64 * f;
+                        cos.push(a.cos() * m);
+                        sin.push(a.sin() * m);
+                    }
                 }
             }
         }
         let table = |v: Vec<f64>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (max_pos, cfg.head_dim), device)?.to_dtype(dtype)?)
+            Ok(Tensor::from_vec(v, (tables.len() * max_pos, rot), device)?.to_dtype(dtype)?)
         };
         Ok(Self {
             cos: table(cos)?,
             sin: table(sin)?,
+            positions: max_pos,
+            long_after,
         })
     }
 
     /// Longest position this table covers.
     pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
+        self.positions
     }
 
-    /// The tables at `positions` (`[n]` u32), shaped `[n, 1, head_dim]`.
-    pub fn at(&self, positions: &Tensor) -> Result<RopeAt> {
+    /// Where the rows of a pass whose last position is `end - 1` start:
+    /// the long table's for LongRoPE past its original context, else 0.
+    pub fn table_offset(&self, end: usize) -> usize {
+        match self.long_after {
+            Some(o) if end > o => self.positions,
+            _ => 0,
+        }
+    }
+
+    /// The table rows of positions `start..start + len` of one sequence.
+    pub fn rows(&self, start: usize, len: usize) -> impl Iterator<Item = u32> {
+        let off = self.table_offset(start + len);
+        (start..start + len).map(move |p| (p + off) as u32)
+    }
+
+    /// The tables at `rows` (`[n]` u32, see [`Rope::rows`]), shaped
+    /// `[n, 1, rotary_dim]`.
+    pub fn at(&self, rows: &Tensor) -> Result<RopeAt> {
         Ok(RopeAt {
-            cos: self.cos.index_select(positions, 0)?.unsqueeze(1)?,
-            sin: self.sin.index_select(positions, 0)?.unsqueeze(1)?,
+            cos: self.cos.index_select(rows, 0)?.unsqueeze(1)?,
+            sin: self.sin.index_select(rows, 0)?.unsqueeze(1)?,
         })
     }
 }
@@ -196,13 +251,32 @@ pub struct RopeAt {
 impl RopeAt {
     /// `x`: `[n, heads, head_dim]`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (cos, sin) = (&self.cos, &self.sin);
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+        rotate(x, &self.cos, &self.sin)
     }
+}
+
+/// Rotates the first `cos.dim(-1)` lanes of `x`'s last dimension ("rotate
+/// half" within them) and passes the rest through (differentiable).
+pub fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let rot = cos.dim(D::Minus1)?;
+    let xr = if rot == hd {
+        x.clone()
+    } else {
+        x.narrow(D::Minus1, 0, rot)?
+    };
+    let half = rot / 2;
+    let x1 = xr.narrow(D::Minus1, 0, half)?;
+    let x2 = xr.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let y = (xr.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+    if rot == hd {
+        return Ok(y);
+    }
+    Ok(Tensor::cat(
+        &[&y, &x.narrow(D::Minus1, rot, hd - rot)?],
+        D::Minus1,
+    )?)
 }
 
 /// Q, K and V projections: separate (training: each its own parameter) or

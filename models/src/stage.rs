@@ -404,6 +404,8 @@ impl Stage {
         let n: usize = lens.iter().sum();
         let mut spans = Vec::with_capacity(lens.len());
         let mut positions = Vec::with_capacity(n);
+        // Rows of the RoPE tables (LongRoPE's long table past its context).
+        let mut rope_rows = Vec::with_capacity(n);
         let mut offset = 0;
         for (&len, cache) in lens.iter().zip(caches.iter()) {
             let start = cache.len();
@@ -419,6 +421,7 @@ impl Stage {
                 start_pos: start,
             });
             positions.extend((start..start + len).map(|p| p as u32));
+            rope_rows.extend(self.rope.rows(start, len));
             offset += len;
         }
         let first = self.spec.embed;
@@ -470,7 +473,7 @@ impl Stage {
                 StageInput::Tokens(ids) => (Some(&ids[..]), None),
                 StageInput::Hidden(h) => (None, Some(h)),
             };
-            let out = gpu.forward(ids, hidden, &spans, &positions, &mut kvs, logits)?;
+            let out = gpu.forward(ids, hidden, &spans, &rope_rows, &mut kvs, logits)?;
             for (cache, &len) in caches.iter_mut().zip(lens) {
                 cache.advance(len);
             }
@@ -492,7 +495,9 @@ impl Stage {
                 ));
             }
         };
-        let rope = self.rope.at(&positions)?;
+        let rope = self
+            .rope
+            .at(&Tensor::from_vec(rope_rows, n, &self.device)?)?;
         let rope_local = match &self.rope_local {
             Some(r) => Some(r.at(&positions)?),
             None => None,

@@ -211,6 +211,10 @@ impl TensorId {
 
 /// The GGUF tensor of per-frequency RoPE divisors (Llama 3.x).
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
+/// Phi-3's LongRoPE divisors past its original context.
+pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
+/// Phi-3's LongRoPE divisors within its original context.
+pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 
 /// GGUF metadata that is not part of [`Config`] but needed by the tokenizer.
 pub type GgufMetadata = HashMap<String, gguf_file::Value>;
@@ -382,7 +386,7 @@ impl WeightFile {
         // Llama 3.x GGUFs carry their RoPE scaling as one divisor per
         // rotary frequency.
         if let Some(info) = content.tensor_infos.get(ROPE_FREQS) {
-            let want = config.head_dim / 2;
+            let want = config.rotary_dim() / 2;
             if info.shape.elem_count() != want {
                 return Err(ModelError::BadGguf {
                     path: path.to_path_buf(),
@@ -403,6 +407,65 @@ impl WeightFile {
                 .map(f64::from)
                 .collect();
             config.rope_scaling = Some(crate::config::RopeScaling::Factors { factors });
+            config.validate()?;
+        }
+        // Phi-3's LongRoPE: its two factor lists as tensors, the original
+        // context and attention factor in metadata.
+        if content.tensor_infos.contains_key(ROPE_FACTORS_LONG)
+            || content.tensor_infos.contains_key(ROPE_FACTORS_SHORT)
+        {
+            let want = config.rotary_dim() / 2;
+            let mut read =
+                |name: &str| -> Result<Vec<f64>> {
+                    let info = content.tensor_infos.get(name).ok_or_else(|| {
+                        ModelError::MissingTensor {
+                            name: name.to_string(),
+                        }
+                    })?;
+                    if info.shape.elem_count() != want {
+                        return Err(ModelError::BadGguf {
+                            path: path.to_path_buf(),
+                            reason: format!(
+                                "{name} has {} values for {} rotary lanes (want {want})",
+                                info.shape.elem_count(),
+                                config.rotary_dim()
+                            ),
+                        });
+                    }
+                    let t = info
+                        .read(&mut file, content.tensor_data_offset, &Device::Cpu)?
+                        .dequantize(&Device::Cpu)?;
+                    Ok(t.flatten_all()?
+                        .to_vec1::<f32>()?
+                        .into_iter()
+                        .map(f64::from)
+                        .collect())
+                };
+            let (long, short) = (read(ROPE_FACTORS_LONG)?, read(ROPE_FACTORS_SHORT)?);
+            let arch = &config.architecture;
+            let key = |s: &str| {
+                content
+                    .metadata
+                    .get(&format!("{arch}.{s}"))
+                    .and_then(value_f64)
+            };
+            let orig = key("rope.scaling.original_context_length").ok_or_else(|| {
+                ModelError::MissingMetadata {
+                    key: format!("{arch}.rope.scaling.original_context_length"),
+                }
+            })?;
+            let factor = config.max_position_embeddings as f64 / orig;
+            let attention_factor = key("rope.scaling.attn_factor").unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / orig.ln()).sqrt()
+            });
+            config.rope_scaling = Some(crate::config::RopeScaling::LongRope {
+                short_factor: short,
+                long_factor: long,
+                original_max_position_embeddings: orig,
+                attention_factor,
+            });
             config.validate()?;
         }
         let permuted_qk = matches!(config.architecture.as_str(), "llama" | "mistral");
@@ -731,21 +794,12 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
     };
     let layers = meta_usize(c, &k("block_count"))?;
     let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
-    if c.tensor_infos.contains_key("rope_factors_long.weight") {
-        return Err(ModelError::InvalidConfig(format!(
-            "{arch} with LongRoPE factors (Phi-3-128k, Phi-3.5, Phi-4-mini) is not supported yet"
-        )));
-    }
-    if let Some(rot) = c
+    // RoPE over the first `rot` lanes of each head (Phi-4-mini).
+    let rotary_dim = c
         .metadata
         .get(&k("rope.dimension_count"))
         .and_then(value_usize)
-        && rot != head_dim
-    {
-        return Err(ModelError::InvalidConfig(format!(
-            "RoPE over {rot} of each head's {head_dim} values (partial rotary) is not supported yet"
-        )));
-    }
+        .filter(|rot| *rot != head_dim);
     let f64_key = |key: &str| c.metadata.get(&k(key)).and_then(value_f64);
     // Every layer slides where the file names a window and no pattern
     // (llama.cpp's converter writes no window for Llama or Mistral, which
@@ -841,6 +895,7 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
         },
         rope_local_theta: (arch == "gemma3")
             .then(|| f64_key("rope.freq_base_swa").unwrap_or(10_000.0)),
+        rotary_dim,
         architecture: arch,
     };
     cfg.validate()?;

@@ -612,6 +612,78 @@ fn gemma_ggufs_match_transformers() -> Result<()> {
     Ok(())
 }
 
+/// LongRoPE on half of each head (Phi-3.5 / Phi-4-mini): transformers'
+/// logits for 40 ids at once (the long factors, past the original 16), for
+/// the first 12 alone (the short ones), and for 12 then one at a time with
+/// its cache (short until a position passes 16, then long for the new
+/// tokens while the cached keys keep theirs); from the folder and from
+/// llama.cpp's layout (factor tensors, attention factor and rotary lanes in
+/// metadata), on both paths.
+#[test]
+fn phi3_longrope_matches_transformers() -> Result<()> {
+    let dir = hearth_test_utils::workspace_root().join("tests/fixtures/hf/phi3-longrope");
+    let out = tempfile::tempdir()?;
+    let gguf = out.path().join("phi3.gguf");
+    hearth_test_utils::hf_llama_to_gguf(&dir, &gguf, &[])?;
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+    let rows = |k: &str| -> Result<Tensor> {
+        let r: Vec<Vec<f32>> = serde_json::from_value(want[k].clone())?;
+        let (n, v) = (r.len(), r.first().map_or(0, Vec::len));
+        Ok(Tensor::from_vec(
+            r.into_iter().flatten().collect::<Vec<f32>>(),
+            (n, v),
+            &candle_core::Device::Cpu,
+        )?)
+    };
+    let (ids, full) = transformers_logits(&dir)?;
+    let (short, cached) = (rows("short_logits")?, rows("cached_logits")?);
+    let scale = max_abs(&full)?;
+    for w in [WeightFile::open(&dir)?, WeightFile::open(&gguf)?] {
+        let cfg = w.config();
+        assert_eq!(cfg.rotary_dim(), 8, "{}", w.path().display());
+        assert!(matches!(
+            cfg.rope_scaling,
+            Some(hearth_models::config::RopeScaling::LongRope { .. })
+        ));
+        for precision in [Precision::F32, Precision::Quantized] {
+            let st = Stage::load(&w, StageSpec::full(cfg.num_hidden_layers), precision)?;
+            let vocab = cfg.vocab_size;
+            let run = |chunks: &[usize]| -> Result<Tensor> {
+                let mut c = st.new_cache();
+                let mut out = Vec::new();
+                let mut at = 0;
+                for &len in chunks {
+                    let y = st.forward(
+                        StageInput::Tokens(ids[at..at + len].to_vec()),
+                        &[len],
+                        &mut [&mut c],
+                        Logits::All,
+                    )?;
+                    out.push(y.reshape((len, vocab))?);
+                    at += len;
+                }
+                Ok(Tensor::cat(&out, 0)?)
+            };
+            let mut steps = vec![12];
+            steps.resize(ids.len() - 12 + 1, 1);
+            for (what, got, want) in [
+                ("at once", run(&[ids.len()])?, &full),
+                ("first 12", run(&[12])?, &short),
+                ("cached steps", run(&steps)?, &cached),
+            ] {
+                let d = max_diff(&got, want)?;
+                assert!(
+                    d < 1e-4 * scale.max(1.0),
+                    "{} {precision:?} {what}: max diff {d} (logits up to {scale})",
+                    w.path().display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn qwen3_gguf_equals_safetensors() -> Result<()> {
     let (_d, m) = tiny(TinySpec {

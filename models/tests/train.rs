@@ -528,6 +528,9 @@ fn gemma_backward_matches_pytorch() {
 #[test]
 fn phi3_backward_matches_pytorch() {
     backward_matches_transformers("phi3");
+    // LongRoPE (the long table: 40 ids past a context of 16) on half of
+    // each head.
+    backward_matches_transformers("phi3-longrope");
 }
 
 /// A full fine-tune of a Gemma GGUF writes its norms back as llama.cpp

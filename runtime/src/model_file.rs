@@ -231,8 +231,10 @@ pub fn stage_tensors(all: impl Iterator<Item = String>, spec: StageSpec) -> BTre
                 None => match n.as_str() {
                     "token_embd.weight" => spec.embed || (spec.head && tied),
                     "output_norm.weight" | "output.weight" => spec.head,
-                    // Every stage's rotary tables (and the config) use it.
-                    hearth_models::weights::ROPE_FREQS => true,
+                    // Every stage's rotary tables (and the config) use them.
+                    hearth_models::weights::ROPE_FREQS
+                    | hearth_models::weights::ROPE_FACTORS_LONG
+                    | hearth_models::weights::ROPE_FACTORS_SHORT => true,
                     _ => false,
                 },
             }
@@ -706,11 +708,13 @@ mod tests {
     }
 
     #[test]
-    fn a_stage_reads_its_layers_the_ends_it_holds_and_the_rope_table() {
+    fn a_stage_reads_its_layers_the_ends_it_holds_and_the_rope_tables() {
         let all = [
             "token_embd.weight",
             "output_norm.weight",
             "rope_freqs.weight",
+            "rope_factors_long.weight",
+            "rope_factors_short.weight",
             "blk.0.attn_q.weight",
             "blk.1.attn_q.weight",
             "blk.1.attn_q_norm.weight",
@@ -728,6 +732,8 @@ mod tests {
         let got = stage_tensors(all.iter().cloned(), spec);
         let want: BTreeSet<String> = [
             "rope_freqs.weight",
+            "rope_factors_long.weight",
+            "rope_factors_short.weight",
             "blk.1.attn_q.weight",
             "blk.1.attn_q_norm.weight",
         ]

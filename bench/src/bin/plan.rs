@@ -204,6 +204,7 @@ impl Shape {
             attn_logit_softcap: None,
             final_logit_softcap: None,
             rope_local_theta: None,
+            rotary_dim: None,
         }
     }
 

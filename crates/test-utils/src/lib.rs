@@ -426,6 +426,22 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
     for (name, t) in extra {
         qts.push((name.clone(), QTensor::quantize(t, GgmlDType::F32)?));
     }
+    // Phi-3's LongRoPE factors, as llama.cpp's converter stores them.
+    if let Some(hearth_models::config::RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        ..
+    }) = &hf.rope_scaling
+    {
+        for (name, f) in [
+            (hearth_models::weights::ROPE_FACTORS_SHORT, short_factor),
+            (hearth_models::weights::ROPE_FACTORS_LONG, long_factor),
+        ] {
+            let v: Vec<f32> = f.iter().map(|x| *x as f32).collect();
+            let t = Tensor::from_vec(v, f.len(), &Device::Cpu)?;
+            qts.push((name.to_string(), QTensor::quantize(&t, GgmlDType::F32)?));
+        }
+    }
     qts.sort_by(|a, b| a.0.cmp(&b.0));
     let a = if native {
         hf.architecture.as_str()
@@ -467,6 +483,27 @@ pub fn hf_llama_to_gguf(hf_dir: &Path, out: &Path, extra: &[(String, Tensor)]) -
         ),
     ];
     let mut meta = meta;
+    if native {
+        meta.push((
+            format!("{a}.rope.dimension_count"),
+            Value::U32(u32::try_from(hf.rotary_dim())?),
+        ));
+    }
+    if let Some(hearth_models::config::RopeScaling::LongRope {
+        original_max_position_embeddings,
+        attention_factor,
+        ..
+    }) = hf.rope_scaling
+    {
+        meta.push((
+            format!("{a}.rope.scaling.attn_factor"),
+            Value::F32(attention_factor as f32),
+        ));
+        meta.push((
+            format!("{a}.rope.scaling.original_context_length"),
+            Value::U32(original_max_position_embeddings as u32),
+        ));
+    }
     if gemma {
         let mut push = |k: &str, v: Value| meta.push((format!("{a}.{k}"), v));
         if let Some(c) = hf.attn_logit_softcap {

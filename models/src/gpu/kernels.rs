@@ -361,22 +361,29 @@ impl<'g> Batch<'g> {
         );
     }
 
-    /// RoPE in place on the first `heads` heads of each of `n` rows of
-    /// `stride` values; `dims` = `[n, heads, head_dim, stride]`.
+    /// RoPE in place on the first `rot` lanes of the first `heads` heads
+    /// of each of `n` rows of `stride` values, reading table row
+    /// `rows[t]`; `dims` = `[n, heads, head_dim, stride, rot]`.
     pub(crate) fn rope(
         &mut self,
         x: &wgpu::Buffer,
-        positions: &wgpu::Buffer,
+        rows: &wgpu::Buffer,
         tables: (&wgpu::Buffer, &wgpu::Buffer),
-        dims: [usize; 4],
+        dims: [usize; 5],
     ) {
-        let [n, heads, head_dim, stride] = dims;
+        let [n, heads, head_dim, stride, rot] = dims;
         let k = &self.gpu.kernels;
         self.push(
             &k.rope,
-            &[n as u32, heads as u32, head_dim as u32, stride as u32],
-            &[(1, positions), (2, tables.0), (3, tables.1), (4, x)],
-            grid1(n * heads * head_dim / 2),
+            &[
+                n as u32,
+                heads as u32,
+                head_dim as u32,
+                stride as u32,
+                rot as u32,
+            ],
+            &[(1, rows), (2, tables.0), (3, tables.1), (4, x)],
+            grid1(n * heads * rot / 2),
         );
     }
 

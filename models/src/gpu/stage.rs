@@ -269,7 +269,10 @@ impl GpuStage {
 
     /// Runs a ragged batch (see `Stage::forward`, which checked the input):
     /// `ids` for a first stage, else `hidden` `[n, hidden]`; `caches[i]`
-    /// holds `spans[i].start_pos` tokens. Returns hidden states or logits.
+    /// holds `spans[i].start_pos` tokens; `positions` are the tokens' RoPE
+    /// table rows (`Rope::rows`: their positions, offset into LongRoPE's
+    /// long table where a span runs past its context). Returns hidden
+    /// states or logits.
     pub(crate) fn forward(
         &self,
         ids: Option<&[u32]>,
@@ -358,7 +361,12 @@ impl GpuStage {
                 (Some((cos, sin)), true) => (cos, sin),
                 _ => (&self.cos, &self.sin),
             };
-            b.rope(&qkv, &pos, tables, [n, heads + kvh, hd, stride]);
+            b.rope(
+                &qkv,
+                &pos,
+                tables,
+                [n, heads + kvh, hd, stride, cfg.rotary_dim()],
+            );
             for (span, kv) in spans.iter().zip(caches.iter()) {
                 let cache = kv
                     .buf

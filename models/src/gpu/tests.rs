@@ -282,6 +282,7 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         attn_logit_softcap: None,
         final_logit_softcap: None,
         rope_local_theta: None,
+        rotary_dim: None,
     };
     let rope = Rope::new(&cfg, 64, candle_core::DType::F32, &dev).unwrap();
     let (n, heads, hd, stride) = (4, 4, 16, 80);
@@ -308,9 +309,49 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
     let cos = upload_f32(&gpu, &to_vec(&rope.cos));
     let sin = upload_f32(&gpu, &to_vec(&rope.sin));
     let got = run(&gpu, &xb, n * stride, |b| {
-        b.rope(&xb, &pos, (&cos, &sin), [n, heads, hd, stride])
+        b.rope(&xb, &pos, (&cos, &sin), [n, heads, hd, stride, hd])
     });
     assert_close(&got, &want, 1e-6, "rope");
+    // On the first 8 lanes of each head only (partial rotary), LongRoPE's
+    // long rows, the rest passed through.
+    let mut partial = cfg.clone();
+    partial.rotary_dim = Some(8);
+    partial.rope_scaling = Some(crate::config::RopeScaling::LongRope {
+        short_factor: vec![1.0, 1.5, 2.0, 2.5],
+        long_factor: vec![3.0, 4.0, 5.0, 6.0],
+        original_max_position_embeddings: 6.0,
+        attention_factor: 1.2,
+    });
+    let rope = Rope::new(&partial, 64, candle_core::DType::F32, &dev).unwrap();
+    let rows: Vec<u32> = rope.rows(60, n).collect();
+    assert_eq!(
+        rows[0],
+        64 + 60,
+        "past the original context: the long table"
+    );
+    let at = rope.at(&Tensor::new(&rows[..], &dev).unwrap()).unwrap();
+    let rotated = at
+        .apply(
+            &xt.narrow(1, 0, heads * hd)
+                .unwrap()
+                .reshape((n, heads, hd))
+                .unwrap(),
+        )
+        .unwrap()
+        .reshape((n, heads * hd))
+        .unwrap();
+    let want =
+        to_vec(&Tensor::cat(&[&rotated, &xt.narrow(1, heads * hd, 16).unwrap()], 1).unwrap());
+    let xb = upload_f32(&gpu, &x);
+    let pos = gpu.upload("rows", bytemuck::cast_slice(&rows)).unwrap();
+    let cos = upload_f32(&gpu, &to_vec(&rope.cos));
+    let sin = upload_f32(&gpu, &to_vec(&rope.sin));
+    let got = run(&gpu, &xb, n * stride, |b| {
+        b.rope(&xb, &pos, (&cos, &sin), [n, heads, hd, stride, 8])
+    });
+    assert_close(&got, &want, 1e-6, "partial rope");
+    // The lanes past 8 are untouched.
+    assert_eq!(got[8..16], x[8..16]);
 
     // SiLU-gated product over a fused [n, 2 * inter] gate/up.
     let (n, inter) = (3, 70);

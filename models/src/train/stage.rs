@@ -10,7 +10,7 @@ use super::batch::{BatchLayout, IGNORE};
 use super::rng;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::layers::{RmsNorm, Rope, activate, softcap, softmax};
+use crate::layers::{RmsNorm, Rope, activate, rotate, softcap, softmax};
 use crate::stage::{StageSpec, check_shape};
 use crate::weights::{LayerTensor as L, TensorId, WeightFile};
 
@@ -262,14 +262,6 @@ struct Ctx<'a> {
     /// The local RoPE's tables (Gemma 3's sliding layers).
     local: Option<(Tensor, Tensor)>,
     drop: &'a DropCtx,
-}
-
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 impl TBlock {
@@ -632,10 +624,21 @@ impl TrainStage {
                 context: self.rope.max_positions(),
             });
         }
-        let pos = Tensor::from_vec(b.positions(), n, &dev)?;
+        let positions = b.positions();
+        // LongRoPE: the long table for the whole pass once any position
+        // runs past the original context (transformers' rule).
+        let end = positions.iter().max().map_or(0, |p| *p as usize + 1);
+        let off = self.rope.table_offset(end) as u32;
+        let rows: Vec<u32> = positions.iter().map(|p| p + off).collect();
+        let pos = Tensor::from_vec(rows, n, &dev)?;
+        let rot = self.cfg.rotary_dim();
         let at = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.index_select(&pos, 0)?
-                .reshape((b.rows, 1, b.len, self.cfg.head_dim))?)
+            Ok(t.index_select(&pos, 0)?.reshape((b.rows, 1, b.len, rot))?)
+        };
+        let pos_local = Tensor::from_vec(positions, n, &dev)?;
+        let at_local = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.index_select(&pos_local, 0)?
+                .reshape((b.rows, 1, b.len, rot))?)
         };
         let ctx = Ctx {
             rows: b.rows,
@@ -651,7 +654,7 @@ impl TrainStage {
             cos: at(&self.rope.cos)?,
             sin: at(&self.rope.sin)?,
             local: match &self.rope_local {
-                Some(r) => Some((at(&r.cos)?, at(&r.sin)?)),
+                Some(r) => Some((at_local(&r.cos)?, at_local(&r.sin)?)),
                 None => None,
             },
             drop,

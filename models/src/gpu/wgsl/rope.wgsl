@@ -1,6 +1,7 @@
 // Rotary embedding in place on the Q and K heads of a [n, stride] QKV
 // buffer (Q heads then K heads from column 0), HF "rotate half" layout,
-// with the CPU's cos/sin tables ([positions, head_dim]).
+// over the first `rot` lanes of each head (the rest pass through), with the
+// CPU's cos/sin tables ([rows, rot]; `pos` holds each token's row).
 
 struct Params {
     n: u32,
@@ -8,6 +9,7 @@ struct Params {
     heads: u32,
     head_dim: u32,
     stride: u32,
+    rot: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -18,7 +20,7 @@ struct Params {
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let half = p.head_dim / 2u;
+    let half = p.rot / 2u;
     let idx = flat(gid, nwg, 64u);
     if (idx >= p.n * p.heads * half) {
         return;
@@ -27,7 +29,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let h = (idx / half) % p.heads;
     let t = idx / (half * p.heads);
     let base = t * p.stride + h * p.head_dim;
-    let tb = pos[t] * p.head_dim;
+    let tb = pos[t] * p.rot;
     let x1 = x[base + i];
     let x2 = x[base + i + half];
     x[base + i] = x1 * cos_t[tb + i] + (-x2) * sin_t[tb + i];
