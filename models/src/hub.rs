@@ -422,12 +422,23 @@ pub fn pull_into(cache: &Path, r: &HubRef, progress: &mut dyn FnMut(PullEvent)) 
     let info = guarded(&r.repo, || repo.info().map_err(|e| hub_error(&r.repo, e)))?;
     let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let (files, folder) = plan_files(r, &names)?;
-    let mut first = None;
-    for f in &files {
-        let p = download(&repo, r, cache, f, progress)?;
-        first.get_or_insert(p);
+    // A split GGUF joined by an earlier pull.
+    if !folder
+        && files.len() > 1
+        && let Some(snap) = snapshot(cache, r)
+        && let Some((_, joined)) = files
+            .first()
+            .and_then(|f| crate::split::parts_of(&snap.join(f)))
+        && joined.is_file()
+    {
+        progress(PullEvent::Done(joined.clone()));
+        return Ok(joined);
     }
-    let Some(first) = first else {
+    let mut fetched = Vec::with_capacity(files.len());
+    for f in &files {
+        fetched.push(download(&repo, r, cache, f, progress)?);
+    }
+    let Some(first) = fetched.first().cloned() else {
         return Err(ModelError::Pull(format!("{}: nothing to fetch", r.repo)));
     };
     let out = if folder {
@@ -435,11 +446,60 @@ pub fn pull_into(cache: &Path, r: &HubRef, progress: &mut dyn FnMut(PullEvent)) 
             .parent()
             .map(Path::to_path_buf)
             .ok_or_else(|| ModelError::Pull("no snapshot folder".into()))?
+    } else if fetched.len() > 1 {
+        join_parts(cache, &fetched, progress)?
     } else {
         first
     };
     progress(PullEvent::Done(out.clone()));
     Ok(out)
+}
+
+/// Joins a split GGUF's downloaded parts into one file beside them (what
+/// the rest of Hearth loads and sends between members), then removes the
+/// parts and their blobs so the model is on disk once.
+fn join_parts(
+    cache: &Path,
+    parts: &[PathBuf],
+    progress: &mut dyn FnMut(PullEvent),
+) -> Result<PathBuf> {
+    let first = parts
+        .first()
+        .ok_or_else(|| ModelError::Pull("no parts".into()))?;
+    let Some((named, joined)) = crate::split::parts_of(first) else {
+        return Err(ModelError::Pull(format!(
+            "{}: split parts that are not named NAME-00001-of-0000N.gguf",
+            first.display()
+        )));
+    };
+    if named != parts {
+        return Err(ModelError::Pull(format!(
+            "{}: the parts fetched are not the {} its name says",
+            first.display(),
+            named.len()
+        )));
+    }
+    progress(PullEvent::Step(format!(
+        "joining {} parts into {}",
+        parts.len(),
+        joined.display()
+    )));
+    crate::split::join(parts, &joined, &mut |done, total| {
+        progress(PullEvent::Bytes { done, total })
+    })?;
+    let root = cache.canonicalize().map_err(|e| ModelError::io(cache, e))?;
+    for p in parts {
+        // The snapshot's link, and the blob it points to (inside the cache).
+        let linked = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+        if linked
+            && let Ok(blob) = p.canonicalize()
+            && blob.starts_with(&root)
+        {
+            std::fs::remove_file(&blob).map_err(|e| ModelError::io(&blob, e))?;
+        }
+        std::fs::remove_file(p).map_err(|e| ModelError::io(p, e))?;
+    }
+    Ok(joined)
 }
 
 /// [`pull_into`] the hub cache of this machine.

@@ -19,6 +19,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod quant;
 pub mod sampling;
+pub mod split;
 pub mod stage;
 pub mod store;
 pub mod tokenizer;

@@ -351,7 +351,8 @@ impl WeightFile {
             return Err(ModelError::BadGguf {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "it is one of {n} parts of a split GGUF, which Hearth does not load yet; join them first (llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`)"
+                    "it is one of {n} parts of a split GGUF: join them into one file with `hearth models join {}` (`hearth models pull` joins what it fetches)",
+                    path.display()
                 ),
             });
         }
@@ -975,7 +976,7 @@ mod tests {
         drop(f);
         let err = WeightFile::open(&p).unwrap_err().to_string();
         assert!(
-            err.contains("split GGUF") && err.contains("--merge"),
+            err.contains("split GGUF") && err.contains("hearth models join"),
             "{err}"
         );
         Ok(())

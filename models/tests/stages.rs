@@ -850,3 +850,128 @@ fn gguf_sliding_window_patterns_are_checked() -> Result<()> {
     }
     Ok(())
 }
+
+/// A GGUF split in parts as llama.cpp's gguf-split writes them: a part is
+/// refused with how to join it; joined, it is the same model (the same
+/// tensors, types, shapes and bytes, the same logits), without the
+/// `split.*` keys; parts that are missing, out of order, truncated, that
+/// hold a tensor twice or miscount their tensors are refused by name.
+#[test]
+fn a_split_gguf_joins_into_the_same_model() -> Result<()> {
+    use candle_core::quantized::gguf_file;
+    use hearth_models::split;
+    let (d, m) = tiny(TinySpec::default())?;
+    let dir = d.path().join("split");
+    std::fs::create_dir_all(&dir)?;
+    let parts = hearth_test_utils::split_gguf(&m.gguf_q8_0, &dir, "tiny-Q8_0", 3)?;
+    let err = WeightFile::open(&parts[1])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("hearth models join"), "{err}");
+    // Any part names them all, and the joined file beside them.
+    let (named, joined) = split::parts_of(&parts[2]).expect("a part's name");
+    assert_eq!(named, parts);
+    assert_eq!(joined, dir.join("tiny-Q8_0.gguf"));
+    let mut seen = Vec::new();
+    split::join(&parts, &joined, &mut |done, total| seen.push((done, total)))?;
+    assert!(
+        seen.last().is_some_and(|(d, t)| d == t && *t > 0),
+        "{seen:?}"
+    );
+    let (a, b) = (WeightFile::open(&m.gguf_q8_0)?, WeightFile::open(&joined)?);
+    assert_eq!(a.tensor_layout(), b.tensor_layout());
+    assert_eq!(a.config(), b.config());
+    let meta = b.gguf_metadata().cloned().unwrap_or_default();
+    assert!(!meta.keys().any(|k| k.starts_with("split.")));
+    assert_eq!(meta.len(), a.gguf_metadata().map_or(0, |m| m.len()));
+    let (la, lb) = (
+        full_logits(&a, Precision::Quantized, &PROMPT)?,
+        full_logits(&b, Precision::Quantized, &PROMPT)?,
+    );
+    assert_eq!(max_diff(&la, &lb)?, 0.0);
+    // Names that are not a part's.
+    for name in [
+        "tiny.gguf",
+        "tiny-1-of-3.gguf",
+        "tiny-00004-of-00003.gguf",
+        "-00001-of-00002.gguf",
+    ] {
+        assert!(split::parts_of(&dir.join(name)).is_none(), "{name}");
+    }
+    // Hostile parts.
+    let out = dir.join("out.gguf");
+    let err = |parts: &[std::path::PathBuf]| {
+        split::join(parts, &out, &mut |_, _| {})
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let missing = dir.join("gone-00002-of-00003.gguf");
+    let e = err(&[parts[0].clone(), missing, parts[2].clone()]);
+    assert!(e.contains("part 2 of 3"), "{e}");
+    let e = err(&[parts[0].clone(), parts[2].clone(), parts[1].clone()]);
+    assert!(e.contains("split.no"), "{e}");
+    let e = err(&[parts[0].clone(), parts[1].clone()]);
+    assert!(e.contains("split.count"), "{e}");
+    // A part cut short.
+    let cut = dir.join("cut-00003-of-00003.gguf");
+    let bytes = std::fs::read(&parts[2])?;
+    std::fs::write(&cut, &bytes[..bytes.len() - 100])?;
+    let e = err(&[parts[0].clone(), parts[1].clone(), cut]);
+    assert!(e.contains("truncated") || e.contains("needs"), "{e}");
+    // A tensor in two parts, and a count that does not add up.
+    type Meta = Vec<(String, gguf_file::Value)>;
+    type Tensors = Vec<(String, candle_core::quantized::QTensor)>;
+    let rewrite = |src: &std::path::Path,
+                   dst: &std::path::Path,
+                   f: &dyn Fn(&mut Meta, &mut Tensors)|
+     -> Result<()> {
+        let mut r = std::fs::File::open(src)?;
+        let c = gguf_file::Content::read(&mut r)?;
+        let mut meta: Vec<(String, gguf_file::Value)> = c
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut ts = Vec::new();
+        for n in c.tensor_infos.keys() {
+            ts.push((n.clone(), c.tensor(&mut r, n, &candle_core::Device::Cpu)?));
+        }
+        f(&mut meta, &mut ts);
+        let m: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t: Vec<(&str, &candle_core::quantized::QTensor)> =
+            ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut std::fs::File::create(dst)?, &m, &t)?;
+        Ok(())
+    };
+    let twice = dir.join("twice-00002-of-00003.gguf");
+    let first_name = {
+        let mut r = std::fs::File::open(&parts[0])?;
+        let c = gguf_file::Content::read(&mut r)?;
+        let n = c.tensor_infos.keys().next().cloned().unwrap_or_default();
+        let t = c.tensor(&mut r, &n, &candle_core::Device::Cpu)?;
+        (n, t.dequantize(&candle_core::Device::Cpu)?)
+    };
+    rewrite(&parts[1], &twice, &|_, ts| {
+        if let Ok(q) = candle_core::quantized::QTensor::quantize(
+            &first_name.1,
+            candle_core::quantized::GgmlDType::F32,
+        ) {
+            ts.push((first_name.0.clone(), q));
+        }
+    })?;
+    let e = err(&[parts[0].clone(), twice, parts[2].clone()]);
+    assert!(e.contains("in two parts"), "{e}");
+    let miscount = dir.join("count-00001-of-00003.gguf");
+    rewrite(&parts[0], &miscount, &|meta, _| {
+        for (k, v) in meta.iter_mut() {
+            if k == "split.tensors.count" {
+                *v = gguf_file::Value::I32(7);
+            }
+        }
+    })?;
+    let e = err(&[miscount, parts[1].clone(), parts[2].clone()]);
+    assert!(e.contains("split.tensors.count"), "{e}");
+    Ok(())
+}

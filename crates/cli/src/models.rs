@@ -1,4 +1,4 @@
-//! `hearth models pull|list|rm`, and the progress display used when a
+//! `hearth models pull|list|rm|join`, and the progress display used when a
 //! command fetches a model.
 
 use anyhow::Result;
@@ -31,6 +31,16 @@ pub enum Cmd {
         name: String,
         #[command(flatten)]
         home: crate::args::HomeArg,
+    },
+    /// Join the parts of a split GGUF (`NAME-00001-of-0000N.gguf`, as
+    /// llama.cpp's gguf-split writes them) into one file, `NAME.gguf`
+    /// beside them unless `--out` says where. The parts stay.
+    Join {
+        /// Any part of the split model.
+        part: std::path::PathBuf,
+        /// Where to write the joined model.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Show the models on this machine.
     List {
@@ -89,6 +99,26 @@ pub fn run(cmd: Cmd) -> Result<()> {
                 anyhow::bail!("no model {name:?} (see `hearth models list`)")
             }
         }
+        Cmd::Join { part, out } => {
+            let (parts, joined) = hearth_models::split::parts_of(&part).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is not named as a part of a split GGUF (NAME-00001-of-0000N.gguf)",
+                    part.display()
+                )
+            })?;
+            let dst = out.unwrap_or(joined);
+            let mut show = progress_printer();
+            show(PullEvent::Step(format!(
+                "joining {} parts into {}",
+                parts.len(),
+                dst.display()
+            )));
+            hearth_models::split::join(&parts, &dst, &mut |done, total| {
+                show(PullEvent::Bytes { done, total })
+            })?;
+            show(PullEvent::Done(dst));
+            Ok(())
+        }
         Cmd::List { json, home } => {
             let list = store::list_in(&home.dirs().models());
             let mut out = String::new();
@@ -145,6 +175,7 @@ pub fn progress_printer() -> impl FnMut(PullEvent) {
                 }
                 b
             });
+            b.set_length(total);
             b.set_position(done);
         }
         PullEvent::Done(p) => {

@@ -257,3 +257,125 @@ fn a_model_folder_is_pulled_whole_and_a_corrupted_blob_is_refused() -> Result<()
     failed(&out, "no such repository");
     Ok(())
 }
+
+/// A GGUF split in parts on the hub: `pull` fetches every part, joins them
+/// into one file (the model's bytes once on disk: the parts and their blobs
+/// go), lists and runs it under the id it was pulled by, and a second pull
+/// fetches nothing. `hearth models join` joins parts fetched by hand.
+#[test]
+fn a_split_gguf_is_pulled_joined_and_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let parts_dir = dir.path().join("parts");
+    std::fs::create_dir_all(&parts_dir)?;
+    let parts = hearth_test_utils::split_gguf(&m.gguf_q8_0, &parts_dir, "tiny-Q8_0", 3)?;
+    let mut files: Vec<(String, Vec<u8>)> = parts
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "Q8_0/{}",
+                    p.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+                ),
+                read(p),
+            )
+        })
+        .collect();
+    files.push(("tiny-Q4_1.gguf".into(), read(&m.gguf_q4_1)));
+    let repo = MockRepo {
+        id: "acme/split-GGUF".into(),
+        commit: "4444444444444444444444444444444444444444".into(),
+        files,
+        token: None,
+        wrong_hash: vec![],
+    };
+    let hub = HubMock::start(vec![repo.clone()])?;
+    let home = dir.path().join("home");
+    let cache = home.join("hf-home/hub/models--acme--split-GGUF");
+    let out = hearth(
+        &["models", "pull", "acme/split-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    assert!(err.contains("joining 3 parts"), "{err}");
+    let snap = cache.join("snapshots").join(&repo.commit).join("Q8_0");
+    let joined = snap.join("tiny-Q8_0.gguf");
+    let (a, b) = (
+        hearth_models::WeightFile::open(&m.gguf_q8_0)?,
+        hearth_models::WeightFile::open(&joined)?,
+    );
+    assert_eq!(a.tensor_layout(), b.tensor_layout());
+    for p in &parts {
+        let name = p.file_name().unwrap_or_default();
+        assert!(
+            !snap.join(name).exists(),
+            "{} stayed",
+            name.to_string_lossy()
+        );
+    }
+    // Only the joined file's bytes remain in the cache's blobs.
+    let blobs: u64 = std::fs::read_dir(cache.join("blobs"))?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert_eq!(blobs, 0, "the parts' blobs are gone");
+    let list = ok(&hearth(&["models", "list", "--json"], &home, &hub, None)?);
+    let list: serde_json::Value = serde_json::from_str(&list)?;
+    let entry = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "acme/split-GGUF:Q8_0")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(entry["path"].as_str(), joined.to_str(), "{list}");
+    generates("acme/split-GGUF:Q8_0", &home, &hub)?;
+    // Pulled again: nothing fetched.
+    let before = hub.requests().len();
+    ok(&hearth(
+        &["models", "pull", "acme/split-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )?);
+    let fetched: Vec<String> = hub.requests()[before..]
+        .iter()
+        .map(|(p, _)| p.clone())
+        .filter(|p| p.ends_with(".gguf"))
+        .collect();
+    assert!(fetched.is_empty(), "{fetched:?}");
+
+    // By hand: a part refuses to load and says how; `models join` joins.
+    let out = hearth(
+        &[
+            "generate",
+            "--model",
+            parts[0].to_str().unwrap_or_default(),
+            "--prompt",
+            "x",
+        ],
+        &home,
+        &hub,
+        None,
+    )?;
+    failed(&out, "hearth models join");
+    ok(&hearth(
+        &["models", "join", parts[1].to_str().unwrap_or_default()],
+        &home,
+        &hub,
+        None,
+    )?);
+    let by_hand = hearth_models::WeightFile::open(&parts_dir.join("tiny-Q8_0.gguf"))?;
+    assert_eq!(a.tensor_layout(), by_hand.tensor_layout());
+    let out = hearth(
+        &["models", "join", m.gguf_q8_0.to_str().unwrap_or_default()],
+        &home,
+        &hub,
+        None,
+    )?;
+    failed(&out, "not named as a part");
+    Ok(())
+}

@@ -839,3 +839,51 @@ pub fn free_port(udp: bool) -> Result<u16> {
             .port()
     })
 }
+
+/// Splits the GGUF `src` into `parts` files `{base}-0000i-of-0000n.gguf` in
+/// `dir` as llama.cpp's gguf-split writes them: the first holds the
+/// metadata and every part `split.no`, `split.count` and
+/// `split.tensors.count`; the tensors are dealt out in name order, in
+/// contiguous runs. Returns the parts' paths.
+pub fn split_gguf(src: &Path, dir: &Path, base: &str, parts: usize) -> Result<Vec<PathBuf>> {
+    let mut f = std::fs::File::open(src)?;
+    let content = gguf_file::Content::read(&mut f)?;
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let total = names.len();
+    let per = total.div_ceil(parts.max(1));
+    let mut out = Vec::new();
+    for (i, chunk) in names.chunks(per.max(1)).enumerate() {
+        let tensors = chunk
+            .iter()
+            .map(|n| Ok(((*n).clone(), content.tensor(&mut f, n, &Device::Cpu)?)))
+            .collect::<Result<Vec<(String, QTensor)>>>()?;
+        let mut meta: Vec<(String, Value)> = if i == 0 {
+            content
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        meta.push(("split.no".into(), Value::U16(u16::try_from(i)?)));
+        meta.push(("split.count".into(), Value::U16(u16::try_from(parts)?)));
+        meta.push((
+            "split.tensors.count".into(),
+            Value::I32(i32::try_from(total)?),
+        ));
+        meta.sort_by(|a, b| a.0.cmp(&b.0));
+        let path = dir.join(format!("{base}-{:05}-of-{parts:05}.gguf", i + 1));
+        let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut w = std::fs::File::create(&path)?;
+        gguf_file::write(&mut w, &m, &t)?;
+        out.push(path);
+    }
+    anyhow::ensure!(
+        out.len() == parts,
+        "{total} tensors do not fill {parts} parts"
+    );
+    Ok(out)
+}
