@@ -374,3 +374,78 @@ fn on_the_gpu_equals_the_cpu(gpu: &Arc<Gpu>, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Every family's transformers fixture split across devices: two stages
+/// on the GPU, and three alternating GPU, CPU, GPU where it has the layers,
+/// against the CPU's single stage (prefill past the windows and LongRoPE's
+/// original context, then decode steps).
+#[test]
+fn every_family_pipelines_across_the_gpu_and_the_cpu() -> Result<()> {
+    let Some(gpu) = hearth_test_utils::gpu() else {
+        return Ok(());
+    };
+    for name in [
+        "llama3-rope",
+        "qwen3",
+        "mistral-swa",
+        "qwen2-swa",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "phi3-longrope",
+    ] {
+        let dir = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/hf")
+            .join(name);
+        let w = WeightFile::open(&dir)?;
+        let n = w.config().num_hidden_layers;
+        let spec = |start, end| StageSpec {
+            start,
+            end,
+            embed: start == 0,
+            head: end == n,
+        };
+        let full = Stage::load(&w, StageSpec::full(n), Precision::F32)?;
+        let mut splits = vec![vec![
+            Stage::load_gpu(gpu.clone(), &w, spec(0, n / 2), Precision::F32)?,
+            Stage::load_gpu(gpu.clone(), &w, spec(n / 2, n), Precision::F32)?,
+        ]];
+        if n >= 3 {
+            splits.push(vec![
+                Stage::load_gpu(gpu.clone(), &w, spec(0, 1), Precision::F32)?,
+                Stage::load(&w, spec(1, 2), Precision::F32)?,
+                Stage::load_gpu(gpu.clone(), &w, spec(2, n), Precision::F32)?,
+            ]);
+        }
+        let ids: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % 64).collect();
+        for stages in &splits {
+            let mut cf = full.new_cache();
+            let mut cs: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
+            let mut input = ids.clone();
+            for step in 0..6 {
+                let len = input.len();
+                let want = full.forward(
+                    StageInput::Tokens(input.clone()),
+                    &[len],
+                    &mut [&mut cf],
+                    Logits::Last,
+                )?;
+                let mut x = StageInput::Tokens(input.clone());
+                for (st, c) in stages.iter().zip(cs.iter_mut()) {
+                    x = StageInput::Hidden(st.forward(x, &[len], &mut [c], Logits::Last)?);
+                }
+                let StageInput::Hidden(got) = x else {
+                    anyhow::bail!("no output");
+                };
+                let d = rel_diff(&got, &want)?;
+                assert!(
+                    d < F32_TOL,
+                    "{name}: {} stages, step {step}: differs by {d}",
+                    stages.len()
+                );
+                input = vec![want.argmax(1)?.to_vec1::<u32>()?[0]];
+            }
+        }
+    }
+    Ok(())
+}

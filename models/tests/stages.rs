@@ -975,3 +975,86 @@ fn a_split_gguf_joins_into_the_same_model() -> Result<()> {
     assert!(e.contains("split.tensors.count"), "{e}");
     Ok(())
 }
+
+/// The transformers fixture of every family, as folders.
+const FAMILIES: [&str; 8] = [
+    "llama3-rope",
+    "qwen3",
+    "mistral-swa",
+    "qwen2-swa",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi3-longrope",
+];
+
+/// Every way to cut `n` layers into 1 to 3 non-empty stages.
+fn cuts(n: usize) -> Vec<Vec<StageSpec>> {
+    let spec = |start: usize, end: usize| StageSpec {
+        start,
+        end,
+        embed: start == 0,
+        head: end == n,
+    };
+    let mut out = vec![vec![spec(0, n)]];
+    for a in 1..n {
+        out.push(vec![spec(0, a), spec(a, n)]);
+        for b in a + 1..n {
+            out.push(vec![spec(0, a), spec(a, b), spec(b, n)]);
+        }
+    }
+    out
+}
+
+/// Every family through 1, 2 and 3 chained stages (every cut of its
+/// layers) equals the single stage exactly: a prefill past the windows and
+/// LongRoPE's original context, then decode steps, on both paths.
+#[test]
+fn every_family_pipelines_into_any_number_of_stages() -> Result<()> {
+    for name in FAMILIES {
+        let dir = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/hf")
+            .join(name);
+        let w = WeightFile::open(&dir)?;
+        let (ids, _) = transformers_logits(&dir)?;
+        let n = w.config().num_hidden_layers;
+        for precision in [Precision::F32, Precision::Quantized] {
+            let full = Stage::load(&w, StageSpec::full(n), precision)?;
+            for cut in cuts(n).into_iter().skip(1) {
+                let stages = cut
+                    .iter()
+                    .map(|s| Stage::load(&w, *s, precision))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let mut cf = full.new_cache();
+                let mut cs: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
+                let mut input = ids[..20].to_vec();
+                for step in 0..6 {
+                    let len = input.len();
+                    let want = full.forward(
+                        StageInput::Tokens(input.clone()),
+                        &[len],
+                        &mut [&mut cf],
+                        Logits::Last,
+                    )?;
+                    let mut x = StageInput::Tokens(input.clone());
+                    let mut got = None;
+                    for (st, c) in stages.iter().zip(cs.iter_mut()) {
+                        let y = st.forward(x, &[len], &mut [c], Logits::Last)?;
+                        x = StageInput::Hidden(y.clone());
+                        got = Some(y);
+                    }
+                    let got = got.ok_or_else(|| anyhow::anyhow!("no stages"))?;
+                    let ranges: Vec<(usize, usize)> =
+                        cut.iter().map(|s| (s.start, s.end)).collect();
+                    assert_eq!(
+                        max_diff(&want, &got)?,
+                        0.0,
+                        "{name} {precision:?} stages {ranges:?} step {step}"
+                    );
+                    input = vec![want.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?];
+                }
+            }
+        }
+    }
+    Ok(())
+}
