@@ -536,11 +536,26 @@ pub struct Mlp {
     pub act: Activation,
 }
 
-/// The gate activation (differentiable).
+/// The gate activation (inference: candle's kernels).
 pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     Ok(match act {
         Activation::Silu => x.silu()?,
         Activation::GeluTanh => x.gelu()?,
+    })
+}
+
+/// The gate activation for training: built from primitive ops so autograd
+/// differentiates it exactly (candle's own GELU backward rounds its
+/// constants to six digits, about 1e-6 of the gradient).
+pub fn activate_exact(act: Activation, x: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Silu => x.silu()?,
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let inner = ((x.sqr()? * x)? * 0.044715)?.add(x)?;
+            let t = (inner * c)?.tanh()?;
+            ((x * 0.5)? * (t + 1.0)?)?
+        }
     })
 }
 

@@ -10,7 +10,7 @@ use super::batch::{BatchLayout, IGNORE};
 use super::rng;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::layers::{RmsNorm, Rope, activate, rotate, softcap, softmax};
+use crate::layers::{RmsNorm, Rope, activate_exact, rotate, softcap, softmax};
 use crate::stage::{StageSpec, check_shape};
 use crate::weights::{LayerTensor as L, TensorId, WeightFile};
 
@@ -315,7 +315,7 @@ impl TBlock {
         };
         let x = (x + post(&self.post_attn_norm, self.o.forward(&o, c.drop)?)?)?;
         let h = self.ffn_norm.forward(&x)?;
-        let g = activate(cfg.hidden_act, &self.gate.forward(&h, c.drop)?)?;
+        let g = activate_exact(cfg.hidden_act, &self.gate.forward(&h, c.drop)?)?;
         let u = self.up.forward(&h, c.drop)?;
         let h = self.down.forward(&(g * u)?, c.drop)?;
         Ok((&x + post(&self.post_ffn_norm, h)?)?)
