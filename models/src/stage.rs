@@ -128,6 +128,12 @@ impl Stage {
         })
     }
 
+    /// Bytes this stage's matrices take on its GPU, if it runs on one.
+    #[cfg(feature = "wgpu")]
+    pub fn gpu_matrix_bytes(&self) -> Option<u64> {
+        self.gpu.as_ref().map(|g| g.matrix_bytes())
+    }
+
     /// The GPU adapter this stage runs on, if any.
     #[cfg(feature = "wgpu")]
     pub fn gpu_adapter(&self) -> Option<crate::gpu::AdapterSummary> {

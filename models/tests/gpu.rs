@@ -449,3 +449,59 @@ fn every_family_pipelines_across_the_gpu_and_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// K-quants held on the device in their own format (llama.cpp's Q4_K_M
+/// file: Q4_K and Q6_K): the matrices take the file's bytes (Q6_K padded
+/// to whole words), not f32's eight times more, and compute what the
+/// dequantized weights compute on the CPU's f32 path.
+#[test]
+fn k_quants_stay_k_quants_on_the_gpu() -> Result<()> {
+    let Some(gpu) = hearth_test_utils::gpu() else {
+        return Ok(());
+    };
+    let path = hearth_test_utils::workspace_root()
+        .join("tests/fixtures/llamacpp/llama-q4k/model-Q4_K_M.gguf");
+    let w = WeightFile::open(&path)?;
+    let full = StageSpec::full(w.config().num_hidden_layers);
+    let on_gpu = Stage::load_gpu(gpu.clone(), &w, full, Precision::Quantized)?;
+    let stored: u64 = w
+        .tensor_layout()
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .map(|t| t.bytes)
+        .sum();
+    let elems: u64 = w
+        .tensor_layout()
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .sum();
+    let held = on_gpu.gpu_matrix_bytes().unwrap_or(0);
+    assert!(
+        held >= stored && held <= stored + stored / 50,
+        "held {held} bytes for {stored} stored ({} as f32)",
+        elems * 4
+    );
+    let cpu = Stage::load(&w, full, Precision::F32)?;
+    let (mut cg, mut cc) = (on_gpu.new_cache(), cpu.new_cache());
+    let mut input: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % 64).collect();
+    for step in 0..4 {
+        let run = |s: &Stage, c: &mut KvCache, ids: &[u32]| {
+            s.forward(
+                StageInput::Tokens(ids.to_vec()),
+                &[ids.len()],
+                &mut [c],
+                Logits::Last,
+            )
+        };
+        let a = run(&on_gpu, &mut cg, &input)?;
+        let b = run(&cpu, &mut cc, &input)?;
+        let d = rel_diff(&a, &b)?;
+        assert!(
+            d < F32_TOL,
+            "step {step}: the GPU's Q4_K_M differs from dequantized f32 by {d}"
+        );
+        input = vec![b.argmax(1)?.to_vec1::<u32>()?[0]];
+    }
+    Ok(())
+}

@@ -14,26 +14,67 @@ pub enum Format {
     Q8_0,
     F32,
     F16,
+    /// GGUF Q4_0 blocks padded to 20 bytes.
+    Q4_0,
+    /// GGUF Q5_0 blocks padded to 24 bytes.
+    Q5_0,
+    /// GGUF Q5_1 blocks as stored (24 bytes).
+    Q5_1,
+    /// GGUF Q4_K super-blocks as stored (144 bytes, 256 values).
+    Q4K,
+    /// GGUF Q5_K super-blocks as stored (176 bytes).
+    Q5K,
+    /// GGUF Q6_K super-blocks padded to 212 bytes.
+    Q6K,
 }
 
 impl Format {
-    const ALL: [Format; 4] = [Format::Q4_1, Format::Q8_0, Format::F32, Format::F16];
+    const ALL: [Format; 10] = [
+        Format::Q4_1,
+        Format::Q8_0,
+        Format::F32,
+        Format::F16,
+        Format::Q4_0,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q4K,
+        Format::Q5K,
+        Format::Q6K,
+    ];
 
     fn index(self) -> usize {
+        Self::ALL.iter().position(|f| *f == self).unwrap_or(0)
+    }
+
+    fn source(self) -> String {
+        let block = |fmt: &str| format!("{fmt}\n{}", include_str!("wgsl/blocks.wgsl"));
         match self {
-            Format::Q4_1 => 0,
-            Format::Q8_0 => 1,
-            Format::F32 => 2,
-            Format::F16 => 3,
+            Format::Q4_1 => include_str!("wgsl/fmt_q4_1.wgsl").into(),
+            Format::Q8_0 => include_str!("wgsl/fmt_q8_0.wgsl").into(),
+            Format::F32 => include_str!("wgsl/fmt_f32.wgsl").into(),
+            Format::F16 => include_str!("wgsl/fmt_f16.wgsl").into(),
+            Format::Q4_0 => block(include_str!("wgsl/fmt_q4_0.wgsl")),
+            Format::Q5_0 => block(include_str!("wgsl/fmt_q5_0.wgsl")),
+            Format::Q5_1 => block(include_str!("wgsl/fmt_q5_1.wgsl")),
+            Format::Q4K => block(include_str!("wgsl/fmt_q4_k.wgsl")),
+            Format::Q5K => block(include_str!("wgsl/fmt_q5_k.wgsl")),
+            Format::Q6K => block(include_str!("wgsl/fmt_q6_k.wgsl")),
         }
     }
 
-    fn source(self) -> &'static str {
+    /// The block formats held as stored: (values a block, bytes a block as
+    /// GGUF stores it, bytes on the device: padded to whole words).
+    pub fn block(self) -> Option<(usize, usize, usize)> {
         match self {
-            Format::Q4_1 => include_str!("wgsl/fmt_q4_1.wgsl"),
-            Format::Q8_0 => include_str!("wgsl/fmt_q8_0.wgsl"),
-            Format::F32 => include_str!("wgsl/fmt_f32.wgsl"),
-            Format::F16 => include_str!("wgsl/fmt_f16.wgsl"),
+            Format::Q4_1 => Some((32, 20, 20)),
+            Format::Q8_0 => Some((32, 34, 36)),
+            Format::Q4_0 => Some((32, 18, 20)),
+            Format::Q5_0 => Some((32, 22, 24)),
+            Format::Q5_1 => Some((32, 24, 24)),
+            Format::Q4K => Some((256, 144, 144)),
+            Format::Q5K => Some((256, 176, 176)),
+            Format::Q6K => Some((256, 210, 212)),
+            Format::F32 | Format::F16 => None,
         }
     }
 
@@ -81,7 +122,7 @@ impl Kernels {
         let per_format = |label: &str, file: &str, entry: &str| -> Vec<wgpu::ComputePipeline> {
             Format::ALL
                 .iter()
-                .map(|&f| pipeline(device, label, &file.replace("//FORMAT", f.source()), entry))
+                .map(|&f| pipeline(device, label, &file.replace("//FORMAT", &f.source()), entry))
                 .collect()
         };
         let elementwise = include_str!("wgsl/elementwise.wgsl");
@@ -141,11 +182,16 @@ pub struct GpuMatrix {
     pub cols: usize,
     pub buf: wgpu::Buffer,
     pub bias: Option<wgpu::Buffer>,
+    /// Further rows in other formats (projections stacked into one whose
+    /// files store them differently, e.g. Q4_K_M's Q4_K q and k beside a
+    /// Q6_K v), each held in its own and written after the rows before it.
+    pub more: Vec<GpuMatrix>,
 }
 
 impl GpuMatrix {
-    /// Uploads a matrix from the bytes of one of the GGUF layouts
-    /// (`Q4_1`, `Q8_0` as stored: 34-byte blocks, f32, f16), rows back to back.
+    /// Uploads a matrix from the bytes of one of the GGUF layouts, as
+    /// stored (Q8_0: 34-byte blocks; Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K,
+    /// Q4_1, f32, f16), rows back to back.
     pub fn upload(
         gpu: &Gpu,
         format: Format,
@@ -156,32 +202,37 @@ impl GpuMatrix {
     ) -> Result<Self> {
         let bad =
             |why: String| ModelError::InvalidConfig(format!("GPU matrix [{rows}, {cols}]: {why}"));
-        let blocks = rows * cols / 32;
-        let expected = match format {
-            Format::Q4_1 | Format::Q8_0 if !cols.is_multiple_of(32) => {
-                return Err(bad("columns are not a multiple of 32".into()));
+        let expected = match format.block() {
+            Some((values, _, _)) if !cols.is_multiple_of(values) => {
+                return Err(bad(format!("columns are not a multiple of {values}")));
             }
-            Format::F16 if !cols.is_multiple_of(2) => {
+            Some((values, stored, _)) => rows * cols / values * stored,
+            None if format == Format::F16 && !cols.is_multiple_of(2) => {
                 return Err(bad("f16 needs an even column count".into()));
             }
-            Format::Q4_1 => blocks * 20,
-            Format::Q8_0 => blocks * 34,
-            Format::F32 => rows * cols * 4,
-            Format::F16 => rows * cols * 2,
+            None if format == Format::F16 => rows * cols * 2,
+            None => rows * cols * 4,
         };
         if bytes.len() != expected {
             return Err(bad(format!("{} bytes, expected {expected}", bytes.len())));
         }
-        let buf = match format {
-            Format::Q8_0 => {
-                // 34-byte blocks to 36: f16 d, two bytes of padding, 32 i8.
-                let mut padded = Vec::with_capacity(blocks * 36);
-                for b in bytes.chunks_exact(34) {
-                    padded.extend_from_slice(&b[..2]);
-                    padded.extend_from_slice(&[0, 0]);
-                    padded.extend_from_slice(&b[2..]);
+        let buf = match format.block() {
+            // Blocks padded to whole words: the stored bytes, then zeros
+            // (Q8_0 keeps its padding after the scale, where its kernel
+            // reads it).
+            Some((_, stored, padded)) if padded != stored => {
+                let mut out = Vec::with_capacity(bytes.len() / stored * padded);
+                for b in bytes.chunks_exact(stored) {
+                    if format == Format::Q8_0 {
+                        out.extend_from_slice(&b[..2]);
+                        out.extend_from_slice(&[0, 0]);
+                        out.extend_from_slice(&b[2..]);
+                    } else {
+                        out.extend_from_slice(b);
+                        out.resize(out.len() + padded - stored, 0);
+                    }
                 }
-                gpu.upload("matrix", &padded)?
+                gpu.upload("matrix", &out)?
             }
             _ => gpu.upload("matrix", bytes)?,
         };
@@ -198,7 +249,18 @@ impl GpuMatrix {
             cols,
             buf,
             bias,
+            more: Vec::new(),
         })
+    }
+
+    /// Rows of this matrix and every block after it.
+    pub fn total_rows(&self) -> usize {
+        self.rows + self.more.iter().map(|m| m.rows).sum::<usize>()
+    }
+
+    /// Bytes on the device, every block's.
+    pub fn bytes(&self) -> u64 {
+        self.buf.size() + self.more.iter().map(|m| m.buf.size()).sum::<u64>()
     }
 }
 
@@ -215,12 +277,34 @@ impl<'g> Batch<'g> {
         accumulate: bool,
         act_q: &wgpu::Buffer,
     ) -> Result<()> {
-        let k = &self.gpu.kernels;
         if n.div_ceil(4) > 65535 {
             return Err(ModelError::Gpu(format!(
                 "a batch of {n} tokens is too large"
             )));
         }
+        // Each block writes its rows of the [n, total] output.
+        let stride = m.total_rows();
+        let mut off = 0;
+        for block in std::iter::once(m).chain(&m.more) {
+            self.matmul_block(block, x, n, y, accumulate, act_q, [stride, off]);
+            off += block.rows;
+        }
+        Ok(())
+    }
+
+    /// One block of rows: output row `off + r` of `stride` per token.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_block(
+        &mut self,
+        m: &GpuMatrix,
+        x: &wgpu::Buffer,
+        n: usize,
+        y: &wgpu::Buffer,
+        accumulate: bool,
+        act_q: &wgpu::Buffer,
+        [stride, off]: [usize; 2],
+    ) {
+        let k = &self.gpu.kernels;
         let input = if m.format.quantized() {
             let blocks = n * m.cols / 32;
             self.push(
@@ -243,24 +327,25 @@ impl<'g> Batch<'g> {
                 .gpu
                 .shared_rows_always
                 .load(std::sync::atomic::Ordering::Relaxed);
-        if shared {
-            let [gx, gy, _] = grid_rows(m.rows);
-            self.push(
-                &k.matmul[m.format.index()],
-                &[n as u32, m.rows as u32, m.cols as u32, flags, gx],
-                &[(1, &m.buf), (2, input), (3, bias), (4, y)],
-                [gx, gy, tiles],
-            );
+        let (pipeline, [gx, gy, _]) = if shared {
+            (&k.matmul[m.format.index()], grid_rows(m.rows))
         } else {
-            let [gx, gy, _] = grid1(m.rows);
-            self.push(
-                &k.matmul_rows[m.format.index()],
-                &[n as u32, m.rows as u32, m.cols as u32, flags, gx],
-                &[(1, &m.buf), (2, input), (3, bias), (4, y)],
-                [gx, gy, tiles],
-            );
-        }
-        Ok(())
+            (&k.matmul_rows[m.format.index()], grid1(m.rows))
+        };
+        self.push(
+            pipeline,
+            &[
+                n as u32,
+                m.rows as u32,
+                m.cols as u32,
+                flags,
+                gx,
+                stride as u32,
+                off as u32,
+            ],
+            &[(1, &m.buf), (2, input), (3, bias), (4, y)],
+            [gx, gy, tiles],
+        );
     }
 
     /// `y[t, :] = table[ids[t], :]` for `n` ids.

@@ -69,14 +69,22 @@ impl std::fmt::Debug for GpuStage {
     }
 }
 
-/// A GGUF tensor's bytes in a device format: Q4_1, Q8_0, f32 and f16 as
-/// stored, anything else dequantized to f32.
+/// A GGUF tensor's bytes in a device format: Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q8_0, Q4_K, Q5_K, Q6_K, f32 and f16 as stored (the device reads them in
+/// their own format), anything else (Q2_K, Q3_K, BF16) dequantized to f32.
 fn device_bytes(q: &QTensor) -> Result<(Format, Vec<u8>)> {
+    let stored = |f: Format| -> Result<(Format, Vec<u8>)> { Ok((f, q.data()?.into_owned())) };
     Ok(match q.dtype() {
-        GgmlDType::Q4_1 => (Format::Q4_1, q.data()?.into_owned()),
-        GgmlDType::Q8_0 => (Format::Q8_0, q.data()?.into_owned()),
-        GgmlDType::F32 => (Format::F32, q.data()?.into_owned()),
-        GgmlDType::F16 => (Format::F16, q.data()?.into_owned()),
+        GgmlDType::Q4_1 => stored(Format::Q4_1)?,
+        GgmlDType::Q8_0 => stored(Format::Q8_0)?,
+        GgmlDType::F32 => stored(Format::F32)?,
+        GgmlDType::F16 => stored(Format::F16)?,
+        GgmlDType::Q4_0 => stored(Format::Q4_0)?,
+        GgmlDType::Q5_0 => stored(Format::Q5_0)?,
+        GgmlDType::Q5_1 => stored(Format::Q5_1)?,
+        GgmlDType::Q4K => stored(Format::Q4K)?,
+        GgmlDType::Q5K => stored(Format::Q5K)?,
+        GgmlDType::Q6K => stored(Format::Q6K)?,
         _ => {
             let v = q
                 .dequantize(&Device::Cpu)?
@@ -121,8 +129,10 @@ impl GpuStage {
                         bias.extend(weights.load_f32(b, &dev)?.to_vec1::<f32>()?);
                     }
                     let m = match precision {
+                        // As stored: the device reads each format itself
+                        // (no repacking as the CPU's fast path does).
                         Precision::Quantized => {
-                            let q = weights.load_for_matmul(id, &dev)?;
+                            let q = weights.load_raw_quantized(id, &dev)?;
                             check_shape(id, q.shape().dims(), &[rows, cols])?;
                             device_bytes(&q)?
                         }
@@ -142,12 +152,37 @@ impl GpuStage {
                     let bytes: Vec<u8> = mats.into_iter().flat_map(|((_, b), _)| b).collect();
                     return GpuMatrix::upload(&gpu, format, rows, cols, &bytes, bias);
                 }
-                // Mixed formats (rare): all as f32.
-                let mut all = Vec::new();
-                for &(id, _, _) in parts {
-                    all.extend(f32_bytes(&weights.load_f32(id, &dev)?)?);
+                // Mixed formats (Q4_K_M's Q6_K v beside Q4_K q and k):
+                // each run of one format a block, held as stored.
+                let mut blocks: Vec<GpuMatrix> = Vec::new();
+                let mut at = 0;
+                let mut run: Vec<((Format, Vec<u8>), usize)> = Vec::new();
+                let mut flush =
+                    |run: &mut Vec<((Format, Vec<u8>), usize)>, at: &mut usize| -> Result<()> {
+                        let Some(((format, _), _)) = run.first() else {
+                            return Ok(());
+                        };
+                        let format = *format;
+                        let r: usize = run.iter().map(|(_, r)| r).sum();
+                        let bytes: Vec<u8> = run.drain(..).flat_map(|((_, b), _)| b).collect();
+                        let b = bias.map(|b| &b[*at..*at + r]);
+                        blocks.push(GpuMatrix::upload(&gpu, format, r, cols, &bytes, b)?);
+                        *at += r;
+                        Ok(())
+                    };
+                for (m, r) in mats {
+                    if run.first().is_some_and(|((f, _), _)| *f != m.0) {
+                        flush(&mut run, &mut at)?;
+                    }
+                    run.push((m, r));
                 }
-                GpuMatrix::upload(&gpu, Format::F32, rows, cols, &all, bias)
+                flush(&mut run, &mut at)?;
+                let mut blocks = blocks.into_iter();
+                let mut head = blocks
+                    .next()
+                    .ok_or_else(|| ModelError::Gpu("an empty group of matrices".into()))?;
+                head.more = blocks.collect();
+                Ok(head)
             };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let qdim = cfg.num_attention_heads * hd;
@@ -194,17 +229,15 @@ impl GpuStage {
                 post_ffn_norm: sandwich(L::PostFfnNorm)?,
             });
         }
-        // The embedding table, and whether it can serve as a tied head: the
-        // head is loaded for matmul, which repacks some types (as on the CPU).
+        // The embedding table, which also serves as a tied head.
         let embed = if spec.embed {
             let id = TensorId::Embed;
             let (format, bytes, as_head) = match precision {
                 Precision::Quantized => {
                     let q = weights.load_raw_quantized(id, &dev)?;
                     check_shape(id, q.shape().dims(), &[cfg.vocab_size, h])?;
-                    let as_head = WeightFile::load_for_matmul_dtype(q.dtype()) == q.dtype();
                     let (format, bytes) = device_bytes(&q)?;
-                    (format, bytes, as_head)
+                    (format, bytes, true)
                 }
                 Precision::F32 => {
                     let t = weights.load_f32(id, &dev)?;
@@ -260,6 +293,24 @@ impl GpuStage {
             sin,
             local,
         })
+    }
+
+    /// Bytes the stage's matrices take on the device (a tied head shares
+    /// the embedding's buffer and is counted once).
+    pub fn matrix_bytes(&self) -> u64 {
+        let size = |m: &GpuMatrix| m.bytes();
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| size(&l.qkv) + size(&l.o) + size(&l.gate_up) + size(&l.down))
+            .sum();
+        let embed = self.embed.as_ref().map_or(0, size);
+        let head = match (&self.head, &self.embed) {
+            (Some(h), Some(e)) if h.buf == e.buf => 0,
+            (Some(h), _) => size(h),
+            (None, _) => 0,
+        };
+        layers + embed + head
     }
 
     /// The device this stage runs on.

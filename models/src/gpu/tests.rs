@@ -125,11 +125,17 @@ fn cpu_matmul(dtype: GgmlDType, w: &Tensor, x: &[f32], n: usize) -> (Vec<u8>, Ve
     let q = QTensor::quantize(w, dtype).unwrap();
     let (rows, cols) = w.dims2().unwrap();
     let bytes = q.data().unwrap().into_owned();
+    let xt = || Tensor::from_slice(x, (n, cols), &Device::Cpu).unwrap();
     let want = if dtype == GgmlDType::Q4_1 {
         Q4_1Matrix::from_bytes(&bytes, rows, cols)
             .unwrap()
             .matmul(x, n)
             .unwrap()
+    } else if !matches!(dtype, GgmlDType::Q8_0 | GgmlDType::F32 | GgmlDType::F16) {
+        // Held as stored, read against f32 activations: the dequantized
+        // matrix's product.
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        to_vec(&xt().matmul(&dense.t().unwrap()).unwrap())
     } else {
         let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu).unwrap();
         to_vec(&QMatMul::from_qtensor(q).unwrap().forward(&xt).unwrap())
@@ -143,7 +149,7 @@ fn matmul_matches_the_cpu_for_every_format() {
     let mut rng = StdRng::seed_from_u64(2);
     // Short rows (one invocation a row) and, forced, the shared-row kernel
     // on short and long rows.
-    for (cols, shared) in [(96, false), (96, true), (2048, true)] {
+    for (cols, shared) in [(96, false), (96, true), (512, false), (2048, true)] {
         gpu.shared_rows_always
             .store(shared, std::sync::atomic::Ordering::Relaxed);
         check_matmul(
@@ -162,15 +168,31 @@ fn matmul_matches_the_cpu_for_every_format() {
     assert!(GpuMatrix::upload(&gpu, Format::F32, 1, 4, &[0; 16], Some(&[1.0, 2.0])).is_err());
 }
 
+/// Every format the device holds as stored, beside its GGUF type.
+const FORMATS: [(GgmlDType, Format); 10] = [
+    (GgmlDType::Q4_1, Format::Q4_1),
+    (GgmlDType::Q8_0, Format::Q8_0),
+    (GgmlDType::F32, Format::F32),
+    (GgmlDType::F16, Format::F16),
+    (GgmlDType::Q4_0, Format::Q4_0),
+    (GgmlDType::Q5_0, Format::Q5_0),
+    (GgmlDType::Q5_1, Format::Q5_1),
+    (GgmlDType::Q4K, Format::Q4K),
+    (GgmlDType::Q5K, Format::Q5K),
+    (GgmlDType::Q6K, Format::Q6K),
+];
+
 fn check_matmul(gpu: &Gpu, rng: &mut StdRng, rows: usize, cols: usize, what: &str) {
     let w = Tensor::from_vec(randn(rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
     let bias = randn(rng, rows);
-    for (dtype, format) in [
-        (GgmlDType::Q4_1, Format::Q4_1),
-        (GgmlDType::Q8_0, Format::Q8_0),
-        (GgmlDType::F32, Format::F32),
-        (GgmlDType::F16, Format::F16),
-    ] {
+    for (dtype, format) in FORMATS {
+        // K-quants need rows of whole 256-value blocks.
+        if format
+            .block()
+            .is_some_and(|(values, _, _)| !cols.is_multiple_of(values))
+        {
+            continue;
+        }
         for n in [1, 3, 6] {
             let x = randn(rng, n * cols);
             let (bytes, want) = cpu_matmul(dtype, &w, &x, n);
@@ -199,15 +221,10 @@ fn check_matmul(gpu: &Gpu, rng: &mut StdRng, rows: usize, cols: usize, what: &st
 fn embedding_rows_dequantize_like_the_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(3);
-    let (rows, cols) = (40, 64);
+    let (rows, cols) = (40, 512);
     let w = Tensor::from_vec(randn(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
     let ids = [3u32, 0, 39, 3, 17];
-    for (dtype, format) in [
-        (GgmlDType::Q4_1, Format::Q4_1),
-        (GgmlDType::Q8_0, Format::Q8_0),
-        (GgmlDType::F32, Format::F32),
-        (GgmlDType::F16, Format::F16),
-    ] {
+    for (dtype, format) in FORMATS {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let ids_t = Tensor::new(&ids[..], &Device::Cpu).unwrap();
         let want = to_vec(&q.embedding(&ids_t).unwrap());

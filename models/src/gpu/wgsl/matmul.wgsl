@@ -12,6 +12,10 @@ struct Params {
     flags: u32,
     // Workgroups along x (rows beyond it continue along y).
     grid_x: u32,
+    // Output row r of token t is y[t * stride + off + r] (a block of rows
+    // of a wider output).
+    stride: u32,
+    off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -45,7 +49,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 
 fn store(r: u32, t: u32, dot: f32) {
-    let idx = t * p.rows + r;
+    let idx = t * p.stride + p.off + r;
     var v = dot;
     if ((p.flags & 2u) != 0u) {
         v += bias[r];
