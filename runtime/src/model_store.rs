@@ -95,11 +95,15 @@ impl ModelStore {
         fresh: bool,
         progress: &mut dyn FnMut(ModelProgress),
     ) -> Result<(ModelInfo, bool), RuntimeError> {
+        // A fine-tune by its id (its file's name, `.gguf` optional).
         let tuned = spec
-            .filter(|s| !s.contains('/') && !s.contains('\\'))
+            .filter(|s| !s.contains('/') && !s.contains('\\') && !s.starts_with('.'))
             .zip(self.tuned.as_ref())
-            .map(|(s, dir)| dir.join(s))
-            .filter(|p| p.is_file());
+            .and_then(|(s, dir)| {
+                [dir.join(s), dir.join(format!("{s}.gguf"))]
+                    .into_iter()
+                    .find(|p| p.is_file())
+            });
         let path = match tuned {
             Some(p) => p,
             None => store::resolve_in(&self.models, spec, &mut |e| {
@@ -129,11 +133,9 @@ impl ModelSource for ModelStore {
             .collect();
         if let Some(Ok(rd)) = self.tuned.as_ref().map(std::fs::read_dir) {
             for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
-                if p.extension().is_some_and(|x| x == "gguf")
-                    && let Some(name) = p.file_name().map(|f| f.to_string_lossy().into_owned())
-                {
+                if p.extension().is_some_and(|x| x == "gguf") {
                     out.push(ModelEntry {
-                        name,
+                        name: store::model_id(&p),
                         size_bytes: p.metadata().ok().map(|m| m.len()),
                         download: false,
                     });

@@ -289,6 +289,17 @@ impl Node {
         self.pipeline.model().map(|m| m.info.times.model.clone())
     }
 
+    /// Whether `name` is another name of the served model: its file's name
+    /// or stem (what earlier versions served it under).
+    pub fn serves_under(&self, name: &str) -> bool {
+        let Some(m) = self.pipeline.model() else {
+            return false;
+        };
+        let p = &m.info.path;
+        let is = |o: Option<&std::ffi::OsStr>| o.is_some_and(|f| f.to_string_lossy() == name);
+        is(p.file_name()) || is(p.file_stem())
+    }
+
     /// The models this node can load by name.
     pub fn available_models(&self) -> Vec<ModelEntry> {
         self.pipeline.source().map(|s| s.list()).unwrap_or_default()
@@ -429,6 +440,9 @@ impl Node {
         })
         .await
         .map_err(|e| RuntimeError::BadRequest(e.to_string()))??;
+        // Served under the id the cluster knows it by, not its copy's name.
+        let mut info = info;
+        info.times.model = times.model.clone();
         self.set_model(info.clone())?;
         Ok(info)
     }
@@ -450,7 +464,7 @@ impl Node {
     /// across the cluster and awaiting its placement on the placement
     /// watch, for at most `wait`. A name may carry its file's `.gguf`.
     pub async fn ensure_model(&self, model: &str, wait: Duration) -> Result<(), RuntimeError> {
-        if self.model_name().as_deref() == Some(model) {
+        if self.model_name().as_deref() == Some(model) || self.serves_under(model) {
             return Ok(());
         }
         let placed = |p: &Option<Arc<Placement>>| p.as_ref().is_some_and(|p| p.model == model);

@@ -613,6 +613,9 @@ async fn transfer_case(path: &std::path::Path, dir: &std::path::Path) -> Result<
         "the copy stands for the original"
     );
     assert_eq!(got_info.times.fingerprint, info.times.fingerprint);
+    // One id across the cluster: the copy is served under the original's.
+    assert_eq!(got_info.times.model, info.times.model);
+    assert_eq!(b.node.model_name(), a.node.model_name());
     // The leader places the model over both; b fetches its stage's tensors.
     let start = Instant::now();
     let placement = loop {

@@ -50,16 +50,33 @@ fn model_object(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "hearth"})
 }
 
+/// Every model the cluster can serve by name: the served one first, then
+/// what this node holds (its model store, the Hugging Face cache, its
+/// fine-tunes), each under its one id; a request naming another loads it.
+async fn servable(s: &AppState) -> Vec<String> {
+    let node = s.node.clone();
+    let listed = tokio::task::spawn_blocking(move || node.available_models())
+        .await
+        .unwrap_or_default();
+    let mut ids: Vec<String> = served(s).into_iter().collect();
+    for m in listed {
+        if !m.download && !ids.contains(&m.name) {
+            ids.push(m.name);
+        }
+    }
+    ids
+}
+
 pub(crate) async fn models(State(s): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = served(&s).iter().map(|m| model_object(m)).collect();
+    let data: Vec<Value> = servable(&s).await.iter().map(|m| model_object(m)).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
 pub(crate) async fn model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    match served(&s) {
-        Some(m) if m == id => Json(model_object(&m)).into_response(),
-        _ => unknown_model(&id),
+    if servable(&s).await.contains(&id) {
+        return Json(model_object(&id)).into_response();
     }
+    unknown_model(&id)
 }
 
 fn unknown_model(id: &str) -> Response {

@@ -134,6 +134,12 @@ async fn chat_and_completions_answer_in_openais_shapes() {
     let r = get(app(), "/v1/models/nope").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.error()["code"], "model_not_found");
+    // The served file's name is another name of it (what earlier versions
+    // served it under).
+    let by_file =
+        chat_body(json!({"max_tokens": 2})).replace("tiny-model", &format!("{model}.gguf"));
+    let r = post(app(), "/v1/chat/completions", &by_file).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 
     // Not streamed: one completion with usage.
     let r = post(app(), "/v1/chat/completions", &body(json!({}))).await;
@@ -431,11 +437,22 @@ async fn bad_requests_get_openai_errors_never_a_500() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_model_means_an_empty_list_then_loading_and_unloading_work() {
+async fn no_model_served_lists_what_can_be_then_loading_and_unloading_work() {
     let dir = tempfile::tempdir().unwrap();
     let n = node(dir.path(), false).await;
     let app = || hearth_server::router(n.clone());
-    assert_eq!(get(app(), "/v1/models").await.json()["data"], json!([]));
+    // Nothing served, but what the node holds is listed: asking for it
+    // loads it.
+    let ids = |v: Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(ids(get(app(), "/v1/models").await.json()), ["tiny"]);
+    assert_eq!(get(app(), "/v1/models/tiny").await.status, StatusCode::OK);
     // Live, but not ready.
     assert_eq!(get(app(), "/health").await.status, StatusCode::OK);
     let r = get(app(), "/ready").await;
@@ -497,7 +514,7 @@ async fn no_model_means_an_empty_list_then_loading_and_unloading_work() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["unloaded"], model.as_str());
     assert!(n.placement().is_none());
-    assert_eq!(get(app(), "/v1/models").await.json()["data"], json!([]));
+    assert_eq!(ids(get(app(), "/v1/models").await.json()), ["tiny"]);
     assert_eq!(
         get(app(), "/ready").await.status,
         StatusCode::SERVICE_UNAVAILABLE

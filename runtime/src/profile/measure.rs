@@ -381,11 +381,8 @@ pub fn remeasure_inference(
     })
 }
 
-/// The name a model is served under: its file's stem.
+/// The name a model is served under: its one id
+/// ([`hearth_models::store::model_id`]).
 pub(crate) fn model_name(weights: &WeightFile) -> String {
-    weights
-        .path()
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
+    hearth_models::store::model_id(weights.path())
 }
