@@ -30,6 +30,10 @@ const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{
 const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Mistral's tekken (Nemo, Small 3, Pixtral): case runs, digits one by one,
+/// symbols keep trailing newlines and slashes.
+const TEKKEN_RE: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// llama.cpp's pre-tokenizer regexes for a `tokenizer.ggml.pre` value.
 fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
     Some(match pre {
@@ -39,6 +43,7 @@ fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
         }
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" => &[LLAMA3_RE],
         "qwen2" | "deepseek-r1-qwen" => &[QWEN2_RE],
+        "tekken" => &[TEKKEN_RE],
         _ => return None,
     })
 }
