@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 
+/// Most layers a model may declare (the largest open models have under
+/// 200): per-layer tables are built from the count before anything else
+/// checks it.
+pub const MAX_LAYERS: usize = 4096;
+
 /// Architectures whose decoder this crate implements (llama family).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
@@ -286,12 +291,16 @@ fn hf_rope_scaling(
                 Some(o) => o,
                 None => num("original_max_position_embeddings")?,
             };
-            // transformers' defaults: the context's stretch, and the
-            // attention factor that follows from it.
-            let factor = v
-                .get("factor")
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(max_pos as f64 / orig);
+            // transformers' defaults: the context's stretch (always, when
+            // the original context is a top-level key), and the attention
+            // factor that follows from it.
+            let factor = match (
+                original,
+                v.get("factor").and_then(serde_json::Value::as_f64),
+            ) {
+                (None, Some(f)) => f,
+                _ => max_pos as f64 / orig,
+            };
             let attention_factor = match v
                 .get("attention_factor")
                 .and_then(serde_json::Value::as_f64)
@@ -418,6 +427,12 @@ impl Config {
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
             return bad("vocab, hidden size and layer count must be positive".into());
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return bad(format!(
+                "{} layers (at most {MAX_LAYERS})",
+                self.num_hidden_layers
+            ));
         }
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("head counts must be positive".into());
@@ -658,6 +673,12 @@ impl Config {
             )));
         }
         let attention_bias = hf.attention_bias.unwrap_or(arch == "qwen2");
+        if hf.num_hidden_layers > MAX_LAYERS {
+            return Err(ModelError::InvalidConfig(format!(
+                "num_hidden_layers {} (at most {MAX_LAYERS})",
+                hf.num_hidden_layers
+            )));
+        }
         let (sliding_window, sliding_layers) = hf_sliding_window(
             &arch,
             raw.get("sliding_window"),
@@ -1092,6 +1113,14 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_layer_count_no_model_has_is_refused() {
+        let json = r#"{"model_type":"gemma2","vocab_size":100,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":1000000000000,"num_attention_heads":4}"#;
+        let err = Config::from_hf_json(json).unwrap_err().to_string();
+        assert!(err.contains("num_hidden_layers"), "{err}");
     }
 
     #[test]

@@ -157,14 +157,15 @@ fn split_part(file: &str) -> Option<(u32, u32)> {
 /// else [`PREFERRED_QUANT`]; else an error listing what there is.
 pub fn pick_gguf(repo: &str, names: &[String], quant: Option<&str>) -> Result<Vec<String>> {
     let ggufs: Vec<&String> = names.iter().filter(|n| n.ends_with(".gguf")).collect();
-    // Group split parts under their first part's name.
+    // Group split parts under their base name, with the file they join
+    // into (`NAME.gguf` beside `NAME-0000i-of-0000N.gguf`).
     let group = |n: &str| -> String {
         match split_part(n) {
             Some(_) => n
                 .rsplit_once("-of-")
                 .and_then(|(r, _)| r.rsplit_once('-'))
                 .map_or(n.to_string(), |(base, _)| base.to_string()),
-            None => n.to_string(),
+            None => n.strip_suffix(".gguf").unwrap_or(n).to_string(),
         }
     };
     let mut groups: Vec<String> = ggufs.iter().map(|n| group(n)).collect();
@@ -178,10 +179,12 @@ pub fn pick_gguf(repo: &str, names: &[String], quant: Option<&str>) -> Result<Ve
             .filter(|g| names_quant(g, PREFERRED_QUANT))
             .collect(),
     };
+    // Each group as its first file's name.
     let list = || {
         groups
             .iter()
-            .map(|g| g.rsplit('/').next().unwrap_or(g).to_string())
+            .filter_map(|g| ggufs.iter().find(|n| group(n) == *g))
+            .map(|n| n.rsplit('/').next().unwrap_or(n).to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -209,6 +212,13 @@ pub fn pick_gguf(repo: &str, names: &[String], quant: Option<&str>) -> Result<Ve
             });
         }
     };
+    // A joined file stands for its parts.
+    if let Some(joined) = ggufs
+        .iter()
+        .find(|n| group(n) == base && split_part(n).is_none())
+    {
+        return Ok(vec![(*joined).clone()]);
+    }
     let mut files: Vec<(u32, String)> = ggufs
         .iter()
         .filter(|n| group(n) == base)
@@ -756,6 +766,15 @@ mod tests {
         // A split with a part missing is refused.
         let holes = names(&["s-Q4_0-00001-of-00003.gguf", "s-Q4_0-00003-of-00003.gguf"]);
         assert!(pick_gguf("o/s", &holes, None).is_err());
+        // A joined file (a pull's, in the cache) stands for its parts, even
+        // where some parts are still there.
+        let mut joined = holes.clone();
+        joined.push("s-Q4_0.gguf".into());
+        assert_eq!(pick_gguf("o/s", &joined, None).unwrap(), ["s-Q4_0.gguf"]);
+        assert_eq!(
+            pick_gguf("o/s", &joined, Some("Q4_0")).unwrap(),
+            ["s-Q4_0.gguf"]
+        );
     }
 
     #[test]

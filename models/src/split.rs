@@ -22,6 +22,9 @@ use crate::weights::value_usize;
 
 /// Most parts a split model may have.
 pub const MAX_PARTS: usize = 1000;
+/// Largest `general.alignment` a joined file keeps (llama.cpp writes 32):
+/// the padding is written out, so a hostile one must not be huge.
+pub const MAX_ALIGNMENT: u64 = 1 << 16;
 
 /// The parts of the split GGUF `path` belongs to, by its name
 /// (`…-00002-of-00003.gguf`), in order, and the joined file's name beside
@@ -94,6 +97,13 @@ pub fn join(parts: &[PathBuf], dst: &Path, progress: &mut dyn FnMut(u64, u64)) -
         })?;
         let file_len = f.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let c = crate::gguf::read_content(&mut f, path)?;
+        let align = meta_usize(&c, "general.alignment").unwrap_or(32) as u64;
+        if !(1..=MAX_ALIGNMENT).contains(&align) {
+            return Err(bad(
+                path,
+                format!("general.alignment {align} (at most {MAX_ALIGNMENT})"),
+            ));
+        }
         if meta_usize(&c, "split.count").is_some_and(|k| k != n) {
             return Err(bad(path, format!("its split.count is not {n}")));
         }

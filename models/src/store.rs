@@ -310,20 +310,20 @@ pub fn model_id(path: &Path) -> String {
             None => repo,
         };
     }
-    file.strip_suffix(".gguf")
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        })
+    // A folder keeps its whole name (`Qwen2.5-0.5B-Instruct`).
+    match file.strip_suffix(".gguf") {
+        Some(stem) => stem.to_string(),
+        None if file.is_empty() => "model".into(),
+        None => file,
+    }
 }
 
 pub fn list_in(models: &Path) -> Vec<ModelEntry> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(models) {
         for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
-            if p.extension().is_some_and(|x| x == "gguf") {
+            // Parts of a split GGUF load only joined (`hearth models join`).
+            if p.extension().is_some_and(|x| x == "gguf") && crate::split::parts_of(&p).is_none() {
                 let name = model_id(&p);
                 let bytes = p.metadata().map(|m| m.len()).unwrap_or(0);
                 out.push(ModelEntry {
@@ -353,6 +353,7 @@ mod tests {
         assert_eq!(id("/m/SmolLM2-135M-Instruct.Q4_1.gguf"), DEFAULT_MODEL.name);
         assert_eq!(id("/m/my-finetune.gguf"), "my-finetune");
         assert_eq!(id("/elsewhere/llama.Q8_0.gguf"), "llama.Q8_0");
+        assert_eq!(id("/m/Qwen2.5-0.5B-Instruct"), "Qwen2.5-0.5B-Instruct");
         let hub = "/h/hub/models--acme--tiny-GGUF/snapshots/0123abcd";
         assert_eq!(id(&format!("{hub}/tiny-Q8_0.gguf")), "acme/tiny-GGUF:Q8_0");
         assert_eq!(

@@ -794,6 +794,12 @@ fn gguf_config(c: &gguf_file::Content) -> Result<Config> {
         },
     };
     let layers = meta_usize(c, &k("block_count"))?;
+    if layers > crate::config::MAX_LAYERS {
+        return Err(ModelError::InvalidConfig(format!(
+            "block_count {layers} (at most {})",
+            crate::config::MAX_LAYERS
+        )));
+    }
     let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
     // RoPE over the first `rot` lanes of each head (Phi-4-mini).
     let rotary_dim = c

@@ -848,6 +848,21 @@ fn gguf_sliding_window_patterns_are_checked() -> Result<()> {
             "{needle}: {err:?}"
         );
     }
+    // A layer count no model has is refused before anything is built per
+    // layer (a window makes a per-layer table).
+    gguf_with_meta(
+        &m.gguf_f32,
+        &out,
+        vec![
+            window,
+            ("llama.block_count".to_string(), Value::U64(1 << 40)),
+        ],
+    )?;
+    let err = WeightFile::open(&out).err().map(|e| e.to_string());
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("block_count")),
+        "{err:?}"
+    );
     Ok(())
 }
 
@@ -973,6 +988,14 @@ fn a_split_gguf_joins_into_the_same_model() -> Result<()> {
     })?;
     let e = err(&[miscount, parts[1].clone(), parts[2].clone()]);
     assert!(e.contains("split.tensors.count"), "{e}");
+    // An alignment whose padding would be huge.
+    let wide = dir.join("wide-00001-of-00003.gguf");
+    rewrite(&parts[0], &wide, &|meta, _| {
+        meta.retain(|(k, _)| k != "general.alignment");
+        meta.push(("general.alignment".into(), gguf_file::Value::U32(1 << 30)))
+    })?;
+    let e = err(&[wide, parts[1].clone(), parts[2].clone()]);
+    assert!(e.contains("alignment"), "{e}");
     Ok(())
 }
 

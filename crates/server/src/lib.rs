@@ -164,7 +164,7 @@ impl App {
         };
         let router = Router::new()
             .route("/v1/models", get(openai::models))
-            .route("/v1/models/{id}", get(openai::model))
+            .route("/v1/models/{*id}", get(openai::model))
             .route("/v1/chat/completions", post(openai::chat))
             .route("/v1/completions", post(openai::completions))
             .route(

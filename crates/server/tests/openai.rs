@@ -134,6 +134,10 @@ async fn chat_and_completions_answer_in_openais_shapes() {
     let r = get(app(), "/v1/models/nope").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.error()["code"], "model_not_found");
+    // Hub ids carry a slash: still one id.
+    let r = get(app(), "/v1/models/acme/none-GGUF:Q8_0").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error()["code"], "model_not_found");
     // The served file's name is another name of it (what earlier versions
     // served it under).
     let by_file =

@@ -154,6 +154,14 @@ impl GpuStage {
                 }
                 // Mixed formats (Q4_K_M's Q6_K v beside Q4_K q and k):
                 // each run of one format a block, held as stored.
+                if let Some(b) = bias
+                    && b.len() != rows
+                {
+                    return Err(ModelError::InvalidConfig(format!(
+                        "{} bias values for {rows} rows",
+                        b.len()
+                    )));
+                }
                 let mut blocks: Vec<GpuMatrix> = Vec::new();
                 let mut at = 0;
                 let mut run: Vec<((Format, Vec<u8>), usize)> = Vec::new();
