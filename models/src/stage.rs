@@ -193,20 +193,22 @@ impl Stage {
             let w = f32t(id)?;
             check_shape(id, w.dims(), &[cfg.hidden_size])?;
             Ok(RmsNorm {
-                weight: w,
+                // Gemma's `1 + w` once, not per token (nothing trains here).
+                weight: (w + cfg.norm_shift())?,
                 eps: cfg.rms_norm_eps,
                 fused,
-                shift: cfg.norm_shift(),
+                shift: 0.0,
             })
         };
         let head_norm = |id| -> Result<RmsNorm> {
             let w = f32t(id)?;
             check_shape(id, w.dims(), &[cfg.head_dim])?;
             Ok(RmsNorm {
-                weight: w,
+                // Gemma's `1 + w` once, not per token (nothing trains here).
+                weight: (w + cfg.norm_shift())?,
                 eps: cfg.rms_norm_eps,
                 fused,
-                shift: cfg.norm_shift(),
+                shift: 0.0,
             })
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);

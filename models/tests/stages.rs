@@ -488,6 +488,25 @@ fn qwen3_matches_transformers() -> Result<()> {
     Ok(())
 }
 
+/// Every position's logits of `ids` run through `st` one chunk after
+/// another, each continuing the cache: `[ids, vocab]`.
+fn in_chunks(st: &Stage, ids: &[u32], chunks: &[usize], vocab: usize) -> Result<Tensor> {
+    let mut c = st.new_cache();
+    let mut rows = Vec::with_capacity(chunks.len());
+    let mut at = 0;
+    for &len in chunks {
+        let y = st.forward(
+            StageInput::Tokens(ids[at..at + len].to_vec()),
+            &[len],
+            &mut [&mut c],
+            Logits::All,
+        )?;
+        rows.push(y.reshape((len, vocab))?);
+        at += len;
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
 /// transformers' sliding-window models (a window of 8 on every layer of a
 /// Mistral; of 6 on layers 1 and 2 of a Qwen2; Gemma 2's even layers and
 /// Gemma 3's two of every three, with their soft-caps, sandwich norms,
@@ -511,20 +530,7 @@ fn sliding_window_models_match_transformers() -> Result<()> {
         for precision in [Precision::F32, Precision::Quantized] {
             let st = Stage::load(&w, StageSpec::full(w.config().num_hidden_layers), precision)?;
             for chunks in [vec![n], vec![3, 9, 1, 5, 22], steps.clone()] {
-                let mut c = st.new_cache();
-                let mut rows = Vec::new();
-                let mut at = 0;
-                for len in chunks.iter().copied() {
-                    let y = st.forward(
-                        StageInput::Tokens(ids[at..at + len].to_vec()),
-                        &[len],
-                        &mut [&mut c],
-                        Logits::All,
-                    )?;
-                    rows.push(y.reshape((len, vocab))?);
-                    at += len;
-                }
-                let got = Tensor::cat(&rows, 0)?;
+                let got = in_chunks(&st, &ids, &chunks, vocab)?;
                 let d = max_diff(&got, &want)?;
                 assert!(
                     d < 1e-4 * scale.max(1.0),
@@ -648,23 +654,7 @@ fn phi3_longrope_matches_transformers() -> Result<()> {
         ));
         for precision in [Precision::F32, Precision::Quantized] {
             let st = Stage::load(&w, StageSpec::full(cfg.num_hidden_layers), precision)?;
-            let vocab = cfg.vocab_size;
-            let run = |chunks: &[usize]| -> Result<Tensor> {
-                let mut c = st.new_cache();
-                let mut out = Vec::new();
-                let mut at = 0;
-                for &len in chunks {
-                    let y = st.forward(
-                        StageInput::Tokens(ids[at..at + len].to_vec()),
-                        &[len],
-                        &mut [&mut c],
-                        Logits::All,
-                    )?;
-                    out.push(y.reshape((len, vocab))?);
-                    at += len;
-                }
-                Ok(Tensor::cat(&out, 0)?)
-            };
+            let run = |chunks: &[usize]| in_chunks(&st, &ids, chunks, cfg.vocab_size);
             let mut steps = vec![12];
             steps.resize(ids.len() - 12 + 1, 1);
             for (what, got, want) in [

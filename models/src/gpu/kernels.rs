@@ -1,6 +1,7 @@
 //! The compiled WGSL kernels and the helpers that record one dispatch each.
 
 use super::{Batch, Gpu, grid_rows, grid1};
+use crate::config::Activation;
 use crate::error::{ModelError, Result};
 
 const COMMON: &str = include_str!("wgsl/common.wgsl");
@@ -499,24 +500,23 @@ impl<'g> Batch<'g> {
         );
     }
 
-    /// `y[t, i] = silu(x[t, i]) * x[t, inter + i]`.
-    pub(crate) fn silu_mul(&mut self, x: &wgpu::Buffer, n: usize, inter: usize, y: &wgpu::Buffer) {
+    /// `y[t, i] = act(x[t, i]) * x[t, inter + i]`: the gated MLP's product.
+    pub(crate) fn gated(
+        &mut self,
+        act: Activation,
+        x: &wgpu::Buffer,
+        n: usize,
+        inter: usize,
+        y: &wgpu::Buffer,
+    ) {
         let k = &self.gpu.kernels;
+        let pipeline = match act {
+            Activation::Silu => &k.silu_mul,
+            Activation::GeluTanh => &k.gelu_mul,
+        };
         let count = n * inter;
         self.push(
-            &k.silu_mul,
-            &[count as u32, inter as u32],
-            &[(1, x), (2, y)],
-            grid1(count),
-        );
-    }
-
-    /// `y[t, i] = gelu_tanh(x[t, i]) * x[t, inter + i]`.
-    pub(crate) fn gelu_mul(&mut self, x: &wgpu::Buffer, n: usize, inter: usize, y: &wgpu::Buffer) {
-        let k = &self.gpu.kernels;
-        let count = n * inter;
-        self.push(
-            &k.gelu_mul,
+            pipeline,
             &[count as u32, inter as u32],
             &[(1, x), (2, y)],
             grid1(count),

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 
 use super::kernels::{Format, GpuMatrix};
 use super::{Batch, Gpu};
-use crate::config::{Activation, Config};
+use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::layers::{Rope, SeqSpan};
 use crate::stage::{Logits, Precision, StageSpec, check_shape};
@@ -487,10 +487,7 @@ impl GpuStage {
             residual_add(&mut b, &layer.o, &att, &layer.post_attn_norm)?;
             b.rms_norm(&x, &layer.ffn_norm, n, h, cfg.rms_norm_eps, &hn);
             b.matmul(&layer.gate_up, &hn, n, &gu, false, &act_q)?;
-            match cfg.hidden_act {
-                Activation::Silu => b.silu_mul(&gu, n, inter, &hm),
-                Activation::GeluTanh => b.gelu_mul(&gu, n, inter, &hm),
-            }
+            b.gated(cfg.hidden_act, &gu, n, inter, &hm);
             residual_add(&mut b, &layer.down, &hm, &layer.post_ffn_norm)?;
         }
         let (Some(norm), Some(head)) = (&self.norm, &self.head) else {

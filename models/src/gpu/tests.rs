@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::kernels::{Format, GpuMatrix};
 use super::{Batch, Gpu};
+use crate::config::Activation;
 use crate::layers::{RmsNorm, Rope};
 use crate::quant::{BlockQ8_1, Q4_1Matrix, quantize_row_q8_1};
 
@@ -301,34 +302,37 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         rope_local_theta: None,
         rotary_dim: None,
     };
-    let rope = Rope::new(&cfg, 64, candle_core::DType::F32, &dev).unwrap();
     let (n, heads, hd, stride) = (4, 4, 16, 80);
     let x = randn(&mut rng, n * stride);
-    let positions = [0u32, 5, 6, 63];
-    let at = rope
-        .at(&Tensor::new(&positions[..], &dev).unwrap())
-        .unwrap();
     let xt = Tensor::from_slice(&x, (n, stride), &dev).unwrap();
-    let rotated = at
-        .apply(
-            &xt.narrow(1, 0, heads * hd)
-                .unwrap()
-                .reshape((n, heads, hd))
-                .unwrap(),
-        )
-        .unwrap()
-        .reshape((n, heads * hd))
-        .unwrap();
-    let want =
-        to_vec(&Tensor::cat(&[&rotated, &xt.narrow(1, heads * hd, 16).unwrap()], 1).unwrap());
-    let xb = upload_f32(&gpu, &x);
-    let pos = gpu.upload("pos", bytemuck::cast_slice(&positions)).unwrap();
-    let cos = upload_f32(&gpu, &to_vec(&rope.cos));
-    let sin = upload_f32(&gpu, &to_vec(&rope.sin));
-    let got = run(&gpu, &xb, n * stride, |b| {
-        b.rope(&xb, &pos, (&cos, &sin), [n, heads, hd, stride, hd])
-    });
-    assert_close(&got, &want, 1e-6, "rope");
+    // The CPU's rotation of the first `heads` heads at table `rows` (the
+    // rest of each row, V's 16 values, passed through) against the kernel's.
+    let check = |rope: &Rope, rows: &[u32], rot: usize, what: &str| -> Vec<f32> {
+        let at = rope.at(&Tensor::new(rows, &dev).unwrap()).unwrap();
+        let rotated = at
+            .apply(
+                &xt.narrow(1, 0, heads * hd)
+                    .unwrap()
+                    .reshape((n, heads, hd))
+                    .unwrap(),
+            )
+            .unwrap()
+            .reshape((n, heads * hd))
+            .unwrap();
+        let want =
+            to_vec(&Tensor::cat(&[&rotated, &xt.narrow(1, heads * hd, 16).unwrap()], 1).unwrap());
+        let xb = upload_f32(&gpu, &x);
+        let pos = gpu.upload("rows", bytemuck::cast_slice(rows)).unwrap();
+        let cos = upload_f32(&gpu, &to_vec(&rope.cos));
+        let sin = upload_f32(&gpu, &to_vec(&rope.sin));
+        let got = run(&gpu, &xb, n * stride, |b| {
+            b.rope(&xb, &pos, (&cos, &sin), [n, heads, hd, stride, rot])
+        });
+        assert_close(&got, &want, 1e-6, what);
+        got
+    };
+    let rope = Rope::new(&cfg, 64, candle_core::DType::F32, &dev).unwrap();
+    check(&rope, &[0, 5, 6, 63], hd, "rope");
     // On the first 8 lanes of each head only (partial rotary), LongRoPE's
     // long rows, the rest passed through.
     let mut partial = cfg.clone();
@@ -346,27 +350,7 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         64 + 60,
         "past the original context: the long table"
     );
-    let at = rope.at(&Tensor::new(&rows[..], &dev).unwrap()).unwrap();
-    let rotated = at
-        .apply(
-            &xt.narrow(1, 0, heads * hd)
-                .unwrap()
-                .reshape((n, heads, hd))
-                .unwrap(),
-        )
-        .unwrap()
-        .reshape((n, heads * hd))
-        .unwrap();
-    let want =
-        to_vec(&Tensor::cat(&[&rotated, &xt.narrow(1, heads * hd, 16).unwrap()], 1).unwrap());
-    let xb = upload_f32(&gpu, &x);
-    let pos = gpu.upload("rows", bytemuck::cast_slice(&rows)).unwrap();
-    let cos = upload_f32(&gpu, &to_vec(&rope.cos));
-    let sin = upload_f32(&gpu, &to_vec(&rope.sin));
-    let got = run(&gpu, &xb, n * stride, |b| {
-        b.rope(&xb, &pos, (&cos, &sin), [n, heads, hd, stride, 8])
-    });
-    assert_close(&got, &want, 1e-6, "partial rope");
+    let got = check(&rope, &rows, 8, "partial rope");
     // The lanes past 8 are untouched.
     assert_eq!(got[8..16], x[8..16]);
 
@@ -380,7 +364,9 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
         .unwrap(),
     );
     let (gb, y) = (upload_f32(&gpu, &gu), gpu.scratch("y", n * inter).unwrap());
-    let got = run(&gpu, &y, n * inter, |b| b.silu_mul(&gb, n, inter, &y));
+    let got = run(&gpu, &y, n * inter, |b| {
+        b.gated(Activation::Silu, &gb, n, inter, &y)
+    });
     assert_close(&got, &want, 1e-6, "silu_mul");
     // GeGLU (tanh GELU), over values wide enough to reach its tails.
     let wide: Vec<f32> = gu.iter().map(|v| v * 6.0).collect();
@@ -390,7 +376,9 @@ fn rms_norm_rope_silu_and_gather_match_the_cpu() {
             .unwrap(),
     );
     let gb = upload_f32(&gpu, &wide);
-    let got = run(&gpu, &y, n * inter, |b| b.gelu_mul(&gb, n, inter, &y));
+    let got = run(&gpu, &y, n * inter, |b| {
+        b.gated(Activation::GeluTanh, &gb, n, inter, &y)
+    });
     assert_close(&got, &want, 1e-5, "gelu_mul");
     // Scale, then soft-cap, in place.
     let yb = upload_f32(&gpu, &wide);

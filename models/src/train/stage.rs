@@ -635,11 +635,7 @@ impl TrainStage {
         let at = |t: &Tensor| -> Result<Tensor> {
             Ok(t.index_select(&pos, 0)?.reshape((b.rows, 1, b.len, rot))?)
         };
-        let pos_local = Tensor::from_vec(positions, n, &dev)?;
-        let at_local = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.index_select(&pos_local, 0)?
-                .reshape((b.rows, 1, b.len, rot))?)
-        };
+
         let ctx = Ctx {
             rows: b.rows,
             len: b.len,
@@ -653,8 +649,15 @@ impl TrainStage {
             },
             cos: at(&self.rope.cos)?,
             sin: at(&self.rope.sin)?,
+            // The local tables (never LongRoPE) by plain position.
             local: match &self.rope_local {
-                Some(r) => Some((at_local(&r.cos)?, at_local(&r.sin)?)),
+                Some(r) => {
+                    let pos = Tensor::from_vec(positions, n, &dev)?;
+                    let at = |t: &Tensor| -> Result<Tensor> {
+                        Ok(t.index_select(&pos, 0)?.reshape((b.rows, 1, b.len, rot))?)
+                    };
+                    Some((at(&r.cos)?, at(&r.sin)?))
+                }
                 None => None,
             },
             drop,

@@ -20,6 +20,17 @@ fn i8v(b: u32) -> f32 {
     return f32(bitcast<i32>(b << 24u) >> 24u);
 }
 
+// Q4_K's and Q5_K's sub-block j's 6-bit scale and min (llama.cpp's
+// get_scale_min_k4), from the scales at byte s.
+fn scale_min(s: u32, j: u32) -> vec2<f32> {
+    if (j < 4u) {
+        return vec2<f32>(f32(wbyte(s + j) & 63u), f32(wbyte(s + j + 4u) & 63u));
+    }
+    let sc = (wbyte(s + j + 4u) & 0x0Fu) | ((wbyte(s + j - 4u) >> 6u) << 4u);
+    let m = (wbyte(s + j + 4u) >> 4u) | ((wbyte(s + j) >> 6u) << 4u);
+    return vec2<f32>(f32(sc), f32(m));
+}
+
 fn row_dot(r: u32, t0: u32, nt: u32, first: u32, step: u32) -> vec4<f32> {
     let bpr = p.cols / QK;
     var acc = vec4<f32>(0.0);

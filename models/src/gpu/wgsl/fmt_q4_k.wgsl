@@ -5,17 +5,6 @@
 const QK: u32 = 256u;
 const BW: u32 = 36u;
 
-// Sub-block j's 6-bit scale and min (llama.cpp's get_scale_min_k4), from
-// the scales at byte s.
-fn scale_min(s: u32, j: u32) -> vec2<f32> {
-    if (j < 4u) {
-        return vec2<f32>(f32(wbyte(s + j) & 63u), f32(wbyte(s + j + 4u) & 63u));
-    }
-    let sc = (wbyte(s + j + 4u) & 0x0Fu) | ((wbyte(s + j - 4u) >> 6u) << 4u);
-    let m = (wbyte(s + j + 4u) >> 4u) | ((wbyte(s + j) >> 6u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
-}
-
 fn bval(wb: u32, i: u32) -> f32 {
     let o = wb * 4u;
     let chunk = i / 64u;
