@@ -204,6 +204,17 @@ impl ChatTemplate {
         })
     }
 
+    /// The source of the template used with tools (`tool_use` if the
+    /// model has one, else the default).
+    pub fn tool_source(&self) -> String {
+        ["tool_use", DEFAULT_TEMPLATE]
+            .iter()
+            .chain(self.names.first().map(String::as_str).iter())
+            .find_map(|n| self.env.get_template(n).ok())
+            .map(|t| t.source().to_string())
+            .unwrap_or_default()
+    }
+
     /// The template's names, the default first.
     pub fn names(&self) -> &[String] {
         &self.names

@@ -69,6 +69,8 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("invalid sampling parameter: {0}")]
     BadSampling(String),
+    #[error("output constraint: {0}")]
+    Grammar(String),
     #[error("model download failed: {0}")]
     Pull(String),
     #[error("training data, line {line}: {reason}")]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{CHATML, ChatInputs, ChatTemplate, DEFAULT_TEMPLATE, Message};
 use crate::error::{ModelError, Result};
+use crate::grammar::Grammars;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stage::{Logits, Precision, Stage, StageInput, StageSpec};
 use crate::tokenizer::Tokenizer;
@@ -67,6 +68,10 @@ pub struct ModelText {
     template: ChatTemplate,
     source: TemplateSource,
     context: usize,
+    /// The logit width (the config's vocabulary).
+    vocab: usize,
+    /// Grammar compilation for this vocabulary, built when first needed.
+    grammars: std::sync::OnceLock<std::result::Result<Grammars, String>>,
 }
 
 /// Where a model's chat template came from.
@@ -124,7 +129,28 @@ impl ModelText {
             template,
             source,
             context: weights.config().max_position_embeddings,
+            vocab: weights.config().vocab_size,
+            grammars: std::sync::OnceLock::new(),
         })
+    }
+
+    /// How this model writes tool calls (from its chat template).
+    pub fn tool_format(&self) -> crate::tools::ToolFormat {
+        crate::tools::ToolFormat::detect(&self.template.tool_source())
+    }
+
+    /// The logit width.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// Compiles output constraints for this model's vocabulary (built on
+    /// first use: the vocabulary's token trie).
+    pub fn grammars(&self) -> Result<&Grammars> {
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer, self.vocab).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| ModelError::Grammar(e.clone()))
     }
 
     /// Where the chat template came from.

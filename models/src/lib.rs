@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 #[cfg(feature = "wgpu")]
 pub mod gpu;
+pub mod grammar;
 pub mod hub;
 pub mod kv_cache;
 pub mod layers;
@@ -23,6 +24,7 @@ pub mod split;
 pub mod stage;
 pub mod store;
 pub mod tokenizer;
+pub mod tools;
 pub mod train;
 pub mod weights;
 
@@ -33,7 +35,7 @@ pub use generate::{
     FinishReason, GenerateRequest, Generation, LocalModel, ModelText, TemplateSource, TextStream,
 };
 pub use kv_cache::KvCache;
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Allowed, Constraint, Pick, Sampler, SamplingParams, Shaping};
 pub use stage::{Logits, Precision, Stage, StageInput, StageSpec};
 pub use tokenizer::Tokenizer;
 pub use weights::{TensorId, TensorLayout, WeightFile};

@@ -49,11 +49,98 @@ impl SamplingParams {
     }
 }
 
-/// A seeded sampler for one sequence.
+/// What shapes the logits before a token is drawn, as OpenAI's API defines
+/// it: `logit[t] += bias[t] - count[t] * frequency - (count[t] > 0) * presence`,
+/// where `count[t]` is how often `t` was generated before in the sequence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Shaping {
+    /// -2..=2.
+    pub presence_penalty: f32,
+    /// -2..=2.
+    pub frequency_penalty: f32,
+    /// Token and bias (-100..=100); ids outside the vocabulary are ignored.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Shaping {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err(ModelError::BadSampling(format!(
+                    "{name} must be between -2 and 2, got {v}"
+                )));
+            }
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b)))
+        {
+            return Err(ModelError::BadSampling(format!(
+                "logit_bias of token {t} must be between -100 and 100, got {b}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn is_identity(&self) -> bool {
+        self.presence_penalty == 0.0 && self.frequency_penalty == 0.0 && self.logit_bias.is_empty()
+    }
+}
+
+/// A limit on what may be generated next (a grammar): the sampler draws
+/// only among the tokens it allows, and tells it each token drawn.
+pub trait Constraint: Send + std::fmt::Debug {
+    /// The tokens allowed next, as a bit set over the vocabulary (bit `t %
+    /// 32` of word `t / 32`), and whether the output may end here.
+    fn allowed(&mut self) -> std::result::Result<Allowed, String>;
+    /// Takes the drawn token (not an end token).
+    fn accept(&mut self, token: u32) -> std::result::Result<(), String>;
+}
+
+/// What a [`Constraint`] allows next.
 #[derive(Debug, Clone)]
+pub struct Allowed {
+    pub words: Vec<u32>,
+    /// Whether an end token may come next.
+    pub end: bool,
+}
+
+impl Allowed {
+    pub fn allows(&self, t: u32) -> bool {
+        self.words
+            .get(t as usize / 32)
+            .is_some_and(|w| w >> (t % 32) & 1 == 1)
+    }
+}
+
+/// A drawn token, with its log-probability and the most likely tokens'
+/// when they were asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pick {
+    pub token: u32,
+    /// The token's log-probability under the model (its raw logits, before
+    /// penalties, bias, constraint or temperature), and the `n` most likely
+    /// tokens with theirs, most likely first.
+    pub logprobs: Option<(f32, Vec<(u32, f32)>)>,
+}
+
+/// A seeded sampler for one sequence.
+#[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    shaping: Shaping,
+    /// How often each token was drawn (for the penalties).
+    counts: std::collections::HashMap<u32, u32>,
+    logprobs: Option<usize>,
+    constraint: Option<Box<dyn Constraint>>,
+    /// Tokens that end the sequence: allowed when the constraint may end.
+    ends: Vec<u32>,
+    scratch: Vec<f32>,
 }
 
 /// Index of the largest value; the first one on ties (as llama.cpp's greedy sampler).
@@ -73,11 +160,126 @@ impl Sampler {
         Ok(Self {
             params,
             rng: StdRng::seed_from_u64(params.seed),
+            shaping: Shaping::default(),
+            counts: Default::default(),
+            logprobs: None,
+            constraint: None,
+            ends: Vec::new(),
+            scratch: Vec::new(),
         })
     }
 
-    /// Picks a token from one row of logits.
+    /// Penalties and bias applied to every draw.
+    pub fn with_shaping(mut self, shaping: Shaping) -> Result<Self> {
+        shaping.validate()?;
+        self.shaping = shaping;
+        Ok(self)
+    }
+
+    /// Reports each token's log-probability and the `top` most likely.
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top);
+        self
+    }
+
+    /// Draws only what `constraint` allows; `ends` are the tokens that end
+    /// the sequence, allowed when the constraint may end.
+    pub fn with_constraint(mut self, constraint: Box<dyn Constraint>, ends: &[u32]) -> Self {
+        self.constraint = Some(constraint);
+        self.ends = ends.to_vec();
+        self
+    }
+
+    /// Takes `tokens` as already drawn (a sequence resumed elsewhere): the
+    /// penalties count them and the constraint advances over them.
+    pub fn replay(&mut self, tokens: &[u32]) -> std::result::Result<(), String> {
+        for &t in tokens {
+            if let Some(c) = self.constraint.as_mut() {
+                c.accept(t)?;
+            }
+            *self.counts.entry(t).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    /// Picks a token from one row of logits (penalties, bias, constraint
+    /// and temperature applied), and records it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        match self.pick(logits) {
+            Ok(p) => p.token,
+            Err(_) => self.ends.first().copied().unwrap_or_else(|| argmax(logits)),
+        }
+    }
+
+    /// As [`Sampler::sample`], with log-probabilities when asked for; an
+    /// error when the constraint failed (its state is broken).
+    pub fn pick(&mut self, logits: &[f32]) -> std::result::Result<Pick, String> {
+        let logprobs = self.logprobs.map(|n| top_logprobs(logits, n));
+        let token = if self.shaping.is_identity() && self.constraint.is_none() {
+            self.draw(logits)
+        } else {
+            let mut row = std::mem::take(&mut self.scratch);
+            row.clear();
+            row.extend_from_slice(logits);
+            let token = self.shape(&mut row).map(|()| self.draw(&row));
+            self.scratch = row;
+            token?
+        };
+        if !self.ends.contains(&token) {
+            if let Some(c) = self.constraint.as_mut() {
+                c.accept(token)?;
+            }
+            *self.counts.entry(token).or_insert(0) += 1;
+        }
+        Ok(Pick {
+            token,
+            logprobs: logprobs.map(|(lp, top)| (lp(token), top)),
+        })
+    }
+
+    /// Applies penalties, bias and the constraint's mask to `row`.
+    fn shape(&mut self, row: &mut [f32]) -> std::result::Result<(), String> {
+        let s = &self.shaping;
+        for (&t, &n) in &self.counts {
+            if let Some(x) = row.get_mut(t as usize) {
+                *x -= n as f32 * s.frequency_penalty + s.presence_penalty;
+            }
+        }
+        for &(t, b) in &s.logit_bias {
+            if let Some(x) = row.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+        if let Some(c) = self.constraint.as_mut() {
+            let allowed = c.allowed()?;
+            let ends: Vec<(usize, f32)> = self
+                .ends
+                .iter()
+                .filter_map(|&e| row.get(e as usize).map(|v| (e as usize, *v)))
+                .collect();
+            for (i, chunk) in row.chunks_mut(32).enumerate() {
+                let w = allowed.words.get(i).copied().unwrap_or(0);
+                if w == u32::MAX {
+                    continue;
+                }
+                for (b, x) in chunk.iter_mut().enumerate() {
+                    if w >> b & 1 == 0 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            for (e, v) in ends {
+                row[e] = if allowed.end { v } else { f32::NEG_INFINITY };
+            }
+            if row.iter().all(|x| *x == f32::NEG_INFINITY) {
+                return Err("the constraint allows no token of the vocabulary".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Draws from processed logits.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;
         if p.temperature <= 0.0 || logits.is_empty() {
             return argmax(logits);
@@ -151,6 +353,43 @@ impl Sampler {
         }
         cand[cand.len() - 1].0
     }
+}
+
+/// The log-probabilities of one row of raw logits: a function giving any
+/// token's, and the `n` most likely tokens with theirs.
+fn top_logprobs(logits: &[f32], n: usize) -> (impl Fn(u32) -> f32 + '_, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| f64::from(v - max).exp())
+        .sum();
+    let norm = max + sum.ln() as f32;
+    let lp = move |t: u32| match logits.get(t as usize) {
+        Some(v) if v.is_finite() => (v - norm).min(0.0),
+        _ => f32::NEG_INFINITY,
+    };
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if n > 0 && n < cand.len() {
+        cand.select_nth_unstable_by(n - 1, order);
+    }
+    cand.truncate(n);
+    cand.sort_unstable_by(order);
+    let top = cand
+        .into_iter()
+        .map(|(t, v)| (t, (v - norm).min(0.0)))
+        .collect();
+    (lp, top)
 }
 
 #[cfg(test)]

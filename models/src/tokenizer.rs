@@ -267,6 +267,44 @@ fn sentencepiece_bpe(
     Ok(inner)
 }
 
+/// Longest token (in bytes) a grammar may use; longer ones are never
+/// allowed under a constraint (llguidance's trie holds up to 1024).
+pub const MAX_TOKEN_BYTES: usize = 1000;
+
+/// GPT-2's byte-level alphabet: each byte and the character standing for it.
+fn byte_chars() -> Vec<(u8, char)> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xa1..=0xac | 0xae..=0xff);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (b, char::from(b))
+            } else {
+                let c = char::from_u32(next).unwrap_or('\u{fffd}');
+                next += 1;
+                (b, c)
+            }
+        })
+        .collect()
+}
+
+/// A vocabulary entry's bytes: byte-level characters mapped back (when
+/// `chars` is given), else SentencePiece's `<0xNN>` and `▁`.
+fn piece_bytes(text: &str, chars: Option<&std::collections::HashMap<char, u8>>) -> Option<Vec<u8>> {
+    if let Some(chars) = chars {
+        return text.chars().map(|c| chars.get(&c).copied()).collect();
+    }
+    if let Some(b) = text
+        .strip_prefix("<0x")
+        .and_then(|h| h.strip_suffix('>'))
+        .filter(|h| h.len() == 2)
+        .and_then(|h| u8::from_str_radix(h, 16).ok())
+    {
+        return Some(vec![b]);
+    }
+    Some(text.replace('\u{2581}', " ").into_bytes())
+}
+
 /// A text tokenizer plus what generation needs to know about its special tokens.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -432,6 +470,59 @@ impl Tokenizer {
     /// Text for `ids`, special tokens included.
     pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(tok_err)
+    }
+
+    /// Each token's bytes, for `vocab` ids (the model's logit width):
+    /// byte-level vocabularies map their characters back to bytes,
+    /// SentencePiece ones turn `▁` into a space and `<0xNN>` into its byte,
+    /// and special tokens are their text after a 0xFF marker (as
+    /// llguidance's token trie expects). Ids with no token, and tokens over
+    /// [`MAX_TOKEN_BYTES`], are empty (never allowed by a grammar).
+    pub fn token_bytes(&self, vocab: usize) -> Vec<Vec<u8>> {
+        let chars = self.byte_chars();
+        let mut out = vec![Vec::new(); vocab];
+        for (text, id) in self.inner.get_vocab(false) {
+            if let Some(slot) = out.get_mut(id as usize) {
+                *slot = piece_bytes(&text, chars.as_ref()).unwrap_or_default();
+            }
+        }
+        for (id, t) in self.inner.get_added_tokens_decoder() {
+            if let Some(slot) = out.get_mut(id as usize) {
+                let mut b = Vec::with_capacity(t.content.len() + 1);
+                if t.special {
+                    b.push(0xff);
+                }
+                b.extend_from_slice(t.content.as_bytes());
+                *slot = b;
+            }
+        }
+        for b in &mut out {
+            if b.len() > MAX_TOKEN_BYTES {
+                b.clear();
+            }
+        }
+        out
+    }
+
+    /// One token's bytes (a special token's text, no marker); empty for an
+    /// unknown id.
+    pub fn id_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(t) = self.inner.get_added_tokens_decoder().get(&id) {
+            return t.content.as_bytes().to_vec();
+        }
+        self.inner
+            .id_to_token(id)
+            .and_then(|text| piece_bytes(&text, self.byte_chars().as_ref()))
+            .unwrap_or_default()
+    }
+
+    /// The byte-level alphabet (character to byte) when the vocabulary is
+    /// byte-level.
+    fn byte_chars(&self) -> Option<std::collections::HashMap<char, u8>> {
+        let decoder = serde_json::to_string(&self.inner.get_decoder()).unwrap_or_default();
+        decoder
+            .contains("\"ByteLevel\"")
+            .then(|| byte_chars().into_iter().map(|(b, c)| (c, b)).collect())
     }
 
     /// Tokens that end generation.

@@ -289,6 +289,31 @@ impl Node {
         self.pipeline.model().map(|m| m.info.times.model.clone())
     }
 
+    /// How the served model writes tool calls (from its chat template).
+    pub fn tool_format(&self) -> Option<hearth_models::tools::ToolFormat> {
+        self.pipeline.model().map(|m| m.text.tool_format())
+    }
+
+    /// Each token's bytes on its own (special tokens as their text), for
+    /// log-probability reports.
+    pub fn token_bytes(&self, ids: &[u32]) -> Vec<Vec<u8>> {
+        let Some(m) = self.pipeline.model() else {
+            return ids.iter().map(|_| Vec::new()).collect();
+        };
+        ids.iter()
+            .map(|&id| m.text.tokenizer().id_bytes(id))
+            .collect()
+    }
+
+    /// Each token's text on its own ([`Node::token_bytes`] as UTF-8, a
+    /// partial character replaced).
+    pub fn token_texts(&self, ids: &[u32]) -> Vec<String> {
+        self.token_bytes(ids)
+            .into_iter()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect()
+    }
+
     /// Whether `name` is another name of the served model: its file's name
     /// or stem (what earlier versions served it under).
     pub fn serves_under(&self, name: &str) -> bool {

@@ -321,6 +321,7 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
         seed: 0,
         max_tokens: 5,
         stop_ids: vec![],
+        ..SeqParams::default()
     };
     for t in &nodes {
         let (rogue, conn) = rogue_member(&secret, t).await?;
@@ -348,6 +349,7 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
                     pos: 1,
                     token: 1,
                     finish: hearth_proto::Finish::No,
+                    logprobs: None,
                 }],
             })?,
             encode_frame(&Message::EndSeqs {
@@ -366,21 +368,21 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
         let gen_payloads: Vec<Vec<u8>> = vec![
             vec![0xff; 16],
             encode_frame(&Message::AuthOk)?,
-            encode_frame(&Message::Generate(WireGenerate {
+            encode_frame(&Message::Generate(Box::new(WireGenerate {
                 placement: 12345,
                 prompt: vec![1, 2],
                 params: params.clone(),
-            }))?,
-            encode_frame(&Message::Generate(WireGenerate {
+            })))?,
+            encode_frame(&Message::Generate(Box::new(WireGenerate {
                 placement: placement.id,
                 prompt: vec![],
                 params: params.clone(),
-            }))?,
-            encode_frame(&Message::Generate(WireGenerate {
+            })))?,
+            encode_frame(&Message::Generate(Box::new(WireGenerate {
                 placement: placement.id,
                 prompt: vec![1, u32::MAX],
                 params: params.clone(),
-            }))?,
+            })))?,
         ];
         for p in &gen_payloads {
             let (mut s, mut r) = conn.open(stream_kind::GENERATE).await?;

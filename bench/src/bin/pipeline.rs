@@ -43,21 +43,21 @@ struct Args {
 }
 
 fn params(tokens: usize, salt: usize) -> GenerateParams {
-    GenerateParams {
-        prompt: Prompt::Text(format!(
+    // A fixed seed at a high temperature keeps runs long and repeatable
+    // (greedy decoding of this model soon hits an end token).
+    GenerateParams::new(
+        Prompt::Text(format!(
             "Story {salt}: once upon a time, in a small village by the sea,"
         )),
-        max_tokens: tokens,
-        // A fixed seed at a high temperature keeps runs long and repeatable
-        // (greedy decoding of this model soon hits an end token).
-        sampling: SamplingParams {
+        tokens,
+        SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
             seed: 7 + salt as u64,
         },
-        stop: Vec::new(),
-    }
+        Vec::new(),
+    )
 }
 
 /// Tokens per second of `streams` generations at once, and their summaries.

@@ -9,8 +9,8 @@ const PREFIX: usize = 4;
 /// The limit that applies to a frame with this tag.
 fn limit_for(tag: u8) -> usize {
     use crate::message::{
-        TAG_CONTROL, TAG_FILE_CHUNK, TAG_FORWARD, TAG_GENERATE, TAG_PROBE_DATA, TAG_TENSOR,
-        TAG_TRAIN,
+        TAG_CONTROL, TAG_FILE_CHUNK, TAG_FORWARD, TAG_GENERATE, TAG_PROBE_DATA, TAG_SAMPLED,
+        TAG_TENSOR, TAG_TRAIN,
     };
     if matches!(
         tag,
@@ -18,6 +18,7 @@ fn limit_for(tag: u8) -> usize {
             | TAG_PROBE_DATA
             | TAG_FORWARD
             | TAG_GENERATE
+            | TAG_SAMPLED
             | TAG_CONTROL
             | TAG_FILE_CHUNK
             | TAG_TRAIN

@@ -17,15 +17,20 @@ mod train;
 pub use codec::{FrameDecoder, decode_frame, encode_frame};
 pub use message::{Hello, Message, PeerAddr, Refusal};
 pub use node_id::NodeId;
-pub use pipeline::{Finish, Forward, GenerateRequest, SampledToken, SeqChunk, SeqParams};
+pub use pipeline::{
+    Finish, Forward, GenerateRequest, SampledToken, SeqChunk, SeqParams, TokenLogprobs,
+};
 pub use tensor::{TensorFrame, WireDType};
 pub use train::{MicroKey, MicroLayout, TrainMsg};
 
-/// Protocol version carried in [`Hello`]; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version carried in [`Hello`]; peers with another version are
+/// refused. Version 2 added penalties, logit bias, log-probabilities and
+/// grammars to a sequence's parameters, and log-probabilities to sampled
+/// tokens.
+pub const PROTOCOL_VERSION: u16 = 2;
 
-/// QUIC ALPN of protocol version 1.
-pub const ALPN: &[u8] = b"hearth/1";
+/// QUIC ALPN of protocol version 2.
+pub const ALPN: &[u8] = b"hearth/2";
 
 /// Named size limits, checked on send and on receive.
 pub mod limits {
@@ -49,6 +54,13 @@ pub mod limits {
     pub const MAX_BATCH_SEQS: usize = 1024;
     /// Most end tokens of one sequence.
     pub const MAX_STOP_IDS: usize = 16;
+    /// Most `logit_bias` entries of one sequence.
+    pub const MAX_LOGIT_BIAS: usize = 1024;
+    /// Most alternatives returned with a sampled token's log-probability.
+    pub const MAX_TOP_LOGPROBS: usize = 20;
+    /// Largest output constraint (an llguidance grammar as JSON) of one
+    /// sequence: a big JSON schema or a few tool schemas.
+    pub const MAX_GRAMMAR: usize = 256 * 1024;
     /// Longest prompt in a `Generate` request, in tokens.
     pub const MAX_PROMPT_TOKENS: usize = 128 * 1024;
     /// Largest control document (a placement of a home cluster's stages,

@@ -106,7 +106,7 @@ pub enum Message {
         seqs: Vec<u64>,
     },
     /// A generation request to the first stage.
-    Generate(GenerateRequest),
+    Generate(Box<GenerateRequest>),
     /// A cluster control document (placement of stages, readiness) as
     /// versioned JSON, at most [`limits::MAX_CONTROL_DOC`] bytes; the
     /// runtime owns its schema.
@@ -308,7 +308,7 @@ impl Message {
                 let (placement, seqs) = pipeline::decode_end(&mut r)?;
                 Self::EndSeqs { placement, seqs }
             }
-            TAG_GENERATE => Self::Generate(GenerateRequest::decode(&mut r)?),
+            TAG_GENERATE => Self::Generate(Box::new(GenerateRequest::decode(&mut r)?)),
             TAG_CONTROL => Self::Control(r.blob("control", limits::MAX_CONTROL_DOC)?),
             TAG_FILE_CHUNK => Self::FileChunk {
                 offset: r.u64("file-chunk")?,

@@ -2,13 +2,13 @@
 //! activations going stage to stage, sampled tokens coming back from the
 //! last stage, and sequences ending. Every list is bounded by a named limit.
 
-use crate::message::Reader;
+use crate::message::{Reader, put_blob};
 use crate::tensor::TensorFrame;
 use crate::{ProtoError, limits};
 
 /// How one sequence is sampled and when it stops; travels with the
 /// sequence's first chunk to the last stage, which owns its sampler.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SeqParams {
     /// 0 is greedy.
     pub temperature: f32,
@@ -21,6 +21,25 @@ pub struct SeqParams {
     /// Tokens that end the sequence (not part of the output); at most
     /// [`limits::MAX_STOP_IDS`].
     pub stop_ids: Vec<u32>,
+    /// Subtracted once from a token's logit when it was generated before
+    /// (OpenAI's `presence_penalty`, -2..=2).
+    pub presence_penalty: f32,
+    /// Subtracted per earlier occurrence (`frequency_penalty`, -2..=2).
+    pub frequency_penalty: f32,
+    /// Added to a token's logit (`logit_bias`, -100..=100); at most
+    /// [`limits::MAX_LOGIT_BIAS`] entries.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Return each token's log-probability and this many alternatives
+    /// (`None`: none; at most [`limits::MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<u8>,
+    /// A constraint on the output: an llguidance grammar as JSON (a JSON
+    /// schema, a Lark grammar or a regex), at most [`limits::MAX_GRAMMAR`]
+    /// bytes.
+    pub grammar: Option<String>,
+    /// Tokens this sequence already generated, ending its prompt (a
+    /// sequence moved to a new placement): the sampler's penalties and
+    /// constraint take them as drawn. At most [`limits::MAX_PROMPT_TOKENS`].
+    pub history: Vec<u32>,
 }
 
 /// The tokens of one sequence in a batch: `len` tokens from position `pos`.
@@ -73,12 +92,23 @@ impl Finish {
 }
 
 /// A token sampled for one sequence at position `pos`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SampledToken {
     pub seq: u64,
     pub pos: u32,
     pub token: u32,
     pub finish: Finish,
+    /// Present when the sequence asked for log-probabilities.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// A sampled token's log-probability under the model, and the most likely
+/// tokens at that position with theirs (most likely first).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// At most [`limits::MAX_TOP_LOGPROBS`].
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Hidden states of a batch from one stage to the next: the chunks in
@@ -148,6 +178,27 @@ fn finite(what: &'static str, v: f32) -> Result<f32, ProtoError> {
     Ok(v)
 }
 
+/// A log-probability: finite or minus infinity (a token masked out).
+fn logprob(what: &'static str, v: f32) -> Result<f32, ProtoError> {
+    if v.is_nan() || v > 0.0 || v == f32::INFINITY {
+        return Err(ProtoError::InvalidField {
+            what,
+            detail: format!("{v} is not a log-probability"),
+        });
+    }
+    Ok(v)
+}
+
+fn within(what: &'static str, v: f32, bound: f32) -> Result<f32, ProtoError> {
+    if !(v.is_finite() && v.abs() <= bound) {
+        return Err(ProtoError::InvalidField {
+            what,
+            detail: format!("{v} is outside -{bound}..={bound}"),
+        });
+    }
+    Ok(v)
+}
+
 impl SeqParams {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
         out.extend_from_slice(&finite("temperature", self.temperature)?.to_le_bytes());
@@ -155,17 +206,108 @@ impl SeqParams {
         out.extend_from_slice(&self.top_k.to_le_bytes());
         out.extend_from_slice(&self.seed.to_le_bytes());
         out.extend_from_slice(&self.max_tokens.to_le_bytes());
-        put_u32s(out, "stop ids", &self.stop_ids, limits::MAX_STOP_IDS)
+        put_u32s(out, "stop ids", &self.stop_ids, limits::MAX_STOP_IDS)?;
+        for (what, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            out.extend_from_slice(&within(what, v, 2.0)?.to_le_bytes());
+        }
+        bounded("logit bias", self.logit_bias.len(), limits::MAX_LOGIT_BIAS)?;
+        out.extend_from_slice(&(self.logit_bias.len() as u32).to_le_bytes());
+        for (t, b) in &self.logit_bias {
+            out.extend_from_slice(&t.to_le_bytes());
+            out.extend_from_slice(&within("logit bias", *b, 100.0)?.to_le_bytes());
+        }
+        match self.logprobs {
+            None => out.push(0),
+            Some(n) => {
+                bounded("top logprobs", n as usize, limits::MAX_TOP_LOGPROBS)?;
+                out.push(1);
+                out.push(n);
+            }
+        }
+        match &self.grammar {
+            None => out.push(0),
+            Some(g) => {
+                out.push(1);
+                put_blob(out, "grammar", g.as_bytes(), limits::MAX_GRAMMAR)?;
+            }
+        }
+        put_u32s(out, "history", &self.history, limits::MAX_PROMPT_TOKENS)
     }
 
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
+        let temperature = finite("temperature", f32::from_le_bytes(r.array("params")?))?;
+        let top_p = finite("top_p", f32::from_le_bytes(r.array("params")?))?;
+        let top_k = r.u32("params")?;
+        let seed = r.u64("params")?;
+        let max_tokens = r.u32("params")?;
+        let stop_ids = get_u32s(r, "stop ids", limits::MAX_STOP_IDS)?;
+        let presence_penalty = within(
+            "presence_penalty",
+            f32::from_le_bytes(r.array("params")?),
+            2.0,
+        )?;
+        let frequency_penalty = within(
+            "frequency_penalty",
+            f32::from_le_bytes(r.array("params")?),
+            2.0,
+        )?;
+        let n = r.u32("logit bias")? as usize;
+        bounded("logit bias", n, limits::MAX_LOGIT_BIAS)?;
+        // The bytes are there before anything is allocated.
+        let bytes = r.take("logit bias", n * 8)?;
+        let mut logit_bias = Vec::with_capacity(n);
+        for c in bytes.chunks_exact(8) {
+            let t = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let b = f32::from_le_bytes([c[4], c[5], c[6], c[7]]);
+            logit_bias.push((t, within("logit bias", b, 100.0)?));
+        }
+        let logprobs = match r.u8("logprobs flag")? {
+            0 => None,
+            1 => {
+                let n = r.u8("top logprobs")?;
+                bounded("top logprobs", n as usize, limits::MAX_TOP_LOGPROBS)?;
+                Some(n)
+            }
+            other => {
+                return Err(ProtoError::InvalidField {
+                    what: "logprobs flag",
+                    detail: format!("{other}"),
+                });
+            }
+        };
+        let grammar = match r.u8("grammar flag")? {
+            0 => None,
+            1 => {
+                let bytes = r.blob("grammar", limits::MAX_GRAMMAR)?;
+                Some(
+                    String::from_utf8(bytes)
+                        .map_err(|_| ProtoError::BadUtf8 { what: "grammar" })?,
+                )
+            }
+            other => {
+                return Err(ProtoError::InvalidField {
+                    what: "grammar flag",
+                    detail: format!("{other}"),
+                });
+            }
+        };
+        let history = get_u32s(r, "history", limits::MAX_PROMPT_TOKENS)?;
         Ok(Self {
-            temperature: finite("temperature", f32::from_le_bytes(r.array("params")?))?,
-            top_p: finite("top_p", f32::from_le_bytes(r.array("params")?))?,
-            top_k: r.u32("params")?,
-            seed: r.u64("params")?,
-            max_tokens: r.u32("params")?,
-            stop_ids: get_u32s(r, "stop ids", limits::MAX_STOP_IDS)?,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            max_tokens,
+            stop_ids,
+            history,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
+            logprobs,
+            grammar,
         })
     }
 }
@@ -245,6 +387,19 @@ pub(crate) fn encode_sampled(
         out.extend_from_slice(&t.pos.to_le_bytes());
         out.extend_from_slice(&t.token.to_le_bytes());
         out.push(t.finish.code());
+        match &t.logprobs {
+            None => out.push(0),
+            Some(l) => {
+                bounded("top logprobs", l.top.len(), limits::MAX_TOP_LOGPROBS)?;
+                out.push(1);
+                out.extend_from_slice(&logprob("logprob", l.logprob)?.to_le_bytes());
+                out.push(l.top.len() as u8);
+                for (id, lp) in &l.top {
+                    out.extend_from_slice(&id.to_le_bytes());
+                    out.extend_from_slice(&logprob("logprob", *lp)?.to_le_bytes());
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -255,11 +410,39 @@ pub(crate) fn decode_sampled(r: &mut Reader<'_>) -> Result<(u64, Vec<SampledToke
     bounded("sampled tokens", n, limits::MAX_BATCH_SEQS)?;
     let mut tokens = Vec::with_capacity(n.min(64));
     for _ in 0..n {
+        let seq = r.u64("sampled token")?;
+        let pos = r.u32("sampled token")?;
+        let token = r.u32("sampled token")?;
+        let finish = Finish::from_code(r.u8("sampled token")?)?;
+        let logprobs = match r.u8("logprobs flag")? {
+            0 => None,
+            1 => {
+                let lp = logprob("logprob", f32::from_le_bytes(r.array("logprob")?))?;
+                let k = r.u8("top logprobs")? as usize;
+                bounded("top logprobs", k, limits::MAX_TOP_LOGPROBS)?;
+                let mut top = Vec::with_capacity(k);
+                for _ in 0..k {
+                    let id = r.u32("top logprob")?;
+                    top.push((
+                        id,
+                        logprob("logprob", f32::from_le_bytes(r.array("logprob")?))?,
+                    ));
+                }
+                Some(TokenLogprobs { logprob: lp, top })
+            }
+            other => {
+                return Err(ProtoError::InvalidField {
+                    what: "logprobs flag",
+                    detail: format!("{other}"),
+                });
+            }
+        };
         tokens.push(SampledToken {
-            seq: r.u64("sampled token")?,
-            pos: r.u32("sampled token")?,
-            token: r.u32("sampled token")?,
-            finish: Finish::from_code(r.u8("sampled token")?)?,
+            seq,
+            pos,
+            token,
+            finish,
+            logprobs,
         });
     }
     Ok((placement, tokens))

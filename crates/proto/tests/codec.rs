@@ -3,8 +3,8 @@
 
 use hearth_proto::{
     Finish, Forward, FrameDecoder, GenerateRequest, Hello, Message, MicroKey, MicroLayout,
-    PeerAddr, ProtoError, Refusal, SampledToken, SeqChunk, SeqParams, TensorFrame, TrainMsg,
-    WireDType, decode_frame, encode_frame, limits,
+    PeerAddr, ProtoError, Refusal, SampledToken, SeqChunk, SeqParams, TensorFrame, TokenLogprobs,
+    TrainMsg, WireDType, decode_frame, encode_frame, limits,
 };
 use proptest::prelude::*;
 
@@ -33,23 +33,52 @@ fn arb_tensor() -> impl Strategy<Value = TensorFrame> {
 
 fn arb_params() -> impl Strategy<Value = SeqParams> {
     (
-        0f32..2.0,
-        0.01f32..1.0,
-        any::<u32>(),
-        any::<u64>(),
-        any::<u32>(),
-        prop::collection::vec(any::<u32>(), 0..4),
+        (
+            0f32..2.0,
+            0.01f32..1.0,
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(any::<u32>(), 0..4),
+        ),
+        (
+            -2f32..=2.0,
+            -2f32..=2.0,
+            prop::collection::vec((any::<u32>(), -100f32..=100.0), 0..6),
+            prop::option::of(0u8..=20),
+            prop::option::of(".{0,40}"),
+            prop::collection::vec(any::<u32>(), 0..4),
+        ),
     )
         .prop_map(
-            |(temperature, top_p, top_k, seed, max_tokens, stop_ids)| SeqParams {
+            |(
+                (temperature, top_p, top_k, seed, max_tokens, stop_ids),
+                (presence_penalty, frequency_penalty, logit_bias, logprobs, grammar, history),
+            )| SeqParams {
                 temperature,
                 top_p,
                 top_k,
                 seed,
                 max_tokens,
                 stop_ids,
+                presence_penalty,
+                frequency_penalty,
+                logit_bias,
+                logprobs,
+                grammar,
+                history,
             },
         )
+}
+
+fn arb_logprobs() -> impl Strategy<Value = Option<TokenLogprobs>> {
+    prop::option::of(
+        (
+            -50f32..=0.0,
+            prop::collection::vec((any::<u32>(), -50f32..=0.0), 0..=20),
+        )
+            .prop_map(|(logprob, top)| TokenLogprobs { logprob, top }),
+    )
 }
 
 fn arb_forward() -> impl Strategy<Value = Forward> {
@@ -137,7 +166,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (
             any::<u64>(),
             prop::collection::vec(
-                (any::<u64>(), any::<u32>(), any::<u32>(), arb_finish()),
+                (
+                    any::<u64>(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    arb_finish(),
+                    arb_logprobs()
+                ),
                 0..5
             )
         )
@@ -145,11 +180,12 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 placement,
                 tokens: t
                     .into_iter()
-                    .map(|(seq, pos, token, finish)| SampledToken {
+                    .map(|(seq, pos, token, finish, logprobs)| SampledToken {
                         seq,
                         pos,
                         token,
-                        finish
+                        finish,
+                        logprobs,
                     })
                     .collect(),
             }),
@@ -160,13 +196,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
             prop::collection::vec(any::<u32>(), 0..8),
             arb_params()
         )
-            .prop_map(
-                |(placement, prompt, params)| Message::Generate(GenerateRequest {
+            .prop_map(|(placement, prompt, params)| Message::Generate(Box::new(
+                GenerateRequest {
                     placement,
                     prompt,
                     params
-                })
-            ),
+                }
+            ))),
         prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::Control),
         (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(offset, data)| Message::FileChunk { offset, data }),
@@ -580,6 +616,7 @@ fn params() -> SeqParams {
         seed: 1,
         max_tokens: 4,
         stop_ids: vec![2],
+        ..SeqParams::default()
     }
 }
 
@@ -592,16 +629,18 @@ fn pipeline_snapshots() {
             pos: 3,
             token: 42,
             finish: Finish::Length,
+            logprobs: None,
         }],
     })
     .unwrap();
-    let mut want = vec![1 + 8 + 4 + 8 + 4 + 4 + 1, 0, 0, 0, 0x12];
+    let mut want = vec![1 + 8 + 4 + 8 + 4 + 4 + 1 + 1, 0, 0, 0, 0x12];
     want.extend(5u64.to_le_bytes());
     want.extend(1u32.to_le_bytes());
     want.extend(9u64.to_le_bytes());
     want.extend(3u32.to_le_bytes());
     want.extend(42u32.to_le_bytes());
     want.push(2);
+    want.push(0);
     assert_eq!(sampled, want);
     let end = encode_frame(&Message::EndSeqs {
         placement: 1,
@@ -830,17 +869,17 @@ fn malformed_pipeline_messages_are_typed_errors() {
     // A NaN temperature is refused on both sides.
     let mut p = params();
     p.temperature = f32::NAN;
-    let gen_req = Message::Generate(GenerateRequest {
+    let gen_req = Message::Generate(Box::new(GenerateRequest {
         placement: 1,
         prompt: vec![1, 2],
         params: p,
-    });
+    }));
     assert!(encode_frame(&gen_req).is_err());
-    let ok = Message::Generate(GenerateRequest {
+    let ok = Message::Generate(Box::new(GenerateRequest {
         placement: 1,
         prompt: vec![1, 2],
         params: params(),
-    });
+    }));
     let nan = frame_with(&ok, |b| {
         let at = 1 + 8 + 4 + 8;
         b[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes())
@@ -873,27 +912,201 @@ fn malformed_pipeline_messages_are_typed_errors() {
             pos: 1,
             token: 1,
             finish: Finish::No,
+            logprobs: None,
         }],
     };
     let bad = frame_with(&s, |b| {
-        let last = b.len() - 1;
+        let last = b.len() - 2;
         b[last] = 9
     });
     assert!(matches!(
         decode_frame(&bad),
         Err(ProtoError::InvalidField { what: "finish", .. })
     ));
+    hostile_sampling_fields_are_refused();
     // Too many stop ids on encode.
     let mut p = params();
     p.stop_ids = vec![0; limits::MAX_STOP_IDS + 1];
     assert!(
-        encode_frame(&Message::Generate(GenerateRequest {
+        encode_frame(&Message::Generate(Box::new(GenerateRequest {
+            placement: 1,
+            prompt: vec![1],
+            params: p,
+        })))
+        .is_err()
+    );
+}
+
+/// Well-formed frames whose sampling fields are out of range, too long or
+/// inconsistent: each is a typed error on decode (and refused on encode).
+fn hostile_sampling_fields_are_refused() {
+    let generate = |p: SeqParams| {
+        Message::Generate(Box::new(GenerateRequest {
             placement: 1,
             prompt: vec![1],
             params: p,
         }))
-        .is_err()
-    );
+    };
+    // The tail of an encoded `Generate` with default extras: penalties (8),
+    // bias count (4), logprobs flag (1), grammar flag (1), history count (4).
+    let ok = encode_frame(&generate(params())).unwrap();
+    let tail = ok.len() - 18;
+    for (edit, what) in [
+        (
+            Box::new(|b: &mut Vec<u8>| b[tail..tail + 4].copy_from_slice(&2.5f32.to_le_bytes()))
+                as Box<dyn Fn(&mut Vec<u8>)>,
+            "presence_penalty",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                b[tail + 4..tail + 8].copy_from_slice(&f32::NAN.to_le_bytes())
+            }),
+            "frequency_penalty",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                b[tail + 8..tail + 12]
+                    .copy_from_slice(&(limits::MAX_LOGIT_BIAS as u32 + 1).to_le_bytes())
+            }),
+            "logit bias",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                // A count the bytes do not back.
+                b[tail + 8..tail + 12].copy_from_slice(&5u32.to_le_bytes())
+            }),
+            "logit bias",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| b[tail + 12] = 7),
+            "logprobs flag",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                b[tail + 12] = 1;
+                b.insert(tail + 13, 21);
+                let len = (b.len() - 4) as u32;
+                b[..4].copy_from_slice(&len.to_le_bytes());
+            }),
+            "top logprobs",
+        ),
+        (Box::new(|b: &mut Vec<u8>| b[tail + 13] = 2), "grammar flag"),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                b[tail + 13] = 1;
+                let over = (limits::MAX_GRAMMAR as u32 + 1).to_le_bytes();
+                b.splice(tail + 14..tail + 14, over);
+                let len = (b.len() - 4) as u32;
+                b[..4].copy_from_slice(&len.to_le_bytes());
+            }),
+            "grammar",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                b[tail + 14..tail + 18]
+                    .copy_from_slice(&(limits::MAX_PROMPT_TOKENS as u32 + 1).to_le_bytes())
+            }),
+            "history",
+        ),
+    ] {
+        let mut bad = ok.clone();
+        edit(&mut bad);
+        match decode_frame(&bad) {
+            Err(ProtoError::InvalidField { what: w, .. }) => assert_eq!(w, what),
+            Err(ProtoError::Truncated { what: w, .. }) => assert_eq!(w, what),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // A grammar that is not UTF-8.
+    let mut p = params();
+    p.grammar = Some("ab".into());
+    let mut bad = encode_frame(&generate(p)).unwrap();
+    let last = bad.len() - 5;
+    bad[last] = 0xff;
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(ProtoError::BadUtf8 { what: "grammar" })
+    ));
+    // Out of range on encode too.
+    for p in [
+        SeqParams {
+            logit_bias: vec![(1, 101.0)],
+            ..params()
+        },
+        SeqParams {
+            logit_bias: vec![(1, 0.0); limits::MAX_LOGIT_BIAS + 1],
+            ..params()
+        },
+        SeqParams {
+            presence_penalty: -3.0,
+            ..params()
+        },
+        SeqParams {
+            logprobs: Some(21),
+            ..params()
+        },
+        SeqParams {
+            grammar: Some("x".repeat(limits::MAX_GRAMMAR + 1)),
+            ..params()
+        },
+    ] {
+        assert!(encode_frame(&generate(p)).is_err());
+    }
+    // A sampled token's log-probability must be one, and its alternatives
+    // bounded.
+    let sampled = |lp: TokenLogprobs| Message::Sampled {
+        placement: 0,
+        tokens: vec![SampledToken {
+            seq: 1,
+            pos: 1,
+            token: 1,
+            finish: Finish::No,
+            logprobs: Some(lp),
+        }],
+    };
+    for lp in [
+        TokenLogprobs {
+            logprob: 0.5,
+            top: vec![],
+        },
+        TokenLogprobs {
+            logprob: -1.0,
+            top: vec![(1, f32::NAN)],
+        },
+        TokenLogprobs {
+            logprob: -1.0,
+            top: vec![(1, -1.0); limits::MAX_TOP_LOGPROBS + 1],
+        },
+    ] {
+        assert!(encode_frame(&sampled(lp)).is_err());
+    }
+    let good = sampled(TokenLogprobs {
+        logprob: f32::NEG_INFINITY,
+        top: vec![(3, -0.5)],
+    });
+    let bytes = encode_frame(&good).unwrap();
+    assert_eq!(decode_frame(&bytes).unwrap().unwrap().0, good);
+    // A positive log-probability planted in the frame.
+    let mut bad = bytes.clone();
+    let at = bad.len() - 4;
+    bad[at..].copy_from_slice(&0.25f32.to_le_bytes());
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(ProtoError::InvalidField {
+            what: "logprob",
+            ..
+        })
+    ));
+    let mut bad = bytes;
+    let at = bad.len() - 9;
+    bad[at] = limits::MAX_TOP_LOGPROBS as u8 + 1;
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(ProtoError::InvalidField {
+            what: "top logprobs",
+            ..
+        })
+    ));
 }
 
 #[test]

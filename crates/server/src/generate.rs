@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use hearth_models::{Message, SamplingParams};
+use hearth_models::{ChatInputs, Message, SamplingParams};
 use hearth_runtime::Node;
 use hearth_runtime::pipeline::{GenEvent, GenerateParams, Prompt, finish};
 use serde::Deserialize;
@@ -60,7 +60,7 @@ pub(crate) async fn generate(
 ) -> Response {
     let prompt = match (b.prompt, b.messages, b.prompt_ids) {
         (Some(p), None, None) => Prompt::Text(p),
-        (None, Some(m), None) => Prompt::Chat(m),
+        (None, Some(m), None) => Prompt::Chat(Box::new(ChatInputs::from_messages(&m, true))),
         (None, None, Some(ids)) => Prompt::Tokens(ids),
         _ => {
             return bad_request(
@@ -69,17 +69,17 @@ pub(crate) async fn generate(
             );
         }
     };
-    let params = GenerateParams {
+    let params = GenerateParams::new(
         prompt,
-        max_tokens: b.max_tokens,
-        sampling: SamplingParams {
+        b.max_tokens,
+        SamplingParams {
             temperature: b.temperature,
             top_p: b.top_p,
             top_k: b.top_k,
             seed: b.seed,
         },
-        stop: b.stop,
-    };
+        b.stop,
+    );
     let mut rx = match node.generate(params).await {
         Ok(rx) => rx,
         Err(e) => return pipeline_error(e),
@@ -95,7 +95,7 @@ pub(crate) async fn generate(
         let mut rx = rx?;
         let ev = rx.recv().await?;
         let (line, last) = match ev {
-            GenEvent::Token { id, text } => (json!({"token": id, "text": text}), false),
+            GenEvent::Token { id, text, .. } => (json!({"token": id, "text": text}), false),
             GenEvent::Text(text) => (json!({"text": text}), false),
             GenEvent::Done(s) => (json!({"done": s}), true),
             GenEvent::Failed(e) => (json!({"error": e}), true),

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 mod control;
+pub mod fields;
 mod finetune;
 pub use finetune::{MAX_FILES, MAX_FILES_BYTES};
 mod generate;

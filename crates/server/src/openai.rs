@@ -1,9 +1,12 @@
 //! The OpenAI-compatible API: `GET /v1/models`, `POST /v1/chat/completions`
 //! and `POST /v1/completions`, streamed (SSE ending in `[DONE]`) or not.
 //!
-//! Unknown request fields are ignored (clients send many); known fields
-//! are checked, and what Hearth cannot honour (`n` > 1, logprobs, tools,
-//! images) is a 400 naming the field rather than a silent difference.
+//! Every request field is honoured or refused with a 400 naming it (see
+//! `fields`): sampling with penalties and logit bias, `n` sequences batched
+//! through the pipeline, log-probabilities, structured output
+//! (`response_format`, enforced by constrained decoding), and tool calls
+//! (rendered by the model's template, parsed from its output in the
+//! template's format, forced by a grammar for `required` or a named tool).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,20 +15,19 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use hearth_models::{FinishReason, Message, SamplingParams};
+use hearth_models::FinishReason;
+use hearth_models::tools::{ToolCall, ToolFormat};
+use hearth_proto::TokenLogprobs;
 use hearth_runtime::pipeline::{
-    GenEvent, GenSummary, GenerateParams, PipelineError, Prompt, finish,
+    GenEvent, GenStream, GenSummary, GenerateParams, PipelineError, Prompt,
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use crate::fields::{self, Common, Invalid, Tools};
 
 use crate::sse::{self, Step};
 use crate::{ApiJson, AppState, REQUEST_TIMEOUT, api_error, bad_request};
-
-/// Tokens generated when the request sets no limit.
-pub const DEFAULT_MAX_TOKENS: usize = 512;
-/// Most stop sequences a request may give (as OpenAI).
-pub const MAX_STOP: usize = 4;
 
 pub(crate) fn now_s() -> u64 {
     SystemTime::now()
@@ -89,223 +91,10 @@ fn unknown_model(id: &str) -> Response {
     )
 }
 
-/// A field the request got wrong: the message and the field's name.
-pub(crate) struct Invalid(String, &'static str);
-
 impl IntoResponse for Invalid {
     fn into_response(self) -> Response {
-        bad_request(self.0, Some(self.1))
+        bad_request(self.0, Some(&self.1))
     }
-}
-
-/// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The sampling fields both endpoints share.
-#[derive(Debug, Deserialize)]
-struct Sampling {
-    model: String,
-    #[serde(default)]
-    stream: bool,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    /// Hearth's extension (not in OpenAI's API).
-    #[serde(default, deserialize_with = "integer")]
-    top_k: Option<usize>,
-    #[serde(default, deserialize_with = "integer")]
-    max_tokens: Option<usize>,
-    #[serde(default, deserialize_with = "integer")]
-    max_completion_tokens: Option<usize>,
-    stop: Option<Stop>,
-    #[serde(default, deserialize_with = "integer")]
-    seed: Option<u64>,
-    #[serde(default, deserialize_with = "integer")]
-    n: Option<u32>,
-    #[serde(default)]
-    logprobs: Option<Value>,
-    #[serde(default)]
-    tools: Option<Value>,
-}
-
-/// An optional non-negative integer, also written as an integral float
-/// (`16.0`), as JSON Schema's `integer` allows.
-fn integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: TryFrom<u64>,
-{
-    use serde::de::Error;
-    let Some(v) = Option::<Value>::deserialize(d)? else {
-        return Ok(None);
-    };
-    let int = index(&v)
-        .ok_or_else(|| D::Error::custom(format!("expected a non-negative integer, got {v}")))?;
-    T::try_from(int)
-        .map(Some)
-        .map_err(|_| D::Error::custom(format!("{int} is out of range")))
-}
-
-/// A non-negative integer, also written as an integral float.
-fn index(v: &Value) -> Option<u64> {
-    v.as_u64().or_else(|| {
-        v.as_f64()
-            .filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < u64::MAX as f64)
-            .map(|f| f as u64)
-    })
-}
-
-impl Sampling {
-    /// Checks the fields and builds the generation's parameters.
-    fn params(&self, prompt: Prompt) -> Result<GenerateParams, Invalid> {
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(Invalid(
-                format!("temperature must be between 0 and 2, got {temperature}"),
-                "temperature",
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Invalid(
-                format!("top_p must be in (0, 1], got {top_p}"),
-                "top_p",
-            ));
-        }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(Invalid("only n = 1 is supported".into(), "n"));
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && *v != json!(false))
-        {
-            return Err(Invalid("logprobs are not supported".into(), "logprobs"));
-        }
-        if self.tools.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(Invalid("tools are not supported".into(), "tools"));
-        }
-        let max_tokens = self
-            .max_completion_tokens
-            .or(self.max_tokens)
-            .unwrap_or(DEFAULT_MAX_TOKENS);
-        if max_tokens == 0 {
-            return Err(Invalid(
-                "max_tokens must be at least 1".into(),
-                "max_tokens",
-            ));
-        }
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        };
-        if stop.len() > MAX_STOP || stop.iter().any(String::is_empty) {
-            return Err(Invalid(
-                format!("stop takes at most {MAX_STOP} non-empty strings"),
-                "stop",
-            ));
-        }
-        Ok(GenerateParams {
-            prompt,
-            max_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_p,
-                top_k: self.top_k.unwrap_or(0),
-                seed: self.seed.unwrap_or_else(rand::random),
-            },
-            stop,
-        })
-    }
-
-    fn include_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
-    }
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct ChatRequest {
-    messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
-    #[serde(default)]
-    content: Value,
-}
-
-/// OpenAI's message content: a string, or a list of text parts.
-fn message(i: usize, m: ChatMessage) -> Result<Message, Invalid> {
-    let role = match m.role.as_str() {
-        "system" | "developer" => "system",
-        "user" => "user",
-        "assistant" => "assistant",
-        other => {
-            return Err(Invalid(
-                format!("messages[{i}]: role {other:?} is not supported (system, user, assistant)"),
-                "messages",
-            ));
-        }
-    };
-    let content = match m.content {
-        Value::String(s) => s,
-        Value::Array(parts) => {
-            let mut text = String::new();
-            for p in parts {
-                match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
-                    _ => {
-                        return Err(Invalid(
-                            format!("messages[{i}]: only text content parts are supported"),
-                            "messages",
-                        ));
-                    }
-                }
-            }
-            text
-        }
-        Value::Null if role == "assistant" => String::new(),
-        _ => {
-            return Err(Invalid(
-                format!("messages[{i}]: content must be a string or a list of text parts"),
-                "messages",
-            ));
-        }
-    };
-    Ok(Message::new(role, content))
-}
-
-fn finish_reason(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
-fn usage(s: &GenSummary) -> Value {
-    json!({
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.token_ids.len(),
-        "total_tokens": s.prompt_tokens + s.token_ids.len(),
-    })
 }
 
 pub(crate) fn pipeline_error(e: PipelineError) -> Response {
@@ -337,56 +126,66 @@ enum Kind {
     Text,
 }
 
-pub(crate) async fn chat(
-    State(s): State<AppState>,
-    ApiJson(req): ApiJson<ChatRequest>,
-) -> Response {
-    if req.messages.is_empty() {
-        return bad_request("messages must not be empty".into(), Some("messages"));
-    }
-    let mut msgs = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.into_iter().enumerate() {
-        match message(i, m) {
-            Ok(m) => msgs.push(m),
-            Err(e) => return e.into_response(),
-        }
-    }
-    run(s, Kind::Chat, &req.sampling, Prompt::Chat(msgs)).await
+/// One request's generations, as read.
+struct Job {
+    kind: Kind,
+    common: Common,
+    prompt: Prompt,
+    logprobs: Option<u8>,
+    grammar: Option<String>,
+    tools: Option<Tools>,
+    /// Completions' `echo`: the prompt's text before each choice's.
+    echo: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct CompletionRequest {
-    prompt: Value,
-    #[serde(flatten)]
-    sampling: Sampling,
-    #[serde(default)]
-    echo: bool,
-    suffix: Option<String>,
-    best_of: Option<u32>,
+pub(crate) async fn chat(
+    State(s): State<AppState>,
+    ApiJson(body): ApiJson<Map<String, Value>>,
+) -> Response {
+    let c = match fields::chat(body) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let job = Job {
+        kind: Kind::Chat,
+        common: c.common,
+        prompt: Prompt::Chat(Box::new(c.inputs)),
+        logprobs: c.logprobs,
+        grammar: c.grammar,
+        tools: c.tools,
+        echo: None,
+    };
+    run(s, job).await
 }
 
 pub(crate) async fn completions(
     State(s): State<AppState>,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Response {
-    if req.echo || req.suffix.is_some() || req.best_of.is_some_and(|b| b != 1) {
-        return bad_request(
-            "echo, suffix and best_of are not supported".into(),
-            Some("echo"),
-        );
-    }
-    let prompt = match req.prompt {
-        Value::String(p) => Prompt::Text(p),
+    let c = match fields::completion(body) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let (prompt, echo) = match c.prompt {
+        Value::String(p) => (Prompt::Text(p.clone()), p),
         Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-            Prompt::Text(a[0].as_str().unwrap_or_default().to_string())
+            let p = a[0].as_str().unwrap_or_default().to_string();
+            (Prompt::Text(p.clone()), p)
         }
-        Value::Array(a) if !a.is_empty() && a.iter().all(|v| index(v).is_some()) => {
+        Value::Array(a) if !a.is_empty() && a.iter().all(|v| fields::index(v).is_some()) => {
             let ids: Option<Vec<u32>> = a
                 .iter()
-                .map(|v| index(v).and_then(|x| u32::try_from(x).ok()))
+                .map(|v| fields::index(v).and_then(|x| u32::try_from(x).ok()))
                 .collect();
             match ids {
-                Some(ids) => Prompt::Tokens(ids),
+                Some(ids) => {
+                    let text = if c.echo {
+                        s.node.token_texts(&ids).concat()
+                    } else {
+                        String::new()
+                    };
+                    (Prompt::Tokens(ids), text)
+                }
                 None => return bad_request("token id out of range".into(), Some("prompt")),
             }
         }
@@ -397,7 +196,16 @@ pub(crate) async fn completions(
             );
         }
     };
-    run(s, Kind::Text, &req.sampling, prompt).await
+    let job = Job {
+        kind: Kind::Text,
+        common: c.common,
+        prompt,
+        logprobs: c.logprobs,
+        grammar: None,
+        tools: None,
+        echo: c.echo.then_some(echo),
+    };
+    run(s, job).await
 }
 
 /// How long a request waits for a model it asked for to be loaded.
@@ -416,18 +224,176 @@ async fn ensure_served(s: &AppState, model: &str) -> Result<(), Response> {
     }
 }
 
-async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Response {
-    if let Err(r) = ensure_served(&s, &sampling.model).await {
+/// A generation's tokens with their log-probabilities, and its summary.
+type Collected = (GenSummary, Vec<(u32, Option<TokenLogprobs>)>);
+
+async fn collect(mut rx: GenStream) -> Result<Collected, PipelineError> {
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Token { id, logprobs, .. } => tokens.push((id, logprobs)),
+            GenEvent::Text(_) => {}
+            GenEvent::Done(s) => return Ok((s, tokens)),
+            GenEvent::Failed(e) => return Err(PipelineError::Failed(e)),
+        }
+    }
+    Err(PipelineError::Failed("the generation ended early".into()))
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// Log-probabilities in the chat shape: one entry per token.
+fn chat_logprob(node: &hearth_runtime::Node, id: u32, lp: &TokenLogprobs) -> Value {
+    let mut ids = vec![id];
+    ids.extend(lp.top.iter().map(|(t, _)| *t));
+    let bytes = node.token_bytes(&ids);
+    let entry = |b: &[u8], logprob: f32| {
+        json!({
+            "token": String::from_utf8_lossy(b),
+            "logprob": finite(logprob),
+            "bytes": b,
+        })
+    };
+    let mut e = entry(&bytes[0], lp.logprob);
+    e["top_logprobs"] = Value::Array(
+        lp.top
+            .iter()
+            .zip(&bytes[1..])
+            .map(|((_, l), b)| entry(b, *l))
+            .collect(),
+    );
+    e
+}
+
+/// JSON has no -inf: a masked token's log-probability is written as
+/// OpenAI writes its floor.
+fn finite(lp: f32) -> f64 {
+    if lp.is_finite() {
+        f64::from(lp)
+    } else {
+        -9999.0
+    }
+}
+
+/// Log-probabilities in the completions shape.
+fn text_logprobs(
+    node: &hearth_runtime::Node,
+    tokens: &[(u32, Option<TokenLogprobs>)],
+    offset: usize,
+) -> Value {
+    let ids: Vec<u32> = tokens.iter().map(|(t, _)| *t).collect();
+    let texts = node.token_texts(&ids);
+    let mut at = offset;
+    let mut offsets = Vec::with_capacity(texts.len());
+    for t in &texts {
+        offsets.push(at);
+        at += t.len();
+    }
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|(_, lp)| match lp {
+            Some(lp) => {
+                let alt: Vec<u32> = lp.top.iter().map(|(t, _)| *t).collect();
+                let names = node.token_texts(&alt);
+                let mut m = Map::new();
+                for ((_, l), n) in lp.top.iter().zip(names) {
+                    m.entry(n).or_insert(json!(finite(*l)));
+                }
+                Value::Object(m)
+            }
+            None => Value::Null,
+        })
+        .collect();
+    json!({
+        "tokens": texts,
+        "token_logprobs": tokens.iter().map(|(_, lp)| lp.as_ref().map(|l| finite(l.logprob))).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
+}
+
+/// A call as OpenAI returns it.
+fn tool_call_json(c: &ToolCall) -> Value {
+    json!({
+        "id": new_id("call"),
+        "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments},
+    })
+}
+
+/// The message of a finished chat choice: content, or tool calls parsed
+/// from the output in the model's format.
+fn chat_message(text: &str, tools: Option<&(Tools, ToolFormat)>, reason: &str) -> (Value, String) {
+    if let Some((t, format)) = tools {
+        let (content, mut calls) = format.parse(text);
+        if t.single {
+            calls.truncate(1);
+        }
+        if !calls.is_empty() {
+            let content = if content.trim().is_empty() {
+                Value::Null
+            } else {
+                json!(content)
+            };
+            if t.legacy {
+                let c = &calls[0];
+                return (
+                    json!({"role": "assistant", "content": content,
+                        "function_call": {"name": c.name, "arguments": c.arguments}}),
+                    "function_call".into(),
+                );
+            }
+            let calls: Vec<Value> = calls.iter().map(tool_call_json).collect();
+            return (
+                json!({"role": "assistant", "content": content, "tool_calls": calls}),
+                "tool_calls".into(),
+            );
+        }
+    }
+    (
+        json!({"role": "assistant", "content": text}),
+        reason.to_string(),
+    )
+}
+
+async fn run(s: AppState, job: Job) -> Response {
+    let common = &job.common;
+    if let Err(r) = ensure_served(&s, &common.model).await {
         return r;
     }
-    let params = match sampling.params(prompt) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+    let tools = match (&job.tools, s.node.tool_format()) {
+        (Some(t), Some(f)) => Some((t.clone(), f)),
+        _ => None,
     };
-    let mut rx = match s.node.generate(params).await {
-        Ok(rx) => rx,
-        Err(e) => return pipeline_error(e),
-    };
+    let max_tokens = common.max_tokens.unwrap_or(u32::MAX as usize);
+    // The sequences of one request, started together so the pipeline
+    // batches them; each has its own seed (so `n` differ, and a seed
+    // reproduces them all).
+    let mut streams = Vec::with_capacity(common.n);
+    for i in 0..common.n {
+        let mut sampling = common.sampling;
+        sampling.seed = sampling.seed.wrapping_add(i as u64);
+        let mut p = GenerateParams::new(
+            job.prompt.clone(),
+            max_tokens,
+            sampling,
+            common.stop.clone(),
+        );
+        p.shaping = common.shaping.clone();
+        p.logprobs = job.logprobs;
+        p.grammar = job.grammar.clone();
+        p.special_text = tools.is_some();
+        match s.node.generate(p).await {
+            Ok(rx) => streams.push(rx),
+            Err(e) => return pipeline_error(e),
+        }
+    }
+    let kind = job.kind;
     let (id, created, model) = (
         new_id(if kind == Kind::Chat {
             "chatcmpl"
@@ -435,54 +401,91 @@ async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Re
             "cmpl"
         }),
         now_s(),
-        sampling.model.clone(),
+        common.model.clone(),
     );
     // Counted open until the reply (or the stream) ends.
     let open = s.open_generation();
-    if !sampling.stream {
-        return match tokio::time::timeout(REQUEST_TIMEOUT, finish(&mut rx)).await {
-            Ok(Ok(sum)) => {
-                s.metrics.finished(&sum);
-                let choice = match kind {
-                    Kind::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": sum.text},
-                        "logprobs": null,
-                        "finish_reason": finish_reason(sum.finish_reason),
-                    }),
-                    Kind::Text => json!({
-                        "index": 0,
-                        "text": sum.text,
-                        "logprobs": null,
-                        "finish_reason": finish_reason(sum.finish_reason),
-                    }),
-                };
-                Json(json!({
-                    "id": id,
-                    "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
-                    "created": created,
-                    "model": model,
-                    "system_fingerprint": null,
-                    "choices": [choice],
-                    "usage": usage(&sum),
-                }))
-                .into_response()
+    let echo = job.echo.clone().unwrap_or_default();
+    if !common.stream {
+        let all = futures_util::future::join_all(streams.into_iter().map(collect));
+        let results = match tokio::time::timeout(REQUEST_TIMEOUT, all).await {
+            Ok(r) => r,
+            Err(_) => {
+                return api_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "server_error",
+                    format!(
+                        "the completion took longer than {} s",
+                        REQUEST_TIMEOUT.as_secs()
+                    ),
+                    None,
+                    Some("timeout"),
+                );
             }
-            Ok(Err(e)) => pipeline_error(e),
-            Err(_) => api_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "server_error",
-                format!(
-                    "the completion took longer than {} s",
-                    REQUEST_TIMEOUT.as_secs()
-                ),
-                None,
-                Some("timeout"),
-            ),
         };
+        drop(open);
+        let mut choices = Vec::with_capacity(results.len());
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        for (i, r) in results.into_iter().enumerate() {
+            let (sum, tokens) = match r {
+                Ok(x) => x,
+                Err(e) => return pipeline_error(e),
+            };
+            s.metrics.finished(&sum);
+            prompt_tokens = sum.prompt_tokens;
+            completion_tokens += sum.token_ids.len();
+            let reason = finish_reason(sum.finish_reason);
+            let choice = match kind {
+                Kind::Chat => {
+                    let (message, reason) = chat_message(&sum.text, tools.as_ref(), reason);
+                    let logprobs = job.logprobs.map(|_| {
+                        json!({"content": tokens.iter().filter_map(|(t, lp)| lp.as_ref().map(|lp| chat_logprob(&s.node, *t, lp))).collect::<Vec<_>>(), "refusal": null})
+                    });
+                    json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
+                }
+                Kind::Text => {
+                    let logprobs = job
+                        .logprobs
+                        .map(|_| text_logprobs(&s.node, &tokens, echo.len()));
+                    json!({"index": i, "text": format!("{echo}{}", sum.text), "logprobs": logprobs, "finish_reason": reason})
+                }
+            };
+            choices.push(choice);
+        }
+        return Json(json!({
+            "id": id,
+            "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "created": created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }))
+        .into_response();
     }
-    let include_usage = sampling.include_usage();
+    // Streamed: the choices' events merged, each tagged with its index;
+    // dropping the merged stream (the client left) drops every generation.
+    let n = streams.len();
+    let (merged_tx, merged_rx) = mpsc::channel::<(usize, GenEvent)>(256);
+    for (i, mut rx) in streams.into_iter().enumerate() {
+        let tx = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let last = matches!(ev, GenEvent::Done(_) | GenEvent::Failed(_));
+                if tx.send((i, ev)).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+    }
+    drop(merged_tx);
+    let include_usage = common.include_usage;
     let metrics = s.metrics.clone();
+    let node = s.node.clone();
     let object = if kind == Kind::Chat {
         "chat.completion.chunk"
     } else {
@@ -502,57 +505,170 @@ async fn run(s: AppState, kind: Kind, sampling: &Sampling, prompt: Prompt) -> Re
         }
         sse::data(&c)
     };
-    let piece = move |text: &str, reason: Option<&str>| -> Value {
-        match kind {
-            Kind::Chat => {
-                json!({"index": 0, "delta": if reason.is_some() { json!({}) } else { json!({"content": text}) }, "logprobs": null, "finish_reason": reason})
-            }
-            Kind::Text => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})
-            }
-        }
-    };
-    let mut first = kind == Kind::Chat;
-    let frames = sse::frames(rx, s.shutdown.clone(), move |step| {
+    struct Choice {
+        /// The output so far, and how much of it went out as content.
+        text: String,
+        sent: usize,
+        started: bool,
+        done: bool,
+    }
+    let mut states: Vec<Choice> = (0..n)
+        .map(|_| Choice {
+            text: String::new(),
+            sent: 0,
+            started: false,
+            done: false,
+        })
+        .collect();
+    // Prompt and completion tokens over the choices.
+    let mut totals = [0usize; 2];
+    let want_logprobs = job.logprobs.is_some();
+    let frames = sse::frames(merged_rx, s.shutdown.clone(), move |step| {
         let _open = &open;
         let mut out = Vec::new();
-        if first {
-            first = false;
-            out.push(chunk(
-                json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-                None,
-            ));
+        let error = |msg: String, code: &str| {
+            sse::data(
+                &json!({"error": {"message": msg, "type": "server_error", "param": null, "code": code}}),
+            )
+        };
+        let (i, ev) = match step {
+            Step::Event(x) => x,
+            Step::Closed => {
+                out.push(error(
+                    "the generation ended early".into(),
+                    "pipeline_failed",
+                ));
+                out.push(Bytes::from_static(sse::DONE.as_bytes()));
+                return (out, true);
+            }
+            Step::Stopped => {
+                out.push(error("the server is shutting down".into(), "shutting_down"));
+                out.push(Bytes::from_static(sse::DONE.as_bytes()));
+                return (out, true);
+            }
+        };
+        let Some(st) = states.get_mut(i) else {
+            return (out, false);
+        };
+        if !st.started {
+            st.started = true;
+            match kind {
+                Kind::Chat => out.push(chunk(
+                    json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+                    None,
+                )),
+                Kind::Text if !echo.is_empty() => out.push(chunk(
+                    json!({"index": i, "text": echo, "logprobs": null, "finish_reason": null}),
+                    None,
+                )),
+                Kind::Text => {}
+            }
         }
-        match step {
-            Step::Event(GenEvent::Token { text, .. } | GenEvent::Text(text)) => {
-                if !text.is_empty() {
-                    out.push(chunk(piece(&text, None), None));
+        let piece = |text: &str, lp: Option<Value>| -> Value {
+            match kind {
+                Kind::Chat => {
+                    json!({"index": i, "delta": {"content": text}, "logprobs": lp.map(|l| json!({"content": [l], "refusal": null})), "finish_reason": null})
+                }
+                Kind::Text => {
+                    json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null})
+                }
+            }
+        };
+        match ev {
+            GenEvent::Token { id, text, logprobs } => {
+                let offset = echo.len() + st.text.len();
+                st.text.push_str(&text);
+                let safe = match &tools {
+                    Some((_, f)) => f.content_prefix(&st.text),
+                    None => st.text.len(),
+                };
+                let new = if safe > st.sent {
+                    let t = st.text[st.sent..safe].to_string();
+                    st.sent = safe;
+                    t
+                } else {
+                    String::new()
+                };
+                let lp = logprobs.filter(|_| want_logprobs).map(|lp| match kind {
+                    Kind::Chat => chat_logprob(&node, id, &lp),
+                    Kind::Text => text_logprobs(&node, &[(id, Some(lp))], offset),
+                });
+                if !new.is_empty() || lp.is_some() {
+                    out.push(chunk(piece(&new, lp), None));
                 }
                 (out, false)
             }
-            Step::Event(GenEvent::Done(sum)) => {
+            GenEvent::Text(text) => {
+                st.text.push_str(&text);
+                (out, false)
+            }
+            GenEvent::Done(sum) => {
                 metrics.finished(&sum);
-                out.push(chunk(
-                    piece("", Some(finish_reason(sum.finish_reason))),
-                    None,
-                ));
-                if include_usage {
-                    out.push(chunk(Value::Null, Some(usage(&sum))));
+                totals[0] = sum.prompt_tokens;
+                totals[1] += sum.token_ids.len();
+                let reason = finish_reason(sum.finish_reason);
+                let (message, reason) = match kind {
+                    Kind::Chat => chat_message(&st.text, tools.as_ref(), reason),
+                    Kind::Text => (json!({"content": st.text}), reason.to_string()),
+                };
+                let content = message["content"].as_str().unwrap_or_default();
+                // What was held back (a possible stop string or call) and
+                // turned out to be content.
+                if content.len() > st.sent && content.starts_with(&st.text[..st.sent]) {
+                    out.push(chunk(piece(&content[st.sent..], None), None));
                 }
-                out.push(Bytes::from_static(sse::DONE.as_bytes()));
-                (out, true)
+                let mut end = match kind {
+                    Kind::Chat => {
+                        json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason})
+                    }
+                    Kind::Text => {
+                        json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
+                    }
+                };
+                if let Some(calls) = message["tool_calls"].as_array() {
+                    let deltas: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(k, c)| {
+                            let mut c = c.clone();
+                            c["index"] = json!(k);
+                            c
+                        })
+                        .collect();
+                    out.push(chunk(
+                        json!({"index": i, "delta": {"tool_calls": deltas}, "logprobs": null, "finish_reason": null}),
+                        None,
+                    ));
+                } else if let Some(fc) = message.get("function_call") {
+                    out.push(chunk(
+                        json!({"index": i, "delta": {"function_call": fc}, "logprobs": null, "finish_reason": null}),
+                        None,
+                    ));
+                }
+                end["finish_reason"] = json!(reason);
+                out.push(chunk(end, None));
+                st.done = true;
+                if states.iter().all(|c| c.done) {
+                    if include_usage {
+                        out.push(chunk(
+                            Value::Null,
+                            Some(json!({
+                                "prompt_tokens": totals[0],
+                                "completion_tokens": totals[1],
+                                "total_tokens": totals[0] + totals[1],
+                            })),
+                        ));
+                    }
+                    out.push(Bytes::from_static(sse::DONE.as_bytes()));
+                    return (out, true);
+                }
+                (out, false)
             }
-            Step::Event(GenEvent::Failed(e)) => {
-                out.push(sse::data(&json!({"error": {
-                    "message": format!("the pipeline failed: {e}"),
-                    "type": "server_error", "param": null, "code": "pipeline_failed"}})));
-                out.push(Bytes::from_static(sse::DONE.as_bytes()));
-                (out, true)
-            }
-            Step::Stopped => {
-                out.push(sse::data(&json!({"error": {
-                    "message": "the server is shutting down",
-                    "type": "server_error", "param": null, "code": "shutting_down"}})));
+            GenEvent::Failed(e) => {
+                out.push(error(
+                    format!("the pipeline failed: {e}"),
+                    "pipeline_failed",
+                ));
                 out.push(Bytes::from_static(sse::DONE.as_bytes()));
                 (out, true)
             }

@@ -8,8 +8,7 @@ use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
-use hearth_runtime::pipeline::{GenEvent, GenStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::SHUTDOWN_GRACE;
 
@@ -35,8 +34,10 @@ pub(crate) fn response(
 }
 
 /// What the stream driver hands the formatter.
-pub(crate) enum Step {
-    Event(GenEvent),
+pub(crate) enum Step<T> {
+    Event(T),
+    /// The events ended without an end (the generation went away).
+    Closed,
     /// The server is stopping and the generation did not finish in time.
     Stopped,
 }
@@ -44,16 +45,17 @@ pub(crate) enum Step {
 /// Turns a generation into frames: `format` maps each step to frames and
 /// says whether the stream is over. Dropping the stream (the client went
 /// away) drops `rx`, which cancels the generation on every stage.
-pub(crate) fn frames<F>(
-    rx: GenStream,
+pub(crate) fn frames<T, F>(
+    rx: mpsc::Receiver<T>,
     shutdown: watch::Receiver<bool>,
     format: F,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
-    F: FnMut(Step) -> (Vec<Bytes>, bool) + Send + 'static,
+    T: Send + 'static,
+    F: FnMut(Step<T>) -> (Vec<Bytes>, bool) + Send + 'static,
 {
-    struct St<F> {
-        rx: GenStream,
+    struct St<T, F> {
+        rx: mpsc::Receiver<T>,
         shutdown: watch::Receiver<bool>,
         deadline: Option<tokio::time::Instant>,
         /// False once the shutdown switch is gone (no server to stop).
@@ -86,7 +88,7 @@ where
             let step = tokio::select! {
                 ev = st.rx.recv() => match ev {
                     Some(ev) => Step::Event(ev),
-                    None => Step::Event(GenEvent::Failed("the generation ended early".into())),
+                    None => Step::Closed,
                 },
                 _ = tokio::time::sleep_until(st.deadline.unwrap_or(far)) => Step::Stopped,
                 changed = st.shutdown.changed(), if st.watching && st.deadline.is_none() => {

@@ -143,12 +143,12 @@ pub async fn wait_for_views(
 
 /// Greedy generation of `max_tokens` after the token ids `prompt`.
 pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> hearth_runtime::pipeline::GenerateParams {
-    hearth_runtime::pipeline::GenerateParams {
-        prompt: hearth_runtime::pipeline::Prompt::Tokens(prompt),
+    hearth_runtime::pipeline::GenerateParams::new(
+        hearth_runtime::pipeline::Prompt::Tokens(prompt),
         max_tokens,
-        sampling: hearth_models::SamplingParams::default(),
-        stop: Vec::new(),
-    }
+        hearth_models::SamplingParams::default(),
+        Vec::new(),
+    )
 }
 
 /// A tiny random model written under `dir`, measured quickly on this

@@ -5,11 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use hearth_models::{FinishReason, Message as ChatMessage, SamplingParams, TextStream};
+use hearth_models::{ChatInputs, FinishReason, SamplingParams, Shaping, TextStream};
 use hearth_net::framed::{read_message, write_message};
 use hearth_net::{IncomingStream, NodeId};
 use hearth_proto::{
-    Finish, GenerateRequest, Message, Refusal, SampledToken, SeqParams, limits, stream_kind,
+    Finish, GenerateRequest, Message, Refusal, SampledToken, SeqParams, TokenLogprobs, limits,
+    stream_kind,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -37,8 +38,9 @@ pub mod refusal {
 pub enum Prompt {
     /// Plain text, tokenized as is.
     Text(String),
-    /// Chat messages, rendered by the model's chat template.
-    Chat(Vec<ChatMessage>),
+    /// Chat messages (and tools, documents, template arguments), rendered
+    /// by the model's chat template.
+    Chat(Box<ChatInputs>),
     /// Token ids.
     Tokens(Vec<u32>),
 }
@@ -51,6 +53,38 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Stop strings (the text is cut before the first one).
     pub stop: Vec<String>,
+    /// Penalties and logit bias.
+    pub shaping: Shaping,
+    /// Each token's log-probability, with this many alternatives.
+    pub logprobs: Option<u8>,
+    /// An output constraint: an llguidance grammar as JSON (see
+    /// `hearth_models::grammar`).
+    pub grammar: Option<String>,
+    /// Special tokens appear in the text (a tool call's markers may be
+    /// special tokens); end tokens never do.
+    pub special_text: bool,
+}
+
+impl GenerateParams {
+    /// Plain sampling of `prompt`: no penalties, log-probabilities or
+    /// constraint.
+    pub fn new(
+        prompt: Prompt,
+        max_tokens: usize,
+        sampling: SamplingParams,
+        stop: Vec<String>,
+    ) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            shaping: Shaping::default(),
+            logprobs: None,
+            grammar: None,
+            special_text: false,
+        }
+    }
 }
 
 /// What a generation yields, in order: tokens, then `Done` or `Failed`.
@@ -60,6 +94,8 @@ pub enum GenEvent {
     Token {
         id: u32,
         text: String,
+        /// When asked for: the token's log-probability and alternatives.
+        logprobs: Option<TokenLogprobs>,
     },
     /// Text held back until the end (a possible stop string that was not).
     Text(String),
@@ -122,7 +158,7 @@ pub(crate) async fn generate(
     let text = &model.text;
     let ids = match &req.prompt {
         Prompt::Text(t) => text.encode_prompt(t)?,
-        Prompt::Chat(m) => text.encode_prompt(&text.render_chat(m)?)?,
+        Prompt::Chat(m) => text.encode_prompt(&text.render_inputs(m)?)?,
         Prompt::Tokens(t) => {
             if t.is_empty() {
                 return Err(PipelineError::BadRequest("empty prompt".into()));
@@ -157,9 +193,49 @@ pub(crate) async fn generate(
     }
     req.sampling
         .validate()
+        .and_then(|()| req.shaping.validate())
         .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+    if req.shaping.logit_bias.len() > limits::MAX_LOGIT_BIAS {
+        return Err(PipelineError::BadRequest(format!(
+            "logit_bias has {} entries, at most {}",
+            req.shaping.logit_bias.len(),
+            limits::MAX_LOGIT_BIAS
+        )));
+    }
+    if let Some(n) = req
+        .logprobs
+        .filter(|&n| n as usize > limits::MAX_TOP_LOGPROBS)
+    {
+        return Err(PipelineError::BadRequest(format!(
+            "{n} top log-probabilities asked, at most {}",
+            limits::MAX_TOP_LOGPROBS
+        )));
+    }
+    let vocab = model.info.config.vocab_size;
+    if let Some((bad, _)) = req
+        .shaping
+        .logit_bias
+        .iter()
+        .find(|(t, _)| *t as usize >= vocab)
+    {
+        return Err(PipelineError::BadRequest(format!(
+            "logit_bias names token {bad}, outside the model's vocabulary of {vocab}"
+        )));
+    }
+    if let Some(g) = &req.grammar {
+        if g.len() > limits::MAX_GRAMMAR {
+            return Err(PipelineError::BadRequest(format!(
+                "the output constraint is {} bytes, at most {}",
+                g.len(),
+                limits::MAX_GRAMMAR
+            )));
+        }
+        // Compiled here first, so a bad one is the client's error, not a
+        // stage's failure.
+        text.grammars().and_then(|gs| gs.compile(g))?;
+    }
     let stop_ids = text.tokenizer().eos_ids().to_vec();
-    let params = to_seq_params(&req.sampling, req.max_tokens, &stop_ids);
+    let params = to_seq_params(&req, &stop_ids);
     let prompt_tokens = ids.len();
     let prompt_token_ids = ids.clone();
     let context = text.context_length();
@@ -207,12 +283,19 @@ pub(crate) async fn generate(
                             break 'outer Ok(FinishReason::Stop);
                         }
                         out.push(t.token);
-                        let decoded = tokenizer.text.tokenizer().decode(&out).unwrap_or_default();
+                        let tok = tokenizer.text.tokenizer();
+                        let decoded = if req.special_text {
+                            tok.decode_with_special(&out)
+                        } else {
+                            tok.decode(&out)
+                        }
+                        .unwrap_or_default();
                         let (piece, stopped) = stream.update(decoded);
                         if tx
                             .send(GenEvent::Token {
                                 id: t.token,
                                 text: piece,
+                                logprobs: t.logprobs,
                             })
                             .await
                             .is_err()
@@ -253,6 +336,7 @@ pub(crate) async fn generate(
             replays += 1;
             let mut p = params.clone();
             p.max_tokens = remaining as u32;
+            p.history = out.clone();
             let (again_tx, again_rx) = mpsc::unbounded_channel::<SeqOut>();
             match launch(&service, prefix, p, again_tx).await {
                 Ok(next) => {
@@ -446,11 +530,11 @@ async fn remote(
         .map_err(|e| PipelineError::Failed(e.to_string()))?;
     write_message(
         &mut send,
-        &Message::Generate(GenerateRequest {
+        &Message::Generate(Box::new(GenerateRequest {
             placement,
             prompt,
             params,
-        }),
+        })),
     )
     .await
     .map_err(|e| PipelineError::Failed(e.to_string()))?;
@@ -525,7 +609,7 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
     )
     .await
     {
-        Ok(Ok(Some(Message::Generate(g)))) => g,
+        Ok(Ok(Some(Message::Generate(g)))) => *g,
         Ok(Ok(other)) => {
             debug!("generate stream from {}: {other:?}", peer.node_id.short());
             let _ = write_message(

@@ -22,7 +22,7 @@ pub(crate) mod worker;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hearth_models::{FinishReason, SamplingParams, StageSpec};
+use hearth_models::{FinishReason, StageSpec};
 use hearth_proto::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -123,21 +123,27 @@ pub struct StageStats {
 }
 
 pub(crate) fn to_seq_params(
-    sampling: &SamplingParams,
-    max_tokens: usize,
+    req: &client::GenerateParams,
     stop_ids: &[u32],
 ) -> hearth_proto::SeqParams {
+    let sampling = &req.sampling;
     hearth_proto::SeqParams {
         temperature: sampling.temperature,
         top_p: sampling.top_p,
         top_k: sampling.top_k.min(u32::MAX as usize) as u32,
         seed: sampling.seed,
-        max_tokens: max_tokens.min(u32::MAX as usize) as u32,
+        max_tokens: req.max_tokens.min(u32::MAX as usize) as u32,
         stop_ids: stop_ids
             .iter()
             .copied()
             .take(hearth_proto::limits::MAX_STOP_IDS)
             .collect(),
+        presence_penalty: req.shaping.presence_penalty,
+        frequency_penalty: req.shaping.frequency_penalty,
+        logit_bias: req.shaping.logit_bias.clone(),
+        logprobs: req.logprobs,
+        grammar: req.grammar.clone(),
+        history: Vec::new(),
     }
 }
 

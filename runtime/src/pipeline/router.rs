@@ -122,8 +122,11 @@ async fn run(mut rx: mpsc::UnboundedReceiver<RouterMsg>, worker: mpsc::Sender<Wo
                         continue; // cancelled meanwhile
                     };
                     s.last_token = Instant::now();
-                    let last = toks[toks.len() - 1];
-                    if last.finish == Finish::Failed {
+                    let Some(last) = toks.last().map(|t| (t.finish, t.pos, t.token)) else {
+                        continue;
+                    };
+                    let (finish, pos, token) = last;
+                    if finish == Finish::Failed {
                         let _ = s
                             .sink
                             .send(SeqOut::Failed("a stage failed on this sequence".into()));
@@ -132,17 +135,17 @@ async fn run(mut rx: mpsc::UnboundedReceiver<RouterMsg>, worker: mpsc::Sender<Wo
                         continue;
                     }
                     let delivered = s.sink.send(SeqOut::Tokens(toks)).is_ok();
-                    if last.finish != Finish::No || !delivered {
+                    if finish != Finish::No || !delivered {
                         seqs.remove(&id);
                         ended.push(id);
                     } else {
                         chunks.push(SeqChunk {
                             seq: id,
-                            pos: last.pos,
+                            pos,
                             len: 1,
                             params: None,
                         });
-                        next.push(last.token);
+                        next.push(token);
                     }
                 }
                 if !chunks.is_empty() {

@@ -357,7 +357,7 @@ impl Service {
         &self,
         placement: &Arc<Placement>,
         index: usize,
-        model: &ServedModel,
+        model: &Arc<ServedModel>,
     ) -> Result<f64, String> {
         let spec = placement.stages[index].spec;
         let path = model.info.path.clone();
@@ -426,6 +426,7 @@ impl Service {
             Some(worker::StageMeter {
                 live: self.inner.profiles.live(),
             }),
+            placement.stages[index].spec.head.then(|| model.clone()),
         )
         .map_err(|e| format!("starting the stage thread: {e}"))?;
         let router = (index == 0).then(|| {

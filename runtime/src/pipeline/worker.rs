@@ -10,13 +10,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use hearth_models::{KvCache, Logits, Sampler, SamplingParams, Stage, StageInput};
+use hearth_models::{KvCache, Logits, Sampler, SamplingParams, Shaping, Stage, StageInput};
 use hearth_proto::{
-    Finish, Forward, Message, SampledToken, SeqChunk, SeqParams, TensorFrame, WireDType,
+    Finish, Forward, Message, SampledToken, SeqChunk, SeqParams, TensorFrame, TokenLogprobs,
+    WireDType,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::service::ServedModel;
 use super::{Sink, StageTimes};
 
 /// Most tokens one batch takes (a long prompt alone may exceed it).
@@ -52,6 +54,8 @@ struct SeqState {
 
 struct HeadState {
     sampler: Sampler,
+    /// Whether each token goes back with its log-probabilities.
+    logprobs: bool,
     stop_ids: Vec<u32>,
     /// Most tokens to generate (already clipped to the context).
     max_new: usize,
@@ -116,6 +120,7 @@ pub(crate) fn spawn(
     stage: Stage,
     routes: Routes,
     meter: Option<StageMeter>,
+    text: Option<Arc<ServedModel>>,
 ) -> std::io::Result<Worker> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let live = Arc::new(AtomicUsize::new(0));
@@ -137,6 +142,7 @@ pub(crate) fn spawn(
                 live,
                 times,
                 meter,
+                text,
             }
             .run(rx)
         })?;
@@ -153,6 +159,8 @@ struct StageLoop {
     live: Arc<AtomicUsize>,
     times: Arc<StageTimes>,
     meter: Option<StageMeter>,
+    /// The model's text side, for grammars (the last stage).
+    text: Option<Arc<ServedModel>>,
 }
 
 impl StageLoop {
@@ -242,6 +250,7 @@ impl StageLoop {
                 pos: c.pos,
                 token: 0,
                 finish: Finish::Failed,
+                logprobs: None,
             })
             .collect();
         self.routes.first.send(Message::Sampled {
@@ -264,7 +273,13 @@ impl StageLoop {
                 _ if c.len == 0 => Err("empty chunk"),
                 (Some(_), Some(_)) => Err("sequence started twice"),
                 (Some(_), None) if c.pos != 0 => Err("first chunk not at position 0"),
-                (Some(p), None) => match new_state(&self.stage, p, c.len as usize, head, ctx) {
+                (Some(p), None) => match new_state(
+                    &self.stage,
+                    p,
+                    c.len as usize,
+                    head.then_some(self.text.as_deref()),
+                    ctx,
+                ) {
                     Ok(s) => {
                         self.seqs.insert(c.seq, s);
                         Ok(())
@@ -414,7 +429,21 @@ impl StageLoop {
             let Some(h) = self.seqs.get_mut(&c.seq).and_then(|s| s.head.as_mut()) else {
                 continue;
             };
-            let token = h.sampler.sample(&row);
+            let (token, logprobs) = match h.sampler.pick(&row) {
+                Ok(p) => (p.token, p.logprobs),
+                Err(why) => {
+                    warn!(seq = c.seq, "sampling failed: {why}");
+                    self.seqs.remove(&c.seq);
+                    out.push(SampledToken {
+                        seq: c.seq,
+                        pos: c.pos + c.len,
+                        token: 0,
+                        finish: Finish::Failed,
+                        logprobs: None,
+                    });
+                    continue;
+                }
+            };
             h.generated += 1;
             let finish = if h.stop_ids.contains(&token) {
                 Finish::Stop
@@ -423,6 +452,9 @@ impl StageLoop {
             } else {
                 Finish::No
             };
+            let logprobs = logprobs
+                .filter(|_| h.logprobs)
+                .map(|(logprob, top)| TokenLogprobs { logprob, top });
             if finish != Finish::No {
                 self.seqs.remove(&c.seq);
             }
@@ -431,6 +463,7 @@ impl StageLoop {
                 pos: c.pos + c.len,
                 token,
                 finish,
+                logprobs,
             });
         }
         self.routes.first.send(Message::Sampled {
@@ -440,14 +473,17 @@ impl StageLoop {
     }
 }
 
+/// A sequence's state; `head` holds the model's text side when this stage
+/// samples (`Some(None)`: it samples but has no text side, so it cannot
+/// take a grammar).
 fn new_state(
     stage: &Stage,
     p: &SeqParams,
     prompt: usize,
-    head: bool,
+    head: Option<Option<&ServedModel>>,
     ctx: usize,
 ) -> Result<SeqState, String> {
-    let head = if head {
+    let head = if let Some(text) = head {
         let sampling = SamplingParams {
             temperature: p.temperature,
             top_p: p.top_p,
@@ -460,8 +496,31 @@ fn new_state(
                 "no room to generate: {prompt} prompt tokens of {ctx}"
             ));
         }
+        let mut sampler = Sampler::new(sampling)
+            .and_then(|s| {
+                s.with_shaping(Shaping {
+                    presence_penalty: p.presence_penalty,
+                    frequency_penalty: p.frequency_penalty,
+                    logit_bias: p.logit_bias.clone(),
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(n) = p.logprobs {
+            sampler = sampler.with_logprobs(n as usize);
+        }
+        if let Some(g) = &p.grammar {
+            let text = text.ok_or("this stage cannot apply an output constraint")?;
+            let c = text
+                .text
+                .grammars()
+                .and_then(|gs| gs.compile(g))
+                .map_err(|e| e.to_string())?;
+            sampler = sampler.with_constraint(Box::new(c), &p.stop_ids);
+        }
+        sampler.replay(&p.history)?;
         Some(HeadState {
-            sampler: Sampler::new(sampling).map_err(|e| e.to_string())?,
+            sampler,
+            logprobs: p.logprobs.is_some(),
             stop_ids: p.stop_ids.clone(),
             max_new,
             generated: 0,

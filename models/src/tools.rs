@@ -1,0 +1,346 @@
+//! Tool calls in model output: which format a model's chat template teaches
+//! it (Hermes/Qwen `<tool_call>` tags, Llama 3 JSON, Mistral
+//! `[TOOL_CALLS]`), finding the calls in generated text, how much of a
+//! stream is surely plain content, and the grammar that forces a call.
+
+use serde_json::{Value, json};
+
+/// How a model writes tool calls, as its chat template shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name": …, "arguments": …}</tool_call>` (Hermes, Qwen
+    /// 2.5/3, SmolLM3 and many fine-tunes).
+    Hermes,
+    /// `[TOOL_CALLS][{"name": …, "arguments": …}]`, or
+    /// `[TOOL_CALLS]name[ARGS]{…}` in newer Mistral templates.
+    Mistral,
+    /// A bare JSON object `{"name": …, "parameters": …}`, optionally after
+    /// `<|python_tag|>`, several separated by `;` (Llama 3.1+).
+    Llama3,
+    /// No format in the template: a bare JSON object with `name` and
+    /// `arguments` (what the forcing grammar produces).
+    Json,
+}
+
+const HERMES_OPEN: &str = "<tool_call>";
+const HERMES_CLOSE: &str = "</tool_call>";
+const MISTRAL_MARK: &str = "[TOOL_CALLS]";
+const MISTRAL_ARGS: &str = "[ARGS]";
+const PYTHON_TAG: &str = "<|python_tag|>";
+
+/// One call found in the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments as JSON text (an object).
+    pub arguments: String,
+}
+
+impl ToolFormat {
+    /// The format a template teaches, from its source.
+    pub fn detect(template: &str) -> Self {
+        if template.contains(HERMES_OPEN) {
+            Self::Hermes
+        } else if template.contains(MISTRAL_MARK) {
+            Self::Mistral
+        } else if template.contains(PYTHON_TAG)
+            || (template.contains("\"parameters\"") && template.contains("ipython"))
+        {
+            Self::Llama3
+        } else {
+            Self::Json
+        }
+    }
+
+    /// The marker that opens a call in this format, if it has one.
+    fn marker(self) -> Option<&'static str> {
+        match self {
+            Self::Hermes => Some(HERMES_OPEN),
+            Self::Mistral => Some(MISTRAL_MARK),
+            Self::Llama3 => Some(PYTHON_TAG),
+            Self::Json => None,
+        }
+    }
+
+    /// How many bytes at the start of `text` (output so far) are surely
+    /// content, not part of a tool call: up to a call's marker, holding
+    /// back a tail that may be a marker's beginning; nothing while the
+    /// output could be a bare JSON call.
+    pub fn content_prefix(self, text: &str) -> usize {
+        let lead = text.len() - text.trim_start().len();
+        let rest = &text[lead..];
+        if rest.is_empty() || rest.starts_with('{') || rest.starts_with('[') {
+            return 0;
+        }
+        let Some(marker) = self.marker() else {
+            return text.len();
+        };
+        if let Some(at) = text.find(marker) {
+            return at;
+        }
+        // A tail that could grow into the marker is held back.
+        let mut keep = text.len();
+        for k in (1..marker.len()).rev() {
+            if text.len() >= k
+                && text.is_char_boundary(text.len() - k)
+                && marker.starts_with(&text[text.len() - k..])
+            {
+                keep = text.len() - k;
+                break;
+            }
+        }
+        keep
+    }
+
+    /// Splits finished output into its content and its tool calls. Text
+    /// that looks like a call but does not parse stays content.
+    pub fn parse(self, text: &str) -> (String, Vec<ToolCall>) {
+        let calls = match self {
+            Self::Hermes => hermes(text),
+            Self::Mistral => mistral(text),
+            Self::Llama3 => llama3(text),
+            Self::Json => None,
+        };
+        if let Some((content, calls)) = calls.filter(|(_, c)| !c.is_empty()) {
+            return (content, calls);
+        }
+        // Any format: the whole output one JSON call (or a list of them),
+        // as the forcing grammar writes it.
+        match bare_calls(text.trim()) {
+            Some(calls) if !calls.is_empty() => (String::new(), calls),
+            _ => (text.to_string(), Vec::new()),
+        }
+    }
+}
+
+/// A call from a JSON object with a name and its arguments (`arguments`
+/// or `parameters`, an object or a JSON string of one).
+fn call_of(v: &Value) -> Option<ToolCall> {
+    let name = v.get("name")?.as_str()?.to_string();
+    let args = v.get("arguments").or_else(|| v.get("parameters"));
+    let arguments = match args {
+        None | Some(Value::Null) => "{}".to_string(),
+        Some(Value::String(s)) => {
+            let parsed: Value = serde_json::from_str(s).ok()?;
+            parsed.is_object().then(|| parsed.to_string())?
+        }
+        Some(o @ Value::Object(_)) => o.to_string(),
+        Some(_) => return None,
+    };
+    Some(ToolCall { name, arguments })
+}
+
+fn bare_calls(text: &str) -> Option<Vec<ToolCall>> {
+    let text = text.strip_prefix(PYTHON_TAG).unwrap_or(text).trim();
+    match serde_json::from_str::<Value>(text).ok()? {
+        Value::Array(a) => a.iter().map(call_of).collect(),
+        v => Some(vec![call_of(&v)?]),
+    }
+}
+
+fn hermes(text: &str) -> Option<(String, Vec<ToolCall>)> {
+    let first = text.find(HERMES_OPEN)?;
+    let mut content = text[..first].trim_end().to_string();
+    let mut calls = Vec::new();
+    let mut rest = &text[first..];
+    while let Some(at) = rest.find(HERMES_OPEN) {
+        if !rest[..at].trim().is_empty() {
+            content.push_str(rest[..at].trim());
+        }
+        let body = &rest[at + HERMES_OPEN.len()..];
+        let (inner, after) = match body.find(HERMES_CLOSE) {
+            Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..]),
+            None => (body, ""),
+        };
+        calls.push(call_of(&serde_json::from_str(inner.trim()).ok()?)?);
+        rest = after;
+    }
+    content.push_str(rest.trim());
+    Some((content, calls))
+}
+
+fn mistral(text: &str) -> Option<(String, Vec<ToolCall>)> {
+    let at = text.find(MISTRAL_MARK)?;
+    let content = text[..at].trim().to_string();
+    let body = text[at + MISTRAL_MARK.len()..].trim();
+    // The list form.
+    if let Ok(Value::Array(a)) = serde_json::from_str::<Value>(body) {
+        return Some((content, a.iter().map(call_of).collect::<Option<_>>()?));
+    }
+    // `name[ARGS]{…}`, repeated after further markers.
+    let mut calls = Vec::new();
+    for part in body.split(MISTRAL_MARK) {
+        let (name, args) = part.split_once(MISTRAL_ARGS)?;
+        let v: Value = serde_json::from_str(args.trim()).ok()?;
+        calls.push(call_of(&json!({"name": name.trim(), "arguments": v}))?);
+    }
+    Some((content, calls))
+}
+
+fn llama3(text: &str) -> Option<(String, Vec<ToolCall>)> {
+    let t = text.trim();
+    let t = t.strip_prefix(PYTHON_TAG).unwrap_or(t).trim();
+    if !t.starts_with('{') {
+        return None;
+    }
+    if let Some(calls) = bare_calls(t) {
+        return Some((String::new(), calls));
+    }
+    // Several calls separated by `;`.
+    let calls = t
+        .split(';')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| call_of(&serde_json::from_str(p.trim()).ok()?))
+        .collect::<Option<Vec<_>>>()?;
+    Some((String::new(), calls))
+}
+
+/// The JSON schema of one call of any of `tools` (OpenAI's `tools` list),
+/// or of the one named `only`: `{"name": …, "arguments": {…}}`, each
+/// tool's parameters as its arguments' schema. `None` when no tool matches.
+pub fn call_schema(tools: &[Value], only: Option<&str>) -> Option<Value> {
+    let options: Vec<Value> = tools
+        .iter()
+        .filter_map(|t| {
+            let f = t.get("function")?;
+            let name = f.get("name")?.as_str()?;
+            if only.is_some_and(|o| o != name) {
+                return None;
+            }
+            let params = f
+                .get("parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            Some(json!({
+                "type": "object",
+                "properties": {
+                    "name": {"const": name},
+                    "arguments": params,
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            }))
+        })
+        .collect();
+    match options.len() {
+        0 => None,
+        1 => options.into_iter().next(),
+        _ => Some(json!({"anyOf": options})),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(name: &str, args: Value) -> ToolCall {
+        ToolCall {
+            name: name.into(),
+            arguments: args.to_string(),
+        }
+    }
+
+    #[test]
+    fn formats_are_read_from_templates() {
+        assert_eq!(
+            ToolFormat::detect("{{- '<tool_call>\\n' }}"),
+            ToolFormat::Hermes
+        );
+        assert_eq!(
+            ToolFormat::detect("{{ '[TOOL_CALLS]' }}"),
+            ToolFormat::Mistral
+        );
+        assert_eq!(
+            ToolFormat::detect("<|python_tag|>{{ x }}"),
+            ToolFormat::Llama3
+        );
+        assert_eq!(ToolFormat::detect("plain"), ToolFormat::Json);
+    }
+
+    #[test]
+    fn hermes_calls_and_content() {
+        let t = "Let me check.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"time\", \"arguments\": \"{\\\"tz\\\": \\\"CET\\\"}\"}\n</tool_call>";
+        let (content, calls) = ToolFormat::Hermes.parse(t);
+        assert_eq!(content, "Let me check.");
+        assert_eq!(
+            calls,
+            vec![
+                call("weather", json!({"city": "Oslo"})),
+                call("time", json!({"tz": "CET"}))
+            ]
+        );
+        // Unclosed at the end of output still counts.
+        let (_, calls) =
+            ToolFormat::Hermes.parse("<tool_call>{\"name\": \"f\", \"arguments\": {}}");
+        assert_eq!(calls, vec![call("f", json!({}))]);
+        // Broken JSON stays content.
+        let (content, calls) = ToolFormat::Hermes.parse("<tool_call>{\"name\": ");
+        assert!(calls.is_empty());
+        assert_eq!(content, "<tool_call>{\"name\": ");
+    }
+
+    #[test]
+    fn mistral_and_llama3_calls() {
+        let (c, calls) =
+            ToolFormat::Mistral.parse("[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"a\": 1}}]");
+        assert_eq!((c.as_str(), calls), ("", vec![call("f", json!({"a": 1}))]));
+        let (_, calls) =
+            ToolFormat::Mistral.parse("[TOOL_CALLS]f[ARGS]{\"a\": 1}[TOOL_CALLS]g[ARGS]{}");
+        assert_eq!(
+            calls,
+            vec![call("f", json!({"a": 1})), call("g", json!({}))]
+        );
+        let (_, calls) = ToolFormat::Llama3
+            .parse("<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": \"y\"}}");
+        assert_eq!(calls, vec![call("f", json!({"x": "y"}))]);
+        let (_, calls) = ToolFormat::Llama3.parse(
+            "{\"name\": \"f\", \"parameters\": {}}; {\"name\": \"g\", \"parameters\": {\"k\": 2}}",
+        );
+        assert_eq!(
+            calls,
+            vec![call("f", json!({})), call("g", json!({"k": 2}))]
+        );
+        // Prose is prose.
+        let (c, calls) = ToolFormat::Llama3.parse("The answer is 4.");
+        assert!(calls.is_empty());
+        assert_eq!(c, "The answer is 4.");
+        // The forced format parses under every template format.
+        for f in [ToolFormat::Hermes, ToolFormat::Mistral, ToolFormat::Json] {
+            let (_, calls) = f.parse(" {\"name\": \"f\", \"arguments\": {\"q\": [1]}}");
+            assert_eq!(calls, vec![call("f", json!({"q": [1]}))]);
+        }
+        // A call must name a function and give an object.
+        for bad in [
+            "{\"arguments\": {}}",
+            "{\"name\": 3}",
+            "{\"name\": \"f\", \"arguments\": 5}",
+        ] {
+            assert!(ToolFormat::Json.parse(bad).1.is_empty(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn streamed_content_stops_before_a_possible_call() {
+        let h = ToolFormat::Hermes;
+        assert_eq!(h.content_prefix("Hello there"), 11);
+        assert_eq!(h.content_prefix("Hello <tool"), 6);
+        assert_eq!(h.content_prefix("Hello <tool_call>{\"na"), 6);
+        assert_eq!(h.content_prefix("Hi <b>"), 6);
+        assert_eq!(h.content_prefix("  {\"name\""), 0);
+        assert_eq!(ToolFormat::Json.content_prefix("Sure, 1 < 2"), 11);
+        assert_eq!(ToolFormat::Mistral.content_prefix("ok [TOOL"), 3);
+    }
+
+    #[test]
+    fn call_schemas_name_their_tools() {
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "a", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}),
+            json!({"type": "function", "function": {"name": "b"}}),
+        ];
+        let s = call_schema(&tools, None).unwrap();
+        assert_eq!(s["anyOf"].as_array().unwrap().len(), 2);
+        let s = call_schema(&tools, Some("b")).unwrap();
+        assert_eq!(s["properties"]["name"]["const"], "b");
+        assert!(call_schema(&tools, Some("c")).is_none());
+    }
+}

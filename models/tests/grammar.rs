@@ -1,0 +1,212 @@
+//! Constrained decoding on the real model's vocabulary: whatever the logits
+//! say (random rows, seeded), a sequence drawn under a grammar's mask is
+//! text the grammar accepts — JSON that parses and meets its schema, or a
+//! regex match — and it ends only when the grammar may end. Sampling's
+//! penalties, bias and log-probabilities are checked by their definitions.
+
+use hearth_models::grammar::{self, Grammars};
+use hearth_models::{ModelText, Sampler, SamplingParams, Shaping, WeightFile};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+fn text() -> Option<ModelText> {
+    let path = hearth_test_utils::real_model()?;
+    let w = WeightFile::open(&path).unwrap();
+    Some(ModelText::load(&w).unwrap())
+}
+
+/// Draws up to `max` tokens under `grammar` from random logits that favour
+/// the end token more and more (so outputs stay short): the text, and
+/// whether it ended on an end token.
+fn draw(text: &ModelText, grammar: &str, seed: u64, max: usize) -> (String, bool) {
+    let g = text.grammars().unwrap().compile(grammar).unwrap();
+    let ends = text.tokenizer().eos_ids().to_vec();
+    let mut s = Sampler::new(SamplingParams {
+        temperature: 1.0,
+        seed,
+        ..Default::default()
+    })
+    .unwrap()
+    .with_constraint(Box::new(g), &ends);
+    let vocab = text.vocab_size();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut out = Vec::new();
+    for step in 0..max {
+        let mut row: Vec<f32> = (0..vocab).map(|_| rng.random::<f32>() * 4.0).collect();
+        for &e in &ends {
+            row[e as usize] = step as f32 * 0.5;
+        }
+        let t = s.pick(&row).unwrap().token;
+        if ends.contains(&t) {
+            return (text.tokenizer().decode(&out).unwrap(), true);
+        }
+        out.push(t);
+    }
+    (text.tokenizer().decode(&out).unwrap(), false)
+}
+
+#[test]
+fn sequences_drawn_under_a_json_schema_parse_and_validate() {
+    let Some(text) = text() else { return };
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+            "ok": {"type": "boolean"}
+        },
+        "required": ["name", "age", "tags", "ok"],
+        "additionalProperties": false
+    });
+    let g = grammar::json_schema(&schema);
+    for seed in 0..6 {
+        let (out, ended) = draw(&text, &g, seed, 400);
+        assert!(ended, "seed {seed}: never ended: {out:?}");
+        let v: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("seed {seed}: {out:?} is not JSON: {e}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 4, "{out}");
+        assert!(o["name"].as_str().unwrap().chars().count() <= 12, "{out}");
+        let age = o["age"].as_i64().unwrap();
+        assert!((0..=150).contains(&age), "{out}");
+        let tags = o["tags"].as_array().unwrap();
+        assert!(tags.len() <= 3);
+        assert!(
+            tags.iter()
+                .all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap()))
+        );
+        assert!(o["ok"].is_boolean());
+    }
+    // Any JSON object.
+    for seed in 0..4 {
+        let (out, ended) = draw(&text, &grammar::json_object(), seed, 300);
+        if ended {
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert!(v.is_object(), "{out}");
+        } else {
+            // Cut short: still a prefix of an object.
+            assert!(out.trim_start().starts_with('{'), "{out}");
+        }
+    }
+}
+
+#[test]
+fn a_regex_grammar_is_matched_whole() {
+    let Some(text) = text() else { return };
+    let g = grammar::regex(r"(yes|no), [0-9]{2,4}");
+    for seed in 0..8 {
+        let (out, ended) = draw(&text, &g, seed, 50);
+        assert!(ended, "{out:?}");
+        let (word, num) = out.split_once(", ").unwrap();
+        assert!(word == "yes" || word == "no", "{out}");
+        assert!((2..=4).contains(&num.len()) && num.chars().all(|c| c.is_ascii_digit()));
+    }
+}
+
+#[test]
+fn bad_grammars_are_errors_not_panics() {
+    let Some(text) = text() else { return };
+    let g: &Grammars = text.grammars().unwrap();
+    for bad in [
+        "",
+        "{",
+        "not json",
+        r#"{"grammars": 5}"#,
+        &grammar::lark("start: ( unclosed"),
+        &grammar::json_schema(&json!({"type": "no-such-type"})),
+        &grammar::json_schema(&json!({"$ref": "#/definitions/missing"})),
+    ] {
+        assert!(g.compile(bad).is_err(), "{bad}");
+    }
+    // A very large schema compiles under llguidance's limits (or is
+    // refused by them): either way an answer, not a hang or a panic.
+    let mut props = serde_json::Map::new();
+    for i in 0..4000 {
+        props.insert(
+            format!("p{i}"),
+            json!({"type": "string", "pattern": "[a-z]{1,40}[0-9]{3,9}"}),
+        );
+    }
+    let huge = grammar::json_schema(
+        &json!({"type": "object", "properties": props, "required": props.keys().collect::<Vec<_>>()}),
+    );
+    let start = std::time::Instant::now();
+    let r = g.compile(&huge);
+    eprintln!(
+        "a 4000-property schema: {:?} in {:?}",
+        r.as_ref().map(|_| ()),
+        start.elapsed()
+    );
+}
+
+#[test]
+fn penalties_bias_and_logprobs_follow_their_definitions() {
+    let row = vec![1.0f32, 2.0, 3.0, 0.5];
+    let greedy = SamplingParams::default();
+    // Bias makes token 0 the argmax; -100 bans the natural one.
+    let mut s = Sampler::new(greedy)
+        .unwrap()
+        .with_shaping(Shaping {
+            logit_bias: vec![(0, 5.0), (2, -100.0), (99, 3.0)],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(s.sample(&row), 0);
+    // Frequency penalty: after token 2 was drawn k times its logit is
+    // 3 - k * 0.8, so greedy switches to token 1 at the second draw.
+    let mut s = Sampler::new(greedy)
+        .unwrap()
+        .with_shaping(Shaping {
+            frequency_penalty: 0.8,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(s.sample(&row), 2);
+    assert_eq!(s.sample(&row), 2); // 3 - 0.8 = 2.2 > 2
+    assert_eq!(s.sample(&row), 1); // 3 - 1.6 = 1.4 < 2
+    // Presence penalty: once, however often.
+    let mut s = Sampler::new(greedy)
+        .unwrap()
+        .with_shaping(Shaping {
+            presence_penalty: 1.5,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(s.sample(&row), 2);
+    assert_eq!(s.sample(&row), 1); // 1.5 < 2
+    assert_eq!(s.sample(&row), 2); // 1.5 beats 0.5 (token 1) and 1.0: no more penalty
+    // Out of range is refused.
+    for bad in [
+        Shaping {
+            presence_penalty: 2.5,
+            ..Default::default()
+        },
+        Shaping {
+            logit_bias: vec![(1, f32::NAN)],
+            ..Default::default()
+        },
+    ] {
+        assert!(Sampler::new(greedy).unwrap().with_shaping(bad).is_err());
+    }
+    // Log-probabilities are the raw row's log-softmax, whatever shaping did.
+    let mut s = Sampler::new(greedy)
+        .unwrap()
+        .with_shaping(Shaping {
+            logit_bias: vec![(0, 10.0)],
+            ..Default::default()
+        })
+        .unwrap()
+        .with_logprobs(2);
+    let p = s.pick(&row).unwrap();
+    let z: f32 = row.iter().map(|x| x.exp()).sum::<f32>().ln();
+    let (lp, top) = p.logprobs.unwrap();
+    assert_eq!(p.token, 0);
+    assert!((lp - (1.0 - z)).abs() < 1e-5);
+    assert_eq!(top.len(), 2);
+    assert_eq!(top[0].0, 2);
+    assert!((top[0].1 - (3.0 - z)).abs() < 1e-5);
+    assert_eq!(top[1].0, 1);
+    assert!((top[1].1 - (2.0 - z)).abs() < 1e-5);
+}
