@@ -9,6 +9,7 @@ import sys
 
 import openai
 from openai import OpenAI
+from pydantic import BaseModel, Field
 
 base, prompt, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 client = OpenAI(base_url=base + "/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
@@ -52,7 +53,99 @@ try:
 except openai.NotFoundError as e:
     unknown = e.body.get("code") if isinstance(e.body, dict) else str(e.body)
 
+
+# Structured output as SDKs ask for it: a Pydantic model through
+# `parse` (a strict json_schema), sampled, with n = 2.
+class City(BaseModel):
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+    population_millions: int = Field(ge=0, le=100)
+    capital: bool
+
+
+parsed = client.chat.completions.parse(
+    model=model,
+    messages=[{"role": "user", "content": "Describe Paris."}],
+    response_format=City,
+    temperature=0.7,
+    seed=3,
+    n=2,
+    max_tokens=120,
+)
+parsed_out = [
+    {"finish": c.finish_reason, "parsed": c.message.parsed.model_dump() if c.message.parsed else None}
+    for c in parsed.choices
+]
+
+# A forced tool call, and the conversation continued with its result.
+tools = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}]
+called = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
+    tools=tools,
+    tool_choice="required",
+    temperature=0,
+    max_tokens=80,
+)
+msg = called.choices[0].message
+calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in (msg.tool_calls or [])]
+followup = client.chat.completions.create(
+    model=model,
+    messages=[
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        msg.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "12 degrees, rain"} if msg.tool_calls else {"role": "user", "content": "ok"},
+    ],
+    tools=tools,
+    temperature=0,
+    max_tokens=8,
+)
+
+# Log-probabilities.
+lp = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": prompt}],
+    temperature=0,
+    max_tokens=6,
+    logprobs=True,
+    top_logprobs=3,
+)
+lp_content = lp.choices[0].logprobs.content
+
+# A field Hearth would not honour is a 400 naming it.
+try:
+    client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+        extra_body={"repetition_penalty": 1.3},
+    )
+    refused = "no error"
+except openai.BadRequestError as e:
+    refused = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+
 print(json.dumps({
+    "parsed": parsed_out,
+    "tool_finish": called.choices[0].finish_reason,
+    "tool_calls": calls,
+    "followup_finish": followup.choices[0].finish_reason,
+    "logprobs": [
+        {"token": t.token, "logprob": t.logprob, "top": [a.token for a in t.top_logprobs]}
+        for t in lp_content
+    ],
+    "logprob_text": lp.choices[0].message.content,
+    "refused_param": refused,
     "models": models,
     "chat_text": chat.choices[0].message.content,
     "chat_finish": chat.choices[0].finish_reason,

@@ -162,6 +162,36 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
     ])?;
     assert_eq!(got["completion_text"], raw["text"], "completions vs --raw");
     assert_eq!(got["unknown_model"], "model_not_found");
+    // Structured output through the SDK's `parse`: every choice parsed
+    // into the Pydantic model (the grammar guarantees it).
+    let parsed = got["parsed"].as_array().expect("parsed choices");
+    assert_eq!(parsed.len(), 2, "{got}");
+    for p in parsed {
+        assert_eq!(p["finish"], "stop", "{p}");
+        assert!(p["parsed"]["name"].is_string(), "{p}");
+        assert!(p["parsed"]["capital"].is_boolean(), "{p}");
+    }
+    // A forced tool call of the one tool, arguments meeting its schema;
+    // the conversation goes on with the tool's result.
+    assert_eq!(got["tool_finish"], "tool_calls", "{got}");
+    let calls = got["tool_calls"].as_array().expect("calls");
+    assert_eq!(calls.len(), 1, "{got}");
+    assert_eq!(calls[0]["name"], "get_weather");
+    assert!(calls[0]["arguments"]["city"].is_string());
+    assert!(["celsius", "fahrenheit"].contains(&calls[0]["arguments"]["unit"].as_str().unwrap_or("")));
+    assert!(got["followup_finish"].is_string());
+    // Greedy log-probabilities: the chosen token leads its alternatives,
+    // and the tokens spell the text.
+    let lps = got["logprobs"].as_array().expect("logprobs");
+    assert!(!lps.is_empty());
+    let mut spelled = String::new();
+    for t in lps {
+        assert_eq!(t["top"][0], t["token"], "{t}");
+        assert!(t["logprob"].as_f64().unwrap_or(1.0) <= 0.0);
+        spelled.push_str(t["token"].as_str().unwrap_or(""));
+    }
+    assert_eq!(got["logprob_text"].as_str(), Some(spelled.as_str()));
+    assert_eq!(got["refused_param"], "repetition_penalty");
     Ok(())
 }
 
