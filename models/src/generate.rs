@@ -139,6 +139,11 @@ impl ModelText {
         crate::tools::ToolFormat::detect(&self.template.tool_source())
     }
 
+    /// Whether the chat template shows the model its tools (reads `tools`).
+    pub fn renders_tools(&self) -> bool {
+        self.template.tool_source().contains("tools")
+    }
+
     /// The logit width.
     pub fn vocab_size(&self) -> usize {
         self.vocab

@@ -198,6 +198,11 @@ impl Sampler {
                 c.accept(t)?;
             }
             *self.counts.entry(t).or_insert(0) += 1;
+            // Each sampled draw takes one number from the generator: the
+            // resumed sequence goes on where the seed's stream would be.
+            if self.params.temperature > 0.0 {
+                let _: f32 = self.rng.random();
+            }
         }
         Ok(())
     }

@@ -309,6 +309,8 @@ fn piece_bytes(text: &str, chars: Option<&std::collections::HashMap<char, u8>>) 
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The byte-level alphabet, when the vocabulary is byte-level.
+    byte_chars: std::sync::OnceLock<Option<std::collections::HashMap<char, u8>>>,
     bos: Option<u32>,
     eos: Vec<u32>,
     add_bos: bool,
@@ -403,6 +405,7 @@ impl Tokenizer {
         eos.dedup();
         Ok(Self {
             inner,
+            byte_chars: Default::default(),
             bos: id("tokenizer.ggml.bos_token_id"),
             eos,
             // llama.cpp's default: SentencePiece vocabularies start with BOS.
@@ -438,6 +441,7 @@ impl Tokenizer {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             chat_templates: dir_templates(dir, &cfg)?,
+            byte_chars: Default::default(),
             inner,
         })
     }
@@ -479,7 +483,7 @@ impl Tokenizer {
     /// llguidance's token trie expects). Ids with no token, and tokens over
     /// [`MAX_TOKEN_BYTES`], are empty (never allowed by a grammar).
     pub fn token_bytes(&self, vocab: usize) -> Vec<Vec<u8>> {
-        let chars = self.byte_chars();
+        let chars = self.byte_chars().clone();
         let mut out = vec![Vec::new(); vocab];
         for (text, id) in self.inner.get_vocab(false) {
             if let Some(slot) = out.get_mut(id as usize) {
@@ -507,8 +511,8 @@ impl Tokenizer {
     /// One token's bytes (a special token's text, no marker); empty for an
     /// unknown id.
     pub fn id_bytes(&self, id: u32) -> Vec<u8> {
-        if let Some(t) = self.inner.get_added_tokens_decoder().get(&id) {
-            return t.content.as_bytes().to_vec();
+        if let Some(t) = self.inner.get_added_vocabulary().simple_id_to_token(id) {
+            return t.into_bytes();
         }
         self.inner
             .id_to_token(id)
@@ -517,12 +521,14 @@ impl Tokenizer {
     }
 
     /// The byte-level alphabet (character to byte) when the vocabulary is
-    /// byte-level.
-    fn byte_chars(&self) -> Option<std::collections::HashMap<char, u8>> {
-        let decoder = serde_json::to_string(&self.inner.get_decoder()).unwrap_or_default();
-        decoder
-            .contains("\"ByteLevel\"")
-            .then(|| byte_chars().into_iter().map(|(b, c)| (c, b)).collect())
+    /// byte-level; worked out once.
+    fn byte_chars(&self) -> &Option<std::collections::HashMap<char, u8>> {
+        self.byte_chars.get_or_init(|| {
+            let decoder = serde_json::to_string(&self.inner.get_decoder()).unwrap_or_default();
+            decoder
+                .contains("\"ByteLevel\"")
+                .then(|| byte_chars().into_iter().map(|(b, c)| (c, b)).collect())
+        })
     }
 
     /// Tokens that end generation.

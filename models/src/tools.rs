@@ -92,22 +92,26 @@ impl ToolFormat {
         keep
     }
 
-    /// Splits finished output into its content and its tool calls. Text
-    /// that looks like a call but does not parse stays content.
-    pub fn parse(self, text: &str) -> (String, Vec<ToolCall>) {
+    /// Splits finished output into its content and its calls of the tools
+    /// named `names`. Text that looks like a call but does not parse, or
+    /// calls a tool not given, stays content.
+    pub fn parse(self, text: &str, names: &[String]) -> (String, Vec<ToolCall>) {
+        let known =
+            |calls: &[ToolCall]| !calls.is_empty() && calls.iter().all(|c| names.contains(&c.name));
         let calls = match self {
             Self::Hermes => hermes(text),
             Self::Mistral => mistral(text),
             Self::Llama3 => llama3(text),
             Self::Json => None,
         };
-        if let Some((content, calls)) = calls.filter(|(_, c)| !c.is_empty()) {
+        if let Some((content, calls)) = calls.filter(|(_, c)| known(c)) {
             return (content, calls);
         }
         // Any format: the whole output one JSON call (or a list of them),
-        // as the forcing grammar writes it.
+        // as the forcing grammar writes it: `name` and `arguments` (or
+        // `parameters`) and nothing else.
         match bare_calls(text.trim()) {
-            Some(calls) if !calls.is_empty() => (String::new(), calls),
+            Some(calls) if known(&calls) => (String::new(), calls),
             _ => (text.to_string(), Vec::new()),
         }
     }
@@ -130,21 +134,34 @@ fn call_of(v: &Value) -> Option<ToolCall> {
     Some(ToolCall { name, arguments })
 }
 
+/// A call written as bare JSON: only `name` and its arguments.
+fn bare_call(v: &Value) -> Option<ToolCall> {
+    let o = v.as_object()?;
+    let args = o.contains_key("arguments") || o.contains_key("parameters");
+    if !args || o.len() != 2 {
+        return None;
+    }
+    call_of(v)
+}
+
 fn bare_calls(text: &str) -> Option<Vec<ToolCall>> {
     let text = text.strip_prefix(PYTHON_TAG).unwrap_or(text).trim();
     match serde_json::from_str::<Value>(text).ok()? {
-        Value::Array(a) => a.iter().map(call_of).collect(),
-        v => Some(vec![call_of(&v)?]),
+        Value::Array(a) => a.iter().map(bare_call).collect(),
+        v => Some(vec![bare_call(&v)?]),
     }
 }
 
 fn hermes(text: &str) -> Option<(String, Vec<ToolCall>)> {
     let first = text.find(HERMES_OPEN)?;
-    let mut content = text[..first].trim_end().to_string();
+    // The content before the first call as it was (a stream sent it so),
+    // then any text between and after calls on lines of their own.
+    let mut content = text[..first].to_string();
     let mut calls = Vec::new();
     let mut rest = &text[first..];
     while let Some(at) = rest.find(HERMES_OPEN) {
         if !rest[..at].trim().is_empty() {
+            content.push('\n');
             content.push_str(rest[..at].trim());
         }
         let body = &rest[at + HERMES_OPEN.len()..];
@@ -155,7 +172,13 @@ fn hermes(text: &str) -> Option<(String, Vec<ToolCall>)> {
         calls.push(call_of(&serde_json::from_str(inner.trim()).ok()?)?);
         rest = after;
     }
-    content.push_str(rest.trim());
+    if !rest.trim().is_empty() {
+        content.push('\n');
+        content.push_str(rest.trim());
+    }
+    if content.trim().is_empty() {
+        content.clear();
+    }
     Some((content, calls))
 }
 
@@ -186,12 +209,19 @@ fn llama3(text: &str) -> Option<(String, Vec<ToolCall>)> {
     if let Some(calls) = bare_calls(t) {
         return Some((String::new(), calls));
     }
-    // Several calls separated by `;`.
-    let calls = t
-        .split(';')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| call_of(&serde_json::from_str(p.trim()).ok()?))
-        .collect::<Option<Vec<_>>>()?;
+    // Several calls separated by `;` (which may also sit inside strings).
+    let mut calls = Vec::new();
+    let mut rest = t;
+    while !rest.is_empty() {
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let v = values.next()?.ok()?;
+        calls.push(call_of(&v)?);
+        rest = rest[values.byte_offset()..].trim_start();
+        rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
+        if !rest.is_empty() && !rest.starts_with('{') {
+            return None;
+        }
+    }
     Some((String::new(), calls))
 }
 
@@ -207,10 +237,12 @@ pub fn call_schema(tools: &[Value], only: Option<&str>) -> Option<Value> {
             if only.is_some_and(|o| o != name) {
                 return None;
             }
-            let params = f
-                .get("parameters")
-                .cloned()
-                .unwrap_or_else(|| json!({"type": "object"}));
+            // Arguments are an object whatever the parameters say.
+            let params = match f.get("parameters") {
+                Some(p) if p.get("type").and_then(Value::as_str) == Some("object") => p.clone(),
+                Some(p) => json!({"allOf": [p, {"type": "object"}]}),
+                None => json!({"type": "object"}),
+            };
             Some(json!({
                 "type": "object",
                 "properties": {
@@ -232,6 +264,10 @@ pub fn call_schema(tools: &[Value], only: Option<&str>) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names() -> Vec<String> {
+        ["weather", "time", "f", "g"].map(String::from).to_vec()
+    }
 
     fn call(name: &str, args: Value) -> ToolCall {
         ToolCall {
@@ -260,8 +296,8 @@ mod tests {
     #[test]
     fn hermes_calls_and_content() {
         let t = "Let me check.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"time\", \"arguments\": \"{\\\"tz\\\": \\\"CET\\\"}\"}\n</tool_call>";
-        let (content, calls) = ToolFormat::Hermes.parse(t);
-        assert_eq!(content, "Let me check.");
+        let (content, calls) = ToolFormat::Hermes.parse(t, &names());
+        assert_eq!(content, "Let me check.\n");
         assert_eq!(
             calls,
             vec![
@@ -271,52 +307,72 @@ mod tests {
         );
         // Unclosed at the end of output still counts.
         let (_, calls) =
-            ToolFormat::Hermes.parse("<tool_call>{\"name\": \"f\", \"arguments\": {}}");
+            ToolFormat::Hermes.parse("<tool_call>{\"name\": \"f\", \"arguments\": {}}", &names());
         assert_eq!(calls, vec![call("f", json!({}))]);
         // Broken JSON stays content.
-        let (content, calls) = ToolFormat::Hermes.parse("<tool_call>{\"name\": ");
+        let (content, calls) = ToolFormat::Hermes.parse("<tool_call>{\"name\": ", &names());
         assert!(calls.is_empty());
         assert_eq!(content, "<tool_call>{\"name\": ");
     }
 
     #[test]
     fn mistral_and_llama3_calls() {
-        let (c, calls) =
-            ToolFormat::Mistral.parse("[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"a\": 1}}]");
+        let (c, calls) = ToolFormat::Mistral.parse(
+            "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"a\": 1}}]",
+            &names(),
+        );
         assert_eq!((c.as_str(), calls), ("", vec![call("f", json!({"a": 1}))]));
-        let (_, calls) =
-            ToolFormat::Mistral.parse("[TOOL_CALLS]f[ARGS]{\"a\": 1}[TOOL_CALLS]g[ARGS]{}");
+        let (_, calls) = ToolFormat::Mistral.parse(
+            "[TOOL_CALLS]f[ARGS]{\"a\": 1}[TOOL_CALLS]g[ARGS]{}",
+            &names(),
+        );
         assert_eq!(
             calls,
             vec![call("f", json!({"a": 1})), call("g", json!({}))]
         );
-        let (_, calls) = ToolFormat::Llama3
-            .parse("<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": \"y\"}}");
+        let (_, calls) = ToolFormat::Llama3.parse(
+            "<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": \"y\"}}",
+            &names(),
+        );
         assert_eq!(calls, vec![call("f", json!({"x": "y"}))]);
         let (_, calls) = ToolFormat::Llama3.parse(
             "{\"name\": \"f\", \"parameters\": {}}; {\"name\": \"g\", \"parameters\": {\"k\": 2}}",
+            &names(),
         );
         assert_eq!(
             calls,
             vec![call("f", json!({})), call("g", json!({"k": 2}))]
         );
         // Prose is prose.
-        let (c, calls) = ToolFormat::Llama3.parse("The answer is 4.");
+        let (c, calls) = ToolFormat::Llama3.parse("The answer is 4.", &names());
         assert!(calls.is_empty());
         assert_eq!(c, "The answer is 4.");
         // The forced format parses under every template format.
         for f in [ToolFormat::Hermes, ToolFormat::Mistral, ToolFormat::Json] {
-            let (_, calls) = f.parse(" {\"name\": \"f\", \"arguments\": {\"q\": [1]}}");
+            let (_, calls) = f.parse(" {\"name\": \"f\", \"arguments\": {\"q\": [1]}}", &names());
             assert_eq!(calls, vec![call("f", json!({"q": [1]}))]);
         }
-        // A call must name a function and give an object.
+        // A call must name a given function and give an object, and a
+        // JSON answer that happens to have a name is not a call.
         for bad in [
             "{\"arguments\": {}}",
             "{\"name\": 3}",
             "{\"name\": \"f\", \"arguments\": 5}",
+            "{\"name\": \"nope\", \"arguments\": {}}",
+            "{\"name\": \"f\"}",
+            "{\"name\": \"f\", \"age\": 3, \"arguments\": {}}",
         ] {
-            assert!(ToolFormat::Json.parse(bad).1.is_empty(), "{bad}");
+            assert!(ToolFormat::Json.parse(bad, &names()).1.is_empty(), "{bad}");
         }
+        // A `;` inside an argument.
+        let (_, calls) = ToolFormat::Llama3.parse(
+            "{\"name\": \"f\", \"parameters\": {\"q\": \"a;b\"}};{\"name\": \"g\", \"parameters\": {}}",
+            &names(),
+        );
+        assert_eq!(
+            calls,
+            vec![call("f", json!({"q": "a;b"})), call("g", json!({}))]
+        );
     }
 
     #[test]

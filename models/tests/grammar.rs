@@ -210,3 +210,34 @@ fn penalties_bias_and_logprobs_follow_their_definitions() {
     assert_eq!(top[1].0, 1);
     assert!((top[1].1 - (2.0 - z)).abs() < 1e-5);
 }
+
+#[test]
+fn a_resumed_sampler_goes_on_as_the_original() {
+    let rows: Vec<Vec<f32>> = (0..12)
+        .map(|i| {
+            (0..30)
+                .map(|j| ((i * 31 + j * 7) as f32 * 0.37).sin())
+                .collect()
+        })
+        .collect();
+    let params = SamplingParams {
+        temperature: 0.9,
+        seed: 77,
+        ..Default::default()
+    };
+    let shaping = Shaping {
+        frequency_penalty: 0.7,
+        presence_penalty: 0.3,
+        ..Default::default()
+    };
+    let mut whole = Sampler::new(params)
+        .unwrap()
+        .with_shaping(shaping.clone())
+        .unwrap();
+    let all: Vec<u32> = rows.iter().map(|r| whole.sample(r)).collect();
+    // Moved after 5 tokens: replayed, then sampling on.
+    let mut moved = Sampler::new(params).unwrap().with_shaping(shaping).unwrap();
+    moved.replay(&all[..5]).unwrap();
+    let rest: Vec<u32> = rows[5..].iter().map(|r| moved.sample(r)).collect();
+    assert_eq!(rest, all[5..]);
+}

@@ -294,6 +294,42 @@ impl Node {
         self.pipeline.model().map(|m| m.text.tool_format())
     }
 
+    /// The text of `ids` decoded together (special tokens left out).
+    pub fn detokenize(&self, ids: &[u32]) -> String {
+        self.pipeline
+            .model()
+            .and_then(|m| m.text.tokenizer().decode(ids).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether the served model's chat template shows the model its tools.
+    pub fn template_renders_tools(&self) -> bool {
+        self.pipeline
+            .model()
+            .is_some_and(|m| m.text.renders_tools())
+    }
+
+    /// Compiles an output constraint for the served model (off the async
+    /// threads): the error says what is wrong with it.
+    pub async fn check_grammar(&self, grammar: &str) -> Result<(), String> {
+        let m = self.pipeline.model().ok_or("no model is served")?;
+        let g = grammar.to_string();
+        tokio::task::spawn_blocking(move || {
+            m.text
+                .grammars()
+                .and_then(|gs| gs.compile(&g))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// The served model's vocabulary size (its logit width).
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.pipeline.model().map(|m| m.info.config.vocab_size)
+    }
+
     /// Each token's bytes on its own (special tokens as their text), for
     /// log-probability reports.
     pub fn token_bytes(&self, ids: &[u32]) -> Vec<Vec<u8>> {

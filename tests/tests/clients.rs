@@ -178,7 +178,9 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
     assert_eq!(calls.len(), 1, "{got}");
     assert_eq!(calls[0]["name"], "get_weather");
     assert!(calls[0]["arguments"]["city"].is_string());
-    assert!(["celsius", "fahrenheit"].contains(&calls[0]["arguments"]["unit"].as_str().unwrap_or("")));
+    assert!(
+        ["celsius", "fahrenheit"].contains(&calls[0]["arguments"]["unit"].as_str().unwrap_or(""))
+    );
     assert!(got["followup_finish"].is_string());
     // Greedy log-probabilities: the chosen token leads its alternatives,
     // and the tokens spell the text.

@@ -88,7 +88,10 @@ fn main() -> Result<()> {
     let cases = [
         ("json_object", grammar::json_object()),
         ("json_schema", grammar::json_schema(&schema)),
-        ("regex", grammar::regex(r"(yes|no|maybe)(, [A-Z][a-z]{2,12}){1,6}\.")),
+        (
+            "regex",
+            grammar::regex(r"(yes|no|maybe)(, [A-Z][a-z]{2,12}){1,6}\."),
+        ),
     ];
     let mut rows = Vec::new();
     let mut noise = Noise(0x9e37_79b9_7f4a_7c15);

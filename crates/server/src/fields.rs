@@ -2,7 +2,7 @@
 //! honoured or refused with a 400 that names it.** Every field of OpenAI's
 //! chat and completions schemas is in [`CHAT_FIELDS`]/[`COMPLETION_FIELDS`]
 //! (honoured) or in [`CHAT_REFUSED`]/[`COMPLETION_REFUSED`] (a 400 unless it
-//! is null or its default); any other field is a 400 naming it too.
+//! is null or `false`); any other field is a 400 naming it too.
 //! Hearth's extensions (`top_k`, `chat_template_kwargs`, `documents`) are
 //! listed with the honoured fields.
 
@@ -349,6 +349,10 @@ pub(crate) struct Tools {
     pub legacy: bool,
     /// The grammar a forced choice (`required`, or a named function) sets.
     pub forced: Option<String>,
+    /// The choice names one function.
+    pub named: bool,
+    /// The tools' names (a parsed call must name one).
+    pub names: Vec<String>,
 }
 
 /// A chat request, read.
@@ -603,12 +607,23 @@ fn tools(f: &mut Fields) -> Result<Option<Tools>, Invalid> {
                 .ok_or_else(|| invalid(choice_field, "no tool to call"))?,
         ),
     };
+    if forced_grammar
+        .as_ref()
+        .is_some_and(|g| g.len() > limits::MAX_GRAMMAR)
+    {
+        return Err(invalid(
+            field,
+            format!("the tools' schemas are over {} bytes", limits::MAX_GRAMMAR),
+        ));
+    }
     Ok(Some(Tools {
         list,
         parse,
         single,
         legacy,
+        named: matches!(forced, Some(Some(_))),
         forced: forced_grammar,
+        names,
     }))
 }
 

@@ -15,8 +15,8 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use hearth_models::FinishReason;
 use hearth_models::tools::{ToolCall, ToolFormat};
+use hearth_models::{ChatInputs, FinishReason};
 use hearth_proto::TokenLogprobs;
 use hearth_runtime::pipeline::{
     GenEvent, GenStream, GenSummary, GenerateParams, PipelineError, Prompt,
@@ -180,7 +180,7 @@ pub(crate) async fn completions(
             match ids {
                 Some(ids) => {
                     let text = if c.echo {
-                        s.node.token_texts(&ids).concat()
+                        s.node.detokenize(&ids)
                     } else {
                         String::new()
                     };
@@ -288,11 +288,12 @@ fn text_logprobs(
 ) -> Value {
     let ids: Vec<u32> = tokens.iter().map(|(t, _)| *t).collect();
     let texts = node.token_texts(&ids);
+    // Offsets count characters, as OpenAI's do.
     let mut at = offset;
     let mut offsets = Vec::with_capacity(texts.len());
     for t in &texts {
         offsets.push(at);
-        at += t.len();
+        at += t.chars().count();
     }
     let top: Vec<Value> = tokens
         .iter()
@@ -326,11 +327,11 @@ fn tool_call_json(c: &ToolCall) -> Value {
     })
 }
 
-/// The message of a finished chat choice: content, or tool calls parsed
-/// from the output in the model's format.
+/// The message of a finished chat choice: content, or calls of the given
+/// tools parsed from the output in the model's format.
 fn chat_message(text: &str, tools: Option<&(Tools, ToolFormat)>, reason: &str) -> (Value, String) {
     if let Some((t, format)) = tools {
-        let (content, mut calls) = format.parse(text);
+        let (content, mut calls) = format.parse(text, &t.names);
         if t.single {
             calls.truncate(1);
         }
@@ -349,9 +350,11 @@ fn chat_message(text: &str, tools: Option<&(Tools, ToolFormat)>, reason: &str) -
                 );
             }
             let calls: Vec<Value> = calls.iter().map(tool_call_json).collect();
+            // A named choice ends as OpenAI's does: `stop`.
+            let reason = if t.named { "stop" } else { "tool_calls" };
             return (
                 json!({"role": "assistant", "content": content, "tool_calls": calls}),
-                "tool_calls".into(),
+                reason.into(),
             );
         }
     }
@@ -361,15 +364,74 @@ fn chat_message(text: &str, tools: Option<&(Tools, ToolFormat)>, reason: &str) -
     )
 }
 
+/// Checks what only the served model can: the output constraint compiles
+/// and `logit_bias` names its tokens; each error names its field.
+async fn check_for_model(s: &AppState, job: &Job) -> Result<(), Response> {
+    if let Some(vocab) = s.node.vocab_size()
+        && let Some((t, _)) = job
+            .common
+            .shaping
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab)
+    {
+        return Err(bad_request(
+            format!("logit_bias names token {t}, outside the model's vocabulary of {vocab}"),
+            Some("logit_bias"),
+        ));
+    }
+    if let Some(g) = &job.grammar
+        && let Err(e) = s.node.check_grammar(g).await
+    {
+        let field = if job.tools.as_ref().is_some_and(|t| t.forced.is_some()) {
+            "tool_choice"
+        } else {
+            "response_format"
+        };
+        return Err(bad_request(format!("{field}: {e}"), Some(field)));
+    }
+    Ok(())
+}
+
+/// For a template that does not show the model its tools: a system message
+/// that does, asking for the bare JSON call the parser reads.
+fn tools_prompt(inputs: &mut ChatInputs, tools: &[Value]) {
+    let list: Vec<String> = tools.iter().map(|t| t["function"].to_string()).collect();
+    let text = format!(
+        "You can call these tools:\n{}\n\nTo call one, reply with only a JSON object {{\"name\": <tool name>, \"arguments\": <arguments object>}}.",
+        list.join("\n")
+    );
+    if let Some(msgs) = inputs.messages.as_array_mut() {
+        match msgs.first_mut() {
+            Some(m) if m["role"] == "system" => {
+                let old = m["content"].as_str().unwrap_or_default().to_string();
+                m["content"] = json!(format!("{old}\n\n{text}"));
+            }
+            _ => msgs.insert(0, json!({"role": "system", "content": text})),
+        }
+    }
+}
+
 async fn run(s: AppState, job: Job) -> Response {
     let common = &job.common;
     if let Err(r) = ensure_served(&s, &common.model).await {
+        return r;
+    }
+    if let Err(r) = check_for_model(&s, &job).await {
         return r;
     }
     let tools = match (&job.tools, s.node.tool_format()) {
         (Some(t), Some(f)) => Some((t.clone(), f)),
         _ => None,
     };
+    let mut job = job;
+    if let (Some((t, _)), Prompt::Chat(inputs)) = (&tools, &mut job.prompt)
+        && !s.node.template_renders_tools()
+    {
+        tools_prompt(inputs, &t.list);
+    }
+    let job = job;
+    let common = &job.common;
     let max_tokens = common.max_tokens.unwrap_or(u32::MAX as usize);
     // The sequences of one request, started together so the pipeline
     // batches them; each has its own seed (so `n` differ, and a seed
@@ -446,7 +508,7 @@ async fn run(s: AppState, job: Job) -> Response {
                 Kind::Text => {
                     let logprobs = job
                         .logprobs
-                        .map(|_| text_logprobs(&s.node, &tokens, echo.len()));
+                        .map(|_| text_logprobs(&s.node, &tokens, echo.chars().count()));
                     json!({"index": i, "text": format!("{echo}{}", sum.text), "logprobs": logprobs, "finish_reason": reason})
                 }
             };
@@ -576,7 +638,7 @@ async fn run(s: AppState, job: Job) -> Response {
         };
         match ev {
             GenEvent::Token { id, text, logprobs } => {
-                let offset = echo.len() + st.text.len();
+                let offset = echo.chars().count() + st.text.chars().count();
                 st.text.push_str(&text);
                 let safe = match &tools {
                     Some((_, f)) => f.content_prefix(&st.text),
@@ -613,9 +675,12 @@ async fn run(s: AppState, job: Job) -> Response {
                 };
                 let content = message["content"].as_str().unwrap_or_default();
                 // What was held back (a possible stop string or call) and
-                // turned out to be content.
-                if content.len() > st.sent && content.starts_with(&st.text[..st.sent]) {
-                    out.push(chunk(piece(&content[st.sent..], None), None));
+                // turned out to be content. (Parsed content keeps the text
+                // before a call as it was, so it extends what went out.)
+                if let Some(rest) = content.strip_prefix(&st.text[..st.sent])
+                    && !rest.is_empty()
+                {
+                    out.push(chunk(piece(rest, None), None));
                 }
                 let mut end = match kind {
                     Kind::Chat => {

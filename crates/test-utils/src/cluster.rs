@@ -304,7 +304,12 @@ pub struct TestModels {
 impl TestModels {
     /// One tiny random model named `tiny`, written under `dir`.
     pub fn tiny(dir: &std::path::Path) -> Result<std::sync::Arc<Self>> {
-        let tiny = crate::tiny_model(dir, crate::TinySpec::default())?;
+        Self::tiny_with(dir, crate::TinySpec::default())
+    }
+
+    /// [`TestModels::tiny`] of another shape (a longer context, say).
+    pub fn tiny_with(dir: &std::path::Path, spec: crate::TinySpec) -> Result<std::sync::Arc<Self>> {
+        let tiny = crate::tiny_model(dir, spec)?;
         Ok(std::sync::Arc::new(Self {
             models: vec![("tiny".into(), tiny.gguf_q8_0)],
             dir: dir.to_path_buf(),

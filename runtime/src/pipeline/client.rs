@@ -230,9 +230,15 @@ pub(crate) async fn generate(
                 limits::MAX_GRAMMAR
             )));
         }
-        // Compiled here first, so a bad one is the client's error, not a
-        // stage's failure.
-        text.grammars().and_then(|gs| gs.compile(g))?;
+        // Compiled here first (off the async threads: the first use builds
+        // the vocabulary's index), so a bad one is the client's error, not
+        // a stage's failure.
+        let (m, g) = (model.clone(), g.clone());
+        tokio::task::spawn_blocking(move || {
+            m.text.grammars().and_then(|gs| gs.compile(&g)).map(|_| ())
+        })
+        .await
+        .map_err(|e| PipelineError::Failed(e.to_string()))??;
     }
     let stop_ids = text.tokenizer().eos_ids().to_vec();
     let params = to_seq_params(&req, &stop_ids);
@@ -322,7 +328,11 @@ pub(crate) async fn generate(
             // that died fails it at once (the leader re-plans meanwhile).
             let remaining = (params.max_tokens as usize).saturating_sub(out.len());
             let prefix: Vec<u32> = prompt_token_ids.iter().chain(&out).copied().collect();
-            if replays >= MAX_REPLAYS || remaining == 0 || prefix.len() >= context {
+            if replays >= MAX_REPLAYS
+                || remaining == 0
+                || prefix.len() >= context
+                || prefix.len() > limits::MAX_PROMPT_TOKENS
+            {
                 break Err(failed);
             }
             if let Some(c) = run.cancel.take() {

@@ -392,6 +392,20 @@ impl Service {
         .await
         .map_err(|e| e.to_string())??;
         let hidden_size = stage.config().hidden_size;
+        // The last stage samples: its vocabulary index for output
+        // constraints is built now, off the stage thread, not on the first
+        // constrained request.
+        if spec.head {
+            let m = model.clone();
+            std::thread::Builder::new()
+                .name("grammar-index".into())
+                .spawn(move || {
+                    if let Err(e) = m.text.grammars() {
+                        tracing::warn!("output constraints are unavailable: {e}");
+                    }
+                })
+                .map_err(|e| format!("starting the grammar index: {e}"))?;
+        }
         let (router_tx, router_rx) = mpsc::unbounded_channel();
         let remote = |node: &str| -> Result<Sink, String> {
             let id: NodeId = node.parse().map_err(|e| format!("node id {node}: {e}"))?;

@@ -508,7 +508,16 @@ fn new_state(
         if let Some(n) = p.logprobs {
             sampler = sampler.with_logprobs(n as usize);
         }
+        if p.history.len() > prompt {
+            return Err(format!(
+                "{} replayed tokens for a prefix of {prompt}",
+                p.history.len()
+            ));
+        }
         if let Some(g) = &p.grammar {
+            if p.stop_ids.is_empty() {
+                return Err("an output constraint needs end tokens".into());
+            }
             let text = text.ok_or("this stage cannot apply an output constraint")?;
             let c = text
                 .text
