@@ -50,19 +50,63 @@ fn errors() -> Value {
 }
 
 fn sampling_properties() -> Value {
+    let penalty = json!({"type": ["number", "null"], "minimum": -2, "maximum": 2});
     json!({
         "model": {"type": "string"},
         "stream": {"type": "boolean", "default": false},
-        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}, "additionalProperties": false},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": ["integer", "null"], "minimum": 0},
-        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
-        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "description": "Absent: up to the model's context"},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]},
         "seed": {"type": ["integer", "null"], "minimum": 0},
-        "n": {"type": ["integer", "null"], "const": 1},
+        "n": {"type": ["integer", "null"], "minimum": 1, "maximum": crate::fields::MAX_N},
+        "presence_penalty": penalty,
+        "frequency_penalty": penalty,
+        "logit_bias": {"type": ["object", "null"], "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                       "description": "Token id (as a string) to a bias added to its logit"},
+        "user": {"type": ["string", "null"]},
     })
+}
+
+/// The chat fields beyond the shared ones.
+fn chat_properties() -> Value {
+    let mut p = sampling_properties();
+    let extra = json!({
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role"],
+            "properties": {
+                "role": {"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+                "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+                    "type": "object", "required": ["type", "text"],
+                    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]},
+                "name": {"type": "string"},
+                "tool_calls": {"type": "array", "items": {"type": "object"}},
+                "tool_call_id": {"type": "string"},
+            }}},
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "logprobs": {"type": ["boolean", "null"]},
+        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": hearth_proto::limits::MAX_TOP_LOGPROBS},
+        "response_format": {"type": ["object", "null"], "description": "text, json_object, or json_schema (enforced by constrained decoding)"},
+        "tools": {"type": ["array", "null"], "maxItems": crate::fields::MAX_TOOLS, "items": {"type": "object"}},
+        "tool_choice": {"oneOf": [{"enum": ["auto", "none", "required"]}, {"type": "object"}, {"type": "null"}]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
+        "functions": {"type": ["array", "null"], "items": {"type": "object"}},
+        "function_call": {"oneOf": [{"enum": ["auto", "none"]}, {"type": "object"}, {"type": "null"}]},
+        "modalities": {"type": ["array", "null"], "items": {"const": "text"}},
+        "store": {"type": ["boolean", "null"], "const": false},
+        "service_tier": {"enum": ["auto", "default", null]},
+        "safety_identifier": {"type": ["string", "null"]},
+        "prompt_cache_key": {"type": ["string", "null"]},
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+        "chat_template_kwargs": {"type": ["object", "null"], "description": "Extra variables for the chat template (e.g. enable_thinking)"},
+        "documents": {"type": ["array", "null"], "items": {"type": "object"}},
+    });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        p[k] = v.clone();
+    }
+    p
 }
 
 /// A query number (a workload the planner refuses is reported in the
@@ -87,23 +131,22 @@ fn body(schema: Value) -> Value {
 
 /// The document; `auth`: whether this server requires its API key.
 pub fn document(auth: bool) -> Value {
-    let mut chat = sampling_properties();
-    chat["messages"] = json!({"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
-                       "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
-                           "type": "object", "required": ["type", "text"],
-                           "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}}});
+    let chat = chat_properties();
     let mut text = sampling_properties();
     text["prompt"] = json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}, {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]});
+    text["echo"] = json!({"type": ["boolean", "null"]});
+    text["logprobs"] = json!({"type": ["integer", "null"], "minimum": 0, "maximum": hearth_proto::limits::MAX_TOP_LOGPROBS});
+    text["best_of"] = json!({"type": ["integer", "null"], "minimum": 1});
     let stream_ok = json!({"description": "A completion, or with stream=true server-sent events ending in [DONE]",
         "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}});
     let mut chat_op = op("Chat completion", stream_ok.clone());
-    chat_op["requestBody"] =
-        body(json!({"type": "object", "required": ["model", "messages"], "properties": chat}));
+    chat_op["requestBody"] = body(
+        json!({"type": "object", "required": ["model", "messages"], "properties": chat, "additionalProperties": false}),
+    );
     let mut text_op = op("Text completion", stream_ok);
-    text_op["requestBody"] =
-        body(json!({"type": "object", "required": ["model", "prompt"], "properties": text}));
+    text_op["requestBody"] = body(
+        json!({"type": "object", "required": ["model", "prompt"], "properties": text, "additionalProperties": false}),
+    );
     let mut load_op = op(
         "Load a model on every member (202: loading)",
         json_ok("Loading started"),

@@ -1075,6 +1075,17 @@ async fn every_openai_field_is_honoured_or_refused_by_name() {
                 "{h} is honoured but is not in OpenAI's schema"
             );
         }
+        // The OpenAPI document lists exactly the honoured fields.
+        let doc = get(app(), "/openapi.json").await.json();
+        let props = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"]["properties"]
+            .as_object()
+            .unwrap();
+        let mut documented: Vec<&str> = props.keys().map(String::as_str).collect();
+        let mut listed = honoured.to_vec();
+        documented.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(documented, listed, "{path}");
         // A field nobody defined is refused by name.
         let mut body = base.clone();
         body["frobnicate"] = json!(1);
