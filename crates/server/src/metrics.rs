@@ -1,24 +1,102 @@
 //! `GET /metrics` in Prometheus' text format: requests by route and
-//! status, tokens, decode speed, open generations, and every member's
-//! stage times (compute, and packing + sending activations) with the
-//! sequences each stage holds.
+//! status, tokens, decode speed, open generations, latency histograms by
+//! endpoint (time to first token, time per output token, end to end, queue
+//! wait; built with `prometheus-client`), and every member's stage times
+//! (compute, and packing + sending activations) with the sequences each
+//! stage holds.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use hearth_runtime::pipeline::{GenSummary, StageStats};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
 use crate::AppState;
+
+/// The endpoint a generation answered (the histograms' one label: a fixed
+/// set, nothing that changes with placements).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Endpoint {
+    endpoint: &'static str,
+}
+
+type Latency = Family<Endpoint, Histogram, fn() -> Histogram>;
+
+/// Seconds from 5 ms to about 80 s, doubling.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// Seconds per token, from 1 ms to about 2 s.
+fn per_token() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 1.6, 17))
+}
+
+/// The latency histograms and their registry.
+struct Histograms {
+    registry: Registry,
+    ttft: Latency,
+    tpot: Latency,
+    e2e: Latency,
+    queue: Latency,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        let ttft = Latency::new_with_constructor(seconds as fn() -> Histogram);
+        let tpot = Latency::new_with_constructor(per_token as fn() -> Histogram);
+        let e2e = Latency::new_with_constructor(seconds as fn() -> Histogram);
+        let queue = Latency::new_with_constructor(seconds as fn() -> Histogram);
+        let mut registry = Registry::default();
+        registry.register(
+            "hearth_time_to_first_token_seconds",
+            "Seconds from a generation's admission request to its first token (queue wait and prefill through every stage).",
+            ttft.clone(),
+        );
+        registry.register(
+            "hearth_time_per_output_token_seconds",
+            "Seconds per generated token after the first.",
+            tpot.clone(),
+        );
+        registry.register(
+            "hearth_request_duration_seconds",
+            "Seconds from a generation request's arrival to its last token.",
+            e2e.clone(),
+        );
+        registry.register(
+            "hearth_queue_wait_seconds",
+            "Seconds a generation waited to be admitted by the first stage.",
+            queue.clone(),
+        );
+        Self {
+            registry,
+            ttft,
+            tpot,
+            e2e,
+            queue,
+        }
+    }
+}
+
+impl std::fmt::Debug for Histograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Histograms").finish_non_exhaustive()
+    }
+}
 
 /// The server's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    histograms: Histograms,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
@@ -44,7 +122,21 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn finished(&self, s: &GenSummary) {
+    /// A finished generation of `endpoint`, whose request arrived at
+    /// `arrived`.
+    pub(crate) fn finished(&self, s: &GenSummary, endpoint: &'static str, arrived: Instant) {
+        let label = Endpoint { endpoint };
+        let h = &self.histograms;
+        h.ttft.get_or_create(&label).observe(s.prefill_secs);
+        h.queue.get_or_create(&label).observe(s.queue_secs);
+        h.e2e
+            .get_or_create(&label)
+            .observe(arrived.elapsed().as_secs_f64());
+        if s.token_ids.len() > 1 {
+            h.tpot
+                .get_or_create(&label)
+                .observe(s.decode_secs / (s.token_ids.len() - 1) as f64);
+        }
         self.prompt_tokens
             .fetch_add(s.prompt_tokens as u64, Ordering::Relaxed);
         self.completion_tokens
@@ -114,6 +206,13 @@ impl Metrics {
             "hearth_decode_tokens_per_second {}",
             f64::from_bits(self.last_tok_s.load(Ordering::Relaxed))
         );
+        // The histograms, in the same text format (OpenMetrics' end marker
+        // left out: more families follow).
+        let mut h = String::new();
+        if prometheus_client::encoding::text::encode(&mut h, &self.histograms.registry).is_ok() {
+            out.push_str(h.trim_end().trim_end_matches("# EOF").trim_end());
+            out.push('\n');
+        }
     }
 }
 

@@ -413,6 +413,11 @@ fn tools_prompt(inputs: &mut ChatInputs, tools: &[Value]) {
 }
 
 async fn run(s: AppState, job: Job) -> Response {
+    let arrived = std::time::Instant::now();
+    let endpoint = match job.kind {
+        Kind::Chat => "chat_completions",
+        Kind::Text => "completions",
+    };
     let common = &job.common;
     if let Err(r) = ensure_served(&s, &common.model).await {
         return r;
@@ -493,7 +498,7 @@ async fn run(s: AppState, job: Job) -> Response {
                 Ok(x) => x,
                 Err(e) => return pipeline_error(e),
             };
-            s.metrics.finished(&sum);
+            s.metrics.finished(&sum, endpoint, arrived);
             prompt_tokens = sum.prompt_tokens;
             completion_tokens += sum.token_ids.len();
             let reason = finish_reason(sum.finish_reason);
@@ -665,7 +670,7 @@ async fn run(s: AppState, job: Job) -> Response {
                 (out, false)
             }
             GenEvent::Done(sum) => {
-                metrics.finished(&sum);
+                metrics.finished(&sum, endpoint, arrived);
                 totals[0] = sum.prompt_tokens;
                 totals[1] += sum.token_ids.len();
                 let reason = finish_reason(sum.finish_reason);

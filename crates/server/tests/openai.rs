@@ -700,9 +700,30 @@ async fn metrics_openapi_ui_and_events() {
         "hearth_stage_compute_seconds_total{node=\"solo\"",
         "hearth_stage_network_seconds_total{",
         "hearth_stage_sequences{",
+        "# TYPE hearth_time_to_first_token_seconds histogram",
+        "# TYPE hearth_time_per_output_token_seconds histogram",
+        "# TYPE hearth_request_duration_seconds histogram",
+        "# TYPE hearth_queue_wait_seconds histogram",
+        "hearth_time_to_first_token_seconds_count{endpoint=\"chat_completions\"} 1",
+        "hearth_request_duration_seconds_bucket{le=\"+Inf\",endpoint=\"chat_completions\"} 1",
     ] {
         assert!(text.contains(want), "{want} missing from\n{text}");
     }
+    // Buckets are cumulative, and the end-to-end time covers the first token.
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}_sum{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}_sum missing"))
+    };
+    assert!(sum("hearth_request_duration_seconds") >= sum("hearth_time_to_first_token_seconds"));
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("hearth_time_to_first_token_seconds_bucket{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(buckets.len() > 5 && buckets.windows(2).all(|w| w[0] <= w[1]));
     // Every line is a comment or `name{labels} number`.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let value = line.rsplit(' ').next().unwrap();

@@ -115,6 +115,9 @@ pub struct GenSummary {
     pub prompt_tokens: usize,
     /// Seconds until the first token (prefill through every stage).
     pub prefill_secs: f64,
+    /// Seconds the request waited to be admitted by stage 0 (part of
+    /// `prefill_secs`).
+    pub queue_secs: f64,
     /// Seconds from the first token to the last.
     pub decode_secs: f64,
     /// The placement that ran it, and how many stages it has.
@@ -261,6 +264,7 @@ pub(crate) async fn generate(
         }
         other => other.map_err(|(e, _)| e)?,
     };
+    let queue_secs = started.elapsed().as_secs_f64();
     let model_name = first.model.clone();
     let (tx, rx) = mpsc::channel(256);
     let tokenizer = model.clone();
@@ -382,6 +386,7 @@ pub(crate) async fn generate(
                         finish_reason: reason,
                         prompt_tokens,
                         prefill_secs: (first - started).as_secs_f64(),
+                        queue_secs,
                         decode_secs: (ended - first).as_secs_f64(),
                         placement: run.placement,
                         stages: run.stages,
