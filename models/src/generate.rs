@@ -139,6 +139,11 @@ impl ModelText {
         crate::tools::ToolFormat::detect(&self.template.tool_source())
     }
 
+    /// The chat template's source (the one used with tools).
+    pub fn template_source_text(&self) -> String {
+        self.template.tool_source()
+    }
+
     /// Whether the chat template shows the model its tools (reads `tools`).
     pub fn renders_tools(&self) -> bool {
         self.template.tool_source().contains("tools")

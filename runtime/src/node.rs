@@ -325,6 +325,16 @@ impl Node {
         .map_err(|e| e.to_string())?
     }
 
+    /// The served model's configuration.
+    pub fn model_config(&self) -> Option<hearth_models::Config> {
+        self.pipeline.model().map(|m| m.info.config.clone())
+    }
+
+    /// The served model's chat template source (the one used with tools).
+    pub fn chat_template_source(&self) -> Option<String> {
+        self.pipeline.model().map(|m| m.text.template_source_text())
+    }
+
     /// The served model's vocabulary size (its logit width).
     pub fn vocab_size(&self) -> Option<usize> {
         self.pipeline.model().map(|m| m.info.config.vocab_size)

@@ -38,6 +38,11 @@ pub struct UpArgs {
     /// loopback every API request needs the API key.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
     http: SocketAddr,
+    /// Also serve an Ollama-compatible API (`/api/chat`, `/api/generate`,
+    /// `/api/tags`, ...) on this address, e.g. 127.0.0.1:11434 [default:
+    /// off]. It takes the same API key as the HTTP API.
+    #[arg(long, value_name = "ADDR")]
+    ollama: Option<SocketAddr>,
     /// Bearer token for the HTTP API (required off loopback; one is
     /// generated and printed when absent).
     #[arg(
@@ -249,9 +254,11 @@ fn api_key(http: SocketAddr, given: Option<String>, home: &Path) -> Result<Optio
     })
 }
 
-/// Starts the HTTP server; returns the task and the switch that stops it.
+/// Starts the HTTP server (and the Ollama-compatible one when its listener
+/// is given); returns the task and the switch that stops both.
 fn serve_http(
     listener: hearth_server::Listener,
+    ollama: Option<hearth_server::Listener>,
     node: Node,
     api_key: Option<String>,
     data_dir: PathBuf,
@@ -260,6 +267,7 @@ fn serve_http(
     tokio::sync::oneshot::Sender<()>,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (both_tx, mut both_rx) = tokio::sync::watch::channel(false);
     let app = hearth_server::App::new(
         node,
         hearth_server::ServerOptions {
@@ -268,8 +276,20 @@ fn serve_http(
             ..Default::default()
         },
     );
-    let server = tokio::spawn(listener.serve(app, async {
+    if let Some(l) = ollama {
+        let (router, limits) = (app.ollama_router(), app.limits());
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = both_rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = l.serve_router(router, limits, stop).await {
+                tracing::warn!("the Ollama-compatible API stopped: {e}");
+            }
+        });
+    }
+    let server = tokio::spawn(listener.serve(app, async move {
         let _ = stop_rx.await;
+        let _ = both_tx.send(true);
     }));
     (server, stop_tx)
 }
@@ -388,12 +408,24 @@ pub fn up(args: UpArgs) -> Result<()> {
             );
         }
         println!("  QUIC       {quic}");
-        let key = api_key(http, args.api_key.clone(), &home)?;
+        // A key is needed when either API is reachable off this machine.
+        let exposed = args
+            .ollama
+            .filter(|a| !a.ip().is_loopback())
+            .unwrap_or(http);
+        let key = api_key(exposed, args.api_key.clone(), &home)?;
         print_http(http, key.as_deref(), args.api_key.is_some());
         println!("  discovery  {discovery}");
         println!("  compute    {}", compute.name());
         let placements = tokio::spawn(print_placements(node.clone()));
-        let (server, stop_tx) = serve_http(listener, node.clone(), key, dirs.node_data());
+        let ollama = match args.ollama {
+            Some(a) => Some(hearth_server::Listener::bind(a).await?),
+            None => None,
+        };
+        if let Some(a) = ollama.as_ref().and_then(|l| l.local_addr()) {
+            println!("  Ollama API http://{a} (Ollama-compatible)");
+        }
+        let (server, stop_tx) = serve_http(listener, ollama, node.clone(), key, dirs.node_data());
         // Get and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
         let first = if args.from_peers {
@@ -524,9 +556,22 @@ fn up_local(args: UpArgs, n: usize) -> Result<()> {
                 node.endpoint().local_addr()?
             );
         }
-        let key = api_key(http, args.api_key.clone(), &home)?;
+        // A key is needed when either API is reachable off this machine.
+        let exposed = args
+            .ollama
+            .filter(|a| !a.ip().is_loopback())
+            .unwrap_or(http);
+        let key = api_key(exposed, args.api_key.clone(), &home)?;
         print_http(http, key.as_deref(), args.api_key.is_some());
-        let (server, stop_tx) = serve_http(listener, nodes[0].clone(), key, dirs.node_data());
+        let ollama = match args.ollama {
+            Some(a) => Some(hearth_server::Listener::bind(a).await?),
+            None => None,
+        };
+        if let Some(a) = ollama.as_ref().and_then(|l| l.local_addr()) {
+            println!("  Ollama API http://{a} (Ollama-compatible)");
+        }
+        let (server, stop_tx) =
+            serve_http(listener, ollama, nodes[0].clone(), key, dirs.node_data());
         let placements = tokio::spawn(print_placements(nodes[0].clone()));
         let profiler = {
             let nodes = nodes.clone();

@@ -39,6 +39,7 @@ mod finetune;
 pub use finetune::{MAX_FILES, MAX_FILES_BYTES};
 mod generate;
 mod metrics;
+mod ollama;
 mod openai;
 pub mod openapi;
 mod sse;
@@ -141,6 +142,7 @@ impl FromRef<AppState> for Node {
 /// The application: its routes and the switch that ends open streams.
 pub struct App {
     router: Router,
+    ollama: Router,
     shutdown: watch::Sender<bool>,
     limits: HttpLimits,
 }
@@ -210,12 +212,45 @@ impl App {
             .layer(axum::middleware::from_fn_with_state(state.clone(), count))
             // `read_body` enforces MAX_BODY; extractors see its whole body.
             .layer(DefaultBodyLimit::disable())
+            .with_state(state.clone());
+        let ollama = Router::new()
+            .route("/", get(ollama::root).head(ollama::root))
+            .route("/api/chat", post(ollama::chat))
+            .route("/api/generate", post(ollama::generate))
+            .route("/api/tags", get(ollama::tags))
+            .route("/api/show", post(ollama::show))
+            .route("/api/ps", get(ollama::ps))
+            .route("/api/version", get(ollama::version))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                read_body,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authorize,
+            ))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), count))
+            .layer(DefaultBodyLimit::disable())
             .with_state(state);
         Self {
             router,
+            ollama,
             shutdown,
             limits,
         }
+    }
+
+    /// The Ollama-compatible routes (served on their own address), over
+    /// the same node, counters and shutdown switch.
+    pub fn ollama_router(&self) -> Router {
+        self.ollama.clone()
+    }
+
+    /// The connection limits.
+    pub fn limits(&self) -> HttpLimits {
+        self.limits
     }
 
     /// The routes (for serving, or for `tower::ServiceExt::oneshot`).
@@ -556,16 +591,28 @@ impl Listener {
         app: App,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        let (router, limits) = (app.router(), app.limits);
+        self.serve_router(router, limits, shutdown).await?;
+        app.begin_shutdown();
+        Ok(())
+    }
+
+    /// Serves `router` (say [`App::ollama_router`]) until `shutdown`
+    /// resolves, under `limits`; open requests finish.
+    pub async fn serve_router(
+        self,
+        router: Router,
+        limits: HttpLimits,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         use hyper_util::rt::{TokioIo, TokioTimer};
         use tower::ServiceExt;
 
         if let Some(a) = self.local_addr() {
             info!("HTTP on http://{a}");
         }
-        let limits = app.limits;
-        let service = app
-            .router()
-            .map_request(|r: Request<hyper::body::Incoming>| r.map(axum::body::Body::new));
+        let service =
+            router.map_request(|r: Request<hyper::body::Incoming>| r.map(axum::body::Body::new));
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout);
@@ -608,7 +655,6 @@ impl Listener {
                 drop(slot);
             });
         }
-        app.begin_shutdown();
         graceful.shutdown().await;
         Ok(())
     }

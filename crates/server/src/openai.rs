@@ -55,7 +55,7 @@ fn model_object(id: &str) -> Value {
 /// Every model the cluster can serve by name: the served one first, then
 /// what this node holds (its model store, the Hugging Face cache, its
 /// fine-tunes), each under its one id; a request naming another loads it.
-async fn servable(s: &AppState) -> Vec<String> {
+pub(crate) async fn servable(s: &AppState) -> Vec<String> {
     let node = s.node.clone();
     let listed = tokio::task::spawn_blocking(move || node.available_models())
         .await
@@ -121,21 +121,21 @@ pub(crate) fn pipeline_error(e: PipelineError) -> Response {
 
 /// Which of the two endpoints is answering.
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Chat,
     Text,
 }
 
 /// One request's generations, as read.
-struct Job {
-    kind: Kind,
-    common: Common,
-    prompt: Prompt,
-    logprobs: Option<u8>,
-    grammar: Option<String>,
-    tools: Option<Tools>,
+pub(crate) struct Job {
+    pub kind: Kind,
+    pub common: Common,
+    pub prompt: Prompt,
+    pub logprobs: Option<u8>,
+    pub grammar: Option<String>,
+    pub tools: Option<Tools>,
     /// Completions' `echo`: the prompt's text before each choice's.
-    echo: Option<String>,
+    pub echo: Option<String>,
 }
 
 pub(crate) async fn chat(
@@ -225,9 +225,9 @@ async fn ensure_served(s: &AppState, model: &str) -> Result<(), Response> {
 }
 
 /// A generation's tokens with their log-probabilities, and its summary.
-type Collected = (GenSummary, Vec<(u32, Option<TokenLogprobs>)>);
+pub(crate) type Collected = (GenSummary, Vec<(u32, Option<TokenLogprobs>)>);
 
-async fn collect(mut rx: GenStream) -> Result<Collected, PipelineError> {
+pub(crate) async fn collect(mut rx: GenStream) -> Result<Collected, PipelineError> {
     let mut tokens = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -240,7 +240,7 @@ async fn collect(mut rx: GenStream) -> Result<Collected, PipelineError> {
     Err(PipelineError::Failed("the generation ended early".into()))
 }
 
-fn finish_reason(f: FinishReason) -> &'static str {
+pub(crate) fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
@@ -329,7 +329,11 @@ fn tool_call_json(c: &ToolCall) -> Value {
 
 /// The message of a finished chat choice: content, or calls of the given
 /// tools parsed from the output in the model's format.
-fn chat_message(text: &str, tools: Option<&(Tools, ToolFormat)>, reason: &str) -> (Value, String) {
+pub(crate) fn chat_message(
+    text: &str,
+    tools: Option<&(Tools, ToolFormat)>,
+    reason: &str,
+) -> (Value, String) {
     if let Some((t, format)) = tools {
         let (content, mut calls) = format.parse(text, &t.names);
         if t.single {
@@ -412,35 +416,25 @@ fn tools_prompt(inputs: &mut ChatInputs, tools: &[Value]) {
     }
 }
 
-async fn run(s: AppState, job: Job) -> Response {
-    let arrived = std::time::Instant::now();
-    let endpoint = match job.kind {
-        Kind::Chat => "chat_completions",
-        Kind::Text => "completions",
-    };
-    let common = &job.common;
-    if let Err(r) = ensure_served(&s, &common.model).await {
-        return r;
-    }
-    if let Err(r) = check_for_model(&s, &job).await {
-        return r;
-    }
+/// The generations a read request asks for, started: the model served,
+/// what only it can check checked, tools shown to it, and the `n`
+/// sequences launched together (so the pipeline batches them; each seeded
+/// `seed + i`, so a seed reproduces them all). With the tool format when
+/// calls are to be parsed.
+pub(crate) async fn start(s: &AppState, job: &mut Job) -> Result<Started, Response> {
+    ensure_served(s, &job.common.model).await?;
+    check_for_model(s, job).await?;
     let tools = match (&job.tools, s.node.tool_format()) {
         (Some(t), Some(f)) => Some((t.clone(), f)),
         _ => None,
     };
-    let mut job = job;
     if let (Some((t, _)), Prompt::Chat(inputs)) = (&tools, &mut job.prompt)
         && !s.node.template_renders_tools()
     {
         tools_prompt(inputs, &t.list);
     }
-    let job = job;
     let common = &job.common;
     let max_tokens = common.max_tokens.unwrap_or(u32::MAX as usize);
-    // The sequences of one request, started together so the pipeline
-    // batches them; each has its own seed (so `n` differ, and a seed
-    // reproduces them all).
     let mut streams = Vec::with_capacity(common.n);
     for i in 0..common.n {
         let mut sampling = common.sampling;
@@ -455,11 +449,28 @@ async fn run(s: AppState, job: Job) -> Response {
         p.logprobs = job.logprobs;
         p.grammar = job.grammar.clone();
         p.special_text = tools.is_some();
-        match s.node.generate(p).await {
-            Ok(rx) => streams.push(rx),
-            Err(e) => return pipeline_error(e),
-        }
+        streams.push(s.node.generate(p).await.map_err(pipeline_error)?);
     }
+    Ok(Started { streams, tools })
+}
+
+/// A request's generations, running.
+pub(crate) struct Started {
+    pub streams: Vec<GenStream>,
+    pub tools: Option<(Tools, ToolFormat)>,
+}
+
+async fn run(s: AppState, mut job: Job) -> Response {
+    let arrived = std::time::Instant::now();
+    let endpoint = match job.kind {
+        Kind::Chat => "chat_completions",
+        Kind::Text => "completions",
+    };
+    let Started { streams, tools } = match start(&s, &mut job).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let common = &job.common;
     let kind = job.kind;
     let (id, created, model) = (
         new_id(if kind == Kind::Chat {

@@ -1478,3 +1478,157 @@ async fn structured_output_and_forced_tool_calls_always_parse() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     n.shutdown().await;
 }
+
+/// NDJSON lines of a body.
+fn ndjson(r: &Reply) -> Vec<Value> {
+    assert_eq!(r.headers["content-type"], "application/x-ndjson");
+    r.text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ollama_api_answers_in_ollamas_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), true).await;
+    let shared = App::new(n.clone(), ServerOptions::default());
+    let app = || shared.ollama_router();
+    let model = n.model_name().unwrap();
+    assert_eq!(get(app(), "/").await.text(), "Ollama is running");
+    assert!(get(app(), "/api/version").await.json()["version"].is_string());
+    let tags = get(app(), "/api/tags").await.json();
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&model.as_str()), "{tags}");
+    let ps = get(app(), "/api/ps").await.json();
+    assert_eq!(ps["models"][0]["name"], model);
+    let show = post(app(), "/api/show", &json!({"model": model}).to_string()).await;
+    assert_eq!(show.status, StatusCode::OK, "{}", show.text());
+    let show = show.json();
+    assert_eq!(show["model_info"]["llama.context_length"], CONTEXT);
+    assert!(show["template"].as_str().unwrap().contains("im_start"));
+    let r = post(app(), "/api/show", &json!({"model": "nope"}).to_string()).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.json()["error"].is_string());
+
+    // Chat, whole and streamed (Ollama's default): the same greedy text;
+    // counts and durations in the last line.
+    let chat = |stream: Option<bool>| {
+        let mut b = json!({"model": model, "messages": [{"role": "system", "content": "."}, {"role": "user", "content": "Hi"}],
+            "options": {"temperature": 0, "num_predict": 8, "num_ctx": 2048}, "keep_alive": "5m"});
+        if let Some(s) = stream {
+            b["stream"] = json!(s);
+        }
+        b.to_string()
+    };
+    let whole = post(app(), "/api/chat", &chat(Some(false))).await;
+    assert_eq!(whole.status, StatusCode::OK, "{}", whole.text());
+    let whole = whole.json();
+    assert_eq!(whole["done"], true);
+    assert_eq!(whole["message"]["role"], "assistant");
+    assert_eq!(whole["eval_count"], 8);
+    assert!(whole["prompt_eval_count"].as_u64().unwrap() > 0);
+    assert!(whole["total_duration"].as_u64().unwrap() >= whole["eval_duration"].as_u64().unwrap());
+    assert_eq!(whole["done_reason"], "length");
+    let lines = ndjson(&post(app(), "/api/chat", &chat(None)).await);
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false));
+    let streamed: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, whole["message"]["content"].as_str().unwrap());
+
+    // Generate: templated with a system prompt, and raw.
+    let g = post(
+        app(),
+        "/api/generate",
+        &json!({"model": model, "prompt": "Hello", "system": ".", "stream": false, "options": {"temperature": 0, "num_predict": 4}}).to_string(),
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text());
+    let g = g.json();
+    assert!(
+        g["response"].is_string() && g["done"] == true && g["eval_count"] == 4,
+        "{g}"
+    );
+    let raw = ndjson(
+        &post(
+            app(),
+            "/api/generate",
+            &json!({"model": model, "prompt": "The cat", "raw": true, "options": {"temperature": 0, "num_predict": 4}}).to_string(),
+        )
+        .await,
+    );
+    assert_eq!(raw.last().unwrap()["done"], true);
+    // An empty prompt loads the model.
+    let load = post(app(), "/api/generate", &json!({"model": model}).to_string())
+        .await
+        .json();
+    assert_eq!(load["done_reason"], "load");
+
+    // `format`: a schema, enforced.
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false});
+    let f = post(
+        app(),
+        "/api/chat",
+        &json!({"model": model, "stream": false, "format": schema, "messages": [{"role": "system", "content": "."}, {"role": "user", "content": "ok?"}], "options": {"temperature": 1, "seed": 4, "num_predict": 60}}).to_string(),
+    )
+    .await
+    .json();
+    let v: Value = serde_json::from_str(f["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(v["ok"].is_boolean(), "{f}");
+    // A conversation with Ollama-style tool calls and a tool answer.
+    let t = post(
+        app(),
+        "/api/chat",
+        &json!({"model": model, "stream": false, "options": {"num_predict": 2},
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "messages": [
+                {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "tool_name": "get_weather", "content": "12 C"}
+            ]}).to_string(),
+    )
+    .await;
+    assert_eq!(t.status, StatusCode::OK, "{}", t.text());
+    // What Hearth would not honour is refused by name.
+    for (body, name) in [
+        (
+            json!({"model": model, "messages": [], "options": {"repeat_penalty": 1.1}}),
+            "repeat_penalty",
+        ),
+        (
+            json!({"model": model, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}),
+            "images",
+        ),
+        (
+            json!({"model": model, "messages": [], "frobnicate": 1}),
+            "frobnicate",
+        ),
+    ] {
+        let r = post(app(), "/api/chat", &body.to_string()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(name),
+            "{}",
+            r.text()
+        );
+    }
+    let r = post(
+        app(),
+        "/api/chat",
+        &json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.json()["error"].is_string());
+    n.shutdown().await;
+}
