@@ -28,6 +28,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
+/// A 400 in Ollama's shape (boxed: it travels in `Result`s).
+fn bad(message: impl Into<String>) -> Box<Response> {
+    Box::new(error(StatusCode::BAD_REQUEST, message))
+}
+
 /// An OpenAI-shaped error response in Ollama's shape (same status).
 async fn reshape(r: Response) -> Response {
     let status = r.status();
@@ -103,7 +108,10 @@ fn is_empty(v: &Value) -> bool {
 
 /// The common part: model, stream, format, options and think, into an
 /// OpenAI body.
-fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String, Value>, Response> {
+fn common(
+    body: &mut Map<String, Value>,
+    allowed: &[&str],
+) -> Result<Map<String, Value>, Box<Response>> {
     let mut out = Map::new();
     for (k, v) in body.iter() {
         if allowed.contains(&k.as_str()) {
@@ -112,21 +120,18 @@ fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String,
         if REFUSED.contains(&k.as_str()) && is_empty(v) {
             continue;
         }
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("`{k}` is not supported by Hearth"),
-        ));
+        return Err(bad(format!("`{k}` is not supported by Hearth")));
     }
     let model = body.remove("model").unwrap_or(Value::Null);
     if !model.is_string() {
-        return Err(error(StatusCode::BAD_REQUEST, "`model` is required"));
+        return Err(bad("`model` is required"));
     }
     out.insert("model".into(), model);
     // Ollama streams unless told not to.
     let stream = match body.remove("stream") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => b,
-        Some(_) => return Err(error(StatusCode::BAD_REQUEST, "`stream` must be a boolean")),
+        Some(_) => return Err(bad("`stream` must be a boolean")),
     };
     out.insert("stream".into(), json!(stream));
     match body.remove("format") {
@@ -142,10 +147,7 @@ fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String,
             );
         }
         Some(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "`format` must be \"json\" or a JSON schema",
-            ));
+            return Err(bad("`format` must be \"json\" or a JSON schema"));
         }
     }
     match body.remove("options") {
@@ -156,10 +158,7 @@ fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String,
                     continue;
                 }
                 if !OPTIONS.contains(&k.as_str()) {
-                    return Err(error(
-                        StatusCode::BAD_REQUEST,
-                        format!("option `{k}` is not supported by Hearth"),
-                    ));
+                    return Err(bad(format!("option `{k}` is not supported by Hearth")));
                 }
                 match k.as_str() {
                     // -1: no limit; -2: fill the context. Both: up to the
@@ -168,10 +167,7 @@ fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String,
                         if v.as_i64().is_some_and(|n| n > 0) {
                             out.insert("max_tokens".into(), v);
                         } else if !v.as_i64().is_some_and(|n| n == -1 || n == -2) {
-                            return Err(error(
-                                StatusCode::BAD_REQUEST,
-                                "option `num_predict` must be positive, -1 or -2",
-                            ));
+                            return Err(bad("option `num_predict` must be positive, -1 or -2"));
                         }
                     }
                     _ => {
@@ -181,10 +177,7 @@ fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String,
             }
         }
         Some(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "`options` must be an object",
-            ));
+            return Err(bad("`options` must be an object"));
         }
     }
     // keep_alive: Hearth keeps a served model loaded until another is
@@ -192,7 +185,7 @@ fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String,
     body.remove("keep_alive");
     if let Some(t) = body.remove("think").filter(|v| !v.is_null()) {
         let Some(t) = t.as_bool() else {
-            return Err(error(StatusCode::BAD_REQUEST, "`think` must be a boolean"));
+            return Err(bad("`think` must be a boolean"));
         };
         out.insert("chat_template_kwargs".into(), json!({"enable_thinking": t}));
     }
@@ -201,22 +194,16 @@ fn common(body: &mut Map<String, Value>, allowed: &[&str]) -> Result<Map<String,
 
 /// Ollama messages as OpenAI's: tool calls get ids, and a `tool` message
 /// answers the earliest unanswered call of its tool.
-fn messages(msgs: Vec<Value>) -> Result<Vec<Value>, Response> {
+fn messages(msgs: Vec<Value>) -> Result<Vec<Value>, Box<Response>> {
     let mut out = Vec::with_capacity(msgs.len());
     let mut open: Vec<(String, String)> = Vec::new();
     let mut next = 0;
     for (i, m) in msgs.into_iter().enumerate() {
         let Value::Object(mut m) = m else {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("messages[{i}] must be an object"),
-            ));
+            return Err(bad(format!("messages[{i}] must be an object")));
         };
         if m.get("images").is_some_and(|v| !is_empty(v)) {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("messages[{i}].images are not supported"),
-            ));
+            return Err(bad(format!("messages[{i}].images are not supported")));
         }
         m.remove("images");
         m.remove("thinking");
@@ -283,7 +270,7 @@ pub(crate) async fn chat(
 ) -> Response {
     let mut oa = match common(&mut body, CHAT) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let msgs = match body.remove("messages") {
         Some(Value::Array(a)) => a,
@@ -291,7 +278,7 @@ pub(crate) async fn chat(
     };
     match messages(msgs) {
         Ok(m) => oa.insert("messages".into(), Value::Array(m)),
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(t) = body.remove("tools").filter(|t| !t.is_null()) {
         oa.insert("tools".into(), t);
@@ -318,7 +305,7 @@ pub(crate) async fn generate(
 ) -> Response {
     let mut oa = match common(&mut body, GENERATE) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let prompt = match body.remove("prompt") {
         Some(Value::String(p)) => p,
