@@ -11,12 +11,12 @@ cd "$(dirname "$0")/.."
 cargo test --workspace --no-run
 "${CARGO_TARGET_DIR:-target}/debug/hearth" models pull
 # The clients the end-to-end tests drive (tests/tests/clients.rs): the
-# official `openai` Python client and schemathesis in a venv, playwright-core
+# official `openai` and `ollama` Python clients and schemathesis in a venv, playwright-core
 # from npm, and Debian's chromium (installed as root; elsewhere those tests
 # skip).
-if ! .venv-clients/bin/python -c "import openai, schemathesis" 2>/dev/null; then
+if ! .venv-clients/bin/python -c "import openai, schemathesis, ollama" 2>/dev/null; then
   python3 -m venv .venv-clients
-  .venv-clients/bin/python -m pip install --quiet --disable-pip-version-check openai schemathesis
+  .venv-clients/bin/python -m pip install --quiet --disable-pip-version-check openai schemathesis ollama
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   npm install --prefix tests/browser --no-audit --no-fund --loglevel=error

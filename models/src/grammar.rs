@@ -153,11 +153,38 @@ pub fn json_object() -> String {
     json_schema(&json!({"type": "object"}))
 }
 
+/// An object schema that says nothing of other properties allows none, as
+/// llama.cpp's and vLLM's grammar engines read it (and as Pydantic's
+/// schemas mean it): otherwise a model may add keys without end.
+fn close_objects(v: &mut Value, depth: usize) {
+    if depth > 128 {
+        return;
+    }
+    match v {
+        Value::Object(o) => {
+            if o.contains_key("properties")
+                && !o.contains_key("additionalProperties")
+                && !o.contains_key("patternProperties")
+                && !o.contains_key("unevaluatedProperties")
+            {
+                o.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            for (_, x) in o.iter_mut() {
+                close_objects(x, depth + 1);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| close_objects(x, depth + 1)),
+        _ => {}
+    }
+}
+
 /// A grammar for JSON matching `schema`, written in one line with `, ` and
-/// `: ` between items (no free whitespace: a model cannot pad forever).
-/// A schema's own `x-guidance` options win.
+/// `: ` between items (no free whitespace: a model cannot pad forever);
+/// objects whose schema says nothing of other properties get none. A
+/// schema's own `x-guidance` options win.
 pub fn json_schema(schema: &Value) -> String {
     let mut schema = schema.clone();
+    close_objects(&mut schema, 0);
     if let Some(o) = schema.as_object_mut() {
         o.entry("x-guidance").or_insert_with(
             || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),

@@ -120,6 +120,58 @@ fn openai_python() -> Option<PathBuf> {
 }
 
 #[test]
+fn the_ollama_python_client_works_on_the_ollama_api() -> Result<()> {
+    if real_model().is_none() {
+        return Ok(());
+    }
+    let python = venv_python();
+    let has = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import ollama"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !has {
+        missing("the `ollama` Python client in .venv-clients");
+        return Ok(());
+    }
+    let home = tempfile::tempdir()?;
+    let port = free_port(false)?;
+    let addr = format!("127.0.0.1:{port}");
+    let (_cluster, _base) = local_cluster_of(home.path(), &["--ollama", &addr])?;
+    let mut script = Command::new(&python);
+    script
+        .arg(workspace_root().join("tests/clients/ollama_check.py"))
+        .arg(format!("http://{addr}"));
+    let got = script_json(script, "ollama_check.py")?;
+    eprintln!("ollama client: {got}");
+    let model = got["models"][0].as_str().unwrap_or_default().to_string();
+    assert!(!model.is_empty(), "{got}");
+    // Greedy: the streamed text is the whole one.
+    assert_eq!(got["stream"], got["chat"], "{got}");
+    let eval = got["chat_eval_count"].as_u64().unwrap_or(0);
+    assert!((1..=12).contains(&eval), "{got}");
+    let reason = if eval == 12 { "length" } else { "stop" };
+    assert_eq!(got["chat_done_reason"], reason, "{got}");
+    // `format` with a Pydantic schema: JSON meeting it.
+    let v: Value = serde_json::from_str(got["structured"].as_str().unwrap_or(""))
+        .with_context(|| format!("structured output: {got}"))?;
+    assert!(v["name"].is_string() && v["warm"].is_boolean(), "{v}");
+    // Pydantic's schema says nothing of other keys: none come.
+    assert_eq!(v.as_object().map(|o| o.len()), Some(2), "{v}");
+    assert!(got["raw"].as_str().is_some_and(|r| !r.is_empty()), "{got}");
+    assert_eq!(got["template"], true);
+    assert_eq!(got["running"][0], model.as_str());
+    assert!(
+        got["refused"]
+            .as_str()
+            .unwrap_or("")
+            .contains("repeat_penalty"),
+        "{got}"
+    );
+    Ok(())
+}
+
+#[test]
 fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> {
     if real_model().is_none() {
         return Ok(());
