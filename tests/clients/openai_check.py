@@ -135,7 +135,23 @@ try:
 except openai.BadRequestError as e:
     refused = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
 
+# The Responses API, whole and streamed.
+resp = client.responses.create(model=model, instructions="Be brief.", input=prompt, max_output_tokens=16, temperature=0)
+events = []
+streamed_text = []
+with client.responses.stream(model=model, instructions="Be brief.", input=prompt, max_output_tokens=16, temperature=0) as s:
+    for ev in s:
+        events.append(ev.type)
+        if ev.type == "response.output_text.delta":
+            streamed_text.append(ev.delta)
+    final = s.get_final_response()
+
 print(json.dumps({
+    "responses_text": resp.output_text,
+    "responses_status": resp.status,
+    "responses_stream_text": "".join(streamed_text),
+    "responses_final_text": final.output_text,
+    "responses_events": [events[0], events[-1]] if events else [],
     "parsed": parsed_out,
     "tool_finish": called.choices[0].finish_reason,
     "tool_calls": calls,

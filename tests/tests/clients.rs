@@ -214,6 +214,18 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
     ])?;
     assert_eq!(got["completion_text"], raw["text"], "completions vs --raw");
     assert_eq!(got["unknown_model"], "model_not_found");
+    // The Responses API through the SDK: the same greedy text whole and
+    // streamed, typed events from created to the end.
+    let rt = got["responses_text"].as_str().unwrap_or("");
+    assert!(!rt.is_empty(), "{got}");
+    assert_eq!(got["responses_stream_text"], got["responses_text"], "{got}");
+    assert_eq!(got["responses_final_text"], got["responses_text"], "{got}");
+    assert_eq!(got["responses_events"][0], "response.created", "{got}");
+    let last = got["responses_events"][1].as_str().unwrap_or("");
+    assert!(
+        last == "response.completed" || last == "response.incomplete",
+        "{got}"
+    );
     // Structured output through the SDK's `parse`: every choice parsed
     // into the Pydantic model (the grammar guarantees it).
     let parsed = got["parsed"].as_array().expect("parsed choices");

@@ -42,6 +42,7 @@ mod metrics;
 mod ollama;
 mod openai;
 pub mod openapi;
+pub mod responses;
 mod sse;
 mod ui;
 
@@ -170,6 +171,7 @@ impl App {
             .route("/v1/models/{*id}", get(openai::model))
             .route("/v1/chat/completions", post(openai::chat))
             .route("/v1/completions", post(openai::completions))
+            .route("/v1/responses", post(responses::create))
             .route(
                 "/v1/files",
                 post(finetune::upload).get(finetune::list_files),

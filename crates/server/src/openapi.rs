@@ -10,6 +10,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/v1/models/{id}"),
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
+    ("post", "/v1/responses"),
     ("get", "/api/cluster"),
     ("get", "/api/plan"),
     ("get", "/api/models"),
@@ -143,6 +144,38 @@ pub fn document(auth: bool) -> Value {
     chat_op["requestBody"] = body(
         json!({"type": "object", "required": ["model", "messages"], "properties": chat, "additionalProperties": false}),
     );
+    let mut responses_op = op(
+        "A response (stateless; streamed as typed events)",
+        stream_ok.clone(),
+    );
+    let mut rprops = serde_json::Map::new();
+    for f in crate::responses::FIELDS {
+        rprops.insert((*f).to_string(), json!({}));
+    }
+    rprops.insert("model".into(), json!({"type": "string"}));
+    rprops.insert(
+        "input".into(),
+        json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}),
+    );
+    rprops.insert("instructions".into(), json!({"type": ["string", "null"]}));
+    rprops.insert(
+        "max_output_tokens".into(),
+        json!({"type": ["integer", "null"], "minimum": 1}),
+    );
+    rprops.insert(
+        "temperature".into(),
+        json!({"type": ["number", "null"], "minimum": 0, "maximum": 2}),
+    );
+    rprops.insert(
+        "top_p".into(),
+        json!({"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1}),
+    );
+    rprops.insert("stream".into(), json!({"type": ["boolean", "null"]}));
+    rprops.insert("store".into(), json!({"enum": [false, null]}));
+    rprops.insert("truncation".into(), json!({"enum": ["disabled", null]}));
+    responses_op["requestBody"] = body(
+        json!({"type": "object", "required": ["model", "input"], "properties": rprops, "additionalProperties": false}),
+    );
     let mut text_op = op("Text completion", stream_ok);
     text_op["requestBody"] = body(
         json!({"type": "object", "required": ["model", "prompt"], "properties": text, "additionalProperties": false}),
@@ -226,6 +259,7 @@ pub fn document(auth: bool) -> Value {
             "/v1/models/{id}": {"get": model_op},
             "/v1/chat/completions": {"post": chat_op},
             "/v1/completions": {"post": text_op},
+            "/v1/responses": {"post": responses_op},
             "/api/cluster": {"get": op("Members, profiles, links and placement", json_ok("The cluster view"))},
             "/api/plan": {"get": plan_op},
             "/api/models": {"get": op("Models this node can load, and the one it serves", json_ok("The catalog"))},

@@ -1632,3 +1632,121 @@ async fn the_ollama_api_answers_in_ollamas_shapes() {
     assert!(r.json()["error"].is_string());
     n.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_answers_whole_and_in_typed_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), true).await;
+    let app = || hearth_server::router(n.clone());
+    let model = n.model_name().unwrap();
+    let body = |extra: Value| {
+        let mut b = json!({"model": model, "instructions": ".", "input": "Hi", "max_output_tokens": 8, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b.to_string()
+    };
+    let r = post(app(), "/v1/responses", &body(json!({}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "response");
+    assert!(v["id"].as_str().unwrap().starts_with("resp"));
+    assert_eq!(v["status"], "incomplete");
+    assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(v["usage"]["output_tokens"], 8);
+    let item = &v["output"][0];
+    assert_eq!(item["type"], "message");
+    assert_eq!(item["role"], "assistant");
+    let whole = item["content"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(item["content"][0]["type"], "output_text");
+    // Streamed: typed events in order, numbered; the deltas spell the text.
+    let r = post(app(), "/v1/responses", &body(json!({"stream": true}))).await;
+    let text = r.text();
+    let mut kinds = Vec::new();
+    let mut deltas = String::new();
+    for frame in text.split("\n\n").filter(|f| !f.trim().is_empty()) {
+        let kind = frame
+            .lines()
+            .find_map(|l| l.strip_prefix("event: "))
+            .unwrap();
+        let data: Value = serde_json::from_str(
+            frame
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(data["type"], kind);
+        assert_eq!(data["sequence_number"], kinds.len());
+        if kind == "response.output_text.delta" {
+            deltas.push_str(data["delta"].as_str().unwrap());
+        }
+        kinds.push(kind.to_string());
+    }
+    assert_eq!(kinds[0], "response.created");
+    assert_eq!(kinds[1], "response.in_progress");
+    assert_eq!(kinds.last().unwrap(), "response.incomplete");
+    for k in [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.done",
+        "response.output_item.done",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing: {kinds:?}");
+    }
+    assert_eq!(deltas, whole);
+    // Structured output through `text.format`.
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false});
+    let r = post(app(), "/v1/responses", &body(json!({"max_output_tokens": 60, "text": {"format": {"type": "json_schema", "name": "v", "schema": schema, "strict": true}}}))).await.json();
+    assert_eq!(r["status"], "completed", "{r}");
+    let out: Value =
+        serde_json::from_str(r["output"][0]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert!(out["ok"].is_boolean());
+    // A forced call, then its output sent back as input items.
+    let tools = json!([{"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {"q": {"enum": ["a", "b"]}}, "required": ["q"], "additionalProperties": false}, "strict": true}]);
+    let r = post(
+        app(),
+        "/v1/responses",
+        &body(json!({"max_output_tokens": 60, "tools": tools, "tool_choice": "required"})),
+    )
+    .await
+    .json();
+    let call = r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap_or_else(|| panic!("{r}"))
+        .clone();
+    assert_eq!(call["name"], "lookup");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(["a", "b"].contains(&args["q"].as_str().unwrap()));
+    let r = post(
+        app(),
+        "/v1/responses",
+        &json!({"model": model, "max_output_tokens": 2, "tools": tools, "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Look up a"}]},
+            call,
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "found"}
+        ]})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Stateless: what needs stored responses is refused by name.
+    for (extra, field) in [
+        (
+            json!({"previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        (json!({"store": true}), "store"),
+        (json!({"reasoning": {"effort": "low"}}), "reasoning"),
+        (json!({"max_output_tokens": 0}), "max_output_tokens"),
+        (json!({"wat": 1}), "wat"),
+    ] {
+        let r = post(app(), "/v1/responses", &body(extra)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert_eq!(r.error()["param"], field);
+    }
+    n.shutdown().await;
+}
