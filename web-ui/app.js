@@ -326,11 +326,203 @@ async function refreshChatModels() {
   } catch (_) { /* shown elsewhere */ }
 }
 
+// Markdown, rendered safely: the text is parsed here and built as DOM
+// nodes with textContent, never as HTML, so model output cannot inject
+// markup or script (and the page's CSP stays as strict as it is).
+function inline(text) {
+  const frag = document.createDocumentFragment();
+  // `code`, **bold**, *em* / _em_, [text](http(s)://url)
+  const re = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(\*[^*\n]+\*|_[^_\n]+_)|(\[[^\]\n]+\]\((https?:\/\/[^\s)]+)\))/g;
+  let at = 0;
+  let m;
+  while ((m = re.exec(text)) !== null) {
+    if (m.index > at) frag.append(document.createTextNode(text.slice(at, m.index)));
+    const t = m[0];
+    if (m[1]) frag.append(el("code", { text: t.slice(1, -1) }));
+    else if (m[2]) frag.append(el("strong", {}, inline(t.slice(2, -2))));
+    else if (m[3]) frag.append(el("em", {}, inline(t.slice(1, -1))));
+    else if (m[4]) {
+      const label = t.slice(1, t.indexOf("]("));
+      frag.append(el("a", { href: m[5], rel: "noopener noreferrer nofollow", target: "_blank", text: label }));
+    }
+    at = m.index + t.length;
+  }
+  if (at < text.length) frag.append(document.createTextNode(text.slice(at)));
+  return frag;
+}
+
+function markdown(src) {
+  const out = document.createDocumentFragment();
+  const lines = src.split("\n");
+  let para = [];
+  let list = null;
+  const flush = () => {
+    if (para.length) out.append(el("p", {}, inline(para.join("\n"))));
+    para = [];
+  };
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    const fence = line.match(/^\s*```\s*([\w+-]*)\s*$/);
+    if (fence) {
+      flush();
+      list = null;
+      const code = [];
+      i++;
+      while (i < lines.length && !/^\s*```\s*$/.test(lines[i])) code.push(lines[i++]);
+      const c = el("code", { text: code.join("\n") });
+      if (fence[1]) c.dataset.lang = fence[1];
+      out.append(el("pre", {}, c));
+      continue;
+    }
+    const heading = line.match(/^(#{1,6})\s+(.*)$/);
+    const bullet = line.match(/^\s*[-*+]\s+(.*)$/);
+    const numbered = line.match(/^\s*\d+[.)]\s+(.*)$/);
+    if (heading) {
+      flush();
+      list = null;
+      out.append(el("h" + Math.min(6, heading[1].length + 2), {}, inline(heading[2])));
+    } else if (bullet || numbered) {
+      flush();
+      const tag = bullet ? "ul" : "ol";
+      if (!list || list.tagName.toLowerCase() !== tag) {
+        list = el(tag);
+        out.append(list);
+      }
+      list.append(el("li", {}, inline((bullet || numbered)[1])));
+    } else if (line.trim() === "") {
+      flush();
+      list = null;
+    } else {
+      list = null;
+      para.push(line);
+    }
+  }
+  flush();
+  return out;
+}
+
+// The conversation is kept in this browser (localStorage) across reloads.
+const CHAT_KEY = "hearth-chat";
+function saveChat() {
+  try {
+    localStorage.setItem(CHAT_KEY, JSON.stringify({ system: $("system").value, messages: state.chat }));
+  } catch (_) { /* full or disabled: the chat still works */ }
+}
+
 function bubble(role, text) {
-  const b = el("div", { class: "msg " + role, "data-role": role, text });
+  const b = el("div", { class: "msg " + role, "data-role": role });
+  const body = el("div", { class: "body" });
+  if (role === "assistant") body.append(markdown(text));
+  else body.textContent = text;
+  b.append(body);
   $("messages").append(b);
   b.scrollIntoView({ block: "end" });
   return b;
+}
+
+// Each message's actions: edit (a user turn: back into the prompt, the
+// conversation cut there) and regenerate (the last answer).
+function renderChat() {
+  const box = $("messages");
+  box.replaceChildren();
+  state.chat.forEach((m, i) => {
+    const b = bubble(m.role, m.content);
+    b.dataset.done = "true";
+    const tools = el("div", { class: "actions" });
+    if (m.role === "user") {
+      const edit = el("button", { type: "button", class: "link edit", text: "Edit" });
+      edit.addEventListener("click", () => {
+        if (state.abort) return;
+        $("prompt").value = m.content;
+        state.chat = state.chat.slice(0, i);
+        saveChat();
+        renderChat();
+        $("prompt").focus();
+      });
+      tools.append(edit);
+    }
+    if (m.role === "assistant" && i === state.chat.length - 1) {
+      const again = el("button", { type: "button", class: "link regenerate", text: "Regenerate" });
+      again.addEventListener("click", () => {
+        if (state.abort) return;
+        state.chat.pop();
+        saveChat();
+        renderChat();
+        answer();
+      });
+      tools.append(again);
+    }
+    if (tools.childNodes.length) b.append(tools);
+  });
+}
+
+/// Streams the answer to the conversation so far into a new bubble.
+async function answer() {
+  const out = bubble("assistant", "");
+  const body = out.querySelector(".body");
+  const messages = [];
+  const sys = $("system").value.trim();
+  if (sys) messages.push({ role: "system", content: sys });
+  messages.push(...state.chat);
+  const req = {
+    model: $("chat-model").value,
+    messages,
+    stream: true,
+    stream_options: { include_usage: true },
+    temperature: Number($("temperature").value),
+    top_p: Number($("top_p").value),
+  };
+  if ($("max_tokens").value !== "") req.max_tokens = Number($("max_tokens").value);
+  if ($("seed").value !== "") req.seed = Number($("seed").value);
+  state.abort = new AbortController();
+  $("send").disabled = true;
+  $("stop").hidden = false;
+  const started = performance.now();
+  let first = null;
+  let text = "";
+  let pieces = 0;
+  const stats = (tokens, final) => {
+    const secs = (performance.now() - (first || started)) / 1000;
+    const rate = tokens > 1 && secs > 0 ? ((tokens - 1) / secs).toFixed(1) : "…";
+    return `${final ? final + " + " : ""}${tokens} generated tokens · first token ${((first || started) - started).toFixed(0)} ms · ${rate} tok/s`;
+  };
+  try {
+    const r = await api("/v1/chat/completions", { method: "POST", body: req, signal: state.abort.signal });
+    for await (const frame of sseFrames(r)) {
+      if (frame.data === "[DONE]") break;
+      const chunk = JSON.parse(frame.data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) {
+        first = first || performance.now();
+        pieces += 1;
+        text += delta.content;
+        body.replaceChildren(markdown(text));
+        out.scrollIntoView({ block: "end" });
+        // Speed as it streams (one piece per token, about).
+        $("chat-stats").textContent = stats(pieces, null);
+      }
+      if (chunk.usage) {
+        $("chat-stats").textContent = stats(chunk.usage.completion_tokens, `${chunk.usage.prompt_tokens} prompt`);
+      }
+    }
+    out.dataset.done = "true";
+    state.chat.push({ role: "assistant", content: text });
+  } catch (e) {
+    if (e.name !== "AbortError") {
+      out.remove();
+      bubble("error", e.message);
+    } else {
+      out.dataset.done = "true";
+      state.chat.push({ role: "assistant", content: text });
+    }
+  } finally {
+    state.abort = null;
+    $("send").disabled = false;
+    $("stop").hidden = true;
+    saveChat();
+    if (state.chat.length && state.chat[state.chat.length - 1].role === "assistant") renderChat();
+  }
 }
 
 $("chat-form").addEventListener("submit", async (ev) => {
@@ -339,69 +531,27 @@ $("chat-form").addEventListener("submit", async (ev) => {
   if (!text || state.abort) return;
   $("prompt").value = "";
   state.chat.push({ role: "user", content: text });
+  saveChat();
   bubble("user", text);
-  const out = bubble("assistant", "");
-  const messages = [];
-  const sys = $("system").value.trim();
-  if (sys) messages.push({ role: "system", content: sys });
-  messages.push(...state.chat);
-  const body = {
-    model: $("chat-model").value,
-    messages,
-    stream: true,
-    stream_options: { include_usage: true },
-    temperature: Number($("temperature").value),
-    top_p: Number($("top_p").value),
-    max_tokens: Number($("max_tokens").value),
-  };
-  if ($("seed").value !== "") body.seed = Number($("seed").value);
-  state.abort = new AbortController();
-  $("send").disabled = true;
-  $("stop").hidden = false;
-  const started = performance.now();
-  let first = null;
-  let answer = "";
-  try {
-    const r = await api("/v1/chat/completions", { method: "POST", body, signal: state.abort.signal });
-    for await (const frame of sseFrames(r)) {
-      if (frame.data === "[DONE]") break;
-      const chunk = JSON.parse(frame.data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-      if (delta && delta.content) {
-        first = first || performance.now();
-        answer += delta.content;
-        out.textContent = answer;
-        out.scrollIntoView({ block: "end" });
-      }
-      if (chunk.usage) {
-        const secs = (performance.now() - (first || started)) / 1000;
-        $("chat-stats").textContent = `${chunk.usage.prompt_tokens} prompt + ${chunk.usage.completion_tokens} generated tokens · first token ${((first || started) - started).toFixed(0)} ms · ${(chunk.usage.completion_tokens / Math.max(secs, 1e-3)).toFixed(1)} tok/s`;
-      }
-    }
-    out.dataset.done = "true";
-    state.chat.push({ role: "assistant", content: answer });
-  } catch (e) {
-    if (e.name !== "AbortError") {
-      out.remove();
-      bubble("error", e.message);
-      state.chat.pop();
-    } else {
-      out.dataset.done = "true";
-      state.chat.push({ role: "assistant", content: answer });
-    }
-  } finally {
-    state.abort = null;
-    $("send").disabled = false;
-    $("stop").hidden = true;
-  }
+  await answer();
 });
 
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("chat-form").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => state.abort && state.abort.abort());
-$("clear").addEventListener("click", () => { state.chat = []; $("messages").replaceChildren(); });
+$("clear").addEventListener("click", () => { state.chat = []; saveChat(); $("messages").replaceChildren(); });
+$("system").addEventListener("change", saveChat);
+
+// A conversation from an earlier visit.
+try {
+  const saved = JSON.parse(localStorage.getItem(CHAT_KEY) || "null");
+  if (saved && Array.isArray(saved.messages)) {
+    state.chat = saved.messages.filter((m) => m && typeof m.content === "string" && ["user", "assistant"].includes(m.role));
+    $("system").value = typeof saved.system === "string" ? saved.system : "";
+    renderChat();
+  }
+} catch (_) { /* a broken record is dropped */ }
 
 // ---------------------------------------------------------------- start
 $("apikey").value = state.key;

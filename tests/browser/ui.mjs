@@ -89,6 +89,38 @@ try {
     const stats = await page.$eval("#chat-stats", (e) => e.textContent);
     await page.screenshot({ path: `${outDir}/ui-chat-${name}.png`, fullPage: true });
     const distinct = new Set(lengths.filter((l) => l > 0)).size;
+    // The conversation survives a reload; model output is rendered as
+    // Markdown without becoming markup; the last answer regenerates.
+    let chatPage = null;
+    if (name === "desktop") {
+      await page.reload();
+      await page.click("#tab-chat");
+      const restored = await page.$$eval("#messages .msg", (ms) => ms.map((m) => m.dataset.role));
+      await page.evaluate(() => localStorage.setItem("hearth-chat", JSON.stringify({ system: "", messages: [
+        { role: "user", content: "Show code" },
+        { role: "assistant", content: "Here:\n\n```js\nlet x = 1;\n```\n\n- **bold** item\n- `code` item\n\n<img src=x onerror=\"window.pwned=1\"><script>window.pwned=2</script> [link](javascript:alert(1)) [ok](https://example.com)" },
+      ] })));
+      await page.reload();
+      await page.click("#tab-chat");
+      const rendered = await page.$eval("#messages .msg.assistant", (m) => ({
+        pre: m.querySelectorAll("pre code").length,
+        li: m.querySelectorAll("li").length,
+        strong: m.querySelectorAll("strong").length,
+        injected: m.querySelectorAll("img, script, iframe").length,
+        links: [...m.querySelectorAll("a")].map((a) => a.getAttribute("href")),
+        literal: m.textContent.includes("<img src=x"),
+        pwned: window.pwned || 0,
+      }));
+      await page.fill("#max_tokens", "8");
+      await page.click("#messages .regenerate");
+      await page.waitForFunction(() => {
+        const ms = document.querySelectorAll("#messages .msg");
+        const last = ms[ms.length - 1];
+        return last && last.dataset.role === "assistant" && last.dataset.done === "true" && last.querySelector(".regenerate");
+      }, null, { timeout: 120000 });
+      const after = await page.$$eval("#messages .msg", (ms) => ms.map((m) => m.dataset.role));
+      chatPage = { restored, rendered, after };
+    }
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
     // Training (desktop): upload a JSONL, launch, watch the job to its end
     // with its loss curve and per-device utilization.
@@ -113,7 +145,7 @@ try {
       }));
       await page.screenshot({ path: `${outDir}/ui-training-${name}.png`, fullPage: true });
     }
-    result[name] = { layers, reload, answer, stats, distinct_partial_lengths: distinct, failed, overflow, training };
+    result[name] = { layers, reload, answer, stats, distinct_partial_lengths: distinct, failed, overflow, training, chatPage };
     await page.close();
   }
 } finally {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use hearth_test_utils::{
     free_port, hearth_binary, netns::ChildGuard, real_model, stock_home_with, workspace_root,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Whether a missing client fails the test (CI) or skips it.
 fn required() -> bool {
@@ -389,6 +389,22 @@ fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
             "{r}"
         );
         assert!(!r["answer"].as_str().unwrap_or("").trim().is_empty(), "{r}");
+        if let Some(c) = r.get("chatPage").filter(|c| !c.is_null()) {
+            // Restored after a reload: the question and its answer.
+            assert_eq!(c["restored"], json!(["user", "assistant"]), "{c}");
+            let m = &c["rendered"];
+            assert_eq!(m["pre"], 1, "{c}");
+            assert_eq!(m["li"], 2, "{c}");
+            assert_eq!(m["strong"], 1, "{c}");
+            // Model output never becomes markup: no element, no script run,
+            // the tag shown as text, only http(s) links.
+            assert_eq!(m["injected"], 0, "{c}");
+            assert_eq!(m["pwned"], 0, "{c}");
+            assert_eq!(m["literal"], true, "{c}");
+            assert_eq!(m["links"], json!(["https://example.com"]), "{c}");
+            // Regenerated: still one question and one (new) answer.
+            assert_eq!(c["after"], json!(["user", "assistant"]), "{c}");
+        }
         assert!(
             r["distinct_partial_lengths"].as_u64().unwrap_or(0) >= 2,
             "the answer streamed in: {r}"
