@@ -282,7 +282,8 @@ fn serve_http(
             let stop = async move {
                 let _ = both_rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = l.serve_router(router, limits, stop).await {
+            // The main server's stop tells the streams both serve to end.
+            if let Err(e) = l.serve_router(router, limits, stop, || {}).await {
                 tracing::warn!("the Ollama-compatible API stopped: {e}");
             }
         });

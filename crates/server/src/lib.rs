@@ -594,18 +594,21 @@ impl Listener {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let (router, limits) = (app.router(), app.limits);
-        self.serve_router(router, limits, shutdown).await?;
-        app.begin_shutdown();
-        Ok(())
+        // Open streams are told to end before the open requests are
+        // awaited (an event stream never ends by itself).
+        self.serve_router(router, limits, shutdown, move || app.begin_shutdown())
+            .await
     }
 
     /// Serves `router` (say [`App::ollama_router`]) until `shutdown`
-    /// resolves, under `limits`; open requests finish.
+    /// resolves, under `limits`; then calls `stopping` and lets open
+    /// requests finish.
     pub async fn serve_router(
         self,
         router: Router,
         limits: HttpLimits,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+        stopping: impl FnOnce() + Send,
     ) -> Result<(), ServerError> {
         use hyper_util::rt::{TokioIo, TokioTimer};
         use tower::ServiceExt;
@@ -657,6 +660,7 @@ impl Listener {
                 drop(slot);
             });
         }
+        stopping();
         graceful.shutdown().await;
         Ok(())
     }
