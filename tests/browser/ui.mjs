@@ -14,7 +14,14 @@ try {
   for (const [name, viewport] of [["desktop", { width: 1280, height: 900 }], ["phone", { width: 390, height: 844 }]]) {
     const page = await browser.newPage({ viewport });
     const failed = [];
-    page.on("requestfailed", (r) => { if (!r.url().includes("/api/events")) failed.push(r.url()); });
+    // Requests the page aborts on purpose (a reload, the stop button) are
+    // expected while `aborting` is set; anything else failing is not.
+    let aborting = false;
+    page.on("requestfailed", (r) => {
+      if (r.url().includes("/api/events")) return;
+      if (aborting && ((r.failure() || {}).errorText || "").includes("ERR_ABORTED")) return;
+      failed.push(r.url());
+    });
     page.on("pageerror", (e) => failed.push("page error: " + e.message));
     page.on("request", (r) => { if (!r.url().startsWith(base)) failed.push("outside request: " + r.url()); });
     await page.goto(base + "/", { waitUntil: "load" });
@@ -93,6 +100,7 @@ try {
     // Markdown without becoming markup; the last answer regenerates.
     let chatPage = null;
     if (name === "desktop") {
+      aborting = true;
       await page.reload();
       await page.click("#tab-chat");
       const restored = await page.$$eval("#messages .msg", (ms) => ms.map((m) => m.dataset.role));
@@ -119,7 +127,26 @@ try {
         return last && last.dataset.role === "assistant" && last.dataset.done === "true" && last.querySelector(".regenerate");
       }, null, { timeout: 120000 });
       const after = await page.$$eval("#messages .msg", (ms) => ms.map((m) => m.dataset.role));
-      chatPage = { restored, rendered, after };
+      // Stop ends the stream: the answer stops growing and is kept.
+      await page.fill("#max_tokens", "400");
+      await page.fill("#prompt", "Tell a very long story about a dragon.");
+      await page.click("#send");
+      const lastLen = () => page.$eval("#messages .msg.assistant:last-of-type .body", (e) => e.textContent.length).catch(() => 0);
+      const until = Date.now() + 60000;
+      while ((await lastLen()) < 20 && Date.now() < until) await page.waitForTimeout(20);
+      await page.click("#stop");
+      await page.waitForFunction(() => {
+        const ms = document.querySelectorAll("#messages .msg");
+        const last = ms[ms.length - 1];
+        return last && last.dataset.role === "assistant" && last.dataset.done === "true";
+      }, null, { timeout: 30000 });
+      const l1 = await lastLen();
+      await page.waitForTimeout(1500);
+      const l2 = await lastLen();
+      const stopHidden = await page.$eval("#stop", (b) => b.hidden);
+      const stopped = { length: l1, grewAfter: l2 - l1, stopHidden };
+      chatPage = { restored, rendered, after, stopped };
+      aborting = false;
     }
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
     // Training (desktop): upload a JSONL, launch, watch the job to its end

@@ -135,6 +135,79 @@ try:
 except openai.BadRequestError as e:
     refused = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
 
+# Structured output on 20 different prompts: a valid object each time.
+class Answer(BaseModel):
+    topic: str = Field(max_length=40)
+    sentiment: str = Field(pattern="^(positive|negative|neutral)$")
+    score: int = Field(ge=1, le=10)
+
+
+topics = [
+    "the weather today", "a new phone", "a broken bicycle", "winning a prize", "a long queue",
+    "a good book", "a rainy holiday", "fresh bread", "a traffic jam", "a kind neighbour",
+    "a lost wallet", "a sunny beach", "a noisy party", "a cold coffee", "a surprise gift",
+    "a missed train", "a tasty soup", "a quiet library", "a flat tyre", "a warm fireplace",
+]
+parsed20 = 0
+for t in topics:
+    r = client.chat.completions.parse(
+        model=model,
+        messages=[{"role": "user", "content": f"Rate how people feel about {t}."}],
+        response_format=Answer,
+        temperature=0,
+        max_tokens=80,
+    )
+    if r.choices[0].message.parsed is not None:
+        parsed20 += 1
+
+# A streamed tool-calling round trip: the call arrives as deltas, its
+# result goes back, and the answer streams.
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
+    tools=tools,
+    tool_choice="required",
+    temperature=0,
+    max_tokens=80,
+    stream=True,
+)
+call_id, call_name, call_args, stream_finish = None, None, "", None
+for chunk in stream:
+    for c in chunk.choices:
+        for tc in (c.delta.tool_calls or []):
+            call_id = tc.id or call_id
+            if tc.function and tc.function.name:
+                call_name = tc.function.name
+            if tc.function and tc.function.arguments:
+                call_args += tc.function.arguments
+        if c.finish_reason:
+            stream_finish = c.finish_reason
+answer_stream = client.chat.completions.create(
+    model=model,
+    messages=[
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {"name": call_name, "arguments": call_args}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "12 degrees and raining"},
+    ],
+    tools=tools,
+    temperature=0,
+    max_tokens=24,
+    stream=True,
+)
+answer_text = "".join(c.delta.content or "" for ch in answer_stream for c in ch.choices)
+
+# n = 3.
+three = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": prompt}], n=3, temperature=1.0, seed=5, max_tokens=8,
+)
+
+# The first token's log-probabilities, for the test to check against the
+# model's own logits.
+first_lp = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=1,
+    logprobs=True, top_logprobs=5,
+).choices[0].logprobs.content[0]
+
 # The Responses API, whole and streamed.
 resp = client.responses.create(model=model, instructions="Be brief.", input=prompt, max_output_tokens=16, temperature=0)
 events = []
@@ -153,6 +226,12 @@ print(json.dumps({
     "responses_final_text": final.output_text,
     "responses_events": [events[0], events[-1]] if events else [],
     "parsed": parsed_out,
+    "parsed20": parsed20,
+    "stream_call": {"name": call_name, "arguments": call_args, "finish": stream_finish, "id": call_id},
+    "round_trip_answer": answer_text,
+    "n3": len(three.choices),
+    "n3_indices": sorted(c.index for c in three.choices),
+    "first_top": [{"bytes": t.bytes, "logprob": t.logprob} for t in first_lp.top_logprobs],
     "tool_finish": called.choices[0].finish_reason,
     "tool_calls": calls,
     "followup_finish": followup.choices[0].finish_reason,

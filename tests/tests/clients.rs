@@ -214,6 +214,61 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
     ])?;
     assert_eq!(got["completion_text"], raw["text"], "completions vs --raw");
     assert_eq!(got["unknown_model"], "model_not_found");
+    // Structured output through `parse` on 20 different prompts: 20/20.
+    assert_eq!(got["parsed20"], 20, "{got}");
+    // A streamed tool-calling round trip.
+    assert_eq!(got["stream_call"]["name"], "get_weather", "{got}");
+    assert_eq!(got["stream_call"]["finish"], "tool_calls", "{got}");
+    let args: Value = serde_json::from_str(got["stream_call"]["arguments"].as_str().unwrap_or(""))
+        .with_context(|| format!("streamed arguments: {got}"))?;
+    assert!(args["city"].is_string(), "{got}");
+    assert!(
+        !got["round_trip_answer"]
+            .as_str()
+            .unwrap_or("")
+            .trim()
+            .is_empty(),
+        "{got}"
+    );
+    // n = 3: three choices.
+    assert_eq!(got["n3"], 3, "{got}");
+    assert_eq!(got["n3_indices"], json!([0, 1, 2]), "{got}");
+    // Log-probabilities against a softmax over the model's own logits for
+    // the same prompt, read here through the model crate.
+    if let Some(path) = real_model() {
+        let lm = hearth_models::LocalModel::load(&path, hearth_models::Precision::Quantized)?;
+        let ids =
+            lm.encode_prompt(&lm.render_chat(&[hearth_models::Message::new("user", prompt)])?)?;
+        let logits = lm.prompt_logits(&ids)?;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max as f64
+            + logits
+                .iter()
+                .map(|&l| ((l - max) as f64).exp())
+                .sum::<f64>()
+                .ln();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let top = got["first_top"].as_array().context("first_top")?;
+        assert_eq!(top.len(), 5, "{got}");
+        for (k, t) in top.iter().enumerate() {
+            let want = logits[order[k]] as f64 - lse;
+            let have = t["logprob"].as_f64().unwrap_or(0.0);
+            assert!(
+                (want - have).abs() < 1e-3,
+                "top {k}: {have} vs softmax {want}"
+            );
+            let bytes: Vec<u8> = t["bytes"]
+                .as_array()
+                .map(|b| {
+                    b.iter()
+                        .filter_map(|x| x.as_u64().map(|x| x as u8))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(bytes, lm.tokenizer().id_bytes(order[k] as u32), "top {k}");
+        }
+    }
     // The Responses API through the SDK: the same greedy text whole and
     // streamed, typed events from created to the end.
     let rt = got["responses_text"].as_str().unwrap_or("");
@@ -404,6 +459,11 @@ fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
             assert_eq!(m["links"], json!(["https://example.com"]), "{c}");
             // Regenerated: still one question and one (new) answer.
             assert_eq!(c["after"], json!(["user", "assistant"]), "{c}");
+            // Stopped mid-answer: kept, and it grows no more.
+            let st = &c["stopped"];
+            assert!(st["length"].as_u64().unwrap_or(0) >= 20, "{c}");
+            assert_eq!(st["grewAfter"], 0, "{c}");
+            assert_eq!(st["stopHidden"], true, "{c}");
         }
         assert!(
             r["distinct_partial_lengths"].as_u64().unwrap_or(0) >= 2,
