@@ -1750,3 +1750,112 @@ async fn the_responses_api_answers_whole_and_in_typed_events() {
     }
     n.shutdown().await;
 }
+
+/// A Hermes-family (Qwen3) template that renders tools itself, from the
+/// transformers reference fixture.
+fn qwen_template() -> String {
+    let path = hearth_test_utils::workspace_root().join("tests/fixtures/templates/reference.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tools_thinking")
+        .unwrap()["template"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hermes_template_model_gets_tools_from_its_template_and_calls_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new(
+        "solo",
+        Identity::generate().unwrap(),
+        ClusterSecret::generate(),
+    );
+    cfg.quic = "127.0.0.1:0".parse().unwrap();
+    let spec = hearth_test_utils::TinySpec {
+        context: 4096,
+        chat_template: Some(qwen_template()),
+        ..Default::default()
+    };
+    cfg.models = Some(TestModels::tiny_with(dir.path(), spec).unwrap());
+    let n = Node::start(cfg).await.unwrap();
+    n.load_model("tiny").await.unwrap();
+    assert!(n.wait_placement(Duration::from_secs(30)).await.is_some());
+    assert_eq!(
+        n.tool_format(),
+        Some(hearth_models::tools::ToolFormat::Hermes)
+    );
+    assert!(n.template_renders_tools());
+    let app = || hearth_server::router(n.clone());
+    let model = n.model_name().unwrap();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"], "additionalProperties": false}}}]);
+    let ask = |extra: Value| {
+        let mut b = json!({"model": model, "max_tokens": 60, "temperature": 0,
+            "messages": [{"role": "user", "content": "Weather in Oslo?"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b.to_string()
+    };
+    // The template itself puts the tools in the prompt (no system message
+    // from Hearth): the prompt grows by their schema.
+    let plain = post(
+        app(),
+        "/v1/chat/completions",
+        &ask(json!({"max_tokens": 1})),
+    )
+    .await
+    .json();
+    let with = post(
+        app(),
+        "/v1/chat/completions",
+        &ask(json!({"max_tokens": 1, "tools": tools})),
+    )
+    .await
+    .json();
+    let grown = with["usage"]["prompt_tokens"].as_u64().unwrap()
+        - plain["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(grown > 100, "{grown}");
+    // Forced: a call of the tool, streamed and not.
+    for stream in [false, true] {
+        let r = post(
+            app(),
+            "/v1/chat/completions",
+            &ask(json!({"tools": tools, "tool_choice": "required", "stream": stream})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let calls: Vec<Value> = if stream {
+            r.sse()
+                .iter()
+                .filter(|f| *f != "[DONE]")
+                .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+                .filter_map(|v| v["choices"][0]["delta"]["tool_calls"].as_array().cloned())
+                .flatten()
+                .collect()
+        } else {
+            r.json()["choices"][0]["message"]["tool_calls"]
+                .as_array()
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        let args: Value =
+            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(["Oslo", "Rome"].contains(&args["city"].as_str().unwrap()));
+    }
+    // A call and its result go back through the template (as
+    // `<tool_call>` and `<tool_response>`): the prompt renders and answers.
+    let r = post(app(), "/v1/chat/completions", &json!({"model": model, "max_tokens": 4, "tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}
+    ]}).to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    n.shutdown().await;
+}

@@ -37,6 +37,8 @@ pub struct TinySpec {
     /// More GGUF matrix types to write (K-quants need `hidden` and
     /// `intermediate` to be multiples of 256).
     pub extra_types: Vec<GgmlDType>,
+    /// The GGUF's chat template [default: SmolLM2's].
+    pub chat_template: Option<String>,
 }
 
 impl Default for TinySpec {
@@ -53,6 +55,7 @@ impl Default for TinySpec {
             architecture: "llama",
             seed: 7,
             extra_types: Vec::new(),
+            chat_template: None,
         }
     }
 }
@@ -308,7 +311,11 @@ pub fn tiny_model(dir: &Path, spec: TinySpec) -> Result<TinyModel> {
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
             (
                 "tokenizer.chat_template".into(),
-                Value::String(SMOLLM2_TEMPLATE.into()),
+                Value::String(
+                    spec.chat_template
+                        .clone()
+                        .unwrap_or_else(|| SMOLLM2_TEMPLATE.into()),
+                ),
             ),
         ];
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
