@@ -432,7 +432,7 @@ pub(crate) fn chat(body: Map<String, Value>) -> Result<Chat, Invalid> {
 }
 
 /// `response_format`: text, any JSON object, or JSON meeting a schema.
-fn response_format(rf: &Value) -> Result<Option<String>, Invalid> {
+pub(crate) fn response_format(rf: &Value) -> Result<Option<String>, Invalid> {
     let field = "response_format";
     match rf.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),

@@ -200,21 +200,8 @@ impl App {
             .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::serve))
             .route("/", get(ui::index))
-            .route("/ui/{file}", get(ui::asset))
-            .fallback(not_found)
-            .method_not_allowed_fallback(method_not_allowed)
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                read_body,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                authorize,
-            ))
-            .layer(axum::middleware::from_fn_with_state(state.clone(), count))
-            // `read_body` enforces MAX_BODY; extractors see its whole body.
-            .layer(DefaultBodyLimit::disable())
-            .with_state(state.clone());
+            .route("/ui/{file}", get(ui::asset));
+        let router = guarded(router, &state);
         let ollama = Router::new()
             .route("/", get(ollama::root).head(ollama::root))
             .route("/api/chat", post(ollama::chat))
@@ -222,20 +209,8 @@ impl App {
             .route("/api/tags", get(ollama::tags))
             .route("/api/show", post(ollama::show))
             .route("/api/ps", get(ollama::ps))
-            .route("/api/version", get(ollama::version))
-            .fallback(not_found)
-            .method_not_allowed_fallback(method_not_allowed)
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                read_body,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                authorize,
-            ))
-            .layer(axum::middleware::from_fn_with_state(state.clone(), count))
-            .layer(DefaultBodyLimit::disable())
-            .with_state(state);
+            .route("/api/version", get(ollama::version));
+        let ollama = guarded(ollama, &state);
         Self {
             router,
             ollama,
@@ -266,6 +241,26 @@ impl App {
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown.send(true);
     }
+}
+
+/// `routes` behind the server's middleware: request counting, the API key
+/// and cross-site refusal, and the body read within its limit and timeout
+/// (`read_body` enforces MAX_BODY; extractors see its whole body).
+fn guarded(routes: Router<AppState>, state: &AppState) -> Router {
+    routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state.clone())
 }
 
 /// The routes over `node` with default options (loopback use, no key).

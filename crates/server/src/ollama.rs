@@ -287,16 +287,7 @@ pub(crate) async fn chat(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
     };
-    let job = Job {
-        kind: Kind::Chat,
-        common: c.common,
-        prompt: hearth_runtime::pipeline::Prompt::Chat(Box::new(c.inputs)),
-        logprobs: None,
-        grammar: c.grammar,
-        tools: c.tools,
-        echo: None,
-    };
-    run(s, job).await
+    run(s, Job::chat(c, Kind::Chat)).await
 }
 
 pub(crate) async fn generate(
@@ -344,15 +335,9 @@ pub(crate) async fn generate(
             Ok(c) => c,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
         };
-        let job = Job {
-            kind: Kind::Text,
-            common: c.common,
-            prompt: hearth_runtime::pipeline::Prompt::Chat(Box::new(c.inputs)),
-            logprobs: None,
-            grammar: c.grammar,
-            tools: None,
-            echo: None,
-        };
+        // Ollama's generate answers text, and parses no tool calls.
+        let mut job = Job::chat(c, Kind::Text);
+        job.tools = None;
         return run(s, job).await;
     };
     // Raw: the prompt as is (no template), through the completions reader.
@@ -362,12 +347,9 @@ pub(crate) async fn generate(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
     };
-    let grammar = match fmt {
-        Some(v) if v["type"] == "json_object" => Some(hearth_models::grammar::json_object()),
-        Some(v) => Some(hearth_models::grammar::json_schema(
-            &v["json_schema"]["schema"],
-        )),
-        None => None,
+    let grammar = match fmt.as_ref().map(fields::response_format).transpose() {
+        Ok(g) => g.flatten(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
     };
     let job = Job {
         kind,

@@ -138,24 +138,29 @@ pub(crate) struct Job {
     pub echo: Option<String>,
 }
 
+impl Job {
+    /// A read chat request's generations, answered as `kind`.
+    pub(crate) fn chat(c: fields::Chat, kind: Kind) -> Self {
+        Self {
+            kind,
+            common: c.common,
+            prompt: Prompt::Chat(Box::new(c.inputs)),
+            logprobs: c.logprobs,
+            grammar: c.grammar,
+            tools: c.tools,
+            echo: None,
+        }
+    }
+}
+
 pub(crate) async fn chat(
     State(s): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Response {
-    let c = match fields::chat(body) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    let job = Job {
-        kind: Kind::Chat,
-        common: c.common,
-        prompt: Prompt::Chat(Box::new(c.inputs)),
-        logprobs: c.logprobs,
-        grammar: c.grammar,
-        tools: c.tools,
-        echo: None,
-    };
-    run(s, job).await
+    match fields::chat(body) {
+        Ok(c) => run(s, Job::chat(c, Kind::Chat)).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 pub(crate) async fn completions(

@@ -345,15 +345,7 @@ pub(crate) async fn create(
             return bad_request(msg, Some(field));
         }
     };
-    let mut job = Job {
-        kind: Kind::Chat,
-        common: c.common,
-        prompt: hearth_runtime::pipeline::Prompt::Chat(Box::new(c.inputs)),
-        logprobs: None,
-        grammar: c.grammar,
-        tools: c.tools,
-        echo: None,
-    };
+    let mut job = Job::chat(c, Kind::Chat);
     let Started { streams, tools } = match openai::start(&s, &mut job).await {
         Ok(x) => x,
         Err(r) => return r,
