@@ -266,10 +266,40 @@ impl ChatTemplate {
                 ctx.push((k.clone(), Value::from_serialize(v)));
             }
         }
-        let ctx: Value = ctx.into_iter().collect();
-        tmpl.render(ctx)
-            .map_err(|e| ModelError::Template(e.to_string()))
+        let first = tmpl.render(ctx.iter().cloned().collect::<Value>());
+        let err = match first {
+            Ok(text) => return Ok(text),
+            Err(e) => ModelError::Template(e.to_string()),
+        };
+        // A template that refuses a system turn (Gemma 2, some Mistral
+        // ones) gets it as the opening of the first user turn, as people
+        // using those models write it.
+        let Some(folded) = fold_system(&inputs.messages) else {
+            return Err(err);
+        };
+        ctx[0].1 = Value::from_serialize(&folded);
+        tmpl.render(ctx.into_iter().collect::<Value>())
+            .map_err(|_| err)
     }
+}
+
+/// `messages` with a leading system turn folded into the user turn after
+/// it, if it has one.
+fn fold_system(messages: &serde_json::Value) -> Option<serde_json::Value> {
+    let list = messages.as_array()?;
+    let (sys, user) = (list.first()?, list.get(1)?);
+    if sys.get("role")?.as_str()? != "system" || user.get("role")?.as_str()? != "user" {
+        return None;
+    }
+    let (a, b) = (
+        sys.get("content")?.as_str()?,
+        user.get("content")?.as_str()?,
+    );
+    let mut merged = user.clone();
+    merged["content"] = serde_json::Value::String(format!("{a}\n\n{b}"));
+    let mut out = vec![merged];
+    out.extend(list[2..].iter().cloned());
+    Some(serde_json::Value::Array(out))
 }
 
 #[cfg(test)]
@@ -277,6 +307,32 @@ mod tests {
     use super::*;
 
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn a_template_refusing_system_turns_gets_it_in_the_first_user_turn() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}[{{ m.role }}]{{ m.content }}{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let out = t
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", "Hi"),
+                    Message::new("assistant", "Yo"),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(out, "[user]Be brief.\n\nHi[assistant]Yo");
+        // With no user turn to fold it into, the template's own error.
+        let e = t
+            .render(&[Message::new("system", "Be brief.")], false)
+            .unwrap_err();
+        assert!(e.to_string().contains("System role not supported"), "{e}");
+    }
 
     #[test]
     fn smollm2_inserts_default_system_prompt() {

@@ -261,6 +261,131 @@ pub fn call_schema(tools: &[Value], only: Option<&str>) -> Option<Value> {
     }
 }
 
+/// Adapts a conversation's tool calls and results to the chat template
+/// that renders it. A template that does not render tools gets each call
+/// as the JSON text the tools prompt asks for, and each result as a user
+/// turn (merged with neighbouring user turns, for templates that want
+/// turns to alternate). Mistral's templates get call ids of the nine
+/// letters and digits they require, each id mapped the same way wherever
+/// it occurs, so calls and their results still pair.
+pub fn fit_history(messages: &mut Vec<Value>, format: ToolFormat, renders_tools: bool) {
+    if renders_tools {
+        if format == ToolFormat::Mistral {
+            for m in messages.iter_mut() {
+                if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                    for c in calls {
+                        if let Some(id) = c.get("id").and_then(Value::as_str) {
+                            c["id"] = json!(mistral_id(id));
+                        }
+                    }
+                }
+                if let Some(id) = m.get("tool_call_id").and_then(Value::as_str) {
+                    m["tool_call_id"] = json!(mistral_id(id));
+                }
+            }
+        }
+        return;
+    }
+    let has_tools = messages
+        .iter()
+        .any(|m| m.get("tool_calls").is_some() || m.get("role") == Some(&json!("tool")));
+    if !has_tools {
+        return;
+    }
+    let mut out: Vec<Value> = Vec::with_capacity(messages.len());
+    // Whether the last message out is a user turn holding a tool result.
+    let mut last_result = false;
+    for mut m in messages.drain(..) {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let text = |m: &Value| {
+            m.get("content")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        if role == "tool" {
+            let name = m.get("name").and_then(Value::as_str);
+            let result = match name {
+                Some(n) => format!("Result of {n}: {}", text(&m)),
+                None => format!("Tool result: {}", text(&m)),
+            };
+            match out.last_mut() {
+                Some(prev) if prev.get("role") == Some(&json!("user")) => {
+                    let joined = format!("{}\n\n{result}", text(prev));
+                    prev["content"] = json!(joined);
+                }
+                _ => out.push(json!({"role": "user", "content": result})),
+            }
+            last_result = true;
+            continue;
+        }
+        if let Some(o) = m.as_object_mut()
+            && let Some(Value::Array(calls)) = o.remove("tool_calls")
+        {
+            let mut parts: Vec<String> = Vec::with_capacity(calls.len() + 1);
+            let content = o
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .trim();
+            if !content.is_empty() {
+                parts.push(content.to_string());
+            }
+            for c in &calls {
+                let f = c.get("function").unwrap_or(c);
+                let args = match f.get("arguments") {
+                    Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(json!(s)),
+                    Some(v) => v.clone(),
+                    None => json!({}),
+                };
+                parts.push(
+                    json!({"name": f.get("name").cloned().unwrap_or_default(), "arguments": args})
+                        .to_string(),
+                );
+            }
+            o.insert("content".into(), json!(parts.join("\n")));
+        }
+        if role == "user" && last_result {
+            if let Some(prev) = out.last_mut() {
+                let joined = format!("{}\n\n{}", text(prev), text(&m));
+                prev["content"] = json!(joined);
+                last_result = false;
+                continue;
+            }
+        }
+        last_result = false;
+        out.push(m);
+    }
+    *messages = out;
+}
+
+/// A call id as Mistral's templates require it: nine letters and digits;
+/// an id that is not one is mapped by its hash (the same id, the same
+/// result).
+pub fn mistral_id(id: &str) -> String {
+    if id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return id.to_string();
+    }
+    // FNV-1a: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    (0..9)
+        .map(|_| {
+            let d = DIGITS[(h % 62) as usize] as char;
+            h /= 62;
+            d
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +523,45 @@ mod tests {
         let s = call_schema(&tools, Some("b")).unwrap();
         assert_eq!(s["properties"]["name"]["const"], "b");
         assert!(call_schema(&tools, Some("c")).is_none());
+    }
+    #[test]
+    fn history_fits_templates_without_tools_and_mistral_ids() {
+        let chat = || {
+            vec![
+                json!({"role": "system", "content": "S"}),
+                json!({"role": "user", "content": "Weather?"}),
+                json!({"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}},
+                    {"id": "call_2", "type": "function", "function": {"name": "time", "arguments": "{\"tz\": \"CET\"}"}}]}),
+                json!({"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": "12 C"}),
+                json!({"role": "tool", "tool_call_id": "call_2", "content": "noon"}),
+                json!({"role": "user", "content": "Thanks"}),
+            ]
+        };
+        let mut m = chat();
+        fit_history(&mut m, ToolFormat::Json, false);
+        let roles: Vec<&str> = m.iter().map(|x| x["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert_eq!(
+            m[2]["content"],
+            "{\"name\":\"weather\",\"arguments\":{\"city\":\"Oslo\"}}\n{\"name\":\"time\",\"arguments\":{\"tz\":\"CET\"}}"
+        );
+        assert!(m[2].get("tool_calls").is_none());
+        assert_eq!(
+            m[3]["content"],
+            "Result of weather: 12 C\n\nTool result: noon\n\nThanks"
+        );
+        // Templates that render tools keep them; Mistral's get its ids.
+        let mut m = chat();
+        fit_history(&mut m, ToolFormat::Hermes, true);
+        assert_eq!(m, chat());
+        fit_history(&mut m, ToolFormat::Mistral, true);
+        let id = m[2]["tool_calls"][0]["id"].as_str().unwrap().to_string();
+        assert_eq!(id.len(), 9);
+        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_eq!(m[3]["tool_call_id"], id.as_str());
+        assert_ne!(m[4]["tool_call_id"], id.as_str());
+        assert_eq!(mistral_id("a1B2c3D4e"), "a1B2c3D4e");
+        assert_eq!(mistral_id("call_1"), id);
     }
 }

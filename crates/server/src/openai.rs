@@ -433,8 +433,14 @@ pub(crate) async fn start(s: &AppState, job: &mut Job) -> Result<Started, Respon
         (Some(t), Some(f)) => Some((t.clone(), f)),
         _ => None,
     };
+    let renders_tools = s.node.template_renders_tools();
+    if let (Prompt::Chat(inputs), Some(format)) = (&mut job.prompt, s.node.tool_format())
+        && let Some(msgs) = inputs.messages.as_array_mut()
+    {
+        hearth_models::tools::fit_history(msgs, format, renders_tools);
+    }
     if let (Some((t, _)), Prompt::Chat(inputs)) = (&tools, &mut job.prompt)
-        && !s.node.template_renders_tools()
+        && !renders_tools
     {
         tools_prompt(inputs, &t.list);
     }

@@ -1751,24 +1751,43 @@ async fn the_responses_api_answers_whole_and_in_typed_events() {
     n.shutdown().await;
 }
 
-/// A Hermes-family (Qwen3) template that renders tools itself, from the
-/// transformers reference fixture.
-fn qwen_template() -> String {
+/// A chat template of one model family, from the transformers reference
+/// fixture (tests/fixtures/make_template_reference.py).
+fn family_template(case: &str) -> String {
     let path = hearth_test_utils::workspace_root().join("tests/fixtures/templates/reference.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["name"] == "tools_thinking")
+        .find(|c| c["name"] == case)
         .unwrap()["template"]
         .as_str()
         .unwrap()
         .to_string()
 }
 
+/// Tools, tool calls, their results and structured output through the chat
+/// template of each model family: Qwen3 (Hermes `<tool_call>`), Llama 3.1
+/// (JSON with `parameters`, the `ipython` role), Mistral v3 (`[TOOL_CALLS]`,
+/// 9-character ids), and Gemma and Phi-3, whose templates know no tools
+/// (Hearth shows them the tools in a system turn, and their calls and
+/// results as text, turns still alternating).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hermes_template_model_gets_tools_from_its_template_and_calls_them() {
+async fn every_template_family_gets_tools_calls_them_and_answers_in_json() {
+    use hearth_models::tools::ToolFormat;
+    for (case, format, renders) in [
+        ("tools_thinking", ToolFormat::Hermes, true),
+        ("llama3_tools", ToolFormat::Llama3, true),
+        ("mistral_tools", ToolFormat::Mistral, true),
+        ("gemma_plain", ToolFormat::Json, false),
+        ("phi3_plain", ToolFormat::Json, false),
+    ] {
+        template_family(case, format, renders).await;
+    }
+}
+
+async fn template_family(case: &str, format: hearth_models::tools::ToolFormat, renders: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = NodeConfig::new(
         "solo",
@@ -1778,84 +1797,154 @@ async fn a_hermes_template_model_gets_tools_from_its_template_and_calls_them() {
     cfg.quic = "127.0.0.1:0".parse().unwrap();
     let spec = hearth_test_utils::TinySpec {
         context: 4096,
-        chat_template: Some(qwen_template()),
+        chat_template: Some(family_template(case)),
         ..Default::default()
     };
     cfg.models = Some(TestModels::tiny_with(dir.path(), spec).unwrap());
     let n = Node::start(cfg).await.unwrap();
     n.load_model("tiny").await.unwrap();
     assert!(n.wait_placement(Duration::from_secs(30)).await.is_some());
-    assert_eq!(
-        n.tool_format(),
-        Some(hearth_models::tools::ToolFormat::Hermes)
-    );
-    assert!(n.template_renders_tools());
+    assert_eq!(n.tool_format(), Some(format), "{case}");
+    assert_eq!(n.template_renders_tools(), renders, "{case}");
     let app = || hearth_server::router(n.clone());
     let model = n.model_name().unwrap();
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"], "additionalProperties": false}}}]);
     let ask = |extra: Value| {
         let mut b = json!({"model": model, "max_tokens": 60, "temperature": 0,
-            "messages": [{"role": "user", "content": "Weather in Oslo?"}]});
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"}]});
         for (k, v) in extra.as_object().unwrap() {
             b[k] = v.clone();
         }
         b.to_string()
     };
-    // The template itself puts the tools in the prompt (no system message
-    // from Hearth): the prompt grows by their schema.
+    // The model is shown its tools (by its template, or by Hearth's system
+    // turn): the prompt grows by their schema.
     let plain = post(
         app(),
         "/v1/chat/completions",
         &ask(json!({"max_tokens": 1})),
     )
-    .await
-    .json();
+    .await;
+    assert_eq!(plain.status, StatusCode::OK, "{case}: {}", plain.text());
     let with = post(
         app(),
         "/v1/chat/completions",
         &ask(json!({"max_tokens": 1, "tools": tools})),
     )
-    .await
-    .json();
-    let grown = with["usage"]["prompt_tokens"].as_u64().unwrap()
-        - plain["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(grown > 100, "{grown}");
-    // Forced: a call of the tool, streamed and not.
+    .await;
+    assert_eq!(with.status, StatusCode::OK, "{case}: {}", with.text());
+    let grown = with.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+        - plain.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(grown > 100, "{case}: {grown}");
+    // Forced, by `required` and by name: a call of the tool, streamed and
+    // not, with arguments that validate.
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "get_weather"}}),
+    ] {
+        for stream in [false, true] {
+            let r = post(
+                app(),
+                "/v1/chat/completions",
+                &ask(json!({"tools": tools, "tool_choice": choice, "stream": stream})),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "{case}: {}", r.text());
+            let (calls, reason): (Vec<Value>, String) = if stream {
+                let frames: Vec<Value> = r
+                    .sse()
+                    .iter()
+                    .filter(|f| *f != "[DONE]")
+                    .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+                    .collect();
+                let reason = frames
+                    .iter()
+                    .filter_map(|v| v["choices"][0]["finish_reason"].as_str())
+                    .collect();
+                let calls = frames
+                    .iter()
+                    .filter_map(|v| v["choices"][0]["delta"]["tool_calls"].as_array().cloned())
+                    .flatten()
+                    .collect();
+                (calls, reason)
+            } else {
+                let v = r.json();
+                (
+                    v["choices"][0]["message"]["tool_calls"]
+                        .as_array()
+                        .unwrap()
+                        .clone(),
+                    v["choices"][0]["finish_reason"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                )
+            };
+            assert_eq!(calls.len(), 1, "{case}: {calls:?}");
+            // A named choice ends as OpenAI's does: `stop`.
+            let want = if choice == "required" {
+                "tool_calls"
+            } else {
+                "stop"
+            };
+            assert_eq!(reason, want, "{case} {choice} stream {stream}");
+            assert_eq!(calls[0]["function"]["name"], "get_weather", "{case}");
+            let args: Value =
+                serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+            assert!(
+                ["Oslo", "Rome"].contains(&args["city"].as_str().unwrap()),
+                "{case}: {args}"
+            );
+        }
+    }
+    // Structured output through the same template.
+    let r = post(
+        app(),
+        "/v1/chat/completions",
+        &ask(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "strict": true,
+            "schema": {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}, "warm": {"type": "boolean"}},
+                "required": ["city", "warm"], "additionalProperties": false}}}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{case}: {}", r.text());
+    let v: Value = serde_json::from_str(
+        r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(v["warm"].is_boolean() && ["Oslo", "Rome"].contains(&v["city"].as_str().unwrap()));
+    // Calls and their results go back through the template: OpenAI-style
+    // ids (Mistral's template refuses ids that are not 9 characters, and
+    // Gemma's turns that do not alternate), one call where the family
+    // calls one tool at a time.
+    const CITIES: [&str; 2] = ["Oslo", "Rome"];
+    let calls = if format == hearth_models::tools::ToolFormat::Llama3 {
+        1
+    } else {
+        2
+    };
+    let mut messages = vec![
+        json!({"role": "system", "content": "Be brief."}),
+        json!({"role": "user", "content": "Weather in Oslo and Rome?"}),
+        json!({"role": "assistant", "content": null, "tool_calls": (0..calls).map(|i| json!(
+            {"id": format!("call_{i}"), "type": "function", "function": {"name": "get_weather",
+             "arguments": json!({"city": CITIES[i]}).to_string()}})).collect::<Vec<_>>()}),
+    ];
+    for i in 0..calls {
+        messages.push(json!({"role": "tool", "tool_call_id": format!("call_{i}"), "content": format!("{} C", 12 + i)}));
+    }
     for stream in [false, true] {
         let r = post(
             app(),
             "/v1/chat/completions",
-            &ask(json!({"tools": tools, "tool_choice": "required", "stream": stream})),
+            &json!({"model": model, "max_tokens": 4,
+            "tools": tools, "messages": messages, "stream": stream})
+            .to_string(),
         )
         .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        let calls: Vec<Value> = if stream {
-            r.sse()
-                .iter()
-                .filter(|f| *f != "[DONE]")
-                .filter_map(|f| serde_json::from_str::<Value>(f).ok())
-                .filter_map(|v| v["choices"][0]["delta"]["tool_calls"].as_array().cloned())
-                .flatten()
-                .collect()
-        } else {
-            r.json()["choices"][0]["message"]["tool_calls"]
-                .as_array()
-                .unwrap()
-                .clone()
-        };
-        assert_eq!(calls.len(), 1, "{calls:?}");
-        let args: Value =
-            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
-        assert!(["Oslo", "Rome"].contains(&args["city"].as_str().unwrap()));
+        assert_eq!(r.status, StatusCode::OK, "{case}: {}", r.text());
     }
-    // A call and its result go back through the template (as
-    // `<tool_call>` and `<tool_response>`): the prompt renders and answers.
-    let r = post(app(), "/v1/chat/completions", &json!({"model": model, "max_tokens": 4, "tools": tools, "messages": [
-        {"role": "user", "content": "Weather in Oslo?"},
-        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}
-    ]}).to_string()).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     n.shutdown().await;
 }
