@@ -15,6 +15,80 @@ pub struct ModelEntry {
     pub size_bytes: Option<u64>,
     /// Whether loading needs a download first.
     pub download: bool,
+    /// Where it is on this device, if it is here.
+    #[serde(skip)]
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// What a model file says about itself, read from its header and tensor
+/// table (no weights are read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFacts {
+    /// `gguf` or `safetensors`.
+    pub format: &'static str,
+    pub architecture: String,
+    /// Weights, counted.
+    pub parameters: u64,
+    /// The stored type holding most of the bytes (`Q4_1`, `BF16`, ...).
+    pub quantization: String,
+    /// `sha256:` of the tensor layout and config: the same file gives the
+    /// same digest on every device.
+    pub digest: String,
+}
+
+/// [`ModelFacts`] of the model at `path`, cached by path, size and
+/// modification time (a changed file is read again). Blocking.
+pub fn model_facts(path: &std::path::Path) -> Option<ModelFacts> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
+    static CACHE: OnceLock<Mutex<HashMap<Key, ModelFacts>>> = OnceLock::new();
+    let meta = std::fs::metadata(path).ok()?;
+    let key = (path.to_path_buf(), meta.len(), meta.modified().ok());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(f) = cache.lock().ok()?.get(&key) {
+        return Some(f.clone());
+    }
+    let w = hearth_models::WeightFile::open(path).ok()?;
+    let layout = w.tensor_layout();
+    let parameters = layout
+        .iter()
+        .map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>())
+        .sum();
+    let mut by_type: Vec<(String, u64)> = Vec::new();
+    for t in &layout {
+        match by_type.iter_mut().find(|(d, _)| *d == t.dtype) {
+            Some((_, b)) => *b += t.bytes,
+            None => by_type.push((t.dtype.clone(), t.bytes)),
+        }
+    }
+    let quantization = by_type
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map(|(d, _)| d.to_uppercase())
+        .unwrap_or_default();
+    let digest = crate::profile::layout_digest(&w);
+    let facts = ModelFacts {
+        format: if path.is_dir() { "safetensors" } else { "gguf" },
+        architecture: w.config().architecture.clone(),
+        parameters,
+        quantization,
+        digest: format!(
+            "sha256:{}",
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
+    };
+    let mut c = cache.lock().ok()?;
+    // Bounded: models on one device are few; a store rewritten many times
+    // starts over.
+    if c.len() >= 256 {
+        c.clear();
+    }
+    c.insert(key, facts.clone());
+    Some(facts)
 }
 
 /// Resolves model names to measured models.

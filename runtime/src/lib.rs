@@ -22,7 +22,7 @@ pub mod profile;
 pub mod train;
 mod view;
 
-pub use catalog::{ModelEntry, ModelSource};
+pub use catalog::{ModelEntry, ModelFacts, ModelSource, model_facts};
 pub use compute::{Backend, Compute};
 pub use events::{ClusterEvent, EventKind};
 pub use membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MembershipEvent};

@@ -129,6 +129,7 @@ impl ModelSource for ModelStore {
                 name: m.name,
                 size_bytes: (m.bytes > 0).then_some(m.bytes),
                 download: false,
+                path: Some(m.path),
             })
             .collect();
         if let Some(Ok(rd)) = self.tuned.as_ref().map(std::fs::read_dir) {
@@ -138,6 +139,7 @@ impl ModelSource for ModelStore {
                         name: store::model_id(&p),
                         size_bytes: p.metadata().ok().map(|m| m.len()),
                         download: false,
+                        path: Some(p.clone()),
                     });
                 }
             }
@@ -150,6 +152,7 @@ impl ModelSource for ModelStore {
                     name: default.into(),
                     size_bytes: None,
                     download: true,
+                    path: None,
                 },
             );
         }

@@ -289,6 +289,11 @@ impl Node {
         self.pipeline.model().map(|m| m.info.times.model.clone())
     }
 
+    /// Where the served model's file is on this node, if it serves one.
+    pub fn model_path(&self) -> Option<std::path::PathBuf> {
+        self.pipeline.model().map(|m| m.info.path.clone())
+    }
+
     /// How the served model writes tool calls (from its chat template).
     pub fn tool_format(&self) -> Option<hearth_models::tools::ToolFormat> {
         self.pipeline.model().map(|m| m.text.tool_format())

@@ -508,7 +508,8 @@ fn schemathesis_finds_no_server_error_in_the_openapi_document() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let tiny = hearth_test_utils::tiny_model(dir.path(), Default::default())?;
     let model = tiny.gguf_q8_0.to_string_lossy().into_owned();
-    let (_cluster, base) = local_cluster_of(dir.path(), &["--model", &model])?;
+    let ollama = format!("127.0.0.1:{}", free_port(false)?);
+    let (_cluster, base) = local_cluster_of(dir.path(), &["--model", &model, "--ollama", &ollama])?;
     let out = Command::new(&st)
         .current_dir(dir.path()) // its cache stays out of the tree
         .args(["run", &format!("{base}/openapi.json")])
@@ -545,6 +546,41 @@ fn schemathesis_finds_no_server_error_in_the_openapi_document() -> Result<()> {
     assert!(
         out.status.success(),
         "schemathesis failed:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The Ollama-compatible listener's own document.
+    let out = Command::new(&st)
+        .current_dir(dir.path())
+        .args(["run", &format!("http://{ollama}/openapi.json")])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance",
+        ])
+        .args([
+            "--max-examples",
+            "25",
+            "--seed",
+            "20261206",
+            "--request-timeout",
+            "60",
+        ])
+        .output()?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "{}",
+        report
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis (Ollama API) failed:\n{report}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())

@@ -209,7 +209,8 @@ impl App {
             .route("/api/tags", get(ollama::tags))
             .route("/api/show", post(ollama::show))
             .route("/api/ps", get(ollama::ps))
-            .route("/api/version", get(ollama::version));
+            .route("/api/version", get(ollama::version))
+            .route("/openapi.json", get(openapi::serve_ollama));
         let ollama = guarded(ollama, &state);
         Self {
             router,

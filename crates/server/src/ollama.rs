@@ -13,6 +13,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use hearth_runtime::ModelFacts;
 use hearth_runtime::pipeline::GenEvent;
 use serde_json::{Map, Value, json};
 
@@ -499,64 +500,109 @@ async fn run(s: AppState, mut job: Job) -> Response {
 }
 
 /// A model as `/api/tags` and `/api/ps` list it.
-fn model_entry(name: &str, size: u64, details: &Value) -> Value {
+fn model_entry(name: &str, size: u64, facts: Option<&ModelFacts>) -> Value {
     json!({
         "name": name,
         "model": name,
         "modified_at": now_rfc3339(),
         "size": size,
-        "digest": "",
-        "details": details,
+        "digest": facts.map(|f| f.digest.as_str()).unwrap_or_default(),
+        "details": details(facts),
     })
 }
 
-fn details(s: &AppState) -> Value {
-    match s.node.model_config() {
-        Some(c) => json!({
-            "format": "gguf",
-            "family": c.architecture,
-            "families": [c.architecture],
-            "parameter_size": "",
-            "quantization_level": "",
+/// Ollama's `details` of a model, from its file.
+fn details(facts: Option<&ModelFacts>) -> Value {
+    match facts {
+        Some(f) => json!({
+            "parent_model": "",
+            "format": f.format,
+            "family": f.architecture,
+            "families": [f.architecture],
+            "parameter_size": parameter_size(f.parameters),
+            "quantization_level": f.quantization,
         }),
-        None => {
-            json!({"format": "gguf", "family": "", "families": null, "parameter_size": "", "quantization_level": ""})
-        }
+        None => json!({"parent_model": "", "format": "", "family": "", "families": null,
+            "parameter_size": "", "quantization_level": ""}),
     }
 }
 
-pub(crate) async fn tags(State(s): State<AppState>) -> Response {
-    // What `/v1/models` lists, under the same ids, with sizes where known.
+/// A parameter count as Ollama writes it: `134.52M`, `7.2B`.
+fn parameter_size(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else {
+        format!("{:.0}K", n / 1e3)
+    }
+}
+
+/// Every model the cluster can serve as (name, size, facts from its file),
+/// under the ids `/v1/models` uses.
+async fn listed(s: &AppState) -> Vec<(String, u64, Option<ModelFacts>)> {
+    let names = openai::servable(s).await;
     let node = s.node.clone();
-    let listed = tokio::task::spawn_blocking(move || node.available_models())
-        .await
-        .unwrap_or_default();
-    let d = details(&s);
-    let models: Vec<Value> = openai::servable(&s)
+    tokio::task::spawn_blocking(move || {
+        let entries = node.available_models();
+        let served = node.model_name().zip(node.model_path());
+        names
+            .into_iter()
+            .map(|name| {
+                // The served model's own file, else the store's entry.
+                let path = match &served {
+                    Some((n, p)) if *n == name => Some(p.clone()),
+                    _ => entries
+                        .iter()
+                        .find(|m| m.name == name)
+                        .and_then(|m| m.path.clone()),
+                };
+                let size = path
+                    .as_deref()
+                    .and_then(|p| std::fs::metadata(p).ok())
+                    .filter(|m| m.is_file())
+                    .map_or_else(
+                        || {
+                            entries
+                                .iter()
+                                .find(|m| m.name == name)
+                                .and_then(|m| m.size_bytes)
+                                .unwrap_or(0)
+                        },
+                        |m| m.len(),
+                    );
+                let facts = path.as_deref().and_then(hearth_runtime::model_facts);
+                (name, size, facts)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+pub(crate) async fn tags(State(s): State<AppState>) -> Response {
+    let models: Vec<Value> = listed(&s)
         .await
         .iter()
-        .map(|name| {
-            let size = listed
-                .iter()
-                .find(|m| &m.name == name)
-                .and_then(|m| m.size_bytes)
-                .unwrap_or(0);
-            model_entry(name, size, &d)
-        })
+        .map(|(name, size, facts)| model_entry(name, *size, facts.as_ref()))
         .collect();
     Json(json!({"models": models})).into_response()
 }
 
 pub(crate) async fn ps(State(s): State<AppState>) -> Response {
-    let models: Vec<Value> = match s.node.model_name() {
-        Some(name) => {
-            let mut e = model_entry(&name, 0, &details(&s));
+    let served = s.node.model_name();
+    let models: Vec<Value> = listed(&s)
+        .await
+        .iter()
+        .filter(|(name, _, _)| served.as_deref() == Some(name))
+        .map(|(name, size, facts)| {
+            let mut e = model_entry(name, *size, facts.as_ref());
             e["expires_at"] = json!("9999-12-31T23:59:59Z");
             e["size_vram"] = json!(0);
-            vec![e]
-        }
-        None => Vec::new(),
-    };
+            e
+        })
+        .collect();
     Json(json!({"models": models})).into_response()
 }
 
@@ -589,11 +635,16 @@ pub(crate) async fn show(
         return error(StatusCode::NOT_FOUND, format!("model '{name}' not found"));
     };
     let arch = &c.architecture;
+    let facts = listed(&s)
+        .await
+        .into_iter()
+        .find(|(n, _, _)| n == name)
+        .and_then(|(_, _, f)| f);
     Json(json!({
         "modelfile": "",
         "parameters": "",
         "template": s.node.chat_template_source().unwrap_or_default(),
-        "details": details(&s),
+        "details": details(facts.as_ref()),
         "model_info": {
             "general.architecture": arch,
             format!("{arch}.context_length"): c.max_position_embeddings,
@@ -616,4 +667,53 @@ pub(crate) async fn version() -> Response {
 /// `HEAD /` and `GET /`: Ollama's liveness answer.
 pub(crate) async fn root() -> &'static str {
     "Ollama is running"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Ollama document lists exactly the fields and options honoured
+    /// (or refused unless empty), and every route the listener serves.
+    #[test]
+    fn the_ollama_document_lists_exactly_what_is_honoured() {
+        let doc = crate::openapi::ollama_document(false);
+        let props = |path: &str| -> Vec<String> {
+            let mut v: Vec<String> =
+                doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                    ["properties"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .cloned()
+                    .collect();
+            v.sort();
+            v
+        };
+        let want = |fields: &[&str], refused: &[&str]| {
+            let mut v: Vec<String> = fields
+                .iter()
+                .chain(refused)
+                .map(|s| s.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(props("/api/chat"), want(CHAT, &["images"]));
+        assert_eq!(props("/api/generate"), want(GENERATE, REFUSED));
+        let mut options: Vec<String> = doc["paths"]["/api/chat"]["post"]["requestBody"]["content"]
+            ["application/json"]["schema"]["properties"]["options"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        options.sort();
+        assert_eq!(options, want(OPTIONS, HARDWARE_OPTIONS));
+        let paths = doc["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), crate::openapi::OLLAMA_OPERATIONS.len());
+        for (method, path) in crate::openapi::OLLAMA_OPERATIONS {
+            assert!(paths[*path][*method].is_object(), "{method} {path}");
+        }
+    }
 }

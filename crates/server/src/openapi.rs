@@ -1,5 +1,7 @@
-//! The OpenAPI 3.1 document served at `/openapi.json`. Written by hand;
-//! a test checks that every documented operation is routed.
+//! The OpenAPI 3.1 documents served at `/openapi.json`: Hearth's API, and
+//! (on the `--ollama` listener) the Ollama-compatible one. Written by
+//! hand; tests check that every documented operation is routed and that
+//! the documented request fields are exactly those honoured.
 
 use axum::Json;
 use serde_json::{Value, json};
@@ -287,6 +289,157 @@ pub fn document(auth: bool) -> Value {
             "/openapi.json": {"get": op("This document", json_ok("OpenAPI 3.1"))},
         }
     })
+}
+
+/// The Ollama listener's operations, as (method, path).
+pub const OLLAMA_OPERATIONS: &[(&str, &str)] = &[
+    ("get", "/"),
+    ("post", "/api/chat"),
+    ("post", "/api/generate"),
+    ("get", "/api/tags"),
+    ("post", "/api/show"),
+    ("get", "/api/ps"),
+    ("get", "/api/version"),
+    ("get", "/openapi.json"),
+];
+
+/// The Ollama-compatible API's document (`--ollama ADDR`): Ollama's
+/// request fields and options as Hearth honours them; a field or option
+/// not listed is a 400 naming it.
+pub fn ollama_document(auth: bool) -> Value {
+    let err = |d: &str| {
+        json!({"description": d, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}})
+    };
+    let errors = json!({
+        "400": err("Invalid JSON, or a field or option Hearth does not honour (named)"),
+        "401": err("Missing or wrong API key"),
+        "404": err("Unknown model"),
+        "413": err("Body too large"),
+        "429": err("Too many sequences in flight"),
+        "502": err("A stage failed"),
+        "503": err("No model placed yet"),
+    });
+    let op = |summary: &str, ok: Value| {
+        let mut responses = errors.clone();
+        responses["200"] = ok;
+        json!({"summary": summary, "responses": responses})
+    };
+    // One JSON object, or (streaming, Ollama's default) one per line.
+    let ndjson = |d: &str| {
+        json!({"description": d, "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/x-ndjson": {"schema": {"type": "string"}}}})
+    };
+    let options = json!({
+        "type": ["object", "null"],
+        "description": "Sampling options Hearth honours, and hardware options it accepts and leaves to its own placement (num_ctx, num_thread, num_gpu, num_batch, main_gpu, use_mmap, use_mlock, numa, low_vram). Any other option is a 400 naming it.",
+        "properties": {
+            "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+            "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+            "top_k": {"type": ["integer", "null"], "minimum": 0},
+            "num_predict": {"type": ["integer", "null"], "description": "Positive, or -1 / -2: up to the context"},
+            "stop": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 4},
+            "seed": {"type": ["integer", "null"], "minimum": 0},
+            "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+            "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+            "num_ctx": {}, "num_thread": {}, "num_gpu": {}, "num_batch": {}, "main_gpu": {},
+            "use_mmap": {}, "use_mlock": {}, "numa": {}, "low_vram": {}
+        },
+        "additionalProperties": false,
+    });
+    let format = json!({"description": "\"json\", or a JSON schema the output follows (constrained decoding)",
+        "oneOf": [{"enum": ["json", ""]}, {"type": "object"}, {"type": "null"}]});
+    let refused = json!({"description": "Refused unless empty"});
+    let message = json!({"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "user", "assistant", "tool"]},
+        "content": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object", "required": ["function"], "properties": {
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string"}, "arguments": {"type": "object"}}}}}},
+        "tool_name": {"type": "string"},
+        "thinking": {"type": "string"},
+        "images": {"type": "array", "maxItems": 0}}});
+    let common = |extra: Value| {
+        let mut p = json!({
+            "model": {"type": "string"},
+            "format": format,
+            "options": options,
+            "stream": {"type": ["boolean", "null"], "default": true},
+            "keep_alive": {"description": "Accepted: a served model stays until another is asked for"},
+            "think": {"type": ["boolean", "null"], "description": "The template's enable_thinking"},
+        });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            p[k] = v.clone();
+        }
+        p
+    };
+    let body = |required: Value, props: Value| {
+        json!({"required": true, "content": {"application/json": {"schema": {
+            "type": "object", "required": required, "properties": props, "additionalProperties": false}}}})
+    };
+    let mut chat = op(
+        "Chat (NDJSON unless stream is false)",
+        ndjson("A message, or its pieces"),
+    );
+    chat["requestBody"] = body(
+        json!(["model", "messages"]),
+        common(json!({
+            "messages": {"type": "array", "items": message},
+            "tools": {"type": ["array", "null"], "items": {"type": "object"}},
+            "images": refused,
+        })),
+    );
+    let mut generate = op(
+        "Generate from a prompt (NDJSON unless stream is false)",
+        ndjson("A response, or its pieces"),
+    );
+    generate["requestBody"] = body(
+        json!(["model"]),
+        common(json!({
+            "prompt": {"type": "string"},
+            "system": {"type": "string"},
+            "raw": {"type": ["boolean", "null"], "description": "The prompt as is, without the chat template"},
+            "images": refused, "suffix": refused, "template": refused, "context": refused,
+        })),
+    );
+    let mut show = op(
+        "A served model's details, template and parameters",
+        json!({"description": "The model", "content": {"application/json": {"schema": {"type": "object"}}}}),
+    );
+    show["requestBody"] = body(
+        json!([]),
+        json!({"model": {"type": "string"}, "name": {"type": "string"}, "verbose": {"type": "boolean"}}),
+    );
+    let json_ok = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
+    let security = if auth {
+        json!([{"bearer": []}])
+    } else {
+        json!([])
+    };
+    json!({
+        "openapi": "3.1.0",
+        "security": security,
+        "info": {"title": "Hearth (Ollama-compatible API)", "version": env!("CARGO_PKG_VERSION"),
+                 "description": format!("The Ollama API {} as Hearth serves it on its --ollama listener.", crate::ollama::OLLAMA_VERSION)},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/": {"get": op("Liveness: \"Ollama is running\"", json!({"description": "Text", "content": {"text/plain": {"schema": {"type": "string"}}}}))},
+            "/api/chat": {"post": chat},
+            "/api/generate": {"post": generate},
+            "/api/tags": {"get": op("Models the cluster can serve", json_ok("A list"))},
+            "/api/show": {"post": show},
+            "/api/ps": {"get": op("The model being served", json_ok("A list"))},
+            "/api/version": {"get": op("The Ollama API version followed", json_ok("The version"))},
+            "/openapi.json": {"get": op("This document", json_ok("OpenAPI 3.1"))},
+        }
+    })
+}
+
+pub(crate) async fn serve_ollama(
+    axum::extract::State(s): axum::extract::State<crate::AppState>,
+) -> Json<Value> {
+    Json(ollama_document(s.api_key.is_some()))
 }
 
 pub(crate) async fn serve(

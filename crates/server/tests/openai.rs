@@ -1492,7 +1492,35 @@ fn ndjson(r: &Reply) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ollama_api_answers_in_ollamas_shapes() {
     let dir = tempfile::tempdir().unwrap();
-    let n = node(dir.path(), true).await;
+    // Two models of other families: the served one, and a Qwen3 one in
+    // Q4_1 that `/api/tags` describes from its own file.
+    let mut cfg = NodeConfig::new(
+        "solo",
+        Identity::generate().unwrap(),
+        ClusterSecret::generate(),
+    );
+    cfg.quic = "127.0.0.1:0".parse().unwrap();
+    let spec = hearth_test_utils::TinySpec {
+        context: CONTEXT,
+        ..Default::default()
+    };
+    let mut models = TestModels::tiny_with(&dir.path().join("a"), spec).unwrap();
+    let other = hearth_test_utils::tiny_model(
+        &dir.path().join("b"),
+        hearth_test_utils::TinySpec {
+            architecture: "qwen3",
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::sync::Arc::get_mut(&mut models)
+        .unwrap()
+        .models
+        .push(("other".into(), other.gguf_q4_1.clone()));
+    cfg.models = Some(models);
+    let n = Node::start(cfg).await.unwrap();
+    n.load_model("tiny").await.unwrap();
+    assert!(n.wait_placement(Duration::from_secs(30)).await.is_some());
     let shared = App::new(n.clone(), ServerOptions::default());
     let app = || shared.ollama_router();
     let model = n.model_name().unwrap();
@@ -1506,8 +1534,43 @@ async fn the_ollama_api_answers_in_ollamas_shapes() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&model.as_str()), "{tags}");
+    // Each entry described from its own file: family, quantization,
+    // parameter count and a content digest.
+    let entry = |name: &str| {
+        tags["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {tags}"))
+            .clone()
+    };
+    let (a, b) = (entry(&model), entry("other"));
+    assert_eq!(a["details"]["family"], "llama", "{a}");
+    assert_eq!(a["details"]["quantization_level"], "Q8_0", "{a}");
+    assert_eq!(b["details"]["family"], "qwen3", "{b}");
+    assert_eq!(b["details"]["quantization_level"], "Q4_1", "{b}");
+    assert!(
+        a["details"]["parameter_size"]
+            .as_str()
+            .unwrap()
+            .ends_with('K'),
+        "{a}"
+    );
+    for e in [&a, &b] {
+        let d = e["digest"].as_str().unwrap();
+        assert!(d.starts_with("sha256:") && d.len() == 7 + 64, "{e}");
+        assert!(e["size"].as_u64().unwrap() > 0, "{e}");
+    }
+    assert_ne!(a["digest"], b["digest"]);
     let ps = get(app(), "/api/ps").await.json();
+    assert_eq!(ps["models"].as_array().unwrap().len(), 1, "{ps}");
     assert_eq!(ps["models"][0]["name"], model);
+    assert_eq!(ps["models"][0]["digest"], a["digest"]);
+    // The listener's own OpenAPI document.
+    let doc = get(app(), "/openapi.json").await.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/api/chat"]["post"].is_object());
     let show = post(app(), "/api/show", &json!({"model": model}).to_string()).await;
     assert_eq!(show.status, StatusCode::OK, "{}", show.text());
     let show = show.json();

@@ -325,6 +325,7 @@ impl hearth_runtime::ModelSource for TestModels {
                 name: name.clone(),
                 size_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
                 download: false,
+                path: Some(path.clone()),
             })
             .collect()
     }

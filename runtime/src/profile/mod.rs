@@ -372,6 +372,14 @@ pub fn content_hash(path: &std::path::Path) -> Result<String, ProfileError> {
 /// and config: the same file gives the same fingerprint on every device,
 /// without reading gigabytes of weights.
 pub fn model_fingerprint(weights: &hearth_models::WeightFile) -> String {
+    layout_digest(weights)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SHA-256 of the model's config and tensor layout.
+pub fn layout_digest(weights: &hearth_models::WeightFile) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(format!("{:?}", weights.config()).as_bytes());
@@ -383,6 +391,5 @@ pub fn model_fingerprint(weights: &hearth_models::WeightFile) -> String {
         }
         h.update(t.bytes.to_le_bytes());
     }
-    let digest = h.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize().into()
 }
