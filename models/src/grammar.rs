@@ -178,11 +178,9 @@ fn close_objects(v: &mut Value, depth: usize) {
     }
 }
 
-/// A grammar for JSON matching `schema`, written in one line with `, ` and
-/// `: ` between items (no free whitespace: a model cannot pad forever);
-/// objects whose schema says nothing of other properties get none. A
-/// schema's own `x-guidance` options win.
-pub fn json_schema(schema: &Value) -> String {
+/// `schema` as the JSON grammars here write it: objects closed unless the
+/// schema says otherwise, one line, `, ` and `: ` between items.
+fn prepared(schema: &Value) -> Value {
     let mut schema = schema.clone();
     close_objects(&mut schema, 0);
     if let Some(o) = schema.as_object_mut() {
@@ -190,7 +188,26 @@ pub fn json_schema(schema: &Value) -> String {
             || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
         );
     }
-    serde_json::to_string(&TopLevelGrammar::from_json_schema(schema)).unwrap_or_default()
+    schema
+}
+
+/// A Lark expression (`%json {…}`) for JSON matching `schema`, written as
+/// [`json_schema`] writes it, to use inside a larger Lark grammar.
+pub fn lark_json(schema: &Value) -> String {
+    format!("%json {}", prepared(schema))
+}
+
+/// A Lark string literal of `text`.
+pub fn lark_literal(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_default()
+}
+
+/// A grammar for JSON matching `schema`, written in one line with `, ` and
+/// `: ` between items (no free whitespace: a model cannot pad forever);
+/// objects whose schema says nothing of other properties get none. A
+/// schema's own `x-guidance` options win.
+pub fn json_schema(schema: &Value) -> String {
+    serde_json::to_string(&TopLevelGrammar::from_json_schema(prepared(schema))).unwrap_or_default()
 }
 
 /// A grammar from Lark source (llguidance's dialect).

@@ -508,6 +508,15 @@ impl Tokenizer {
         out
     }
 
+    /// Whether `text` is one special token of this vocabulary (a grammar
+    /// then names it as a token, not as the bytes of its text).
+    pub fn is_special(&self, text: &str) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .values()
+            .any(|t| t.special && t.content == text)
+    }
+
     /// One token's bytes (a special token's text, no marker); empty for an
     /// unknown id.
     pub fn id_bytes(&self, id: u32) -> Vec<u8> {

@@ -229,6 +229,12 @@ fn llama3(text: &str) -> Option<(String, Vec<ToolCall>)> {
 /// or of the one named `only`: `{"name": …, "arguments": {…}}`, each
 /// tool's parameters as its arguments' schema. `None` when no tool matches.
 pub fn call_schema(tools: &[Value], only: Option<&str>) -> Option<Value> {
+    keyed_call_schema(tools, only, "arguments")
+}
+
+/// [`call_schema`] with the arguments under `key` (`parameters` for
+/// Llama 3).
+fn keyed_call_schema(tools: &[Value], only: Option<&str>, key: &str) -> Option<Value> {
     let options: Vec<Value> = tools
         .iter()
         .filter_map(|t| {
@@ -247,9 +253,9 @@ pub fn call_schema(tools: &[Value], only: Option<&str>) -> Option<Value> {
                 "type": "object",
                 "properties": {
                     "name": {"const": name},
-                    "arguments": params,
+                    key: params,
                 },
-                "required": ["name", "arguments"],
+                "required": ["name", key],
                 "additionalProperties": false,
             }))
         })
@@ -384,6 +390,113 @@ pub fn mistral_id(id: &str) -> String {
             d
         })
         .collect()
+}
+
+/// `text` as a regex matching it literally (inside Lark's `/…/`).
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$/-&~#".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// How a format's marker is written: one special token of the vocabulary,
+/// or its text.
+fn lark_marker(text: &str, is_special: &dyn Fn(&str) -> bool) -> (String, bool) {
+    if is_special(text) {
+        (text.to_string(), true)
+    } else {
+        (crate::grammar::lark_literal(text), false)
+    }
+}
+
+/// The grammar for `tool_choice: auto` when tools are `strict`: the model
+/// may answer (free text, or JSON meeting `content` when a response format
+/// asks for it) or call tools in its own format, and a call it starts is
+/// held to the called tool's schema. At most one call when `single`.
+/// `is_special` says which marker texts are special tokens of the model's
+/// vocabulary. None when no tool has a name.
+pub fn auto_grammar(
+    format: ToolFormat,
+    tools: &[Value],
+    single: bool,
+    content: Option<&Value>,
+    is_special: &dyn Fn(&str) -> bool,
+) -> Option<String> {
+    use crate::grammar::lark_json;
+    let key = if format == ToolFormat::Llama3 {
+        "parameters"
+    } else {
+        "arguments"
+    };
+    let call = keyed_call_schema(tools, None, key)?;
+    // Lists of calls with JSON's free whitespace: llguidance 1.9, with
+    // fixed separators, refuses the token `"}` after an enum value in an
+    // array of closed objects (the canonical tokenization of such a list).
+    let many = json!({"type": "array", "items": call, "minItems": 1,
+        "x-guidance": {"whitespace_flexible": true}});
+    // Free text (any, where a marker ends it), or the content's JSON.
+    let answer = content.map(lark_json);
+    let src = match format {
+        ToolFormat::Hermes | ToolFormat::Mistral => {
+            let (open, open_special) = lark_marker(format.marker().unwrap_or_default(), is_special);
+            let body = if format == ToolFormat::Hermes {
+                let (close, _) = lark_marker(HERMES_CLOSE, is_special);
+                format!("\"\\n\"? {} \"\\n\"? {close}", lark_json(&call))
+            } else {
+                format!("\" \"? {}", lark_json(if single { &call } else { &many }))
+            };
+            let repeat = if single || format == ToolFormat::Mistral {
+                "?"
+            } else {
+                "*"
+            };
+            // Text that holds no marker: a marker always starts a call.
+            let text = format!(
+                "TEXT: /(?s:.*)/ & ~/(?s:.*){}(?s:.*)/",
+                regex_escape(format.marker().unwrap_or_default())
+            );
+            match answer {
+                // Text, then calls; each call's text before it ends at its
+                // marker (lazily, when the marker is text; a special token
+                // ends text by itself).
+                None if open_special => format!(
+                    "start: call{repeat} TEXT\ncall: TEXT {open} body /\\s*/\nbody: {body}\n{text}\n"
+                ),
+                None => format!(
+                    "start: call{repeat} TEXT\ncall: head body /\\s*/\nhead[lazy]: FREE {open}\nbody: {body}\nFREE: /(?s:.*)/\n{text}\n"
+                ),
+                Some(a) => format!(
+                    "start: answer | calls\nanswer: {a}\ncalls: call{}\ncall: {open} body /\\s*/\nbody: {body}\n",
+                    if repeat == "*" { "+" } else { "" }
+                ),
+            }
+        }
+        ToolFormat::Llama3 | ToolFormat::Json => {
+            let tag = if format == ToolFormat::Llama3 && is_special(PYTHON_TAG) {
+                format!("{PYTHON_TAG}? ")
+            } else {
+                String::new()
+            };
+            // Text that cannot be read as a call: empty, or starting (after
+            // spaces) with something other than `{` or `[`.
+            let plain = answer.unwrap_or_else(|| r"/(?s:(\s*[^\s{\[].*)?)/".to_string());
+            let calls = if single {
+                String::new()
+            } else {
+                format!(" | {tag}calls\ncalls: {}", lark_json(&many))
+            };
+            format!(
+                "start: answer | {tag}call{calls}\nanswer: {plain}\ncall: {}\n",
+                lark_json(&call)
+            )
+        }
+    };
+    Some(crate::grammar::lark(&src))
 }
 
 #[cfg(test)]

@@ -242,3 +242,206 @@ fn a_resumed_sampler_goes_on_as_the_original() {
     let rest: Vec<u32> = rows[5..].iter().map(|r| moved.sample(r)).collect();
     assert_eq!(rest, all[5..]);
 }
+
+/// Whether `text` (tokenized as the model would write it) is allowed token
+/// by token under `grammar`, and may end there.
+fn follows(
+    grammars: &Grammars,
+    tok: &hearth_models::Tokenizer,
+    grammar: &str,
+    text: &[&str],
+) -> bool {
+    use hearth_models::sampling::Constraint;
+    let mut g = grammars.compile(grammar).unwrap();
+    for piece in text {
+        let ids = tok.encode_continuation(piece).unwrap();
+        for t in ids {
+            if !g.allowed().unwrap().allows(t) {
+                return false;
+            }
+            g.accept(t).unwrap();
+        }
+    }
+    g.allowed().unwrap().end
+}
+
+fn weather_tools() -> Vec<Value> {
+    vec![
+        json!({"type": "function", "function": {"name": "get_weather", "strict": true,
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}},
+            "required": ["city"], "additionalProperties": false}}}),
+    ]
+}
+
+/// `tool_choice: auto` with strict tools: the model may answer in free
+/// text or call, in its template's format, and a call it starts meets the
+/// tool's schema. Markers that are text (SmolLM2's vocabulary has no
+/// `<tool_call>` token) end the text before them lazily; markers that are
+/// special tokens (a vocabulary given `<tool_call>` and `</tool_call>`,
+/// as Qwen's has) end it by themselves.
+#[test]
+fn strict_tools_under_auto_allow_text_or_a_valid_call() {
+    use hearth_models::tools::{ToolFormat, auto_grammar};
+    let Some(text) = text() else { return };
+    let tok = text.tokenizer();
+    let grammars = text.grammars().unwrap();
+    let tools = weather_tools();
+    let none = |_: &str| false;
+    let ok = r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#;
+    let bad = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;
+    let hermes = auto_grammar(ToolFormat::Hermes, &tools, false, None, &none).unwrap();
+    assert!(follows(grammars, tok, &hermes, &["Sure, it is sunny."]));
+    assert!(follows(grammars, tok, &hermes, &[""]));
+    assert!(follows(
+        grammars,
+        tok,
+        &hermes,
+        &["Let me check.", "<tool_call>\n", ok, "\n</tool_call>"]
+    ));
+    assert!(follows(
+        grammars,
+        tok,
+        &hermes,
+        &[
+            "<tool_call>\n",
+            ok,
+            "\n</tool_call>\n<tool_call>\n",
+            ok,
+            "\n</tool_call>"
+        ]
+    ));
+    assert!(!follows(
+        grammars,
+        tok,
+        &hermes,
+        &["Let me check.", "<tool_call>\n", bad]
+    ));
+    assert!(!follows(
+        grammars,
+        tok,
+        &hermes,
+        &["<tool_call>\n{\"name\": \"nope\""]
+    ));
+    // One call at most.
+    let single = auto_grammar(ToolFormat::Hermes, &tools, true, None, &none).unwrap();
+    assert!(!follows(
+        grammars,
+        tok,
+        &single,
+        &["<tool_call>\n", ok, "\n</tool_call>\n<tool_call>"]
+    ));
+    // Mistral: `[TOOL_CALLS]` and a list of calls.
+    let mistral = auto_grammar(ToolFormat::Mistral, &tools, false, None, &none).unwrap();
+    assert!(follows(grammars, tok, &mistral, &["Hello there"]));
+    assert!(follows(
+        grammars,
+        tok,
+        &mistral,
+        &["[TOOL_CALLS]", "[", ok, "]"]
+    ));
+    assert!(!follows(
+        grammars,
+        tok,
+        &mistral,
+        &["[TOOL_CALLS]", "[", bad]
+    ));
+    // Bare JSON (templates without a format), and Llama 3's `parameters`.
+    let json_fmt = auto_grammar(ToolFormat::Json, &tools, false, None, &none).unwrap();
+    assert!(follows(grammars, tok, &json_fmt, &["It is sunny."]));
+    assert!(follows(grammars, tok, &json_fmt, &[ok]));
+    assert!(follows(grammars, tok, &json_fmt, &["[", ok, ", ", ok, "]"]));
+    assert!(!follows(grammars, tok, &json_fmt, &[bad]));
+    assert!(!follows(
+        grammars,
+        tok,
+        &json_fmt,
+        &["{\"city\": \"Oslo\"}"]
+    ));
+    let llama = auto_grammar(ToolFormat::Llama3, &tools, true, None, &none).unwrap();
+    assert!(follows(
+        grammars,
+        tok,
+        &llama,
+        &[r#"{"name": "get_weather", "parameters": {"city": "Rome"}}"#]
+    ));
+    assert!(!follows(grammars, tok, &llama, &[ok]));
+    // With a response format: its JSON, or a call; no free text.
+    let content = json!({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]});
+    let both = auto_grammar(ToolFormat::Hermes, &tools, false, Some(&content), &none).unwrap();
+    assert!(follows(grammars, tok, &both, &[r#"{"answer": "sunny"}"#]));
+    assert!(follows(
+        grammars,
+        tok,
+        &both,
+        &["<tool_call>\n", ok, "\n</tool_call>"]
+    ));
+    assert!(!follows(grammars, tok, &both, &["Sure"]));
+    let both = auto_grammar(ToolFormat::Json, &tools, false, Some(&content), &none).unwrap();
+    assert!(follows(grammars, tok, &both, &[r#"{"answer": "sunny"}"#]));
+    assert!(follows(grammars, tok, &both, &[ok]));
+    assert!(!follows(grammars, tok, &both, &["Sure"]));
+}
+
+#[test]
+fn strict_tools_with_special_token_markers() {
+    use hearth_models::tools::{ToolFormat, auto_grammar};
+    // A tiny model's tokenizer given `<tool_call>` and `</tool_call>` as
+    // special tokens, as Qwen's vocabulary has them.
+    let dir = tempfile::tempdir().unwrap();
+    let m = hearth_test_utils::tiny_model(dir.path(), Default::default()).unwrap();
+    let path = m.safetensors_dir.join("tokenizer.json");
+    let mut t: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let next = m.vocab as u64;
+    let added = t["added_tokens"].as_array_mut().unwrap();
+    for (i, name) in ["<tool_call>", "</tool_call>"].iter().enumerate() {
+        added.push(
+            json!({"id": next + i as u64, "content": name, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}),
+        );
+    }
+    std::fs::write(&path, t.to_string()).unwrap();
+    let tok = hearth_models::Tokenizer::from_dir(&m.safetensors_dir).unwrap();
+    assert!(tok.is_special("<tool_call>") && !tok.is_special("tool"));
+    let grammars = Grammars::new(&tok, m.vocab + 2).unwrap();
+    let tools = weather_tools();
+    let special = |s: &str| tok.is_special(s);
+    let g = auto_grammar(ToolFormat::Hermes, &tools, false, None, &special).unwrap();
+    let open = next as u32;
+    let close = open + 1;
+    let ok = r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#;
+    // Token by token: text, the special opening token, a valid call, the
+    // special closing token.
+    use hearth_models::sampling::Constraint;
+    let mut c = grammars.compile(&g).unwrap();
+    let mut feed = |ids: &[u32]| -> bool {
+        for &t in ids {
+            if !c.allowed().unwrap().allows(t) {
+                return false;
+            }
+            c.accept(t).unwrap();
+        }
+        true
+    };
+    assert!(feed(&tok.encode_continuation("Let me look.").unwrap()));
+    assert!(feed(&[open]));
+    assert!(feed(
+        &tok.encode_continuation(&format!("\n{ok}\n")).unwrap()
+    ));
+    assert!(feed(&[close]));
+    assert!(c.allowed().unwrap().end);
+    // Inside a call, its schema holds and the text marker is not a call.
+    let mut c = grammars.compile(&g).unwrap();
+    c.accept(open).unwrap();
+    let bad = tok
+        .encode_continuation("\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris")
+        .unwrap();
+    let mut refused = false;
+    for t in bad {
+        if !c.allowed().unwrap().allows(t) {
+            refused = true;
+            break;
+        }
+        c.accept(t).unwrap();
+    }
+    assert!(refused);
+}

@@ -289,6 +289,14 @@ impl Node {
         self.pipeline.model().map(|m| m.info.times.model.clone())
     }
 
+    /// Whether `text` is one special token of the served model's
+    /// vocabulary.
+    pub fn is_special_token(&self, text: &str) -> bool {
+        self.pipeline
+            .model()
+            .is_some_and(|m| m.text.tokenizer().is_special(text))
+    }
+
     /// Where the served model's file is on this node, if it serves one.
     pub fn model_path(&self) -> Option<std::path::PathBuf> {
         self.pipeline.model().map(|m| m.info.path.clone())

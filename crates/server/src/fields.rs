@@ -353,6 +353,13 @@ pub(crate) struct Tools {
     pub named: bool,
     /// The tools' names (a parsed call must name one).
     pub names: Vec<String>,
+    /// `tool_choice: auto` with a `strict` tool: a call the model starts
+    /// is held to its schema (the grammar is built for the served model's
+    /// format when the request starts).
+    pub strict_auto: bool,
+    /// With `strict_auto`: the schema an answer that is not a call must
+    /// meet (the request's `response_format`), if any.
+    pub content: Option<Value>,
 }
 
 /// A chat request, read.
@@ -392,11 +399,25 @@ pub(crate) fn chat(body: Map<String, Value>) -> Result<Chat, Invalid> {
             Some(t as u8)
         }
     };
-    let mut grammar = match f.take::<Value>("response_format")? {
+    let rf: Option<Value> = f.take("response_format")?;
+    let mut grammar = match &rf {
         None => None,
-        Some(rf) => response_format(&rf)?,
+        Some(rf) => response_format(rf)?,
     };
-    let tools = tools(&mut f)?;
+    let rf_schema = rf.as_ref().and_then(response_schema);
+    let mut tools = tools(&mut f)?;
+    if let Some(t) = tools.as_mut().filter(|t| t.strict_auto)
+        && let Some(g) = grammar.take()
+    {
+        // The answer's schema joins the tools' grammar.
+        t.content = Some(match rf_schema {
+            Some(schema) => schema,
+            None => {
+                let _ = g;
+                return Err(invalid("response_format", "response_format has no schema"));
+            }
+        });
+    }
     if let Some(g) = tools.as_ref().and_then(|t| t.forced.clone()) {
         if grammar.is_some() {
             return Err(invalid(
@@ -429,6 +450,20 @@ pub(crate) fn chat(body: Map<String, Value>) -> Result<Chat, Invalid> {
         grammar,
         tools: tools.filter(|t| t.parse && !t.list.is_empty()),
     })
+}
+
+/// The schema a (valid) `response_format` asks answers to meet, if any.
+fn response_schema(rf: &Value) -> Option<Value> {
+    match rf.get("type").and_then(Value::as_str) {
+        Some("json_object") => Some(json!({"type": "object"})),
+        Some("json_schema") => Some(
+            rf.get("json_schema")
+                .and_then(|js| js.get("schema"))
+                .cloned()
+                .unwrap_or_else(|| json!({})),
+        ),
+        _ => None,
+    }
 }
 
 /// `response_format`: text, any JSON object, or JSON meeting a schema.
@@ -616,7 +651,9 @@ fn tools(f: &mut Fields) -> Result<Option<Tools>, Invalid> {
             format!("the tools' schemas are over {} bytes", limits::MAX_GRAMMAR),
         ));
     }
+    let strict = list.iter().any(|t| t["function"]["strict"] == json!(true));
     Ok(Some(Tools {
+        strict_auto: strict && parse && forced.is_none(),
         list,
         parse,
         single,
@@ -624,6 +661,7 @@ fn tools(f: &mut Fields) -> Result<Option<Tools>, Invalid> {
         named: matches!(forced, Some(Some(_))),
         forced: forced_grammar,
         names,
+        content: None,
     }))
 }
 

@@ -392,10 +392,10 @@ async fn check_for_model(s: &AppState, job: &Job) -> Result<(), Response> {
     if let Some(g) = &job.grammar
         && let Err(e) = s.node.check_grammar(g).await
     {
-        let field = if job.tools.as_ref().is_some_and(|t| t.forced.is_some()) {
-            "tool_choice"
-        } else {
-            "response_format"
+        let field = match &job.tools {
+            Some(t) if t.forced.is_some() => "tool_choice",
+            Some(t) if t.strict_auto => "tools",
+            _ => "response_format",
         };
         return Err(bad_request(format!("{field}: {e}"), Some(field)));
     }
@@ -421,6 +421,38 @@ fn tools_prompt(inputs: &mut ChatInputs, tools: &[Value]) {
     }
 }
 
+/// `tool_choice: auto` with strict tools: the grammar that lets the served
+/// model answer or call in its own format, a call held to its schema.
+fn strict_tools(s: &AppState, job: &mut Job) -> Result<(), Response> {
+    let Some(t) = job.tools.as_ref().filter(|t| t.strict_auto) else {
+        return Ok(());
+    };
+    let Some(format) = s.node.tool_format() else {
+        return Ok(());
+    };
+    let node = s.node.clone();
+    let g = hearth_models::tools::auto_grammar(
+        format,
+        &t.list,
+        t.single,
+        t.content.as_ref(),
+        &|text| node.is_special_token(text),
+    );
+    if g.as_ref()
+        .is_some_and(|g| g.len() > hearth_proto::limits::MAX_GRAMMAR)
+    {
+        return Err(bad_request(
+            format!(
+                "the strict tools' schemas are over {} bytes",
+                hearth_proto::limits::MAX_GRAMMAR
+            ),
+            Some("tools"),
+        ));
+    }
+    job.grammar = g;
+    Ok(())
+}
+
 /// The generations a read request asks for, started: the model served,
 /// what only it can check checked, tools shown to it, and the `n`
 /// sequences launched together (so the pipeline batches them; each seeded
@@ -428,6 +460,7 @@ fn tools_prompt(inputs: &mut ChatInputs, tools: &[Value]) {
 /// calls are to be parsed.
 pub(crate) async fn start(s: &AppState, job: &mut Job) -> Result<Started, Response> {
     ensure_served(s, &job.common.model).await?;
+    strict_tools(s, job)?;
     check_for_model(s, job).await?;
     let tools = match (&job.tools, s.node.tool_format()) {
         (Some(t), Some(f)) => Some((t.clone(), f)),

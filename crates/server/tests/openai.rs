@@ -1978,6 +1978,49 @@ async fn template_family(case: &str, format: hearth_models::tools::ToolFormat, r
     )
     .unwrap();
     assert!(v["warm"].is_boolean() && ["Oslo", "Rome"].contains(&v["city"].as_str().unwrap()));
+    // `tool_choice: auto` with a strict tool: a call the model starts meets
+    // the tool's schema. The model is pushed to open with `{` (a bare JSON
+    // call, in a template without a format of its own): unconstrained it
+    // writes braces; strict, the call it started is completed and valid.
+    if format == hearth_models::tools::ToolFormat::Json {
+        let vocab = n.vocab_size().unwrap() as u32;
+        let texts = n.token_texts(&(0..vocab).collect::<Vec<_>>());
+        let brace = texts.iter().position(|t| t == "{").unwrap();
+        for strict in [false, true] {
+            let mut strict_tools = tools.clone();
+            strict_tools[0]["function"]["strict"] = json!(strict);
+            let r = post(
+                app(),
+                "/v1/chat/completions",
+                &ask(json!({"tools": strict_tools, "logit_bias": {brace.to_string(): 100}})),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "{case}: {}", r.text());
+            let v = r.json();
+            let choice = &v["choices"][0];
+            if strict {
+                assert_eq!(choice["finish_reason"], "tool_calls", "{case}: {v}");
+                let args: Value = serde_json::from_str(
+                    choice["message"]["tool_calls"][0]["function"]["arguments"]
+                        .as_str()
+                        .unwrap(),
+                )
+                .unwrap();
+                assert!(
+                    ["Oslo", "Rome"].contains(&args["city"].as_str().unwrap()),
+                    "{v}"
+                );
+            } else {
+                assert!(choice["message"]["tool_calls"].is_null(), "{case}: {v}");
+                assert!(
+                    choice["message"]["content"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with('{')
+                );
+            }
+        }
+    }
     // Calls and their results go back through the template: OpenAI-style
     // ids (Mistral's template refuses ids that are not 9 characters, and
     // Gemma's turns that do not alternate), one call where the family
