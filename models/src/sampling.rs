@@ -360,6 +360,14 @@ impl Sampler {
     }
 }
 
+/// `token`'s log-probability in one row of raw logits, and the `n` most
+/// likely tokens with theirs (most likely first): what scoring a prompt
+/// returns for each of its tokens.
+pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let (lp, top) = top_logprobs(logits, n);
+    (lp(token), top)
+}
+
 /// The log-probabilities of one row of raw logits: a function giving any
 /// token's, and the `n` most likely tokens with theirs.
 fn top_logprobs(logits: &[f32], n: usize) -> (impl Fn(u32) -> f32 + '_, Vec<(u32, f32)>) {

@@ -350,6 +350,14 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
                     token: 1,
                     finish: hearth_proto::Finish::No,
                     logprobs: None,
+                    // A forged prompt score, as large as allowed.
+                    prompt_logprobs: vec![
+                        hearth_proto::TokenLogprobs {
+                            logprob: -1.0,
+                            top: vec![(1, -1.0); 20],
+                        };
+                        hearth_proto::limits::MAX_SCORED_PROMPT
+                    ],
                 }],
             })?,
             encode_frame(&Message::EndSeqs {

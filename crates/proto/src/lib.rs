@@ -26,11 +26,12 @@ pub use train::{MicroKey, MicroLayout, TrainMsg};
 /// Protocol version carried in [`Hello`]; peers with another version are
 /// refused. Version 2 added penalties, logit bias, log-probabilities and
 /// grammars to a sequence's parameters, and log-probabilities to sampled
-/// tokens.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// tokens; version 3, scoring a prompt (its tokens' log-probabilities, for
+/// completions' `echo` with `logprobs`).
+pub const PROTOCOL_VERSION: u16 = 3;
 
-/// QUIC ALPN of protocol version 2.
-pub const ALPN: &[u8] = b"hearth/2";
+/// QUIC ALPN of protocol version 3.
+pub const ALPN: &[u8] = b"hearth/3";
 
 /// Named size limits, checked on send and on receive.
 pub mod limits {
@@ -61,6 +62,9 @@ pub mod limits {
     /// Largest output constraint (an llguidance grammar as JSON) of one
     /// sequence: a big JSON schema or a few tool schemas.
     pub const MAX_GRAMMAR: usize = 256 * 1024;
+    /// Longest prompt whose tokens' log-probabilities one sequence asks for
+    /// (its logits are all computed at once on the last stage).
+    pub const MAX_SCORED_PROMPT: usize = 8192;
     /// Longest prompt in a `Generate` request, in tokens.
     pub const MAX_PROMPT_TOKENS: usize = 128 * 1024;
     /// Largest control document (a placement of a home cluster's stages,

@@ -40,6 +40,10 @@ pub struct SeqParams {
     /// sequence moved to a new placement): the sampler's penalties and
     /// constraint take them as drawn. At most [`limits::MAX_PROMPT_TOKENS`].
     pub history: Vec<u32>,
+    /// The prompt's tokens, when their log-probabilities are asked for
+    /// (with `logprobs` alternatives each); empty otherwise. At most
+    /// [`limits::MAX_SCORED_PROMPT`].
+    pub score_prompt: Vec<u32>,
 }
 
 /// The tokens of one sequence in a batch: `len` tokens from position `pos`.
@@ -100,6 +104,10 @@ pub struct SampledToken {
     pub finish: Finish,
     /// Present when the sequence asked for log-probabilities.
     pub logprobs: Option<TokenLogprobs>,
+    /// With a sequence's first token, when it asked for its prompt scored:
+    /// each prompt token's log-probability after the ones before it (from
+    /// the second token on). At most [`limits::MAX_SCORED_PROMPT`].
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// A sampled token's log-probability under the model, and the most likely
@@ -234,7 +242,13 @@ impl SeqParams {
                 put_blob(out, "grammar", g.as_bytes(), limits::MAX_GRAMMAR)?;
             }
         }
-        put_u32s(out, "history", &self.history, limits::MAX_PROMPT_TOKENS)
+        put_u32s(out, "history", &self.history, limits::MAX_PROMPT_TOKENS)?;
+        put_u32s(
+            out,
+            "scored prompt",
+            &self.score_prompt,
+            limits::MAX_SCORED_PROMPT,
+        )
     }
 
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
@@ -295,7 +309,9 @@ impl SeqParams {
             }
         };
         let history = get_u32s(r, "history", limits::MAX_PROMPT_TOKENS)?;
+        let score_prompt = get_u32s(r, "scored prompt", limits::MAX_SCORED_PROMPT)?;
         Ok(Self {
+            score_prompt,
             temperature,
             top_p,
             top_k,
@@ -390,18 +406,47 @@ pub(crate) fn encode_sampled(
         match &t.logprobs {
             None => out.push(0),
             Some(l) => {
-                bounded("top logprobs", l.top.len(), limits::MAX_TOP_LOGPROBS)?;
                 out.push(1);
-                out.extend_from_slice(&logprob("logprob", l.logprob)?.to_le_bytes());
-                out.push(l.top.len() as u8);
-                for (id, lp) in &l.top {
-                    out.extend_from_slice(&id.to_le_bytes());
-                    out.extend_from_slice(&logprob("logprob", *lp)?.to_le_bytes());
-                }
+                put_logprobs(out, l)?;
             }
+        }
+        bounded(
+            "prompt logprobs",
+            t.prompt_logprobs.len(),
+            limits::MAX_SCORED_PROMPT,
+        )?;
+        out.extend_from_slice(&(t.prompt_logprobs.len() as u32).to_le_bytes());
+        for l in &t.prompt_logprobs {
+            put_logprobs(out, l)?;
         }
     }
     Ok(())
+}
+
+fn put_logprobs(out: &mut Vec<u8>, l: &TokenLogprobs) -> Result<(), ProtoError> {
+    bounded("top logprobs", l.top.len(), limits::MAX_TOP_LOGPROBS)?;
+    out.extend_from_slice(&logprob("logprob", l.logprob)?.to_le_bytes());
+    out.push(l.top.len() as u8);
+    for (id, lp) in &l.top {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&logprob("logprob", *lp)?.to_le_bytes());
+    }
+    Ok(())
+}
+
+fn get_logprobs(r: &mut Reader<'_>) -> Result<TokenLogprobs, ProtoError> {
+    let lp = logprob("logprob", f32::from_le_bytes(r.array("logprob")?))?;
+    let k = r.u8("top logprobs")? as usize;
+    bounded("top logprobs", k, limits::MAX_TOP_LOGPROBS)?;
+    let mut top = Vec::with_capacity(k);
+    for _ in 0..k {
+        let id = r.u32("top logprob")?;
+        top.push((
+            id,
+            logprob("logprob", f32::from_le_bytes(r.array("logprob")?))?,
+        ));
+    }
+    Ok(TokenLogprobs { logprob: lp, top })
 }
 
 pub(crate) fn decode_sampled(r: &mut Reader<'_>) -> Result<(u64, Vec<SampledToken>), ProtoError> {
@@ -416,20 +461,7 @@ pub(crate) fn decode_sampled(r: &mut Reader<'_>) -> Result<(u64, Vec<SampledToke
         let finish = Finish::from_code(r.u8("sampled token")?)?;
         let logprobs = match r.u8("logprobs flag")? {
             0 => None,
-            1 => {
-                let lp = logprob("logprob", f32::from_le_bytes(r.array("logprob")?))?;
-                let k = r.u8("top logprobs")? as usize;
-                bounded("top logprobs", k, limits::MAX_TOP_LOGPROBS)?;
-                let mut top = Vec::with_capacity(k);
-                for _ in 0..k {
-                    let id = r.u32("top logprob")?;
-                    top.push((
-                        id,
-                        logprob("logprob", f32::from_le_bytes(r.array("logprob")?))?,
-                    ));
-                }
-                Some(TokenLogprobs { logprob: lp, top })
-            }
+            1 => Some(get_logprobs(r)?),
             other => {
                 return Err(ProtoError::InvalidField {
                     what: "logprobs flag",
@@ -437,12 +469,21 @@ pub(crate) fn decode_sampled(r: &mut Reader<'_>) -> Result<(u64, Vec<SampledToke
                 });
             }
         };
+        let n = r.u32("prompt logprobs")? as usize;
+        bounded("prompt logprobs", n, limits::MAX_SCORED_PROMPT)?;
+        // Each entry is read (and its bytes checked) before the next is
+        // kept: what is allocated is what arrived.
+        let mut prompt_logprobs = Vec::with_capacity(n.min(256));
+        for _ in 0..n {
+            prompt_logprobs.push(get_logprobs(r)?);
+        }
         tokens.push(SampledToken {
             seq,
             pos,
             token,
             finish,
             logprobs,
+            prompt_logprobs,
         });
     }
     Ok((placement, tokens))

@@ -48,13 +48,23 @@ fn arb_params() -> impl Strategy<Value = SeqParams> {
             prop::option::of(0u8..=20),
             prop::option::of(".{0,40}"),
             prop::collection::vec(any::<u32>(), 0..4),
+            prop::collection::vec(any::<u32>(), 0..6),
         ),
     )
         .prop_map(
             |(
                 (temperature, top_p, top_k, seed, max_tokens, stop_ids),
-                (presence_penalty, frequency_penalty, logit_bias, logprobs, grammar, history),
+                (
+                    presence_penalty,
+                    frequency_penalty,
+                    logit_bias,
+                    logprobs,
+                    grammar,
+                    history,
+                    score_prompt,
+                ),
             )| SeqParams {
+                score_prompt,
                 temperature,
                 top_p,
                 top_k,
@@ -171,7 +181,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     any::<u32>(),
                     any::<u32>(),
                     arb_finish(),
-                    arb_logprobs()
+                    arb_logprobs(),
+                    prop::collection::vec(arb_logprobs(), 0..4)
                 ),
                 0..5
             )
@@ -180,12 +191,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 placement,
                 tokens: t
                     .into_iter()
-                    .map(|(seq, pos, token, finish, logprobs)| SampledToken {
+                    .map(|(seq, pos, token, finish, logprobs, prompt)| SampledToken {
                         seq,
                         pos,
                         token,
                         finish,
                         logprobs,
+                        prompt_logprobs: prompt.into_iter().flatten().collect(),
                     })
                     .collect(),
             }),
@@ -630,10 +642,11 @@ fn pipeline_snapshots() {
             token: 42,
             finish: Finish::Length,
             logprobs: None,
+            prompt_logprobs: Vec::new(),
         }],
     })
     .unwrap();
-    let mut want = vec![1 + 8 + 4 + 8 + 4 + 4 + 1 + 1, 0, 0, 0, 0x12];
+    let mut want = vec![1 + 8 + 4 + 8 + 4 + 4 + 1 + 1 + 4, 0, 0, 0, 0x12];
     want.extend(5u64.to_le_bytes());
     want.extend(1u32.to_le_bytes());
     want.extend(9u64.to_le_bytes());
@@ -641,6 +654,7 @@ fn pipeline_snapshots() {
     want.extend(42u32.to_le_bytes());
     want.push(2);
     want.push(0);
+    want.extend(0u32.to_le_bytes());
     assert_eq!(sampled, want);
     let end = encode_frame(&Message::EndSeqs {
         placement: 1,
@@ -913,10 +927,11 @@ fn malformed_pipeline_messages_are_typed_errors() {
             token: 1,
             finish: Finish::No,
             logprobs: None,
+            prompt_logprobs: Vec::new(),
         }],
     };
     let bad = frame_with(&s, |b| {
-        let last = b.len() - 2;
+        let last = b.len() - 6;
         b[last] = 9
     });
     assert!(matches!(
@@ -948,9 +963,10 @@ fn hostile_sampling_fields_are_refused() {
         }))
     };
     // The tail of an encoded `Generate` with default extras: penalties (8),
-    // bias count (4), logprobs flag (1), grammar flag (1), history count (4).
+    // bias count (4), logprobs flag (1), grammar flag (1), history count (4),
+    // scored prompt count (4).
     let ok = encode_frame(&generate(params())).unwrap();
-    let tail = ok.len() - 18;
+    let tail = ok.len() - 22;
     for (edit, what) in [
         (
             Box::new(|b: &mut Vec<u8>| b[tail..tail + 4].copy_from_slice(&2.5f32.to_le_bytes()))
@@ -1008,6 +1024,20 @@ fn hostile_sampling_fields_are_refused() {
             }),
             "history",
         ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                b[tail + 18..tail + 22]
+                    .copy_from_slice(&(limits::MAX_SCORED_PROMPT as u32 + 1).to_le_bytes())
+            }),
+            "scored prompt",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                // A count the bytes do not back.
+                b[tail + 18..tail + 22].copy_from_slice(&3u32.to_le_bytes())
+            }),
+            "scored prompt",
+        ),
     ] {
         let mut bad = ok.clone();
         edit(&mut bad);
@@ -1021,7 +1051,7 @@ fn hostile_sampling_fields_are_refused() {
     let mut p = params();
     p.grammar = Some("ab".into());
     let mut bad = encode_frame(&generate(p)).unwrap();
-    let last = bad.len() - 5;
+    let last = bad.len() - 9;
     bad[last] = 0xff;
     assert!(matches!(
         decode_frame(&bad),
@@ -1062,6 +1092,7 @@ fn hostile_sampling_fields_are_refused() {
             token: 1,
             finish: Finish::No,
             logprobs: Some(lp),
+            prompt_logprobs: Vec::new(),
         }],
     };
     for lp in [
@@ -1088,8 +1119,8 @@ fn hostile_sampling_fields_are_refused() {
     assert_eq!(decode_frame(&bytes).unwrap().unwrap().0, good);
     // A positive log-probability planted in the frame.
     let mut bad = bytes.clone();
-    let at = bad.len() - 4;
-    bad[at..].copy_from_slice(&0.25f32.to_le_bytes());
+    let at = bad.len() - 8;
+    bad[at..at + 4].copy_from_slice(&0.25f32.to_le_bytes());
     assert!(matches!(
         decode_frame(&bad),
         Err(ProtoError::InvalidField {
@@ -1098,7 +1129,7 @@ fn hostile_sampling_fields_are_refused() {
         })
     ));
     let mut bad = bytes;
-    let at = bad.len() - 9;
+    let at = bad.len() - 13;
     bad[at] = limits::MAX_TOP_LOGPROBS as u8 + 1;
     assert!(matches!(
         decode_frame(&bad),
@@ -1121,4 +1152,70 @@ fn large_state_chunk_round_trips() {
     }));
     let bytes = encode_frame(&msg).unwrap();
     assert_eq!(decode_frame(&bytes).unwrap().unwrap().0, msg);
+}
+
+/// A sampled token's prompt log-probabilities: bounded in count, each one a
+/// log-probability with bounded alternatives, and a count the bytes do not
+/// back is a typed error, not an allocation.
+#[test]
+fn hostile_prompt_logprobs_are_refused() {
+    let sampled = |prompt: Vec<TokenLogprobs>| Message::Sampled {
+        placement: 0,
+        tokens: vec![SampledToken {
+            seq: 1,
+            pos: 1,
+            token: 1,
+            finish: Finish::No,
+            logprobs: None,
+            prompt_logprobs: prompt,
+        }],
+    };
+    let one = TokenLogprobs {
+        logprob: -1.5,
+        top: vec![(7, -0.25), (9, -2.0)],
+    };
+    let good = sampled(vec![one.clone(), one.clone()]);
+    let bytes = encode_frame(&good).unwrap();
+    assert_eq!(decode_frame(&bytes).unwrap().unwrap().0, good);
+    // Over the limit on encode.
+    assert!(encode_frame(&sampled(vec![one.clone(); limits::MAX_SCORED_PROMPT + 1])).is_err());
+    for bad in [
+        TokenLogprobs {
+            logprob: 0.5,
+            top: vec![],
+        },
+        TokenLogprobs {
+            logprob: -1.0,
+            top: vec![(1, -1.0); limits::MAX_TOP_LOGPROBS + 1],
+        },
+    ] {
+        assert!(encode_frame(&sampled(vec![bad])).is_err());
+    }
+    // The count sits after the token's logprobs flag: 8 + 4 + 8 + 4 + 4 +
+    // 1 + 1 bytes into the body, after the frame's length and tag.
+    let at = 4 + 1 + 8 + 4 + 8 + 4 + 4 + 1 + 1;
+    for (count, what) in [
+        (limits::MAX_SCORED_PROMPT as u32 + 1, "prompt logprobs"),
+        (u32::MAX, "prompt logprobs"),
+        (3, "logprob"),
+    ] {
+        let mut bad = bytes.clone();
+        bad[at..at + 4].copy_from_slice(&count.to_le_bytes());
+        match decode_frame(&bad) {
+            Err(ProtoError::InvalidField { what: w, .. }) => assert_eq!(w, what),
+            Err(ProtoError::Truncated { what: w, .. }) => assert_eq!(w, what),
+            other => panic!("{count}: {other:?}"),
+        }
+    }
+    // A positive log-probability planted in the second entry.
+    let mut bad = bytes.clone();
+    let second = at + 4 + (4 + 1 + 2 * 8);
+    bad[second..second + 4].copy_from_slice(&0.25f32.to_le_bytes());
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(ProtoError::InvalidField {
+            what: "logprob",
+            ..
+        })
+    ));
 }

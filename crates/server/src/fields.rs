@@ -814,6 +814,9 @@ pub(crate) struct Completion {
     pub prompt: Value,
     pub logprobs: Option<u8>,
     pub echo: bool,
+    /// `echo` with `max_tokens: 0`: the prompt alone (scored, with
+    /// `logprobs`), nothing generated.
+    pub prompt_only: bool,
 }
 
 pub(crate) fn completion(body: Map<String, Value>) -> Result<Completion, Invalid> {
@@ -821,6 +824,19 @@ pub(crate) fn completion(body: Map<String, Value>) -> Result<Completion, Invalid
     let prompt: Value = f
         .take("prompt")?
         .ok_or_else(|| invalid("prompt", "`prompt` is required"))?;
+    let echo = f.0.get("echo") == Some(&Value::Bool(true));
+    // `echo` with `max_tokens: 0` asks for the prompt alone (how
+    // evaluation harnesses score text): one token is generated and dropped.
+    let prompt_only = echo && f.0.get("max_tokens").and_then(index) == Some(0);
+    if prompt_only {
+        if f.0.get("stream") == Some(&Value::Bool(true)) {
+            return Err(invalid(
+                "max_tokens",
+                "max_tokens 0 (the prompt alone) is not streamed",
+            ));
+        }
+        f.0.insert("max_tokens".into(), json!(1));
+    }
     let common = common(&mut f, false)?;
     let echo = f.take::<bool>("echo")?.unwrap_or(false);
     let logprobs = match int(&mut f, "logprobs")? {
@@ -833,12 +849,6 @@ pub(crate) fn completion(body: Map<String, Value>) -> Result<Completion, Invalid
             ));
         }
     };
-    if echo && logprobs.is_some() {
-        return Err(invalid(
-            "echo",
-            "echo with logprobs (the prompt's log-probabilities) is not supported",
-        ));
-    }
     if let Some(b) = int(&mut f, "best_of")?
         && b as usize != common.n
     {
@@ -852,5 +862,6 @@ pub(crate) fn completion(body: Map<String, Value>) -> Result<Completion, Invalid
         prompt,
         logprobs,
         echo,
+        prompt_only,
     })
 }

@@ -97,6 +97,8 @@ pub(crate) async fn generate(
         let (line, last) = match ev {
             GenEvent::Token { id, text, .. } => (json!({"token": id, "text": text}), false),
             GenEvent::Text(text) => (json!({"text": text}), false),
+            // Not asked for here.
+            GenEvent::Prompt { .. } => (json!({"text": ""}), false),
             GenEvent::Done(s) => (json!({"done": s}), true),
             GenEvent::Failed(e) => (json!({"error": e}), true),
         };

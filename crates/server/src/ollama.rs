@@ -360,6 +360,8 @@ pub(crate) async fn generate(
         grammar,
         tools: None,
         echo: None,
+        score_prompt: false,
+        prompt_only: false,
     };
     run(s, job).await
 }
@@ -465,6 +467,8 @@ async fn run(s: AppState, mut job: Job) -> Response {
                 }
                 (Vec::new(), false)
             }
+            // Never asked for here.
+            crate::sse::Step::Event(GenEvent::Prompt { .. }) => (Vec::new(), false),
             crate::sse::Step::Event(GenEvent::Done(sum)) => {
                 metrics.finished(&sum, endpoint, arrived);
                 // What was held back and is content after all goes out

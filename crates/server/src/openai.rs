@@ -136,6 +136,10 @@ pub(crate) struct Job {
     pub tools: Option<Tools>,
     /// Completions' `echo`: the prompt's text before each choice's.
     pub echo: Option<String>,
+    /// Completions' `echo` with `logprobs`: the prompt's tokens scored.
+    pub score_prompt: bool,
+    /// `echo` with `max_tokens: 0`: the generated token is dropped.
+    pub prompt_only: bool,
 }
 
 impl Job {
@@ -149,6 +153,8 @@ impl Job {
             grammar: c.grammar,
             tools: c.tools,
             echo: None,
+            score_prompt: false,
+            prompt_only: false,
         }
     }
 }
@@ -208,6 +214,8 @@ pub(crate) async fn completions(
         logprobs: c.logprobs,
         grammar: None,
         tools: None,
+        score_prompt: c.echo && c.logprobs.is_some(),
+        prompt_only: c.prompt_only,
         echo: c.echo.then_some(echo),
     };
     run(s, job).await
@@ -237,6 +245,11 @@ pub(crate) async fn collect(mut rx: GenStream) -> Result<Collected, PipelineErro
     while let Some(ev) = rx.recv().await {
         match ev {
             GenEvent::Token { id, logprobs, .. } => tokens.push((id, logprobs)),
+            // A scored prompt's tokens come first (the first with none).
+            GenEvent::Prompt { ids, logprobs } => {
+                let scores = std::iter::once(None).chain(logprobs.into_iter().map(Some));
+                tokens.extend(ids.into_iter().zip(scores));
+            }
             GenEvent::Text(_) => {}
             GenEvent::Done(s) => return Ok((s, tokens)),
             GenEvent::Failed(e) => return Err(PipelineError::Failed(e)),
@@ -493,6 +506,7 @@ pub(crate) async fn start(s: &AppState, job: &mut Job) -> Result<Started, Respon
         p.logprobs = job.logprobs;
         p.grammar = job.grammar.clone();
         p.special_text = tools.is_some();
+        p.score_prompt = job.score_prompt;
         streams.push(s.node.generate(p).await.map_err(pipeline_error)?);
     }
     Ok(Started { streams, tools })
@@ -549,12 +563,19 @@ async fn run(s: AppState, mut job: Job) -> Response {
         let mut choices = Vec::with_capacity(results.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
         for (i, r) in results.into_iter().enumerate() {
-            let (sum, tokens) = match r {
+            let (mut sum, mut tokens) = match r {
                 Ok(x) => x,
                 Err(e) => return pipeline_error(e),
             };
             s.metrics.finished(&sum, endpoint, arrived);
             prompt_tokens = sum.prompt_tokens;
+            if job.prompt_only {
+                // The prompt alone: its one generated token is dropped.
+                sum.text.clear();
+                sum.token_ids.clear();
+                sum.finish_reason = FinishReason::Length;
+                tokens.truncate(if job.score_prompt { prompt_tokens } else { 0 });
+            }
             completion_tokens += sum.token_ids.len();
             let reason = finish_reason(sum.finish_reason);
             let choice = match kind {
@@ -566,9 +587,15 @@ async fn run(s: AppState, mut job: Job) -> Response {
                     json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
                 }
                 Kind::Text => {
+                    // A scored prompt's tokens lead the list, from offset 0.
+                    let offset = if job.score_prompt {
+                        0
+                    } else {
+                        echo.chars().count()
+                    };
                     let logprobs = job
                         .logprobs
-                        .map(|_| text_logprobs(&s.node, &tokens, echo.chars().count()));
+                        .map(|_| text_logprobs(&s.node, &tokens, offset));
                     json!({"index": i, "text": format!("{echo}{}", sum.text), "logprobs": logprobs, "finish_reason": reason})
                 }
             };
@@ -674,13 +701,23 @@ async fn run(s: AppState, mut job: Job) -> Response {
         };
         if !st.started {
             st.started = true;
+            // The echo, with its tokens' scores when they came first.
+            let scored = match &ev {
+                GenEvent::Prompt { ids, logprobs } if want_logprobs => {
+                    let scores = std::iter::once(None).chain(logprobs.iter().cloned().map(Some));
+                    let tokens: Vec<(u32, Option<TokenLogprobs>)> =
+                        ids.iter().copied().zip(scores).collect();
+                    Some(text_logprobs(&node, &tokens, 0))
+                }
+                _ => None,
+            };
             match kind {
                 Kind::Chat => out.push(chunk(
                     json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
                     None,
                 )),
                 Kind::Text if !echo.is_empty() => out.push(chunk(
-                    json!({"index": i, "text": echo, "logprobs": null, "finish_reason": null}),
+                    json!({"index": i, "text": echo, "logprobs": scored, "finish_reason": null}),
                     None,
                 )),
                 Kind::Text => {}
@@ -724,6 +761,8 @@ async fn run(s: AppState, mut job: Job) -> Response {
                 st.text.push_str(&text);
                 (out, false)
             }
+            // Sent with the echo above.
+            GenEvent::Prompt { .. } => (out, false),
             GenEvent::Done(sum) => {
                 metrics.finished(&sum, endpoint, arrived);
                 totals[0] = sum.prompt_tokens;

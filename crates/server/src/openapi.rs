@@ -137,7 +137,9 @@ pub fn document(auth: bool) -> Value {
     let chat = chat_properties();
     let mut text = sampling_properties();
     text["prompt"] = json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}, {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]});
-    text["echo"] = json!({"type": ["boolean", "null"]});
+    text["echo"] = json!({"type": ["boolean", "null"], "description": "The prompt before the text; with logprobs, its tokens scored"});
+    text["max_tokens"] = json!({"type": ["integer", "null"], "minimum": 0,
+        "description": "Absent: up to the model's context. 0 only with echo (not streamed): the prompt alone"});
     text["logprobs"] = json!({"type": ["integer", "null"], "minimum": 0, "maximum": hearth_proto::limits::MAX_TOP_LOGPROBS});
     text["best_of"] = json!({"type": ["integer", "null"], "minimum": 1});
     let stream_ok = json!({"description": "A completion, or with stream=true server-sent events ending in [DONE]",
@@ -173,6 +175,41 @@ pub fn document(auth: bool) -> Value {
         json!({"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1}),
     );
     rprops.insert("stream".into(), json!({"type": ["boolean", "null"]}));
+    rprops.insert(
+        "tools".into(),
+        json!({"type": ["array", "null"], "maxItems": crate::fields::MAX_TOOLS, "items": {
+            "type": "object", "required": ["type", "name"], "properties": {
+                "type": {"const": "function"}, "name": {"type": "string"},
+                "description": {"type": ["string", "null"]},
+                "parameters": {"type": ["object", "null"]},
+                "strict": {"type": ["boolean", "null"]}}}}),
+    );
+    rprops.insert(
+        "tool_choice".into(),
+        json!({"oneOf": [{"enum": ["auto", "none", "required"]}, {"type": "null"},
+            {"type": "object", "required": ["type", "name"], "properties": {
+                "type": {"const": "function"}, "name": {"type": "string"}}}]}),
+    );
+    rprops.insert(
+        "parallel_tool_calls".into(),
+        json!({"type": ["boolean", "null"]}),
+    );
+    rprops.insert(
+        "text".into(),
+        json!({"type": ["object", "null"], "properties": {
+            "format": {"type": ["object", "null"], "required": ["type"], "properties": {
+                "type": {"enum": ["text", "json_object", "json_schema"]},
+                "name": {"type": "string"}, "schema": {"type": "object"},
+                "strict": {"type": ["boolean", "null"]}}},
+            "verbosity": {"enum": ["medium", null]}}, "additionalProperties": false}),
+    );
+    rprops.insert(
+        "metadata".into(),
+        json!({"type": ["object", "null"], "additionalProperties": {"type": "string"}}),
+    );
+    for k in ["user", "safety_identifier", "prompt_cache_key", "service_tier"] {
+        rprops.insert(k.into(), json!({"type": ["string", "null"]}));
+    }
     rprops.insert("store".into(), json!({"enum": [false, null]}));
     rprops.insert("truncation".into(), json!({"enum": ["disabled", null]}));
     responses_op["requestBody"] = body(

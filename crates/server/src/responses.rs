@@ -458,6 +458,8 @@ pub(crate) async fn create(
                 }
                 (out, false)
             }
+            // Never asked for here.
+            Step::Event(GenEvent::Prompt { .. }) => (Vec::new(), false),
             Step::Event(GenEvent::Done(sum)) => {
                 metrics.finished(&sum, "responses", arrived);
                 let (message, incomplete) = finished(&sum, &text, tools.as_ref());

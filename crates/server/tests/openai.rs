@@ -381,9 +381,9 @@ async fn bad_requests_get_openai_errors_never_a_500() {
         ),
         (
             "/v1/completions",
-            m(r#"{"model":"MODEL","prompt":"x","echo":true,"logprobs":2}"#),
+            m(r#"{"model":"MODEL","prompt":"x","echo":true,"logprobs":21}"#),
             StatusCode::BAD_REQUEST,
-            Some("echo"),
+            Some("logprobs"),
         ),
         (
             "/v1/completions",
@@ -2051,6 +2051,124 @@ async fn template_family(case: &str, format: hearth_models::tools::ToolFormat, r
         )
         .await;
         assert_eq!(r.status, StatusCode::OK, "{case}: {}", r.text());
+    }
+    n.shutdown().await;
+}
+
+/// Completions' `echo` with `logprobs` scores the prompt: each prompt
+/// token's log-probability after the ones before it, checked against the
+/// model run alone on each prefix (its last position's logits, a separate
+/// path from the pipeline's all-positions logits). `max_tokens: 0` gives
+/// the prompt alone, as evaluation harnesses ask; streamed, the echo chunk
+/// carries the same scores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), true).await;
+    let app = || hearth_server::router(n.clone());
+    let model = n.model_name().unwrap();
+    let local = hearth_models::LocalModel::load(
+        &n.model_path().unwrap(),
+        hearth_models::Precision::Quantized,
+    )
+    .unwrap();
+    let prompt: Vec<u32> = vec![5, 17, 99, 3, 42, 8, 64, 23, 11];
+    let want: Vec<f64> = (1..prompt.len())
+        .map(|i| {
+            let row = local.prompt_logits(&prompt[..i]).unwrap();
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            row[prompt[i] as usize] as f64 - max - sum.ln()
+        })
+        .collect();
+    let echo_text = n.detokenize(&prompt);
+    let check = |lp: &Value, from: usize| {
+        let token_lps = lp["token_logprobs"].as_array().unwrap();
+        assert!(token_lps[from].is_null(), "{lp}");
+        for (i, w) in want.iter().enumerate() {
+            let got = token_lps[from + i + 1].as_f64().unwrap();
+            assert!((got - w).abs() < 1e-3, "token {}: {got} vs {w}", i + 1);
+            let top = lp["top_logprobs"][from + i + 1].as_object().unwrap();
+            assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+            let best = top
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .fold(f64::MIN, f64::max);
+            assert!(best >= got - 1e-6);
+        }
+        let texts: String = lp["tokens"].as_array().unwrap()[from..from + prompt.len()]
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(texts, echo_text);
+        assert_eq!(lp["text_offset"][from], 0);
+    };
+    // The prompt alone.
+    let r = post(
+        app(),
+        "/v1/completions",
+        &json!({"model": model, "prompt": prompt,
+        "echo": true, "logprobs": 2, "max_tokens": 0})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["choices"][0]["text"], echo_text.as_str());
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt.len());
+    check(lp, 0);
+    // With generated tokens after it: the prompt's scores, then theirs.
+    let r = post(
+        app(),
+        "/v1/completions",
+        &json!({"model": model, "prompt": prompt,
+        "echo": true, "logprobs": 2, "max_tokens": 3, "temperature": 0})
+        .to_string(),
+    )
+    .await;
+    let v = r.json();
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(
+        lp["tokens"].as_array().unwrap().len(),
+        prompt.len() + 3,
+        "{v}"
+    );
+    check(lp, 0);
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(&echo_text)
+    );
+    // Streamed: the echo chunk carries the scores.
+    let r = post(
+        app(),
+        "/v1/completions",
+        &json!({"model": model, "prompt": prompt,
+        "echo": true, "logprobs": 2, "max_tokens": 3, "temperature": 0, "stream": true})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let frames: Vec<Value> = r
+        .sse()
+        .iter()
+        .filter(|f| *f != "[DONE]")
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    assert_eq!(frames[0]["choices"][0]["text"], echo_text.as_str());
+    check(&frames[0]["choices"][0]["logprobs"], 0);
+    // max_tokens 0 is the prompt alone only with echo, and not streamed.
+    for body in [
+        json!({"model": model, "prompt": prompt, "max_tokens": 0}),
+        json!({"model": model, "prompt": prompt, "echo": true, "max_tokens": 0, "stream": true}),
+    ] {
+        let r = post(app(), "/v1/completions", &body.to_string()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert_eq!(r.error()["param"], "max_tokens");
     }
     n.shutdown().await;
 }

@@ -63,6 +63,9 @@ pub struct GenerateParams {
     /// Special tokens appear in the text (a tool call's markers may be
     /// special tokens); end tokens never do.
     pub special_text: bool,
+    /// Score the prompt: its tokens' log-probabilities (with `logprobs`
+    /// alternatives) come first, as [`GenEvent::Prompt`].
+    pub score_prompt: bool,
 }
 
 impl GenerateParams {
@@ -83,6 +86,7 @@ impl GenerateParams {
             logprobs: None,
             grammar: None,
             special_text: false,
+            score_prompt: false,
         }
     }
 }
@@ -99,6 +103,13 @@ pub enum GenEvent {
     },
     /// Text held back until the end (a possible stop string that was not).
     Text(String),
+    /// Before the first token, when the prompt was scored: its tokens, and
+    /// each one's log-probability after the ones before it (from the
+    /// second).
+    Prompt {
+        ids: Vec<u32>,
+        logprobs: Vec<TokenLogprobs>,
+    },
     Done(GenSummary),
     Failed(String),
 }
@@ -146,7 +157,7 @@ pub async fn finish(rx: &mut GenStream) -> Result<GenSummary, PipelineError> {
         match ev {
             GenEvent::Done(s) => return Ok(s),
             GenEvent::Failed(e) => return Err(PipelineError::Failed(e)),
-            GenEvent::Token { .. } | GenEvent::Text(_) => {}
+            GenEvent::Token { .. } | GenEvent::Text(_) | GenEvent::Prompt { .. } => {}
         }
     }
     Err(PipelineError::Failed("the generation ended early".into()))
@@ -243,8 +254,18 @@ pub(crate) async fn generate(
         .await
         .map_err(|e| PipelineError::Failed(e.to_string()))??;
     }
+    if req.score_prompt && (req.logprobs.is_none() || ids.len() > limits::MAX_SCORED_PROMPT) {
+        return Err(PipelineError::BadRequest(format!(
+            "scoring a prompt needs logprobs and at most {} prompt tokens ({} here)",
+            limits::MAX_SCORED_PROMPT,
+            ids.len()
+        )));
+    }
     let stop_ids = text.tokenizer().eos_ids().to_vec();
-    let params = to_seq_params(&req, &stop_ids);
+    let mut params = to_seq_params(&req, &stop_ids);
+    if req.score_prompt {
+        params.score_prompt = ids.clone();
+    }
     let prompt_tokens = ids.len();
     let prompt_token_ids = ids.clone();
     let context = text.context_length();
@@ -291,6 +312,17 @@ pub(crate) async fn generate(
                         }
                         if t.finish == Finish::Stop {
                             break 'outer Ok(FinishReason::Stop);
+                        }
+                        if !t.prompt_logprobs.is_empty()
+                            && tx
+                                .send(GenEvent::Prompt {
+                                    ids: prompt_token_ids.clone(),
+                                    logprobs: t.prompt_logprobs,
+                                })
+                                .await
+                                .is_err()
+                        {
+                            break 'outer Err("the client went away".into());
                         }
                         out.push(t.token);
                         let tok = tokenizer.text.tokenizer();
@@ -351,6 +383,10 @@ pub(crate) async fn generate(
             let mut p = params.clone();
             p.max_tokens = remaining as u32;
             p.history = out.clone();
+            // The prompt's scores came with the first token, if it came.
+            if !out.is_empty() {
+                p.score_prompt.clear();
+            }
             let (again_tx, again_rx) = mpsc::unbounded_channel::<SeqOut>();
             match launch(&service, prefix, p, again_tx).await {
                 Ok(next) => {

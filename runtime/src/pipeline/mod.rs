@@ -144,6 +144,7 @@ pub(crate) fn to_seq_params(
         logprobs: req.logprobs,
         grammar: req.grammar.clone(),
         history: Vec::new(),
+        score_prompt: Vec::new(),
     }
 }
 

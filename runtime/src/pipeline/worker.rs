@@ -60,6 +60,11 @@ struct HeadState {
     /// Most tokens to generate (already clipped to the context).
     max_new: usize,
     generated: usize,
+    /// The prompt, when its tokens' log-probabilities go back with the
+    /// first token (emptied once sent).
+    score: Vec<u32>,
+    /// Alternatives per log-probability.
+    top: usize,
 }
 
 /// How a stage reports its work to the node's live figures: the meter,
@@ -251,6 +256,7 @@ impl StageLoop {
                 token: 0,
                 finish: Finish::Failed,
                 logprobs: None,
+                prompt_logprobs: Vec::new(),
             })
             .collect();
         self.routes.first.send(Message::Sampled {
@@ -308,7 +314,15 @@ impl StageLoop {
         // prefill runs: an old placement's stage is dropped only when idle.
         self.live.store(self.seqs.len(), Ordering::Relaxed);
         let chunks: Vec<SeqChunk> = ok.iter().map(|(c, _)| c.clone()).collect();
-        let result = self.forward(ok);
+        // A prompt to score: every position's logits, not only the last.
+        let all = head
+            && chunks.iter().any(|c| {
+                self.seqs
+                    .get(&c.seq)
+                    .and_then(|s| s.head.as_ref())
+                    .is_some_and(|h| !h.score.is_empty())
+            });
+        let result = self.forward(ok, if all { Logits::All } else { Logits::Last });
         let compute = started.elapsed();
         if let Some(m) = &self.meter
             && result.is_ok()
@@ -320,7 +334,10 @@ impl StageLoop {
         }
         match result {
             Err(e) => self.fail(&chunks, &format!("forward: {e}")),
-            Ok(out) if head => self.sample(chunks, out),
+            Ok(out) if head => match self.rows(&chunks, &out, all) {
+                Ok((rows, scored)) => self.sample(chunks, rows, scored),
+                Err(e) => self.fail(&chunks, &format!("reading logits: {e}")),
+            },
             Ok(out) => {
                 let sent = Instant::now();
                 self.send_hidden(chunks, out);
@@ -331,7 +348,50 @@ impl StageLoop {
         self.times.add(compute, Duration::ZERO);
     }
 
-    fn forward(&mut self, batch: Vec<(SeqChunk, Input)>) -> Result<Tensor, String> {
+    /// The batch's logits as one row per chunk to sample from, and the
+    /// prompt log-probabilities of the sequences that asked for them (when
+    /// `all` logits were computed).
+    #[allow(clippy::type_complexity)]
+    fn rows(
+        &mut self,
+        chunks: &[SeqChunk],
+        logits: &Tensor,
+        all: bool,
+    ) -> Result<(Vec<Vec<f32>>, HashMap<u64, Vec<TokenLogprobs>>), String> {
+        let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+        let mut scored = HashMap::new();
+        if !all {
+            return Ok((rows, scored));
+        }
+        let total: usize = chunks.iter().map(|c| c.len as usize).sum();
+        if rows.len() != total {
+            return Err(format!("{} logit rows for {total} tokens", rows.len()));
+        }
+        let mut last = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for c in chunks {
+            let len = c.len as usize;
+            if let Some(h) = self.seqs.get_mut(&c.seq).and_then(|s| s.head.as_mut())
+                && !h.score.is_empty()
+            {
+                let score = std::mem::take(&mut h.score);
+                let lps: Vec<TokenLogprobs> = (0..len.saturating_sub(1))
+                    .filter_map(|i| {
+                        let t = *score.get(i + 1)?;
+                        let (logprob, top) =
+                            hearth_models::sampling::token_logprobs(&rows[at + i], t, h.top);
+                        Some(TokenLogprobs { logprob, top })
+                    })
+                    .collect();
+                scored.insert(c.seq, lps);
+            }
+            last.push(rows[at + len - 1].clone());
+            at += len;
+        }
+        Ok((last, scored))
+    }
+
+    fn forward(&mut self, batch: Vec<(SeqChunk, Input)>, logits: Logits) -> Result<Tensor, String> {
         let lens: Vec<usize> = batch.iter().map(|(c, _)| c.len as usize).collect();
         let n: usize = lens.iter().sum();
         let input = if self.stage.spec().embed {
@@ -373,7 +433,7 @@ impl StageLoop {
                 })
                 .collect();
             self.stage
-                .forward(input, &lens, &mut caches, Logits::Last)
+                .forward(input, &lens, &mut caches, logits)
                 .map_err(|e| e.to_string())
         };
         self.seqs.extend(taken);
@@ -413,17 +473,18 @@ impl StageLoop {
         }));
     }
 
-    fn sample(&mut self, chunks: Vec<SeqChunk>, logits: Tensor) {
-        let rows = match logits.to_vec2::<f32>() {
-            Ok(r) if r.len() == chunks.len() => r,
-            Ok(r) => {
-                return self.fail(
-                    &chunks,
-                    &format!("{} logit rows for {} sequences", r.len(), chunks.len()),
-                );
-            }
-            Err(e) => return self.fail(&chunks, &format!("reading logits: {e}")),
-        };
+    fn sample(
+        &mut self,
+        chunks: Vec<SeqChunk>,
+        rows: Vec<Vec<f32>>,
+        mut scored: HashMap<u64, Vec<TokenLogprobs>>,
+    ) {
+        if rows.len() != chunks.len() {
+            return self.fail(
+                &chunks,
+                &format!("{} logit rows for {} sequences", rows.len(), chunks.len()),
+            );
+        }
         let mut out = Vec::with_capacity(chunks.len());
         for (c, row) in chunks.iter().zip(rows) {
             let Some(h) = self.seqs.get_mut(&c.seq).and_then(|s| s.head.as_mut()) else {
@@ -440,6 +501,7 @@ impl StageLoop {
                         token: 0,
                         finish: Finish::Failed,
                         logprobs: None,
+                        prompt_logprobs: Vec::new(),
                     });
                     continue;
                 }
@@ -464,12 +526,25 @@ impl StageLoop {
                 token,
                 finish,
                 logprobs,
+                prompt_logprobs: scored.remove(&c.seq).unwrap_or_default(),
             });
         }
-        self.routes.first.send(Message::Sampled {
-            placement: self.routes.placement,
-            tokens: out,
-        });
+        // A token with its prompt's log-probabilities goes in a message of
+        // its own, so each stays within the frame limit.
+        let (own, rest): (Vec<_>, Vec<_>) =
+            out.into_iter().partition(|t| !t.prompt_logprobs.is_empty());
+        for t in own {
+            self.routes.first.send(Message::Sampled {
+                placement: self.routes.placement,
+                tokens: vec![t],
+            });
+        }
+        if !rest.is_empty() {
+            self.routes.first.send(Message::Sampled {
+                placement: self.routes.placement,
+                tokens: rest,
+            });
+        }
     }
 }
 
@@ -527,12 +602,21 @@ fn new_state(
             sampler = sampler.with_constraint(Box::new(c), &p.stop_ids);
         }
         sampler.replay(&p.history)?;
+        if !p.score_prompt.is_empty() && (p.score_prompt.len() != prompt || p.logprobs.is_none()) {
+            return Err(format!(
+                "{} tokens to score for a prompt of {prompt}, logprobs {:?}",
+                p.score_prompt.len(),
+                p.logprobs
+            ));
+        }
         Some(HeadState {
             sampler,
             logprobs: p.logprobs.is_some(),
             stop_ids: p.stop_ids.clone(),
             max_new,
             generated: 0,
+            score: p.score_prompt.clone(),
+            top: p.logprobs.unwrap_or(0) as usize,
         })
     } else {
         None
