@@ -208,6 +208,12 @@ first_lp = client.chat.completions.create(
     logprobs=True, top_logprobs=5,
 ).choices[0].logprobs.content[0]
 
+# A scored prompt (how evaluation harnesses ask): echo with logprobs and
+# max_tokens 0 gives the prompt alone with each token's log-probability.
+scored = client.completions.create(
+    model=model, prompt="The capital of France is Paris", echo=True, logprobs=1, max_tokens=0,
+)
+
 # The Responses API, whole and streamed.
 resp = client.responses.create(model=model, instructions="Be brief.", input=prompt, max_output_tokens=16, temperature=0)
 events = []
@@ -220,6 +226,13 @@ with client.responses.stream(model=model, instructions="Be brief.", input=prompt
     final = s.get_final_response()
 
 print(json.dumps({
+    "scored": {
+        "text": scored.choices[0].text,
+        "tokens": scored.choices[0].logprobs.tokens,
+        "token_logprobs": scored.choices[0].logprobs.token_logprobs,
+        "prompt_tokens": scored.usage.prompt_tokens,
+        "completion_tokens": scored.usage.completion_tokens,
+    },
     "responses_text": resp.output_text,
     "responses_status": resp.status,
     "responses_stream_text": "".join(streamed_text),

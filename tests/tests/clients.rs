@@ -269,6 +269,43 @@ fn the_official_openai_client_works_and_matches_hearth_generate() -> Result<()> 
             assert_eq!(bytes, lm.tokenizer().id_bytes(order[k] as u32), "top {k}");
         }
     }
+    // A scored prompt through the SDK: the prompt alone, every token with
+    // its log-probability after the ones before (the first has none); the
+    // last one checked against a softmax of the model's own logits.
+    {
+        let text = "The capital of France is Paris";
+        let sc = &got["scored"];
+        assert_eq!(sc["text"], text, "{got}");
+        assert_eq!(sc["completion_tokens"], 0, "{got}");
+        let lps = sc["token_logprobs"].as_array().context("token_logprobs")?;
+        assert_eq!(
+            Some(lps.len() as u64),
+            sc["prompt_tokens"].as_u64(),
+            "{got}"
+        );
+        assert!(lps[0].is_null(), "{got}");
+        let lm = hearth_models::LocalModel::load(
+            &real_model().context("model")?,
+            hearth_models::Precision::Quantized,
+        )?;
+        let ids = lm.encode_prompt(text)?;
+        assert_eq!(ids.len(), lps.len(), "{got}");
+        let k = ids.len() - 1;
+        let logits = lm.prompt_logits(&ids[..k])?;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max as f64
+            + logits
+                .iter()
+                .map(|&l| ((l - max) as f64).exp())
+                .sum::<f64>()
+                .ln();
+        let want = logits[ids[k] as usize] as f64 - lse;
+        let have = lps[k].as_f64().unwrap_or(0.0);
+        assert!(
+            (want - have).abs() < 1e-3,
+            "last token: {have} vs softmax {want}"
+        );
+    }
     // The Responses API through the SDK: the same greedy text whole and
     // streamed, typed events from created to the end.
     let rt = got["responses_text"].as_str().unwrap_or("");

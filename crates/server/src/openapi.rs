@@ -207,7 +207,12 @@ pub fn document(auth: bool) -> Value {
         "metadata".into(),
         json!({"type": ["object", "null"], "additionalProperties": {"type": "string"}}),
     );
-    for k in ["user", "safety_identifier", "prompt_cache_key", "service_tier"] {
+    for k in [
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "service_tier",
+    ] {
         rprops.insert(k.into(), json!({"type": ["string", "null"]}));
     }
     rprops.insert("store".into(), json!({"enum": [false, null]}));
