@@ -408,7 +408,7 @@ fn merged_gguf_and_peft_adapter_hold_what_was_trained() {
     };
     let adapter = dir.path().join("adapter");
     let all: Vec<(String, Tensor)> = trained.into_iter().collect();
-    write_peft_adapter(&adapter, cfg, "tiny", &all).unwrap();
+    write_peft_adapter(&adapter, cfg, "tiny", &all, base.config()).unwrap();
     let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.names().len(), 2 * 7 * 2);
@@ -681,5 +681,138 @@ fn gemma_and_phi3_fine_tunes_merge_into_their_ggufs() {
                 "{name}: nothing changed"
             );
         }
+    }
+}
+
+/// A Phi-3 LoRA exports as PEFT loads it onto transformers' Phi-3 (whose
+/// q/k/v and gate/up are fused): separate LoRAs drawn by
+/// tests/fixtures/make_peft_fused_reference.py, set in Hearth's stage, give
+/// PEFT's logits of the same LoRAs on the fused matrices (within 1e-4), and
+/// the adapter Hearth writes is the one PEFT saved for them: the same
+/// tensors under the same names, the same targets, ranks and alphas.
+#[test]
+fn a_phi3_lora_is_written_as_peft_saves_it_for_fused_projections() {
+    use hearth_models::train::export::write_peft_adapter;
+    let dir = hearth_test_utils::workspace_root().join("tests/fixtures/hf/phi3");
+    let fused = dir.join("lora_fused");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fused.join("reference.json")).unwrap())
+            .unwrap();
+    let targets: Vec<Target> = serde_json::from_value(want["targets"].clone()).unwrap();
+    let cfg = LoraConfig {
+        rank: want["rank"].as_u64().unwrap() as usize,
+        alpha: want["alpha"].as_f64().unwrap(),
+        dropout: 0.0,
+        targets,
+        init_b_std: 0.0,
+    };
+    let w = WeightFile::open(&dir).unwrap();
+    let layers = w.config().num_hidden_layers;
+    let stage = TrainStage::load(
+        &w,
+        StageSpec::full(layers),
+        &opts(Method::Lora(cfg.clone()), DType::F32),
+    )
+    .unwrap();
+    let separate =
+        candle_core::safetensors::load(fused.join("separate.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(separate.len(), stage.trainables().len());
+    for (n, _) in stage.trainables() {
+        stage.set(n, &separate[n]).unwrap();
+    }
+    // The logits of the adapted model against PEFT's.
+    let ids: Vec<u32> = (0..40).map(|i| ((7 * i + 3) % 64) as u32).collect();
+    let n = ids.len();
+    let logits = stage
+        .forward(
+            &TrainInput::Tokens(ids),
+            &BatchLayout::new(1, n, vec![1; n]).unwrap(),
+            &DropCtx::eval(),
+        )
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .reshape((n, ()))
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let peft_logits = want["logits"].as_array().unwrap();
+    let mut worst: f64 = 0.0;
+    for (row, want_row) in logits.iter().zip(peft_logits) {
+        for (a, b) in row.iter().zip(want_row.as_array().unwrap()) {
+            let b = b.as_f64().unwrap();
+            worst = worst.max((a - b).abs() / b.abs().max(1.0));
+        }
+    }
+    assert!(worst < 1e-4, "logits differ from PEFT's by {worst}");
+    // The adapter as PEFT saved it.
+    let out = tempfile::tempdir().unwrap();
+    let trained: Vec<(String, Tensor)> = stage
+        .trainables()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    write_peft_adapter(out.path(), &cfg, "phi3", &trained, w.config()).unwrap();
+    let ours =
+        candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let theirs =
+        candle_core::safetensors::load(fused.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut a: Vec<&String> = ours.keys().collect();
+    let mut b: Vec<&String> = theirs.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    for (name, t) in &theirs {
+        let d = (ours[name].clone() - t)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+    let conf = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let (ours, theirs) = (conf(out.path()), conf(&fused));
+    let sorted = |v: &serde_json::Value| {
+        let mut t: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        t.sort();
+        t
+    };
+    assert_eq!(
+        sorted(&ours["target_modules"]),
+        sorted(&theirs["target_modules"])
+    );
+    // Numbers compare as numbers (`8.0` is PEFT's `8`).
+    let num = |v: &serde_json::Value| -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(o) => o
+                .iter()
+                .map(|(k, x)| (k.clone(), serde_json::json!(x.as_f64())))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+            x if x.is_number() => serde_json::json!(x.as_f64()),
+            x => x.clone(),
+        }
+    };
+    for k in [
+        "r",
+        "lora_alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "peft_type",
+    ] {
+        assert_eq!(num(&ours[k]), num(&theirs[k]), "{k}");
     }
 }

@@ -53,15 +53,20 @@ pub fn safetensors_bytes(
 
 /// Writes a LoRA adapter as PEFT loads it: `adapter_model.safetensors`
 /// (the `lora_A`/`lora_B` tensors under PEFT's names) and
-/// `adapter_config.json`.
+/// `adapter_config.json`. For a model whose checkpoint fuses q/k/v and
+/// gate/up (Phi-3), the separate LoRAs Hearth trains are written as the one
+/// LoRA on each fused matrix they are exactly: A stacked, B block-diagonal,
+/// rank and alpha multiplied by the parts (PEFT's `rank_pattern` and
+/// `alpha_pattern`), so the adapter loads onto transformers' model.
 pub fn write_peft_adapter(
     dir: &Path,
     lora: &LoraConfig,
     base_model: &str,
     tensors: &[(String, Tensor)],
+    cfg: &crate::Config,
 ) -> Result<()> {
     crate::durable::create_dir(dir)?;
-    let adapters: Vec<(String, Tensor)> = tensors
+    let mut adapters: Vec<(String, Tensor)> = tensors
         .iter()
         .filter(|(n, _)| n.contains(".lora_A.") || n.contains(".lora_B."))
         .cloned()
@@ -69,13 +74,49 @@ pub fn write_peft_adapter(
     if adapters.is_empty() {
         return Err(ModelError::InvalidConfig("no LoRA tensors to write".into()));
     }
+    let mut targets: Vec<String> = lora
+        .targets
+        .iter()
+        .map(|t| t.peft_name().to_string())
+        .collect();
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    if cfg.fused_projections() {
+        let q = cfg.num_attention_heads * cfg.head_dim;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let inter = cfg.intermediate_size;
+        for (kind, parts, fused) in [
+            (
+                "self_attn",
+                &[("q_proj", q), ("k_proj", kv), ("v_proj", kv)][..],
+                "qkv_proj",
+            ),
+            (
+                "mlp",
+                &[("gate_proj", inter), ("up_proj", inter)][..],
+                "gate_up_proj",
+            ),
+        ] {
+            let present = parts
+                .iter()
+                .filter(|(n, _)| targets.iter().any(|t| t == n))
+                .count();
+            if present == 0 {
+                continue;
+            }
+            adapters = fuse_lora(adapters, kind, parts, fused, lora.rank)?;
+            targets.retain(|t| !parts.iter().any(|(n, _)| n == t));
+            targets.push(fused.to_string());
+            rank_pattern.insert(fused.into(), serde_json::json!(present * lora.rank));
+            alpha_pattern.insert(fused.into(), serde_json::json!(present as f64 * lora.alpha));
+        }
+    }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     write_atomic(
         &dir.join("adapter_model.safetensors"),
         &safetensors_bytes(&adapters, Some(meta))?,
     )?;
-    let targets: Vec<&str> = lora.targets.iter().map(|t| t.peft_name()).collect();
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -84,6 +125,8 @@ pub fn write_peft_adapter(
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
@@ -93,6 +136,73 @@ pub fn write_peft_adapter(
     let text =
         serde_json::to_vec_pretty(&config).map_err(|e| ModelError::InvalidConfig(e.to_string()))?;
     write_atomic(&dir.join("adapter_config.json"), &text)
+}
+
+/// Replaces each layer's LoRAs on `parts` (name and output rows, in the
+/// fused matrix's row order) of `kind` (`self_attn` or `mlp`) by one LoRA
+/// on `fused`: A the present parts' A stacked, B block-diagonal (zero rows
+/// for a part not adapted).
+fn fuse_lora(
+    adapters: Vec<(String, Tensor)>,
+    kind: &str,
+    parts: &[(&str, usize)],
+    fused: &str,
+    rank: usize,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut by_name: HashMap<String, Tensor> = adapters.iter().cloned().collect();
+    let mut prefixes: Vec<String> = Vec::new();
+    for (n, _) in &adapters {
+        for (part, _) in parts {
+            if let Some(pre) = n.strip_suffix(&format!(".{kind}.{part}.lora_A.weight"))
+                && !prefixes.iter().any(|p| p == pre)
+            {
+                prefixes.push(pre.to_string());
+            }
+        }
+    }
+    let mut out: Vec<(String, Tensor)> = adapters
+        .into_iter()
+        .filter(|(n, _)| {
+            !parts
+                .iter()
+                .any(|(part, _)| n.contains(&format!(".{kind}.{part}.lora_")))
+        })
+        .collect();
+    for pre in prefixes {
+        let name = |part: &str, which: char| format!("{pre}.{kind}.{part}.lora_{which}.weight");
+        let present: Vec<(usize, Tensor, Tensor)> = parts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (part, _))| {
+                let a = by_name.remove(&name(part, 'A'))?;
+                let b = by_name.remove(&name(part, 'B'))?;
+                Some((i, a, b))
+            })
+            .collect();
+        let Some((_, a0, _)) = present.first() else {
+            continue;
+        };
+        let (dtype, device) = (a0.dtype(), a0.device().clone());
+        let k = present.len();
+        let a = Tensor::cat(&present.iter().map(|(_, a, _)| a).collect::<Vec<_>>(), 0)?;
+        // B: each part's rows; its own rank columns, zeros elsewhere.
+        let mut rows = Vec::with_capacity(parts.len());
+        for (i, (_, out_rows)) in parts.iter().enumerate() {
+            let slot = present.iter().position(|(j, _, _)| *j == i);
+            let mut cols = Vec::with_capacity(k);
+            for c in 0..k {
+                cols.push(match slot {
+                    Some(s) if s == c => present[s].2.clone(),
+                    _ => Tensor::zeros((*out_rows, rank), dtype, &device)?,
+                });
+            }
+            rows.push(Tensor::cat(&cols, 1)?);
+        }
+        let b = Tensor::cat(&rows, 0)?;
+        out.push((format!("{pre}.{kind}.{fused}.lora_A.weight"), a));
+        out.push((format!("{pre}.{kind}.{fused}.lora_B.weight"), b));
+    }
+    Ok(out)
 }
 
 /// The whole model with `trained` (a state's tensors by name: LoRA

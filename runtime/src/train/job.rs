@@ -564,7 +564,13 @@ fn write_outputs(
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
     match method {
-        Method::Lora(c) => write_peft_adapter(&out.join("adapter"), c, &spec.model, &trained)?,
+        Method::Lora(c) => write_peft_adapter(
+            &out.join("adapter"),
+            c,
+            &spec.model,
+            &trained,
+            base.config(),
+        )?,
         Method::Full => {
             let bytes = hearth_models::train::export::safetensors_bytes(&trained, None)?;
             write_atomic(&out.join("model.safetensors"), &bytes)?;
