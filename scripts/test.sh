@@ -18,6 +18,22 @@ if ! .venv-clients/bin/python -c "import openai, schemathesis, ollama" 2>/dev/nu
   python3 -m venv .venv-clients
   .venv-clients/bin/python -m pip install --quiet --disable-pip-version-check openai schemathesis ollama
 fi
+# Mistral's tekken tokenizer file, from the mistral-common wheel (the
+# reference for models/tests/tekken.rs; tests/fixtures/make_tekken_reference.py).
+if [ ! -f .cache/tekken_240718.json ]; then
+  mkdir -p .cache/wheels
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+    mistral-common==1.13.1 -d .cache/wheels
+  python3 - <<'PY'
+import glob, hashlib, os, zipfile
+wheel = glob.glob(".cache/wheels/mistral_common-1.13.1-*.whl")[0]
+data = zipfile.ZipFile(wheel).read("mistral_common/data/tekken_240718.json")
+assert hashlib.sha256(data).hexdigest() == "eccd1665d2e477697c33cb7f0daa6f6dfefc57a0a6bceb66d4be52952f827516"
+with open(".cache/tekken_240718.json.part", "wb") as f:
+    f.write(data)
+os.replace(".cache/tekken_240718.json.part", ".cache/tekken_240718.json")
+PY
+fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   npm install --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi

@@ -246,6 +246,14 @@ pub fn pick_gguf(repo: &str, names: &[String], quant: Option<&str>) -> Result<Ve
 /// What a pull fetches from a listing: the GGUF file(s) picked for the
 /// quantization, or a model folder (config, tokenizer, template and
 /// safetensors). Returns the files and whether they are a folder.
+/// Mistral's own weight files (`consolidated.safetensors`,
+/// `consolidated-00001-of-00002.safetensors`).
+pub fn is_consolidated(name: &str) -> bool {
+    name.rsplit('/')
+        .next()
+        .is_some_and(|n| n.starts_with("consolidated") && n.ends_with(".safetensors"))
+}
+
 pub fn plan_files(r: &HubRef, names: &[String]) -> Result<(Vec<String>, bool)> {
     let names: Vec<String> = names
         .iter()
@@ -253,11 +261,16 @@ pub fn plan_files(r: &HubRef, names: &[String]) -> Result<(Vec<String>, bool)> {
         .cloned()
         .collect();
     let has = |n: &str| names.iter().any(|x| x == n);
-    let safetensors: Vec<String> = names
+    let mut safetensors: Vec<String> = names
         .iter()
         .filter(|n| !n.contains('/') && n.ends_with(".safetensors"))
         .cloned()
         .collect();
+    // Mistral's repositories carry the weights twice: in Hugging Face's
+    // layout and as `consolidated*.safetensors` in Mistral's own.
+    if safetensors.iter().any(|n| !is_consolidated(n)) {
+        safetensors.retain(|n| !is_consolidated(n));
+    }
     let folder = has("config.json") && !safetensors.is_empty();
     let files = if r.quant.is_some() || !folder {
         if !names.iter().any(|n| n.ends_with(".gguf")) {
@@ -274,6 +287,10 @@ pub fn plan_files(r: &HubRef, names: &[String]) -> Result<(Vec<String>, bool)> {
             .filter(|f| has(f))
             .map(|f| f.to_string())
             .collect();
+        // Mistral's tokenizer where there is no `tokenizer.json`.
+        if !has("tokenizer.json") && has("tekken.json") {
+            files.push("tekken.json".into());
+        }
         files.extend(safetensors);
         (files, true)
     };
@@ -809,6 +826,30 @@ mod tests {
         );
         let none = plan_files(&r, &names(&["README.md", "../x.gguf"]));
         assert!(none.is_err());
+        // A Mistral repository: its tekken tokenizer, and the weights in
+        // Hugging Face's layout only.
+        let r = HubRef::parse("mistralai/Magistral-Small-2506").unwrap();
+        let list = names(&[
+            "config.json",
+            "tekken.json",
+            "params.json",
+            "consolidated.safetensors",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+        ]);
+        let (files, folder) = plan_files(&r, &list).unwrap();
+        assert!(folder);
+        assert_eq!(
+            files,
+            [
+                "config.json",
+                "model.safetensors.index.json",
+                "tekken.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
     }
 
     #[test]

@@ -30,6 +30,36 @@ const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{
 const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The chat format Mistral's library writes for tekken files of version 3
+/// (Nemo): each user turn in `[INST]…[/INST]`, the system prompt opening
+/// the last one, each answer ended by `</s>`; for folders that ship
+/// `tekken.json` and no template.
+const TEKKEN_V3_TEMPLATE: &str = "{{- bos_token }}\
+{%- set ns = namespace(system='', last=-1) %}\
+{%- for m in messages %}\
+{%- if m.role == 'system' %}{%- set ns.system = m.content %}\
+{%- elif m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}\
+{%- endfor %}\
+{%- for m in messages %}\
+{%- if m.role == 'user' %}{{- '[INST]' }}\
+{%- if ns.system and loop.index0 == ns.last %}{{- ns.system + '\\n\\n' }}{%- endif %}\
+{{- m.content + '[/INST]' }}\
+{%- elif m.role == 'assistant' %}{{- m.content + eos_token }}\
+{%- elif m.role != 'system' %}{{- raise_exception('Only system, user and assistant roles are supported') }}\
+{%- endif %}\
+{%- endfor %}";
+
+/// The chat format of tekken files of version 7 and later (Mistral Small
+/// 3): the system prompt in its own `[SYSTEM_PROMPT]` block.
+const TEKKEN_TEMPLATE: &str = "{{- bos_token }}\
+{%- for m in messages %}\
+{%- if m.role == 'system' %}{{- '[SYSTEM_PROMPT]' + m.content + '[/SYSTEM_PROMPT]' }}\
+{%- elif m.role == 'user' %}{{- '[INST]' + m.content + '[/INST]' }}\
+{%- elif m.role == 'assistant' %}{{- m.content + eos_token }}\
+{%- else %}{{- raise_exception('Only system, user and assistant roles are supported') }}\
+{%- endif %}\
+{%- endfor %}";
+
 /// Mistral's tekken (Nemo, Small 3, Pixtral): case runs, digits one by one,
 /// symbols keep trailing newlines and slashes.
 const TEKKEN_RE: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -116,6 +146,207 @@ fn dir_templates(dir: &Path, cfg: &serde_json::Value) -> Result<Vec<(String, Str
         out.insert(0, d);
     }
     Ok(out)
+}
+
+/// Mistral's `tekken.json` (a tiktoken vocabulary: each token's bytes by
+/// rank, the pre-tokenizer pattern, and special tokens before it).
+#[derive(serde::Deserialize)]
+struct TekkenFile {
+    config: TekkenConfig,
+    vocab: Vec<TekkenToken>,
+    #[serde(default)]
+    special_tokens: Option<Vec<TekkenSpecial>>,
+}
+
+#[derive(serde::Deserialize)]
+struct TekkenConfig {
+    pattern: String,
+    default_vocab_size: usize,
+    default_num_special_tokens: usize,
+    /// `v3`, `v7`, …: which chat format goes with it.
+    #[serde(default)]
+    version: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct TekkenToken {
+    rank: usize,
+    token_bytes: String,
+}
+
+#[derive(serde::Deserialize)]
+struct TekkenSpecial {
+    rank: usize,
+    token_str: String,
+}
+
+/// The special tokens of tekken files that list none (versions up to 7),
+/// ids 0 to 19; the rest up to the special count are `<SPECIAL_i>`.
+const TEKKEN_SPECIALS: &[&str] = &[
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+];
+
+/// Largest `tekken.json` read (real ones are 15-20 MB).
+const MAX_TEKKEN_FILE: u64 = 256 << 20;
+
+/// A tokenizer from Mistral's `tekken.json`, as its own library encodes:
+/// special tokens take ids `0..n`, vocabulary rank `r` id `n + r` (the
+/// vocabulary cut to the model's size); byte-level BPE whose merges are
+/// the tiktoken ranks (each token made from the two tokens it splits
+/// into, by its rank), a pre-split piece that is a whole token taken as
+/// it is, and the file's pattern. Returns the tokenizer, the special
+/// tokens by id, and the chat template that goes with its version.
+fn tekken(path: &Path) -> Result<(tokenizers::Tokenizer, Vec<String>, &'static str)> {
+    use base64::Engine;
+    use std::collections::HashMap;
+    let bad = |what: String| ModelError::Tokenizer(format!("{}: {what}", path.display()));
+    let len = std::fs::metadata(path)
+        .map_err(|e| ModelError::io(path, e))?
+        .len();
+    if len > MAX_TEKKEN_FILE {
+        return Err(bad(format!("{len} bytes, over {MAX_TEKKEN_FILE}")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let file: TekkenFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let n_special = file.config.default_num_special_tokens;
+    let inner = file
+        .config
+        .default_vocab_size
+        .checked_sub(n_special)
+        .filter(|&n| n <= file.vocab.len())
+        .ok_or_else(|| bad("vocabulary smaller than its declared size".into()))?;
+    // Special tokens by id.
+    let mut specials: Vec<String> = match &file.special_tokens {
+        None => TEKKEN_SPECIALS.iter().map(|s| s.to_string()).collect(),
+        Some(list) => {
+            let mut v = vec![String::new(); list.len()];
+            for t in list {
+                let slot = v
+                    .get_mut(t.rank)
+                    .filter(|s| s.is_empty())
+                    .ok_or_else(|| bad(format!("special token rank {}", t.rank)))?;
+                *slot = t.token_str.clone();
+            }
+            v
+        }
+    };
+    if specials.len() > n_special {
+        return Err(bad(format!(
+            "{} special tokens, {n_special} declared",
+            specials.len()
+        )));
+    }
+    for i in specials.len()..n_special {
+        specials.push(format!("<SPECIAL_{i}>"));
+    }
+    // The vocabulary's bytes by rank.
+    let mut by_rank: Vec<Option<Vec<u8>>> = vec![None; inner];
+    for t in &file.vocab {
+        if t.rank >= inner {
+            continue;
+        }
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(&t.token_bytes)
+            .map_err(|e| bad(format!("token {}: {e}", t.rank)))?;
+        if b.is_empty() || by_rank[t.rank].replace(b).is_some() {
+            return Err(bad(format!("token rank {} empty or repeated", t.rank)));
+        }
+    }
+    let bytes: Vec<Vec<u8>> = by_rank
+        .into_iter()
+        .enumerate()
+        .map(|(r, b)| b.ok_or_else(|| bad(format!("no token of rank {r}"))))
+        .collect::<Result<_>>()?;
+    let rank_of: HashMap<&[u8], usize> = bytes
+        .iter()
+        .enumerate()
+        .map(|(r, b)| (b.as_slice(), r))
+        .collect();
+    let chars: HashMap<u8, char> = byte_chars().into_iter().collect();
+    let show = |b: &[u8]| -> String { b.iter().map(|x| chars[x]).collect() };
+    // Merges: each token from each split into two tokens, ordered by the
+    // token's rank (then by its parts' ranks).
+    let mut merges: Vec<(usize, usize, usize)> = Vec::new();
+    for (r, b) in bytes.iter().enumerate() {
+        for cut in 1..b.len() {
+            if let (Some(&x), Some(&y)) = (rank_of.get(&b[..cut]), rank_of.get(&b[cut..]))
+                && x < r
+                && y < r
+            {
+                merges.push((r, x, y));
+            }
+        }
+    }
+    merges.sort_unstable();
+    let vocab: tokenizers::models::bpe::Vocab = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.clone(), i as u32))
+        .chain(
+            bytes
+                .iter()
+                .enumerate()
+                .map(|(r, b)| (show(b), (n_special + r) as u32)),
+        )
+        .collect();
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|(_, x, y)| (show(&bytes[x]), show(&bytes[y])))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(true)
+        .build()
+        .map_err(tok_err)?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    let split = Split::new(
+        SplitPattern::Regex(file.config.pattern.clone()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(tok_err)?;
+    tok.with_pre_tokenizer(Some(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])));
+    tok.with_decoder(Some(ByteLevelDecoder::default()));
+    let added: Vec<AddedToken> = specials
+        .iter()
+        .map(|s| AddedToken::from(s.clone(), true).normalized(false))
+        .collect();
+    tok.add_special_tokens(added).map_err(tok_err)?;
+    let version: u32 = file
+        .config
+        .version
+        .as_deref()
+        .and_then(|v| v.strip_prefix('v'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let template = if version < 7 {
+        TEKKEN_V3_TEMPLATE
+    } else {
+        TEKKEN_TEMPLATE
+    };
+    Ok((tok, specials, template))
 }
 
 /// A gpt2-style byte-level BPE with llama.cpp's pre-tokenizer `regexes`.
@@ -417,9 +648,15 @@ impl Tokenizer {
         })
     }
 
-    /// Loads `tokenizer.json` (+ `tokenizer_config.json` for specials and the chat template).
+    /// Loads `tokenizer.json` (+ `tokenizer_config.json` for specials and
+    /// the chat template), or Mistral's `tekken.json` in a folder without
+    /// `tokenizer.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
+        let tekken_path = dir.join("tekken.json");
+        if !path.exists() && tekken_path.is_file() {
+            return Self::from_tekken(dir, &tekken_path);
+        }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
         let cfg: serde_json::Value =
@@ -441,6 +678,31 @@ impl Tokenizer {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             chat_templates: dir_templates(dir, &cfg)?,
+            byte_chars: Default::default(),
+            inner,
+        })
+    }
+
+    /// A folder's `tekken.json`: `<s>` starts every prompt and `</s>` ends
+    /// a turn, as Mistral's library encodes; the chat template is the
+    /// folder's own, else Mistral's for tekken models.
+    fn from_tekken(dir: &Path, path: &Path) -> Result<Self> {
+        let (inner, specials, template) = tekken(path)?;
+        let cfg: serde_json::Value =
+            match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+                Ok(text) => serde_json::from_str(&text).map_err(tok_err)?,
+                Err(_) => serde_json::Value::Null,
+            };
+        let id = |s: &str| specials.iter().position(|t| t == s).map(|i| i as u32);
+        let mut chat_templates = dir_templates(dir, &cfg)?;
+        if chat_templates.is_empty() {
+            chat_templates.push((crate::chat::DEFAULT_TEMPLATE.into(), template.to_string()));
+        }
+        Ok(Self {
+            bos: id("<s>"),
+            eos: id("</s>").into_iter().collect(),
+            add_bos: false,
+            chat_templates,
             byte_chars: Default::default(),
             inner,
         })

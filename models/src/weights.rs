@@ -489,6 +489,11 @@ impl WeightFile {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
+        // Mistral's own copy of the weights beside Hugging Face's layout.
+        let consolidated = |p: &PathBuf| crate::hub::is_consolidated(&p.to_string_lossy());
+        if files.iter().any(|p| !consolidated(p)) {
+            files.retain(|p| !consolidated(p));
+        }
         files.sort();
         if files.is_empty() {
             return Err(ModelError::NotFound {
