@@ -355,13 +355,14 @@ pub fn fit_history(messages: &mut Vec<Value>, format: ToolFormat, renders_tools:
             }
             o.insert("content".into(), json!(parts.join("\n")));
         }
-        if role == "user" && last_result {
-            if let Some(prev) = out.last_mut() {
-                let joined = format!("{}\n\n{}", text(prev), text(&m));
-                prev["content"] = json!(joined);
-                last_result = false;
-                continue;
-            }
+        if role == "user"
+            && last_result
+            && let Some(prev) = out.last_mut()
+        {
+            let joined = format!("{}\n\n{}", text(prev), text(&m));
+            prev["content"] = json!(joined);
+            last_result = false;
+            continue;
         }
         last_result = false;
         out.push(m);

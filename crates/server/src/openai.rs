@@ -436,7 +436,7 @@ fn tools_prompt(inputs: &mut ChatInputs, tools: &[Value]) {
 
 /// `tool_choice: auto` with strict tools: the grammar that lets the served
 /// model answer or call in its own format, a call held to its schema.
-fn strict_tools(s: &AppState, job: &mut Job) -> Result<(), Response> {
+fn strict_tools(s: &AppState, job: &mut Job) -> Result<(), Box<Response>> {
     let Some(t) = job.tools.as_ref().filter(|t| t.strict_auto) else {
         return Ok(());
     };
@@ -454,13 +454,13 @@ fn strict_tools(s: &AppState, job: &mut Job) -> Result<(), Response> {
     if g.as_ref()
         .is_some_and(|g| g.len() > hearth_proto::limits::MAX_GRAMMAR)
     {
-        return Err(bad_request(
+        return Err(Box::new(bad_request(
             format!(
                 "the strict tools' schemas are over {} bytes",
                 hearth_proto::limits::MAX_GRAMMAR
             ),
             Some("tools"),
-        ));
+        )));
     }
     job.grammar = g;
     Ok(())
@@ -473,7 +473,7 @@ fn strict_tools(s: &AppState, job: &mut Job) -> Result<(), Response> {
 /// calls are to be parsed.
 pub(crate) async fn start(s: &AppState, job: &mut Job) -> Result<Started, Response> {
     ensure_served(s, &job.common.model).await?;
-    strict_tools(s, job)?;
+    strict_tools(s, job).map_err(|r| *r)?;
     check_for_model(s, job).await?;
     let tools = match (&job.tools, s.node.tool_format()) {
         (Some(t), Some(f)) => Some((t.clone(), f)),
