@@ -609,6 +609,38 @@ impl Config {
         }
         let invalid = |e: serde_json::Error| ModelError::InvalidConfig(format!("config.json: {e}"));
         let raw: serde_json::Value = serde_json::from_str(text).map_err(invalid)?;
+        // A multimodal Gemma 3 (most of its downloads): its text decoder,
+        // under `text_config`, runs alone (the vision tower is not read).
+        let first_arch = raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(serde_json::Value::as_str);
+        let wrapper = first_arch == Some("Gemma3ForConditionalGeneration")
+            || (raw.get("model_type").and_then(serde_json::Value::as_str) == Some("gemma3")
+                && raw.get("vision_config").is_some());
+        if wrapper && let Some(serde_json::Value::Object(text)) = raw.get("text_config") {
+            let mut text = text.clone();
+            text.entry("model_type")
+                .or_insert_with(|| serde_json::json!("gemma3_text"));
+            text.remove("architectures");
+            // transformers' wrapper computes its logits with no final
+            // soft-cap (released configs name none either).
+            text.insert("final_logit_softcapping".into(), serde_json::Value::Null);
+            // The wrapper's own keys the text decoder inherits.
+            for k in ["tie_word_embeddings", "torch_dtype", "dtype"] {
+                if let Some(v) = raw.get(k)
+                    && !text.contains_key(k)
+                {
+                    text.insert(k.into(), v.clone());
+                }
+            }
+            if text.get("model_type").and_then(serde_json::Value::as_str) != Some("gemma3_text") {
+                return Err(ModelError::InvalidConfig(
+                    "a Gemma 3 wrapper whose text_config is not gemma3_text".into(),
+                ));
+            }
+            return Self::from_hf_json(&serde_json::Value::Object(text).to_string());
+        }
         let hf = Hf::deserialize(&raw).map_err(invalid)?;
         let arch = match hf.model_type.as_deref() {
             Some(t) => t.to_string(),
@@ -982,9 +1014,18 @@ mod tests {
         );
         assert_ne!(nested, g3);
         assert_eq!(Config::from_hf_json(&nested).unwrap(), c);
-        // The multimodal wrapper, an embedding model and an unknown
+        // Gemma 3's multimodal wrapper reads as its text decoder (the
+        // wrapper's tie_word_embeddings carried in).
+        let text: serde_json::Value = serde_json::from_str(g3).unwrap();
+        let mut text = text.as_object().unwrap().clone();
+        text.remove("model_type");
+        let wrapped = serde_json::json!({"architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3", "text_config": text, "vision_config": {"model_type": "siglip_vision_model"},
+            "tie_word_embeddings": true});
+        assert_eq!(Config::from_hf_json(&wrapped.to_string()).unwrap(), c);
+        // Another multimodal wrapper, an embedding model and an unknown
         // activation are refused by name.
-        let mm = r#"{"model_type":"gemma3","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+        let mm = r#"{"model_type":"llava","vocab_size":100,"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":4,"text_config":{},"vision_config":{}}"#;
         assert!(
             Config::from_hf_json(mm)

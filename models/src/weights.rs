@@ -235,7 +235,48 @@ enum Kind {
     },
     Safetensors {
         tensors: candle_core::safetensors::MmapedSafetensors,
+        /// Where the text decoder's tensors sit in a multimodal checkpoint
+        /// (Gemma 3's `language_model.model.…`), none for a plain one.
+        prefix: Prefix,
     },
+}
+
+/// How a checkpoint names its text decoder's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prefix {
+    /// `model.layers.…`, `lm_head.weight`.
+    Plain,
+    /// `language_model.model.layers.…`, `language_model.lm_head.weight`
+    /// (a multimodal wrapper as released).
+    LanguageModel,
+    /// `model.language_model.layers.…`, `lm_head.weight` (the wrapper as
+    /// newer transformers name it).
+    ModelLanguageModel,
+}
+
+impl Prefix {
+    fn name(self, id: TensorId) -> String {
+        let plain = id.hf_name();
+        match self {
+            Self::Plain => plain,
+            Self::LanguageModel => format!("language_model.{plain}"),
+            Self::ModelLanguageModel => match plain.strip_prefix("model.") {
+                Some(rest) => format!("model.language_model.{rest}"),
+                None => plain,
+            },
+        }
+    }
+
+    /// Whether a stored tensor belongs to the text decoder.
+    fn holds(self, stored: &str) -> bool {
+        match self {
+            Self::Plain => true,
+            Self::LanguageModel => stored.starts_with("language_model."),
+            Self::ModelLanguageModel => {
+                stored.starts_with("model.language_model.") || stored == "lm_head.weight"
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Kind {
@@ -286,7 +327,7 @@ impl WeightFile {
     pub fn contains(&self, id: TensorId) -> bool {
         match &self.kind {
             Kind::Gguf { content, .. } => content.tensor_infos.contains_key(&id.gguf_name()),
-            Kind::Safetensors { tensors } => tensors.get(&id.hf_name()).is_ok(),
+            Kind::Safetensors { tensors, prefix } => tensors.get(&prefix.name(id)).is_ok(),
         }
     }
 
@@ -297,8 +338,8 @@ impl WeightFile {
                 let info = content.tensor_infos.get(&id.gguf_name())?;
                 Some(gguf_bytes(info))
             }
-            Kind::Safetensors { tensors } => tensors
-                .get(&id.hf_name())
+            Kind::Safetensors { tensors, prefix } => tensors
+                .get(&prefix.name(id))
                 .ok()
                 .map(|v| v.data().len() as u64),
         }
@@ -318,9 +359,10 @@ impl WeightFile {
                     bytes: gguf_bytes(info),
                 })
                 .collect(),
-            Kind::Safetensors { tensors } => tensors
+            Kind::Safetensors { tensors, prefix } => tensors
                 .tensors()
                 .into_iter()
+                .filter(|(name, _)| prefix.holds(name))
                 .map(|(name, v)| TensorLayout {
                     name,
                     dtype: format!("{:?}", v.dtype()),
@@ -504,10 +546,19 @@ impl WeightFile {
         // SAFETY: the files are memory-mapped read-only; like every loader of
         // mmapped weights we rely on them not being modified while mapped.
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }?;
+        let embed = TensorId::Embed;
+        let prefix = [
+            Prefix::Plain,
+            Prefix::LanguageModel,
+            Prefix::ModelLanguageModel,
+        ]
+        .into_iter()
+        .find(|p| tensors.get(&p.name(embed)).is_ok())
+        .unwrap_or(Prefix::Plain);
         Ok(Self {
             path: dir.to_path_buf(),
             config,
-            kind: Kind::Safetensors { tensors },
+            kind: Kind::Safetensors { tensors, prefix },
         })
     }
 
@@ -552,8 +603,8 @@ impl WeightFile {
                 let shift = self.gguf_shift(id);
                 if shift == 0.0 { t } else { (t - shift)? }
             }
-            Kind::Safetensors { tensors } => {
-                let name = id.hf_name();
+            Kind::Safetensors { tensors, prefix } => {
+                let name = prefix.name(id);
                 tensors
                     .load(&name, device)
                     .map_err(|_| ModelError::MissingTensor { name })?

@@ -516,7 +516,14 @@ fn in_chunks(st: &Stage, ids: &[u32], chunks: &[usize], vocab: usize) -> Result<
 /// (the single-token decode path), on the f32 and the fused paths.
 #[test]
 fn sliding_window_models_match_transformers() -> Result<()> {
-    for name in ["mistral-swa", "qwen2-swa", "gemma2", "gemma3", "phi3"] {
+    for name in [
+        "mistral-swa",
+        "qwen2-swa",
+        "gemma2",
+        "gemma3",
+        "gemma3-mm",
+        "phi3",
+    ] {
         let dir = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);
