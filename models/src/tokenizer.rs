@@ -267,8 +267,11 @@ fn tekken(path: &Path) -> Result<(tokenizers::Tokenizer, Vec<String>, &'static s
         let b = base64::engine::general_purpose::STANDARD
             .decode(&t.token_bytes)
             .map_err(|e| bad(format!("token {}: {e}", t.rank)))?;
-        if b.is_empty() || by_rank[t.rank].replace(b).is_some() {
-            return Err(bad(format!("token rank {} empty or repeated", t.rank)));
+        if b.is_empty() || b.len() > MAX_MERGED_PIECE || by_rank[t.rank].replace(b).is_some() {
+            return Err(bad(format!(
+                "token rank {} empty, over {MAX_MERGED_PIECE} bytes, or repeated",
+                t.rank
+            )));
         }
     }
     let bytes: Vec<Vec<u8>> = by_rank
@@ -773,10 +776,15 @@ impl Tokenizer {
     /// Whether `text` is one special token of this vocabulary (a grammar
     /// then names it as a token, not as the bytes of its text).
     pub fn is_special(&self, text: &str) -> bool {
-        self.inner
-            .get_added_tokens_decoder()
-            .values()
-            .any(|t| t.special && t.content == text)
+        self.special_id(text).is_some()
+    }
+
+    /// The id of `text` when it is one special token of this vocabulary.
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        if !self.inner.get_added_vocabulary().is_special_token(text) {
+            return None;
+        }
+        self.inner.token_to_id(text)
     }
 
     /// One token's bytes (a special token's text, no marker); empty for an

@@ -405,30 +405,42 @@ fn regex_escape(text: &str) -> String {
     out
 }
 
-/// How a format's marker is written: one special token of the vocabulary,
-/// or its text.
-fn lark_marker(text: &str, is_special: &dyn Fn(&str) -> bool) -> (String, bool) {
-    if is_special(text) {
-        (text.to_string(), true)
-    } else {
-        (crate::grammar::lark_literal(text), false)
+/// How a format's marker is written: one special token of the vocabulary
+/// (by id: `<[ID]>`), or its text.
+fn lark_marker(text: &str, special_id: &dyn Fn(&str) -> Option<u32>) -> (String, bool) {
+    match special_id(text) {
+        Some(id) => (format!("<[{id}]>"), true),
+        None => (crate::grammar::lark_literal(text), false),
     }
 }
 
 /// The grammar for `tool_choice: auto` when tools are `strict`: the model
 /// may answer (free text, or JSON meeting `content` when a response format
 /// asks for it) or call tools in its own format, and a call it starts is
-/// held to the called tool's schema. At most one call when `single`.
-/// `is_special` says which marker texts are special tokens of the model's
-/// vocabulary. None when no tool has a name.
+/// held to the called tool's schema when the tool is `strict` (to a JSON
+/// object when not). At most one call when `single`. `special_id` gives the
+/// id of a marker text that is a special token of the model's vocabulary.
+/// None when no tool has a name.
 pub fn auto_grammar(
     format: ToolFormat,
     tools: &[Value],
     single: bool,
     content: Option<&Value>,
-    is_special: &dyn Fn(&str) -> bool,
+    special_id: &dyn Fn(&str) -> Option<u32>,
 ) -> Option<String> {
     use crate::grammar::lark_json;
+    // `strict` is per tool, as OpenAI has it.
+    let tools: Vec<Value> = tools
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            if t["function"]["strict"] != json!(true) {
+                t["function"]["parameters"] = json!({"type": "object"});
+            }
+            t
+        })
+        .collect();
+    let tools = &tools[..];
     let key = if format == ToolFormat::Llama3 {
         "parameters"
     } else {
@@ -444,9 +456,9 @@ pub fn auto_grammar(
     let answer = content.map(lark_json);
     let src = match format {
         ToolFormat::Hermes | ToolFormat::Mistral => {
-            let (open, open_special) = lark_marker(format.marker().unwrap_or_default(), is_special);
+            let (open, open_special) = lark_marker(format.marker().unwrap_or_default(), special_id);
             let body = if format == ToolFormat::Hermes {
-                let (close, _) = lark_marker(HERMES_CLOSE, is_special);
+                let (close, _) = lark_marker(HERMES_CLOSE, special_id);
                 format!("\"\\n\"? {} \"\\n\"? {close}", lark_json(&call))
             } else {
                 format!("\" \"? {}", lark_json(if single { &call } else { &many }))
@@ -478,10 +490,9 @@ pub fn auto_grammar(
             }
         }
         ToolFormat::Llama3 | ToolFormat::Json => {
-            let tag = if format == ToolFormat::Llama3 && is_special(PYTHON_TAG) {
-                format!("{PYTHON_TAG}? ")
-            } else {
-                String::new()
+            let tag = match special_id(PYTHON_TAG) {
+                Some(id) if format == ToolFormat::Llama3 => format!("<[{id}]>? "),
+                _ => String::new(),
             };
             // Text that cannot be read as a call: empty, or starting (after
             // spaces) with something other than `{` or `[`.

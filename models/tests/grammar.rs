@@ -286,7 +286,7 @@ fn strict_tools_under_auto_allow_text_or_a_valid_call() {
     let tok = text.tokenizer();
     let grammars = text.grammars().unwrap();
     let tools = weather_tools();
-    let none = |_: &str| false;
+    let none = |_: &str| None;
     let ok = r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#;
     let bad = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;
     let hermes = auto_grammar(ToolFormat::Hermes, &tools, false, None, &none).unwrap();
@@ -393,7 +393,10 @@ fn strict_tools_with_special_token_markers() {
     let mut t: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let next = m.vocab as u64;
     let added = t["added_tokens"].as_array_mut().unwrap();
-    for (i, name) in ["<tool_call>", "</tool_call>"].iter().enumerate() {
+    for (i, name) in ["<tool_call>", "</tool_call>", "[TOOL_CALLS]"]
+        .iter()
+        .enumerate()
+    {
         added.push(
             json!({"id": next + i as u64, "content": name, "single_word": false, "lstrip": false,
             "rstrip": false, "normalized": false, "special": true}),
@@ -402,9 +405,9 @@ fn strict_tools_with_special_token_markers() {
     std::fs::write(&path, t.to_string()).unwrap();
     let tok = hearth_models::Tokenizer::from_dir(&m.safetensors_dir).unwrap();
     assert!(tok.is_special("<tool_call>") && !tok.is_special("tool"));
-    let grammars = Grammars::new(&tok, m.vocab + 2).unwrap();
+    let grammars = Grammars::new(&tok, m.vocab + 3).unwrap();
     let tools = weather_tools();
-    let special = |s: &str| tok.is_special(s);
+    let special = |s: &str| tok.special_id(s);
     let g = auto_grammar(ToolFormat::Hermes, &tools, false, None, &special).unwrap();
     let open = next as u32;
     let close = open + 1;
@@ -444,4 +447,38 @@ fn strict_tools_with_special_token_markers() {
         c.accept(t).unwrap();
     }
     assert!(refused);
+    // Mistral's `[TOOL_CALLS]` as a special token (named by id: Lark reads
+    // only `<…>` as token names), and a tool that is not strict beside a
+    // strict one: its arguments are any object.
+    let mut tools = weather_tools();
+    tools.push(json!({"type": "function", "function": {"name": "note",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}));
+    let g = auto_grammar(ToolFormat::Mistral, &tools, false, None, &special).unwrap();
+    let calls = open + 2;
+    let run = |pieces: &[Result<&str, u32>]| -> bool {
+        let mut c = grammars.compile(&g).unwrap();
+        for p in pieces {
+            let ids = match p {
+                Ok(text) => tok.encode_continuation(text).unwrap(),
+                Err(id) => vec![*id],
+            };
+            for t in ids {
+                if !c.allowed().unwrap().allows(t) {
+                    return false;
+                }
+                c.accept(t).unwrap();
+            }
+        }
+        c.allowed().unwrap().end
+    };
+    assert!(run(&[Ok("Sure.")]));
+    assert!(run(&[Ok("Sure."), Err(calls), Ok("["), Ok(ok), Ok("]")]));
+    assert!(run(&[
+        Err(calls),
+        Ok(r#"[{"name": "note", "arguments": {"anything": 1}}]"#)
+    ]));
+    assert!(!run(&[
+        Err(calls),
+        Ok(r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}]"#)
+    ]));
 }

@@ -44,7 +44,22 @@ pub fn model_facts(path: &std::path::Path) -> Option<ModelFacts> {
     type Key = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
     static CACHE: OnceLock<Mutex<HashMap<Key, ModelFacts>>> = OnceLock::new();
     let meta = std::fs::metadata(path).ok()?;
-    let key = (path.to_path_buf(), meta.len(), meta.modified().ok());
+    // A folder: its files' total size and latest change (a file rewritten
+    // in place changes them; the folder's own times would not).
+    let (len, modified) = if meta.is_dir() {
+        let mut len = 0u64;
+        let mut latest = meta.modified().ok();
+        for e in std::fs::read_dir(path).ok()?.flatten().take(4096) {
+            if let Ok(m) = e.metadata() {
+                len = len.saturating_add(m.len());
+                latest = latest.max(m.modified().ok());
+            }
+        }
+        (len, latest)
+    } else {
+        (meta.len(), meta.modified().ok())
+    };
+    let key = (path.to_path_buf(), len, modified);
     let cache = CACHE.get_or_init(Default::default);
     if let Some(f) = cache.lock().ok()?.get(&key) {
         return Some(f.clone());

@@ -297,6 +297,14 @@ impl Node {
             .is_some_and(|m| m.text.tokenizer().is_special(text))
     }
 
+    /// The id of `text` when it is one special token of the served model's
+    /// vocabulary.
+    pub fn special_token_id(&self, text: &str) -> Option<u32> {
+        self.pipeline
+            .model()
+            .and_then(|m| m.text.tokenizer().special_id(text))
+    }
+
     /// Where the served model's file is on this node, if it serves one.
     pub fn model_path(&self) -> Option<std::path::PathBuf> {
         self.pipeline.model().map(|m| m.info.path.clone())

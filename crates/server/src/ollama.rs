@@ -510,7 +510,10 @@ fn model_entry(name: &str, size: u64, facts: Option<&ModelFacts>) -> Value {
         "model": name,
         "modified_at": now_rfc3339(),
         "size": size,
-        "digest": facts.map(|f| f.digest.as_str()).unwrap_or_default(),
+        // Ollama writes digests as bare hex.
+        "digest": facts
+            .map(|f| f.digest.trim_start_matches("sha256:"))
+            .unwrap_or_default(),
         "details": details(facts),
     })
 }
@@ -594,12 +597,29 @@ pub(crate) async fn tags(State(s): State<AppState>) -> Response {
     Json(json!({"models": models})).into_response()
 }
 
+/// The served model's name, file size and facts (from its own file).
+async fn served(s: &AppState) -> Option<(String, u64, Option<ModelFacts>)> {
+    let node = s.node.clone();
+    tokio::task::spawn_blocking(move || {
+        let name = node.model_name()?;
+        let path = node.model_path();
+        let size = path
+            .as_deref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .filter(|m| m.is_file())
+            .map_or(0, |m| m.len());
+        let facts = path.as_deref().and_then(hearth_runtime::model_facts);
+        Some((name, size, facts))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 pub(crate) async fn ps(State(s): State<AppState>) -> Response {
-    let served = s.node.model_name();
-    let models: Vec<Value> = listed(&s)
+    let models: Vec<Value> = served(&s)
         .await
         .iter()
-        .filter(|(name, _, _)| served.as_deref() == Some(name))
         .map(|(name, size, facts)| {
             let mut e = model_entry(name, *size, facts.as_ref());
             e["expires_at"] = json!("9999-12-31T23:59:59Z");
@@ -639,11 +659,7 @@ pub(crate) async fn show(
         return error(StatusCode::NOT_FOUND, format!("model '{name}' not found"));
     };
     let arch = &c.architecture;
-    let facts = listed(&s)
-        .await
-        .into_iter()
-        .find(|(n, _, _)| n == name)
-        .and_then(|(_, _, f)| f);
+    let facts = served(&s).await.and_then(|(_, _, f)| f);
     Json(json!({
         "modelfile": "",
         "parameters": "",

@@ -306,12 +306,15 @@ fn text_logprobs(
 ) -> Value {
     let ids: Vec<u32> = tokens.iter().map(|(t, _)| *t).collect();
     let texts = node.token_texts(&ids);
-    // Offsets count characters, as OpenAI's do.
+    // Offsets count characters of the returned text, as OpenAI's do; a
+    // special token (a prompt's BOS) is not in that text.
     let mut at = offset;
     let mut offsets = Vec::with_capacity(texts.len());
     for t in &texts {
         offsets.push(at);
-        at += t.chars().count();
+        if !node.is_special_token(t) {
+            at += t.chars().count();
+        }
     }
     let top: Vec<Value> = tokens
         .iter()
@@ -449,7 +452,7 @@ fn strict_tools(s: &AppState, job: &mut Job) -> Result<(), Box<Response>> {
         &t.list,
         t.single,
         t.content.as_ref(),
-        &|text| node.is_special_token(text),
+        &|text| node.special_token_id(text),
     );
     if g.as_ref()
         .is_some_and(|g| g.len() > hearth_proto::limits::MAX_GRAMMAR)

@@ -254,10 +254,12 @@ pub(crate) async fn generate(
         .await
         .map_err(|e| PipelineError::Failed(e.to_string()))??;
     }
-    if req.score_prompt && (req.logprobs.is_none() || ids.len() > limits::MAX_SCORED_PROMPT) {
+    // Scoring computes every prompt position's logits at once on the last
+    // stage: bounded in tokens and in bytes.
+    let scored_max = limits::MAX_SCORED_PROMPT.min(MAX_SCORE_LOGIT_BYTES / (4 * vocab.max(1)));
+    if req.score_prompt && (req.logprobs.is_none() || ids.len() > scored_max) {
         return Err(PipelineError::BadRequest(format!(
-            "scoring a prompt needs logprobs and at most {} prompt tokens ({} here)",
-            limits::MAX_SCORED_PROMPT,
+            "scoring a prompt needs logprobs and at most {scored_max} prompt tokens for this model ({} here)",
             ids.len()
         )));
     }
@@ -297,6 +299,7 @@ pub(crate) async fn generate(
         let mut stream = TextStream::new(req.stop.clone());
         let mut out: Vec<u32> = Vec::new();
         let mut first_at: Option<Instant> = None;
+        let mut scored = false;
         let finish = 'outer: loop {
             let failed = match tok_rx.recv().await {
                 None => "the pipeline closed the sequence".to_string(),
@@ -304,25 +307,27 @@ pub(crate) async fn generate(
                 Some(SeqOut::Tokens(tokens)) => {
                     run.ticket.tokens(tokens.len());
                     let mut failed = None;
-                    for t in tokens {
+                    for mut t in tokens {
                         first_at.get_or_insert_with(Instant::now);
                         if t.finish == Finish::Failed {
                             failed = Some("a stage failed on this sequence".to_string());
                             break;
                         }
+                        // The prompt's scores came with the first token,
+                        // even one that ends the sequence.
+                        if req.score_prompt && !scored {
+                            scored = true;
+                            let logprobs = std::mem::take(&mut t.prompt_logprobs);
+                            let ev = GenEvent::Prompt {
+                                ids: prompt_token_ids.clone(),
+                                logprobs,
+                            };
+                            if tx.send(ev).await.is_err() {
+                                break 'outer Err("the client went away".into());
+                            }
+                        }
                         if t.finish == Finish::Stop {
                             break 'outer Ok(FinishReason::Stop);
-                        }
-                        if !t.prompt_logprobs.is_empty()
-                            && tx
-                                .send(GenEvent::Prompt {
-                                    ids: prompt_token_ids.clone(),
-                                    logprobs: t.prompt_logprobs,
-                                })
-                                .await
-                                .is_err()
-                        {
-                            break 'outer Err("the client went away".into());
                         }
                         out.push(t.token);
                         let tok = tokenizer.text.tokenizer();
@@ -384,7 +389,7 @@ pub(crate) async fn generate(
             p.max_tokens = remaining as u32;
             p.history = out.clone();
             // The prompt's scores came with the first token, if it came.
-            if !out.is_empty() {
+            if scored {
                 p.score_prompt.clear();
             }
             let (again_tx, again_rx) = mpsc::unbounded_channel::<SeqOut>();
@@ -442,6 +447,10 @@ pub(crate) async fn generate(
 
 /// Times a sequence whose pipeline a switch-over took is moved to the
 /// newer placement (its prefix replayed).
+/// Most bytes of logits one scored prompt takes on the last stage (every
+/// position's row at once): 1 GiB.
+const MAX_SCORE_LOGIT_BYTES: usize = 1 << 30;
+
 const MAX_REPLAYS: usize = 2;
 
 /// Pause before a replay, for a switch-over in progress to finish.

@@ -313,15 +313,29 @@ impl StageLoop {
         // A sequence admitted here counts as live before its (possibly long)
         // prefill runs: an old placement's stage is dropped only when idle.
         self.live.store(self.seqs.len(), Ordering::Relaxed);
+        // A prompt to score needs every position's logits: each such
+        // sequence runs alone (its logits bounded by the requester's
+        // check), the rest of the batch with last-position logits.
+        let scores = |s: &Self, c: &SeqChunk| {
+            head && s
+                .seqs
+                .get(&c.seq)
+                .and_then(|s| s.head.as_ref())
+                .is_some_and(|h| !h.score.is_empty())
+        };
+        let (scoring, rest): (Vec<_>, Vec<_>) = ok.into_iter().partition(|(c, _)| scores(self, c));
+        if !rest.is_empty() {
+            self.compute(rest, head, false, started);
+        }
+        for one in scoring {
+            self.compute(vec![one], head, true, Instant::now());
+        }
+    }
+
+    /// Runs admitted chunks through the stage, then samples (last stage) or
+    /// sends the hidden states on; `all`: every position's logits.
+    fn compute(&mut self, ok: Vec<(SeqChunk, Input)>, head: bool, all: bool, started: Instant) {
         let chunks: Vec<SeqChunk> = ok.iter().map(|(c, _)| c.clone()).collect();
-        // A prompt to score: every position's logits, not only the last.
-        let all = head
-            && chunks.iter().any(|c| {
-                self.seqs
-                    .get(&c.seq)
-                    .and_then(|s| s.head.as_ref())
-                    .is_some_and(|h| !h.score.is_empty())
-            });
         let result = self.forward(ok, if all { Logits::All } else { Logits::Last });
         let compute = started.elapsed();
         if let Some(m) = &self.meter
