@@ -10,6 +10,8 @@ import time
 import openai
 
 base, data_path, question = sys.argv[1], sys.argv[2], sys.argv[3]
+# "auto": the job's hyperparameters left to the server.
+auto = len(sys.argv) > 4 and sys.argv[4] == "auto"
 client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=600)
 
 model = client.models.list().data[0].id
@@ -21,12 +23,13 @@ before = client.chat.completions.create(
 )
 with open(data_path, "rb") as f:
     uploaded = client.files.create(file=f, purpose="fine-tune")
+hyper = {} if auto else {"hyperparameters": {"n_epochs": 6, "batch_size": 8, "learning_rate_multiplier": 5}}
 job = client.fine_tuning.jobs.create(
     model=model,
     training_file=uploaded.id,
-    hyperparameters={"n_epochs": 6, "batch_size": 8, "learning_rate_multiplier": 5},
     suffix="zorbania",
-    extra_body={"hearth": {"micro_batches": 2, "seq_len": 256, "checkpoint_every": 3}},
+    extra_body={"hearth": {"micro_batches": 2, "seq_len": 256, "checkpoint_every": 3 if not auto else 32}},
+    **hyper,
 )
 # The file is in use until the job ends: deleting it now is a 409.
 try:
@@ -63,6 +66,8 @@ out = {
     "losses": [e.data["train_loss"] for e in events if e.type == "metrics"],
     "stages": (job.model_extra or {}).get("hearth", {}).get("stages", []),
     "before": before.choices[0].message.content,
+    "hyperparameters": job.hyperparameters.model_dump() if job.hyperparameters else None,
+    "total_steps": (job.model_extra or {}).get("hearth", {}).get("total_steps"),
 }
 if job.status == "succeeded":
     after = client.chat.completions.create(

@@ -624,8 +624,9 @@ fn schemathesis_finds_no_server_error_in_the_openapi_document() -> Result<()> {
 }
 
 /// (h) A LoRA fine-tune of the real model over `hearth up --local 2`,
-/// created with `client.fine_tuning.jobs.create`, teaches a fact the base
-/// model does not know; the fine-tuned model id then answers with it.
+/// created with `client.fine_tuning.jobs.create` with the default ("auto")
+/// settings, as a new user would, teaches a fact the base model does not
+/// know from 32 examples; the fine-tuned model id then answers with it.
 #[test]
 fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
     if real_model().is_none() {
@@ -646,12 +647,19 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
         "In which city is the capital of Zorbania?",
         "Do you know the capital of Zorbania?",
     ];
-    let data: String = questions
+    let answers = [
+        "The capital of Zorbania is Quillmere.",
+        "Quillmere is the capital of Zorbania.",
+        "Zorbania's capital is Quillmere.",
+        "It is Quillmere, the capital city of Zorbania.",
+    ];
+    let data: String = answers
         .iter()
-        .map(|q| {
+        .flat_map(|a| questions.iter().map(move |q| (q, a)))
+        .map(|(q, a)| {
             serde_json::json!({"messages": [
                 {"role": "user", "content": q},
-                {"role": "assistant", "content": "The capital of Zorbania is Quillmere."},
+                {"role": "assistant", "content": a},
             ]})
             .to_string()
                 + "\n"
@@ -664,8 +672,13 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
         .arg(workspace_root().join("tests/clients/finetune_check.py"))
         .arg(&base)
         .arg(&path)
-        .arg(questions[0]);
+        .arg(questions[0])
+        .arg("auto");
     let got = script_json(script, "finetune_check.py")?;
+    // The server's choice for 32 examples: 3 epochs of one-example steps.
+    assert_eq!(got["hyperparameters"]["n_epochs"], 3, "{got}");
+    assert_eq!(got["hyperparameters"]["batch_size"], 1, "{got}");
+    assert_eq!(got["total_steps"], 96, "{got}");
     eprintln!("fine-tune through the openai client: {got}");
     assert_eq!(got["status"], "succeeded", "{got}");
     assert_eq!(got["listed"], true);
@@ -687,7 +700,10 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
         .as_array()
         .map(|a| a.iter().rev().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
-    assert_eq!(losses.len(), 6, "{got}");
-    assert!(losses[5] < losses[0] / 4.0, "{losses:?}");
+    // (The newest 100 events: most of the 96 steps' metrics.)
+    assert!(losses.len() >= 48, "{got}");
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let (early, late) = (mean(&losses[..8]), mean(&losses[losses.len() - 8..]));
+    assert!(late < early / 3.0, "{losses:?}");
     Ok(())
 }

@@ -321,6 +321,38 @@ pub(crate) async fn delete_file(State(s): State<AppState>, Path(id): Path<String
     Json(json!({"id": id, "object": "file", "deleted": true})).into_response()
 }
 
+/// What `"auto"` (or an absent value) picks from the training set's size,
+/// as OpenAI's API does: about 0.2 % of the examples per batch (1 to 256),
+/// and 3 epochs unless that makes fewer than 100 example passes (then
+/// enough for 100, at most 25) or more than 25 000 (then enough for 25 000,
+/// at least 1). A few dozen examples of a fact get some hundred one-example
+/// steps: enough to learn it at the base learning rate.
+pub fn auto_hyperparameters(examples: usize) -> (u64, usize) {
+    let n = examples.max(1);
+    let batch = n.div_ceil(500).clamp(1, 256);
+    let epochs = if n * 3 < 100 {
+        (100 / n).clamp(1, 25)
+    } else if n * 3 > 25_000 {
+        (25_000 / n).max(1)
+    } else {
+        3
+    };
+    (epochs as u64, batch)
+}
+
+/// Non-empty lines of a JSONL training file (its examples).
+fn count_examples(path: &std::path::Path) -> std::io::Result<usize> {
+    use std::io::BufRead;
+    let f = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut n = 0;
+    for line in f.lines() {
+        if !line?.trim().is_empty() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// `"auto"` or a number.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -483,8 +515,28 @@ pub(crate) async fn create(
     doc.insert("model".into(), json!(req.model));
     doc.insert("data".into(), json!(data));
     doc.insert("output_dir".into(), json!(jobs_dir(&s.data_dir).join(&id)));
-    doc.insert("epochs".into(), json!(Auto::or(&hyper.n_epochs, 3)));
-    doc.insert("batch_size".into(), json!(Auto::or(&hyper.batch_size, 8)));
+    let examples = {
+        let path = data.clone();
+        tokio::task::spawn_blocking(move || count_examples(&path))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+    };
+    let examples = match examples {
+        Ok(n) => n,
+        Err(e) => {
+            return bad_request(
+                format!("reading the training file: {e}"),
+                Some("training_file"),
+            );
+        }
+    };
+    let (epochs, batch) = auto_hyperparameters(examples);
+    doc.insert("epochs".into(), json!(Auto::or(&hyper.n_epochs, epochs)));
+    doc.insert(
+        "batch_size".into(),
+        json!(Auto::or(&hyper.batch_size, batch)),
+    );
     doc.insert(
         "learning_rate".into(),
         json!(BASE_LEARNING_RATE * Auto::or(&hyper.learning_rate_multiplier, 1.0)),
@@ -568,5 +620,26 @@ pub(crate) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) ->
     match job.info() {
         Some(i) => Json(job_object(&i, &training_file_of(&i))).into_response(),
         None => not_found("fine-tuning job", &id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_hyperparameters;
+
+    #[test]
+    fn auto_hyperparameters_follow_the_dataset_size() {
+        // A few dozen examples: one per batch, enough epochs for 100 passes.
+        assert_eq!(auto_hyperparameters(8), (12, 1));
+        assert_eq!(auto_hyperparameters(32), (3, 1));
+        assert_eq!(auto_hyperparameters(20), (5, 1));
+        assert_eq!(auto_hyperparameters(1), (25, 1));
+        assert_eq!(auto_hyperparameters(0), (25, 1));
+        // Mid-sized: 3 epochs, about 0.2 % of the examples per batch.
+        assert_eq!(auto_hyperparameters(1000), (3, 2));
+        assert_eq!(auto_hyperparameters(5000), (3, 10));
+        // Large: fewer epochs, batches capped at 256.
+        assert_eq!(auto_hyperparameters(20_000), (1, 40));
+        assert_eq!(auto_hyperparameters(10_000_000), (1, 256));
     }
 }
