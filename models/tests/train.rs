@@ -526,6 +526,18 @@ fn matches_reference(
     }
 }
 
+/// The LoRA a PEFT fixture's `reference.json` describes (no dropout, B
+/// not drawn: the fixture sets it).
+fn lora_of(want: &serde_json::Value) -> LoraConfig {
+    LoraConfig {
+        rank: want["rank"].as_u64().unwrap() as usize,
+        alpha: want["alpha"].as_f64().unwrap(),
+        dropout: 0.0,
+        targets: serde_json::from_value(want["targets"].clone()).unwrap(),
+        init_b_std: 0.0,
+    }
+}
+
 /// LoRA against PEFT: the fixture's adapter (rank 4, alpha 8, A and B
 /// random, as PEFT saved it) loaded into Hearth's stage, one step's loss
 /// and every adapter matrix's gradient against PEFT's in float64
@@ -537,14 +549,7 @@ fn lora_matches_peft(name: &str) {
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("lora/reference.json")).unwrap())
             .unwrap();
-    let targets: Vec<Target> = serde_json::from_value(want["targets"].clone()).unwrap();
-    let method = Method::Lora(LoraConfig {
-        rank: want["rank"].as_u64().unwrap() as usize,
-        alpha: want["alpha"].as_f64().unwrap(),
-        dropout: 0.0,
-        targets,
-        init_b_std: 0.0,
-    });
+    let method = Method::Lora(lora_of(&want));
     let w = WeightFile::open(&dir).unwrap();
     let layers = w.config().num_hidden_layers;
     let stage = TrainStage::load(&w, StageSpec::full(layers), &opts(method, DType::F64)).unwrap();
@@ -698,14 +703,7 @@ fn a_phi3_lora_is_written_as_peft_saves_it_for_fused_projections() {
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fused.join("reference.json")).unwrap())
             .unwrap();
-    let targets: Vec<Target> = serde_json::from_value(want["targets"].clone()).unwrap();
-    let cfg = LoraConfig {
-        rank: want["rank"].as_u64().unwrap() as usize,
-        alpha: want["alpha"].as_f64().unwrap(),
-        dropout: 0.0,
-        targets,
-        init_b_std: 0.0,
-    };
+    let cfg = lora_of(&want);
     let w = WeightFile::open(&dir).unwrap();
     let layers = w.config().num_hidden_layers;
     let stage = TrainStage::load(

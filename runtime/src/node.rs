@@ -292,9 +292,7 @@ impl Node {
     /// Whether `text` is one special token of the served model's
     /// vocabulary.
     pub fn is_special_token(&self, text: &str) -> bool {
-        self.pipeline
-            .model()
-            .is_some_and(|m| m.text.tokenizer().is_special(text))
+        self.special_token_id(text).is_some()
     }
 
     /// The id of `text` when it is one special token of the served model's

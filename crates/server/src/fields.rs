@@ -406,17 +406,10 @@ pub(crate) fn chat(body: Map<String, Value>) -> Result<Chat, Invalid> {
     };
     let rf_schema = rf.as_ref().and_then(response_schema);
     let mut tools = tools(&mut f)?;
-    if let Some(t) = tools.as_mut().filter(|t| t.strict_auto)
-        && let Some(g) = grammar.take()
-    {
-        // The answer's schema joins the tools' grammar.
-        t.content = Some(match rf_schema {
-            Some(schema) => schema,
-            None => {
-                let _ = g;
-                return Err(invalid("response_format", "response_format has no schema"));
-            }
-        });
+    if let Some(t) = tools.as_mut().filter(|t| t.strict_auto) {
+        // The answer's schema (if any) joins the tools' grammar.
+        t.content = rf_schema;
+        grammar = None;
     }
     if let Some(g) = tools.as_ref().and_then(|t| t.forced.clone()) {
         if grammar.is_some() {

@@ -340,17 +340,12 @@ pub fn auto_hyperparameters(examples: usize) -> (u64, usize) {
     (epochs as u64, batch)
 }
 
-/// Non-empty lines of a JSONL training file (its examples).
-fn count_examples(path: &std::path::Path) -> std::io::Result<usize> {
-    use std::io::BufRead;
-    let f = std::io::BufReader::new(std::fs::File::open(path)?);
-    let mut n = 0;
-    for line in f.lines() {
-        if !line?.trim().is_empty() {
-            n += 1;
-        }
-    }
-    Ok(n)
+/// The examples of a stored training file, as training reads them.
+fn count_examples(path: &std::path::Path) -> Result<usize, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    hearth_models::train::parse_jsonl(&text)
+        .map(|x| x.len())
+        .map_err(|e| e.to_string())
 }
 
 /// `"auto"` or a number.
@@ -519,7 +514,7 @@ pub(crate) async fn create(
         let path = data.clone();
         tokio::task::spawn_blocking(move || count_examples(&path))
             .await
-            .map_err(std::io::Error::other)
+            .map_err(|e| e.to_string())
             .and_then(|r| r)
     };
     let examples = match examples {

@@ -634,6 +634,21 @@ pub(crate) async fn show(
     State(s): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Response {
+    // The field rule: `verbose` (tokenizer arrays in `model_info`) is not
+    // given, so only its absence or `false` passes; nothing else is read.
+    for (k, v) in &body {
+        let ok = match k.as_str() {
+            "model" | "name" => true,
+            "verbose" => is_empty(v),
+            _ => false,
+        };
+        if !ok {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("`{k}` is not supported by Hearth"),
+            );
+        }
+    }
     let Some(name) = body
         .get("model")
         .or_else(|| body.get("name"))

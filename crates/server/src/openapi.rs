@@ -451,7 +451,7 @@ pub fn ollama_document(auth: bool) -> Value {
     );
     show["requestBody"] = body(
         json!([]),
-        json!({"model": {"type": "string"}, "name": {"type": "string"}, "verbose": {"type": "boolean"}}),
+        json!({"model": {"type": "string"}, "name": {"type": "string"}, "verbose": {"enum": [false, null], "description": "Refused when true"}}),
     );
     let json_ok = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
     let security = if auth {

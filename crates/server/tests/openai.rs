@@ -19,18 +19,23 @@ const CONTEXT: usize = 1024;
 
 /// A node with a store holding `tiny`, serving it once placed.
 async fn node(dir: &std::path::Path, serve: bool) -> Node {
+    // A context long enough for tool schemas in the prompt.
+    let spec = hearth_test_utils::TinySpec {
+        context: CONTEXT,
+        ..Default::default()
+    };
+    node_with(TestModels::tiny_with(dir, spec).unwrap(), serve).await
+}
+
+/// A node with the store `models`, serving its `tiny` once placed.
+async fn node_with(models: std::sync::Arc<TestModels>, serve: bool) -> Node {
     let mut cfg = NodeConfig::new(
         "solo",
         Identity::generate().unwrap(),
         ClusterSecret::generate(),
     );
     cfg.quic = "127.0.0.1:0".parse().unwrap();
-    // A context long enough for tool schemas in the prompt.
-    let spec = hearth_test_utils::TinySpec {
-        context: CONTEXT,
-        ..Default::default()
-    };
-    cfg.models = Some(TestModels::tiny_with(dir, spec).unwrap());
+    cfg.models = Some(models);
     let n = Node::start(cfg).await.unwrap();
     if serve {
         n.load_model("tiny").await.unwrap();
@@ -1494,12 +1499,6 @@ async fn the_ollama_api_answers_in_ollamas_shapes() {
     let dir = tempfile::tempdir().unwrap();
     // Two models of other families: the served one, and a Qwen3 one in
     // Q4_1 that `/api/tags` describes from its own file.
-    let mut cfg = NodeConfig::new(
-        "solo",
-        Identity::generate().unwrap(),
-        ClusterSecret::generate(),
-    );
-    cfg.quic = "127.0.0.1:0".parse().unwrap();
     let spec = hearth_test_utils::TinySpec {
         context: CONTEXT,
         ..Default::default()
@@ -1517,10 +1516,7 @@ async fn the_ollama_api_answers_in_ollamas_shapes() {
         .unwrap()
         .models
         .push(("other".into(), other.gguf_q4_1.clone()));
-    cfg.models = Some(models);
-    let n = Node::start(cfg).await.unwrap();
-    n.load_model("tiny").await.unwrap();
-    assert!(n.wait_placement(Duration::from_secs(30)).await.is_some());
+    let n = node_with(models, true).await;
     let shared = App::new(n.clone(), ServerOptions::default());
     let app = || shared.ollama_router();
     let model = n.model_name().unwrap();
@@ -1579,6 +1575,14 @@ async fn the_ollama_api_answers_in_ollamas_shapes() {
     let show = show.json();
     assert_eq!(show["model_info"]["llama.context_length"], CONTEXT);
     assert!(show["template"].as_str().unwrap().contains("im_start"));
+    // A field it would not honour is refused by name.
+    for (k, v) in [("verbose", json!(true)), ("system", json!("x"))] {
+        let mut b = json!({"model": model});
+        b[k] = v;
+        let r = post(app(), "/api/show", &b.to_string()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert!(r.json()["error"].as_str().unwrap().contains(k));
+    }
     let r = post(app(), "/api/show", &json!({"model": "nope"}).to_string()).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(r.json()["error"].is_string());
@@ -1855,21 +1859,12 @@ async fn every_template_family_gets_tools_calls_them_and_answers_in_json() {
 
 async fn template_family(case: &str, format: hearth_models::tools::ToolFormat, renders: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = NodeConfig::new(
-        "solo",
-        Identity::generate().unwrap(),
-        ClusterSecret::generate(),
-    );
-    cfg.quic = "127.0.0.1:0".parse().unwrap();
     let spec = hearth_test_utils::TinySpec {
         context: 4096,
         chat_template: Some(family_template(case)),
         ..Default::default()
     };
-    cfg.models = Some(TestModels::tiny_with(dir.path(), spec).unwrap());
-    let n = Node::start(cfg).await.unwrap();
-    n.load_model("tiny").await.unwrap();
-    assert!(n.wait_placement(Duration::from_secs(30)).await.is_some());
+    let n = node_with(TestModels::tiny_with(dir.path(), spec).unwrap(), true).await;
     assert_eq!(n.tool_format(), Some(format), "{case}");
     assert_eq!(n.template_renders_tools(), renders, "{case}");
     let app = || hearth_server::router(n.clone());

@@ -256,7 +256,7 @@ pub(crate) async fn generate(
     }
     // Scoring computes every prompt position's logits at once on the last
     // stage: bounded in tokens and in bytes.
-    let scored_max = limits::MAX_SCORED_PROMPT.min(MAX_SCORE_LOGIT_BYTES / (4 * vocab.max(1)));
+    let scored_max = super::scored_prompt_max(vocab);
     if req.score_prompt && (req.logprobs.is_none() || ids.len() > scored_max) {
         return Err(PipelineError::BadRequest(format!(
             "scoring a prompt needs logprobs and at most {scored_max} prompt tokens for this model ({} here)",
@@ -447,10 +447,6 @@ pub(crate) async fn generate(
 
 /// Times a sequence whose pipeline a switch-over took is moved to the
 /// newer placement (its prefix replayed).
-/// Most bytes of logits one scored prompt takes on the last stage (every
-/// position's row at once): 1 GiB.
-const MAX_SCORE_LOGIT_BYTES: usize = 1 << 30;
-
 const MAX_REPLAYS: usize = 2;
 
 /// Pause before a replay, for a switch-over in progress to finish.

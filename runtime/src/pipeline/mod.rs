@@ -122,6 +122,17 @@ pub struct StageStats {
     pub live_sequences: usize,
 }
 
+/// Most bytes of logits one scored prompt takes on the last stage (every
+/// position's row at once): 1 GiB.
+const MAX_SCORE_LOGIT_BYTES: usize = 1 << 30;
+
+/// The longest prompt a sequence may have scored on a model of `vocab`
+/// logits: checked by the requester (a 400) and by the last stage (a peer's
+/// request cannot make it allocate more).
+pub(crate) fn scored_prompt_max(vocab: usize) -> usize {
+    hearth_proto::limits::MAX_SCORED_PROMPT.min(MAX_SCORE_LOGIT_BYTES / (4 * vocab.max(1)))
+}
+
 pub(crate) fn to_seq_params(
     req: &client::GenerateParams,
     stop_ids: &[u32],

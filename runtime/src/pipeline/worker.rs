@@ -616,7 +616,14 @@ fn new_state(
             sampler = sampler.with_constraint(Box::new(c), &p.stop_ids);
         }
         sampler.replay(&p.history)?;
-        if !p.score_prompt.is_empty() && (p.score_prompt.len() != prompt || p.logprobs.is_none()) {
+        // Scoring computes every prompt position's logits at once: bounded
+        // here too, whatever the requester checked.
+        let scored_max = super::scored_prompt_max(stage.config().vocab_size);
+        if !p.score_prompt.is_empty()
+            && (p.score_prompt.len() != prompt
+                || p.logprobs.is_none()
+                || p.score_prompt.len() > scored_max)
+        {
             return Err(format!(
                 "{} tokens to score for a prompt of {prompt}, logprobs {:?}",
                 p.score_prompt.len(),
