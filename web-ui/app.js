@@ -93,7 +93,8 @@ async function refreshModels() {
     const pick = $("model-pick");
     const current = pick.value;
     pick.replaceChildren(...m.available.map((x) =>
-      el("option", { value: x.name, text: x.name + (x.download ? " (download)" : x.size_bytes ? " · " + fmtBytes(x.size_bytes) : "") })));
+      el("option", { value: x.name, text: x.name + (x.download ? " (download)" : x.size_bytes ? " · " + fmtBytes(x.size_bytes) : "") +
+        (x.holders && x.holders.length && !x.holders.includes(m.node) ? " · on " + x.holders.join(", ") : "") })));
     const has = (v) => m.available.some((x) => x.name === v);
     if (current && has(current)) pick.value = current;
     else if (m.loaded && has(m.loaded)) pick.value = m.loaded;

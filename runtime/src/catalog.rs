@@ -18,14 +18,36 @@ pub struct ModelEntry {
     /// Where it is on this device, if it is here.
     #[serde(skip)]
     pub path: Option<std::path::PathBuf>,
+    /// The members (by name) that hold it, in a cluster-wide listing
+    /// ([`crate::Node::cluster_models`]); empty in a device's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<String>,
+    /// What its file says about itself, where a holder read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<ModelFacts>,
+}
+
+impl ModelEntry {
+    /// A model held here at `path` (`size_bytes` from the file).
+    pub fn held(name: String, path: std::path::PathBuf) -> Self {
+        let size_bytes = std::fs::metadata(&path).ok().map(|m| m.len());
+        Self {
+            name,
+            size_bytes,
+            download: false,
+            path: Some(path),
+            holders: Vec::new(),
+            facts: None,
+        }
+    }
 }
 
 /// What a model file says about itself, read from its header and tensor
 /// table (no weights are read).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelFacts {
     /// `gguf` or `safetensors`.
-    pub format: &'static str,
+    pub format: String,
     pub architecture: String,
     /// Weights, counted.
     pub parameters: u64,
@@ -84,7 +106,7 @@ pub fn model_facts(path: &std::path::Path) -> Option<ModelFacts> {
         .unwrap_or_default();
     let digest = crate::profile::layout_digest(&w);
     let facts = ModelFacts {
-        format: if path.is_dir() { "safetensors" } else { "gguf" },
+        format: if path.is_dir() { "safetensors" } else { "gguf" }.into(),
         architecture: w.config().architecture.clone(),
         parameters,
         quantization,
@@ -117,5 +139,19 @@ pub trait ModelSource: Send + Sync {
     /// [`Self::load`] find them (by file name).
     fn models_dir(&self) -> Option<std::path::PathBuf> {
         None
+    }
+    /// Where copies of models received from members go (a model only
+    /// other members hold is loaded by fetching the tensors it needs from
+    /// them); `None`: this device loads only its own models.
+    fn peers_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+    /// Measures this device on the model file at `path` (a copy received
+    /// from members). Blocking.
+    fn measure_file(&self, path: &std::path::Path) -> Result<ModelInfo, String> {
+        Err(format!(
+            "this device does not measure models from members ({})",
+            path.display()
+        ))
     }
 }

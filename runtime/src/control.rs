@@ -98,6 +98,12 @@ pub(crate) enum Control {
     TrainEnd {
         job: u64,
     },
+    /// Which models can you load by name (reply `Catalog`)?
+    CatalogRequest,
+    /// The models this node holds (at most `sharing::MAX_CATALOG`).
+    Catalog {
+        models: Vec<crate::catalog::ModelEntry>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -249,7 +255,7 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             service.activate(Arc::new(placement));
             Control::Ready { id }
         }
-        Control::Load { model } => match service.load_model(&model) {
+        Control::Load { model } => match crate::sharing::load_or_adopt(service, &model).await {
             Ok(()) => Control::Ready { id: 0 },
             Err(e) => Control::Failed {
                 id: 0,
@@ -263,6 +269,16 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
         Control::StatsRequest => Control::Stats {
             stages: service.stats(),
         },
+        Control::CatalogRequest => {
+            let s = service.clone();
+            match tokio::task::spawn_blocking(move || crate::sharing::own_catalog(&s)).await {
+                Ok(models) => Control::Catalog { models },
+                Err(e) => Control::Failed {
+                    id: 0,
+                    reason: e.to_string(),
+                },
+            }
+        }
         // Recorded by `serve`, which knows the sender; from this node
         // itself there is nothing to record twice.
         Control::Event { .. } => Control::Ready { id: 0 },
@@ -270,7 +286,7 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             id,
             reason: "not a request".into(),
         },
-        Control::Stats { .. } => Control::Failed {
+        Control::Stats { .. } | Control::Catalog { .. } => Control::Failed {
             id: 0,
             reason: "not a request".into(),
         },

@@ -19,6 +19,7 @@ mod node;
 pub mod pipeline;
 pub mod placement;
 pub mod profile;
+mod sharing;
 pub mod train;
 mod view;
 

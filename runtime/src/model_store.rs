@@ -79,6 +79,11 @@ impl ModelStore {
         self
     }
 
+    /// Where copies of models received from members go (`models/peers`).
+    pub fn peers_dir(&self) -> PathBuf {
+        self.models.join("peers")
+    }
+
     /// The compute models are measured on.
     pub fn compute(&self) -> &Compute {
         &self.opts.compute
@@ -126,21 +131,14 @@ impl ModelSource for ModelStore {
         let mut out: Vec<ModelEntry> = store::list_in(&self.models)
             .into_iter()
             .map(|m| ModelEntry {
-                name: m.name,
                 size_bytes: (m.bytes > 0).then_some(m.bytes),
-                download: false,
-                path: Some(m.path),
+                ..ModelEntry::held(m.name, m.path)
             })
             .collect();
         if let Some(Ok(rd)) = self.tuned.as_ref().map(std::fs::read_dir) {
             for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
                 if p.extension().is_some_and(|x| x == "gguf") {
-                    out.push(ModelEntry {
-                        name: store::model_id(&p),
-                        size_bytes: p.metadata().ok().map(|m| m.len()),
-                        download: false,
-                        path: Some(p.clone()),
-                    });
+                    out.push(ModelEntry::held(store::model_id(&p), p));
                 }
             }
         }
@@ -153,6 +151,8 @@ impl ModelSource for ModelStore {
                     size_bytes: None,
                     download: true,
                     path: None,
+                    holders: Vec::new(),
+                    facts: None,
                 },
             );
         }
@@ -167,6 +167,17 @@ impl ModelSource for ModelStore {
 
     fn models_dir(&self) -> Option<PathBuf> {
         self.tuned.clone()
+    }
+
+    fn peers_dir(&self) -> Option<PathBuf> {
+        Some(self.peers_dir())
+    }
+
+    fn measure_file(&self, path: &std::path::Path) -> Result<ModelInfo, String> {
+        let weights = WeightFile::open(path).map_err(|e| e.to_string())?;
+        ModelInfo::measure_with(&weights, &self.cache, &self.opts, false, &mut |_| {})
+            .map(|(info, _)| info)
+            .map_err(|e| e.to_string())
     }
 }
 

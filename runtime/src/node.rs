@@ -249,6 +249,11 @@ impl Node {
         self.endpoint.id()
     }
 
+    /// This node's name (as members list it).
+    pub fn name(&self) -> &str {
+        self.endpoint.name()
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
@@ -395,16 +400,30 @@ impl Node {
         self.pipeline.source().map(|s| s.list()).unwrap_or_default()
     }
 
-    /// Loads the model named `name` on this node and asks every member to
-    /// load it from its own store; each is measured on it and the leader
-    /// places it. Returns at once (events tell the progress) with the
-    /// members that refused, as (name, reason).
+    /// Every model the cluster can load by name: this device's own (those
+    /// its store would download included), then those only other members
+    /// hold; each names the members that hold it (`holders`).
+    pub async fn cluster_models(&self) -> Vec<ModelEntry> {
+        crate::sharing::cluster_models(&self.pipeline).await
+    }
+
+    /// Loads the model named `name` on this node (from its store, or from
+    /// the members that hold it) and asks every member to load it too
+    /// (from its own store, or from the holders); each is measured on it
+    /// and the leader places it. Returns at once (events tell the
+    /// progress) with the members that refused, as (name, reason).
     pub async fn load_model(&self, name: &str) -> Result<Vec<(String, String)>, RuntimeError> {
-        self.pipeline.load_model(name)?;
+        crate::sharing::load_or_adopt(&self.pipeline, name).await?;
+        // A member without the model asks the others for their catalogs
+        // before it answers.
+        let wait = crate::sharing::CATALOG_WAIT + Duration::from_secs(3);
         Ok(self
-            .ask_members(crate::control::Control::Load {
-                model: name.to_string(),
-            })
+            .ask_members(
+                crate::control::Control::Load {
+                    model: name.to_string(),
+                },
+                wait,
+            )
             .await
             .into_iter()
             .filter_map(|(_, n, r)| match r {
@@ -419,7 +438,8 @@ impl Node {
     /// Stops serving the model on this node and on every member.
     pub async fn unload_model(&self) {
         self.pipeline.unload_model();
-        self.ask_members(crate::control::Control::Unload).await;
+        self.ask_members(crate::control::Control::Unload, Duration::from_secs(2))
+            .await;
     }
 
     /// The recent events, then every new one.
@@ -435,7 +455,10 @@ impl Node {
             self.stage_stats(),
         )];
         for (id, name, r) in self
-            .ask_members(crate::control::Control::StatsRequest)
+            .ask_members(
+                crate::control::Control::StatsRequest,
+                Duration::from_secs(2),
+            )
             .await
         {
             if let Ok(crate::control::Control::Stats { stages }) = r {
@@ -445,24 +468,22 @@ impl Node {
         out
     }
 
-    /// Sends `req` to every other member at once (2 s each).
+    /// Sends `req` to every other member at once (`wait` each).
     async fn ask_members(
         &self,
         req: crate::control::Control,
+        wait: Duration,
     ) -> Vec<(
         String,
         String,
         Result<crate::control::Control, crate::control::ControlError>,
     )> {
         let peers = self.endpoint.peers();
-        let asks =
-            peers.iter().map(|p| {
-                let id = p.info().node_id.to_string();
-                let (service, req) = (self.pipeline.clone(), req.clone());
-                async move {
-                    crate::control::request(&service, &id, &req, Duration::from_secs(2)).await
-                }
-            });
+        let asks = peers.iter().map(|p| {
+            let id = p.info().node_id.to_string();
+            let (service, req) = (self.pipeline.clone(), req.clone());
+            async move { crate::control::request(&service, &id, &req, wait).await }
+        });
         let replies = futures_util::future::join_all(asks).await;
         peers
             .iter()
@@ -483,44 +504,13 @@ impl Node {
         opts: &crate::profile::MeasureOptions,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<ModelInfo, RuntimeError> {
-        let view = self.view().await?;
-        let profiles = view.profiles.unwrap_or_default();
-        let Some((times, sources)) = profiles
-            .nodes
-            .iter()
-            .find_map(|p| p.model.clone().filter(|t| t.content.is_some()))
-            .map(|t| {
-                let holders: Vec<String> = profiles
-                    .nodes
-                    .iter()
-                    .filter(|p| p.model.as_ref().is_some_and(|m| m.content == t.content))
-                    .map(|p| p.node_id.clone())
-                    .collect();
-                (t, holders)
-            })
+        let Some((dest, model)) =
+            crate::sharing::receive(&self.pipeline, None, dir, progress).await?
         else {
             return Err(RuntimeError::BadRequest(
                 "no member serves a model yet".into(),
             ));
         };
-        let content = times.content.clone().unwrap_or_default();
-        let dest = dir.join(
-            crate::model_file::peer_file_name(&times.model, &content)
-                .map_err(RuntimeError::BadRequest)?,
-        );
-        let ep = &self.endpoint;
-        // The header first (it names the tensors), then what measuring reads.
-        crate::model_file::fetch(ep, &sources, &content, &dest, Default::default(), progress)
-            .await
-            .map_err(RuntimeError::BadRequest)?;
-        let mut wanted = std::collections::BTreeSet::new();
-        for spec in crate::model_file::measurement_spec() {
-            wanted
-                .extend(crate::model_file::needed(&dest, spec).map_err(RuntimeError::BadRequest)?);
-        }
-        crate::model_file::fetch(ep, &sources, &content, &dest, wanted, progress)
-            .await
-            .map_err(RuntimeError::BadRequest)?;
         let (d, c, o) = (dest.clone(), cache_dir.to_path_buf(), opts.clone());
         let info = tokio::task::spawn_blocking(move || -> Result<ModelInfo, RuntimeError> {
             let weights = hearth_models::WeightFile::open(&d)?;
@@ -532,7 +522,7 @@ impl Node {
         .map_err(|e| RuntimeError::BadRequest(e.to_string()))??;
         // Served under the id the cluster knows it by, not its copy's name.
         let mut info = info;
-        info.times.model = times.model.clone();
+        info.times.model = model;
         self.set_model(info.clone())?;
         Ok(info)
     }
@@ -563,11 +553,12 @@ impl Node {
         };
         let gguf = format!("{model}.gguf");
         let entry = self
-            .available_models()
+            .cluster_models()
+            .await
             .into_iter()
             .find(|m| !m.download && (m.name == model || m.name == gguf))
             .ok_or_else(|| RuntimeError::UnknownModel(model.to_string()))?;
-        tracing::info!(model, "a request asks for a stored model; loading it");
+        tracing::info!(model, holders = ?entry.holders, "a request asks for a held model; loading it");
         if let Err(e) = self.load_model(&entry.name).await {
             tracing::debug!("load {model}: {e}");
         }

@@ -430,7 +430,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         // Get and measure the model in the background: the node is a
         // member at once, and offers its times when they are known.
         let first = if args.from_peers {
-            FirstModel::Peers(dirs.models().join("peers"))
+            FirstModel::Peers(store.peers_dir())
         } else {
             FirstModel::Store(args.model.clone())
         };

@@ -51,13 +51,12 @@ pub(crate) async fn plan(
     }
 }
 
-/// The models this node can load, and the one it serves.
+/// The models the cluster can load (each with the members that hold it),
+/// and the one it serves.
 pub(crate) async fn models(State(s): State<AppState>) -> Response {
-    let node = s.node.clone();
-    let available = tokio::task::spawn_blocking(move || node.available_models())
-        .await
-        .unwrap_or_default();
+    let available = s.node.cluster_models().await;
     Json(json!({
+        "node": s.node.name(),
         "available": available,
         "loaded": s.node.model_name(),
         "placement": s.node.placement(),

@@ -546,40 +546,35 @@ fn parameter_size(n: u64) -> String {
     }
 }
 
-/// Every model the cluster can serve as (name, size, facts from its file),
-/// under the ids `/v1/models` uses.
+/// Every model the cluster can serve as (name, size, facts from its file,
+/// or from a member holding it), under the ids `/v1/models` uses.
 async fn listed(s: &AppState) -> Vec<(String, u64, Option<ModelFacts>)> {
     let names = openai::servable(s).await;
+    let entries = s.node.cluster_models().await;
     let node = s.node.clone();
     tokio::task::spawn_blocking(move || {
-        let entries = node.available_models();
         let served = node.model_name().zip(node.model_path());
         names
             .into_iter()
             .map(|name| {
+                let entry = entries.iter().find(|m| m.name == name);
                 // The served model's own file, else the store's entry.
                 let path = match &served {
                     Some((n, p)) if *n == name => Some(p.clone()),
-                    _ => entries
-                        .iter()
-                        .find(|m| m.name == name)
-                        .and_then(|m| m.path.clone()),
+                    _ => entry.and_then(|m| m.path.clone()),
                 };
                 let size = path
                     .as_deref()
                     .and_then(|p| std::fs::metadata(p).ok())
                     .filter(|m| m.is_file())
                     .map_or_else(
-                        || {
-                            entries
-                                .iter()
-                                .find(|m| m.name == name)
-                                .and_then(|m| m.size_bytes)
-                                .unwrap_or(0)
-                        },
+                        || entry.and_then(|m| m.size_bytes).unwrap_or(0),
                         |m| m.len(),
                     );
-                let facts = path.as_deref().and_then(hearth_runtime::model_facts);
+                let facts = path
+                    .as_deref()
+                    .and_then(hearth_runtime::model_facts)
+                    .or_else(|| entry.and_then(|m| m.facts.clone()));
                 (name, size, facts)
             })
             .collect()
@@ -657,11 +652,8 @@ pub(crate) async fn show(
         return error(StatusCode::BAD_REQUEST, "`model` is required");
     };
     if s.node.model_name().as_deref() != Some(name) {
-        let node = s.node.clone();
-        let listed = tokio::task::spawn_blocking(move || node.available_models())
-            .await
-            .unwrap_or_default();
-        return if listed.iter().any(|m| m.name == name) {
+        let listed = s.node.cluster_models().await;
+        return if listed.iter().any(|m| m.name == name && !m.download) {
             error(
                 StatusCode::NOT_FOUND,
                 format!("model '{name}' is not loaded; a request naming it loads it"),

@@ -54,12 +54,10 @@ fn model_object(id: &str) -> Value {
 
 /// Every model the cluster can serve by name: the served one first, then
 /// what this node holds (its model store, the Hugging Face cache, its
-/// fine-tunes), each under its one id; a request naming another loads it.
+/// fine-tunes) and what only other members hold, each under its one id; a
+/// request naming another loads it.
 pub(crate) async fn servable(s: &AppState) -> Vec<String> {
-    let node = s.node.clone();
-    let listed = tokio::task::spawn_blocking(move || node.available_models())
-        .await
-        .unwrap_or_default();
+    let listed = s.node.cluster_models().await;
     let mut ids: Vec<String> = served(s).into_iter().collect();
     for m in listed {
         if !m.download && !ids.contains(&m.name) {

@@ -153,8 +153,9 @@ async fn chat_and_completions_answer_in_openais_shapes() {
     assert_eq!(r.error()["code"], "model_not_found");
     // The served file's name is another name of it (what earlier versions
     // served it under).
-    let by_file =
-        chat_body(json!({"max_tokens": 2})).replace("tiny-model", &format!("{model}.gguf"));
+    let file = n.model_path().unwrap();
+    let file = file.file_name().unwrap().to_string_lossy();
+    let by_file = chat_body(json!({"max_tokens": 2})).replace("tiny-model", &file);
     let r = post(app(), "/v1/chat/completions", &by_file).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 
@@ -2199,4 +2200,128 @@ async fn echo_with_logprobs_scores_the_prompt() {
         assert_eq!(r.error()["param"], "max_tokens");
     }
     n.shutdown().await;
+}
+
+/// Two members, one holding the models: the other lists them (with who
+/// holds them, and facts from the holder's files) and serves one that a
+/// request names, receiving what it needs from the holder; its answer is
+/// a lone node's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_only_a_member_holds_is_listed_and_served_from_any_member() {
+    use hearth_test_utils::cluster::TestNode;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = hearth_test_utils::TinySpec {
+        context: CONTEXT,
+        ..Default::default()
+    };
+    let mut held = TestModels::tiny_with(&dir.path().join("b"), spec.clone()).unwrap();
+    let other = hearth_test_utils::tiny_model(
+        &dir.path().join("q"),
+        hearth_test_utils::TinySpec {
+            architecture: "qwen3",
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::sync::Arc::get_mut(&mut held)
+        .unwrap()
+        .models
+        .push(("other".into(), other.gguf_q4_1.clone()));
+    let empty = std::sync::Arc::new(TestModels {
+        models: Vec::new(),
+        dir: dir.path().join("a"),
+    });
+    let (secret, net) = (
+        ClusterSecret::generate(),
+        hearth_discovery::MemoryNetwork::new(),
+    );
+    let start = |name: &str, models: std::sync::Arc<TestModels>| {
+        TestNode::start_with(name, &secret, vec![Box::new(net.discovery())], move |c| {
+            c.models = Some(models)
+        })
+        .unwrap()
+    };
+    let (a, b) = (start("a", empty), start("b", held));
+    let t0 = std::time::Instant::now();
+    while a.node.endpoint().peers().is_empty() || b.node.endpoint().peers().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the two never met");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shared = App::new(a.node.clone(), ServerOptions::default());
+    let app = || shared.router();
+    // Listed on a, which holds nothing itself.
+    let ids: Vec<String> = get(app(), "/v1/models").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    for want in ["tiny", "other"] {
+        assert!(ids.iter().any(|i| i == want), "{want} not in {ids:?}");
+    }
+    let listed = get(app(), "/api/models").await.json();
+    assert_eq!(listed["node"], "a");
+    let tiny = listed["available"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "tiny")
+        .unwrap_or_else(|| panic!("{listed}"))
+        .clone();
+    assert_eq!(tiny["holders"], json!(["b"]), "{tiny}");
+    assert_eq!(tiny["download"], false);
+    assert!(tiny["size_bytes"].as_u64().unwrap() > 0, "{tiny}");
+    // Ollama's listing describes a member's model from the holder's file.
+    let tags = get(shared.ollama_router(), "/api/tags").await.json();
+    let q = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "other")
+        .unwrap_or_else(|| panic!("{tags}"))
+        .clone();
+    assert_eq!(q["details"]["family"], "qwen3", "{q}");
+    assert_eq!(q["details"]["quantization_level"], "Q4_1", "{q}");
+    // A name nobody holds is refused at once.
+    let r = post(
+        app(),
+        "/v1/chat/completions",
+        &json!({"model": "nobody-has-it", "messages": [{"role": "user", "content": "Hi"}]})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    // A chat on a naming b's model: the cluster loads it and answers.
+    let body = json!({"model": "tiny", "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    .to_string();
+    let r = post(app(), "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let got = r.json()["choices"][0]["message"]["content"].clone();
+    assert_eq!(a.node.model_name().as_deref(), Some("tiny"));
+    assert_eq!(b.node.model_name().as_deref(), Some("tiny"));
+    // a's copy is the holder's header and the tensors it needed, received.
+    let copy = a.node.model_path().unwrap();
+    assert!(
+        copy.starts_with(dir.path().join("a").join("peers")),
+        "{copy:?}"
+    );
+    // A lone node holding the same file answers the same.
+    let lone = node_with(
+        TestModels::tiny_with(&dir.path().join("c"), spec).unwrap(),
+        true,
+    )
+    .await;
+    let r = post(
+        App::new(lone.clone(), ServerOptions::default()).router(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], got);
+    lone.shutdown().await;
+    a.shutdown();
+    b.shutdown();
 }

@@ -321,12 +321,7 @@ impl hearth_runtime::ModelSource for TestModels {
     fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
         self.models
             .iter()
-            .map(|(name, path)| hearth_runtime::ModelEntry {
-                name: name.clone(),
-                size_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
-                download: false,
-                path: Some(path.clone()),
-            })
+            .map(|(name, path)| hearth_runtime::ModelEntry::held(name.clone(), path.clone()))
             .collect()
     }
 
@@ -336,6 +331,14 @@ impl hearth_runtime::ModelSource for TestModels {
             .iter()
             .find(|(n, _)| n == name)
             .ok_or_else(|| format!("no model {name}"))?;
+        model_info(path, &self.dir).map_err(|e| format!("{e:#}"))
+    }
+
+    fn peers_dir(&self) -> Option<std::path::PathBuf> {
+        Some(self.dir.join("peers"))
+    }
+
+    fn measure_file(&self, path: &std::path::Path) -> Result<ModelInfo, String> {
         model_info(path, &self.dir).map_err(|e| format!("{e:#}"))
     }
 }

@@ -56,6 +56,8 @@ struct Inner {
     source: Option<Arc<dyn ModelSource>>,
     /// The model being loaded by name, if any.
     loading: Mutex<Option<String>>,
+    /// Members' catalogs, as last asked.
+    catalogs: crate::sharing::CatalogCache,
     /// The leader as this node sees it: only it orders placements.
     leader: watch::Receiver<NodeId>,
     /// Training stages run here for jobs coordinated anywhere.
@@ -108,6 +110,7 @@ impl Service {
                 events,
                 source,
                 loading: Mutex::new(None),
+                catalogs: Default::default(),
                 leader,
                 train,
                 compute,
@@ -166,6 +169,24 @@ impl Service {
         if !source.list().iter().any(|m| m.name == name) {
             return Err(UnknownModel(name.to_string()));
         }
+        self.claim_loading(name)?;
+        let me = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let result = source.load(&name).and_then(|mut info| {
+                // Served under the name it was asked by: one id everywhere.
+                info.times.model = name.clone();
+                me.serve_model(info).map_err(|e| e.to_string())
+            });
+            me.loading_ended(&name, result.err());
+        });
+        Ok(())
+    }
+
+    /// Takes the node's one loading slot for `name` (a second load is
+    /// refused while one runs) and tells that it started.
+    pub(crate) fn claim_loading(&self, name: &str) -> Result<(), crate::RuntimeError> {
+        use crate::RuntimeError::BadRequest;
         {
             let mut loading = self
                 .inner
@@ -177,27 +198,34 @@ impl Service {
             }
             *loading = Some(name.to_string());
         }
-        let me = self.clone();
-        let name = name.to_string();
         self.inner.events.emit(EventKind::ModelLoading {
-            model: name.clone(),
-        });
-        tokio::task::spawn_blocking(move || {
-            let result = source
-                .load(&name)
-                .and_then(|info| me.serve_model(info).map_err(|e| e.to_string()));
-            if let Err(reason) = result {
-                warn!("cannot load {name}: {reason}");
-                me.inner.events.emit(EventKind::ModelFailed {
-                    model: name.clone(),
-                    reason,
-                });
-            }
-            if let Ok(mut l) = me.inner.loading.lock() {
-                *l = None;
-            }
+            model: name.to_string(),
         });
         Ok(())
+    }
+
+    /// Frees the loading slot; a failure is told as an event.
+    pub(crate) fn loading_ended(&self, name: &str, failure: Option<String>) {
+        if let Some(reason) = failure {
+            warn!("cannot load {name}: {reason}");
+            self.inner.events.emit(EventKind::ModelFailed {
+                model: name.to_string(),
+                reason,
+            });
+        }
+        if let Ok(mut l) = self.inner.loading.lock() {
+            *l = None;
+        }
+    }
+
+    /// Measured figures of this node and its members.
+    pub(crate) fn profiles(&self) -> &ProfileBook {
+        &self.inner.profiles
+    }
+
+    /// Members' catalogs, as last asked (see `crate::sharing`).
+    pub(crate) fn catalog_cache(&self) -> &crate::sharing::CatalogCache {
+        &self.inner.catalogs
     }
 
     /// Stops serving the model: its stages stop (failing what is in flight)
