@@ -77,6 +77,11 @@ pub(crate) enum Control {
     /// `Ready`, or `Failed` if you cannot start; events tell the rest).
     Load {
         model: String,
+        /// The members (node ids) that hold it, as the asker found them:
+        /// a node without it receives it from them (at most
+        /// `sharing::MAX_HOLDERS`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        holders: Vec<String>,
     },
     /// Stop serving the model (reply `Ready`).
     Unload,
@@ -171,6 +176,17 @@ pub(crate) async fn request(
     if node == service.me() {
         return Ok(handle(service, req.clone(), service.endpoint().id()).await);
     }
+    request_peer(service, node, req, wait).await
+}
+
+/// [`request`] to another member only (never handled here, so a handler
+/// may call it from a task of its own).
+pub(crate) async fn request_peer(
+    service: &Service,
+    node: &str,
+    req: &Control,
+    wait: Duration,
+) -> Result<Control, ControlError> {
     let id: NodeId = node.parse().map_err(|e| ControlError::NodeId {
         node: node.get(..16).unwrap_or(node).to_string(),
         reason: format!("{e}"),
@@ -204,14 +220,21 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
                     reason: "this node serves no model".into(),
                 };
             };
+            let content = model.info.times.content.clone().unwrap_or_default();
+            // A copy received from members first gets the stage's tensors.
+            if order.content == content
+                && let Err(reason) =
+                    crate::sharing::complete(service, &model.info.path, &content, Some(order.spec))
+                        .await
+            {
+                return Control::Failed {
+                    id: job,
+                    reason: format!("cannot receive the stage's weights: {reason}"),
+                };
+            }
             match service
                 .train()
-                .start(
-                    from,
-                    order,
-                    model.info.path.clone(),
-                    model.info.times.content.clone().unwrap_or_default(),
-                )
+                .start(from, order, model.info.path.clone(), content)
                 .await
             {
                 Ok(()) => Control::Ready { id: job },
@@ -255,13 +278,25 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             service.activate(Arc::new(placement));
             Control::Ready { id }
         }
-        Control::Load { model } => match crate::sharing::load_or_adopt(service, &model).await {
-            Ok(()) => Control::Ready { id: 0 },
-            Err(e) => Control::Failed {
+        Control::Load { holders, .. } if holders.len() > crate::sharing::MAX_HOLDERS => {
+            Control::Failed {
                 id: 0,
-                reason: e.to_string(),
-            },
-        },
+                reason: format!(
+                    "a load naming {} holders (at most {})",
+                    holders.len(),
+                    crate::sharing::MAX_HOLDERS
+                ),
+            }
+        }
+        Control::Load { model, holders } => {
+            match crate::sharing::load_or_adopt(service, &model, &holders).await {
+                Ok(_) => Control::Ready { id: 0 },
+                Err(e) => Control::Failed {
+                    id: 0,
+                    reason: e.to_string(),
+                },
+            }
+        }
         Control::Unload => {
             service.unload_model();
             Control::Ready { id: 0 }

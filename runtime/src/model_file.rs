@@ -664,6 +664,12 @@ pub fn peer_file_name(model: &str, content: &str) -> Result<String, String> {
     ))
 }
 
+/// Every tensor of the model file at `path` (its header must be there).
+pub(crate) fn all_tensors(path: &Path) -> Result<BTreeSet<String>, String> {
+    let Layout(_, _, all) = layout(path)?;
+    Ok(all.into_keys().collect())
+}
+
 /// The tensors of `spec` in the model file at `path` (its header must be there).
 pub(crate) fn needed(path: &Path, spec: StageSpec) -> Result<BTreeSet<String>, String> {
     let Layout(_, _, all) = layout(path)?;

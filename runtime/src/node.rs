@@ -392,7 +392,9 @@ impl Node {
         };
         let p = &m.info.path;
         let is = |o: Option<&std::ffi::OsStr>| o.is_some_and(|f| f.to_string_lossy() == name);
-        is(p.file_name()) || is(p.file_stem())
+        // A copy received from members has a name of its own: its id's
+        // file name stands for it.
+        is(p.file_name()) || is(p.file_stem()) || name == format!("{}.gguf", m.info.times.model)
     }
 
     /// The models this node can load by name.
@@ -413,26 +415,47 @@ impl Node {
     /// and the leader places it. Returns at once (events tell the
     /// progress) with the members that refused, as (name, reason).
     pub async fn load_model(&self, name: &str) -> Result<Vec<(String, String)>, RuntimeError> {
-        crate::sharing::load_or_adopt(&self.pipeline, name).await?;
-        // A member without the model asks the others for their catalogs
-        // before it answers.
+        // Members are asked even when this node cannot load it: the
+        // holders can still serve it.
+        let here = crate::sharing::load_or_adopt(&self.pipeline, name, &[]).await;
+        let holders = here.as_ref().map(Vec::clone).unwrap_or_default();
         let wait = crate::sharing::CATALOG_WAIT + Duration::from_secs(3);
-        Ok(self
+        let replies = self
             .ask_members(
                 crate::control::Control::Load {
                     model: name.to_string(),
+                    holders: holders.clone(),
                 },
                 wait,
             )
-            .await
-            .into_iter()
-            .filter_map(|(_, n, r)| match r {
-                Ok(crate::control::Control::Ready { .. }) => None,
-                Ok(crate::control::Control::Failed { reason, .. }) => Some((n, reason)),
-                Ok(_) => Some((n, "unexpected reply".into())),
-                Err(e) => Some((n, e.to_string())),
-            })
-            .collect())
+            .await;
+        let mut accepted = Vec::new();
+        let mut refused = Vec::new();
+        for (id, n, r) in replies {
+            match r {
+                Ok(crate::control::Control::Ready { .. }) => accepted.push(id),
+                Ok(crate::control::Control::Failed { reason, .. }) => refused.push((n, reason)),
+                Ok(_) => refused.push((n, "unexpected reply".into())),
+                Err(e) => refused.push((n, e.to_string())),
+            }
+        }
+        // Receiving from holders that all refused would wait in vain.
+        if !holders.is_empty() && !holders.iter().any(|h| accepted.contains(h)) {
+            self.pipeline.cancel_adopt();
+            let why: Vec<String> = refused.iter().map(|(n, r)| format!("{n}: {r}")).collect();
+            return Err(RuntimeError::BadRequest(format!(
+                "no member that holds {name} can load it ({})",
+                why.join("; ")
+            )));
+        }
+        match here {
+            Ok(_) => Ok(refused),
+            Err(e) if accepted.is_empty() => Err(e),
+            Err(e) => {
+                refused.push((self.name().to_string(), e.to_string()));
+                Ok(refused)
+            }
+        }
     }
 
     /// Stops serving the model on this node and on every member.
@@ -547,10 +570,6 @@ impl Node {
         if self.model_name().as_deref() == Some(model) || self.serves_under(model) {
             return Ok(());
         }
-        let placed = |p: &Option<Arc<Placement>>| p.as_ref().is_some_and(|p| p.model == model);
-        let ready = |node: &Self| {
-            node.model_name().as_deref() == Some(model) && placed(&node.pipeline.active())
-        };
         let gguf = format!("{model}.gguf");
         let entry = self
             .cluster_models()
@@ -558,9 +577,19 @@ impl Node {
             .into_iter()
             .find(|m| !m.download && (m.name == model || m.name == gguf))
             .ok_or_else(|| RuntimeError::UnknownModel(model.to_string()))?;
+        let name = entry.name.clone();
+        let placed = |p: &Option<Arc<Placement>>| p.as_ref().is_some_and(|p| p.model == name);
+        let ready = |node: &Self| {
+            node.model_name().as_deref() == Some(name.as_str()) && placed(&node.pipeline.active())
+        };
         tracing::info!(model, holders = ?entry.holders, "a request asks for a held model; loading it");
-        if let Err(e) = self.load_model(&entry.name).await {
-            tracing::debug!("load {model}: {e}");
+        match self.load_model(&name).await {
+            Ok(_) => {}
+            // Another request is loading it already: wait with it.
+            Err(RuntimeError::BadRequest(e)) if e.starts_with("already loading") => {
+                tracing::debug!("load {model}: {e}")
+            }
+            Err(e) => return Err(e),
         }
         let mut rx = self.pipeline.watch_active();
         let waited = tokio::time::timeout(wait, async {

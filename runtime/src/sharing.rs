@@ -19,8 +19,9 @@ use crate::catalog::ModelEntry;
 use crate::control::Control;
 use crate::pipeline::service::Service;
 
-/// Most models one member's catalog may list.
-pub(crate) const MAX_CATALOG: usize = 1024;
+/// Most models one member's catalog may list (at the longest texts, a
+/// catalog stays under a control document's 1 MiB).
+pub(crate) const MAX_CATALOG: usize = 512;
 /// Longest model name (and fact text) in a member's catalog, in bytes.
 pub(crate) const MAX_NAME: usize = 256;
 /// How long members' catalogs are reused before they are asked again.
@@ -28,21 +29,47 @@ const CATALOG_TTL: Duration = Duration::from_secs(2);
 /// How long a member has to answer for its catalog.
 pub(crate) const CATALOG_WAIT: Duration = Duration::from_secs(2);
 /// How long a device loading a model from members waits for one of them
-/// to serve it.
+/// to serve it (a newer load or an unload ends the wait at once).
 const ADOPT_WAIT: Duration = Duration::from_secs(300);
+/// Most holders a `Load` order may name.
+pub(crate) const MAX_HOLDERS: usize = 256;
 /// How often it looks while none does.
 const ADOPT_POLL: Duration = Duration::from_millis(500);
 
 /// One member's catalog.
 #[derive(Debug, Clone)]
 pub(crate) struct MemberCatalog {
+    pub node_id: String,
     pub name: String,
     pub models: Vec<ModelEntry>,
 }
 
-/// Members' catalogs as last asked, and when (one fan-out at a time:
-/// callers meanwhile wait for its answer).
-pub(crate) type CatalogCache = tokio::sync::Mutex<Option<(Instant, Vec<MemberCatalog>)>>;
+/// Members' catalogs as last asked, and when; one fan-out at a time.
+#[derive(Default)]
+pub(crate) struct CatalogCache {
+    last: std::sync::Mutex<Option<(Instant, Vec<MemberCatalog>)>>,
+    asking: tokio::sync::Mutex<()>,
+}
+
+impl CatalogCache {
+    /// The catalogs if asked within `ttl`.
+    fn within(&self, ttl: Duration) -> Option<Vec<MemberCatalog>> {
+        let last = self.last.lock().ok()?;
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, c)| c.clone())
+    }
+
+    fn any(&self) -> Option<Vec<MemberCatalog>> {
+        self.within(Duration::MAX)
+    }
+
+    fn store(&self, c: Vec<MemberCatalog>) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((Instant::now(), c));
+        }
+    }
+}
 
 /// This device's catalog as members are told it: the models it holds (not
 /// those it would have to download), each with its file's facts. Blocking.
@@ -50,16 +77,24 @@ pub(crate) fn own_catalog(service: &Service) -> Vec<ModelEntry> {
     let Some(source) = service.source() else {
         return Vec::new();
     };
+    let mut seen = std::collections::HashSet::new();
+    // A name listed twice (a fine-tune named as a stored model) is sent
+    // once: the store loads one file by it.
     source
         .list()
         .into_iter()
-        .filter(|m| !m.download)
+        .filter(|m| !m.download && check_entry(m).is_ok() && seen.insert(m.name.clone()))
         .take(MAX_CATALOG)
         .map(|mut m| {
             m.facts = m.path.as_deref().and_then(crate::catalog::model_facts);
+            if m.facts
+                .as_ref()
+                .is_some_and(|f| check_entry_facts(f).is_err())
+            {
+                m.facts = None;
+            }
             m
         })
-        .filter(|m| check_entry(m).is_ok())
         .collect()
 }
 
@@ -78,15 +113,17 @@ fn check_entry(m: &ModelEntry) -> Result<(), String> {
         return Err("a model without a name".into());
     }
     check_text("a model name", &m.name)?;
-    if let Some(f) = &m.facts {
-        for (what, s) in [
-            ("a format", &f.format),
-            ("an architecture", &f.architecture),
-            ("a quantization", &f.quantization),
-            ("a digest", &f.digest),
-        ] {
-            check_text(what, s)?;
-        }
+    m.facts.as_ref().map_or(Ok(()), check_entry_facts)
+}
+
+fn check_entry_facts(f: &crate::catalog::ModelFacts) -> Result<(), String> {
+    for (what, s) in [
+        ("a format", &f.format),
+        ("an architecture", &f.architecture),
+        ("a quantization", &f.quantization),
+        ("a digest", &f.digest),
+    ] {
+        check_text(what, s)?;
     }
     Ok(())
 }
@@ -118,37 +155,69 @@ pub(crate) fn check_catalog(models: Vec<ModelEntry>) -> Result<Vec<ModelEntry>, 
         .collect()
 }
 
-/// Every other member's catalog (asked at most every 2 s; a member that
-/// does not answer in time, or answers badly, lists nothing).
-pub(crate) async fn member_catalogs(service: &Service) -> Vec<MemberCatalog> {
-    let mut cache = service.catalog_cache().lock().await;
-    if let Some((at, c)) = cache.as_ref()
-        && at.elapsed() < CATALOG_TTL
-    {
-        return c.clone();
+/// Every other member's catalog, asked at most every 2 s (a member that
+/// does not answer in time, or answers badly, lists nothing). `wait`:
+/// ask now if the last answers are older; else stale answers are given at
+/// once and fresh ones asked for in the background.
+pub(crate) async fn member_catalogs(service: &Service, wait: bool) -> Vec<MemberCatalog> {
+    let cache = service.catalog_cache();
+    if let Some(c) = cache.within(CATALOG_TTL) {
+        return c;
     }
+    if !wait && let Some(stale) = cache.any() {
+        let s = service.clone();
+        tokio::spawn(async move {
+            let cache = s.catalog_cache();
+            if let Ok(_asking) = cache.asking.try_lock() {
+                cache.store(ask_catalogs(&s).await);
+            }
+        });
+        return stale;
+    }
+    let _asking = cache.asking.lock().await;
+    if let Some(c) = cache.within(CATALOG_TTL) {
+        return c;
+    }
+    let c = ask_catalogs(service).await;
+    cache.store(c.clone());
+    c
+}
+
+async fn ask_catalogs(service: &Service) -> Vec<MemberCatalog> {
     let peers = service.endpoint().peers();
     let asks = peers.iter().map(|p| {
         let id = p.info().node_id.to_string();
         async move {
-            crate::control::request(service, &id, &Control::CatalogRequest, CATALOG_WAIT).await
+            crate::control::request_peer(service, &id, &Control::CatalogRequest, CATALOG_WAIT).await
         }
     });
     let replies = futures_util::future::join_all(asks).await;
     let mut out = Vec::new();
     for (p, r) in peers.iter().zip(replies) {
-        let name = p.info().name.clone();
+        let (node_id, name) = (p.info().node_id.to_string(), p.info().name.clone());
         match r.map_err(|e| e.to_string()).and_then(|r| match r {
             Control::Catalog { models } => check_catalog(models),
             Control::Failed { reason, .. } => Err(reason),
             _ => Err("an unexpected reply".into()),
         }) {
-            Ok(models) => out.push(MemberCatalog { name, models }),
+            Ok(models) => out.push(MemberCatalog {
+                node_id,
+                name,
+                models,
+            }),
             Err(e) => debug!("no catalog from {name}: {e}"),
         }
     }
-    *cache = Some((Instant::now(), out.clone()));
     out
+}
+
+/// Whether this device could receive `m` from a member: a GGUF file (as
+/// far as its holder said) under a name that can be a file's, on a device
+/// that takes models from members.
+fn receivable(m: &ModelEntry, takes: bool) -> bool {
+    takes
+        && m.facts.as_ref().is_none_or(|f| f.format == "gguf")
+        && crate::model_file::peer_file_name(&m.name, "0").is_ok()
 }
 
 /// Every model the cluster can load by name: this device's own (those it
@@ -171,7 +240,8 @@ pub(crate) async fn cluster_models(service: &Service) -> Vec<ModelEntry> {
             m
         })
         .collect();
-    for c in member_catalogs(service).await {
+    let takes = service.source().is_some_and(|s| s.peers_dir().is_some());
+    for c in member_catalogs(service, false).await {
         for m in c.models {
             match out.iter_mut().find(|o| o.name == m.name) {
                 Some(o) => {
@@ -183,10 +253,12 @@ pub(crate) async fn cluster_models(service: &Service) -> Vec<ModelEntry> {
                     o.facts = o.facts.take().or(m.facts);
                     o.holders.push(c.name.clone());
                 }
-                None => out.push(ModelEntry {
+                // Listed only where a request naming it can be served.
+                None if receivable(&m, takes) => out.push(ModelEntry {
                     holders: vec![c.name.clone()],
                     ..m
                 }),
+                None => {}
             }
         }
     }
@@ -195,11 +267,27 @@ pub(crate) async fn cluster_models(service: &Service) -> Vec<ModelEntry> {
 
 /// Loads the model named `name` on this device, in the background (events
 /// tell how it went): from its own store when it holds it; else from the
-/// members that hold it (they load it when asked too, and this device
-/// receives what it needs from one once it serves it); else by download,
-/// where the store can fetch it.
-pub(crate) async fn load_or_adopt(service: &Service, name: &str) -> Result<(), RuntimeError> {
+/// members that hold it (`holders`, node ids, when the asker knew them;
+/// else the members' catalogs say): they load it when asked too, and this
+/// device receives what it needs from one once it serves it; else by
+/// download, where the store can fetch it. Returns the holders found.
+pub(crate) async fn load_or_adopt(
+    service: &Service,
+    name: &str,
+    holders: &[String],
+) -> Result<Vec<String>, RuntimeError> {
     use RuntimeError::{BadRequest, UnknownModel};
+    if service.loading().as_deref() == Some(name) {
+        // Already on its way.
+        return Ok(holders.to_vec());
+    }
+    // Whatever this device was receiving before is not wanted now; its
+    // task frees the loading slot within a poll.
+    service.cancel_adopt();
+    let freed = Instant::now() + 2 * ADOPT_POLL;
+    while service.loading().is_some() && Instant::now() < freed {
+        tokio::time::sleep(ADOPT_POLL / 10).await;
+    }
     let source = service
         .source()
         .cloned()
@@ -212,31 +300,39 @@ pub(crate) async fn load_or_adopt(service: &Service, name: &str) -> Result<(), R
     };
     let mine = own.iter().find(|m| m.name == name);
     if mine.is_some_and(|m| !m.download) {
-        return service.load_model(name);
+        service.load_model(name)?;
+        return Ok(Vec::new());
     }
-    let holders: Vec<MemberCatalog> = member_catalogs(service)
-        .await
-        .into_iter()
-        .filter(|c| c.models.iter().any(|m| m.name == name))
-        .collect();
+    let me = service.me().to_string();
+    let holders: Vec<String> = if holders.is_empty() {
+        let catalogs = member_catalogs(service, true).await;
+        let held: Vec<&MemberCatalog> = catalogs
+            .iter()
+            .filter(|c| c.models.iter().any(|m| m.name == name))
+            .collect();
+        // Only GGUF files travel between members, piece by piece.
+        if !held.is_empty()
+            && held.iter().all(|c| {
+                c.models
+                    .iter()
+                    .any(|m| m.name == name && !receivable(m, true))
+            })
+        {
+            let names: Vec<&str> = held.iter().map(|c| c.name.as_str()).collect();
+            return Err(BadRequest(format!(
+                "{name} is a model folder on {}; folders are not sent between members: copy it to this device, or ask a member that holds it",
+                names.join(", ")
+            )));
+        }
+        held.iter().map(|c| c.node_id.clone()).collect()
+    } else {
+        holders.iter().filter(|h| **h != me).cloned().collect()
+    };
     if holders.is_empty() {
         return match mine {
-            Some(_) => service.load_model(name),
+            Some(_) => service.load_model(name).map(|()| Vec::new()),
             None => Err(UnknownModel(name.to_string())),
         };
-    }
-    // Only GGUF files travel between members, piece by piece.
-    let folder = |c: &MemberCatalog| {
-        c.models
-            .iter()
-            .any(|m| m.name == name && m.facts.as_ref().is_some_and(|f| f.format != "gguf"))
-    };
-    if holders.iter().all(folder) {
-        let names: Vec<&str> = holders.iter().map(|c| c.name.as_str()).collect();
-        return Err(BadRequest(format!(
-            "{name} is a model folder on {}; folders are not sent between members: copy it to this device, or ask a member that holds it",
-            names.join(", ")
-        )));
     }
     let dir = source.peers_dir().ok_or_else(|| {
         BadRequest(format!(
@@ -244,42 +340,110 @@ pub(crate) async fn load_or_adopt(service: &Service, name: &str) -> Result<(), R
         ))
     })?;
     service.claim_loading(name)?;
-    let (s, name) = (service.clone(), name.to_string());
+    let generation = service.adopt_generation();
+    let (s, n, from) = (service.clone(), name.to_string(), holders.clone());
     tokio::spawn(async move {
-        let result = adopt(&s, &name, &dir, source).await;
-        s.loading_ended(&name, result.err());
+        let result = adopt(&s, &n, &from, &dir, source, generation).await;
+        s.loading_ended(&n, result.err());
     });
-    Ok(())
+    Ok(holders)
 }
 
-/// Waits (at most 5 minutes) for a member to serve `name`, receives what
-/// measuring it needs, measures this device on it and serves it.
+/// Waits (at most 5 minutes, while no newer load or unload comes) for one
+/// of `holders` to serve `name`, receives what measuring it needs,
+/// measures this device on it and serves it.
 async fn adopt(
     service: &Service,
     name: &str,
+    holders: &[String],
     dir: &Path,
     source: std::sync::Arc<dyn crate::catalog::ModelSource>,
+    generation: u64,
 ) -> Result<(), String> {
     let until = Instant::now() + ADOPT_WAIT;
+    let wanted = |s: &Service| s.adopt_generation() == generation;
     let path = loop {
-        match receive(service, Some(name), dir, &mut |_, _| {}).await {
-            Ok(Some((path, _))) => break path,
-            Ok(None) if Instant::now() < until => tokio::time::sleep(ADOPT_POLL).await,
-            Ok(None) => {
-                return Err(format!(
-                    "no member served {name} within {} s",
-                    ADOPT_WAIT.as_secs()
-                ));
-            }
-            Err(e) => return Err(e.to_string()),
+        if !wanted(service) {
+            return Err(format!("loading {name} was called off"));
         }
+        let tried = receive(service, Some((name, holders)), dir, &mut |_, _| {}).await;
+        match tried {
+            Ok(Some((path, _))) => break path,
+            Ok(None) => {}
+            // A holder that just switched away still looks like it
+            // serves the model for a moment: try again.
+            Err(e) => debug!("receiving {name}: {e}"),
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "no member served {name} within {} s",
+                ADOPT_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(ADOPT_POLL).await;
     };
     let mut info = tokio::task::spawn_blocking(move || source.measure_file(&path))
         .await
         .map_err(|e| e.to_string())??;
+    if !wanted(service) {
+        return Err(format!("loading {name} was called off"));
+    }
     // Served under the id the cluster knows it by, not its copy's name.
     info.times.model = name.to_string();
     service.serve_model(info).map_err(|e| e.to_string())
+}
+
+/// Fills a partial copy (received from members) with the tensors of
+/// `spec`, or every tensor (`None`), from the members that serve the same
+/// content. A whole file is left as it is.
+pub(crate) async fn complete(
+    service: &Service,
+    path: &Path,
+    content: &str,
+    spec: Option<hearth_models::StageSpec>,
+) -> Result<(), String> {
+    if crate::model_file::read_have(path).is_none() {
+        return Ok(());
+    }
+    let p = path.to_path_buf();
+    let needed = tokio::task::spawn_blocking(move || match spec {
+        Some(spec) => crate::model_file::needed(&p, spec),
+        None => crate::model_file::all_tensors(&p),
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let sources = serving_members(service, |t| t.content.as_deref() == Some(content));
+    crate::model_file::fetch(
+        service.endpoint(),
+        &sources,
+        content,
+        path,
+        needed,
+        &mut |_, _| {},
+    )
+    .await
+}
+
+/// The other members whose served model matches `pick`, as node ids.
+fn serving_members(
+    service: &Service,
+    pick: impl Fn(&crate::profile::ModelTimes) -> bool,
+) -> Vec<String> {
+    let mut members: Vec<String> = service
+        .endpoint()
+        .peers()
+        .iter()
+        .map(|p| p.info().node_id.to_string())
+        .collect();
+    members.push(service.me().to_string());
+    service
+        .profiles()
+        .snapshot(&members)
+        .nodes
+        .into_iter()
+        .filter(|p| p.node_id != service.me() && p.model.as_ref().is_some_and(&pick))
+        .map(|p| p.node_id)
+        .collect()
 }
 
 /// Receives from the members that serve a model (`want`, or whichever one
@@ -288,7 +452,7 @@ async fn adopt(
 /// knows the model by, or `None` while no member serves it.
 pub(crate) async fn receive(
     service: &Service,
-    want: Option<&str>,
+    want: Option<(&str, &[String])>,
     dir: &Path,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<Option<(PathBuf, String)>, RuntimeError> {
@@ -300,28 +464,22 @@ pub(crate) async fn receive(
         .collect();
     members.push(service.me().to_string());
     let profiles = service.profiles().snapshot(&members);
-    let Some((times, sources)) = profiles
+    // The holders' content (when the model is named): a copy another
+    // member received, or a member that is no holder, is no source.
+    let Some(times) = profiles
         .nodes
         .iter()
         .filter(|p| p.node_id != service.me())
+        .filter(|p| want.is_none_or(|(_, holders)| holders.contains(&p.node_id)))
         .find_map(|p| {
             p.model
                 .clone()
-                .filter(|t| t.content.is_some() && want.is_none_or(|w| t.model == w))
-        })
-        .map(|t| {
-            let holders: Vec<String> = profiles
-                .nodes
-                .iter()
-                .filter(|p| p.node_id != service.me())
-                .filter(|p| p.model.as_ref().is_some_and(|m| m.content == t.content))
-                .map(|p| p.node_id.clone())
-                .collect();
-            (t, holders)
+                .filter(|t| t.content.is_some() && want.is_none_or(|(name, _)| t.model == name))
         })
     else {
         return Ok(None);
     };
+    let sources = serving_members(service, |t| t.content == times.content);
     let content = times.content.clone().unwrap_or_default();
     let dest = dir.join(
         crate::model_file::peer_file_name(&times.model, &content)

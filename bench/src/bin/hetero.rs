@@ -356,14 +356,35 @@ fn reference_home() -> Result<(Arc<Home>, Placement)> {
 
 /// Single-stream decode tok/s through the configuration's device `ci` and
 /// through the reference, alternating run by run: the medians.
-fn paired_single(cl: &Home, ci: usize, reference: &Home, args: &Args) -> Result<(f64, f64)> {
+fn paired_single(cl: &Home, ci: usize, reference: &Home, args: &Args) -> Result<Paired> {
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let rate = |(n, secs): (usize, f64)| (n > 1 && secs > 0.0).then(|| (n - 1) as f64 / secs);
+    let mut ref_now = None;
     for r in 0..args.runs {
         theirs.extend(rate(reference.generate(0, r as u64, args.tokens)?));
+        // The reference's prediction from live figures while its
+        // single-stream work is fresh (they decay with an 8 s half-life).
+        if r + 1 == args.runs {
+            ref_now = now(reference, 0);
+        }
         ours.extend(rate(cl.generate(ci, r as u64, args.tokens)?));
     }
-    Ok((median(&ours), median(&theirs)))
+    Ok(Paired {
+        ours: median(&ours),
+        theirs: median(&theirs),
+        ours_now: now(cl, ci),
+        theirs_now: ref_now,
+    })
+}
+
+/// Single-stream decode through a configuration and through the
+/// reference (medians), with each one's rate predicted from its live
+/// figures right after its last run.
+struct Paired {
+    ours: f64,
+    theirs: f64,
+    ours_now: Option<f64>,
+    theirs_now: Option<f64>,
 }
 
 /// Windows of 8 concurrent streams per side, in turns.
@@ -393,7 +414,7 @@ fn serving(
     predicted: &mut Predicted,
 ) -> Result<()> {
     let (reference, ref_p) = reference_home()?;
-    let mut alone = None;
+    let mut alone: Option<(f64, Option<f64>)> = None;
     for (label, cores) in [
         ("a=1, b=0.25", vec![1.0, 0.25]),
         ("a=1, b=0.5, c=0.25", vec![1.0, 0.5, 0.25]),
@@ -401,14 +422,15 @@ fn serving(
         println!("{label}");
         let (home, p) = start(&cores)?;
         let ci = cores.len() - 1;
-        let (s, ref_single) = paired_single(&home, ci, &reference, args)?;
+        let single = paired_single(&home, ci, &reference, args)?;
+        let (s, ref_single) = (single.ours, single.theirs);
         let (e, ref_eight) = paired_eight(&home, ci, &reference, args)?;
         println!(
             "  placement {}; single {s:.1} tok/s (reference {ref_single:.1}), 8 streams {e:.1} tok/s (reference {ref_eight:.1})",
             split(&p)
         );
-        alone.get_or_insert(ref_single);
-        let n = now(&home, ci);
+        alone.get_or_insert((ref_single, single.theirs_now));
+        let n = single.ours_now;
         drop(home);
         rows.push(Row::new(
             &format!("{label}: single-stream decode tok/s (vs best single device)"),
@@ -428,8 +450,8 @@ fn serving(
         (
             "1 core alone".to_string(),
             ref_p,
-            alone.unwrap_or(f64::NAN),
-            now(&reference, 0),
+            alone.map_or(f64::NAN, |a| a.0),
+            alone.and_then(|a| a.1),
         ),
     );
 
@@ -467,8 +489,8 @@ fn serving(
     let _ = traffic.join();
     let after = after?;
     std::thread::sleep(Duration::from_secs(2));
-    let (s, ref_single) = paired_single(&home, 1, &reference, args)?;
-    let after_now = now(&home, 1);
+    let single = paired_single(&home, 1, &reference, args)?;
+    let (s, ref_single, after_now) = (single.ours, single.theirs, single.ours_now);
     let failed = failed.load(Ordering::Relaxed);
     println!(
         "  {} → {} after {secs:.1} s ({}); after: {s:.1} tok/s; requests ok {}, failed {failed}",

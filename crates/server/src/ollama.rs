@@ -549,8 +549,8 @@ fn parameter_size(n: u64) -> String {
 /// Every model the cluster can serve as (name, size, facts from its file,
 /// or from a member holding it), under the ids `/v1/models` uses.
 async fn listed(s: &AppState) -> Vec<(String, u64, Option<ModelFacts>)> {
-    let names = openai::servable(s).await;
     let entries = s.node.cluster_models().await;
+    let names = openai::servable_in(s, &entries);
     let node = s.node.clone();
     tokio::task::spawn_blocking(move || {
         let served = node.model_name().zip(node.model_path());

@@ -57,9 +57,13 @@ fn model_object(id: &str) -> Value {
 /// fine-tunes) and what only other members hold, each under its one id; a
 /// request naming another loads it.
 pub(crate) async fn servable(s: &AppState) -> Vec<String> {
-    let listed = s.node.cluster_models().await;
+    servable_in(s, &s.node.cluster_models().await)
+}
+
+/// [`servable`] from the cluster's listing `listed`.
+pub(crate) fn servable_in(s: &AppState, listed: &[hearth_runtime::ModelEntry]) -> Vec<String> {
     let mut ids: Vec<String> = served(s).into_iter().collect();
-    for m in listed {
+    for m in listed.iter().cloned() {
         if !m.download && !ids.contains(&m.name) {
             ids.push(m.name);
         }

@@ -2322,6 +2322,31 @@ async fn a_model_only_a_member_holds_is_listed_and_served_from_any_member() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["choices"][0]["message"]["content"], got);
     lone.shutdown().await;
+    // Switching to b's other model through a: both serve it, a again from
+    // what it received.
+    let r = post(app(), "/api/models/load", r#"{"model":"other"}"#).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let t0 = std::time::Instant::now();
+    while [&a, &b]
+        .iter()
+        .any(|n| n.node.placement().is_none_or(|p| p.model != "other"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never switched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = post(
+        app(),
+        "/v1/chat/completions",
+        &body.replace("tiny", "other"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        a.node
+            .model_path()
+            .unwrap()
+            .starts_with(dir.path().join("a").join("peers"))
+    );
     a.shutdown();
     b.shutdown();
 }

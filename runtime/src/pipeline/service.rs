@@ -58,6 +58,9 @@ struct Inner {
     loading: Mutex<Option<String>>,
     /// Members' catalogs, as last asked.
     catalogs: crate::sharing::CatalogCache,
+    /// Bumped by every load and unload: a model being received from
+    /// members under an older number is no longer wanted.
+    adopt_generation: std::sync::atomic::AtomicU64,
     /// The leader as this node sees it: only it orders placements.
     leader: watch::Receiver<NodeId>,
     /// Training stages run here for jobs coordinated anywhere.
@@ -111,6 +114,7 @@ impl Service {
                 source,
                 loading: Mutex::new(None),
                 catalogs: Default::default(),
+                adopt_generation: Default::default(),
                 leader,
                 train,
                 compute,
@@ -204,6 +208,11 @@ impl Service {
         Ok(())
     }
 
+    /// The model being loaded by name, if any.
+    pub(crate) fn loading(&self) -> Option<String> {
+        self.inner.loading.lock().ok().and_then(|l| l.clone())
+    }
+
     /// Frees the loading slot; a failure is told as an event.
     pub(crate) fn loading_ended(&self, name: &str, failure: Option<String>) {
         if let Some(reason) = failure {
@@ -216,6 +225,22 @@ impl Service {
         if let Ok(mut l) = self.inner.loading.lock() {
             *l = None;
         }
+    }
+
+    /// The number a model being received from members must still have to
+    /// be served.
+    pub(crate) fn adopt_generation(&self) -> u64 {
+        self.inner
+            .adopt_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Calls off receiving a model from members (a newer load or an
+    /// unload came); the loading slot frees within a poll.
+    pub(crate) fn cancel_adopt(&self) {
+        self.inner
+            .adopt_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Measured figures of this node and its members.
@@ -231,6 +256,7 @@ impl Service {
     /// Stops serving the model: its stages stop (failing what is in flight)
     /// and no placement is active here until a model is loaded again.
     pub(crate) fn unload_model(&self) {
+        self.cancel_adopt();
         let old = self.inner.model.write().ok().and_then(|mut m| m.take());
         self.inner.profiles.clear_model();
         let stages: Vec<Arc<LocalStage>> = match self.inner.stages.lock() {

@@ -496,6 +496,15 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
             .get(..8)
             .unwrap_or(&info.id)
     );
+    // A merged model needs every base tensor: a copy received from
+    // members gets the ones it lacks first.
+    if spec.merge
+        && let Err(e) = crate::sharing::complete(&ctx.service, &path, &content, None).await
+    {
+        return Err(TrainError::Stage(format!(
+            "cannot receive the base model's weights to merge into: {e}"
+        )));
+    }
     job.emit("info", "Writing the fine-tuned model", None);
     let models_dir = ctx.models_dir();
     let out = spec.output_dir.clone();
