@@ -461,9 +461,22 @@ pub fn pull_into(cache: &Path, r: &HubRef, progress: &mut dyn FnMut(PullEvent)) 
         progress(PullEvent::Done(joined.clone()));
         return Ok(joined);
     }
+    // Files already in `main`'s snapshot (a commit id names it) are kept.
+    let snap = (info.sha.len() == 40 && info.sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| cache.join(r.folder()).join("snapshots").join(&info.sha));
     let mut fetched = Vec::with_capacity(files.len());
     for f in &files {
-        fetched.push(download(&repo, r, cache, f, progress)?);
+        let kept = snap
+            .as_ref()
+            .map(|s| s.join(f))
+            .filter(|p| p.is_file() && verify(cache, p).is_ok());
+        match kept {
+            Some(p) => {
+                progress(PullEvent::Step(format!("{}/{f} is already here", r.repo)));
+                fetched.push(p);
+            }
+            None => fetched.push(download(&repo, r, cache, f, progress)?),
+        }
     }
     let Some(first) = fetched.first().cloned() else {
         return Err(ModelError::Pull(format!("{}: nothing to fetch", r.repo)));
@@ -690,14 +703,61 @@ pub fn list_in(cache: &Path) -> Vec<crate::store::ModelEntry> {
     out
 }
 
-/// Removes a repository from the hub cache `cache` (all its snapshots and
-/// blobs). Returns whether it was there.
+/// Removes a model from the hub cache `cache`: with a quantization
+/// (`ORG/NAME:QUANT`), only that quantization's GGUF files (in every
+/// snapshot) and the blobs no other file uses; without one, or once no
+/// GGUF is left, the whole repository. Returns whether it was there.
 pub fn remove_in(cache: &Path, r: &HubRef) -> Result<bool> {
     let dir = cache.join(r.folder());
     if !dir.is_dir() {
         return Ok(false);
     }
-    std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
+    let Some(quant) = &r.quant else {
+        std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
+        return Ok(true);
+    };
+    let snaps: Vec<PathBuf> = std::fs::read_dir(dir.join("snapshots"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    let mut removed = false;
+    let mut dropped_blobs = Vec::new();
+    for snap in &snaps {
+        for name in files_under(snap) {
+            if !(name.ends_with(".gguf") && names_quant(&name, quant)) {
+                continue;
+            }
+            let p = snap.join(&name);
+            // A cache file is a link to its blob: the blob may go too.
+            if let Ok(blob) = std::fs::canonicalize(&p) {
+                dropped_blobs.push(blob);
+            }
+            std::fs::remove_file(&p).map_err(|e| ModelError::io(&p, e))?;
+            removed = true;
+        }
+    }
+    if !removed {
+        return Ok(false);
+    }
+    let left: Vec<String> = snaps.iter().flat_map(|s| files_under(s)).collect();
+    if !left.iter().any(|n| n.ends_with(".gguf")) {
+        std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
+        return Ok(true);
+    }
+    let used: std::collections::HashSet<PathBuf> = snaps
+        .iter()
+        .flat_map(|s| {
+            files_under(s)
+                .into_iter()
+                .filter_map(|n| std::fs::canonicalize(s.join(n)).ok())
+        })
+        .collect();
+    let blobs = std::fs::canonicalize(dir.join("blobs")).ok();
+    for b in dropped_blobs {
+        // Only the repository's own blobs, and only when nothing uses them.
+        if !used.contains(&b) && blobs.as_ref().is_some_and(|d| b.starts_with(d)) {
+            std::fs::remove_file(&b).map_err(|e| ModelError::io(&b, e))?;
+        }
+    }
     Ok(true)
 }
 

@@ -64,6 +64,11 @@ const TEKKEN_TEMPLATE: &str = "{{- bos_token }}\
 /// symbols keep trailing newlines and slashes.
 const TEKKEN_RE: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// GPT-4o's (o200k) split, which Phi-4-mini's and Llama 4's GGUFs name
+/// (`gpt-4o`, `llama4`): case-aware letter runs with an optional
+/// contraction, numbers in threes.
+const GPT4O_RE: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// llama.cpp's pre-tokenizer regexes for a `tokenizer.ggml.pre` value.
 fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
     Some(match pre {
@@ -71,7 +76,9 @@ fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
             &[r"\p{N}", GPT2_RE]
         }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" => &[LLAMA3_RE],
+        // DBRX's tokenizer (Phi-4's GGUFs) splits as Llama 3's.
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => &[LLAMA3_RE],
+        "gpt-4o" | "llama4" => &[GPT4O_RE],
         "qwen2" | "deepseek-r1-qwen" => &[QWEN2_RE],
         "tekken" => &[TEKKEN_RE],
         _ => return None,
@@ -845,6 +852,59 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pieces `regexes` split `text` into (as byte-level BPE does,
+    /// before bytes are mapped).
+    fn pieces(regexes: &[&str], text: &str) -> Vec<String> {
+        use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut s = PreTokenizedString::from(text);
+        for re in regexes {
+            let split = Split::new(
+                SplitPattern::Regex((*re).to_string()),
+                tokenizers::SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .unwrap_or_else(|e| panic!("{re}: {e}"));
+            split.pre_tokenize(&mut s).unwrap_or_else(|e| panic!("{e}"));
+        }
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn phi4_and_llama4_pre_tokenizers_split_as_their_tokenizers_do() {
+        let gpt4o = pre_regexes("gpt-4o").unwrap_or_default();
+        assert_eq!(pre_regexes("llama4"), Some(gpt4o));
+        // Case-aware letter runs (Llama 3's split never breaks camelCase),
+        // contractions kept on their word, numbers in threes.
+        assert_eq!(
+            pieces(gpt4o, "camelCaseWord HTMLParser abcDEF I'm 12345"),
+            [
+                "camel",
+                "Case",
+                "Word",
+                " HTMLParser",
+                " abc",
+                "DEF",
+                " I'm",
+                " ",
+                "123",
+                "45"
+            ]
+        );
+        assert_eq!(
+            pieces(
+                pre_regexes("llama-bpe").unwrap_or_default(),
+                "camelCaseWord I'm 12345"
+            ),
+            ["camelCaseWord", " I", "'m", " ", "123", "45"]
+        );
+        // DBRX's tokenizer (Phi-4's) splits as Llama 3's.
+        assert_eq!(pre_regexes("dbrx"), pre_regexes("llama-bpe"));
+    }
 
     #[test]
     fn merges_rank_by_score_and_skip_pieces_longer_than_any_real_one() {

@@ -384,6 +384,7 @@ fn every_family_pipelines_across_the_gpu_and_the_cpu() -> Result<()> {
     let Some(gpu) = hearth_test_utils::gpu() else {
         return Ok(());
     };
+    let tmp = tempfile::tempdir()?;
     for name in [
         "llama3-rope",
         "qwen3",
@@ -394,9 +395,15 @@ fn every_family_pipelines_across_the_gpu_and_the_cpu() -> Result<()> {
         "phi3",
         "phi3-longrope",
     ] {
-        let dir = hearth_test_utils::workspace_root()
+        let fixture = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);
+        // Two-layer fixtures made four deep: every family in three stages.
+        let dir = if WeightFile::open(&fixture)?.config().num_hidden_layers < 3 {
+            hearth_test_utils::deepened_hf(&fixture, 4, &tmp.path().join(name))?
+        } else {
+            fixture
+        };
         let w = WeightFile::open(&dir)?;
         let n = w.config().num_hidden_layers;
         let spec = |start, end| StageSpec {
@@ -410,13 +417,18 @@ fn every_family_pipelines_across_the_gpu_and_the_cpu() -> Result<()> {
             Stage::load_gpu(gpu.clone(), &w, spec(0, n / 2), Precision::F32)?,
             Stage::load_gpu(gpu.clone(), &w, spec(n / 2, n), Precision::F32)?,
         ]];
-        if n >= 3 {
-            splits.push(vec![
-                Stage::load_gpu(gpu.clone(), &w, spec(0, 1), Precision::F32)?,
-                Stage::load(&w, spec(1, 2), Precision::F32)?,
-                Stage::load_gpu(gpu.clone(), &w, spec(2, n), Precision::F32)?,
-            ]);
-        }
+        assert!(n >= 3, "{name}: {n} layers");
+        splits.push(vec![
+            Stage::load_gpu(gpu.clone(), &w, spec(0, 1), Precision::F32)?,
+            Stage::load(&w, spec(1, 2), Precision::F32)?,
+            Stage::load_gpu(gpu.clone(), &w, spec(2, n), Precision::F32)?,
+        ]);
+        // Three stages, all on the GPU.
+        splits.push(vec![
+            Stage::load_gpu(gpu.clone(), &w, spec(0, 1), Precision::F32)?,
+            Stage::load_gpu(gpu.clone(), &w, spec(1, 2), Precision::F32)?,
+            Stage::load_gpu(gpu.clone(), &w, spec(2, n), Precision::F32)?,
+        ]);
         let ids: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % 64).collect();
         for stages in &splits {
             let mut cf = full.new_cache();
@@ -502,6 +514,84 @@ fn k_quants_stay_k_quants_on_the_gpu() -> Result<()> {
             "step {step}: the GPU's Q4_K_M differs from dequantized f32 by {d}"
         );
         input = vec![b.argmax(1)?.to_vec1::<u32>()?[0]];
+    }
+    Ok(())
+}
+
+/// Every family's llama.cpp-layout GGUF in Q8_0 (Phi-3's fused
+/// projections, Gemma's stored `1 + w` norms, Llama 3's `rope_freqs`) on
+/// the GPU, held quantized, whole and in two GPU stages: the CPU's logits.
+#[test]
+fn every_family_gguf_runs_quantized_on_the_gpu() -> Result<()> {
+    let Some(gpu) = hearth_test_utils::gpu() else {
+        return Ok(());
+    };
+    for name in [
+        "llama3-rope",
+        "qwen3",
+        "mistral-swa",
+        "qwen2-swa",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "phi3-longrope",
+    ] {
+        let path = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/llamacpp")
+            .join(name)
+            .join("model-Q8_0.gguf");
+        let w = WeightFile::open(&path)?;
+        let n = w.config().num_hidden_layers;
+        let spec = |start, end| StageSpec {
+            start,
+            end,
+            embed: start == 0,
+            head: end == n,
+        };
+        let cpu = Stage::load(&w, StageSpec::full(n), Precision::Quantized)?;
+        let splits = [
+            vec![Stage::load_gpu(
+                gpu.clone(),
+                &w,
+                StageSpec::full(n),
+                Precision::Quantized,
+            )?],
+            vec![
+                Stage::load_gpu(gpu.clone(), &w, spec(0, n / 2), Precision::Quantized)?,
+                Stage::load_gpu(gpu.clone(), &w, spec(n / 2, n), Precision::Quantized)?,
+            ],
+        ];
+        let vocab = w.config().vocab_size as u32;
+        let ids: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % vocab).collect();
+        for stages in &splits {
+            let mut cc = cpu.new_cache();
+            let mut cs: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
+            let mut input = ids.clone();
+            for step in 0..4 {
+                let len = input.len();
+                let want = cpu.forward(
+                    StageInput::Tokens(input.clone()),
+                    &[len],
+                    &mut [&mut cc],
+                    Logits::Last,
+                )?;
+                let mut x = StageInput::Tokens(input.clone());
+                for (st, c) in stages.iter().zip(cs.iter_mut()) {
+                    x = StageInput::Hidden(st.forward(x, &[len], &mut [c], Logits::Last)?);
+                }
+                let StageInput::Hidden(got) = x else {
+                    anyhow::bail!("no output");
+                };
+                let d = rel_diff(&got, &want)?;
+                assert!(
+                    d < QUANTIZED_TOL,
+                    "{name} {} stage(s) step {step}: logits differ by {d}",
+                    stages.len()
+                );
+                // Both go on with the CPU's greedy token.
+                input = vec![want.argmax(1)?.to_vec1::<u32>()?[0]];
+            }
+        }
     }
     Ok(())
 }

@@ -1031,13 +1031,22 @@ fn cuts(n: usize) -> Vec<Vec<StageSpec>> {
 /// LongRoPE's original context, then decode steps, on both paths.
 #[test]
 fn every_family_pipelines_into_any_number_of_stages() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
     for name in FAMILIES {
-        let dir = hearth_test_utils::workspace_root()
+        let fixture = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);
+        // Fixtures of two layers are made four deep (their layers
+        // repeated) so that every family is cut into three stages too.
+        let dir = if WeightFile::open(&fixture)?.config().num_hidden_layers < 3 {
+            hearth_test_utils::deepened_hf(&fixture, 4, &tmp.path().join(name))?
+        } else {
+            fixture.clone()
+        };
         let w = WeightFile::open(&dir)?;
-        let (ids, _) = transformers_logits(&dir)?;
+        let (ids, _) = transformers_logits(&fixture)?;
         let n = w.config().num_hidden_layers;
+        assert!(n >= 3, "{name}: {n} layers cannot be cut in three");
         for precision in [Precision::F32, Precision::Quantized] {
             let full = Stage::load(&w, StageSpec::full(n), precision)?;
             for cut in cuts(n).into_iter().skip(1) {

@@ -814,3 +814,115 @@ fn a_phi3_lora_is_written_as_peft_saves_it_for_fused_projections() {
         assert_eq!(num(&ours[k]), num(&theirs[k]), "{k}");
     }
 }
+
+/// Every family's full fine-tune split into two stages (the first stage's
+/// input gradient fed back from the second) gives the loss and every
+/// parameter's gradient of the whole model in one stage, in f64 (a tied
+/// embedding's two halves summed, as partner stages sum them).
+#[test]
+fn every_family_trains_split_into_two_stages_as_in_one() {
+    for name in [
+        "llama3-rope",
+        "qwen3",
+        "mistral-swa",
+        "qwen2-swa",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "phi3-longrope",
+    ] {
+        let dir = hearth_test_utils::workspace_root()
+            .join("tests/fixtures/hf")
+            .join(name);
+        let w = WeightFile::open(&dir).unwrap();
+        let n = w.config().num_hidden_layers;
+        let o = opts(Method::Full, DType::F64);
+        let whole = TrainStage::load(&w, StageSpec::full(n), &o).unwrap();
+        let cut = n / 2;
+        let first = TrainStage::load(
+            &w,
+            StageSpec {
+                start: 0,
+                end: cut,
+                embed: true,
+                head: false,
+            },
+            &o,
+        )
+        .unwrap();
+        let second = TrainStage::load(
+            &w,
+            StageSpec {
+                start: cut,
+                end: n,
+                embed: false,
+                head: true,
+            },
+            &o,
+        )
+        .unwrap();
+        let ids: Vec<u32> = (0..16u32)
+            .map(|i| (11 * i + 5) % w.config().vocab_size as u32)
+            .collect();
+        let len = ids.len();
+        let labels: Vec<u32> = (0..len)
+            .map(|i| ids.get(i + 1).copied().unwrap_or(IGNORE))
+            .collect();
+        let layout = BatchLayout::new(1, len, vec![1; len]).unwrap();
+        let loss = || Upstream::Loss {
+            labels: &labels,
+            scale: 1.0,
+        };
+        let tokens = TrainInput::Tokens(ids.clone());
+        let want = whole
+            .backward(&tokens, &layout, &DropCtx::eval(), loss())
+            .unwrap();
+        let h = first.forward(&tokens, &layout, &DropCtx::eval()).unwrap();
+        let late = second
+            .backward(
+                &TrainInput::Hidden(h.detach()),
+                &layout,
+                &DropCtx::eval(),
+                loss(),
+            )
+            .unwrap();
+        let g = late.input_grad.clone().unwrap();
+        let early = first
+            .backward(&tokens, &layout, &DropCtx::eval(), Upstream::Grad(&g))
+            .unwrap();
+        let (a, b) = (want.loss_sum.unwrap(), late.loss_sum.unwrap());
+        assert!((a - b).abs() <= 1e-9 * a.abs(), "{name}: loss {b} vs {a}");
+        // Each parameter's gradient, summed over the stages that hold it.
+        let mut split: std::collections::HashMap<String, Tensor> = Default::default();
+        for (stage, back) in [(&first, &early), (&second, &late)] {
+            for ((pname, _), grad) in stage.trainables().iter().zip(&back.grads) {
+                let grad = grad.clone().unwrap();
+                let sum = match split.remove(pname) {
+                    Some(g) => (g + grad).unwrap(),
+                    None => grad,
+                };
+                split.insert(pname.clone(), sum);
+            }
+        }
+        assert_eq!(split.len(), whole.trainables().len(), "{name}: parameters");
+        for ((pname, _), grad) in whole.trainables().iter().zip(&want.grads) {
+            let want = grad.as_ref().unwrap();
+            let got = split
+                .get(pname)
+                .unwrap_or_else(|| panic!("{name}: {pname} has no gradient when split"));
+            let max64 = |t: &Tensor| -> f64 {
+                t.abs()
+                    .and_then(|t| t.max_all())
+                    .and_then(|t| t.to_dtype(DType::F64))
+                    .and_then(|t| t.to_scalar::<f64>())
+                    .unwrap()
+            };
+            let scale = max64(want).max(1e-12);
+            let diff = max64(&(got - want).unwrap());
+            assert!(
+                diff <= 1e-9 * scale,
+                "{name} {pname}: split gradients differ by {diff} (largest {scale})"
+            );
+        }
+    }
+}

@@ -686,5 +686,22 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
     let (early, late) = (mean(&losses[..8]), mean(&losses[losses.len() - 8..]));
     assert!(late < early / 3.0, "{losses:?}");
+    // The validation file's loss, reported when the job ended: the trained
+    // model knows those examples far better than it did at the start.
+    assert!(
+        got["validation_file"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("file-")),
+        "{got}"
+    );
+    let valid = got["validation_loss"].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        valid.is_finite() && valid > 0.0 && valid < early / 3.0,
+        "{got}"
+    );
+    assert_eq!(got["full_valid_loss"][0].as_f64(), Some(valid), "{got}");
+    // The fine-tune is listed among the models the cluster serves.
+    let models = got["models"].as_array().cloned().unwrap_or_default();
+    assert!(models.contains(&got["fine_tuned_model"]), "{got}");
     Ok(())
 }

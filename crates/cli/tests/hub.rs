@@ -132,6 +132,22 @@ fn gguf_quantizations_resume_gating_and_rm() -> Result<()> {
     });
     assert!(resumed, "no request resumed past byte 0: {bodies:?}");
 
+    // Pulled again: nothing is fetched twice.
+    let fetched = |hub: &HubMock| {
+        hub.requests()
+            .into_iter()
+            .filter(|(p, r)| p.ends_with("tiny-Q8_0.gguf") && r.as_deref() != Some("bytes=0-0"))
+            .count()
+    };
+    let before = fetched(&hub);
+    ok(&hearth(
+        &["models", "pull", "acme/tiny-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )?);
+    assert_eq!(fetched(&hub), before, "the file was downloaded again");
+
     // It is listed and it runs under the id it was pulled by.
     let list = ok(&hearth(&["models", "list"], &home, &hub, None)?);
     assert!(list.contains("acme/tiny-GGUF:Q8_0"), "{list}");
@@ -186,6 +202,44 @@ fn gguf_quantizations_resume_gating_and_rm() -> Result<()> {
     assert!(path.contains(&moved.commit), "{entry}");
     assert_eq!(read(Path::new(path)), q41);
 
+    // rm of one quantization takes only its files (and the blobs nothing
+    // else uses) out; here Q4_1's file shares its blob with the new Q8_0.
+    ok(&hearth(
+        &["models", "pull", "acme/tiny-GGUF:Q4_1"],
+        &home,
+        &hub,
+        None,
+    )?);
+    let snapshot = Path::new(path)
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
+    let other: Vec<String> = std::fs::read_dir(&snapshot)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".gguf") && !n.contains("Q8_0"))
+        .collect();
+    assert!(
+        !other.is_empty(),
+        "another quantization stays in the snapshot"
+    );
+    let blobs =
+        || std::fs::read_dir(cache.join("models--acme--tiny-GGUF/blobs")).map(|d| d.count());
+    let before = blobs()?;
+    ok(&hearth(
+        &["models", "rm", "acme/tiny-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )?);
+    assert!(!Path::new(path).exists(), "the Q8_0 file is gone");
+    for n in &other {
+        assert!(snapshot.join(n).exists(), "{n} was kept");
+        assert!(!read(&snapshot.join(n)).is_empty());
+    }
+    assert!(blobs()? < before, "the Q8_0 blob went with it");
+    let list = ok(&hearth(&["models", "list", "--json"], &home, &hub, None)?);
+    assert!(!list.contains("acme/tiny-GGUF:Q8_0"), "{list}");
     // rm takes the repository out of the cache.
     ok(&hearth(
         &["models", "rm", "acme/tiny-GGUF"],

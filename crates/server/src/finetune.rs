@@ -288,12 +288,10 @@ pub(crate) async fn delete_file(State(s): State<AppState>, Path(id): Path<String
     if stored_file(&s, &id).is_none() {
         return not_found("file", &id);
     }
-    let user = s
-        .node
-        .jobs()
-        .iter()
-        .filter_map(|j| j.info())
-        .find(|i| !i.state.done() && training_file_of(i) == id);
+    let user = s.node.jobs().iter().filter_map(|j| j.info()).find(|i| {
+        !i.state.done()
+            && (training_file_of(i) == id || validation_file_of(i).as_deref() == Some(&id))
+    });
     if let Some(job) = user {
         return api_error(
             StatusCode::CONFLICT,
@@ -438,7 +436,7 @@ fn job_object(i: &JobInfo, training_file: &str) -> Value {
         "organization_id": "hearth",
         "result_files": [],
         "status": status,
-        "validation_file": null,
+        "validation_file": validation_file_of(i),
         "training_file": training_file,
         "hyperparameters": hyper,
         "trained_tokens": (i.state == JobState::Succeeded).then_some(i.trained_tokens),
@@ -452,8 +450,18 @@ fn job_object(i: &JobInfo, training_file: &str) -> Value {
             "step": i.step, "total_steps": i.total_steps, "loss": i.loss,
             "tokens_per_s": i.tokens_per_s, "stages": i.stages,
             "ideal_bubble": i.ideal_bubble, "output_dir": i.output_dir,
+            "validation_loss": i.validation_loss,
         },
     })
+}
+
+/// The validation file's id, if the job has one.
+fn validation_file_of(i: &JobInfo) -> Option<String> {
+    i.spec
+        .validation
+        .as_ref()
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
 }
 
 fn training_file_of(i: &JobInfo) -> String {
@@ -469,12 +477,6 @@ pub(crate) async fn create(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<CreateJob>,
 ) -> Response {
-    if req.validation_file.is_some() {
-        return bad_request(
-            "validation files are not supported yet".into(),
-            Some("validation_file"),
-        );
-    }
     if !valid_id(&req.training_file, "file-") {
         return bad_request(
             format!("training_file {:?} is not a file id", req.training_file),
@@ -526,6 +528,45 @@ pub(crate) async fn create(
             );
         }
     };
+    if let Some(v) = &req.validation_file {
+        if !valid_id(v, "file-") {
+            return bad_request(
+                format!("validation_file {v:?} is not a file id"),
+                Some("validation_file"),
+            );
+        }
+        let path = files_dir(&s).join(format!("{v}.jsonl"));
+        let counted = {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || count_examples(&p))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+        };
+        match counted {
+            Ok(n) if n > 0 => {
+                doc.insert("validation".into(), json!(path));
+            }
+            Ok(_) => {
+                return bad_request(
+                    format!("validation_file {v:?} holds no examples"),
+                    Some("validation_file"),
+                );
+            }
+            Err(e) if !path.is_file() => {
+                return bad_request(
+                    format!("no file {v:?} (upload it with POST /v1/files): {e}"),
+                    Some("validation_file"),
+                );
+            }
+            Err(e) => {
+                return bad_request(
+                    format!("reading the validation file: {e}"),
+                    Some("validation_file"),
+                );
+            }
+        }
+    }
     let (epochs, batch) = auto_hyperparameters(examples);
     doc.insert("epochs".into(), json!(Auto::or(&hyper.n_epochs, epochs)));
     doc.insert(
@@ -543,7 +584,7 @@ pub(crate) async fn create(
         doc.insert("seed".into(), json!(x));
     }
     for (k, v) in req.hearth.unwrap_or_default() {
-        if matches!(k.as_str(), "data" | "output_dir" | "model") {
+        if matches!(k.as_str(), "data" | "output_dir" | "model" | "validation") {
             return bad_request(format!("hearth.{k} cannot be set"), Some("hearth"));
         }
         doc.insert(k, v);

@@ -270,6 +270,7 @@ pub fn document(auth: bool) -> Value {
         "type": "object", "required": ["model", "training_file"],
         "properties": {
             "model": {"type": "string"}, "training_file": {"type": "string"},
+            "validation_file": {"type": "string", "description": "A file of held-out examples: the trained model's loss on them is reported when the job ends"},
             "suffix": {"type": "string"}, "seed": {"type": "integer", "minimum": 0},
             "hyperparameters": {"type": "object", "properties": {
                 "n_epochs": auto("integer"), "batch_size": auto("integer"),

@@ -894,3 +894,61 @@ pub fn split_gguf(src: &Path, dir: &Path, base: &str, parts: usize) -> Result<Ve
     );
     Ok(out)
 }
+
+/// A copy of the Hugging Face model folder `dir` (one `model.safetensors`)
+/// made `layers` deep, written under `out`: layer `i` is a copy of layer
+/// `i % n`, and the config's `num_hidden_layers` and `layer_types` follow
+/// (the types repeat). The copy is a model of the same family with enough
+/// layers to cut in three; pipelines over it are compared with itself.
+pub fn deepened_hf(dir: &Path, layers: usize, out: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(out)?;
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        match name.as_deref() {
+            Some("config.json" | "model.safetensors") | None => {}
+            Some(n) if p.is_file() => {
+                std::fs::copy(&p, out.join(n))?;
+            }
+            Some(_) => {}
+        }
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    let n = config["num_hidden_layers"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no num_hidden_layers"))? as usize;
+    config["num_hidden_layers"] = layers.into();
+    if let Some(types) = config["layer_types"].as_array().cloned()
+        && !types.is_empty()
+    {
+        let t: Vec<serde_json::Value> = (0..layers)
+            .map(|i| types[i % types.len()].clone())
+            .collect();
+        config["layer_types"] = t.into();
+    }
+    std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)?;
+    let mut deep = std::collections::HashMap::new();
+    for (name, t) in tensors {
+        let layer = name
+            .split_once(".layers.")
+            .and_then(|(pre, rest)| rest.split_once('.').map(|(i, post)| (pre, i, post)))
+            .and_then(|(pre, i, post)| {
+                Some((pre.to_string(), i.parse::<usize>().ok()?, post.to_string()))
+            });
+        match layer {
+            Some((pre, i, post)) => {
+                for j in (i..layers).step_by(n) {
+                    deep.insert(format!("{pre}.layers.{j}.{post}"), t.clone());
+                }
+            }
+            None => {
+                deep.insert(name, t);
+            }
+        }
+    }
+    candle_core::safetensors::save(&deep, out.join("model.safetensors"))?;
+    Ok(out.to_path_buf())
+}

@@ -85,7 +85,11 @@ fn device_bytes(q: &QTensor) -> Result<(Format, Vec<u8>)> {
         GgmlDType::Q4K => stored(Format::Q4K)?,
         GgmlDType::Q5K => stored(Format::Q5K)?,
         GgmlDType::Q6K => stored(Format::Q6K)?,
-        _ => {
+        other => {
+            tracing::warn!(
+                dtype = ?other,
+                "wgpu has no kernel for this tensor type: held as f32 on the device"
+            );
             let v = q
                 .dequantize(&Device::Cpu)?
                 .flatten_all()?

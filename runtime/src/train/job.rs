@@ -114,6 +114,10 @@ pub struct JobInfo {
     pub stages: Vec<JobStage>,
     /// (p−1)/(m+p−1) of the current placement.
     pub ideal_bubble: Option<f64>,
+    /// Mean loss per target token of the trained model on the validation
+    /// examples, once the job ended (with a validation file).
+    #[serde(default)]
+    pub validation_loss: Option<f64>,
     pub spec: JobSpec,
     pub output_dir: PathBuf,
 }
@@ -164,6 +168,7 @@ impl JobHandle {
                 tokens_per_s: None,
                 stages: Vec::new(),
                 ideal_bubble: None,
+                validation_loss: None,
                 output_dir: spec.output_dir.clone(),
                 spec,
             }),
@@ -318,6 +323,8 @@ impl JobHandle {
 /// The job's data, tokenized.
 struct Data {
     examples: Vec<Tokenized>,
+    /// The validation examples (with a validation file).
+    validation: Vec<Tokenized>,
     base: WeightFile,
 }
 
@@ -366,8 +373,9 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         format!("Validating training file {}", spec.data.display()),
         None,
     );
-    let data = {
+    let mut data = {
         let (path, file, seq_len) = (path.clone(), spec.data.clone(), spec.seq_len);
+        let valid = spec.validation.clone();
         let template = ctx.service.chat_template().map(str::to_string);
         tokio::task::spawn_blocking(move || -> Result<Data, String> {
             let base = WeightFile::open(&path).map_err(|e| e.to_string())?;
@@ -378,7 +386,20 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
             // Rows never outgrow the model's context.
             let seq_len = seq_len.min(text.context_length());
             let examples = load_jsonl(&text, &raw, seq_len).map_err(|e| e.to_string())?;
-            Ok(Data { examples, base })
+            let validation = match &valid {
+                Some(file) => {
+                    let raw = std::fs::read_to_string(file)
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    load_jsonl(&text, &raw, seq_len)
+                        .map_err(|e| format!("the validation file: {e}"))?
+                }
+                None => Vec::new(),
+            };
+            Ok(Data {
+                examples,
+                validation,
+                base,
+            })
         })
         .await
         .map_err(|e| TrainError::Stage(e.to_string()))?
@@ -496,14 +517,41 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
             .get(..8)
             .unwrap_or(&info.id)
     );
-    // A merged model needs every base tensor: a copy received from
-    // members gets the ones it lacks first.
-    if spec.merge
+    // A merged model and the validation pass need every base tensor: a
+    // copy received from members gets the ones it lacks first.
+    if (spec.merge || !data.validation.is_empty())
         && let Err(e) = crate::sharing::complete(&ctx.service, &path, &content, None).await
     {
         return Err(TrainError::Stage(format!(
             "cannot receive the base model's weights to merge into: {e}"
         )));
+    }
+    if !data.validation.is_empty() {
+        job.emit(
+            "info",
+            format!(
+                "Evaluating the trained model on {} validation examples",
+                data.validation.len()
+            ),
+            None,
+        );
+        let (base, m, st, valid) = (
+            WeightFile::open(&path)?,
+            method.clone(),
+            final_state.clone(),
+            std::mem::take(&mut data.validation),
+        );
+        let seq_len = spec.seq_len;
+        let (loss, targets) =
+            tokio::task::spawn_blocking(move || validation_loss(&base, &m, &st, &valid, seq_len))
+                .await
+                .map_err(|e| TrainError::Stage(e.to_string()))??;
+        job.update(|i| i.validation_loss = Some(loss));
+        job.emit(
+            "info",
+            format!("Validation loss {loss:.4} over {targets} target tokens"),
+            Some(json!({"step": total, "full_valid_loss": loss, "valid_targets": targets})),
+        );
     }
     job.emit("info", "Writing the fine-tuned model", None);
     let models_dir = ctx.models_dir();
@@ -541,6 +589,64 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
     job.finish(JobState::Succeeded, None);
     job.emit("info", "The job has successfully completed", None);
     Ok(())
+}
+
+/// The mean loss per target token of the base model with the trained
+/// `state` on `examples`, one at a time on the whole model here. Blocking.
+fn validation_loss(
+    base: &WeightFile,
+    method: &Method,
+    state: &Checkpoint,
+    examples: &[Tokenized],
+    seq_len: usize,
+) -> Result<(f64, usize), TrainError> {
+    use hearth_models::train::{DropCtx, TrainInput, TrainOptions, TrainStage};
+    let layers = base.config().num_hidden_layers;
+    let stage = TrainStage::load(
+        base,
+        hearth_models::StageSpec::full(layers),
+        &TrainOptions {
+            method: method.clone(),
+            dtype: candle_core::DType::F32,
+            seed: 0,
+        },
+    )?;
+    for (name, t) in state
+        .tensors
+        .iter()
+        .filter(|(n, _)| !n.starts_with("optimizer."))
+    {
+        stage.set(name, t)?;
+    }
+    let one = Batching {
+        batch_size: 1,
+        micro_batches: 1,
+        pack: false,
+        seq_len,
+        seed: 0,
+    };
+    let (mut sum, mut targets) = (0f64, 0usize);
+    for i in 0..examples.len() {
+        for mb in one.micro_batches(examples, &[i])? {
+            let logits = stage.forward(
+                &TrainInput::Tokens(mb.tokens.clone()),
+                &mb.layout,
+                &DropCtx::eval(),
+            )?;
+            let (s, n) = hearth_models::train::loss_sum(&logits, &mb.labels)?;
+            sum += s
+                .to_dtype(candle_core::DType::F64)
+                .and_then(|s| s.to_scalar::<f64>())
+                .map_err(hearth_models::ModelError::from)?;
+            targets += n;
+        }
+    }
+    if targets == 0 {
+        return Err(TrainError::Stage(
+            "the validation examples have no assistant tokens to score".into(),
+        ));
+    }
+    Ok((sum / targets as f64, targets))
 }
 
 fn sanitize(s: &str) -> String {

@@ -19,6 +19,10 @@ pub struct JobSpec {
     pub model: String,
     /// JSONL on this node.
     pub data: PathBuf,
+    /// Held-out examples (the same JSONL format): the trained model's mean
+    /// loss on them is reported when the job ends (`validation_loss`).
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
     #[serde(default)]
     pub method: MethodSpec,
     /// Passes over the data (ignored when `steps` is set).
