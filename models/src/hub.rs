@@ -481,6 +481,14 @@ pub fn pull_into(cache: &Path, r: &HubRef, progress: &mut dyn FnMut(PullEvent)) 
     let Some(first) = fetched.first().cloned() else {
         return Err(ModelError::Pull(format!("{}: nothing to fetch", r.repo)));
     };
+    // `main` is the snapshot the files came from, fetched or kept.
+    if let Some(snap) = &snap
+        && let Some(name) = snap.file_name()
+    {
+        let refs = cache.join(r.folder()).join("refs");
+        let _ = std::fs::create_dir_all(&refs);
+        let _ = crate::durable::write(&refs.join("main"), name.to_string_lossy().as_bytes());
+    }
     let out = if folder {
         first
             .parent()
@@ -704,9 +712,11 @@ pub fn list_in(cache: &Path) -> Vec<crate::store::ModelEntry> {
 }
 
 /// Removes a model from the hub cache `cache`: with a quantization
-/// (`ORG/NAME:QUANT`), only that quantization's GGUF files (in every
-/// snapshot) and the blobs no other file uses; without one, or once no
-/// GGUF is left, the whole repository. Returns whether it was there.
+/// (`ORG/NAME:QUANT`), only the GGUF files whose quantization tag is that
+/// one (in every snapshot; split parts and the file they were joined
+/// into) and the blobs no other file uses, the repository going too once
+/// it holds no model file; without one, the whole repository. Links are
+/// never followed out of the repository. Returns whether it was there.
 pub fn remove_in(cache: &Path, r: &HubRef) -> Result<bool> {
     let dir = cache.join(r.folder());
     if !dir.is_dir() {
@@ -716,45 +726,62 @@ pub fn remove_in(cache: &Path, r: &HubRef) -> Result<bool> {
         std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
         return Ok(true);
     };
-    let snaps: Vec<PathBuf> = std::fs::read_dir(dir.join("snapshots"))
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    let mut removed = false;
-    let mut dropped_blobs = Vec::new();
-    for snap in &snaps {
-        for name in files_under(snap) {
-            if !(name.ends_with(".gguf") && names_quant(&name, quant)) {
-                continue;
+    let root = std::fs::canonicalize(&dir).map_err(|e| ModelError::io(&dir, e))?;
+    // Every file (or link to a blob) in the snapshots, without following a
+    // linked folder.
+    fn walk(d: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() && depth < 4 {
+                walk(&e.path(), depth + 1, out);
+            } else if t.is_file() || t.is_symlink() {
+                out.push(e.path());
             }
-            let p = snap.join(&name);
-            // A cache file is a link to its blob: the blob may go too.
-            if let Ok(blob) = std::fs::canonicalize(&p) {
-                dropped_blobs.push(blob);
-            }
-            std::fs::remove_file(&p).map_err(|e| ModelError::io(&p, e))?;
-            removed = true;
         }
     }
-    if !removed {
+    let mut files = Vec::new();
+    walk(&dir.join("snapshots"), 0, &mut files);
+    let is_quant = |p: &Path| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        name.as_deref().is_some_and(|n| {
+            n.ends_with(".gguf") && quant_tag(n).is_some_and(|t| t.eq_ignore_ascii_case(quant))
+        })
+    };
+    let (gone, kept): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| is_quant(p));
+    if gone.is_empty() {
         return Ok(false);
     }
-    let left: Vec<String> = snaps.iter().flat_map(|s| files_under(s)).collect();
-    if !left.iter().any(|n| n.ends_with(".gguf")) {
+    let mut dropped_blobs = Vec::new();
+    for p in &gone {
+        // Inside the repository (its folder, not a linked one elsewhere).
+        let parent = p.parent().and_then(|d| std::fs::canonicalize(d).ok());
+        if !parent.is_some_and(|d| d.starts_with(&root)) {
+            continue;
+        }
+        if let Ok(blob) = std::fs::canonicalize(p) {
+            dropped_blobs.push(blob);
+        }
+        std::fs::remove_file(p).map_err(|e| ModelError::io(p, e))?;
+    }
+    let model_left = kept.iter().any(|p| {
+        p.extension()
+            .is_some_and(|x| x == "gguf" || x == "safetensors")
+    });
+    if !model_left {
         std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
         return Ok(true);
     }
-    let used: std::collections::HashSet<PathBuf> = snaps
+    let used: std::collections::HashSet<PathBuf> = kept
         .iter()
-        .flat_map(|s| {
-            files_under(s)
-                .into_iter()
-                .filter_map(|n| std::fs::canonicalize(s.join(n)).ok())
-        })
+        .filter_map(|p| std::fs::canonicalize(p).ok())
         .collect();
-    let blobs = std::fs::canonicalize(dir.join("blobs")).ok();
+    let blobs = root.join("blobs");
     for b in dropped_blobs {
         // Only the repository's own blobs, and only when nothing uses them.
-        if !used.contains(&b) && blobs.as_ref().is_some_and(|d| b.starts_with(d)) {
+        if !used.contains(&b) && b.starts_with(&blobs) {
             std::fs::remove_file(&b).map_err(|e| ModelError::io(&b, e))?;
         }
     }
@@ -947,8 +974,27 @@ mod tests {
         // Listed once per quantization, under the id that loads it.
         let listed: Vec<String> = list_in(dir.path()).into_iter().map(|m| m.name).collect();
         assert_eq!(listed, ["acme/tiny-GGUF:Q4_0", "acme/tiny-GGUF:Q8_0"]);
+        // One quantization goes; the other stays, listed alone.
         assert!(remove_in(dir.path(), &r).unwrap());
-        assert!(!root.exists());
         assert!(!remove_in(dir.path(), &r).unwrap());
+        let listed: Vec<String> = list_in(dir.path()).into_iter().map(|m| m.name).collect();
+        assert_eq!(listed, ["acme/tiny-GGUF:Q4_0"]);
+        // A tag that only part of a name matches removes nothing.
+        for loose in [
+            "acme/tiny-GGUF:0",
+            "acme/tiny-GGUF:Q4",
+            "acme/tiny-GGUF:gguf",
+        ] {
+            assert!(!remove_in(dir.path(), &HubRef::parse(loose).unwrap()).unwrap());
+        }
+        assert!(root.join("snapshots/aaaa/t-Q4_0.gguf").exists());
+        // The last quantization takes the repository with it.
+        assert!(remove_in(dir.path(), &HubRef::parse("acme/tiny-GGUF:Q4_0").unwrap()).unwrap());
+        assert!(!root.exists());
+        // Without a quantization: the whole repository.
+        std::fs::create_dir_all(root.join("snapshots/aaaa")).unwrap();
+        std::fs::write(root.join("snapshots/aaaa/t-Q8_0.gguf"), "x").unwrap();
+        assert!(remove_in(dir.path(), &HubRef::parse("acme/tiny-GGUF").unwrap()).unwrap());
+        assert!(!root.exists());
     }
 }

@@ -359,11 +359,13 @@ fn tekken(path: &Path) -> Result<(tokenizers::Tokenizer, Vec<String>, &'static s
     Ok((tok, specials, template))
 }
 
-/// A gpt2-style byte-level BPE with llama.cpp's pre-tokenizer `regexes`.
+/// A gpt2-style byte-level BPE with llama.cpp's pre-tokenizer `regexes`
+/// (`ignore_merges`: a piece in the vocabulary is taken whole).
 fn byte_level_bpe(
     tokens: &[String],
     merges: Vec<String>,
     regexes: &[&str],
+    ignore_merges: bool,
 ) -> Result<tokenizers::Tokenizer> {
     let merges: Vec<(String, String)> = merges
         .into_iter()
@@ -380,7 +382,7 @@ fn byte_level_bpe(
         .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
-        .ignore_merges(regexes == [LLAMA3_RE])
+        .ignore_merges(ignore_merges)
         .build()
         .map_err(tok_err)?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
@@ -599,7 +601,11 @@ impl Tokenizer {
         let mut inner = match model {
             "gpt2" => {
                 let regexes = pre_regexes(pre).ok_or_else(unsupported)?;
-                byte_level_bpe(&tokens, strings("tokenizer.ggml.merges")?, regexes)?
+                // As llama.cpp: whole-word vocabulary entries win over
+                // merges for Llama 3's tokenizer only (not DBRX's or
+                // Smaug's, which share its split).
+                let ignore = matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "falcon3");
+                byte_level_bpe(&tokens, strings("tokenizer.ggml.merges")?, regexes, ignore)?
             }
             "llama" => {
                 let scores: Vec<f64> = match m.get("tokenizer.ggml.scores") {

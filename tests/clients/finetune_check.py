@@ -53,6 +53,12 @@ while True:
         break
     time.sleep(2)
 events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+checkpoints = [
+    {"step": c.step_number, "model": c.fine_tuned_model_checkpoint,
+     "train_loss": c.metrics.train_loss if c.metrics else None,
+     "path": (c.model_extra or {}).get("hearth", {}).get("path")}
+    for c in client.fine_tuning.jobs.checkpoints.list(job.id).data
+]
 listed = [j.id for j in client.fine_tuning.jobs.list().data]
 files_listed = [f.id for f in client.files.list().data]
 with open(data_path, "rb") as f:
@@ -73,6 +79,7 @@ out = {
     "losses": [e.data["train_loss"] for e in events if e.type == "metrics" and "train_loss" in (e.data or {})],
     "full_valid_loss": [e.data["full_valid_loss"] for e in events if "full_valid_loss" in (e.data or {})],
     "validation_file": job.validation_file,
+    "checkpoints": checkpoints,
     "validation_loss": (job.model_extra or {}).get("hearth", {}).get("validation_loss"),
     "stages": (job.model_extra or {}).get("hearth", {}).get("stages", []),
     "before": before.choices[0].message.content,

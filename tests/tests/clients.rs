@@ -700,6 +700,23 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
         "{got}"
     );
     assert_eq!(got["full_valid_loss"][0].as_f64(), Some(valid), "{got}");
+    // A checkpoint kept at each epoch's end (3 epochs of 32 steps), newest
+    // first, each an adapter on disk.
+    let kept = got["checkpoints"].as_array().cloned().unwrap_or_default();
+    let steps: Vec<u64> = kept.iter().filter_map(|c| c["step"].as_u64()).collect();
+    assert_eq!(steps, [96, 64, 32], "{got}");
+    for c in &kept {
+        let step = c["step"].as_u64().unwrap_or_default();
+        let model = c["model"].as_str().unwrap_or_default();
+        let ft = got["fine_tuned_model"].as_str().unwrap_or_default();
+        assert_eq!(model, format!("{ft}:ckpt-step-{step}"), "{c}");
+        assert!(c["train_loss"].as_f64().is_some_and(f64::is_finite), "{c}");
+        let dir = std::path::Path::new(c["path"].as_str().unwrap_or_default());
+        assert!(
+            dir.join("adapter/adapter_model.safetensors").is_file(),
+            "{c}"
+        );
+    }
     // The fine-tune is listed among the models the cluster serves.
     let models = got["models"].as_array().cloned().unwrap_or_default();
     assert!(models.contains(&got["fine_tuned_model"]), "{got}");

@@ -32,10 +32,18 @@ pub fn read_job(path: &Path) -> Result<JobSpec> {
     let mut spec: JobSpec =
         toml::from_str(&text).with_context(|| format!("{} is not a job file", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    for p in [&mut spec.data, &mut spec.output_dir] {
+    for p in [&mut spec.data, &mut spec.output_dir]
+        .into_iter()
+        .chain(spec.validation.as_mut())
+    {
         if p.is_relative() {
             *p = base.join(&*p);
         }
+    }
+    if let Some(v) = &spec.validation
+        && !v.is_file()
+    {
+        bail!("no validation data at {}", v.display());
     }
     spec.check().map_err(anyhow::Error::msg)?;
     Ok(spec)

@@ -544,6 +544,15 @@ pub(crate) async fn create(
                 .and_then(|r| r)
         };
         match counted {
+            Ok(n) if n > hearth_runtime::train::job::MAX_VALIDATION_EXAMPLES => {
+                return bad_request(
+                    format!(
+                        "validation_file {v:?} holds {n} examples (at most {})",
+                        hearth_runtime::train::job::MAX_VALIDATION_EXAMPLES
+                    ),
+                    Some("validation_file"),
+                );
+            }
             Ok(n) if n > 0 => {
                 doc.insert("validation".into(), json!(path));
             }
@@ -642,6 +651,44 @@ pub(crate) async fn events(State(s): State<AppState>, Path(id): Path<String>) ->
         })
         .collect();
     Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/checkpoints`: the epoch checkpoints the
+/// job keeps (the newest three), newest first, in OpenAI's shape; each
+/// one's files (a PEFT adapter, or the trained tensors) under
+/// `hearth.path`.
+pub(crate) async fn checkpoints(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    let Some(info) = s.node.job(&id).and_then(|j| j.info()) else {
+        return not_found("fine-tuning job", &id);
+    };
+    let short = id.trim_start_matches("ftjob-");
+    let data: Vec<Value> = info
+        .checkpoints
+        .iter()
+        .rev()
+        .map(|c| {
+            json!({
+                "object": "fine_tuning.job.checkpoint",
+                "id": format!("ftckpt-{short}-{}", c.step),
+                "created_at": c.created_at,
+                "fine_tuned_model_checkpoint": c.model,
+                "step_number": c.step,
+                "metrics": {"step": c.step, "train_loss": c.train_loss},
+                "fine_tuning_job_id": id,
+                "hearth": {"path": c.path},
+            })
+        })
+        .collect();
+    let first = data
+        .first()
+        .and_then(|c| c["id"].as_str())
+        .map(str::to_string);
+    let last = data
+        .last()
+        .and_then(|c| c["id"].as_str())
+        .map(str::to_string);
+    Json(json!({"object": "list", "data": data, "has_more": false, "first_id": first, "last_id": last}))
+        .into_response()
 }
 
 /// `POST /v1/fine_tuning/jobs/{id}/cancel`.

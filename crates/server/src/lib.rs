@@ -187,6 +187,10 @@ impl App {
             )
             .route("/v1/fine_tuning/jobs/{id}", get(finetune::get_job))
             .route("/v1/fine_tuning/jobs/{id}/events", get(finetune::events))
+            .route(
+                "/v1/fine_tuning/jobs/{id}/checkpoints",
+                get(finetune::checkpoints),
+            )
             .route("/v1/fine_tuning/jobs/{id}/cancel", post(finetune::cancel))
             .route("/api/cluster", get(control::cluster))
             .route("/api/plan", get(control::plan))

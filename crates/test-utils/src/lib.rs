@@ -915,6 +915,19 @@ pub fn deepened_hf(dir: &Path, layers: usize, out: &Path) -> Result<PathBuf> {
     }
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    // Layer-count-dependent settings it does not rescale: refused, not
+    // copied wrong.
+    for key in ["text_config", "vision_config", "sliding_window_pattern"] {
+        if !config[key].is_null() {
+            anyhow::bail!("deepened_hf does not rescale {key} ({})", dir.display());
+        }
+    }
+    if config["use_sliding_window"] == true && !config["max_window_layers"].is_null() {
+        anyhow::bail!(
+            "deepened_hf does not rescale max_window_layers ({})",
+            dir.display()
+        );
+    }
     let n = config["num_hidden_layers"]
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no num_hidden_layers"))? as usize;
@@ -943,6 +956,9 @@ pub fn deepened_hf(dir: &Path, layers: usize, out: &Path) -> Result<PathBuf> {
                 for j in (i..layers).step_by(n) {
                     deep.insert(format!("{pre}.layers.{j}.{post}"), t.clone());
                 }
+            }
+            None if name.contains("layers.") => {
+                anyhow::bail!("deepened_hf: {name} is a layer tensor of an unknown naming")
             }
             None => {
                 deep.insert(name, t);

@@ -86,10 +86,18 @@ fn device_bytes(q: &QTensor) -> Result<(Format, Vec<u8>)> {
         GgmlDType::Q5K => stored(Format::Q5K)?,
         GgmlDType::Q6K => stored(Format::Q6K)?,
         other => {
-            tracing::warn!(
-                dtype = ?other,
-                "wgpu has no kernel for this tensor type: held as f32 on the device"
-            );
+            // Said once per type, not once per tensor.
+            static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+            let name = format!("{other:?}");
+            if let Ok(mut said) = SAID.lock()
+                && !said.contains(&name)
+            {
+                tracing::warn!(
+                    dtype = %name,
+                    "wgpu has no kernel for this tensor type: held as f32 on the device"
+                );
+                said.push(name);
+            }
             let v = q
                 .dequantize(&Device::Cpu)?
                 .flatten_all()?

@@ -96,6 +96,26 @@ pub struct JobStage {
     pub utilization: f64,
 }
 
+/// A checkpoint kept at the end of an epoch: what was trained so far,
+/// written as the job's outputs are (a PEFT adapter, or the trained
+/// tensors), in its own folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobCheckpoint {
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub created_at: u64,
+    /// The step's training loss.
+    pub train_loss: f64,
+    /// The model id this checkpoint is known by: the fine-tune's,
+    /// `:ckpt-step-N` appended.
+    pub model: String,
+    /// Where its files are.
+    pub path: PathBuf,
+}
+
+/// Epoch checkpoints a job keeps (the newest; older ones are removed).
+pub const KEPT_CHECKPOINTS: usize = 3;
+
 /// A job as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
@@ -118,6 +138,9 @@ pub struct JobInfo {
     /// examples, once the job ended (with a validation file).
     #[serde(default)]
     pub validation_loss: Option<f64>,
+    /// The epoch checkpoints kept, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<JobCheckpoint>,
     pub spec: JobSpec,
     pub output_dir: PathBuf,
 }
@@ -169,6 +192,7 @@ impl JobHandle {
                 stages: Vec::new(),
                 ideal_bubble: None,
                 validation_loss: None,
+                checkpoints: Vec::new(),
                 output_dir: spec.output_dir.clone(),
                 spec,
             }),
@@ -337,6 +361,8 @@ pub async fn run(ctx: Arc<JobCtx>, job: Arc<JobHandle>) {
     };
     let id = job.info().map(|i| i.id).unwrap_or_default();
     match result {
+        // A job that ended with its outputs written stays succeeded.
+        Ok(()) if job.info().is_some_and(|i| i.state == JobState::Succeeded) => {}
         Ok(()) if job.cancelled() => job.finish(JobState::Cancelled, None),
         Ok(()) => {}
         Err(e) if job.cancelled() => {
@@ -390,8 +416,15 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
                 Some(file) => {
                     let raw = std::fs::read_to_string(file)
                         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                    load_jsonl(&text, &raw, seq_len)
-                        .map_err(|e| format!("the validation file: {e}"))?
+                    let v = load_jsonl(&text, &raw, seq_len)
+                        .map_err(|e| format!("the validation file: {e}"))?;
+                    if v.len() > MAX_VALIDATION_EXAMPLES {
+                        return Err(format!(
+                            "the validation file holds {} examples (at most {MAX_VALIDATION_EXAMPLES})",
+                            v.len()
+                        ));
+                    }
+                    v
                 }
                 None => Vec::new(),
             };
@@ -443,6 +476,15 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         .max()
         .unwrap_or(1);
     let mb_tokens = (spec.batch_size.div_ceil(m) * longest).min(u32::MAX as usize) as u32;
+    // Epoch e ends once e passes over the data are done (the last step
+    // always ends one).
+    let epoch_ends: Vec<u64> = (1..=epochs)
+        .map(|e| batching.steps(n, e).min(total))
+        .chain(std::iter::once(total))
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .filter(|&s| s > 0)
+        .collect();
     let plan = Plan {
         spec: &spec,
         method: &method,
@@ -454,6 +496,7 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         tied_model: data.base.config().tie_word_embeddings,
         content: &content,
         ckpt_dir: &ckpt_dir,
+        epoch_ends: &epoch_ends,
         max_state: std::fs::metadata(&path)
             .map_or(u64::MAX, |m| m.len())
             .saturating_mul(24)
@@ -508,51 +551,22 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         }
     };
     // Outputs.
-    let fine_tuned = format!(
-        "ft-{}-{}-{}",
-        sanitize(&spec.model),
-        spec.suffix.as_deref().unwrap_or("hearth"),
-        info.id
-            .trim_start_matches("ftjob-")
-            .get(..8)
-            .unwrap_or(&info.id)
-    );
+    let fine_tuned = fine_tuned_name(&spec, &info.id);
     // A merged model and the validation pass need every base tensor: a
     // copy received from members gets the ones it lacks first.
     if (spec.merge || !data.validation.is_empty())
         && let Err(e) = crate::sharing::complete(&ctx.service, &path, &content, None).await
     {
         return Err(TrainError::Stage(format!(
-            "cannot receive the base model's weights to merge into: {e}"
+            "cannot receive the base model's weights (for the merge or the validation pass): {e}"
         )));
     }
-    if !data.validation.is_empty() {
-        job.emit(
-            "info",
-            format!(
-                "Evaluating the trained model on {} validation examples",
-                data.validation.len()
-            ),
-            None,
-        );
-        let (base, m, st, valid) = (
-            WeightFile::open(&path)?,
-            method.clone(),
-            final_state.clone(),
-            std::mem::take(&mut data.validation),
-        );
-        let seq_len = spec.seq_len;
-        let (loss, targets) =
-            tokio::task::spawn_blocking(move || validation_loss(&base, &m, &st, &valid, seq_len))
-                .await
-                .map_err(|e| TrainError::Stage(e.to_string()))??;
-        job.update(|i| i.validation_loss = Some(loss));
-        job.emit(
-            "info",
-            format!("Validation loss {loss:.4} over {targets} target tokens"),
-            Some(json!({"step": total, "full_valid_loss": loss, "valid_targets": targets})),
-        );
-    }
+    // What the validation pass needs once the outputs are written.
+    let validation = (
+        std::mem::take(&mut data.validation),
+        method.clone(),
+        final_state.clone(),
+    );
     job.emit("info", "Writing the fine-tuned model", None);
     let models_dir = ctx.models_dir();
     let out = spec.output_dir.clone();
@@ -586,20 +600,130 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
         },
         None,
     );
+    let (valid, m, st) = validation;
+    if !valid.is_empty() {
+        // Best effort: the outputs are written; a failure here is told.
+        job.emit(
+            "info",
+            format!(
+                "Evaluating the trained model on {} validation examples",
+                valid.len()
+            ),
+            None,
+        );
+        let (p, cancel) = (path.clone(), job.cancel.subscribe());
+        let seq_len = spec.seq_len;
+        let scored = tokio::task::spawn_blocking(move || {
+            let base = WeightFile::open(&p)?;
+            validation_loss(&base, &m, &st, &valid, seq_len, &cancel)
+        })
+        .await
+        .map_err(|e| TrainError::Stage(e.to_string()))
+        .and_then(|r| r);
+        match scored {
+            Ok(Some((loss, targets))) => {
+                job.update(|i| i.validation_loss = Some(loss));
+                let last = job.info().and_then(|i| i.loss);
+                job.emit(
+                    "info",
+                    format!("Validation loss {loss:.4} over {targets} target tokens"),
+                    Some(json!({
+                        "step": total, "total_steps": total, "train_loss": last,
+                        "full_valid_loss": loss, "valid_targets": targets,
+                    })),
+                );
+            }
+            Ok(None) => job.emit(
+                "info",
+                "Validation skipped: cancelled after the outputs were written",
+                None,
+            ),
+            Err(e) => job.emit("warn", format!("No validation loss: {e}"), None),
+        }
+    }
     job.finish(JobState::Succeeded, None);
     job.emit("info", "The job has successfully completed", None);
     Ok(())
 }
 
+/// Writes the trained state `c` (an epoch's end) as the job's outputs are
+/// written, into `checkpoints/step-N` of the output folder, records it, and
+/// removes the oldest beyond [`KEPT_CHECKPOINTS`].
+async fn keep_epoch_checkpoint(
+    job: &Arc<JobHandle>,
+    data: &Data,
+    spec: &JobSpec,
+    method: &Method,
+    c: &Checkpoint,
+    train_loss: f64,
+) -> Result<(), AttemptError> {
+    let Some(info) = job.info() else {
+        return Ok(());
+    };
+    let dir = spec
+        .output_dir
+        .join("checkpoints")
+        .join(format!("step-{}", c.step));
+    let (base, spec2, method2, c2, d) = (
+        data.base.path().to_path_buf(),
+        JobSpec {
+            merge: false,
+            ..spec.clone()
+        },
+        method.clone(),
+        c.clone(),
+        dir.clone(),
+    );
+    tokio::task::spawn_blocking(move || -> Result<(), TrainError> {
+        let base = WeightFile::open(&base)?;
+        write_outputs(&base, &spec2, &method2, &c2, "", &d, None).map(|_| ())
+    })
+    .await
+    .map_err(|e| AttemptError::from(TrainError::Checkpoint(e.to_string())))??;
+    let kept = JobCheckpoint {
+        step: c.step,
+        created_at: now_s(),
+        train_loss,
+        model: format!("{}:ckpt-step-{}", fine_tuned_name(spec, &info.id), c.step),
+        path: dir,
+    };
+    let mut dropped = Vec::new();
+    job.update(|i| {
+        i.checkpoints.retain(|k| k.step != kept.step);
+        i.checkpoints.push(kept.clone());
+        while i.checkpoints.len() > KEPT_CHECKPOINTS {
+            dropped.push(i.checkpoints.remove(0));
+        }
+    });
+    for d in dropped {
+        if let Err(e) = std::fs::remove_dir_all(&d.path) {
+            warn!("cannot remove checkpoint {}: {e}", d.path.display());
+        }
+    }
+    job.emit(
+        "info",
+        format!("Kept the epoch checkpoint at step {}", c.step),
+        None,
+    );
+    Ok(())
+}
+
+/// Most validation examples a job takes (each is scored on the whole model
+/// on the job's own node).
+pub const MAX_VALIDATION_EXAMPLES: usize = 4096;
+
 /// The mean loss per target token of the base model with the trained
-/// `state` on `examples`, one at a time on the whole model here. Blocking.
+/// `state` on `examples`, one at a time on the whole model here, nothing
+/// trainable (so no autograd graph is kept). `None` when the job is
+/// cancelled meanwhile. Blocking.
 fn validation_loss(
     base: &WeightFile,
     method: &Method,
     state: &Checkpoint,
     examples: &[Tokenized],
     seq_len: usize,
-) -> Result<(f64, usize), TrainError> {
+    cancel: &watch::Receiver<bool>,
+) -> Result<Option<(f64, usize)>, TrainError> {
     use hearth_models::train::{DropCtx, TrainInput, TrainOptions, TrainStage};
     let layers = base.config().num_hidden_layers;
     let stage = TrainStage::load(
@@ -611,13 +735,15 @@ fn validation_loss(
             seed: 0,
         },
     )?;
-    for (name, t) in state
-        .tensors
-        .iter()
-        .filter(|(n, _)| !n.starts_with("optimizer."))
-    {
+    // Every trainable from the state, as a restore takes them.
+    for (name, _) in stage.trainables() {
+        let t = state
+            .tensors
+            .get(name)
+            .ok_or_else(|| TrainError::Checkpoint(format!("the trained state lacks {name}")))?;
         stage.set(name, t)?;
     }
+    let stage = stage.merged()?;
     let one = Batching {
         batch_size: 1,
         micro_batches: 1,
@@ -627,6 +753,9 @@ fn validation_loss(
     };
     let (mut sum, mut targets) = (0f64, 0usize);
     for i in 0..examples.len() {
+        if *cancel.borrow() {
+            return Ok(None);
+        }
         for mb in one.micro_batches(examples, &[i])? {
             let logits = stage.forward(
                 &TrainInput::Tokens(mb.tokens.clone()),
@@ -646,7 +775,17 @@ fn validation_loss(
             "the validation examples have no assistant tokens to score".into(),
         ));
     }
-    Ok((sum / targets as f64, targets))
+    Ok(Some((sum / targets as f64, targets)))
+}
+
+/// The id job `id`'s fine-tuned model is served under.
+fn fine_tuned_name(spec: &JobSpec, id: &str) -> String {
+    format!(
+        "ft-{}-{}-{}",
+        sanitize(&spec.model),
+        spec.suffix.as_deref().unwrap_or("hearth"),
+        id.trim_start_matches("ftjob-").get(..8).unwrap_or(id)
+    )
 }
 
 fn sanitize(s: &str) -> String {
@@ -758,6 +897,8 @@ struct Plan<'a> {
     tied_model: bool,
     content: &'a str,
     ckpt_dir: &'a Path,
+    /// The steps that end an epoch (a checkpoint is kept at each).
+    epoch_ends: &'a [u64],
     /// Most bytes a stage's state may take: its tensors and two optimizer
     /// moments in f32 (at most the whole model's, ~24× its quantized file).
     max_state: u64,
@@ -786,6 +927,7 @@ async fn attempt(
         tied_model,
         content,
         ckpt_dir,
+        epoch_ends,
         max_state,
     } = *plan;
     let retry = |error: TrainError, step: u64| AttemptError {
@@ -954,7 +1096,9 @@ async fn attempt(
         let batches = batching
             .micro_batches(&data.examples, &idx)
             .map_err(|e| AttemptError::from(TrainError::Model(e)))?;
+        let epoch_end = epoch_ends.contains(&(step + 1));
         let save = last
+            || epoch_end
             || moving.is_some()
             || (spec.checkpoint_every > 0 && (step + 1) % spec.checkpoint_every == 0);
         let lr = schedule.at(step);
@@ -1021,6 +1165,9 @@ async fn attempt(
                 format!("Checkpoint saved at step {}", step + 1),
                 None,
             );
+            if epoch_end {
+                keep_epoch_checkpoint(job, data, spec, method, &c, out.loss).await?;
+            }
             job.save();
             if last {
                 result = Some(c.clone());

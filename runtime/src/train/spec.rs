@@ -21,7 +21,7 @@ pub struct JobSpec {
     pub data: PathBuf,
     /// Held-out examples (the same JSONL format): the trained model's mean
     /// loss on them is reported when the job ends (`validation_loss`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<PathBuf>,
     #[serde(default)]
     pub method: MethodSpec,
