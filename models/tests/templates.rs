@@ -56,6 +56,16 @@ fn a_folder_keeps_templates_in_a_jinja_file_or_as_a_named_list() {
             .unwrap()
             .contains("<|im_start|>user\nhi<|im_end|>")
     );
+    // Only a chat_template.json (as processors save it): read from there.
+    let side = st.join("chat_template.json");
+    std::fs::write(&side, r#"{"chat_template": "S{{ messages[0].content }}"}"#).unwrap();
+    let text = ModelText::load(&WeightFile::open(&st).unwrap()).unwrap();
+    assert_eq!(text.template_source(), TemplateSource::Model);
+    assert_eq!(
+        text.render(&[Message::new("user", "x")], true).unwrap(),
+        "Sx"
+    );
+    std::fs::remove_file(&side).unwrap();
     // A named list in tokenizer_config.json: default and tool_use.
     let cfg = st.join("tokenizer_config.json");
     let mut v: serde_json::Value =

@@ -73,6 +73,50 @@ fn a_given_chat_template_replaces_the_models_own() -> Result<()> {
     Ok(())
 }
 
+/// A model that ships no chat template is chatted with as ChatML, and the
+/// CLI says so on stderr; one that ships a template says nothing of it.
+#[test]
+fn a_model_without_a_template_gets_chatml_with_a_warning() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    // The model's folder with its tokenizer_config.json's template taken out.
+    let bare = m.safetensors_dir.clone();
+    let cfg = bare.join("tokenizer_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg)?)?;
+    v.as_object_mut().map(|o| o.remove("chat_template"));
+    std::fs::write(&cfg, v.to_string())?;
+    let run = |model: &Path| -> Result<(String, serde_json::Value)> {
+        let m = model.to_string_lossy().into_owned();
+        let out = hearth(
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "hi",
+                "--max-tokens",
+                "1",
+                "--json",
+            ],
+            dir.path(),
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        Ok((
+            err,
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)?,
+        ))
+    };
+    let (err, _) = run(&bare)?;
+    assert!(
+        err.contains("ships no chat template") && err.contains("ChatML"),
+        "{err}"
+    );
+    let (err, _) = run(&m.gguf_q8_0)?;
+    assert!(!err.contains("ships no chat template"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn generate_json_has_the_contract_fields() -> Result<()> {
     let dir = tempfile::tempdir()?;
