@@ -2,7 +2,8 @@
 //! (`hf-hub`) against a local server with the hub's HTTP layout
 //! (`hearth_test_utils::hub`): GGUF repositories with several
 //! quantizations, model folders, gated repositories and `HF_TOKEN`, a
-//! download cut short and resumed, a corrupted blob, `refs/main` moving,
+//! download cut short and resumed (within a run, and in the next run
+//! after the process was killed), a corrupted blob, `refs/main` moving,
 //! and `hearth models rm`.
 
 use std::path::Path;
@@ -431,5 +432,88 @@ fn a_split_gguf_is_pulled_joined_and_runs() -> Result<()> {
         None,
     )?;
     failed(&out, "not named as a part");
+    Ok(())
+}
+
+/// A pull killed in the middle of a file leaves the part it had; the next
+/// `hearth models pull` asks only for the rest, and the file is whole.
+#[test]
+fn a_pull_killed_midway_resumes_in_the_next_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(&dir.path().join("m"), TinySpec::default())?;
+    let q8 = read(&m.gguf_q8_0);
+    let repo = MockRepo {
+        id: "acme/slow-GGUF".into(),
+        commit: "4444444444444444444444444444444444444444".into(),
+        files: vec![("slow-Q8_0.gguf".into(), q8.clone())],
+        token: None,
+        wrong_hash: vec![],
+    };
+    let hub = HubMock::start(vec![repo.clone()])?;
+    let home = dir.path().join("home");
+    let blobs = home.join("hf-home/hub/models--acme--slow-GGUF/blobs");
+    let part = q8.len() / 2;
+    hub.stall_once("acme/slow-GGUF", "slow-Q8_0.gguf", part);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["models", "pull", "acme/slow-GGUF:Q8_0"])
+        .env("HEARTH_HOME", &home)
+        .env("HF_HOME", home.join("hf-home"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env("HF_ENDPOINT", &hub.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    // Wait until the partial file holds what was sent, then kill the pull.
+    let partial = || -> u64 {
+        std::fs::read_dir(&blobs)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".lock"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while partial() < part as u64 {
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "the pull never wrote its first half"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill()?;
+    let _ = child.wait()?;
+    let before = hub.requests().len();
+    ok(&hearth(
+        &["models", "pull", "acme/slow-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )?);
+    let snap = home
+        .join("hf-home/hub/models--acme--slow-GGUF/snapshots")
+        .join(&repo.commit);
+    assert_eq!(
+        read(&snap.join("slow-Q8_0.gguf")),
+        q8,
+        "whole after resuming"
+    );
+    // The second run asked for the rest only.
+    let asked: Vec<Option<String>> = hub.requests()[before..]
+        .iter()
+        .filter(|(p, r)| p.ends_with("slow-Q8_0.gguf") && r.as_deref() != Some("bytes=0-0"))
+        .map(|(_, r)| r.clone())
+        .collect();
+    let from: Vec<usize> = asked
+        .iter()
+        .flatten()
+        .filter_map(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse().ok())
+        .collect();
+    assert!(from.iter().any(|&a| a >= part), "asked {asked:?}");
+    assert!(!from.contains(&0), "asked {asked:?}");
     Ok(())
 }

@@ -41,6 +41,10 @@ struct Inner {
     log: Vec<Logged>,
     /// Files whose first full-body download stops after this many bytes.
     cut: HashMap<String, usize>,
+    /// Files whose first full-body download sends this many bytes, then
+    /// nothing more for a minute (a process killed meanwhile leaves its
+    /// partial file behind).
+    stall: HashMap<String, usize>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -104,6 +108,14 @@ impl HubMock {
     pub fn cut_once(&self, repo: &str, path: &str, bytes: usize) {
         if let Ok(mut i) = self.inner.lock() {
             i.cut.insert(format!("{repo}/{path}"), bytes);
+        }
+    }
+
+    /// The next full download of `repo`'s `path` sends `bytes` bytes of
+    /// the body, then stalls for a minute before failing.
+    pub fn stall_once(&self, repo: &str, path: &str, bytes: usize) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.stall.insert(format!("{repo}/{path}"), bytes);
         }
     }
 
@@ -236,13 +248,20 @@ async fn file(
     };
     let body = bytes[start..end].to_vec();
     // Cut the first download of the whole file (not the 1-byte probe).
-    let cut = if end - start > 1 {
+    let key = format!("{org}/{name}/{path}");
+    let (cut, stall) = if end - start > 1 {
         state
             .lock()
             .ok()
-            .and_then(|mut i| i.cut.remove(&format!("{org}/{name}/{path}")))
+            .map(|mut i| (i.cut.remove(&key), i.stall.remove(&key)))
+            .unwrap_or_default()
     } else {
-        None
+        (None, None)
+    };
+    let (cut, wait) = match (cut, stall) {
+        (Some(n), _) => (Some(n), std::time::Duration::from_millis(300)),
+        (None, Some(n)) => (Some(n), std::time::Duration::from_secs(60)),
+        (None, None) => (None, std::time::Duration::ZERO),
     };
     let mut resp = Response::builder()
         .status(status)
@@ -267,7 +286,7 @@ async fn file(
                     match step {
                         0 => Some((Ok(head), 1)),
                         1 => {
-                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                            tokio::time::sleep(wait).await;
                             Some((Err(std::io::Error::other("cut short")), 2))
                         }
                         _ => None,
