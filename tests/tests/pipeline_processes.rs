@@ -224,3 +224,85 @@ fn killed_stage_fails_the_request_fast_and_the_cluster_replans() -> Result<()> {
     assert_eq!(view(http[0])?.placement.map(|p| p.stages.len()), Some(2));
     Ok(())
 }
+
+/// `hearth up --chat-template FILE`: the node renders chats with the given
+/// template instead of the model's own (the prompt the API counts is the
+/// one `hearth generate --chat-template` builds), and a broken one is
+/// refused at start.
+#[test]
+fn up_renders_chats_with_a_given_template() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = hearth_test_utils::tiny_model(
+        &dir.path().join("m"),
+        hearth_test_utils::TinySpec::default(),
+    )?;
+    let model = m.gguf_q8_0.display().to_string();
+    let tmpl = dir.path().join("t.jinja");
+    std::fs::write(&tmpl, "[{{ messages[-1].content | upper }}]")?;
+    let t = tmpl.display().to_string();
+    // What the CLI builds with the same template.
+    let out = Command::new(hearth_binary()?)
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "1",
+            "--json",
+        ])
+        .args(["--chat-template", &t])
+        .env("HEARTH_HOME", dir.path().join("cli"))
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+    let want = v["prompt_token_ids"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(want > 0, "{v}");
+    let prompt_tokens = |extra: &[String]| -> Result<u64> {
+        let (quic, http) = (free_port(true)?, free_port(false)?);
+        let mut flags = vec!["--model".to_string(), model.clone()];
+        flags.extend_from_slice(extra);
+        let home = dir.path().join(format!("n{http}"));
+        let _node = up(&home, "n", quic, http, &flags)?;
+        wait_stages(http, 1, Duration::from_secs(60))?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let r: serde_json::Value = agent
+            .post(&format!("http://127.0.0.1:{http}/v1/chat/completions"))
+            .send_json(serde_json::json!({
+                "model": "tiny-q8_0", "max_tokens": 1,
+                "messages": [{"role": "user", "content": "the cat"}],
+            }))?
+            .body_mut()
+            .read_json()?;
+        r["usage"]["prompt_tokens"]
+            .as_u64()
+            .with_context(|| format!("no usage in {r}"))
+    };
+    let given = prompt_tokens(&["--chat-template".to_string(), t.clone()])?;
+    assert_eq!(given, want as u64);
+    assert_ne!(
+        prompt_tokens(&[])?,
+        given,
+        "the model's own template differs"
+    );
+    // A broken template: `up` exits with a clear error.
+    std::fs::write(&tmpl, "{% for %}")?;
+    let out = Command::new(hearth_binary()?)
+        .args(["up", "--no-mdns", "--model", &model, "--chat-template", &t])
+        .args(["--quic", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--home")
+        .arg(dir.path().join("broken"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("chat-template") || err.contains("template"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    Ok(())
+}
