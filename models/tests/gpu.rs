@@ -385,16 +385,7 @@ fn every_family_pipelines_across_the_gpu_and_the_cpu() -> Result<()> {
         return Ok(());
     };
     let tmp = tempfile::tempdir()?;
-    for name in [
-        "llama3-rope",
-        "qwen3",
-        "mistral-swa",
-        "qwen2-swa",
-        "gemma2",
-        "gemma3",
-        "phi3",
-        "phi3-longrope",
-    ] {
+    for name in hearth_test_utils::HF_FAMILIES {
         let fixture = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);
@@ -431,32 +422,7 @@ fn every_family_pipelines_across_the_gpu_and_the_cpu() -> Result<()> {
         ]);
         let ids: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % 64).collect();
         for stages in &splits {
-            let mut cf = full.new_cache();
-            let mut cs: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
-            let mut input = ids.clone();
-            for step in 0..6 {
-                let len = input.len();
-                let want = full.forward(
-                    StageInput::Tokens(input.clone()),
-                    &[len],
-                    &mut [&mut cf],
-                    Logits::Last,
-                )?;
-                let mut x = StageInput::Tokens(input.clone());
-                for (st, c) in stages.iter().zip(cs.iter_mut()) {
-                    x = StageInput::Hidden(st.forward(x, &[len], &mut [c], Logits::Last)?);
-                }
-                let StageInput::Hidden(got) = x else {
-                    anyhow::bail!("no output");
-                };
-                let d = rel_diff(&got, &want)?;
-                assert!(
-                    d < F32_TOL,
-                    "{name}: {} stages, step {step}: differs by {d}",
-                    stages.len()
-                );
-                input = vec![want.argmax(1)?.to_vec1::<u32>()?[0]];
-            }
+            chain_matches(name, &full, stages, &ids, 6, F32_TOL)?;
         }
     }
     Ok(())
@@ -526,16 +492,7 @@ fn every_family_gguf_runs_quantized_on_the_gpu() -> Result<()> {
     let Some(gpu) = hearth_test_utils::gpu() else {
         return Ok(());
     };
-    for name in [
-        "llama3-rope",
-        "qwen3",
-        "mistral-swa",
-        "qwen2-swa",
-        "gemma2",
-        "gemma3",
-        "phi3",
-        "phi3-longrope",
-    ] {
+    for name in hearth_test_utils::HF_FAMILIES {
         let path = hearth_test_utils::workspace_root()
             .join("tests/fixtures/llamacpp")
             .join(name)
@@ -564,34 +521,48 @@ fn every_family_gguf_runs_quantized_on_the_gpu() -> Result<()> {
         let vocab = w.config().vocab_size as u32;
         let ids: Vec<u32> = (0..20u32).map(|i| (7 * i + 3) % vocab).collect();
         for stages in &splits {
-            let mut cc = cpu.new_cache();
-            let mut cs: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
-            let mut input = ids.clone();
-            for step in 0..4 {
-                let len = input.len();
-                let want = cpu.forward(
-                    StageInput::Tokens(input.clone()),
-                    &[len],
-                    &mut [&mut cc],
-                    Logits::Last,
-                )?;
-                let mut x = StageInput::Tokens(input.clone());
-                for (st, c) in stages.iter().zip(cs.iter_mut()) {
-                    x = StageInput::Hidden(st.forward(x, &[len], &mut [c], Logits::Last)?);
-                }
-                let StageInput::Hidden(got) = x else {
-                    anyhow::bail!("no output");
-                };
-                let d = rel_diff(&got, &want)?;
-                assert!(
-                    d < QUANTIZED_TOL,
-                    "{name} {} stage(s) step {step}: logits differ by {d}",
-                    stages.len()
-                );
-                // Both go on with the CPU's greedy token.
-                input = vec![want.argmax(1)?.to_vec1::<u32>()?[0]];
-            }
+            chain_matches(name, &cpu, stages, &ids, 4, QUANTIZED_TOL)?;
         }
+    }
+    Ok(())
+}
+
+/// `stages` chained give `full`'s last logits within `tol` (relative), for
+/// a prompt of `ids` and then `steps - 1` decode steps, both going on with
+/// `full`'s greedy token.
+fn chain_matches(
+    name: &str,
+    full: &Stage,
+    stages: &[Stage],
+    ids: &[u32],
+    steps: usize,
+    tol: f32,
+) -> Result<()> {
+    let mut cf = full.new_cache();
+    let mut cs: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
+    let mut input = ids.to_vec();
+    for step in 0..steps {
+        let len = input.len();
+        let want = full.forward(
+            StageInput::Tokens(input.clone()),
+            &[len],
+            &mut [&mut cf],
+            Logits::Last,
+        )?;
+        let mut x = StageInput::Tokens(input.clone());
+        for (st, c) in stages.iter().zip(cs.iter_mut()) {
+            x = StageInput::Hidden(st.forward(x, &[len], &mut [c], Logits::Last)?);
+        }
+        let StageInput::Hidden(got) = x else {
+            anyhow::bail!("no output");
+        };
+        let d = rel_diff(&got, &want)?;
+        assert!(
+            d < tol,
+            "{name}: {} stage(s), step {step}: logits differ by {d}",
+            stages.len()
+        );
+        input = vec![want.argmax(1)?.to_vec1::<u32>()?[0]];
     }
     Ok(())
 }

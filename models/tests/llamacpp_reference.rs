@@ -11,16 +11,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use hearth_models::{Logits, Precision, Stage, StageInput, StageSpec, WeightFile};
 
-const FAMILIES: [&str; 8] = [
-    "llama3-rope",
-    "qwen3",
-    "mistral-swa",
-    "qwen2-swa",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "phi3-longrope",
-];
+use hearth_test_utils::HF_FAMILIES as FAMILIES;
 
 /// The greedy margin below which llama.cpp's choice is a near-tie that
 /// summation order may flip.

@@ -997,16 +997,7 @@ fn a_split_gguf_joins_into_the_same_model() -> Result<()> {
 }
 
 /// The transformers fixture of every family, as folders.
-const FAMILIES: [&str; 8] = [
-    "llama3-rope",
-    "qwen3",
-    "mistral-swa",
-    "qwen2-swa",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "phi3-longrope",
-];
+use hearth_test_utils::HF_FAMILIES as FAMILIES;
 
 /// Every way to cut `n` layers into 1 to 3 non-empty stages.
 fn cuts(n: usize) -> Vec<Vec<StageSpec>> {

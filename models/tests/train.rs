@@ -565,16 +565,7 @@ fn lora_matches_peft(name: &str) {
 
 #[test]
 fn lora_matches_peft_for_every_family() {
-    for name in [
-        "llama3-rope",
-        "qwen3",
-        "mistral-swa",
-        "qwen2-swa",
-        "gemma2",
-        "gemma3",
-        "phi3",
-        "phi3-longrope",
-    ] {
+    for name in hearth_test_utils::HF_FAMILIES {
         lora_matches_peft(name);
     }
 }
@@ -821,16 +812,7 @@ fn a_phi3_lora_is_written_as_peft_saves_it_for_fused_projections() {
 /// embedding's two halves summed, as partner stages sum them).
 #[test]
 fn every_family_trains_split_into_two_stages_as_in_one() {
-    for name in [
-        "llama3-rope",
-        "qwen3",
-        "mistral-swa",
-        "qwen2-swa",
-        "gemma2",
-        "gemma3",
-        "phi3",
-        "phi3-longrope",
-    ] {
+    for name in hearth_test_utils::HF_FAMILIES {
         let dir = hearth_test_utils::workspace_root()
             .join("tests/fixtures/hf")
             .join(name);

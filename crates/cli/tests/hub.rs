@@ -13,7 +13,8 @@ use anyhow::Result;
 use hearth_test_utils::hub::{HubMock, MockRepo};
 use hearth_test_utils::{TinySpec, tiny_model};
 
-fn hearth(args: &[&str], home: &Path, hub: &HubMock, token: Option<&str>) -> Result<Output> {
+/// `hearth ARGS` with its home under `home` and the hub at `hub`.
+fn hearth_command(args: &[&str], home: &Path, hub: &HubMock, token: Option<&str>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
     c.args(args)
         .env("HEARTH_HOME", home)
@@ -24,7 +25,11 @@ fn hearth(args: &[&str], home: &Path, hub: &HubMock, token: Option<&str>) -> Res
     if let Some(t) = token {
         c.env("HF_TOKEN", t);
     }
-    Ok(c.output()?)
+    c
+}
+
+fn hearth(args: &[&str], home: &Path, hub: &HubMock, token: Option<&str>) -> Result<Output> {
+    Ok(hearth_command(args, home, hub, token).output()?)
 }
 
 fn ok(out: &Output) -> String {
@@ -454,16 +459,15 @@ fn a_pull_killed_midway_resumes_in_the_next_run() -> Result<()> {
     let blobs = home.join("hf-home/hub/models--acme--slow-GGUF/blobs");
     let part = q8.len() / 2;
     hub.stall_once("acme/slow-GGUF", "slow-Q8_0.gguf", part);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["models", "pull", "acme/slow-GGUF:Q8_0"])
-        .env("HEARTH_HOME", &home)
-        .env("HF_HOME", home.join("hf-home"))
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("HF_TOKEN")
-        .env("HF_ENDPOINT", &hub.url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let mut child = hearth_command(
+        &["models", "pull", "acme/slow-GGUF:Q8_0"],
+        &home,
+        &hub,
+        None,
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()?;
     // Wait until the partial file holds what was sent, then kill the pull.
     let partial = || -> u64 {
         std::fs::read_dir(&blobs)

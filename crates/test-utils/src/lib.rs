@@ -895,6 +895,20 @@ pub fn split_gguf(src: &Path, dir: &Path, base: &str, parts: usize) -> Result<Ve
     Ok(out)
 }
 
+/// The model families with tiny fixtures written by transformers
+/// (`tests/fixtures/hf/NAME`) and by llama.cpp's layout
+/// (`tests/fixtures/llamacpp/NAME`).
+pub const HF_FAMILIES: [&str; 8] = [
+    "llama3-rope",
+    "qwen3",
+    "mistral-swa",
+    "qwen2-swa",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi3-longrope",
+];
+
 /// A copy of the Hugging Face model folder `dir` (one `model.safetensors`)
 /// made `layers` deep, written under `out`: layer `i` is a copy of layer
 /// `i % n`, and the config's `num_hidden_layers` and `layer_types` follow
