@@ -300,7 +300,7 @@ pub(crate) async fn load_or_adopt(
     };
     let mine = own.iter().find(|m| m.name == name);
     if mine.is_some_and(|m| !m.download) {
-        service.load_model(name)?;
+        service.load_listed(source, name)?;
         return Ok(Vec::new());
     }
     let me = service.me().to_string();
@@ -330,7 +330,7 @@ pub(crate) async fn load_or_adopt(
     };
     if holders.is_empty() {
         return match mine {
-            Some(_) => service.load_model(name).map(|()| Vec::new()),
+            Some(_) => service.load_listed(source, name).map(|()| Vec::new()),
             None => Err(UnknownModel(name.to_string())),
         };
     }

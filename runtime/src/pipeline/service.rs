@@ -161,18 +161,13 @@ impl Service {
         Ok(())
     }
 
-    /// Starts loading the model named `name` from this node's source (in
-    /// the background; its events tell how it went).
-    pub(crate) fn load_model(&self, name: &str) -> Result<(), crate::RuntimeError> {
-        use crate::RuntimeError::{BadRequest, UnknownModel};
-        let source = self
-            .inner
-            .source
-            .clone()
-            .ok_or_else(|| BadRequest("this node has no model store to load from".into()))?;
-        if !source.list().iter().any(|m| m.name == name) {
-            return Err(UnknownModel(name.to_string()));
-        }
+    /// Starts loading the model named `name`, which `source` lists, from
+    /// it (in the background; its events tell how it went).
+    pub(crate) fn load_listed(
+        &self,
+        source: Arc<dyn ModelSource>,
+        name: &str,
+    ) -> Result<(), crate::RuntimeError> {
         self.claim_loading(name)?;
         let me = self.clone();
         let name = name.to_string();
