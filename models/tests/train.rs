@@ -806,6 +806,35 @@ fn a_phi3_lora_is_written_as_peft_saves_it_for_fused_projections() {
     }
 }
 
+/// Phi-3's LoRAs on q, k, v, gate and up against PEFT's on the fused
+/// `qkv_proj` and `gate_up_proj` (the adapters of the test above): one
+/// step in f64 gives PEFT's loss, and each separate LoRA's gradient equals
+/// the block of the fused gradient it occupies (A's rows, B's diagonal
+/// block), as tests/fixtures/make_peft_fused_reference.py reads them off.
+#[test]
+fn phi3_loras_on_fused_projections_get_peft_gradients() {
+    let dir = hearth_test_utils::workspace_root().join("tests/fixtures/hf/phi3");
+    let fused = dir.join("lora_fused");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fused.join("reference.json")).unwrap())
+            .unwrap();
+    let w = WeightFile::open(&dir).unwrap();
+    let layers = w.config().num_hidden_layers;
+    let stage = TrainStage::load(
+        &w,
+        StageSpec::full(layers),
+        &opts(Method::Lora(lora_of(&want)), DType::F64),
+    )
+    .unwrap();
+    let separate =
+        candle_core::safetensors::load(fused.join("separate.safetensors"), &Device::Cpu).unwrap();
+    for (n, _) in stage.trainables() {
+        stage.set(n, &separate[n]).unwrap();
+    }
+    assert_eq!(want["grads"].as_object().unwrap().len(), 24);
+    matches_reference("phi3 fused", &dir, &stage, &want, rtol("phi3"));
+}
+
 /// Every family's full fine-tune split into two stages (the first stage's
 /// input gradient fed back from the second) gives the loss and every
 /// parameter's gradient of the whole model in one stage, in f64 (a tied
