@@ -27,6 +27,9 @@ use crate::error::{ModelError, Result};
 use crate::weights::{GgufMetadata, value_usize};
 
 const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// The first split of llama.cpp's `default` pre-tokenizer: runs of
+/// punctuation and of the ASCII symbols `$+<=>^~|`.
+const DEFAULT_PUNCT_RE: &str = r"[\p{P}\$\+<=>\^~\|]+";
 const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -72,7 +75,10 @@ const GPT4O_RE: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{L
 /// llama.cpp's pre-tokenizer regexes for a `tokenizer.ggml.pre` value.
 fn pre_regexes(pre: &str) -> Option<&'static [&'static str]> {
     Some(match pre {
-        "default" | "gpt2" | "gpt-2" => &[GPT2_RE],
+        // llama.cpp's fallback for a file that names no known split:
+        // punctuation runs, then GPT-2's split, then digit runs cut in threes.
+        "default" => &[DEFAULT_PUNCT_RE, GPT2_RE, r"\p{N}+", "[0-9][0-9][0-9]"],
+        "gpt2" | "gpt-2" => &[GPT2_RE],
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
             &[r"\p{N}", GPT2_RE]
         }
