@@ -463,7 +463,7 @@ impl Attention {
             let mut max = f32::NEG_INFINITY;
             for (j, s) in scores.iter_mut().enumerate() {
                 let kj = &ks[j * row + g * head_dim..j * row + (g + 1) * head_dim];
-                *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                *s = dot_f32(qh, kj) * scale;
                 if let Some(c) = cap {
                     *s = c * (*s / c).tanh();
                 }
@@ -485,6 +485,25 @@ impl Attention {
         }
         out
     }
+}
+
+/// `a · b` in eight independent lanes (so the compiler keeps it in one
+/// vector register; a single running sum is a chain of dependent adds).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Differentiable softmax over the last dimension.

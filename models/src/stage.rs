@@ -395,7 +395,29 @@ impl Stage {
     /// continue `caches[i]`. Returns hidden states `[n, hidden]`, or logits
     /// (`[sequences, vocab]` for [`Logits::Last`], `[n, vocab]` for
     /// [`Logits::All`]) if this stage holds the head.
+    ///
+    /// A CPU stage runs the whole pass on one of rayon's workers: its
+    /// matrix products then split their rows among the workers from inside
+    /// the pool, instead of the calling thread handing each of them over
+    /// and sleeping until it is done (hundreds of wake-ups per token).
     pub fn forward(
+        &self,
+        input: StageInput,
+        lens: &[usize],
+        caches: &mut [&mut KvCache],
+        logits: Logits,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "wgpu")]
+        if self.gpu.is_some() {
+            return self.forward_here(input, lens, caches, logits);
+        }
+        if rayon::current_thread_index().is_some() {
+            return self.forward_here(input, lens, caches, logits);
+        }
+        rayon::scope(|_| self.forward_here(input, lens, caches, logits))
+    }
+
+    fn forward_here(
         &self,
         input: StageInput,
         lens: &[usize],

@@ -33,6 +33,10 @@ struct Args {
     decode: usize,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Runs Hearth's rounds alone (no llama.cpp, nothing written): for
+    /// profiling, e.g. under `perf record`.
+    #[arg(long)]
+    hearth_only: bool,
 }
 
 struct Timing {
@@ -79,6 +83,17 @@ fn main() -> Result<()> {
     let prompt_text = model.render_chat(&[Message::new("user", user)])?;
     let prompt = model.encode_prompt(&prompt_text)?;
 
+    if args.hearth_only {
+        hearth_round(&model, &prompt, 8)?;
+        for r in 0..args.rounds {
+            let h = hearth_round(&model, &prompt, args.decode)?;
+            eprintln!(
+                "round {r}: hearth prefill {:.1} decode {:.1} tok/s",
+                h.prefill_tps, h.decode_tps
+            );
+        }
+        return Ok(());
+    }
     let runner = hearth_test_utils::workspace_root().join("bench/llamacpp_runner.py");
     let mut child = Command::new(&args.llama_python)
         .arg(&runner)
