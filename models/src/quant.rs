@@ -190,13 +190,23 @@ pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(xb) {
-            let r = (v * id).round() as i32;
+            let r = round_half_away(v * id);
             *q = r as i8;
             sum += r;
         }
         b.d = f16::from_f32(d).to_f32();
         b.s = f16::from_f32(sum as f32 * d).to_f32();
     }
+}
+
+/// `x.round() as i32` (halves away from zero, as C's `roundf`) for
+/// |x| < 2^23, in operations the compiler vectorises (`f32::round` is a
+/// library call per value): truncate, then step by the exact remainder.
+#[inline]
+fn round_half_away(x: f32) -> i32 {
+    let t = x as i32;
+    let f = x - t as f32;
+    t + i32::from(f >= 0.5) - i32::from(f <= -0.5)
 }
 
 type DotFn = fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32;
@@ -635,6 +645,23 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn rounding_is_roundf() {
+        let mut v: Vec<f32> = vec![0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.0, -0.0, 127.0, -127.0];
+        v.extend([
+            0.49999997f32,
+            -0.49999997,
+            1.4999999,
+            -1.4999999,
+            126.5,
+            -126.5,
+        ]);
+        v.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 0.012_7));
+        for x in v {
+            assert_eq!(round_half_away(x), x.round() as i32, "{x}");
         }
     }
 
