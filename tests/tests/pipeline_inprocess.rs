@@ -137,10 +137,19 @@ async fn concurrent_requests_also_run_on_a_whole_model_replica() -> Result<()> {
     let tiny = tiny_model(dir.path(), TinySpec::default())?;
     let local = LocalModel::load(&tiny.gguf_q8_0, Precision::Quantized)?;
     let nodes = pipeline_cluster(2, 1, &info, PlacementPolicy::default()).await?;
-    let p = nodes[0]
-        .node
-        .placement()
-        .ok_or_else(|| anyhow::anyhow!("no placement"))?;
+    // A member may place the model alone before it has heard of the other;
+    // the placement over both follows.
+    let started = Instant::now();
+    let p = loop {
+        let p = nodes[0]
+            .node
+            .placement()
+            .ok_or_else(|| anyhow::anyhow!("no placement"))?;
+        if p.members.len() == 2 || started.elapsed() > Duration::from_secs(30) {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     println!("placement {:?} replicas {:?}", p.stages, p.replicas);
     assert_eq!(
         p.replicas.len(),
