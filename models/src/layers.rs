@@ -508,7 +508,8 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 /// Differentiable softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
+    // The shift cancels in the quotient: no gradient goes through it.
+    let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&s)?)

@@ -54,6 +54,9 @@ struct Args {
     /// Where the tables go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// The most pipeline stages measured (1 to 3).
+    #[arg(long, default_value_t = 3)]
+    max_stages: usize,
 }
 
 struct Figures {
@@ -254,7 +257,7 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut figs = Vec::new();
     let mut torch = None;
-    for p in 1..=3 {
+    for p in 1..=args.max_stages.clamp(1, 3) {
         let f = run(p, &args, dir.path()).await?;
         print(&format!(
             "p={p} m={}: step {:.2} s, {:.1} tok/s, bubble {:.3} (textbook {:.3})",

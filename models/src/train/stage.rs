@@ -189,7 +189,7 @@ struct TLinear {
 
 impl TLinear {
     fn forward(&self, x: &Tensor, ctx: &DropCtx) -> Result<Tensor> {
-        let mut y = x.matmul(&self.w.t()?)?;
+        let mut y = matmul_t(x, &self.w)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -207,6 +207,69 @@ impl TLinear {
             None => Ok(self.w.detach()),
             Some(l) => Ok((self.w.detach() + (l.b.matmul(&l.a)? * l.scale)?)?),
         }
+    }
+}
+
+/// `x · wᵀ`. For a weight that is not trained (LoRA's base, a frozen tied
+/// head) the product is computed outside the graph and attached to `x` by
+/// [`FrozenRhs`], whose backward yields only `x`'s gradient `dy · w`:
+/// candle's matmul backward would also compute `w`'s (`xᵀ · dy`, as large
+/// as `w`, into a fresh zeroed buffer) and then drop it. `x`'s gradient is
+/// the same product either way.
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() || !x.track_op() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let y = x.detach().matmul(&w.t()?)?;
+    Ok(x.apply_op2(&y, FrozenRhs { w: w.clone() })?)
+}
+
+/// Passes a product computed outside the graph through (forward: its
+/// second argument) and back-propagates `dy · w` to its first argument.
+struct FrozenRhs {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp2 for FrozenRhs {
+    fn name(&self) -> &'static str {
+        "frozen-rhs-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg(
+                "frozen-rhs-matmul: the product is not contiguous".into(),
+            ));
+        };
+        let out = match y {
+            S::F32(v) => S::F32(v[a..b].to_vec()),
+            S::F64(v) => S::F64(v[a..b].to_vec()),
+            S::BF16(v) => S::BF16(v[a..b].to_vec()),
+            S::F16(v) => S::F16(v[a..b].to_vec()),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "frozen-rhs-matmul: not a float product".into(),
+                ));
+            }
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.w)?), None))
     }
 }
 
@@ -572,6 +635,13 @@ impl TrainStage {
     /// Runs the stage (building the autograd graph). Returns hidden states
     /// `[rows * len, hidden]`, or logits `[rows * len, vocab]` on the last stage.
     pub fn forward(&self, input: &TrainInput, b: &BatchLayout, drop: &DropCtx) -> Result<Tensor> {
+        if rayon::current_thread_index().is_some() {
+            return self.forward_here(input, b, drop);
+        }
+        rayon::scope(|_| self.forward_here(input, b, drop))
+    }
+
+    fn forward_here(&self, input: &TrainInput, b: &BatchLayout, drop: &DropCtx) -> Result<Tensor> {
         let n = b.tokens();
         let dev = Device::Cpu;
         let mut x = match (input, &self.embed) {
@@ -667,7 +737,7 @@ impl TrainStage {
         }
         match (&self.norm, &self.head) {
             (Some(norm), Some(head)) => softcap(
-                &norm.forward(&x)?.matmul(&head.t()?)?,
+                &matmul_t(&norm.forward(&x)?, head)?,
                 self.cfg.final_logit_softcap,
             ),
             _ => Ok(x),
@@ -677,7 +747,24 @@ impl TrainStage {
     /// Recomputes the stage from its input and back-propagates `upstream`:
     /// the gradients of this micro-batch for the trainable parameters and
     /// for the input (what goes to the previous stage).
+    ///
+    /// The pass runs on one of rayon's workers (see `Stage::forward`): the
+    /// matrix products split among the workers from inside the pool
+    /// instead of the calling thread handing each over and sleeping.
     pub fn backward(
+        &self,
+        input: &TrainInput,
+        b: &BatchLayout,
+        drop: &DropCtx,
+        upstream: Upstream<'_>,
+    ) -> Result<Backward> {
+        if rayon::current_thread_index().is_some() {
+            return self.backward_here(input, b, drop, upstream);
+        }
+        rayon::scope(|_| self.backward_here(input, b, drop, upstream))
+    }
+
+    fn backward_here(
         &self,
         input: &TrainInput,
         b: &BatchLayout,
