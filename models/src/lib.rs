@@ -23,6 +23,7 @@ pub mod sampling;
 pub mod split;
 pub mod stage;
 pub mod store;
+pub mod threads;
 pub mod tokenizer;
 pub mod tools;
 pub mod train;

@@ -251,8 +251,18 @@ fn torch_step(python: &Path, args: &Args, dir: &Path) -> Result<TorchFigures> {
     })
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any other thread exists (the
+    // process is set up as `hearth` sets up its own).
+    unsafe { hearth_models::threads::configure_process() };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(bench())
+}
+
+async fn bench() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let mut figs = Vec::new();

@@ -77,6 +77,8 @@ fn main() -> Result<()> {
     // Both engines get the same number of threads (candle and rayon read this).
     // SAFETY: set before any thread pool exists, while single-threaded.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
+    // SAFETY: as above; then the rest as `hearth` sets its process up.
+    unsafe { hearth_models::threads::configure_process() };
     let path = hearth_models::store::resolve(args.model.as_deref(), &mut |_| {})?;
     let model = LocalModel::load(&path, Precision::Quantized)?;
     let user = "Write a short story about a family that builds a computer cluster from the old laptops in their home, and what they ask it first.";

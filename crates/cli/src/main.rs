@@ -47,13 +47,8 @@ enum Command {
 }
 
 fn main() {
-    // candle asks for the thread count on every matmul and, unless this is
-    // set, re-reads /proc/cpuinfo each time; set it once for the process.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // SAFETY: first thing in main, before any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    }
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { hearth_models::threads::configure_process() };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
