@@ -1012,7 +1012,7 @@ pub fn loss_sum(logits: &Tensor, labels: &[u32]) -> Result<(Tensor, usize)> {
 }
 
 /// The summed cross-entropy of chosen rows of `[n, vocab]` logits, as one
-/// op: forward `Σ (logsumexp(x_r) − x_r[t_r])` (in f64), backward
+/// op: forward `Σ (logsumexp(x_r) − x_r[t_r])` (summed in f64), backward
 /// `g · (softmax(x_r) − onehot(t_r))` on the chosen rows and zero elsewhere.
 /// Written with candle's ops it took about twenty passes over the logits
 /// (49152 wide for SmolLM2) and as many buffers, forward and back.
@@ -1022,8 +1022,26 @@ struct CrossEntropySum {
     vocab: usize,
 }
 
-/// `logsumexp(row)` in f64.
-fn logsumexp<T: Copy + Into<f64>>(row: &[T]) -> f64 {
+/// A logit type: `exp` in its own precision (f32's is several times
+/// cheaper than f64's), sums carried in f64.
+trait Logit: Copy + Into<f64> + Sync + Send + Default {
+    fn exp_minus(self, shift: f64) -> f64;
+}
+
+impl Logit for f32 {
+    fn exp_minus(self, shift: f64) -> f64 {
+        f64::from((self - shift as f32).exp())
+    }
+}
+
+impl Logit for f64 {
+    fn exp_minus(self, shift: f64) -> f64 {
+        (self - shift).exp()
+    }
+}
+
+/// `logsumexp(row)`, summed in f64.
+fn logsumexp<T: Logit>(row: &[T]) -> f64 {
     let max = row
         .iter()
         .map(|&v| v.into())
@@ -1031,15 +1049,11 @@ fn logsumexp<T: Copy + Into<f64>>(row: &[T]) -> f64 {
     if !max.is_finite() {
         return max;
     }
-    max + row
-        .iter()
-        .map(|&v| (v.into() - max).exp())
-        .sum::<f64>()
-        .ln()
+    max + row.iter().map(|&v| v.exp_minus(max)).sum::<f64>().ln()
 }
 
 impl CrossEntropySum {
-    fn sum<T: Copy + Into<f64> + Sync>(&self, x: &[T]) -> f64 {
+    fn sum<T: Logit>(&self, x: &[T]) -> f64 {
         use rayon::prelude::*;
         self.rows
             .par_iter()
@@ -1052,12 +1066,7 @@ impl CrossEntropySum {
     }
 
     /// `g · (softmax − onehot)` on the chosen rows of an `[n, vocab]` zero.
-    fn grad<T: Copy + Into<f64> + Sync + Send + Default>(
-        &self,
-        x: &[T],
-        g: f64,
-        from: impl Fn(f64) -> T + Sync,
-    ) -> Vec<T> {
+    fn grad<T: Logit>(&self, x: &[T], g: f64, from: impl Fn(f64) -> T + Sync) -> Vec<T> {
         use rayon::prelude::*;
         let mut out = vec![T::default(); x.len()];
         let mut chosen: Vec<(usize, usize, &mut [T])> = Vec::with_capacity(self.rows.len());
@@ -1081,9 +1090,9 @@ impl CrossEntropySum {
             let row = &x[r * self.vocab..(r + 1) * self.vocab];
             let lse = logsumexp(row);
             for (o, &v) in out.iter_mut().zip(row) {
-                *o = from(g * (v.into() - lse).exp());
+                *o = from(g * v.exp_minus(lse));
             }
-            out[t] = from(g * ((row[t].into() - lse).exp() - 1.0));
+            out[t] = from(g * (row[t].exp_minus(lse) - 1.0));
         });
         out
     }
