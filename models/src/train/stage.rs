@@ -210,6 +210,23 @@ impl TLinear {
     }
 }
 
+/// The thread pool training passes run on, as many threads as rayon's
+/// global pool, which inference passes use. Apart, a worker that waits
+/// inside a decode pass never picks up a whole training micro-batch (rayon
+/// lets a waiting worker run any queued job), so serving while a job
+/// trains keeps its latency. `None` if the threads cannot be started.
+fn train_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("hearth-train-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
 /// `x · wᵀ`. For a weight that is not trained (LoRA's base, a frozen tied
 /// head) the product is computed outside the graph and attached to `x` by
 /// [`FrozenRhs`], whose backward yields only `x`'s gradient `dy · w`:
@@ -638,7 +655,10 @@ impl TrainStage {
         if rayon::current_thread_index().is_some() {
             return self.forward_here(input, b, drop);
         }
-        rayon::scope(|_| self.forward_here(input, b, drop))
+        match train_pool() {
+            Some(pool) => pool.install(|| self.forward_here(input, b, drop)),
+            None => rayon::scope(|_| self.forward_here(input, b, drop)),
+        }
     }
 
     fn forward_here(&self, input: &TrainInput, b: &BatchLayout, drop: &DropCtx) -> Result<Tensor> {
@@ -748,8 +768,8 @@ impl TrainStage {
     /// the gradients of this micro-batch for the trainable parameters and
     /// for the input (what goes to the previous stage).
     ///
-    /// The pass runs on one of rayon's workers (see `Stage::forward`): the
-    /// matrix products split among the workers from inside the pool
+    /// The pass runs on a worker of the training pool ([`train_pool`]):
+    /// the matrix products split among its workers from inside the pool
     /// instead of the calling thread handing each over and sleeping.
     pub fn backward(
         &self,
@@ -761,7 +781,10 @@ impl TrainStage {
         if rayon::current_thread_index().is_some() {
             return self.backward_here(input, b, drop, upstream);
         }
-        rayon::scope(|_| self.backward_here(input, b, drop, upstream))
+        match train_pool() {
+            Some(pool) => pool.install(|| self.backward_here(input, b, drop, upstream)),
+            None => rayon::scope(|_| self.backward_here(input, b, drop, upstream)),
+        }
     }
 
     fn backward_here(
