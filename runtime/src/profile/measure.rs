@@ -192,24 +192,37 @@ fn train_times(stage: &Stage, opts: &MeasureOptions) -> Result<(f64, f64), Profi
         .clamp(1, stage.config().max_position_embeddings.max(1));
     let hidden = stage.config().hidden_size;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (n, hidden), &dev)?)?;
-    let run = |backward: bool| -> Result<(), ProfileError> {
+    let forward = || -> Result<Tensor, ProfileError> {
         let mut cache = stage.new_cache();
         let input = StageInput::Hidden(x.as_tensor().clone());
-        let y = stage.forward(input, &[n], &mut [&mut cache], Logits::All)?;
-        if backward {
-            let loss = y.sqr()?.mean_all()?;
-            let grads = loss.backward()?;
-            if grads.get(x.as_tensor()).is_none() {
-                return Err(ProfileError::Candle(candle_core::Error::Msg(
-                    "the stage's input received no gradient".into(),
-                )));
-            }
-        }
-        Ok(())
+        Ok(stage.forward(input, &[n], &mut [&mut cache], Logits::All)?)
     };
-    let fwd = time_s(opts.reps, opts.min_secs, || run(false))?;
-    let both = time_s(opts.reps, opts.min_secs, || run(true))?;
-    Ok((fwd / n as f64, both / n as f64))
+    let fwd = time_s(opts.reps, opts.min_secs, || forward().map(drop))?;
+    // The backward alone, after an untimed forward each time: a training
+    // pass is the forward plus this, so its time never comes out below the
+    // forward's however the machine's speed drifts between the two.
+    let mut bwd = Vec::new();
+    let start = Instant::now();
+    for run in 0.. {
+        let loss = forward()?.sqr()?.mean_all()?;
+        let t = Instant::now();
+        let grads = loss.backward()?;
+        let s = t.elapsed().as_secs_f64();
+        if grads.get(x.as_tensor()).is_none() {
+            return Err(ProfileError::Candle(candle_core::Error::Msg(
+                "the stage's input received no gradient".into(),
+            )));
+        }
+        if run > 0 {
+            bwd.push(s);
+        }
+        if bwd.len() >= opts.reps.max(1) && start.elapsed().as_secs_f64() >= opts.min_secs {
+            break;
+        }
+    }
+    bwd.sort_by(f64::total_cmp);
+    let back = bwd.get(bwd.len() / 2).copied().unwrap_or(0.0);
+    Ok((fwd / n as f64, (fwd + back) / n as f64))
 }
 
 /// Decode and prefill times of `spec` quantized, over `copies` copies.
