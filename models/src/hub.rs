@@ -356,9 +356,12 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 fn hub_error(repo: &str, e: hf_hub::api::sync::ApiError) -> ModelError {
     let text = e.to_string();
-    let hint = if text.contains("401") || text.contains("403") {
+    // The status as the HTTP client words it: a bare "403" also matches a
+    // port or a path in the URL the message quotes.
+    let status = |code: &str| text.contains(&format!("status code {code}"));
+    let hint = if status("401") || status("403") {
         " (a gated or private repository: set HF_TOKEN to a token with access)"
-    } else if text.contains("404") {
+    } else if status("404") {
         " (no such repository or file on the hub)"
     } else {
         ""
