@@ -220,8 +220,14 @@ fn train_times(stage: &Stage, opts: &MeasureOptions) -> Result<(f64, f64), Profi
             break;
         }
     }
-    bwd.sort_by(f64::total_cmp);
-    let back = bwd.get(bwd.len() / 2).copied().unwrap_or(0.0);
+    // The same statistic as `time_s` gave the forward: the mean over a
+    // sustained window, else the median.
+    let back = if opts.min_secs > 0.0 {
+        bwd.iter().sum::<f64>() / bwd.len().max(1) as f64
+    } else {
+        bwd.sort_by(f64::total_cmp);
+        bwd.get(bwd.len() / 2).copied().unwrap_or(0.0)
+    };
     Ok((fwd / n as f64, (fwd + back) / n as f64))
 }
 
