@@ -57,4 +57,9 @@ export HEARTH_MEASURE_SECS="${HEARTH_MEASURE_SECS:-0.05}"
 if [ "$(id -u)" = 0 ]; then
   export HEARTH_REQUIRE_NETNS=1 HEARTH_REQUIRE_CGROUPS=1 HEARTH_REQUIRE_GPU=1
 fi
-cargo test --workspace --no-fail-fast
+status=0
+cargo test --workspace --no-fail-fast || status=$?
+# The aarch64 kernels, cross-compiled and run under qemu-user (installs its
+# cross toolchain as root; elsewhere it says why it skips).
+scripts/test-aarch64.sh || status=$?
+exit "$status"

@@ -34,20 +34,60 @@ pub enum Linear {
     },
 }
 
+/// Whether this CPU runs candle's quantized types (Q8_0, the K-quants;
+/// not Q4_1) dequantized to f32, see [`qmatmul`]: aarch64 cores without
+/// the dot-product extension.
+pub fn candle_quantized_runs_dequantized() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        !std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        false
+    }
+}
+
+/// candle's matmul over a quantized tensor. candle's aarch64 kernels for
+/// Q8_0 and the K-quants run `sdot` (ARMv8.2's dot product) without
+/// asking whether the CPU has it, and die with an illegal instruction on
+/// older cores (a Raspberry Pi 4's Cortex-A72, a Pi 3's A53). There such a
+/// tensor is dequantized to f32 at load and runs as a dense matmul: four
+/// to eight times its memory, but right. Q4_1 never comes here (our own
+/// kernels, chosen at run time).
+fn qmatmul(w: Arc<QTensor>) -> Result<QMatMul> {
+    if candle_quantized_runs_dequantized()
+        && !matches!(
+            w.dtype(),
+            candle_core::quantized::GgmlDType::F32
+                | candle_core::quantized::GgmlDType::F16
+                | candle_core::quantized::GgmlDType::BF16
+        )
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing::warn!(
+                "this CPU lacks the dot-product extension: {:?} and other quantized \
+                 tensors (but Q4_1) run dequantized to f32",
+                w.dtype()
+            );
+        });
+        return Ok(QMatMul::Tensor(w.dequantize(&w.device())?));
+    }
+    Ok(QMatMul::from_arc(w)?)
+}
+
 impl Linear {
     /// From a quantized tensor `[out, in]`.
     pub fn quantized(w: QTensor, b: Option<Tensor>) -> Result<Self> {
         Ok(Self::Quantized {
-            w: QMatMul::from_qtensor(w)?,
+            w: qmatmul(Arc::new(w))?,
             b,
         })
     }
     /// From a shared quantized tensor (tied embedding / head).
     pub fn quantized_shared(w: std::sync::Arc<QTensor>, b: Option<Tensor>) -> Result<Self> {
-        Ok(Self::Quantized {
-            w: QMatMul::from_arc(w)?,
-            b,
-        })
+        Ok(Self::Quantized { w: qmatmul(w)?, b })
     }
     /// `x`: `[n, in]` -> `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -5,10 +5,11 @@
 //! change greedy tokens against llama.cpp. Here activations are quantized to
 //! Q8_1 exactly as llama.cpp does (per 32 values: f16 scale, f16 scaled sum)
 //! and the dot product runs on AVX-512 VNNI (two blocks per instruction, the
-//! 4-bit by 8-bit products summed in one `vpdpbusd`) or AVX2+FMA when the
-//! CPU has them — chosen at run time, never at build time, because a home
-//! cluster mixes CPUs — with a portable fallback that computes the same
-//! integer sums.
+//! 4-bit by 8-bit products summed in one `vpdpbusd`) or AVX2+FMA on x86-64,
+//! and on NEON's dot-product extension (`sdot`) or plain NEON on aarch64
+//! (Apple Silicon, Raspberry Pi, phones) — chosen at run time, never at
+//! build time, because a home cluster mixes CPUs — with a portable
+//! fallback that computes the same integer sums.
 
 use half::f16;
 use rayon::prelude::*;
@@ -243,6 +244,23 @@ fn kernels() -> Kernels {
             return Kernels {
                 dot: dot_avx2_entry,
                 dot4: dot4_avx2_entry,
+            };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::env::var_os("HEARTH_NO_SIMD").is_none()
+            && std::env::var_os("HEARTH_NO_DOTPROD").is_none()
+            && std::arch::is_aarch64_feature_detected!("dotprod")
+        {
+            return Kernels {
+                dot: dot_sdot_entry,
+                dot4: dot4_sdot_entry,
+            };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::env::var_os("HEARTH_NO_SIMD").is_none() {
+            return Kernels {
+                dot: dot_neon_entry,
+                dot4: dot4_neon_entry,
             };
         }
         Kernels {
@@ -543,6 +561,178 @@ unsafe fn dot4_vnni(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
     std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) + tail[k] + summs[k])
 }
 
+/// A Q4_1 block's 32 weights as signed bytes in value order (0..16 fit):
+/// the low nibbles (values 0..16) and the high ones (16..32).
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+fn q4_1_neon(wb: &BlockQ4_1) -> (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t) {
+    use std::arch::aarch64::*;
+    // SAFETY: `qs` is 16 bytes; NEON loads need no alignment.
+    let qs = unsafe { vld1q_u8(wb.qs.as_ptr()) };
+    (
+        vreinterpretq_s8_u8(vandq_u8(qs, vdupq_n_u8(0x0F))),
+        vreinterpretq_s8_u8(vshrq_n_u8::<4>(qs)),
+    )
+}
+
+/// An activation block's 32 signed bytes, as two halves.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+fn q8_1_neon(ab: &BlockQ8_1) -> (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t) {
+    use std::arch::aarch64::*;
+    // SAFETY: `qs` is 32 bytes; both loads lie inside it.
+    unsafe { (vld1q_s8(ab.qs.as_ptr()), vld1q_s8(ab.qs.as_ptr().add(16))) }
+}
+
+/// The block's 32 products summed into four lanes with plain NEON
+/// (widening multiplies, pairwise adds): every aarch64 CPU has it.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+fn block_sums_neon(
+    (lo, hi): (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t),
+    (x0, x1): (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t),
+) -> std::arch::aarch64::int32x4_t {
+    use std::arch::aarch64::*;
+    // Each product is at most 15 * 128 in size: pairs of them fit i16 sums
+    // widened to i32.
+    let p = vpaddlq_s16(vmull_s8(vget_low_s8(lo), vget_low_s8(x0)));
+    let p = vpadalq_s16(p, vmull_high_s8(lo, x0));
+    let p = vpadalq_s16(p, vmull_s8(vget_low_s8(hi), vget_low_s8(x1)));
+    vpadalq_s16(p, vmull_high_s8(hi, x1))
+}
+
+#[cfg(target_arch = "aarch64")]
+fn dot_neon_entry(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    // SAFETY: NEON is part of the aarch64 baseline every Rust aarch64
+    // Linux, macOS and Android target builds for.
+    unsafe { dot_neon(w, a) }
+}
+
+/// Q4_1 x Q8_1 with NEON (aarch64's baseline): the same integer sums as
+/// the portable kernel, scaled in four float lanes.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+fn dot_neon(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    use std::arch::aarch64::*;
+    let mut acc = vdupq_n_f32(0.0);
+    let mut summs = 0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let p = block_sums_neon(q4_1_neon(wb), q8_1_neon(ab));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), wb.d.to_f32() * ab.d);
+        summs += wb.m.to_f32() * ab.s;
+    }
+    vaddvq_f32(acc) + summs
+}
+
+#[cfg(target_arch = "aarch64")]
+fn dot4_neon_entry(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
+    // SAFETY: as in `dot_neon_entry`.
+    unsafe { dot4_neon(w, a, bpr) }
+}
+
+/// One weight row against four activation rows with NEON: each weight
+/// block is unpacked once for the four.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+fn dot4_neon(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
+    use std::arch::aarch64::*;
+    debug_assert!(a.len() >= 4 * bpr, "four activation rows expected");
+    let n = w.len().min(bpr).min(a.len() / 4);
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut summs = [0f32; 4];
+    for (i, wb) in w.iter().enumerate().take(n) {
+        let q = q4_1_neon(wb);
+        let (d, m) = (wb.d.to_f32(), wb.m.to_f32());
+        for k in 0..4 {
+            let ab = &a[k * bpr + i];
+            let p = block_sums_neon(q, q8_1_neon(ab));
+            acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(p), d * ab.d);
+            summs[k] += m * ab.s;
+        }
+    }
+    std::array::from_fn(|k| vaddvq_f32(acc[k]) + summs[k])
+}
+
+/// `acc += ` the four-byte dot products of `a` and `b`, lane by lane
+/// (ARMv8.2 `sdot`). Rust's `vdotq_s32` is not stable yet, so the one
+/// instruction is written out.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sdot(
+    mut acc: std::arch::aarch64::int32x4_t,
+    a: std::arch::aarch64::int8x16_t,
+    b: std::arch::aarch64::int8x16_t,
+) -> std::arch::aarch64::int32x4_t {
+    // SAFETY: `sdot` reads and writes only these registers, and this
+    // function only runs where the CPU has it (its target feature).
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+#[cfg(target_arch = "aarch64")]
+fn dot_sdot_entry(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    // SAFETY: only selected by `kernels()` after detecting dotprod.
+    unsafe { dot_sdot(w, a) }
+}
+
+/// Q4_1 x Q8_1 with NEON's dot-product extension: a block's 32 byte
+/// products summed into four lanes by two `sdot`.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+fn dot_sdot(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    use std::arch::aarch64::*;
+    let mut acc = vdupq_n_f32(0.0);
+    let mut summs = 0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let ((lo, hi), (x0, x1)) = (q4_1_neon(wb), q8_1_neon(ab));
+        let p = sdot(sdot(vdupq_n_s32(0), lo, x0), hi, x1);
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), wb.d.to_f32() * ab.d);
+        summs += wb.m.to_f32() * ab.s;
+    }
+    vaddvq_f32(acc) + summs
+}
+
+#[cfg(target_arch = "aarch64")]
+fn dot4_sdot_entry(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
+    // SAFETY: only selected by `kernels()` after detecting dotprod.
+    unsafe { dot4_sdot(w, a, bpr) }
+}
+
+/// One weight row against four activation rows with `sdot`.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+fn dot4_sdot(w: &[BlockQ4_1], a: &[BlockQ8_1], bpr: usize) -> [f32; 4] {
+    use std::arch::aarch64::*;
+    debug_assert!(a.len() >= 4 * bpr, "four activation rows expected");
+    let n = w.len().min(bpr).min(a.len() / 4);
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut summs = [0f32; 4];
+    for (i, wb) in w.iter().enumerate().take(n) {
+        let (lo, hi) = q4_1_neon(wb);
+        let (d, m) = (wb.d.to_f32(), wb.m.to_f32());
+        for k in 0..4 {
+            let ab = &a[k * bpr + i];
+            let (x0, x1) = q8_1_neon(ab);
+            let p = sdot(sdot(vdupq_n_s32(0), lo, x0), hi, x1);
+            acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(p), d * ab.d);
+            summs[k] += m * ab.s;
+        }
+    }
+    std::array::from_fn(|k| vaddvq_f32(acc[k]) + summs[k])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,6 +801,17 @@ mod tests {
                 eprintln!("AVX-512 VNNI kernels not checked: this CPU lacks them");
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            all.push(("neon", dot_neon_entry, dot4_neon_entry));
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                all.push(("neon-dotprod", dot_sdot_entry, dot4_sdot_entry));
+            } else {
+                eprintln!("NEON dotprod kernels not checked: this CPU lacks them");
+            }
+        }
+        let names: Vec<&str> = all.iter().map(|k| k.0).collect();
+        eprintln!("kernels checked: {names:?}");
         for cols in [32, 64, 96, 576, 1536] {
             let bpr = cols / QK;
             let (m, _) = random_matrix(5, cols, cols as u32);
