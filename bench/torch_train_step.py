@@ -2,13 +2,17 @@
 """PyTorch side of `hearth-bench train --torch`: the same model (the GGUF's
 tensors dequantized to f32 by Hearth and written as HF-named safetensors),
 the same micro-batches (token ids, labels, segment ids, positions, exactly
-as Hearth's data module cut them) and the same LoRA (rank, alpha, targets)
-and optimizer (AdamW, global norm clipping) as Hearth's single-node job.
-Written as a PyTorch user would: plain eager modules, autograd, no
-activation checkpointing, F.scaled_dot_product_attention.
+as Hearth's data module cut them), the same method (LoRA with its rank,
+alpha and targets on a frozen base, or full fine-tuning: every weight,
+norms and the tied embedding included, as Hearth trains them) and the same
+optimizer (AdamW over every trained tensor, global norm clipping) as
+Hearth's single-node job. Written as a PyTorch user would: plain eager
+modules, autograd, no activation checkpointing,
+F.scaled_dot_product_attention. A step's time includes the optimizer's
+update, as Hearth's does.
 
 Usage: torch_train_step.py DIR STEPS THREADS
-DIR holds model.safetensors, config.json, batch.json and lora.json.
+DIR holds model.safetensors, config.json, batch.json and train.json.
 Prints one JSON line: per-step loss and wall time, tokens per step."""
 import json
 import math
@@ -23,7 +27,8 @@ directory, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 cfg = json.load(open(f"{directory}/config.json"))
-lora = json.load(open(f"{directory}/lora.json"))
+train = json.load(open(f"{directory}/train.json"))
+FULL = train["method"] == "full"
 batches = json.load(open(f"{directory}/batch.json"))
 w = load_file(f"{directory}/model.safetensors")
 
@@ -34,20 +39,30 @@ PROJ = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "s
         "down_proj": "mlp.down_proj"}
 
 
+def tensor(t):
+    """A trained weight under full fine-tuning, else a frozen one."""
+    return torch.nn.Parameter(t) if FULL and t is not None else t
+
+
 class Linear(torch.nn.Module):
-    """A frozen weight, with a LoRA adapter when its projection is a target."""
+    """A weight, trained under full fine-tuning; else frozen, with a LoRA
+    adapter when its projection is a target."""
 
     def __init__(self, weight, bias, adapt):
         super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
+        if FULL:
+            self.weight = torch.nn.Parameter(weight)
+            self.bias = None if bias is None else torch.nn.Parameter(bias)
+        else:
+            self.register_buffer("weight", weight)
+            self.register_buffer("bias", bias)
         self.a = self.b = None
-        if adapt:
+        if adapt and not FULL:
             out_f, in_f = weight.shape
-            r = lora["rank"]
+            r = train["rank"]
             self.a = torch.nn.Parameter(torch.randn(r, in_f) / math.sqrt(in_f))
             self.b = torch.nn.Parameter(torch.zeros(out_f, r))
-            self.scale = lora["alpha"] / r
+            self.scale = train["alpha"] / r
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
@@ -70,11 +85,11 @@ class Layer(torch.nn.Module):
         super().__init__()
         p = f"model.layers.{i}."
         self.proj = torch.nn.ModuleDict({
-            k: Linear(w[p + v + ".weight"], w.get(p + v + ".bias"), k in lora["targets"])
+            k: Linear(w[p + v + ".weight"], w.get(p + v + ".bias"), k in train.get("targets", []))
             for k, v in PROJ.items()
         })
-        self.n1 = w[p + "input_layernorm.weight"]
-        self.n2 = w[p + "post_attention_layernorm.weight"]
+        self.n1 = tensor(w[p + "input_layernorm.weight"])
+        self.n2 = tensor(w[p + "post_attention_layernorm.weight"])
 
     def forward(self, x, cos, sin, mask):
         rows, n, _ = x.shape
@@ -93,9 +108,11 @@ class Layer(torch.nn.Module):
 class Model(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.embed = w["model.embed_tokens.weight"]
-        self.head = w.get("lm_head.weight", self.embed)
-        self.norm = w["model.norm.weight"]
+        self.embed = tensor(w["model.embed_tokens.weight"])
+        # Tied: the head is the embedding's own parameter.
+        head = w.get("lm_head.weight")
+        self.head = self.embed if head is None else tensor(head)
+        self.norm = tensor(w["model.norm.weight"])
         self.layers = torch.nn.ModuleList(Layer(i) for i in range(cfg["num_hidden_layers"]))
 
     def forward(self, ids, positions, mask):
@@ -111,7 +128,7 @@ class Model(torch.nn.Module):
 
 model = Model()
 params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=lora["learning_rate"], weight_decay=lora["weight_decay"],
+opt = torch.optim.AdamW(params, lr=train["learning_rate"], weight_decay=train["weight_decay"],
                         betas=(0.9, 0.999), eps=1e-8)
 
 inputs = []
@@ -137,7 +154,7 @@ for _ in range(steps):
                                ignore_index=-100, reduction="sum") / targets
         loss.backward()
         total += loss.item()
-    torch.nn.utils.clip_grad_norm_(params, lora["max_grad_norm"])
+    torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
     opt.step()
     times.append(time.perf_counter() - t0)
     losses.append(total)

@@ -19,6 +19,13 @@
 //! first step's loss of both (LoRA's B starts at zero, so it is the base
 //! model's loss) shows they ran the same model on the same tokens.
 //!
+//! Then (unless `--no-full`) one node runs full fine-tuning (every weight,
+//! the tied embedding and the norms trained), and PyTorch the same. A
+//! step's time is the whole step on both sides: forward, backward,
+//! clipping and the AdamW update. The single-node runs of both methods
+//! alternate with PyTorch's over `--rounds` rounds (medians), since this
+//! kind of machine's speed drifts by tens of percent within minutes.
+//!
 //! `bench/run_train.sh` (installs torch into `.venv-torch`), or
 //! `cargo run --release -p hearth-bench --bin train [-- --torch PYTHON]`
 #![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
@@ -57,7 +64,16 @@ struct Args {
     /// The most pipeline stages measured (1 to 3).
     #[arg(long, default_value_t = 3)]
     max_stages: usize,
+    /// Skip the single-node full fine-tuning step (every weight trained).
+    #[arg(long)]
+    no_full: bool,
+    /// Interleaved rounds of the single-node comparison with PyTorch.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
+
+/// Jobs specified so far (each gets its own output folder).
+static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 struct Figures {
     step_s: f64,
@@ -76,8 +92,9 @@ struct TorchFigures {
     first_loss: f64,
 }
 
-/// The job of `p` stages (m = 4p micro-batches of one example each).
-fn job_spec(p: usize, args: &Args, model: &str, dir: &Path) -> Result<JobSpec> {
+/// The job of `p` stages (m = 4p micro-batches of one example each),
+/// LoRA or, with `full`, every weight.
+fn job_spec(p: usize, args: &Args, model: &str, dir: &Path, full: bool) -> Result<JobSpec> {
     let m = 4 * p;
     // Words of about one token each, so examples fill `len` tokens.
     let data: String = (0..m)
@@ -90,10 +107,21 @@ fn job_spec(p: usize, args: &Args, model: &str, dir: &Path) -> Result<JobSpec> {
         .collect();
     let path = dir.join(format!("data-{p}.jsonl"));
     std::fs::write(&path, data)?;
+    let method = if full {
+        serde_json::json!({"type": "full"})
+    } else {
+        serde_json::to_value(MethodSpec::default())?
+    };
     Ok(serde_json::from_value(serde_json::json!({
         "model": model,
         "data": path,
-        "output_dir": dir.join(format!("out-{p}")),
+        "method": method,
+        // A fresh folder per job: a finished job's checkpoint would be resumed.
+        "output_dir": dir.join(format!(
+            "out-{p}{}-{}",
+            if full { "-full" } else { "" },
+            RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )),
         "steps": args.steps,
         "batch_size": m,
         "micro_batches": m,
@@ -103,13 +131,13 @@ fn job_spec(p: usize, args: &Args, model: &str, dir: &Path) -> Result<JobSpec> {
     }))?)
 }
 
-async fn run(p: usize, args: &Args, dir: &Path) -> Result<Figures> {
+async fn run(p: usize, args: &Args, dir: &Path, full: bool) -> Result<Figures> {
     let model = real_model().context("the real model is missing (hearth models pull)")?;
     let info = model_info(&model, dir)?;
     let nodes = pipeline_cluster(p, p, &info, PlacementPolicy::Even).await?;
-    let spec = job_spec(p, args, &info.times.model, dir)?;
+    let spec = job_spec(p, args, &info.times.model, dir, full)?;
     let node = &nodes[0].node;
-    let id = format!("ftjob-bench{p}");
+    let id = format!("ftjob-bench{p}{}", if full { "-full" } else { "" });
     node.start_job(id.clone(), spec)?;
     let start = Instant::now();
     let job = node.job(&id).context("no job")?;
@@ -155,22 +183,24 @@ async fn run(p: usize, args: &Args, dir: &Path) -> Result<Figures> {
 
 /// Runs the p = 1 step in PyTorch (`bench/torch_train_step.py`) on what
 /// the Hearth job trained on.
-fn torch_step(python: &Path, args: &Args, dir: &Path) -> Result<TorchFigures> {
+fn torch_step(python: &Path, args: &Args, dir: &Path, full: bool) -> Result<TorchFigures> {
     let model = real_model().context("the real model is missing (hearth models pull)")?;
-    let spec = job_spec(1, args, "base", dir)?;
-    let out = dir.join("torch");
+    let spec = job_spec(1, args, "base", dir, full)?;
+    let out = dir.join(if full { "torch-full" } else { "torch" });
     std::fs::create_dir_all(&out)?;
     let weights = WeightFile::open(&model)?;
     let cfg = weights.config().clone();
-    let tensors = TensorId::all(&cfg)
-        .filter(|&id| weights.contains(id))
-        .map(|id| Ok((id.hf_name(), weights.load_f32(id, &Device::Cpu)?)))
-        .collect::<Result<Vec<_>>>()?;
-    write_atomic(
-        &out.join("model.safetensors"),
-        &safetensors_bytes(&tensors, None)?,
-    )?;
-    drop(tensors);
+    // Written once; later rounds reuse it.
+    if !out.join("model.safetensors").exists() {
+        let tensors = TensorId::all(&cfg)
+            .filter(|&id| weights.contains(id))
+            .map(|id| Ok((id.hf_name(), weights.load_f32(id, &Device::Cpu)?)))
+            .collect::<Result<Vec<_>>>()?;
+        write_atomic(
+            &out.join("model.safetensors"),
+            &safetensors_bytes(&tensors, None)?,
+        )?;
+    }
     std::fs::write(out.join("config.json"), serde_json::to_vec(&cfg)?)?;
     // The micro-batches exactly as the job cuts its first step.
     let text = ModelText::load(&weights)?;
@@ -195,24 +225,27 @@ fn torch_step(python: &Path, args: &Args, dir: &Path) -> Result<TorchFigures> {
         })
         .collect();
     std::fs::write(out.join("batch.json"), serde_json::to_vec(&batches)?)?;
-    let MethodSpec::Lora {
-        rank,
-        alpha,
-        targets,
-        ..
-    } = &spec.method
-    else {
-        bail!("the benchmark trains LoRA");
+    let optimizer = serde_json::json!({
+        "learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
+        "max_grad_norm": spec.max_grad_norm,
+    });
+    let method = match &spec.method {
+        MethodSpec::Lora {
+            rank,
+            alpha,
+            targets,
+            ..
+        } => {
+            let targets: Vec<&str> = targets.iter().map(|t| t.peft_name()).collect();
+            serde_json::json!({"method": "lora", "rank": rank, "alpha": alpha, "targets": targets})
+        }
+        MethodSpec::Full => serde_json::json!({"method": "full"}),
     };
-    let targets: Vec<&str> = targets.iter().map(|t| t.peft_name()).collect();
-    std::fs::write(
-        out.join("lora.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "rank": rank, "alpha": alpha, "targets": targets,
-            "learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
-            "max_grad_norm": spec.max_grad_norm,
-        }))?,
-    )?;
+    let mut train = method;
+    if let (Some(t), Some(o)) = (train.as_object_mut(), optimizer.as_object()) {
+        t.extend(o.clone());
+    }
+    std::fs::write(out.join("train.json"), serde_json::to_vec(&train)?)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let script = hearth_test_utils::workspace_root().join("bench/torch_train_step.py");
     let run = Command::new(python)
@@ -262,13 +295,28 @@ fn main() -> Result<()> {
         .block_on(bench())
 }
 
+/// One side of the single-node comparison over interleaved rounds.
+#[derive(Default)]
+struct Rounds {
+    step_s: Vec<f64>,
+    tok_s: Vec<f64>,
+    first_loss: Option<f64>,
+}
+
+impl Rounds {
+    fn push(&mut self, step_s: f64, tok_s: f64, first_loss: f64) {
+        self.step_s.push(step_s);
+        self.tok_s.push(tok_s);
+        self.first_loss.get_or_insert(first_loss);
+    }
+}
+
 async fn bench() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let mut figs = Vec::new();
-    let mut torch = None;
     for p in 1..=args.max_stages.clamp(1, 3) {
-        let f = run(p, &args, dir.path()).await?;
+        let f = run(p, &args, dir.path(), false).await?;
         print(&format!(
             "p={p} m={}: step {:.2} s, {:.1} tok/s, bubble {:.3} (textbook {:.3})",
             4 * p,
@@ -277,16 +325,38 @@ async fn bench() -> Result<()> {
             f.bubble,
             (p as f64 - 1.0) / (5.0 * p as f64 - 1.0)
         ))?;
-        // PyTorch right after Hearth's single node, so both see the same machine.
-        if let (1, Some(python)) = (p, &args.torch) {
-            let t = torch_step(python, &args, dir.path())?;
-            print(&format!(
-                "PyTorch {} ({} threads), p=1 m=4: step {:.2} s, {:.1} tok/s, first loss {:.5} (Hearth {:.5})",
-                t.version, t.threads, t.step_s, t.tok_s, t.first_loss, f.first_loss
-            ))?;
-            torch = Some(t);
-        }
         figs.push(f);
+    }
+    // The single node against PyTorch, LoRA then full fine-tuning, in
+    // interleaved rounds (Hearth, PyTorch, Hearth, PyTorch, ...) so that
+    // both see the same machine as its speed drifts; medians.
+    let methods: &[bool] = if args.no_full {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    let mut hearth: [Rounds; 2] = Default::default();
+    let mut torch: [Rounds; 2] = Default::default();
+    let mut torch_version = None;
+    for round in 0..args.rounds.max(1) {
+        for &full in methods {
+            let name = if full { "full" } else { "LoRA" };
+            let f = run(1, &args, dir.path(), full).await?;
+            print(&format!(
+                "round {round}, {name}, p=1 m=4: step {:.2} s, {:.1} tok/s",
+                f.step_s, f.tok_s
+            ))?;
+            hearth[usize::from(full)].push(f.step_s, f.tok_s, f.first_loss);
+            if let Some(python) = &args.torch {
+                let t = torch_step(python, &args, dir.path(), full)?;
+                print(&format!(
+                    "round {round}, PyTorch {} ({} threads), {name}: step {:.2} s, {:.1} tok/s, first loss {:.5} (Hearth {:.5})",
+                    t.version, t.threads, t.step_s, t.tok_s, t.first_loss, f.first_loss
+                ))?;
+                torch[usize::from(full)].push(t.step_s, t.tok_s, t.first_loss);
+                torch_version = Some((t.version, t.threads));
+            }
+        }
     }
     let mut rows = Vec::new();
     for (i, f) in figs.iter().enumerate() {
@@ -307,27 +377,45 @@ async fn bench() -> Result<()> {
             (p as f64 - 1.0) / (5.0 * p as f64 - 1.0) * 1000.0,
         ));
     }
-    if let Some(t) = &torch {
+    for &full in methods {
+        let (h, t) = (&hearth[usize::from(full)], &torch[usize::from(full)]);
+        let name = if full { "full fine-tuning" } else { "LoRA" };
+        if t.step_s.is_empty() {
+            if full {
+                rows.push(Row::new(
+                    "full fine-tuning p=1 m=4 step time (s) vs LoRA p=1",
+                    median(&h.step_s),
+                    median(&hearth[0].step_s),
+                ));
+            }
+            continue;
+        }
         rows.push(Row::new(
-            "p=1 m=4 step time (s) vs PyTorch CPU",
-            figs[0].step_s,
-            t.step_s,
+            &format!(
+                "{name} p=1 m=4 step time (s) vs PyTorch CPU, median of {}",
+                h.step_s.len()
+            ),
+            median(&h.step_s),
+            median(&t.step_s),
         ));
         rows.push(Row::new(
-            "p=1 m=4 tokens/s vs PyTorch CPU",
-            figs[0].tok_s,
-            t.tok_s,
+            &format!("{name} p=1 m=4 tokens/s vs PyTorch CPU"),
+            median(&h.tok_s),
+            median(&t.tok_s),
         ));
         rows.push(Row::new(
-            "first-step loss ×1000 vs PyTorch (same weights and tokens)",
-            figs[0].first_loss * 1000.0,
-            t.first_loss * 1000.0,
+            &format!("{name} first-step loss ×1000 vs PyTorch (same weights and tokens)"),
+            h.first_loss.unwrap_or(f64::NAN) * 1000.0,
+            t.first_loss.unwrap_or(f64::NAN) * 1000.0,
         ));
     }
+    let all = |r: &[Rounds; 2]| -> serde_json::Value {
+        serde_json::json!({"lora_step_s": r[0].step_s, "full_step_s": r[1].step_s})
+    };
     let md = write_results(
         &args.out,
         "train",
-        "Pipeline-parallel LoRA training, SmolLM2-135M, loopback",
+        "Pipeline-parallel LoRA training and single-node full fine-tuning, SmolLM2-135M, loopback",
         "measured",
         "reference",
         &rows,
@@ -336,12 +424,14 @@ async fn bench() -> Result<()> {
             "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
             "tokens_per_micro_batch": args.len,
             "steps_counted": args.steps.saturating_sub(1),
-            "method": "LoRA r=8 on q,k,v,o,gate,up,down; f32; 1F1B; recompute",
+            "method": "LoRA r=8 on q,k,v,o,gate,up,down (and full fine-tuning: every weight, the tied embedding and the norms); f32; 1F1B; recompute",
+            "step": "the whole step: forward, backward, clipping and the AdamW update, on both sides",
             "note": "all nodes share this machine's cores",
-            "pytorch": torch.as_ref().map(|t| serde_json::json!({
-                "version": t.version,
-                "threads": t.threads,
-                "style": "eager modules, autograd, no activation checkpointing, SDPA; same micro-batches, LoRA and AdamW",
+            "rounds": {"hearth": all(&hearth), "pytorch": all(&torch)},
+            "pytorch": torch_version.as_ref().map(|(version, threads)| serde_json::json!({
+                "version": version,
+                "threads": threads,
+                "style": "eager modules, autograd, no activation checkpointing, SDPA; same micro-batches, method and AdamW",
             })),
         }),
     )?;

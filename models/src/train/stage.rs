@@ -215,6 +215,16 @@ impl TLinear {
 /// inside a decode pass never picks up a whole training micro-batch (rayon
 /// lets a waiting worker run any queued job), so serving while a job
 /// trains keeps its latency. `None` if the threads cannot be started.
+/// Runs `f` on the training pool (on the caller's thread if the pool
+/// could not start): the optimizer's and gradient sums' parallel loops
+/// stay off the pool inference uses, as the passes do.
+pub(crate) fn in_train_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match train_pool() {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
+}
+
 fn train_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
@@ -227,29 +237,85 @@ fn train_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// `x · wᵀ`. For a weight that is not trained (LoRA's base, a frozen tied
-/// head) the product is computed outside the graph and attached to `x` by
-/// [`FrozenRhs`], whose backward yields only `x`'s gradient `dy · w`:
-/// candle's matmul backward would also compute `w`'s (`xᵀ · dy`, as large
-/// as `w`, into a fresh zeroed buffer) and then drop it. `x`'s gradient is
-/// the same product either way.
+/// `x · wᵀ`, with the product computed outside the graph and attached to
+/// `x` by [`KnownProduct`], whose backward yields `x`'s gradient `dy · w`
+/// and, for a trained weight, hands `w`'s gradient straight to the
+/// backward pass's sink. candle's matmul backward would compute `w`'s
+/// gradient as the transpose of `xᵀ · dy` into a zero-filled buffer of
+/// `w`'s size: thrown away for a frozen weight (LoRA's base, a frozen tied
+/// head), summed a second time for a trained one. `x`'s gradient is the
+/// same product either way.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.track_op() || !x.track_op() {
+    let trained = if !w.track_op() {
+        None
+    } else if w.is_variable() && x.rank() == 2 && WEIGHT_GRADS.with(|g| !g.borrow().is_empty()) {
+        // Inside a backward pass: the sink is keyed by the trained tensor's
+        // id (`detach` gives a new one).
+        Some(w.id())
+    } else {
+        return Ok(x.matmul(&w.t()?)?);
+    };
+    if !x.track_op() {
         return Ok(x.matmul(&w.t()?)?);
     }
+    let w = w.detach();
     let y = x.detach().matmul(&w.t()?)?;
-    Ok(x.apply_op2(&y, FrozenRhs { w: w.clone() })?)
+    Ok(x.apply_op2(&y, KnownProduct { w, trained })?)
+}
+
+type WeightGrads = std::collections::HashMap<candle_core::TensorId, Tensor>;
+
+thread_local! {
+    /// The weight gradients of the backward passes running on this thread,
+    /// innermost last, by the weight's tensor id. A stack: while a pass
+    /// waits inside a parallel matmul, rayon may run another stage's whole
+    /// pass on the same thread (stages of one process share the training
+    /// pool), and that pass opens and closes its own sink on top.
+    static WEIGHT_GRADS: std::cell::RefCell<Vec<WeightGrads>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Opens a weight-gradient sink on this thread for one backward pass;
+/// taking it (or dropping the guard, on an error) closes it.
+struct WeightGradSink {
+    open: bool,
+}
+
+impl WeightGradSink {
+    fn open() -> Self {
+        WEIGHT_GRADS.with(|g| g.borrow_mut().push(WeightGrads::new()));
+        Self { open: true }
+    }
+
+    fn take(mut self) -> WeightGrads {
+        self.open = false;
+        WEIGHT_GRADS
+            .with(|g| g.borrow_mut().pop())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for WeightGradSink {
+    fn drop(&mut self) {
+        if self.open {
+            WEIGHT_GRADS.with(|g| g.borrow_mut().pop());
+        }
+    }
 }
 
 /// Passes a product computed outside the graph through (forward: its
-/// second argument) and back-propagates `dy · w` to its first argument.
-struct FrozenRhs {
+/// second argument) and back-propagates `dy · w` to its first argument;
+/// for a trained weight, also `dyᵀ · x` into the pass's sink.
+struct KnownProduct {
+    /// The weight, detached (same storage).
     w: Tensor,
+    /// The trained tensor's id (the sink's key), or none for a frozen one.
+    trained: Option<candle_core::TensorId>,
 }
 
-impl candle_core::CustomOp2 for FrozenRhs {
+impl candle_core::CustomOp2 for KnownProduct {
     fn name(&self) -> &'static str {
-        "frozen-rhs-matmul"
+        "known-product-matmul"
     }
 
     fn cpu_fwd(
@@ -262,7 +328,7 @@ impl candle_core::CustomOp2 for FrozenRhs {
         use candle_core::CpuStorage as S;
         let Some((a, b)) = l.contiguous_offsets() else {
             return Err(candle_core::Error::Msg(
-                "frozen-rhs-matmul: the product is not contiguous".into(),
+                "known-product-matmul: the product is not contiguous".into(),
             ));
         };
         let out = match y {
@@ -272,7 +338,7 @@ impl candle_core::CustomOp2 for FrozenRhs {
             S::F16(v) => S::F16(v[a..b].to_vec()),
             _ => {
                 return Err(candle_core::Error::Msg(
-                    "frozen-rhs-matmul: not a float product".into(),
+                    "known-product-matmul: not a float product".into(),
                 ));
             }
         };
@@ -281,11 +347,37 @@ impl candle_core::CustomOp2 for FrozenRhs {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(id) = self.trained {
+            let dw = grad.t()?.matmul(&x.detach())?;
+            // The sink is borrowed only to move tensors in and out, never
+            // across an op (which could run another pass on this thread).
+            let outside = || {
+                candle_core::Error::Msg(
+                    "a trained weight's gradient outside its backward pass".into(),
+                )
+            };
+            let prev = WEIGHT_GRADS.with(|g| {
+                g.borrow_mut()
+                    .last_mut()
+                    .map(|sink| sink.remove(&id))
+                    .ok_or_else(outside)
+            })?;
+            let dw = match prev {
+                Some(prev) => (prev + dw)?,
+                None => dw,
+            };
+            WEIGHT_GRADS.with(|g| {
+                g.borrow_mut()
+                    .last_mut()
+                    .map(|sink| sink.insert(id, dw))
+                    .ok_or_else(outside)
+            })?;
+        }
         Ok((Some(grad.matmul(&self.w)?), None))
     }
 }
@@ -801,6 +893,7 @@ impl TrainStage {
             }
             TrainInput::Tokens(t) => (TrainInput::Tokens(t.clone()), None),
         };
+        let sink = WeightGradSink::open();
         let out = self.forward(&input, b, drop)?;
         let (objective, loss_sum, targets) = match upstream {
             Upstream::Grad(g) => {
@@ -826,11 +919,20 @@ impl TrainStage {
             }
         };
         let mut store = objective.backward()?;
+        let mut weight_grads = sink.take();
+        // A weight's gradient from the sink, plus candle's where the same
+        // tensor also took part otherwise (a tied embedding and head).
         let grads = self
             .trainables
             .iter()
-            .map(|(_, v)| store.remove(v.as_tensor()))
-            .collect();
+            .map(|(_, v)| {
+                let t = v.as_tensor();
+                Ok(match (store.remove(t), weight_grads.remove(&t.id())) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let input_grad = match input_var {
             Some(v) => Some(match store.remove(v.as_tensor()) {
                 Some(g) => g,
@@ -1224,15 +1326,141 @@ pub fn step_grads(
 }
 
 /// Adds one micro-batch's gradients into running sums (in order, so sums
-/// are reproducible).
+/// are reproducible), in place where they lie contiguous: a pass's
+/// gradients are fresh tensors nothing else holds (candle's backward sums
+/// into new buffers; the weight-gradient sink's are new products), so the
+/// first micro-batch's becomes the sum.
 pub fn accumulate(acc: &mut [Option<Tensor>], grads: Vec<Option<Tensor>>) -> Result<()> {
+    in_train_pool(|| accumulate_here(acc, grads))
+}
+
+fn accumulate_here(acc: &mut [Option<Tensor>], grads: Vec<Option<Tensor>>) -> Result<()> {
     for (a, g) in acc.iter_mut().zip(grads) {
         if let Some(g) = g {
             *a = Some(match a.take() {
+                Some(prev)
+                    if prev.dims() == g.dims()
+                        && prev.dtype() == g.dtype()
+                        && prev.is_contiguous()
+                        && g.is_contiguous() =>
+                {
+                    prev.inplace_op2(&g, &AddAssign)?;
+                    prev
+                }
                 Some(prev) => (prev + g)?,
                 None => g,
             });
         }
     }
     Ok(())
+}
+
+/// `a += b`, elementwise, for contiguous tensors of one float type.
+struct AddAssign;
+
+impl candle_core::InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "add-assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &mut candle_core::CpuStorage,
+        la: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        lb: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use super::optim::UPDATE_CHUNK as CHUNK;
+        use candle_core::CpuStorage as S;
+        use rayon::prelude::*;
+        let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::Msg("add-assign: not contiguous".into()));
+        };
+        if a1 - a0 != b1 - b0 {
+            return Err(candle_core::Error::Msg("add-assign: sizes differ".into()));
+        }
+        match (a, b) {
+            (S::F32(a), S::F32(b)) => a[a0..a1]
+                .par_chunks_mut(CHUNK)
+                .zip(b[b0..b1].par_chunks(CHUNK))
+                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b)),
+            (S::F64(a), S::F64(b)) => a[a0..a1]
+                .par_chunks_mut(CHUNK)
+                .zip(b[b0..b1].par_chunks(CHUNK))
+                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b)),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "add-assign: not two f32 or two f64 tensors".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trained weight's gradient reaches the sink of the pass that used
+    /// it, also when another pass opens and closes its own sink on the same
+    /// thread in between (rayon running another stage's pass while this
+    /// one waits), and equals candle's own gradient.
+    #[test]
+    fn weight_gradients_reach_their_own_pass_when_passes_nest() {
+        let dev = Device::Cpu;
+        let var = |v: &[f64], r: usize, c: usize| {
+            Var::from_tensor(&Tensor::from_slice(v, (r, c), &dev).unwrap()).unwrap()
+        };
+        let w = var(
+            &[
+                0.1, -0.2, 0.3, 0.4, 0.5, -0.6, 0.7, 0.8, -0.9, 1.0, 1.1, 1.2,
+            ],
+            3,
+            4,
+        );
+        let x = var(&[1.0, 2.0, -1.0, 0.5, 0.25, -3.0, 2.0, 1.5], 2, 4);
+        let w2 = var(&[1.0, 2.0, 3.0, 4.0], 1, 4);
+        // The reference: candle's matmul backward, no sink open.
+        let want = {
+            let y = matmul_t(x.as_tensor(), w.as_tensor()).unwrap();
+            let mut g = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                g.remove(w.as_tensor()).unwrap(),
+                g.remove(x.as_tensor()).unwrap(),
+            )
+        };
+        let outer = WeightGradSink::open();
+        let y = matmul_t(x.as_tensor(), w.as_tensor()).unwrap();
+        // Another pass, start to end, on this thread.
+        let inner = WeightGradSink::open();
+        let z = matmul_t(x.as_tensor(), w2.as_tensor()).unwrap();
+        let _ = z.sum_all().unwrap().backward().unwrap();
+        let inner = inner.take();
+        assert!(inner.contains_key(&w2.as_tensor().id()));
+        assert!(!inner.contains_key(&w.as_tensor().id()));
+        let mut g = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut got = outer.take();
+        assert!(WEIGHT_GRADS.with(|s| s.borrow().is_empty()));
+        let gw = got.remove(&w.as_tensor().id()).unwrap();
+        assert!(got.is_empty(), "only this pass's weight");
+        assert!(g.get(w.as_tensor()).is_none(), "not through candle as well");
+        let gx = g.remove(x.as_tensor()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f64 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(diff(&gw, &want.0) < 1e-12);
+        assert!(diff(&gx, &want.1) < 1e-12);
+        // A pass that fails closes its sink when its guard drops.
+        drop(WeightGradSink::open());
+        assert!(WEIGHT_GRADS.with(|s| s.borrow().is_empty()));
+    }
 }

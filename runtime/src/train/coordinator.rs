@@ -34,8 +34,13 @@ pub struct StepOutcome {
     pub states: Vec<Vec<u8>>,
     /// Each stage's compute time in the step.
     pub busy_s: Vec<f64>,
-    /// Wall time from the first micro-batch sent to the last report.
+    /// Wall time from the first micro-batch sent to the last report: the
+    /// forward/backward schedule, against which stages' utilization is read.
     pub wall_s: f64,
+    /// The whole step: the schedule, then every stage's optimizer update
+    /// acknowledged (not the checkpoint state that may follow). What a
+    /// PyTorch user's step time measures.
+    pub step_s: f64,
 }
 
 /// Drives a job's steps over placed stage workers.
@@ -198,7 +203,18 @@ impl Coordinator {
         }
         let mut done = vec![false; p];
         let mut states: Vec<Vec<u8>> = vec![Vec::new(); p];
-        while done.iter().any(|d| !d) {
+        // Each stage's announced state size, once its first chunk came.
+        let mut totals: Vec<Option<u64>> = vec![None; p];
+        // The step ends when every stage has applied it (each stage says so
+        // before it sends any checkpoint state).
+        let mut step_s = None;
+        let incomplete = |totals: &[Option<u64>], states: &[Vec<u8>]| {
+            save && totals
+                .iter()
+                .zip(states)
+                .any(|(t, b)| *t != Some(b.len() as u64))
+        };
+        while done.iter().any(|d| !d) || incomplete(&totals, &states) {
             match self.next("the stages' acknowledgements").await? {
                 (
                     _,
@@ -207,6 +223,9 @@ impl Coordinator {
                     },
                 ) if st == step && (stage as usize) < p => {
                     done[stage as usize] = true;
+                    if step_s.is_none() && done.iter().all(|d| *d) {
+                        step_s = Some(started.elapsed().as_secs_f64());
+                    }
                 }
                 (
                     _,
@@ -220,8 +239,13 @@ impl Coordinator {
                     },
                 ) if st == step && save && (stage as usize) < p => {
                     let buf = &mut states[stage as usize];
+                    let announced = totals[stage as usize].get_or_insert(total);
                     let end = offset.saturating_add(data.len() as u64);
-                    if offset != buf.len() as u64 || end > total || total > self.max_state {
+                    if offset != buf.len() as u64
+                        || end > total
+                        || total > self.max_state
+                        || *announced != total
+                    {
                         return Err(TrainError::Protocol(format!(
                             "state chunk of {} bytes at {offset} of {total} (expected at {}, at most {} in all)",
                             data.len(),
@@ -241,6 +265,7 @@ impl Coordinator {
                 }
             }
         }
+        let step_s = step_s.unwrap_or_else(|| started.elapsed().as_secs_f64());
         Ok(StepOutcome {
             step,
             loss: loss_sum / step_targets.max(1) as f64,
@@ -252,6 +277,7 @@ impl Coordinator {
             states,
             busy_s,
             wall_s,
+            step_s,
         })
     }
 

@@ -1129,7 +1129,9 @@ async fn attempt(
                 }
             }
         }
-        let tok_s = out.tokens as f64 / out.wall_s.max(1e-9);
+        // Throughput over the whole step, optimizer included; utilization
+        // over the schedule the stages computed in.
+        let tok_s = out.tokens as f64 / out.step_s.max(1e-9);
         let utilization: Vec<f64> = out
             .busy_s
             .iter()
@@ -1150,7 +1152,7 @@ async fn attempt(
             Some(json!({
                 "step": step + 1, "total_steps": total, "train_loss": out.loss, "lr": out.lr,
                 "grad_norm": out.grad_norm, "applied": out.applied, "tokens": out.tokens,
-                "targets": out.targets, "step_s": out.wall_s, "tokens_per_s": tok_s,
+                "targets": out.targets, "step_s": out.step_s, "schedule_s": out.wall_s, "tokens_per_s": tok_s,
                 "utilization": utilization,
             })),
         );

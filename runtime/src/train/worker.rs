@@ -509,6 +509,16 @@ impl Worker {
             self.optim.step(&params, &acc, lr, grad_scale)?;
         }
         debug!(step, apply, "step done");
+        // Applied first: the coordinator times the step (the optimizer's
+        // update included) by it, and then collects any checkpoint state.
+        self.net.send_blocking(
+            s.coordinator,
+            TrainMsg::Applied {
+                job: s.job,
+                step,
+                stage: s.stage,
+            },
+        )?;
         if save {
             let bytes = self.state_bytes()?;
             let total = bytes.len() as u64;
@@ -533,14 +543,6 @@ impl Worker {
                 offset += c.len() as u64;
             }
         }
-        self.net.send_blocking(
-            s.coordinator,
-            TrainMsg::Applied {
-                job: s.job,
-                step,
-                stage: s.stage,
-            },
-        )?;
         Ok(())
     }
 
@@ -558,7 +560,7 @@ impl Worker {
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F32)?)))
             .collect::<Result<_, candle_core::Error>>()?;
-        for (n, t) in self.optim.state_tensors() {
+        for (n, t) in self.optim.state_tensors()? {
             tensors.push((format!("optimizer.{n}"), t.to_dtype(DType::F32)?));
         }
         let meta = HashMap::from([
