@@ -648,7 +648,9 @@ async function renderJob(job) {
     const fill = el("span");
     fill.style.width = pct + "%"; // CSSOM: the page's CSP forbids style attributes
     const bar = el("div", { class: "bar" }, fill, el("em", { text: `${pct}% busy` }));
-    util.append(el("span", { text: `${s.name} layers ${s.start}..${s.end}` }), bar);
+    // A U-shaped job's zero-layer ends: the data's node's embedding and head.
+    const what = s.start === s.end ? (s.start === 0 ? "embedding" : "head + loss") : `layers ${s.start}..${s.end}`;
+    util.append(el("span", { text: `${s.name} ${what}` }), bar);
   }
   const canvas = el("canvas", { "aria-label": "loss curve" });
   const kids = [head, stats, util, canvas];

@@ -120,6 +120,11 @@ impl<'a> Ctx<'a> {
                     "training needs micro-batches of at least one token".into(),
                 ));
             }
+            Workload::Train { home: Some(h), .. } if h >= devices.len() => {
+                return Err(PlanError::BadWorkload(format!(
+                    "the data's device {h} does not exist"
+                )));
+            }
             _ => {}
         }
         let flops: Vec<f64> = model.layers.iter().map(|l| l.flops_per_token).collect();
@@ -183,17 +188,55 @@ impl<'a> Ctx<'a> {
         self.phase(self.devices[d].layer)
     }
 
-    /// `t_k` of layers `r` on device `d` (with embed/head when at the ends).
+    /// The device that holds the data in a U-shaped training plan.
+    pub fn home(&self) -> Option<usize> {
+        match self.workload {
+            Workload::Train { home, .. } => home,
+            _ => None,
+        }
+    }
+
+    /// `t_k` of layers `r` on device `d` (with embed/head when at the
+    /// ends). In a U-shaped plan the head runs on the data's device, whose
+    /// first stage this is: its time is the device's, both stages'.
     pub fn compute(&self, d: usize, r: &Range<usize>) -> f64 {
         let dev = &self.devices[d];
         let mut t = self.phase(dev.layer) * (self.scale[r.end] - self.scale[r.start]);
         if r.start == 0 {
             t += self.phase(dev.embed);
         }
-        if r.end == self.layers() {
-            t += self.phase(dev.head);
+        let head = match self.home() {
+            Some(h) => r.start == 0 && d == h,
+            None => r.end == self.layers(),
+        };
+        if head {
+            t += self.head_compute(d);
         }
         t
+    }
+
+    /// The final norm, LM head and loss on device `d`, per micro-batch.
+    fn head_compute(&self, d: usize) -> f64 {
+        self.phase(self.devices[d].head)
+    }
+
+    /// Bytes the head adds to the device that runs it (weights, and their
+    /// gradient and moments under full fine-tuning), when it is a stage of
+    /// its own: a tied head is a copy of the embedding.
+    fn head_bytes(&self) -> u64 {
+        let m = self.model;
+        let w = if m.tied_embeddings {
+            m.embed.param_bytes
+        } else {
+            m.head.param_bytes
+        };
+        match self.workload {
+            Workload::Train {
+                method: Method::Full,
+                ..
+            } => w.saturating_mul(4),
+            _ => w,
+        }
     }
 
     fn tokens_per_micro_batch(&self) -> u64 {
@@ -220,10 +263,21 @@ impl<'a> Ctx<'a> {
         self.links.rtt[a][b] / 2.0 + bytes / self.links.bandwidth[a][b]
     }
 
-    /// The decode loop's return: the sampled token, last stage to first.
+    /// The decode loop's return (the sampled token, last stage to first),
+    /// or a U-shaped plan's (the last layer's activations forward and
+    /// their gradients back, to and from the data's device).
     pub fn loop_back(&self, last: usize, first: usize) -> f64 {
         match self.workload {
             Workload::Decode { .. } if last != first => self.links.rtt[last][first] / 2.0,
+            Workload::Train {
+                home: Some(_),
+                micro_batch_tokens,
+                ..
+            } if last != first => {
+                let act = self.model.layers[self.layers() - 1].act_bytes_per_token as f64;
+                let bytes = 2.0 * act * f64::from(micro_batch_tokens);
+                self.links.rtt[last][first] / 2.0 + bytes / self.links.bandwidth[last][first]
+            }
             _ => 0.0,
         }
     }
@@ -238,7 +292,14 @@ impl<'a> Ctx<'a> {
         if first {
             weights += m.embed.param_bytes;
         }
-        if last && !(m.tied_embeddings && first) {
+        // The head: on the last stage, or in a U-shaped plan on the data's
+        // device (its first stage's), a copy of a tied embedding unless the
+        // device runs the whole model as one stage.
+        let head = match self.home() {
+            Some(_) => first,
+            None => last,
+        };
+        if head && !(m.tied_embeddings && first && last) {
             weights += if m.tied_embeddings {
                 m.embed.param_bytes
             } else {
@@ -263,6 +324,7 @@ impl<'a> Ctx<'a> {
                 schedule,
                 recompute,
                 method,
+                ..
             } => {
                 let tokens = u64::from(micro_batch_tokens);
                 let layers = (r.end - r.start) as u64;
@@ -303,12 +365,27 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// The full plan of an assignment, or why it is infeasible.
+    /// The full plan of an assignment, or why it is infeasible. A U-shaped
+    /// plan's assignment may end with its head-only stage (the data's
+    /// device, layers `l..l`) or leave it out.
     pub fn evaluate(&self, assignment: &[(usize, Range<usize>)]) -> Result<Plan, PlanError> {
         let l = self.layers();
         let bad = |s: String| Err(PlanError::BadAssignment(s));
+        let home = self.home();
+        let assignment = match (home, assignment) {
+            (Some(h), [rest @ .., (d, r)]) if !rest.is_empty() && *d == h && *r == (l..l) => rest,
+            _ => assignment,
+        };
         if assignment.is_empty() {
             return bad("no stages".into());
+        }
+        if let Some(h) = home
+            && assignment[0].0 != h
+        {
+            return bad(format!(
+                "the data's device {h} must run the first stage (it runs device {})",
+                assignment[0].0
+            ));
         }
         let mut next = 0;
         let mut seen = vec![false; self.devices.len()];
@@ -351,10 +428,31 @@ impl<'a> Ctx<'a> {
                 device_name: dev.name.clone(),
                 layers: r.clone(),
                 embed: r.start == 0,
-                head: r.end == l,
+                head: r.end == l && !(home.is_some() && p > 1),
                 compute_s: self.compute(*d, r),
                 transfer_s,
                 memory_bytes,
+            });
+        }
+        // A U-shaped plan: the head-only last stage on the data's device,
+        // whose first stage's figures so far held the head's.
+        let u_shaped = home.is_some() && p > 1;
+        if u_shaped {
+            let head_s = self.head_compute(stages[0].device);
+            let head_bytes = self.head_bytes();
+            let front = &mut stages[0];
+            let (device, device_name) = (front.device, front.device_name.clone());
+            front.compute_s = (front.compute_s - head_s).max(0.0);
+            front.memory_bytes = front.memory_bytes.saturating_sub(head_bytes);
+            stages.push(Stage {
+                device,
+                device_name,
+                layers: l..l,
+                embed: false,
+                head: true,
+                compute_s: head_s,
+                transfer_s: 0.0,
+                memory_bytes: head_bytes,
             });
         }
         let m = f64::from(self.workload.in_flight());
@@ -362,8 +460,17 @@ impl<'a> Ctx<'a> {
         let mut bottleneck = (0, BottleneckKind::Compute);
         let mut worst = f64::NEG_INFINITY;
         for (k, s) in stages.iter().enumerate() {
+            // The data's device runs both ends of a U: its time is theirs.
+            let compute_s = if u_shaped && s.device == stages[0].device {
+                if k + 1 == stages.len() {
+                    continue;
+                }
+                s.compute_s + stages[stages.len() - 1].compute_s
+            } else {
+                s.compute_s
+            };
             for (v, kind) in [
-                (s.compute_s, BottleneckKind::Compute),
+                (compute_s, BottleneckKind::Compute),
                 (s.transfer_s, BottleneckKind::Transfer),
             ] {
                 if v > worst {

@@ -10,7 +10,10 @@
 //! (Alpa's form: `t_k` compute of stage k for one micro-batch, `c_k` its
 //! outgoing transfer, `m` micro-batches or sequences in flight), subject to
 //! each device's memory budget (weights, KV cache or in-flight activations,
-//! optimizer state). The search is exact: a dynamic program over (layers
+//! optimizer state). A training workload may name the device that holds
+//! the data: the plan is then U-shaped (that device runs the first stage
+//! and a head-only last stage, and its time per micro-batch is both
+//! stages'). The search is exact: a dynamic program over (layers
 //! assigned, devices used, last device), as in PipeEdge, run for each
 //! candidate bottleneck bound, so device order is chosen and devices may be
 //! left out; the best single device is always a candidate.
@@ -129,6 +132,13 @@ pub enum Workload {
         schedule: Schedule,
         recompute: bool,
         method: Method,
+        /// The device that holds the training data, when token ids and
+        /// labels must not leave it: it runs the first stage (embedding
+        /// and any layers the plan gives it) and a last stage of its own
+        /// (final norm, LM head and loss): a U-shaped pipeline. Other
+        /// devices see only activations and gradients.
+        #[serde(default)]
+        home: Option<usize>,
     },
 }
 

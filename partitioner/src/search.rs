@@ -44,7 +44,10 @@ pub fn plan(
         vec![None]
     };
     for p in counts {
-        let firsts: Vec<Option<usize>> = if decode_loop && p != Some(1) {
+        let firsts: Vec<Option<usize>> = if let Some(h) = ctx.home() {
+            // A U-shaped plan starts (and ends) on the data's device.
+            vec![Some(h)]
+        } else if decode_loop && p != Some(1) {
             (0..devices.len()).map(Some).collect()
         } else {
             vec![None]
@@ -187,6 +190,12 @@ fn dp(
             }
             let r = 0..j;
             if !fits(d, &r, 0) {
+                // Memory grows with j, but for a U-shaped plan's data
+                // device: alone (0..l) it needs no second copy of a tied
+                // head.
+                if ctx.home().is_some() && j < l {
+                    continue;
+                }
                 break;
             }
             let t = ctx.compute(d, &r);
@@ -313,7 +322,7 @@ pub fn plan_exhaustive(
     orders(devices.len(), &mut Vec::new(), &mut all);
     for order in all {
         let p = order.len();
-        if p > l {
+        if p > l || ctx.home().is_some_and(|h| order[0] != h) {
             continue;
         }
         // Every choice of p − 1 cut points among 1..l.

@@ -66,9 +66,10 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
             1u32..8,
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
             any::<bool>()
         )
-            .prop_map(|(t, m, f, r, full)| {
+            .prop_map(|(t, m, f, r, full, u)| {
                 Workload::Train {
                     micro_batch_tokens: t,
                     micro_batches: m,
@@ -85,6 +86,8 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
                             adapter_bytes_per_layer: 10_000,
                         }
                     },
+                    // A U-shaped plan around device 0 (which always exists).
+                    home: u.then_some(0),
                 }
             }),
     ]
@@ -285,6 +288,7 @@ fn one_f_one_b_memory_falls_along_the_pipeline() {
         schedule,
         recompute: false,
         method: Method::Full,
+        home: None,
     };
     let a = [(0, 0..4), (1, 4..8), (2, 8..12)];
     let f = evaluate(&m, &d, &l, w(Schedule::OneFOneB), &a).unwrap();
@@ -362,4 +366,76 @@ fn planning_is_deterministic() {
     let a = plan(&m, &d, &l, w).unwrap();
     let b = plan(&m, &d, &l, w).unwrap();
     assert_eq!(a, b);
+}
+
+/// A U-shaped training plan: the data's device (a laptop too small for the
+/// model) runs the embedding and the head at both ends, a bigger device
+/// the layers; token ids and labels never leave the laptop.
+#[test]
+fn a_u_shaped_plan_keeps_both_ends_on_the_data_device() {
+    let m = model(12, 100_000_000);
+    let d = vec![
+        device("laptop", 2.0, 3 * GB / 2),
+        device("desk", 1.0, 16 * GB),
+    ];
+    let l = links(2, 100e6, 1e-3);
+    let w = |home| Workload::Train {
+        micro_batch_tokens: 256,
+        micro_batches: 8,
+        schedule: Schedule::OneFOneB,
+        recompute: true,
+        method: Method::Lora {
+            adapter_bytes_per_layer: 1_000_000,
+        },
+        home,
+    };
+    let free = plan(&m, &d, &l, w(None)).unwrap();
+    let u = plan(&m, &d, &l, w(Some(0))).unwrap();
+    let first = &u.stages[0];
+    let last = u.stages.last().unwrap();
+    assert_eq!(first.device_name, "laptop");
+    assert!(first.embed && !first.head);
+    assert_eq!(last.device_name, "laptop");
+    assert_eq!(last.layers, 12..12);
+    assert!(last.head && !last.embed && last.memory_bytes > 0);
+    assert!(u.stages.len() >= 3, "{:#?}", u.stages);
+    for s in &u.stages[1..u.stages.len() - 1] {
+        assert_eq!(s.device_name, "desk");
+        assert!(!s.embed && !s.head);
+    }
+    // The laptop's two stages together stay within its memory.
+    let laptop: u64 = u
+        .stages
+        .iter()
+        .filter(|s| s.device == 0)
+        .map(|s| s.memory_bytes)
+        .sum();
+    assert!(laptop <= d[0].memory_budget);
+    // Not a linear pipeline's split: the head runs beside the desk's
+    // layers, so either may be faster; both are finite plans.
+    assert!(u.step_s.is_finite() && free.step_s.is_finite() && u.step_s > 0.0);
+    // The plan evaluates the same with or without its head-only stage, and
+    // an assignment that starts elsewhere is refused.
+    let a: Vec<_> = u
+        .stages
+        .iter()
+        .map(|s| (s.device, s.layers.clone()))
+        .collect();
+    let again = evaluate(&m, &d, &l, w(Some(0)), &a).unwrap();
+    let short = evaluate(&m, &d, &l, w(Some(0)), &a[..a.len() - 1]).unwrap();
+    assert!((again.step_s - u.step_s).abs() <= 1e-12 && (short.step_s - u.step_s).abs() <= 1e-12);
+    assert!(matches!(
+        evaluate(&m, &d, &l, w(Some(0)), &[(1, 0..12)]),
+        Err(PlanError::BadAssignment(_))
+    ));
+    assert!(matches!(
+        plan(&m, &d, &l, w(Some(2))),
+        Err(PlanError::BadWorkload(_))
+    ));
+    // A data device too small for even the embedding and head: no U.
+    let tiny = vec![device("phone", 2.0, GB / 10), device("desk", 1.0, 16 * GB)];
+    assert!(matches!(
+        plan(&m, &tiny, &l, w(Some(0))),
+        Err(PlanError::DoesNotFit(_))
+    ));
 }

@@ -474,3 +474,227 @@ async fn checkpoint_kill_resume_matches_uninterrupted() {
         }
     }
 }
+
+/// Starts a job whose stage `k` runs `placement[k].1` on node
+/// `placement[k].0` (a node may run two stages: a U-shaped pipeline),
+/// coordinated from node 0.
+fn start_placed(
+    c: &Cluster,
+    w: &WeightFile,
+    job: u64,
+    method: &Method,
+    schedule: Schedule,
+    placement: &[(usize, StageSpec)],
+    m: u32,
+) -> Job {
+    let p = placement.len();
+    let ids: Vec<_> = placement.iter().map(|(n, _)| c.nets[*n].id()).collect();
+    let tied = matches!(method, Method::Full) && p > 1 && w.config().tie_word_embeddings;
+    let stages = placement
+        .iter()
+        .enumerate()
+        .map(|(i, (node, spec))| {
+            let stage = TrainStage::load(
+                w,
+                *spec,
+                &TrainOptions {
+                    method: method.clone(),
+                    dtype: DType::F32,
+                    seed: SEED,
+                },
+            )
+            .unwrap();
+            let setup = StageSetup {
+                job,
+                stage: i as u16,
+                stages: p as u16,
+                micro_batches: m,
+                schedule,
+                prev: (i > 0).then(|| ids[i - 1]),
+                next: (i + 1 < p).then(|| ids[i + 1]),
+                coordinator: c.nets[0].id(),
+                tied: match (tied, i) {
+                    (true, 0) => Some(ids[p - 1]),
+                    (true, i) if i + 1 == p => Some(ids[0]),
+                    _ => None,
+                },
+                seed: SEED,
+                optim: AdamWConfig::default(),
+                timeout: Duration::from_secs(30),
+                keep_grads: true,
+                restore: None,
+                restore_len: 0,
+                max_len: 64,
+            };
+            spawn_stage(&c.nets[*node], stage, setup).unwrap()
+        })
+        .collect();
+    Job {
+        coord: Coordinator::new(&c.nets[0], job, ids, Duration::from_secs(60)),
+        stages,
+    }
+}
+
+/// The training messages node `i` sent to other nodes since `before`, by
+/// kind.
+fn left_node(
+    c: &Cluster,
+    i: usize,
+    before: &hearth_runtime::train::SentCounts,
+) -> HashMap<&'static str, u64> {
+    let me = c.nets[i].id();
+    let mut out = HashMap::new();
+    for ((to, kind), n) in c.nets[i].sent_counts() {
+        let was = before.get(&(to, kind)).copied().unwrap_or(0);
+        if to != me && n > was {
+            *out.entry(kind).or_default() += n - was;
+        }
+    }
+    out
+}
+
+/// A U-shaped pipeline: the data's node (0, also the coordinator) runs the
+/// embedding as the first stage and the head with the loss as the last,
+/// other nodes the layers between. Counting every training message each
+/// node sends shows that no token ids or labels leave node 0 (they go to
+/// its own stages) while activations and gradients do; every stage's
+/// gradients still equal single-process training's, for full fine-tuning
+/// (the tied embedding/head exchanged between two stages of one node) and
+/// LoRA, under both schedules, with the data's node holding layers too or
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn u_shaped_pipeline_keeps_tokens_and_labels_on_the_data_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = weights(dir.path());
+    let vocab = w.config().vocab_size as u32;
+    let c = cluster(3).await;
+    let spec = |start, end, embed, head| StageSpec {
+        start,
+        end,
+        embed,
+        head,
+    };
+    let layouts: Vec<Vec<(usize, StageSpec)>> = vec![
+        // Node 0 holds only the two ends.
+        vec![
+            (0, spec(0, 0, true, false)),
+            (1, spec(0, 2, false, false)),
+            (2, spec(2, LAYERS, false, false)),
+            (0, spec(LAYERS, LAYERS, false, true)),
+        ],
+        // Node 0 holds the embedding and the first layer, and the head.
+        vec![
+            (0, spec(0, 1, true, false)),
+            (1, spec(1, LAYERS, false, false)),
+            (0, spec(LAYERS, LAYERS, false, true)),
+        ],
+    ];
+    let mut job = 100;
+    for layout in &layouts {
+        for (schedule, method) in [
+            (Schedule::OneFOneB, Method::Full),
+            (Schedule::Gpipe, lora()),
+        ] {
+            job += 1;
+            let m = 3;
+            let data = batches(m, vocab, job as u32);
+            let reference = step_grads(&full_stage(&w, &method), &data, SEED, 0).unwrap();
+            let names: Vec<String> = full_stage(&w, &method)
+                .trainables()
+                .iter()
+                .map(|(n, _)| n.clone())
+                .collect();
+            let want: HashMap<&str, &Tensor> = names
+                .iter()
+                .zip(&reference.grads)
+                .map(|(n, g)| (n.as_str(), g.as_ref().unwrap()))
+                .collect();
+            let before: Vec<_> = c.nets.iter().map(|n| n.sent_counts()).collect();
+            let mut j = start_placed(&c, &w, job, &method, schedule, layout, m);
+            let out = j.coord.step(0, &data, 0.0, 0.0, false).await.unwrap();
+            let label = format!("{} stages, {schedule:?}, {method:?}", layout.len());
+            let loss = reference.loss_sum / reference.targets as f64;
+            assert!(
+                (out.loss - loss).abs() <= 1e-5 * loss.abs(),
+                "{label}: loss {} vs {loss}",
+                out.loss
+            );
+            let mut seen = 0;
+            for (i, st) in j.stages.iter().enumerate() {
+                for ((name, _), g) in st.trainables().iter().zip(st.last_grads()) {
+                    let g =
+                        g.unwrap_or_else(|| panic!("{label}: stage {i}: {name} has no gradient"));
+                    close(
+                        &format!("{label} stage {i} {name}"),
+                        &g,
+                        want[name.as_str()],
+                        1e-5,
+                        4e-5,
+                    );
+                    seen += 1;
+                }
+            }
+            let tied_copies = usize::from(matches!(method, Method::Full));
+            assert_eq!(
+                seen,
+                names.len() + tied_copies,
+                "{label}: every parameter lives on a stage"
+            );
+            // What left each node.
+            let home = left_node(&c, 0, &before[0]);
+            for kind in ["tokens", "labels"] {
+                assert!(
+                    !home.contains_key(kind),
+                    "{label}: {kind} left the data's node: {home:?}"
+                );
+                let local = c.nets[0]
+                    .sent_counts()
+                    .get(&(c.nets[0].id(), kind))
+                    .copied()
+                    .unwrap_or(0)
+                    - before[0].get(&(c.nets[0].id(), kind)).copied().unwrap_or(0);
+                assert_eq!(
+                    local,
+                    u64::from(m),
+                    "{label}: {kind} went to the node's own stage"
+                );
+            }
+            assert_eq!(
+                home.get("activations").copied(),
+                Some(u64::from(m)),
+                "{label}: {home:?}"
+            );
+            assert!(home.contains_key("verdict"), "{label}: {home:?}");
+            let others: Vec<usize> = layout.iter().map(|(n, _)| *n).filter(|n| *n != 0).collect();
+            for &n in &others {
+                let sent = left_node(&c, n, &before[n]);
+                assert!(
+                    sent.keys()
+                        .all(|k| matches!(*k, "activations" | "gradient" | "report" | "applied")),
+                    "{label}: node {n} sent {sent:?}"
+                );
+            }
+            // The last layer-holding node sends its activations back home,
+            // and node 0's head sends their gradient back.
+            let back = left_node(
+                &c,
+                *others.last().unwrap(),
+                &before[*others.last().unwrap()],
+            );
+            assert_eq!(
+                back.get("activations").copied(),
+                Some(u64::from(m)),
+                "{label}: {back:?}"
+            );
+            assert_eq!(
+                home.get("gradient").copied(),
+                Some(u64::from(m)),
+                "{label}: {home:?}"
+            );
+            j.coord.end().await;
+            for s in j.stages {
+                s.stop().unwrap();
+            }
+        }
+    }
+}

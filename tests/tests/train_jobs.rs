@@ -106,7 +106,20 @@ async fn a_job_over_two_nodes_trains_checkpoints_and_writes_its_outputs() -> Res
     let log = messages(node, "ftjob-a");
     assert_eq!(done.state, JobState::Succeeded, "{log:#?}");
     assert_eq!((done.step, done.total_steps), (6, 6));
-    assert_eq!(done.stages.len(), 2, "placed over both nodes");
+    // U-shaped by default: node 0 (the data's) runs the embedding with
+    // the first layers and, as a third stage, the head with the loss.
+    assert_eq!(
+        done.stages.len(),
+        3,
+        "placed over both nodes: {:?}",
+        done.stages
+    );
+    let home = nodes[0].node.id().to_string();
+    assert_eq!(done.stages[0].node_id, home);
+    assert_eq!(done.stages[2].node_id, home);
+    assert_ne!(done.stages[1].node_id, home);
+    assert_eq!((done.stages[2].start, done.stages[2].end), (4, 4));
+    assert!(log.iter().any(|m| m.starts_with("U-shaped")), "{log:#?}");
     assert!(
         done.stages.iter().all(|s| s.utilization > 0.0),
         "{:?}",
@@ -177,6 +190,14 @@ async fn a_job_over_two_nodes_trains_checkpoints_and_writes_its_outputs() -> Res
         "{:?}",
         bad.error
     );
+    // Asked not to keep the data home: a plain two-stage pipeline.
+    let mut plain = spec(&model, &data, &dir.path().join("plain"), 2);
+    plain.keep_data_home = Some(false);
+    node.start_job("ftjob-p".into(), plain)?;
+    let done = wait_done(node, "ftjob-p", Duration::from_secs(120)).await?;
+    assert_eq!(done.state, JobState::Succeeded);
+    assert_eq!(done.stages.len(), 2, "{:?}", done.stages);
+    assert_ne!(done.stages[1].node_id, home);
     // Numbers out of range are refused at once.
     let mut wrong = spec(&model, &data, &out, 2);
     wrong.learning_rate = f64::NAN;
@@ -225,7 +246,11 @@ async fn a_dead_stage_node_costs_no_step_and_the_job_resumes_on_a_new_split() ->
     let done = wait_done(&node, "ftjob-k", Duration::from_secs(180)).await?;
     let log = messages(&node, "ftjob-k");
     assert_eq!(done.state, JobState::Succeeded, "{log:#?}");
-    assert_eq!(done.stages.len(), 2, "re-planned over the live nodes");
+    // U-shaped over the two live nodes.
+    assert_eq!(done.stages.len(), 3, "re-planned over the live nodes");
+    let live: std::collections::HashSet<&str> =
+        done.stages.iter().map(|s| s.node_id.as_str()).collect();
+    assert_eq!(live.len(), 2, "{:?}", done.stages);
     assert!(
         log.iter()
             .any(|m| m.contains("no optimizer step was applied")

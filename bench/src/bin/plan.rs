@@ -389,6 +389,7 @@ fn main() -> Result<()> {
                     method: Method::Lora {
                         adapter_bytes_per_layer: lora,
                     },
+                    home: None,
                 },
             ),
         ]

@@ -318,12 +318,17 @@ fn describe(w: &Workload) -> String {
             schedule,
             recompute,
             method,
+            home,
         } => format!(
-            "training step: {micro_batches} micro-batches of {micro_batch_tokens} tokens, {schedule:?}{}, {}",
+            "training step: {micro_batches} micro-batches of {micro_batch_tokens} tokens, {schedule:?}{}, {}{}",
             if recompute { " with recomputation" } else { "" },
             match method {
                 hearth_partitioner::Method::Full => "full fine-tuning".to_string(),
                 hearth_partitioner::Method::Lora { .. } => "LoRA".to_string(),
+            },
+            match home {
+                Some(d) => format!(", U-shaped: the data stays on device {d}"),
+                None => String::new(),
             }
         ),
     }

@@ -27,11 +27,13 @@ pub use train::{MicroKey, MicroLayout, TrainMsg};
 /// refused. Version 2 added penalties, logit bias, log-probabilities and
 /// grammars to a sequence's parameters, and log-probabilities to sampled
 /// tokens; version 3, scoring a prompt (its tokens' log-probabilities, for
-/// completions' `echo` with `logprobs`).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// completions' `echo` with `logprobs`); version 4, the receiving stage in
+/// training messages (a node may run a job's first and last stages: the
+/// U-shaped pipeline that keeps token ids and labels on the data's node).
+pub const PROTOCOL_VERSION: u16 = 4;
 
-/// QUIC ALPN of protocol version 3.
-pub const ALPN: &[u8] = b"hearth/3";
+/// QUIC ALPN of protocol version 4.
+pub const ALPN: &[u8] = b"hearth/4";
 
 /// Named size limits, checked on send and on receive.
 pub mod limits {

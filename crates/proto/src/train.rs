@@ -9,12 +9,15 @@ use crate::pipeline::{bounded, get_u32s, put_u32s};
 use crate::tensor::TensorFrame;
 use crate::{ProtoError, limits};
 
-/// Which micro-batch of which step of which job.
+/// Which micro-batch of which step of which job, for which stage (the
+/// receiver: one node may run two stages of a job, the first and the last
+/// of a U-shaped pipeline).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MicroKey {
     pub job: u64,
     pub step: u64,
     pub micro: u32,
+    pub stage: u16,
 }
 
 /// Shape and document segmentation of a micro-batch (0 is padding).
@@ -51,10 +54,12 @@ pub enum TrainMsg {
     },
     /// Gradient of the loss with respect to the receiver's output.
     Gradient { key: MicroKey, grad: TensorFrame },
-    /// A tied parameter's gradient (embedding and LM head on different stages).
+    /// A tied parameter's gradient (embedding and LM head on different
+    /// stages), to stage `stage`.
     Tied {
         job: u64,
         step: u64,
+        stage: u16,
         name: String,
         grad: TensorFrame,
     },
@@ -73,10 +78,11 @@ pub enum TrainMsg {
     },
     /// The coordinator's verdict: apply the step (or, with `apply` false,
     /// drop the accumulated gradients); with `save`, then send the
-    /// trainable state as `State` chunks (a checkpoint).
+    /// trainable state as `State` chunks (a checkpoint). To stage `stage`.
     Apply {
         job: u64,
         step: u64,
+        stage: u16,
         apply: bool,
         save: bool,
         lr: f64,
@@ -141,6 +147,7 @@ fn put_key(out: &mut Vec<u8>, k: &MicroKey) {
     out.extend_from_slice(&k.job.to_le_bytes());
     out.extend_from_slice(&k.step.to_le_bytes());
     out.extend_from_slice(&k.micro.to_le_bytes());
+    out.extend_from_slice(&k.stage.to_le_bytes());
 }
 
 fn get_key(r: &mut Reader<'_>) -> Result<MicroKey, ProtoError> {
@@ -148,6 +155,7 @@ fn get_key(r: &mut Reader<'_>) -> Result<MicroKey, ProtoError> {
         job: r.u64("train key")?,
         step: r.u64("train key")?,
         micro: r.u32("train key")?,
+        stage: r.u16("train key")?,
     })
 }
 
@@ -230,12 +238,14 @@ impl TrainMsg {
             Self::Tied {
                 job,
                 step,
+                stage,
                 name,
                 grad,
             } => {
                 out.push(T_TIED);
                 out.extend_from_slice(&job.to_le_bytes());
                 out.extend_from_slice(&step.to_le_bytes());
+                out.extend_from_slice(&stage.to_le_bytes());
                 put_string(out, "tied name", name)?;
                 grad.encode(out)?;
             }
@@ -260,6 +270,7 @@ impl TrainMsg {
             Self::Apply {
                 job,
                 step,
+                stage,
                 apply,
                 save,
                 lr,
@@ -268,6 +279,7 @@ impl TrainMsg {
                 out.push(T_APPLY);
                 out.extend_from_slice(&job.to_le_bytes());
                 out.extend_from_slice(&step.to_le_bytes());
+                out.extend_from_slice(&stage.to_le_bytes());
                 out.push(u8::from(*apply) | (u8::from(*save) << 1));
                 put_f64(out, *lr);
                 put_f64(out, *grad_scale);
@@ -361,6 +373,7 @@ impl TrainMsg {
             T_TIED => Self::Tied {
                 job: r.u64("tied")?,
                 step: r.u64("tied")?,
+                stage: r.u16("tied")?,
                 name: r.string("tied name")?,
                 grad: TensorFrame::decode(r)?,
             },
@@ -374,7 +387,7 @@ impl TrainMsg {
                 busy_s: get_f64(r, "busy_s")?,
             },
             T_APPLY => {
-                let (job, step) = (r.u64("apply")?, r.u64("apply")?);
+                let (job, step, stage) = (r.u64("apply")?, r.u64("apply")?, r.u16("apply")?);
                 let flags = r.u8("apply")?;
                 if flags > 3 {
                     return Err(ProtoError::InvalidField {
@@ -385,6 +398,7 @@ impl TrainMsg {
                 Self::Apply {
                     job,
                     step,
+                    stage,
                     apply: flags & 1 != 0,
                     save: flags & 2 != 0,
                     lr: get_f64(r, "lr")?,

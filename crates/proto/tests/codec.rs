@@ -223,11 +223,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
 }
 
 fn arb_key() -> impl Strategy<Value = MicroKey> {
-    (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(job, step, micro)| MicroKey {
-        job,
-        step,
-        micro,
-    })
+    (any::<u64>(), any::<u64>(), any::<u32>(), any::<u16>()).prop_map(
+        |(job, step, micro, stage)| MicroKey {
+            job,
+            step,
+            micro,
+            stage,
+        },
+    )
 }
 
 fn arb_layout() -> impl Strategy<Value = MicroLayout> {
@@ -268,14 +271,20 @@ fn arb_train() -> impl Strategy<Value = TrainMsg> {
             }
         }),
         (arb_key(), arb_tensor()).prop_map(|(key, grad)| TrainMsg::Gradient { key, grad }),
-        (any::<u64>(), any::<u64>(), "[a-z.]{0,30}", arb_tensor()).prop_map(
-            |(job, step, name, grad)| TrainMsg::Tied {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u16>(),
+            "[a-z.]{0,30}",
+            arb_tensor()
+        )
+            .prop_map(|(job, step, stage, name, grad)| TrainMsg::Tied {
                 job,
                 step,
+                stage,
                 name,
                 grad
-            }
-        ),
+            }),
         (
             any::<u64>(),
             any::<u64>(),
@@ -298,19 +307,23 @@ fn arb_train() -> impl Strategy<Value = TrainMsg> {
         (
             any::<u64>(),
             any::<u64>(),
+            any::<u16>(),
             any::<bool>(),
             any::<bool>(),
             f.clone(),
             f
         )
-            .prop_map(|(job, step, apply, save, lr, grad_scale)| TrainMsg::Apply {
-                job,
-                step,
-                apply,
-                save,
-                lr,
-                grad_scale
-            }),
+            .prop_map(
+                |(job, step, stage, apply, save, lr, grad_scale)| TrainMsg::Apply {
+                    job,
+                    step,
+                    stage,
+                    apply,
+                    save,
+                    lr,
+                    grad_scale
+                }
+            ),
         (any::<u64>(), any::<u64>(), any::<u16>())
             .prop_map(|(job, step, stage)| TrainMsg::Applied { job, step, stage }),
         any::<u64>().prop_map(|job| TrainMsg::End { job }),
@@ -727,6 +740,7 @@ fn malformed_train_messages_are_typed_errors() {
         job: 1,
         step: 2,
         micro: 3,
+        stage: 0,
     };
     let layout = MicroLayout {
         rows: 1,
@@ -763,6 +777,7 @@ fn malformed_train_messages_are_typed_errors() {
     let msg = Message::Train(Box::new(TrainMsg::Apply {
         job: 1,
         step: 1,
+        stage: 0,
         apply: true,
         save: false,
         lr: f64::NAN,

@@ -261,7 +261,7 @@ pub(crate) fn spawn(
                     ),
                 }
             };
-            let stages = match decide(&policy, &input, &model.info) {
+            let stages = match decide(&policy, &input, &model.info, None) {
                 Ok(s) => s,
                 Err(e) => {
                     warn!("cannot place the model: {e}");

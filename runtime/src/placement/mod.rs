@@ -212,11 +212,66 @@ impl Default for PlacementPolicy {
 /// time and tokens per second.
 pub(crate) type Decision = (Vec<(usize, StageSpec)>, Option<f64>, Option<f64>);
 
-/// Splits `layers` into the stages of `policy` over `input`'s devices.
+/// Sets a training workload's data device (`home`: a U-shaped plan).
+pub(crate) fn with_home(
+    mut workload: hearth_partitioner::Workload,
+    home: Option<usize>,
+) -> hearth_partitioner::Workload {
+    if let hearth_partitioner::Workload::Train { home: h, .. } = &mut workload {
+        *h = home;
+    }
+    workload
+}
+
+/// Makes `stages` U-shaped around device `home`: it runs the first stage
+/// (the embedding) and the last (final norm, head and loss), adding a
+/// zero-layer stage at either end another device held.
+pub(crate) fn u_shape(
+    mut stages: Vec<(usize, StageSpec)>,
+    home: usize,
+    layers: usize,
+) -> Vec<(usize, StageSpec)> {
+    if stages.first().is_none_or(|(d, _)| *d != home) {
+        if let Some((_, s)) = stages.first_mut() {
+            s.embed = false;
+        }
+        stages.insert(
+            0,
+            (
+                home,
+                StageSpec {
+                    start: 0,
+                    end: 0,
+                    embed: true,
+                    head: false,
+                },
+            ),
+        );
+    }
+    if stages.last().is_none_or(|(d, _)| *d != home) {
+        if let Some((_, s)) = stages.last_mut() {
+            s.head = false;
+        }
+        stages.push((
+            home,
+            StageSpec {
+                start: layers,
+                end: layers,
+                embed: false,
+                head: true,
+            },
+        ));
+    }
+    stages
+}
+
+/// Splits `layers` into the stages of `policy` over `input`'s devices;
+/// with `home` (a training workload's data device), U-shaped around it.
 pub(crate) fn decide(
     policy: &PlacementPolicy,
     input: &PlannerInput,
     info: &crate::profile::ModelInfo,
+    home: Option<usize>,
 ) -> Result<Decision, String> {
     let layers = info.config.num_hidden_layers;
     match policy {
@@ -225,26 +280,33 @@ pub(crate) fn decide(
             if input.node_ids.is_empty() {
                 return Err("no member holds the model".into());
             }
+            if home.is_some_and(|h| h >= input.node_ids.len()) {
+                return Err("the data's node does not hold the model".into());
+            }
+            let even = (0..k)
+                .map(|i| {
+                    (
+                        i,
+                        StageSpec {
+                            start: layers * i / k,
+                            end: layers * (i + 1) / k,
+                            embed: i == 0,
+                            head: i + 1 == k,
+                        },
+                    )
+                })
+                .collect();
             Ok((
-                (0..k)
-                    .map(|i| {
-                        (
-                            i,
-                            StageSpec {
-                                start: layers * i / k,
-                                end: layers * (i + 1) / k,
-                                embed: i == 0,
-                                head: i + 1 == k,
-                            },
-                        )
-                    })
-                    .collect(),
+                match home {
+                    Some(h) => u_shape(even, h, layers),
+                    None => even,
+                },
                 None,
                 None,
             ))
         }
         PlacementPolicy::Planned(req) => {
-            let workload = req.workload(&info.config)?;
+            let workload = with_home(req.workload(&info.config)?, home);
             let report = plan_report(&info.cost, input.clone(), workload);
             let plan = report
                 .plan
@@ -367,6 +429,14 @@ pub(crate) fn propose(
     workload: hearth_partitioner::Workload,
     current: &Split,
 ) -> Option<Proposal> {
+    // A U-shaped split (one node at both ends, the data's) stays U-shaped.
+    let home = match (current.first(), current.last()) {
+        (Some(a), Some(b)) if current.len() > 1 && a.0 == b.0 => {
+            input.node_ids.iter().position(|n| *n == a.0)
+        }
+        _ => None,
+    };
+    let workload = with_home(workload, home);
     let best = hearth_partitioner::plan(&info.cost, &input.devices, &input.links, workload).ok()?;
     let split = best
         .stages
@@ -404,6 +474,55 @@ pub(crate) fn predict_now(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(start: usize, end: usize, embed: bool, head: bool) -> StageSpec {
+        StageSpec {
+            start,
+            end,
+            embed,
+            head,
+        }
+    }
+
+    /// Any split becomes U-shaped around the data's device: it runs the
+    /// embedding first and the head last, and no other stage keeps either.
+    #[test]
+    fn u_shape_puts_both_ends_on_the_data_device() {
+        let even = vec![(0, spec(0, 4, true, false)), (1, spec(4, 8, false, true))];
+        // The data's device already runs the first stage.
+        assert_eq!(
+            u_shape(even.clone(), 0, 8),
+            vec![
+                (0, spec(0, 4, true, false)),
+                (1, spec(4, 8, false, false)),
+                (0, spec(8, 8, false, true)),
+            ]
+        );
+        // It runs the last one.
+        assert_eq!(
+            u_shape(even.clone(), 1, 8),
+            vec![
+                (1, spec(0, 0, true, false)),
+                (0, spec(0, 4, false, false)),
+                (1, spec(4, 8, false, true)),
+            ]
+        );
+        // Neither: it gets both ends, the layers stay where they were.
+        assert_eq!(
+            u_shape(even, 2, 8),
+            vec![
+                (2, spec(0, 0, true, false)),
+                (0, spec(0, 4, false, false)),
+                (1, spec(4, 8, false, false)),
+                (2, spec(8, 8, false, true)),
+            ]
+        );
+        // Alone it runs the whole model as one stage.
+        assert_eq!(
+            u_shape(vec![(0, StageSpec::full(8))], 0, 8),
+            vec![(0, StageSpec::full(8))]
+        );
+    }
 
     fn placement(replicas: serde_json::Value) -> Placement {
         serde_json::from_value(serde_json::json!({

@@ -217,6 +217,7 @@ impl PlanRequest {
                     schedule,
                     recompute: self.recompute,
                     method,
+                    home: None,
                 })
             }
             other => Err(format!(

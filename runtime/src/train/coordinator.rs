@@ -1,5 +1,6 @@
 //! The job's coordinator: feeds each step's micro-batches to the first
-//! stage (tokens) and the last (labels), gathers the stages' reports,
+//! stage (tokens) and the last (labels) — in a U-shaped pipeline both on
+//! the coordinator's own node, so neither leaves it — gathers the stages' reports,
 //! reduces the global gradient norm, and sends the verdict (learning rate,
 //! clipping factor, apply or skip, checkpoint or not). A stage that fails
 //! or goes silent fails the step before any optimizer step is applied
@@ -119,16 +120,17 @@ impl Coordinator {
         let step_targets: u64 = batches.iter().map(|b| b.targets() as u64).sum();
         let tokens: u64 = batches.iter().map(|b| b.tokens.len() as u64).sum();
         for (i, b) in batches.iter().enumerate() {
-            let key = MicroKey {
+            let key = |stage: usize| MicroKey {
                 job: self.job,
                 step,
                 micro: i as u32,
+                stage: stage as u16,
             };
             self.net
                 .send(
                     first,
                     TrainMsg::Tokens {
-                        key,
+                        key: key(0),
                         layout: MicroLayout {
                             rows: b.layout.rows as u32,
                             len: b.layout.len as u32,
@@ -142,7 +144,7 @@ impl Coordinator {
                 .send(
                     last,
                     TrainMsg::Labels {
-                        key,
+                        key: key(p - 1),
                         step_targets,
                         labels: b.labels.clone(),
                     },
@@ -155,7 +157,7 @@ impl Coordinator {
         while reported.iter().any(|r| !r) {
             match self.next("the stages' reports").await? {
                 (
-                    _,
+                    from,
                     TrainMsg::Report {
                         step: st,
                         stage,
@@ -164,7 +166,7 @@ impl Coordinator {
                         busy_s: b,
                         ..
                     },
-                ) if st == step && (stage as usize) < p && !reported[stage as usize] => {
+                ) if st == step && self.runs(from, stage) && !reported[stage as usize] => {
                     reported[stage as usize] = true;
                     busy_s[stage as usize] = b;
                     sq += sq_norm;
@@ -186,13 +188,14 @@ impl Coordinator {
         } else {
             1.0
         };
-        for &node in &self.stages {
+        for (k, &node) in self.stages.iter().enumerate() {
             self.net
                 .send(
                     node,
                     TrainMsg::Apply {
                         job: self.job,
                         step,
+                        stage: k as u16,
                         apply: applied,
                         save,
                         lr,
@@ -217,18 +220,18 @@ impl Coordinator {
         while done.iter().any(|d| !d) || incomplete(&totals, &states) {
             match self.next("the stages' acknowledgements").await? {
                 (
-                    _,
+                    from,
                     TrainMsg::Applied {
                         step: st, stage, ..
                     },
-                ) if st == step && (stage as usize) < p => {
+                ) if st == step && self.runs(from, stage) => {
                     done[stage as usize] = true;
                     if step_s.is_none() && done.iter().all(|d| *d) {
                         step_s = Some(started.elapsed().as_secs_f64());
                     }
                 }
                 (
-                    _,
+                    from,
                     TrainMsg::State {
                         step: st,
                         stage,
@@ -237,7 +240,7 @@ impl Coordinator {
                         data,
                         ..
                     },
-                ) if st == step && save && (stage as usize) < p => {
+                ) if st == step && save && self.runs(from, stage) => {
                     let buf = &mut states[stage as usize];
                     let announced = totals[stage as usize].get_or_insert(total);
                     let end = offset.saturating_add(data.len() as u64);
@@ -309,9 +312,21 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Tells every stage the job is over and forgets it here.
+    /// Whether `from` runs stage `stage` (a member cannot speak for a
+    /// stage it does not run).
+    fn runs(&self, from: NodeId, stage: u16) -> bool {
+        self.stages.get(stage as usize) == Some(&from)
+    }
+
+    /// Tells every stage the job is over and forgets it here (one `End`
+    /// per node ends all its stages of the job).
     pub async fn end(self) {
+        let mut told = Vec::new();
         for &node in &self.stages {
+            if told.contains(&node) {
+                continue;
+            }
+            told.push(node);
             let _ = self.net.send(node, TrainMsg::End { job: self.job }).await;
         }
         self.net.remove_coordinator(self.job);

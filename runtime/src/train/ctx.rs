@@ -96,28 +96,63 @@ impl JobCtx {
     }
 
     /// Stages (node id, name, layers) over the live members that serve the
-    /// model: the partitioner's training plan, or an even split.
-    /// Slowdowns measured so far in the job (`observed`) scale the figures.
+    /// model: the partitioner's training plan, or an even split; U-shaped
+    /// around this node (the data's) when the job keeps its data home (by
+    /// default whenever this node can hold the embedding and the head),
+    /// with a note when the default could not. Slowdowns measured so far
+    /// in the job (`observed`) scale the figures.
     pub(crate) async fn place(
         &self,
         spec: &JobSpec,
         micro_batch_tokens: u32,
         observed: &mut Observed,
-    ) -> Result<Vec<(String, String, StageSpec)>, String> {
+    ) -> Result<(Vec<(String, String, StageSpec)>, Option<String>), String> {
         let model = self.service.model().ok_or("the model was unloaded")?;
         let view = self.membership.view().await.ok_or("the node is stopping")?;
         let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
         let mut input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
         apply_observed(&mut input, &Default::default(), observed);
         let policy = self.training_policy(spec, micro_batch_tokens);
-        let (stages, _, _) = decide(&policy, &input, &model.info)?;
+        let own = self.net().id();
+        let home = input
+            .node_ids
+            .iter()
+            .position(|n| n.parse::<hearth_net::NodeId>().ok() == Some(own));
+        let info = &model.info;
+        let leaves = "token ids and labels go to other nodes";
+        let ((stages, _, _), note) = match (spec.keep_data_home, home) {
+            (Some(false), _) => (decide(&policy, &input, info, None)?, None),
+            (Some(true), None) => {
+                return Err("keep_data_home: this node (the data's) does not serve the model, so it cannot run the embedding and the head".into());
+            }
+            (Some(true), Some(h)) => (
+                decide(&policy, &input, info, Some(h))
+                    .map_err(|e| format!("keep_data_home: {e}"))?,
+                None,
+            ),
+            (None, None) => (
+                decide(&policy, &input, info, None)?,
+                Some(format!(
+                    "{leaves}: this node (the data's) does not serve the model"
+                )),
+            ),
+            (None, Some(h)) => match decide(&policy, &input, info, Some(h)) {
+                Ok(d) => (d, None),
+                Err(e) => (
+                    decide(&policy, &input, info, None)?,
+                    Some(format!(
+                        "{leaves}: this node (the data's) cannot run the embedding and the head ({e})"
+                    )),
+                ),
+            },
+        };
         let name_of = |id: &str| {
             view.members
                 .iter()
                 .find(|m| m.node_id == id)
                 .map_or_else(|| id.get(..8).unwrap_or(id).to_string(), |m| m.name.clone())
         };
-        stages
+        let stages = stages
             .into_iter()
             .map(|(d, s)| {
                 let id = input
@@ -126,7 +161,8 @@ impl JobCtx {
                     .ok_or_else(|| format!("the plan names device {d}"))?;
                 Ok((id.clone(), name_of(id), s))
             })
-            .collect()
+            .collect::<Result<_, String>>()?;
+        Ok((stages, note))
     }
 
     /// A better training split than `current` under the members' figures

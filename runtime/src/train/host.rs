@@ -123,7 +123,9 @@ struct Running {
 #[derive(Clone)]
 pub struct TrainHost {
     net: TrainNet,
-    stages: Arc<Mutex<HashMap<u64, Running>>>,
+    /// By (job, stage): a node may run two stages of one job (the first
+    /// and the last of a U-shaped pipeline).
+    stages: Arc<Mutex<HashMap<(u64, u16), Running>>>,
 }
 
 impl TrainHost {
@@ -166,10 +168,13 @@ impl TrainHost {
         match self
             .stages
             .lock()
-            .map(|s| (s.contains_key(&order.job), s.len()))
+            .map(|s| (s.contains_key(&(order.job, order.stage)), s.len()))
         {
             Ok((true, _)) | Err(_) => {
-                return Err(format!("job {} already has a stage here", order.job));
+                return Err(format!(
+                    "job {} already runs stage {} here",
+                    order.job, order.stage
+                ));
             }
             Ok((false, n)) if n >= MAX_STAGES_HERE => {
                 return Err(format!(
@@ -221,7 +226,7 @@ impl TrainHost {
         );
         if let Ok(mut s) = self.stages.lock() {
             s.insert(
-                order.job,
+                (order.job, order.stage),
                 Running {
                     coordinator: from,
                     handle,
@@ -231,16 +236,20 @@ impl TrainHost {
         Ok(())
     }
 
-    /// Stops job `job`'s stage here, if `from` is its coordinator.
+    /// Stops job `job`'s stages here, if `from` is its coordinator.
     pub fn end(&self, from: NodeId, job: u64) {
-        let gone = self.stages.lock().ok().and_then(|mut s| {
-            if s.get(&job).is_some_and(|r| r.coordinator == from) {
-                s.remove(&job)
-            } else {
-                None
+        let gone: Vec<Running> = match self.stages.lock() {
+            Ok(mut s) => {
+                let keys: Vec<(u64, u16)> = s
+                    .iter()
+                    .filter(|(k, r)| k.0 == job && r.coordinator == from)
+                    .map(|(k, _)| *k)
+                    .collect();
+                keys.iter().filter_map(|k| s.remove(k)).collect()
             }
-        });
-        if let Some(r) = gone {
+            Err(_) => Vec::new(),
+        };
+        for r in gone {
             let _ = r.handle.stop();
         }
     }
@@ -249,12 +258,12 @@ impl TrainHost {
     pub fn peer_lost(&self, node: NodeId) {
         let gone: Vec<Running> = match self.stages.lock() {
             Ok(mut s) => {
-                let jobs: Vec<u64> = s
+                let keys: Vec<(u64, u16)> = s
                     .iter()
                     .filter(|(_, r)| r.coordinator == node)
-                    .map(|(j, _)| *j)
+                    .map(|(k, _)| *k)
                     .collect();
-                jobs.iter().filter_map(|j| s.remove(j)).collect()
+                keys.iter().filter_map(|k| s.remove(k)).collect()
             }
             Err(_) => Vec::new(),
         };
@@ -266,22 +275,26 @@ impl TrainHost {
     /// Jobs with a stage here.
     pub fn jobs(&self) -> Vec<u64> {
         self.collect();
-        self.stages
+        let mut jobs: Vec<u64> = self
+            .stages
             .lock()
-            .map(|s| s.keys().copied().collect())
-            .unwrap_or_default()
+            .map(|s| s.keys().map(|k| k.0).collect())
+            .unwrap_or_default();
+        jobs.sort_unstable();
+        jobs.dedup();
+        jobs
     }
 
     /// Forgets stages whose worker ended.
     fn collect(&self) {
         let done: Vec<Running> = match self.stages.lock() {
             Ok(mut s) => {
-                let jobs: Vec<u64> = s
+                let keys: Vec<(u64, u16)> = s
                     .iter()
                     .filter(|(_, r)| r.handle.is_finished())
-                    .map(|(j, _)| *j)
+                    .map(|(k, _)| *k)
                     .collect();
-                jobs.iter().filter_map(|j| s.remove(j)).collect()
+                keys.iter().filter_map(|k| s.remove(k)).collect()
             }
             Err(_) => Vec::new(),
         };

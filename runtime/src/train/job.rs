@@ -936,13 +936,16 @@ async fn attempt(
         retryable: true,
     };
     let start = ckpt.as_ref().map_or(0, |c| c.step);
-    let stages = ctx.place(spec, mb_tokens, observed).await.map_err(|e| {
+    let (stages, note) = ctx.place(spec, mb_tokens, observed).await.map_err(|e| {
         retry(
             TrainError::Stage(format!("cannot place the job: {e}")),
             start,
         )
     })?;
     let p = stages.len();
+    if let Some(note) = note {
+        job.emit("warn", note, None);
+    }
     let m = batching.micro_batches;
     job.emit(
         "info",
@@ -956,6 +959,16 @@ async fn attempt(
         ),
         None,
     );
+    if p > 1 && stages.first().map(|s| &s.0) == stages.last().map(|s| &s.0) {
+        job.emit(
+            "info",
+            format!(
+                "U-shaped: {} runs the embedding and the head, so token ids and labels stay there",
+                stages[0].1
+            ),
+            None,
+        );
+    }
     job.update(|i| {
         i.stages = stages
             .iter()

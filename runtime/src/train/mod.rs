@@ -26,7 +26,7 @@ pub use coordinator::{Coordinator, StepOutcome};
 pub(crate) use ctx::JobCtx;
 pub use host::{StageOrder, TrainHost};
 pub use job::{JobEvent, JobHandle, JobInfo, JobSpec, JobStage, JobState, MethodSpec, RECORD_FILE};
-pub use net::{TrainNet, TrainNetError};
+pub use net::{SentCounts, TrainNet, TrainNetError};
 pub use schedule::{Op, Schedule, ScheduleError, Simulation, simulate};
 pub use worker::{StageHandle, StageSetup, spawn_stage};
 

@@ -1,9 +1,11 @@
 //! Training traffic between nodes: one ordered QUIC stream per direction
 //! per pair (kind `TRAIN`), and local delivery when sender and receiver are
-//! the same node. Incoming messages are checked against who may send them
-//! (the previous stage's node for activations, the next stage's for
-//! gradients, the coordinator for inputs and verdicts) and queued for the
-//! job's stage or coordinator.
+//! the same node. Every message to a stage names the receiving stage (a
+//! node may run two stages of one job: the first and the last of a
+//! U-shaped pipeline). Incoming messages are checked against who may send
+//! them (the previous stage's node for activations, the next stage's for
+//! gradients, the coordinator for inputs and verdicts) and queued for that
+//! stage or the job's coordinator.
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
@@ -44,9 +46,14 @@ pub(crate) struct CoordRoute {
 
 #[derive(Default)]
 struct Routes {
-    stages: HashMap<u64, StageRoute>,
+    /// By (job, stage).
+    stages: HashMap<(u64, u16), StageRoute>,
     coordinators: HashMap<u64, CoordRoute>,
 }
+
+/// How many training messages of each kind this node sent to each node
+/// (itself included), for tests and diagnostics: what left the node.
+pub type SentCounts = HashMap<(NodeId, &'static str), u64>;
 
 /// This node's training transport.
 #[derive(Clone)]
@@ -54,6 +61,7 @@ pub struct TrainNet {
     endpoint: Endpoint,
     routes: Arc<Mutex<Routes>>,
     out: Arc<Mutex<HashMap<NodeId, mpsc::Sender<Message>>>>,
+    sent: Arc<Mutex<SentCounts>>,
     /// Writer tasks are spawned here (senders may be stage threads).
     runtime: tokio::runtime::Handle,
 }
@@ -73,6 +81,25 @@ pub enum TrainNetError {
     NoPeer(String),
     #[error("the training stream to {0} is closed")]
     Closed(String),
+}
+
+/// The stage a message is for (`None`: the coordinator's mail, or `End`,
+/// which is for every stage of the job here).
+fn stage_of(msg: &TrainMsg) -> Option<u16> {
+    match msg {
+        TrainMsg::Tokens { key, .. }
+        | TrainMsg::Labels { key, .. }
+        | TrainMsg::Activations { key, .. }
+        | TrainMsg::Gradient { key, .. } => Some(key.stage),
+        TrainMsg::Tied { stage, .. }
+        | TrainMsg::Apply { stage, .. }
+        | TrainMsg::Restore { stage, .. } => Some(*stage),
+        TrainMsg::Report { .. }
+        | TrainMsg::Applied { .. }
+        | TrainMsg::State { .. }
+        | TrainMsg::Failed { .. }
+        | TrainMsg::End { .. } => None,
+    }
 }
 
 fn job_of(msg: &TrainMsg) -> u64 {
@@ -100,6 +127,7 @@ impl TrainNet {
             endpoint,
             routes: Arc::default(),
             out: Arc::default(),
+            sent: Arc::default(),
             runtime: tokio::runtime::Handle::current(),
         };
         let n = net.clone();
@@ -118,9 +146,9 @@ impl TrainNet {
         self.endpoint.id()
     }
 
-    pub(crate) fn add_stage(&self, job: u64, route: StageRoute) {
+    pub(crate) fn add_stage(&self, job: u64, stage: u16, route: StageRoute) {
         if let Ok(mut r) = self.routes.lock() {
-            r.stages.insert(job, route);
+            r.stages.insert((job, stage), route);
         }
     }
 
@@ -130,9 +158,20 @@ impl TrainNet {
         }
     }
 
-    pub(crate) fn remove_stage(&self, job: u64) {
+    pub(crate) fn remove_stage(&self, job: u64, stage: u16) {
         if let Ok(mut r) = self.routes.lock() {
-            r.stages.remove(&job);
+            r.stages.remove(&(job, stage));
+        }
+    }
+
+    /// The training messages this node has sent, by destination and kind.
+    pub fn sent_counts(&self) -> SentCounts {
+        self.sent.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn count(&self, to: NodeId, msg: &TrainMsg) {
+        if let Ok(mut s) = self.sent.lock() {
+            *s.entry((to, name(msg))).or_default() += 1;
         }
     }
 
@@ -183,8 +222,17 @@ impl TrainNet {
             }
             return;
         }
-        let Some(s) = routes.stages.get(&job) else {
-            debug!(job, "dropped a {} for no stage here", name(&msg));
+        let Some(stage) = stage_of(&msg) else {
+            // `End`: every stage of the job here that `from` coordinates.
+            for ((j, _), s) in routes.stages.iter() {
+                if *j == job && s.coordinator == from {
+                    s.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            return;
+        };
+        let Some(s) = routes.stages.get(&(job, stage)) else {
+            debug!(job, stage, "dropped a {} for no stage here", name(&msg));
             return;
         };
         let (allowed, queue) = match &msg {
@@ -205,10 +253,6 @@ impl TrainNet {
             );
             return;
         }
-        if matches!(msg, TrainMsg::End { .. }) {
-            s.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            return;
-        }
         if queue.try_send(msg).is_err() {
             warn!(
                 job,
@@ -219,6 +263,7 @@ impl TrainNet {
 
     /// Sends `msg` to `to` (this node included), in order with earlier sends.
     pub async fn send(&self, to: NodeId, msg: TrainMsg) -> Result<(), TrainNetError> {
+        self.count(to, &msg);
         if to == self.id() {
             self.deliver(to, msg);
             return Ok(());
@@ -231,6 +276,7 @@ impl TrainNet {
 
     /// [`Self::send`] from a blocking thread (a stage worker).
     pub(crate) fn send_blocking(&self, to: NodeId, msg: TrainMsg) -> Result<(), TrainNetError> {
+        self.count(to, &msg);
         if to == self.id() {
             self.deliver(to, msg);
             return Ok(());

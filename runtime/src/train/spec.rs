@@ -72,6 +72,14 @@ pub struct JobSpec {
     /// Longest wait for one stage message, in seconds.
     #[serde(default = "defaults::timeout_s")]
     pub timeout_s: u64,
+    /// Keep the token ids and labels on this node (the data's): it runs
+    /// the embedding and the head with the loss itself, as the first and
+    /// the last stage of a U-shaped pipeline, and other nodes see only
+    /// activations and gradients. Unset: whenever this node can hold them
+    /// (else the job says it could not, and goes on); `true`: always (the
+    /// job fails where it cannot); `false`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_data_home: Option<bool>,
 }
 
 mod defaults {

@@ -129,6 +129,7 @@ pub fn spawn_stage(
     let stop = Arc::new(AtomicBool::new(false));
     net.add_stage(
         setup.job,
+        setup.stage,
         StageRoute {
             prev: setup.prev,
             next: setup.next,
@@ -217,7 +218,7 @@ impl Worker {
                 },
             );
         }
-        self.net.remove_stage(job);
+        self.net.remove_stage(job, stage);
         result
     }
 
@@ -277,7 +278,7 @@ impl Worker {
     }
 
     fn expect_key(&self, got: MicroKey, step: u64, mb: u32, what: &str) -> Result<(), TrainError> {
-        let want = key(&self.setup, step, mb);
+        let want = key(&self.setup, step, mb, self.setup.stage);
         if got != want {
             return Err(TrainError::Protocol(format!(
                 "{what} for {got:?} while waiting for {want:?}"
@@ -362,7 +363,7 @@ impl Worker {
                         busy += t0.elapsed();
                         let hidden = to_frame(&out, s.job, step)?;
                         let msg = TrainMsg::Activations {
-                            key: key(&s, step, mb),
+                            key: key(&s, step, mb, s.stage + 1),
                             layout: from_layout(&layout),
                             hidden,
                         };
@@ -411,7 +412,7 @@ impl Worker {
                     targets += back.targets as u64;
                     if let (false, Some(g)) = (first, &back.input_grad) {
                         let msg = TrainMsg::Gradient {
-                            key: key(&s, step, mb),
+                            key: key(&s, step, mb, s.stage.saturating_sub(1)),
                             grad: to_frame(g, s.job, step)?,
                         };
                         self.send(s.prev, msg)?;
@@ -437,6 +438,8 @@ impl Worker {
                 TrainMsg::Tied {
                     job: s.job,
                     step,
+                    // The other end of the pipeline.
+                    stage: if first { s.stages - 1 } else { 0 },
                     name: tied_name.clone(),
                     grad: to_frame(&own, s.job, step)?,
                 },
@@ -603,11 +606,13 @@ pub(crate) fn restore(
     Ok(())
 }
 
-fn key(s: &StageSetup, step: u64, mb: u32) -> MicroKey {
+/// The key of micro-batch `mb` for stage `to`.
+fn key(s: &StageSetup, step: u64, mb: u32, to: u16) -> MicroKey {
     MicroKey {
         job: s.job,
         step,
         micro: mb,
+        stage: to,
     }
 }
 
