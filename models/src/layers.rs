@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
+use crate::adapter::{self, Runs};
 use crate::config::{Activation, Config, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -336,11 +337,32 @@ pub enum QkvProj {
 }
 
 impl QkvProj {
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// With `runs`, each run of rows also gets its adapter's change.
+    fn forward(&self, x: &Tensor, runs: &Runs<'_>) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
-            Self::Separate { q, k, v } => Ok((q.forward(x)?, k.forward(x)?, v.forward(x)?)),
+            Self::Separate { q, k, v } => {
+                let one = |l: &Linear, t: usize| -> Result<Tensor> {
+                    let y = l.forward(x)?;
+                    let w = y.dim(1)?;
+                    adapter::adapt(y, x, runs, &[(t, w)])
+                };
+                Ok((
+                    one(q, adapter::Q)?,
+                    one(k, adapter::K)?,
+                    one(v, adapter::V)?,
+                ))
+            }
             Self::Fused { qkv, q_out, kv_out } => {
-                let y = qkv.forward(x)?;
+                let y = adapter::adapt(
+                    qkv.forward(x)?,
+                    x,
+                    runs,
+                    &[
+                        (adapter::Q, *q_out),
+                        (adapter::K, *kv_out),
+                        (adapter::V, *kv_out),
+                    ],
+                )?;
                 Ok((
                     y.narrow(1, 0, *q_out)?,
                     y.narrow(1, *q_out, *kv_out)?,
@@ -391,9 +413,10 @@ impl Attention {
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
         rope: &RopeAt,
+        runs: &Runs<'_>,
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let (q, k, v) = self.qkv.forward(x)?;
+        let (q, k, v) = self.qkv.forward(x, runs)?;
         let q = q.reshape((n, self.heads, self.head_dim))?;
         let k = k.reshape((n, self.kv_heads, self.head_dim))?;
         let v = v.reshape((n, self.kv_heads, self.head_dim))?;
@@ -481,7 +504,9 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        self.o.forward(&o)
+        let y = self.o.forward(&o)?;
+        let w = y.dim(1)?;
+        adapter::adapt(y, &o, runs, &[(adapter::O, w)])
     }
 }
 
@@ -620,16 +645,32 @@ pub fn activate_exact(act: Activation, x: &Tensor) -> Result<Tensor> {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// With `runs`, each run of rows also gets its adapter's change.
+    pub fn forward(&self, x: &Tensor, runs: &Runs<'_>) -> Result<Tensor> {
         let (g, u) = match &self.gate_up {
-            GateUpProj::Separate { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            GateUpProj::Separate { gate, up } => {
+                let g = gate.forward(x)?;
+                let u = up.forward(x)?;
+                let w = g.dim(1)?;
+                (
+                    adapter::adapt(g, x, runs, &[(adapter::GATE, w)])?,
+                    adapter::adapt(u, x, runs, &[(adapter::UP, w)])?,
+                )
+            }
             GateUpProj::Fused { gate_up, inter } => {
-                let y = gate_up.forward(x)?;
+                let y = adapter::adapt(
+                    gate_up.forward(x)?,
+                    x,
+                    runs,
+                    &[(adapter::GATE, *inter), (adapter::UP, *inter)],
+                )?;
                 (y.narrow(1, 0, *inter)?, y.narrow(1, *inter, *inter)?)
             }
         };
         let h = (activate(self.act, &g)? * u)?;
-        self.down.forward(&h)
+        let y = self.down.forward(&h)?;
+        let w = y.dim(1)?;
+        adapter::adapt(y, &h, runs, &[(adapter::DOWN, w)])
     }
 }
 
@@ -656,15 +697,16 @@ impl Block {
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
         rope: &RopeAt,
+        runs: &Runs<'_>,
     ) -> Result<Tensor> {
         let post = |n: &Option<RmsNorm>, h: Tensor| match n {
             Some(n) => n.forward(&h),
             None => Ok(h),
         };
         let h = self.attn_norm.forward(x)?;
-        let h = self.attn.forward(layer, &h, spans, caches, rope)?;
+        let h = self.attn.forward(layer, &h, spans, caches, rope, runs)?;
         let x = (x + post(&self.post_attn_norm, h)?)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?, runs)?;
         Ok((x + post(&self.post_ffn_norm, h)?)?)
     }
 }

@@ -5,6 +5,7 @@
 //! This crate knows nothing about the network.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod adapter;
 pub mod chat;
 pub mod config;
 pub mod dirs;

@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::StageAdapter;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -407,14 +408,34 @@ impl Stage {
         caches: &mut [&mut KvCache],
         logits: Logits,
     ) -> Result<Tensor> {
+        self.forward_adapted(input, lens, caches, logits, &[])
+    }
+
+    /// [`Self::forward`] with each sequence's LoRA adapter (`None`: the
+    /// base model; an empty slice: the base for all), loaded for this
+    /// stage's layers: a batch may mix sequences of several adapters and
+    /// of the base (see [`crate::adapter`]). CPU stages only.
+    pub fn forward_adapted(
+        &self,
+        input: StageInput,
+        lens: &[usize],
+        caches: &mut [&mut KvCache],
+        logits: Logits,
+        adapters: &[Option<&StageAdapter>],
+    ) -> Result<Tensor> {
         #[cfg(feature = "wgpu")]
         if self.gpu.is_some() {
-            return self.forward_here(input, lens, caches, logits);
+            if adapters.iter().any(Option::is_some) {
+                return Err(ModelError::BadStageInput(
+                    "LoRA adapters run on CPU stages only".into(),
+                ));
+            }
+            return self.forward_here(input, lens, caches, logits, &[]);
         }
         if rayon::current_thread_index().is_some() {
-            return self.forward_here(input, lens, caches, logits);
+            return self.forward_here(input, lens, caches, logits, adapters);
         }
-        rayon::scope(|_| self.forward_here(input, lens, caches, logits))
+        rayon::scope(|_| self.forward_here(input, lens, caches, logits, adapters))
     }
 
     fn forward_here(
@@ -423,12 +444,33 @@ impl Stage {
         lens: &[usize],
         caches: &mut [&mut KvCache],
         logits: Logits,
+        adapters: &[Option<&StageAdapter>],
     ) -> Result<Tensor> {
         if lens.len() != caches.len() || lens.is_empty() || lens.contains(&0) {
             return Err(ModelError::BadStageInput(format!(
                 "{} sequence lengths for {} caches (each must be > 0)",
                 lens.len(),
                 caches.len()
+            )));
+        }
+        if !adapters.is_empty() && adapters.len() != lens.len() {
+            return Err(ModelError::BadStageInput(format!(
+                "{} adapters for {} sequences",
+                adapters.len(),
+                lens.len()
+            )));
+        }
+        if let Some(a) = adapters
+            .iter()
+            .flatten()
+            .find(|a| a.start() != self.spec.start || a.layers() != self.blocks.len())
+        {
+            return Err(ModelError::BadStageInput(format!(
+                "an adapter loaded for layers {}..{} on a stage of layers {}..{}",
+                a.start(),
+                a.start() + a.layers(),
+                self.spec.start,
+                self.spec.end
             )));
         }
         let n: usize = lens.iter().sum();
@@ -532,12 +574,28 @@ impl Stage {
             Some(r) => Some(r.at(&positions)?),
             None => None,
         };
+        // Runs of consecutive sequences that share an adapter.
+        let mut runs: Vec<(std::ops::Range<usize>, &StageAdapter)> = Vec::new();
+        for (span, a) in spans.iter().zip(adapters) {
+            let Some(a) = a else { continue };
+            let rows = span.offset..span.offset + span.len;
+            match runs.last_mut() {
+                Some((r, last)) if r.end == rows.start && std::ptr::eq(*last, *a) => {
+                    r.end = rows.end;
+                }
+                _ => runs.push((rows, a)),
+            }
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             let r = match (&rope_local, block.local_rope) {
                 (Some(local), true) => local,
                 _ => &rope,
             };
-            x = block.forward(i, &x, &spans, caches, r)?;
+            let layer_runs: Vec<(std::ops::Range<usize>, &crate::adapter::LayerAdapter)> = runs
+                .iter()
+                .filter_map(|(rows, a)| Some((rows.clone(), a.layer(i)?)))
+                .collect();
+            x = block.forward(i, &x, &spans, caches, r, &layer_runs)?;
         }
         for (cache, &len) in caches.iter_mut().zip(lens) {
             cache.advance(len);

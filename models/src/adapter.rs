@@ -1,0 +1,352 @@
+//! LoRA adapters served beside their base model (as S-LoRA and Punica do):
+//! a stage holds its layers' slice of each adapter it serves, and a ragged
+//! batch applies each sequence's own adapter to that sequence's rows: one
+//! pair of small matrix products `(x_rows · Aᵀ) · (scale · Bᵀ)` per run of
+//! consecutive sequences sharing an adapter, per adapted projection. Rows
+//! of the base model take no extra work, and the base weights are never
+//! changed, so any number of adapters and the base serve from one copy.
+//!
+//! Adapters are read in PEFT's format (`adapter_config.json` and
+//! `adapter_model.safetensors`), which is what Hearth's fine-tuning jobs
+//! write: a LoRA on each of q/k/v/o/gate/up/down, or on the stacked
+//! `qkv_proj` / `gate_up_proj` of a model stored that way (Phi-3).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::{Config, ModelError, Result, StageSpec};
+
+/// Largest adapter file read (its tensors are held in f32).
+pub const MAX_ADAPTER_BYTES: u64 = 2 << 30;
+/// Largest `adapter_config.json` read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest rank an adapter may have (per projection, stacked ones too).
+pub const MAX_ADAPTER_RANK: usize = 4096;
+
+/// The projections a LoRA may adapt, in this order.
+const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+pub(crate) const Q: usize = 0;
+pub(crate) const K: usize = 1;
+pub(crate) const V: usize = 2;
+pub(crate) const O: usize = 3;
+pub(crate) const GATE: usize = 4;
+pub(crate) const UP: usize = 5;
+pub(crate) const DOWN: usize = 6;
+
+/// One projection's adapter: `x · a_t · b_t` is the change of its output
+/// (`a_t` `[in, r]`, `b_t` `[r, out]` with the scale folded in).
+#[derive(Debug, Clone)]
+struct LoraPair {
+    a_t: Tensor,
+    b_t: Tensor,
+}
+
+/// One layer's adapters, by projection.
+#[derive(Debug, Clone, Default)]
+pub struct LayerAdapter {
+    parts: [Option<LoraPair>; 7],
+}
+
+/// An adapter's slice for the layers of one stage.
+#[derive(Debug, Clone)]
+pub struct StageAdapter {
+    start: usize,
+    layers: Vec<LayerAdapter>,
+    bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct PeftConfig {
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    rank_pattern: HashMap<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: HashMap<String, serde_json::Value>,
+}
+
+fn bad(msg: impl Into<String>) -> ModelError {
+    ModelError::InvalidConfig(format!("LoRA adapter: {}", msg.into()))
+}
+
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| ModelError::io(path, e))?
+        .len();
+    if len > limit {
+        return Err(bad(format!(
+            "{} has {len} bytes (at most {limit})",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(|e| ModelError::io(path, e))
+}
+
+/// A pattern entry's number for module `module` (PEFT's keys are module
+/// names or name suffixes).
+fn pattern(map: &HashMap<String, serde_json::Value>, module: &str, proj: &str) -> Option<f64> {
+    map.iter()
+        .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")) || *k == proj)
+        .and_then(|(_, v)| v.as_f64())
+}
+
+impl StageAdapter {
+    /// Reads the PEFT adapter in `dir` for the layers of `spec` of a model
+    /// shaped like `cfg`. Every LoRA tensor of those layers must name a
+    /// projection the model has, with the model's shapes.
+    pub fn load_peft(dir: &Path, cfg: &Config, spec: StageSpec) -> Result<Self> {
+        spec.check(cfg.num_hidden_layers)?;
+        let config: PeftConfig = serde_json::from_slice(&read_bounded(
+            &dir.join("adapter_config.json"),
+            MAX_CONFIG_BYTES,
+        )?)
+        .map_err(|e| bad(format!("adapter_config.json: {e}")))?;
+        if config.fan_in_fan_out {
+            return Err(bad(
+                "fan_in_fan_out adapters (GPT-2's Conv1D) are not supported",
+            ));
+        }
+        let bytes = read_bounded(&dir.join("adapter_model.safetensors"), MAX_ADAPTER_BYTES)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("adapter_model.safetensors: {e}")))?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                other => return Err(bad(format!("{name} is {other:?}"))),
+            };
+            let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?
+                .to_dtype(DType::F32)?;
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(&tensors, &config, cfg, spec)
+    }
+
+    fn from_tensors(
+        tensors: &HashMap<String, Tensor>,
+        config: &PeftConfig,
+        cfg: &Config,
+        spec: StageSpec,
+    ) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let qdim = cfg.num_attention_heads * hd;
+        let kvdim = cfg.num_key_value_heads * hd;
+        let inter = cfg.intermediate_size;
+        // (input, output) of each target, and the stacked projections.
+        let shape = |p: usize| match p {
+            Q => (h, qdim),
+            K | V => (h, kvdim),
+            O => (qdim, h),
+            GATE | UP => (h, inter),
+            _ => (inter, h),
+        };
+        let mut layers = vec![LayerAdapter::default(); spec.layers()];
+        let mut seen = 0usize;
+        let mut bytes = 0u64;
+        for (name, a) in tensors {
+            let Some(module) = name.strip_suffix(".lora_A.weight") else {
+                if name.ends_with(".lora_B.weight") {
+                    continue;
+                }
+                return Err(bad(format!(
+                    "{name}: only LoRA A/B matrices are supported (no modules_to_save, no DoRA)"
+                )));
+            };
+            let b = tensors
+                .get(&format!("{module}.lora_B.weight"))
+                .ok_or_else(|| bad(format!("{module} has lora_A but no lora_B")))?;
+            let rest = module
+                .split_once("layers.")
+                .map(|(_, r)| r)
+                .ok_or_else(|| bad(format!("{name} is not in a decoder layer")))?;
+            let (index, proj) = rest
+                .split_once('.')
+                .ok_or_else(|| bad(format!("{name}: no layer index")))?;
+            let layer: usize = index
+                .parse()
+                .map_err(|_| bad(format!("{name}: layer {index:?}")))?;
+            if layer >= cfg.num_hidden_layers {
+                return Err(bad(format!(
+                    "{name}: layer {layer} of a model with {}",
+                    cfg.num_hidden_layers
+                )));
+            }
+            seen += 1;
+            if !(spec.start..spec.end).contains(&layer) {
+                continue;
+            }
+            let proj = proj.rsplit('.').next().unwrap_or(proj);
+            let (r_a, a_in) = a.dims2()?;
+            let (b_out, r_b) = b.dims2()?;
+            if r_a != r_b || r_a == 0 || r_a > MAX_ADAPTER_RANK {
+                return Err(bad(format!(
+                    "{module}: A is {:?} and B {:?} (ranks must agree, 1..={MAX_ADAPTER_RANK})",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            let rank = pattern(&config.rank_pattern, module, proj).unwrap_or(config.r as f64);
+            let alpha = pattern(&config.alpha_pattern, module, proj).unwrap_or(config.lora_alpha);
+            if !(alpha.is_finite() && rank >= 1.0) {
+                return Err(bad(format!("{module}: alpha {alpha}, rank {rank}")));
+            }
+            let scale = if config.use_rslora {
+                alpha / rank.sqrt()
+            } else {
+                alpha / rank
+            };
+            let a_t = a.t()?.contiguous()?;
+            let b_t = (b.t()? * scale)?.contiguous()?;
+            bytes += 4 * (a.elem_count() + b.elem_count()) as u64;
+            // Which targets this matrix adapts, and where in B's rows.
+            let parts: Vec<(usize, usize)> = match proj {
+                "qkv_proj" => vec![(Q, 0), (K, qdim), (V, qdim + kvdim)],
+                "gate_up_proj" => vec![(GATE, 0), (UP, inter)],
+                p => match TARGETS.iter().position(|t| *t == p) {
+                    Some(t) => vec![(t, 0)],
+                    None => return Err(bad(format!("{name}: unknown projection {p:?}"))),
+                },
+            };
+            let (input, _) = shape(parts[0].0);
+            let total: usize = parts.iter().map(|(t, _)| shape(*t).1).sum();
+            if a_in != input || b_out != total {
+                return Err(bad(format!(
+                    "{module}: A is {:?} and B {:?}, but the model's {proj} maps {input} to {total}",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            let slot = &mut layers[layer - spec.start];
+            for (t, at) in parts {
+                let out = shape(t).1;
+                let b_part = if out == total {
+                    b_t.clone()
+                } else {
+                    b_t.narrow(1, at, out)?.contiguous()?
+                };
+                if slot.parts[t].is_some() {
+                    return Err(bad(format!("{module}: {} adapted twice", TARGETS[t])));
+                }
+                slot.parts[t] = Some(LoraPair {
+                    a_t: a_t.clone(),
+                    b_t: b_part,
+                });
+            }
+        }
+        if seen == 0 {
+            return Err(bad("no LoRA matrices in decoder layers"));
+        }
+        Ok(Self {
+            start: spec.start,
+            layers,
+            bytes,
+        })
+    }
+
+    /// Bytes its matrices take (f32).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// First layer of the stage it was loaded for.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Layers it holds (the stage's).
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub(crate) fn layer(&self, i: usize) -> Option<&LayerAdapter> {
+        self.layers.get(i)
+    }
+}
+
+/// Runs of batch rows and the adapter each uses (rows of the base model
+/// are in no run), for one layer.
+pub(crate) type Runs<'a> = [(Range<usize>, &'a LayerAdapter)];
+
+/// The change the runs' adapters make to a projection whose output is the
+/// targets `parts` side by side (`(target, width)`: one part, or q/k/v or
+/// gate/up stacked): `None` when no run adapts any of them.
+pub(crate) fn delta(
+    x: &Tensor,
+    runs: &Runs<'_>,
+    parts: &[(usize, usize)],
+) -> Result<Option<Tensor>> {
+    if !runs
+        .iter()
+        .any(|(_, l)| parts.iter().any(|(t, _)| l.parts[*t].is_some()))
+    {
+        return Ok(None);
+    }
+    let n = x.dim(0)?;
+    let width: usize = parts.iter().map(|(_, w)| w).sum();
+    let zeros = |rows: usize, cols: usize| Tensor::zeros((rows, cols), DType::F32, x.device());
+    let mut rows = Vec::with_capacity(2 * runs.len() + 1);
+    let mut at = 0;
+    for (r, layer) in runs {
+        if r.start < at || r.end > n {
+            return Err(ModelError::BadStageInput(format!(
+                "adapter rows {r:?} outside the batch of {n} or out of order"
+            )));
+        }
+        if r.start > at {
+            rows.push(zeros(r.start - at, width)?);
+        }
+        let xr = x.narrow(0, r.start, r.len())?;
+        let mut cols = Vec::with_capacity(parts.len());
+        for (t, w) in parts {
+            cols.push(match &layer.parts[*t] {
+                Some(p) => xr.matmul(&p.a_t)?.matmul(&p.b_t)?,
+                None => zeros(r.len(), *w)?,
+            });
+        }
+        rows.push(if cols.len() == 1 {
+            cols.remove(0)
+        } else {
+            Tensor::cat(&cols, 1)?
+        });
+        at = r.end;
+    }
+    if at < n {
+        rows.push(zeros(n - at, width)?);
+    }
+    Ok(Some(if rows.len() == 1 {
+        rows.remove(0)
+    } else {
+        Tensor::cat(&rows, 0)?
+    }))
+}
+
+/// `y` plus the runs' change to it (see [`delta`]).
+pub(crate) fn adapt(
+    y: Tensor,
+    x: &Tensor,
+    runs: &Runs<'_>,
+    parts: &[(usize, usize)],
+) -> Result<Tensor> {
+    Ok(match delta(x, runs, parts)? {
+        Some(d) => (y + d)?,
+        None => y,
+    })
+}
