@@ -429,14 +429,6 @@ pub(crate) fn propose(
     workload: hearth_partitioner::Workload,
     current: &Split,
 ) -> Option<Proposal> {
-    // A U-shaped split (one node at both ends, the data's) stays U-shaped.
-    let home = match (current.first(), current.last()) {
-        (Some(a), Some(b)) if current.len() > 1 && a.0 == b.0 => {
-            input.node_ids.iter().position(|n| *n == a.0)
-        }
-        _ => None,
-    };
-    let workload = with_home(workload, home);
     let best = hearth_partitioner::plan(&info.cost, &input.devices, &input.links, workload).ok()?;
     let split = best
         .stages

@@ -17,7 +17,7 @@ use crate::events::EventKind;
 use crate::membership::{Membership, MembershipEvent};
 use crate::pipeline::service::Service;
 use crate::placement::PlacementPolicy;
-use crate::placement::{Split, decide, propose};
+use crate::placement::{Split, decide, propose, with_home};
 use crate::profile::{PlanRequest, ProfileBook, planner_input};
 
 /// Training slowdowns measured from the stages' busy times that the
@@ -190,12 +190,22 @@ impl JobCtx {
         let view = self.membership.view().await?;
         let members: Vec<String> = view.members.iter().map(|m| m.node_id.clone()).collect();
         let mut input = planner_input(&self.profiles.snapshot(&members), &model.info.times);
-        let workload = req.workload(&model.info.config).ok()?;
-        let slower = apply_observed(&mut input, drifts, observed);
-        let current: Split = current
+        let current_split: Split = current
             .iter()
             .map(|(id, _, s)| (id.clone(), s.start, s.end))
             .collect();
+        // A split that keeps the data on this node (both ends here: U-shaped
+        // or this node alone) is only ever replaced by another that does.
+        let own = self.net().id().to_string();
+        let home = match (current_split.first(), current_split.last()) {
+            (Some(a), Some(b)) if a.0 == own && b.0 == own => {
+                input.node_ids.iter().position(|n| *n == own)
+            }
+            _ => None,
+        };
+        let workload = with_home(req.workload(&model.info.config).ok()?, home);
+        let slower = apply_observed(&mut input, drifts, observed);
+        let current = current_split;
         let p = propose(&input, &model.info, workload, &current)?;
         let now = p.now.as_ref()?.step_s;
         tracing::debug!(now, best = p.best.step_s, proposal = ?p.split, "training re-plan check");
