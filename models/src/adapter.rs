@@ -12,8 +12,8 @@
 //! `qkv_proj` / `gate_up_proj` of a model stored that way (Phi-3).
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -45,12 +45,16 @@ pub(crate) const GATE: usize = 4;
 pub(crate) const UP: usize = 5;
 pub(crate) const DOWN: usize = 6;
 
-/// One projection's adapter: `x · a_t · b_t` is the change of its output
-/// (`a_t` `[in, r]`, `b_t` `[r, out]` with the scale folded in).
+/// One projection's adapter: its output changes by `Σ_j (x · a_j) · bt_j`
+/// (`a` is A, `[rank, input]` row-major; `bt` is Bᵀ with the scale folded
+/// in, `[rank, output]` row-major).
 #[derive(Debug, Clone)]
 struct LoraPair {
-    a_t: Tensor,
-    b_t: Tensor,
+    rank: usize,
+    input: usize,
+    output: usize,
+    a: Arc<Vec<f32>>,
+    bt: Vec<f32>,
 }
 
 /// One layer's adapters, by projection.
@@ -213,7 +217,8 @@ impl StageAdapter {
             } else {
                 alpha / rank
             };
-            let a_t = a.t()?.contiguous()?;
+            let a_rows: Arc<Vec<f32>> = Arc::new(a.flatten_all()?.to_vec1()?);
+            // Bᵀ scaled: [r, out] row-major.
             let b_t = (b.t()? * scale)?.contiguous()?;
             bytes += 4 * (a.elem_count() + b.elem_count()) as u64;
             // Which targets this matrix adapts, and where in B's rows.
@@ -237,17 +242,20 @@ impl StageAdapter {
             let slot = &mut layers[layer - spec.start];
             for (t, at) in parts {
                 let out = shape(t).1;
-                let b_part = if out == total {
-                    b_t.clone()
-                } else {
-                    b_t.narrow(1, at, out)?.contiguous()?
-                };
+                let bt: Vec<f32> = b_t
+                    .narrow(1, at, out)?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1()?;
                 if slot.parts[t].is_some() {
                     return Err(bad(format!("{module}: {} adapted twice", TARGETS[t])));
                 }
                 slot.parts[t] = Some(LoraPair {
-                    a_t: a_t.clone(),
-                    b_t: b_part,
+                    rank: r_a,
+                    input,
+                    output: out,
+                    a: a_rows.clone(),
+                    bt,
                 });
             }
         }
@@ -281,72 +289,134 @@ impl StageAdapter {
     }
 }
 
-/// Runs of batch rows and the adapter each uses (rows of the base model
-/// are in no run), for one layer.
-pub(crate) type Runs<'a> = [(Range<usize>, &'a LayerAdapter)];
+/// Each adapter's rows of a batch (ascending; rows of the base model are
+/// in no group), for one layer.
+pub type Groups<'a> = [(&'a [u32], &'a LayerAdapter)];
 
-/// The change the runs' adapters make to a projection whose output is the
-/// targets `parts` side by side (`(target, width)`: one part, or q/k/v or
-/// gate/up stacked): `None` when no run adapts any of them.
-pub(crate) fn delta(
-    x: &Tensor,
-    runs: &Runs<'_>,
-    parts: &[(usize, usize)],
-) -> Result<Option<Tensor>> {
-    if !runs
-        .iter()
-        .any(|(_, l)| parts.iter().any(|(t, _)| l.parts[*t].is_some()))
-    {
-        return Ok(None);
-    }
-    let n = x.dim(0)?;
-    let width: usize = parts.iter().map(|(_, w)| w).sum();
-    let zeros = |rows: usize, cols: usize| Tensor::zeros((rows, cols), DType::F32, x.device());
-    let mut rows = Vec::with_capacity(2 * runs.len() + 1);
-    let mut at = 0;
-    for (r, layer) in runs {
-        if r.start < at || r.end > n {
-            return Err(ModelError::BadStageInput(format!(
-                "adapter rows {r:?} outside the batch of {n} or out of order"
-            )));
-        }
-        if r.start > at {
-            rows.push(zeros(r.start - at, width)?);
-        }
-        let xr = x.narrow(0, r.start, r.len())?;
-        let mut cols = Vec::with_capacity(parts.len());
-        for (t, w) in parts {
-            cols.push(match &layer.parts[*t] {
-                Some(p) => xr.matmul(&p.a_t)?.matmul(&p.b_t)?,
-                None => zeros(r.len(), *w)?,
-            });
-        }
-        rows.push(if cols.len() == 1 {
-            cols.remove(0)
-        } else {
-            Tensor::cat(&cols, 1)?
-        });
-        at = r.end;
-    }
-    if at < n {
-        rows.push(zeros(n - at, width)?);
-    }
-    Ok(Some(if rows.len() == 1 {
-        rows.remove(0)
-    } else {
-        Tensor::cat(&rows, 0)?
-    }))
-}
-
-/// `y` plus the runs' change to it (see [`delta`]).
+/// `y`, the output `[n, width]` of a projection of `x` `[n, input]` whose
+/// output is the targets `parts` side by side (`(target, width)`: one
+/// part, or q/k/v or gate/up stacked), plus the change each group's
+/// adapter makes to its rows: computed row by row in place (a handful of
+/// `input`-long dot products and `width`-long updates per row, the rows in
+/// parallel), with no tensor operation per adapter.
 pub(crate) fn adapt(
     y: Tensor,
     x: &Tensor,
-    runs: &Runs<'_>,
+    groups: &Groups<'_>,
     parts: &[(usize, usize)],
 ) -> Result<Tensor> {
-    Ok(match delta(x, runs, parts)? {
-        Some(d) => (y + d)?,
-        None => y,
-    })
+    if !groups
+        .iter()
+        .any(|(_, l)| parts.iter().any(|(t, _)| l.parts[*t].is_some()))
+    {
+        return Ok(y);
+    }
+    let (n, input) = x.dims2()?;
+    let width: usize = parts.iter().map(|(_, w)| w).sum();
+    if y.dims() != [n, width] {
+        return Err(ModelError::BadStageInput(format!(
+            "an adapted projection's output is {:?}, expected [{n}, {width}]",
+            y.dims()
+        )));
+    }
+    let mut by_row: Vec<Option<&LayerAdapter>> = vec![None; n];
+    for (rows, layer) in groups {
+        for &r in *rows {
+            let slot = by_row.get_mut(r as usize).ok_or_else(|| {
+                ModelError::BadStageInput(format!("adapter row {r} outside a batch of {n}"))
+            })?;
+            *slot = Some(layer);
+        }
+    }
+    let y = y.contiguous()?;
+    y.inplace_op2(
+        &x.contiguous()?,
+        &LoraOp {
+            by_row: &by_row,
+            parts,
+            input,
+            width,
+        },
+    )?;
+    Ok(y)
+}
+
+struct LoraOp<'a> {
+    by_row: &'a [Option<&'a LayerAdapter>],
+    parts: &'a [(usize, usize)],
+    input: usize,
+    width: usize,
+}
+
+impl candle_core::InplaceOp2 for LoraOp<'_> {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &mut candle_core::CpuStorage,
+        ly: &candle_core::Layout,
+        x: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as S;
+        use rayon::prelude::*;
+        let msg = |m: String| candle_core::Error::Msg(m);
+        let (Some((y0, y1)), Some((x0, x1))) = (ly.contiguous_offsets(), lx.contiguous_offsets())
+        else {
+            return Err(msg("LoRA needs contiguous tensors".into()));
+        };
+        let (S::F32(y), S::F32(x)) = (y, x) else {
+            return Err(msg("LoRA runs on f32 activations".into()));
+        };
+        let n = self.by_row.len();
+        let (y, x) = (&mut y[y0..y1], &x[x0..x1]);
+        if y.len() != n * self.width || x.len() != n * self.input {
+            return Err(msg(format!(
+                "LoRA: {} outputs and {} inputs for {n} rows",
+                y.len(),
+                x.len()
+            )));
+        }
+        // Every adapter matches the projection's shape (checked once).
+        for layer in self.by_row.iter().flatten() {
+            for (t, w) in self.parts {
+                if let Some(p) = &layer.parts[*t]
+                    && (p.input != self.input || p.output != *w)
+                {
+                    return Err(msg(format!(
+                        "an adapter of {}→{} on a projection of {}→{w}",
+                        p.input, p.output, self.input
+                    )));
+                }
+            }
+        }
+        y.par_chunks_mut(self.width)
+            .zip(x.par_chunks(self.input))
+            .zip(self.by_row.par_iter())
+            .for_each(|((yr, xr), layer)| {
+                let Some(layer) = layer else { return };
+                let mut t = Vec::new();
+                let mut at = 0;
+                for (part, w) in self.parts {
+                    if let Some(p) = &layer.parts[*part] {
+                        t.clear();
+                        t.extend(
+                            p.a.chunks_exact(p.input)
+                                .take(p.rank)
+                                .map(|a| crate::layers::dot_f32(xr, a)),
+                        );
+                        let out = &mut yr[at..at + w];
+                        for (tj, b) in t.iter().zip(p.bt.chunks_exact(p.output)) {
+                            for (o, bv) in out.iter_mut().zip(b) {
+                                *o += tj * bv;
+                            }
+                        }
+                    }
+                    at += w;
+                }
+            });
+        Ok(())
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
-use crate::adapter::{self, Runs};
+use crate::adapter::{self, Groups};
 use crate::config::{Activation, Config, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -338,7 +338,7 @@ pub enum QkvProj {
 
 impl QkvProj {
     /// With `runs`, each run of rows also gets its adapter's change.
-    fn forward(&self, x: &Tensor, runs: &Runs<'_>) -> Result<(Tensor, Tensor, Tensor)> {
+    fn forward(&self, x: &Tensor, runs: &Groups<'_>) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
             Self::Separate { q, k, v } => {
                 let one = |l: &Linear, t: usize| -> Result<Tensor> {
@@ -413,7 +413,7 @@ impl Attention {
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
         rope: &RopeAt,
-        runs: &Runs<'_>,
+        runs: &Groups<'_>,
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (q, k, v) = self.qkv.forward(x, runs)?;
@@ -554,7 +554,7 @@ impl Attention {
 
 /// `a · b` in eight independent lanes (so the compiler keeps it in one
 /// vector register; a single running sum is a chain of dependent adds).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
@@ -646,7 +646,7 @@ pub fn activate_exact(act: Activation, x: &Tensor) -> Result<Tensor> {
 
 impl Mlp {
     /// With `runs`, each run of rows also gets its adapter's change.
-    pub fn forward(&self, x: &Tensor, runs: &Runs<'_>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, runs: &Groups<'_>) -> Result<Tensor> {
         let (g, u) = match &self.gate_up {
             GateUpProj::Separate { gate, up } => {
                 let g = gate.forward(x)?;
@@ -697,7 +697,7 @@ impl Block {
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
         rope: &RopeAt,
-        runs: &Runs<'_>,
+        runs: &Groups<'_>,
     ) -> Result<Tensor> {
         let post = |n: &Option<RmsNorm>, h: Tensor| match n {
             Some(n) => n.forward(&h),

@@ -574,16 +574,14 @@ impl Stage {
             Some(r) => Some(r.at(&positions)?),
             None => None,
         };
-        // Runs of consecutive sequences that share an adapter.
-        let mut runs: Vec<(std::ops::Range<usize>, &StageAdapter)> = Vec::new();
+        // Each adapter's rows (one group per adapter, in first-use order).
+        let mut by_adapter: Vec<(&StageAdapter, Vec<u32>)> = Vec::new();
         for (span, a) in spans.iter().zip(adapters) {
             let Some(a) = a else { continue };
-            let rows = span.offset..span.offset + span.len;
-            match runs.last_mut() {
-                Some((r, last)) if r.end == rows.start && std::ptr::eq(*last, *a) => {
-                    r.end = rows.end;
-                }
-                _ => runs.push((rows, a)),
+            let rows = (span.offset..span.offset + span.len).map(|r| r as u32);
+            match by_adapter.iter_mut().find(|(b, _)| std::ptr::eq(*b, *a)) {
+                Some((_, v)) => v.extend(rows),
+                None => by_adapter.push((a, rows.collect())),
             }
         }
         for (i, block) in self.blocks.iter().enumerate() {
@@ -591,9 +589,9 @@ impl Stage {
                 (Some(local), true) => local,
                 _ => &rope,
             };
-            let layer_runs: Vec<(std::ops::Range<usize>, &crate::adapter::LayerAdapter)> = runs
+            let layer_runs: Vec<(&[u32], &crate::adapter::LayerAdapter)> = by_adapter
                 .iter()
-                .filter_map(|(rows, a)| Some((rows.clone(), a.layer(i)?)))
+                .filter_map(|(a, rows)| Some((&rows[..], a.layer(i)?)))
                 .collect();
             x = block.forward(i, &x, &spans, caches, r, &layer_runs)?;
         }

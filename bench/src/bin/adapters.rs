@@ -1,0 +1,209 @@
+//! Many adapters, one base: aggregate decode throughput of one batch of
+//! sequences when they use 1, 2 or 4 different LoRA adapters, against the
+//! same batch on the base model alone, measured in the same run on the
+//! real model (SmolLM2-135M, Q4_1) as one CPU stage (the whole model).
+//!
+//! Each adapter is rank 8 on all seven projections of every layer (what a
+//! Hearth LoRA job trains by default), random, read from PEFT files as a
+//! job writes them. Sequences are assigned to adapters round-robin, so an
+//! adapter's rows are scattered through the batch (the unfavourable case
+//! for segmented LoRA: gathered rows). Rounds interleave the cases; the
+//! figures are medians.
+//!
+//! `cargo run --release -p hearth-bench --bin adapters`
+#![allow(clippy::print_stdout)] // A command-line program: printing to stdout is its job.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use hearth_bench::{Row, cpu_name, median, print, write_results};
+use hearth_models::adapter::StageAdapter;
+use hearth_models::train::export::{safetensors_bytes, write_atomic};
+use hearth_models::{Config, KvCache, Logits, Precision, Stage, StageInput, StageSpec, WeightFile};
+use hearth_test_utils::real_model;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Sequences in the batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Prompt tokens per sequence (prefilled before timing).
+    #[arg(long, default_value_t = 32)]
+    prompt: usize,
+    /// Decode steps timed per round.
+    #[arg(long, default_value_t = 24)]
+    steps: usize,
+    /// Interleaved rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+/// A random PEFT adapter for `cfg` in `dir` (candle's generator: each call a new one).
+fn write_adapter(dir: &Path, cfg: &Config, rank: usize) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let q = cfg.num_attention_heads * hd;
+    let kv = cfg.num_key_value_heads * hd;
+    let inter = cfg.intermediate_size;
+    let projs = [
+        ("self_attn.q_proj", h, q),
+        ("self_attn.k_proj", h, kv),
+        ("self_attn.v_proj", h, kv),
+        ("self_attn.o_proj", q, h),
+        ("mlp.gate_proj", h, inter),
+        ("mlp.up_proj", h, inter),
+        ("mlp.down_proj", inter, h),
+    ];
+    let dev = Device::Cpu;
+    let mut tensors = Vec::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for (name, input, output) in projs.iter() {
+            let pre = format!("base_model.model.model.layers.{layer}.{name}");
+            let a = Tensor::randn(0f32, 0.02, (rank, *input), &dev)?;
+            let b = Tensor::randn(0f32, 0.02, (*output, rank), &dev)?;
+            tensors.push((format!("{pre}.lora_A.weight"), a));
+            tensors.push((format!("{pre}.lora_B.weight"), b));
+        }
+    }
+    write_atomic(
+        &dir.join("adapter_model.safetensors"),
+        &safetensors_bytes(&tensors, None)?,
+    )?;
+    let config = json!({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]});
+    write_atomic(
+        &dir.join("adapter_config.json"),
+        &serde_json::to_vec(&config)?,
+    )?;
+    Ok(())
+}
+
+/// Decode tokens per second of the batch, each sequence with `which[i]`'s
+/// adapter, after prefilling the prompts.
+fn run(
+    stage: &Stage,
+    adapters: &[StageAdapter],
+    which: &[Option<usize>],
+    prompt: usize,
+    steps: usize,
+    vocab: u32,
+) -> Result<f64> {
+    let b = which.len();
+    let mut caches: Vec<KvCache> = (0..b).map(|_| stage.new_cache()).collect();
+    let ads: Vec<Option<&StageAdapter>> = which.iter().map(|w| w.map(|i| &adapters[i])).collect();
+    let ids: Vec<u32> = (0..b * prompt)
+        .map(|i| (i as u32 * 97 + 11) % vocab)
+        .collect();
+    let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();
+    let logits = stage.forward_adapted(
+        StageInput::Tokens(ids),
+        &vec![prompt; b],
+        &mut cs,
+        Logits::Last,
+        &ads,
+    )?;
+    let mut next: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let logits = stage.forward_adapted(
+            StageInput::Tokens(next.clone()),
+            &vec![1; b],
+            &mut cs,
+            Logits::Last,
+            &ads,
+        )?;
+        next = logits.argmax(1)?.to_vec1()?;
+    }
+    Ok((b * steps) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let path = real_model().context("the real model is needed (hearth models pull)")?;
+    let w = WeightFile::open(&path)?;
+    let cfg = w.config().clone();
+    let spec = StageSpec::full(cfg.num_hidden_layers);
+    let stage = Stage::load(&w, spec, Precision::Quantized)?;
+    let dir = tempfile::tempdir()?;
+    let mut adapters = Vec::new();
+    for k in 0..4u64 {
+        let d = dir.path().join(format!("adapter-{k}"));
+        write_adapter(&d, &cfg, args.rank)?;
+        adapters.push(StageAdapter::load_peft(&d, &cfg, spec)?);
+    }
+    let adapter_bytes = adapters[0].bytes();
+    let base_bytes = std::fs::metadata(&path)?.len();
+    let vocab = cfg.vocab_size as u32;
+    let cases: Vec<(String, Vec<Option<usize>>)> = vec![
+        ("base alone".into(), vec![None; args.batch]),
+        ("1 adapter".into(), vec![Some(0); args.batch]),
+        (
+            "2 adapters".into(),
+            (0..args.batch).map(|i| Some(i % 2)).collect(),
+        ),
+        (
+            "4 adapters".into(),
+            (0..args.batch).map(|i| Some(i % 4)).collect(),
+        ),
+        (
+            "4 adapters and the base".into(),
+            (0..args.batch)
+                .map(|i| (i % 5 < 4).then_some(i % 5))
+                .collect(),
+        ),
+    ];
+    // Warm-up.
+    run(&stage, &adapters, &cases[3].1, args.prompt, 2, vocab)?;
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for round in 0..args.rounds {
+        for (c, (name, which)) in cases.iter().enumerate() {
+            let r = run(&stage, &adapters, which, args.prompt, args.steps, vocab)?;
+            print(&format!("round {round}: {name}: {r:.1} tok/s"))?;
+            rates[c].push(r);
+        }
+    }
+    let med: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+    let rows: Vec<Row> = cases
+        .iter()
+        .zip(&med)
+        .skip(1)
+        .map(|((name, _), m)| {
+            Row::new(
+                &format!("decode tok/s, batch of {}: {name}", args.batch),
+                *m,
+                med[0],
+            )
+        })
+        .collect();
+    let md = write_results(
+        &args.out,
+        "adapters",
+        "Many adapters, one base: decode throughput of a mixed batch (SmolLM2-135M Q4_1, one CPU stage)",
+        "with adapters",
+        "base alone",
+        &rows,
+        json!({
+            "cpu": cpu_name(),
+            "threads": std::thread::available_parallelism().map_or(1, usize::from),
+            "batch": args.batch, "prompt_tokens": args.prompt, "decode_steps": args.steps,
+            "rounds": args.rounds, "rank": args.rank,
+            "adapter_bytes_f32": adapter_bytes,
+            "base_file_bytes": base_bytes,
+            "adapter_share_of_base": adapter_bytes as f64 / base_bytes as f64,
+            "per_round_tok_s": cases.iter().map(|(n, _)| n.clone()).zip(rates).collect::<Vec<_>>(),
+            "dtype": format!("{:?}", DType::F32),
+        }),
+    )?;
+    println!("{md}");
+    Ok(())
+}
