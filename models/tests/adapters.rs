@@ -56,6 +56,7 @@ fn adapter(
         &merged_tensors(base, &method, &trained)?,
         "merged",
         &merged,
+        false,
     )?;
     Ok((peft, merged))
 }
@@ -320,5 +321,89 @@ fn bad_adapters_are_refused_with_a_reason() -> Result<()> {
             .is_err()
     );
     assert!(right.bytes() > 0 && right.bytes() < wrong.bytes());
+    Ok(())
+}
+
+/// The merged export quantized back to the base's type when asked: the
+/// changed tensors keep the base's Q4_1, the file keeps the base's size,
+/// and its logits stay near the f32 merge's.
+#[test]
+fn a_merged_export_can_keep_the_base_quantization() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = tiny_model(dir.path(), TinySpec::default())?;
+    let base = WeightFile::open(&m.gguf_q4_1)?;
+    let (peft, merged_f32) = adapter(&base, &dir.path().join("a"), 3, 4, &Target::ALL)?;
+    assert!(peft.join("adapter_model.safetensors").is_file());
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        init_b_std: 0.05,
+    };
+    let method = Method::Lora(lora);
+    let n = base.config().num_hidden_layers;
+    let stage = TrainStage::load(
+        &base,
+        StageSpec::full(n),
+        &TrainOptions {
+            method: method.clone(),
+            dtype: DType::F32,
+            seed: 3,
+        },
+    )?;
+    let trained: HashMap<String, Tensor> = stage
+        .trainables()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let quantized = dir.path().join("merged-q4_1.gguf");
+    write_merged_gguf(
+        &base,
+        &merged_tensors(&base, &method, &trained)?,
+        "merged",
+        &quantized,
+        true,
+    )?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len());
+    let (b, f, q) = (size(&m.gguf_q4_1)?, size(&merged_f32)?, size(&quantized)?);
+    assert!(q.abs_diff(b) * 50 < b, "base {b} B, quantized merge {q} B");
+    assert!(
+        f > q * 2,
+        "the f32 merge ({f} B) is several times the quantized one ({q} B)"
+    );
+    // Every layer matrix is Q4_1 again.
+    let mut file = std::fs::File::open(&quantized)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let q4_1 = content
+        .tensor_infos
+        .iter()
+        .filter(|(n, i)| {
+            n.starts_with("blk.")
+                && n.ends_with("_q.weight")
+                && i.ggml_dtype == candle_core::quantized::GgmlDType::Q4_1
+        })
+        .count();
+    assert_eq!(
+        q4_1,
+        n,
+        "{:?}",
+        content.tensor_infos.keys().collect::<Vec<_>>()
+    );
+    // Its logits are the f32 merge's, up to the quantization.
+    let ids: Vec<u32> = vec![3, 17, 99, 4, 250, 8];
+    let logits = |p: &Path| -> Result<Tensor> {
+        let w = WeightFile::open(p)?;
+        let st = Stage::load(&w, StageSpec::full(n), Precision::Quantized)?;
+        Ok(alone(&[st], &ids, &[])?.remove(0))
+    };
+    // The yardstick: what Q4_1 does to this random-weight model's logits.
+    let d_base = rel_diff(&logits(&m.gguf_q4_1)?, &logits(&m.gguf_f32)?)?;
+    let d = rel_diff(&logits(&quantized)?, &logits(&merged_f32)?)?;
+    println!("quantized merge vs f32 merge: {d}; Q4_1 base vs f32 base: {d_base}");
+    assert!(
+        d > 0.0 && d <= 2.0 * d_base,
+        "quantized merge vs f32 merge: {d}, Q4_1 itself: {d_base}"
+    );
     Ok(())
 }

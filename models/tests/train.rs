@@ -370,7 +370,7 @@ fn merged_gguf_and_peft_adapter_hold_what_was_trained() {
     let replaced = merged_tensors(&base, &method, &trained).unwrap();
     assert_eq!(replaced.len(), 2 * 7, "the seven projections of two layers");
     let out = dir.path().join("ft.gguf");
-    write_merged_gguf(&base, &replaced, "ft-tiny", &out).unwrap();
+    write_merged_gguf(&base, &replaced, "ft-tiny", &out, false).unwrap();
     let merged = WeightFile::open(&out).unwrap();
     assert!(matches!(
         merged.gguf_metadata().and_then(|m| m.get("general.name")),
@@ -655,7 +655,7 @@ fn gemma_and_phi3_fine_tunes_merge_into_their_ggufs() {
                 );
             }
             let out = dir.path().join(format!("{name}-ft.gguf"));
-            write_merged_gguf(&base, &replaced, "ft", &out).unwrap();
+            write_merged_gguf(&base, &replaced, "ft", &out, false).unwrap();
             let merged = WeightFile::open(&out).unwrap();
             let tokens: Vec<u32> = (0..12u32).map(|i| (i * 41 + 5) % 64).collect();
             let want = stage

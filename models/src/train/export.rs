@@ -257,12 +257,15 @@ pub fn merged_tensors(
 /// Writes a GGUF model at `dst`: the base file's metadata (with
 /// `general.name` set to `name`) and tensors, except those in `replaced`,
 /// which are written as f32 (in llama.cpp's row order where the base file
-/// uses it).
+/// uses it), or with `quantize` in the base tensor's own type where that is
+/// a quantized one (a file the size of the base; the quantization costs
+/// what the base's did).
 pub fn write_merged_gguf(
     base: &WeightFile,
     replaced: &[(TensorId, Tensor)],
     name: &str,
     dst: &Path,
+    quantize: bool,
 ) -> Result<()> {
     if base.gguf_metadata().is_none() {
         return Err(ModelError::InvalidConfig(
@@ -282,7 +285,19 @@ pub fn write_merged_gguf(
         // Gemma's norms go back to llama.cpp's `1 + w`.
         let shift = base.gguf_shift(*id);
         let t = if shift == 0.0 { t } else { (t + shift)? };
-        new.insert(id.gguf_name(), QTensor::quantize(&t, GgmlDType::F32)?);
+        let gguf = id.gguf_name();
+        let dtype = match content.tensor_infos.get(&gguf).map(|i| i.ggml_dtype) {
+            Some(d)
+                if quantize && !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) =>
+            {
+                d
+            }
+            _ => GgmlDType::F32,
+        };
+        let q = QTensor::quantize(&t, dtype).map_err(|e| {
+            ModelError::InvalidConfig(format!("cannot write {gguf} as {dtype:?}: {e}"))
+        })?;
+        new.insert(gguf, q);
     }
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();

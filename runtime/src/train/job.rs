@@ -839,7 +839,7 @@ fn write_outputs(
     std::fs::create_dir_all(dir)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
     let dst = dir.join(format!("{name}.gguf"));
-    write_merged_gguf(base, &merged, name, &dst)?;
+    write_merged_gguf(base, &merged, name, &dst, spec.quantize_merged)?;
     Ok(Some(dst))
 }
 

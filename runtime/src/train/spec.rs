@@ -69,6 +69,10 @@ pub struct JobSpec {
     /// Also write a merged model the cluster can serve.
     #[serde(default = "defaults::yes")]
     pub merge: bool,
+    /// Write the merged model's changed tensors in the base's quantized
+    /// type (a file the size of the base) instead of f32.
+    #[serde(default)]
+    pub quantize_merged: bool,
     /// Longest wait for one stage message, in seconds.
     #[serde(default = "defaults::timeout_s")]
     pub timeout_s: u64,
