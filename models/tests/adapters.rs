@@ -400,7 +400,7 @@ fn a_merged_export_can_keep_the_base_quantization() -> Result<()> {
     // The yardstick: what Q4_1 does to this random-weight model's logits.
     let d_base = rel_diff(&logits(&m.gguf_q4_1)?, &logits(&m.gguf_f32)?)?;
     let d = rel_diff(&logits(&quantized)?, &logits(&merged_f32)?)?;
-    println!("quantized merge vs f32 merge: {d}; Q4_1 base vs f32 base: {d_base}");
+    eprintln!("quantized merge vs f32 merge: {d}; Q4_1 base vs f32 base: {d_base}");
     assert!(
         d > 0.0 && d <= 2.0 * d_base,
         "quantized merge vs f32 merge: {d}, Q4_1 itself: {d_base}"
