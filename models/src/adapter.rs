@@ -102,12 +102,15 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| ModelError::io(path, e))
 }
 
-/// A pattern entry's number for module `module` (PEFT's keys are module
-/// names or name suffixes).
-fn pattern(map: &HashMap<String, serde_json::Value>, module: &str, proj: &str) -> Option<f64> {
+/// A pattern entry's number for module `module`: the longest key that is
+/// the module's name or a dotted suffix of it (PEFT's plain keys; its
+/// regular-expression keys are not read).
+fn pattern(map: &HashMap<String, serde_json::Value>, module: &str) -> Option<f64> {
     map.iter()
-        .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")) || *k == proj)
-        .and_then(|(_, v)| v.as_f64())
+        .filter(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+        .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+        .max_by(|a, b| (a.0.len(), a.0).cmp(&(b.0.len(), b.0)))
+        .map(|(_, v)| v)
 }
 
 impl StageAdapter {
@@ -167,7 +170,10 @@ impl StageAdapter {
         let mut bytes = 0u64;
         for (name, a) in tensors {
             let Some(module) = name.strip_suffix(".lora_A.weight") else {
-                if name.ends_with(".lora_B.weight") {
+                if let Some(m) = name.strip_suffix(".lora_B.weight") {
+                    if !tensors.contains_key(&format!("{m}.lora_A.weight")) {
+                        return Err(bad(format!("{m} has lora_B but no lora_A")));
+                    }
                     continue;
                 }
                 return Err(bad(format!(
@@ -207,10 +213,18 @@ impl StageAdapter {
                     b.dims()
                 )));
             }
-            let rank = pattern(&config.rank_pattern, module, proj).unwrap_or(config.r as f64);
-            let alpha = pattern(&config.alpha_pattern, module, proj).unwrap_or(config.lora_alpha);
-            if !(alpha.is_finite() && rank >= 1.0) {
-                return Err(bad(format!("{module}: alpha {alpha}, rank {rank}")));
+            // The scale is alpha over the module's rank: its matrices' rank,
+            // which the config must state (PEFT refuses a mismatch too).
+            let said = pattern(&config.rank_pattern, module).unwrap_or(config.r as f64);
+            if said != r_a as f64 {
+                return Err(bad(format!(
+                    "{module}: its matrices have rank {r_a}, the config says {said} (rank_pattern keys are read as module names or suffixes)"
+                )));
+            }
+            let rank = r_a as f64;
+            let alpha = pattern(&config.alpha_pattern, module).unwrap_or(config.lora_alpha);
+            if !alpha.is_finite() {
+                return Err(bad(format!("{module}: alpha {alpha}")));
             }
             let scale = if config.use_rslora {
                 alpha / rank.sqrt()

@@ -283,6 +283,19 @@ fn bad_adapters_are_refused_with_a_reason() -> Result<()> {
     assert!(err.to_string().contains("adapter_config.json"), "{err}");
     std::fs::remove_file(broken.join("adapter_config.json"))?;
     assert!(StageAdapter::load_peft(&broken, &cfg, full).is_err());
+    // A config whose rank is not its matrices' (the scale would be wrong).
+    let lying = dir.path().join("lying");
+    std::fs::create_dir_all(&lying)?;
+    std::fs::copy(
+        peft.join("adapter_model.safetensors"),
+        lying.join("adapter_model.safetensors"),
+    )?;
+    std::fs::write(
+        lying.join("adapter_config.json"),
+        b"{\"r\": 2, \"lora_alpha\": 4.0}",
+    )?;
+    let err = StageAdapter::load_peft(&lying, &cfg, full).unwrap_err();
+    assert!(err.to_string().contains("rank 4"), "{err}");
     // An adapter loaded for other layers than the stage's.
     let stage = Stage::load(
         &base,

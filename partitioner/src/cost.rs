@@ -334,9 +334,25 @@ impl<'a> Ctx<'a> {
                         adapter_bytes_per_layer,
                     } => adapter_bytes_per_layer.saturating_mul(4 * layers),
                 };
+                // A U-shaped plan runs one more stage (the head, last).
+                let u_shaped = self.home().is_some() && !(first && last);
+                let p = if u_shaped { p + 1 } else { p };
                 let in_flight = match schedule {
                     Schedule::OneFOneB => u64::from(micro_batches).min((p - k) as u64),
                     Schedule::GPipe => u64::from(micro_batches),
+                };
+                // The data's device also stashes its head stage's inputs
+                // (the last layer's activations): 1F1B's last stage holds
+                // one micro-batch, GPipe's all.
+                let head_stash = if u_shaped && first {
+                    let held = match schedule {
+                        Schedule::OneFOneB => 1,
+                        Schedule::GPipe => u64::from(micro_batches),
+                    };
+                    held.saturating_mul(m.layers[self.layers() - 1].act_bytes_per_token)
+                        .saturating_mul(tokens)
+                } else {
+                    0
                 };
                 let full = (self.train_act[r.end] - self.train_act[r.start]).saturating_mul(tokens);
                 let acts = if recompute {
@@ -347,7 +363,10 @@ impl<'a> Ctx<'a> {
                 } else {
                     in_flight.saturating_mul(full)
                 };
-                weights.saturating_add(optimizer).saturating_add(acts)
+                weights
+                    .saturating_add(optimizer)
+                    .saturating_add(acts)
+                    .saturating_add(head_stash)
             }
         }
     }

@@ -529,7 +529,9 @@ fn a_real_browser_sees_the_nodes_and_chats() -> Result<()> {
         t["stats"].as_str().is_some_and(|s| s.contains("step 2/2")),
         "{t}"
     );
-    assert_eq!(t["bars"].as_array().map(Vec::len), Some(2), "{t}");
+    // One bar per stage: U-shaped over the two nodes (the data's node runs
+    // the embedding with the first layers and, last, the head).
+    assert_eq!(t["bars"].as_array().map(Vec::len), Some(3), "{t}");
     assert!(
         t["badge"].as_str().is_some_and(|b| b.starts_with("ft-")),
         "{t}"

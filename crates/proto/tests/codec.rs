@@ -824,8 +824,9 @@ fn malformed_train_messages_are_typed_errors() {
         tokens: vec![5, 6],
     }));
     let frame = frame_with(&ok, |b| {
-        // tag, sub-tag, key (20), rows, len, then the segment count.
-        b[1 + 1 + 20 + 8..1 + 1 + 20 + 12].copy_from_slice(&(u32::MAX).to_le_bytes());
+        // tag, sub-tag, key (22: job, step, micro, stage), rows, len, then
+        // the segment count.
+        b[1 + 1 + 22 + 8..1 + 1 + 22 + 12].copy_from_slice(&(u32::MAX).to_le_bytes());
     });
     assert!(matches!(
         decode_frame(&frame),

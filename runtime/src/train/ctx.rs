@@ -198,6 +198,7 @@ impl JobCtx {
         // or this node alone) is only ever replaced by another that does.
         let own = self.net().id().to_string();
         let home = match (current_split.first(), current_split.last()) {
+            _ if spec.keep_data_home == Some(false) => None,
             (Some(a), Some(b)) if a.0 == own && b.0 == own => {
                 input.node_ids.iter().position(|n| *n == own)
             }

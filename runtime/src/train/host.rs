@@ -165,14 +165,17 @@ impl TrainHost {
             ));
         }
         self.collect();
-        match self
-            .stages
-            .lock()
-            .map(|s| (s.contains_key(&(order.job, order.stage)), s.len()))
-        {
+        match self.stages.lock().map(|s| {
+            // A job's stages here all answer to one coordinator (a
+            // member cannot add a stage to another's job).
+            let taken = s.contains_key(&(order.job, order.stage))
+                || s.iter()
+                    .any(|(k, r)| k.0 == order.job && r.coordinator != from);
+            (taken, s.len())
+        }) {
             Ok((true, _)) | Err(_) => {
                 return Err(format!(
-                    "job {} already runs stage {} here",
+                    "job {} already runs stage {} here, or answers to another coordinator",
                     order.job, order.stage
                 ));
             }

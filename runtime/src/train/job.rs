@@ -1076,11 +1076,23 @@ async fn attempt(
         let last = step + 1 == total;
         if may_move && !last && began.elapsed() >= MOVE_DWELL && checked.elapsed() >= MOVE_CHECK {
             checked = std::time::Instant::now();
-            let drifts: HashMap<String, (f64, f64)> = pace
-                .iter()
-                .zip(&nodes)
-                .filter_map(|(steps, node)| {
-                    Some((node.clone(), (drift(steps)?, *start_figures.get(node)?)))
+            // A node running two stages (a U-shaped job's data node) is
+            // judged by both together, step by step.
+            let mut per_node: Vec<(&String, Vec<f64>)> = Vec::new();
+            for (steps, node) in pace.iter().zip(&nodes) {
+                match per_node.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, sum)) => {
+                        for (s, v) in sum.iter_mut().zip(steps) {
+                            *s += v;
+                        }
+                    }
+                    None => per_node.push((node, steps.clone())),
+                }
+            }
+            let drifts: HashMap<String, (f64, f64)> = per_node
+                .into_iter()
+                .filter_map(|(node, steps)| {
+                    Some((node.clone(), (drift(&steps)?, *start_figures.get(node)?)))
                 })
                 .collect();
             match ctx
