@@ -303,50 +303,44 @@ impl StageAdapter {
     }
 }
 
-/// Each adapter's rows of a batch (ascending; rows of the base model are
-/// in no group), for one layer.
-pub type Groups<'a> = [(&'a [u32], &'a LayerAdapter)];
+/// Each row's adapter for one layer, for a whole batch (`None`: the base
+/// model's row), or an empty slice when no row has one.
+pub type RowAdapters<'a> = [Option<&'a LayerAdapter>];
 
 /// `y`, the output `[n, width]` of a projection of `x` `[n, input]` whose
 /// output is the targets `parts` side by side (`(target, width)`: one
-/// part, or q/k/v or gate/up stacked), plus the change each group's
-/// adapter makes to its rows: computed row by row in place (a handful of
-/// `input`-long dot products and `width`-long updates per row, the rows in
-/// parallel), with no tensor operation per adapter.
+/// part, or q/k/v or gate/up stacked), plus the change each row's adapter
+/// makes to it: computed row by row in place (a handful of `input`-long
+/// dot products and `width`-long updates per row, the rows in parallel),
+/// with no tensor operation per adapter. `y` must be a projection's fresh
+/// output, shared with nothing: it is changed in place.
 pub(crate) fn adapt(
     y: Tensor,
     x: &Tensor,
-    groups: &Groups<'_>,
+    by_row: &RowAdapters<'_>,
     parts: &[(usize, usize)],
 ) -> Result<Tensor> {
-    if !groups
+    if !by_row
         .iter()
-        .any(|(_, l)| parts.iter().any(|(t, _)| l.parts[*t].is_some()))
+        .flatten()
+        .any(|l| parts.iter().any(|(t, _)| l.parts[*t].is_some()))
     {
         return Ok(y);
     }
     let (n, input) = x.dims2()?;
     let width: usize = parts.iter().map(|(_, w)| w).sum();
-    if y.dims() != [n, width] {
+    if y.dims() != [n, width] || by_row.len() != n {
         return Err(ModelError::BadStageInput(format!(
-            "an adapted projection's output is {:?}, expected [{n}, {width}]",
-            y.dims()
+            "an adapted projection's output is {:?} with {} rows' adapters, expected [{n}, {width}]",
+            y.dims(),
+            by_row.len()
         )));
-    }
-    let mut by_row: Vec<Option<&LayerAdapter>> = vec![None; n];
-    for (rows, layer) in groups {
-        for &r in *rows {
-            let slot = by_row.get_mut(r as usize).ok_or_else(|| {
-                ModelError::BadStageInput(format!("adapter row {r} outside a batch of {n}"))
-            })?;
-            *slot = Some(layer);
-        }
     }
     let y = y.contiguous()?;
     y.inplace_op2(
         &x.contiguous()?,
         &LoraOp {
-            by_row: &by_row,
+            by_row,
             parts,
             input,
             width,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
-use crate::adapter::{self, Groups};
+use crate::adapter::{self, RowAdapters};
 use crate::config::{Activation, Config, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -337,14 +337,14 @@ pub enum QkvProj {
 }
 
 impl QkvProj {
-    /// With `runs`, each run of rows also gets its adapter's change.
-    fn forward(&self, x: &Tensor, runs: &Groups<'_>) -> Result<(Tensor, Tensor, Tensor)> {
+    /// With `lora` (each row's adapter), each row also gets its adapter's change.
+    fn forward(&self, x: &Tensor, lora: &RowAdapters<'_>) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
             Self::Separate { q, k, v } => {
                 let one = |l: &Linear, t: usize| -> Result<Tensor> {
                     let y = l.forward(x)?;
                     let w = y.dim(1)?;
-                    adapter::adapt(y, x, runs, &[(t, w)])
+                    adapter::adapt(y, x, lora, &[(t, w)])
                 };
                 Ok((
                     one(q, adapter::Q)?,
@@ -356,7 +356,7 @@ impl QkvProj {
                 let y = adapter::adapt(
                     qkv.forward(x)?,
                     x,
-                    runs,
+                    lora,
                     &[
                         (adapter::Q, *q_out),
                         (adapter::K, *kv_out),
@@ -413,10 +413,10 @@ impl Attention {
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
         rope: &RopeAt,
-        runs: &Groups<'_>,
+        lora: &RowAdapters<'_>,
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let (q, k, v) = self.qkv.forward(x, runs)?;
+        let (q, k, v) = self.qkv.forward(x, lora)?;
         let q = q.reshape((n, self.heads, self.head_dim))?;
         let k = k.reshape((n, self.kv_heads, self.head_dim))?;
         let v = v.reshape((n, self.kv_heads, self.head_dim))?;
@@ -506,7 +506,7 @@ impl Attention {
         };
         let y = self.o.forward(&o)?;
         let w = y.dim(1)?;
-        adapter::adapt(y, &o, runs, &[(adapter::O, w)])
+        adapter::adapt(y, &o, lora, &[(adapter::O, w)])
     }
 }
 
@@ -645,23 +645,23 @@ pub fn activate_exact(act: Activation, x: &Tensor) -> Result<Tensor> {
 }
 
 impl Mlp {
-    /// With `runs`, each run of rows also gets its adapter's change.
-    pub fn forward(&self, x: &Tensor, runs: &Groups<'_>) -> Result<Tensor> {
+    /// With `lora` (each row's adapter), each row also gets its adapter's change.
+    pub fn forward(&self, x: &Tensor, lora: &RowAdapters<'_>) -> Result<Tensor> {
         let (g, u) = match &self.gate_up {
             GateUpProj::Separate { gate, up } => {
                 let g = gate.forward(x)?;
                 let u = up.forward(x)?;
                 let w = g.dim(1)?;
                 (
-                    adapter::adapt(g, x, runs, &[(adapter::GATE, w)])?,
-                    adapter::adapt(u, x, runs, &[(adapter::UP, w)])?,
+                    adapter::adapt(g, x, lora, &[(adapter::GATE, w)])?,
+                    adapter::adapt(u, x, lora, &[(adapter::UP, w)])?,
                 )
             }
             GateUpProj::Fused { gate_up, inter } => {
                 let y = adapter::adapt(
                     gate_up.forward(x)?,
                     x,
-                    runs,
+                    lora,
                     &[(adapter::GATE, *inter), (adapter::UP, *inter)],
                 )?;
                 (y.narrow(1, 0, *inter)?, y.narrow(1, *inter, *inter)?)
@@ -670,7 +670,7 @@ impl Mlp {
         let h = (activate(self.act, &g)? * u)?;
         let y = self.down.forward(&h)?;
         let w = y.dim(1)?;
-        adapter::adapt(y, &h, runs, &[(adapter::DOWN, w)])
+        adapter::adapt(y, &h, lora, &[(adapter::DOWN, w)])
     }
 }
 
@@ -697,16 +697,16 @@ impl Block {
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
         rope: &RopeAt,
-        runs: &Groups<'_>,
+        lora: &RowAdapters<'_>,
     ) -> Result<Tensor> {
         let post = |n: &Option<RmsNorm>, h: Tensor| match n {
             Some(n) => n.forward(&h),
             None => Ok(h),
         };
         let h = self.attn_norm.forward(x)?;
-        let h = self.attn.forward(layer, &h, spans, caches, rope, runs)?;
+        let h = self.attn.forward(layer, &h, spans, caches, rope, lora)?;
         let x = (x + post(&self.post_attn_norm, h)?)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?, runs)?;
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?, lora)?;
         Ok((x + post(&self.post_ffn_norm, h)?)?)
     }
 }

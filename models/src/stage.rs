@@ -574,14 +574,12 @@ impl Stage {
             Some(r) => Some(r.at(&positions)?),
             None => None,
         };
-        // Each adapter's rows (one group per adapter, in first-use order).
-        let mut by_adapter: Vec<(&StageAdapter, Vec<u32>)> = Vec::new();
-        for (span, a) in spans.iter().zip(adapters) {
-            let Some(a) = a else { continue };
-            let rows = (span.offset..span.offset + span.len).map(|r| r as u32);
-            match by_adapter.iter_mut().find(|(b, _)| std::ptr::eq(*b, *a)) {
-                Some((_, v)) => v.extend(rows),
-                None => by_adapter.push((a, rows.collect())),
+        // Each row's adapter (none at all: no per-layer work below).
+        let mut by_row: Vec<Option<&StageAdapter>> = Vec::new();
+        if adapters.iter().any(Option::is_some) {
+            by_row.reserve(n);
+            for (span, a) in spans.iter().zip(adapters) {
+                by_row.extend(std::iter::repeat_n(*a, span.len));
             }
         }
         for (i, block) in self.blocks.iter().enumerate() {
@@ -589,11 +587,9 @@ impl Stage {
                 (Some(local), true) => local,
                 _ => &rope,
             };
-            let layer_runs: Vec<(&[u32], &crate::adapter::LayerAdapter)> = by_adapter
-                .iter()
-                .filter_map(|(a, rows)| Some((&rows[..], a.layer(i)?)))
-                .collect();
-            x = block.forward(i, &x, &spans, caches, r, &layer_runs)?;
+            let lora: Vec<Option<&crate::adapter::LayerAdapter>> =
+                by_row.iter().map(|a| a.and_then(|a| a.layer(i))).collect();
+            x = block.forward(i, &x, &spans, caches, r, &lora)?;
         }
         for (cache, &len) in caches.iter_mut().zip(lens) {
             cache.advance(len);
