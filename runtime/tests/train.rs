@@ -149,58 +149,12 @@ fn start_job(
     m: u32,
     restore: Option<Vec<Vec<u8>>>,
 ) -> Job {
-    let ids: Vec<_> = c.nets[..p].iter().map(|n| n.id()).collect();
-    let specs = split(p);
-    let tied = matches!(method, Method::Full) && p > 1 && w.config().tie_word_embeddings;
-    let stages = (0..p)
-        .map(|i| {
-            let stage = TrainStage::load(
-                w,
-                specs[i],
-                &TrainOptions {
-                    method: method.clone(),
-                    dtype: DType::F32,
-                    seed: SEED,
-                },
-            )
-            .unwrap();
-            let setup = StageSetup {
-                job,
-                stage: i as u16,
-                stages: p as u16,
-                micro_batches: m,
-                schedule,
-                prev: (i > 0).then(|| ids[i - 1]),
-                next: (i + 1 < p).then(|| ids[i + 1]),
-                coordinator: ids[0],
-                tied: match (tied, i) {
-                    (true, 0) => Some(ids[p - 1]),
-                    (true, i) if i + 1 == p => Some(ids[0]),
-                    _ => None,
-                },
-                seed: SEED,
-                optim: AdamWConfig {
-                    weight_decay: 0.01,
-                    ..Default::default()
-                },
-                timeout: Duration::from_secs(30),
-                keep_grads: true,
-                // Stage 0 starts from its state directly; the others get
-                // theirs from the coordinator over the network.
-                restore: restore.as_ref().filter(|_| i == 0).map(|r| r[i].clone()),
-                restore_len: restore
-                    .as_ref()
-                    .filter(|_| i > 0)
-                    .map_or(0, |r| r[i].len() as u64),
-                max_len: 64,
-            };
-            spawn_stage(&c.nets[i], stage, setup).unwrap()
-        })
-        .collect();
-    Job {
-        coord: Coordinator::new(&c.nets[0], job, ids, Duration::from_secs(60)),
-        stages,
-    }
+    let placement: Vec<(usize, StageSpec)> = split(p).into_iter().enumerate().collect();
+    let optim = AdamWConfig {
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    start_placed(c, w, job, method, schedule, &placement, m, restore, optim)
 }
 
 fn close(name: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) {
@@ -477,7 +431,10 @@ async fn checkpoint_kill_resume_matches_uninterrupted() {
 
 /// Starts a job whose stage `k` runs `placement[k].1` on node
 /// `placement[k].0` (a node may run two stages: a U-shaped pipeline),
-/// coordinated from node 0.
+/// coordinated from node 0. With `restore`, stage 0 starts from its state
+/// directly and the others get theirs from the coordinator over the
+/// network.
+#[allow(clippy::too_many_arguments)]
 fn start_placed(
     c: &Cluster,
     w: &WeightFile,
@@ -486,6 +443,8 @@ fn start_placed(
     schedule: Schedule,
     placement: &[(usize, StageSpec)],
     m: u32,
+    restore: Option<Vec<Vec<u8>>>,
+    optim: AdamWConfig,
 ) -> Job {
     let p = placement.len();
     let ids: Vec<_> = placement.iter().map(|(n, _)| c.nets[*n].id()).collect();
@@ -519,11 +478,14 @@ fn start_placed(
                     _ => None,
                 },
                 seed: SEED,
-                optim: AdamWConfig::default(),
+                optim: optim.clone(),
                 timeout: Duration::from_secs(30),
                 keep_grads: true,
-                restore: None,
-                restore_len: 0,
+                restore: restore.as_ref().filter(|_| i == 0).map(|r| r[i].clone()),
+                restore_len: restore
+                    .as_ref()
+                    .filter(|_| i > 0)
+                    .map_or(0, |r| r[i].len() as u64),
                 max_len: 64,
             };
             spawn_stage(&c.nets[*node], stage, setup).unwrap()
@@ -610,7 +572,17 @@ async fn u_shaped_pipeline_keeps_tokens_and_labels_on_the_data_node() {
                 .map(|(n, g)| (n.as_str(), g.as_ref().unwrap()))
                 .collect();
             let before: Vec<_> = c.nets.iter().map(|n| n.sent_counts()).collect();
-            let mut j = start_placed(&c, &w, job, &method, schedule, layout, m);
+            let mut j = start_placed(
+                &c,
+                &w,
+                job,
+                &method,
+                schedule,
+                layout,
+                m,
+                None,
+                AdamWConfig::default(),
+            );
             let out = j.coord.step(0, &data, 0.0, 0.0, false).await.unwrap();
             let label = format!("{} stages, {schedule:?}, {method:?}", layout.len());
             let loss = reference.loss_sum / reference.targets as f64;
