@@ -30,6 +30,7 @@ pub mod tools;
 pub mod train;
 pub mod weights;
 
+pub use adapter::StageAdapter;
 pub use chat::{ChatInputs, ChatTemplate, Message};
 pub use config::Config;
 pub use error::{ModelError, Result};

@@ -25,6 +25,10 @@ pub struct ModelEntry {
     /// What its file says about itself, where a holder read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<ModelFacts>,
+    /// When it is a fine-tune that can be served as its base model plus a
+    /// LoRA adapter: the adapter's id and the base it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<crate::adapters::AdapterFacts>,
 }
 
 impl ModelEntry {
@@ -38,6 +42,7 @@ impl ModelEntry {
             path: Some(path),
             holders: Vec::new(),
             facts: None,
+            adapter: None,
         }
     }
 }

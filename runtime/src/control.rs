@@ -103,6 +103,23 @@ pub(crate) enum Control {
     TrainEnd {
         job: u64,
     },
+    /// Send me the LoRA adapter with this id (on a `WEIGHTS` stream).
+    FetchAdapter {
+        id: String,
+    },
+    /// What follows a `FetchAdapter` on its stream: the adapter's config
+    /// bytes, then its weights', as `FileChunk`s.
+    AdapterManifest {
+        config_len: u64,
+        weights_len: u64,
+    },
+    /// Load your stage's slice of this adapter for the placement (reply
+    /// `Ready { id: placement }` or `Failed`), receiving its files from
+    /// its holders if you lack them.
+    PrepareAdapter {
+        placement: u64,
+        adapter: crate::adapters::AdapterRef,
+    },
     /// Which models can you load by name (reply `Catalog`)?
     CatalogRequest,
     /// The models this node holds (at most `sharing::MAX_CATALOG`).
@@ -301,6 +318,18 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             service.unload_model();
             Control::Ready { id: 0 }
         }
+        Control::PrepareAdapter { placement, adapter } => {
+            match crate::adapters::prepare(service, placement, &adapter).await {
+                Ok(()) => Control::Ready { id: placement },
+                Err(reason) => {
+                    warn!(placement, adapter = %adapter.name, "cannot prepare an adapter: {reason}");
+                    Control::Failed {
+                        id: placement,
+                        reason,
+                    }
+                }
+            }
+        }
         Control::StatsRequest => Control::Stats {
             stages: service.stats(),
         },
@@ -325,7 +354,10 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             id: 0,
             reason: "not a request".into(),
         },
-        Control::Fetch { .. } | Control::Manifest { .. } => Control::Failed {
+        Control::Fetch { .. }
+        | Control::Manifest { .. }
+        | Control::FetchAdapter { .. }
+        | Control::AdapterManifest { .. } => Control::Failed {
             id: 0,
             reason: "weights travel on their own stream".into(),
         },

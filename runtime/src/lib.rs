@@ -6,6 +6,7 @@
 //! training (schedules, stage workers, fine-tuning jobs).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod adapters;
 pub mod catalog;
 pub mod compute;
 pub(crate) mod control;

@@ -283,6 +283,11 @@ pub(crate) async fn serve(stream: IncomingStream, service: Service) {
             header,
             tensors,
         }) => plan_send(&service, &content, header, &tensors).await,
+        Ok(Control::FetchAdapter { id }) => {
+            crate::adapters::serve(&service, &id, &mut send).await;
+            let _ = send.finish();
+            return;
+        }
         Ok(_) => Err("expected a fetch request".into()),
         Err(e) => Err(e.to_string()),
     };

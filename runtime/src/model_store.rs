@@ -153,6 +153,7 @@ impl ModelSource for ModelStore {
                     path: None,
                     holders: Vec::new(),
                     facts: None,
+                    adapter: None,
                 },
             );
         }

@@ -561,15 +561,27 @@ impl Node {
         self.pipeline.active().map(|p| (*p).clone())
     }
 
-    /// Makes `model` the served model: at once if it is (a request then
-    /// fails fast as not ready while its placement is still being made),
-    /// else by loading it from the node's store (a fine-tuned model, say)
-    /// across the cluster and awaiting its placement on the placement
-    /// watch, for at most `wait`. A name may carry its file's `.gguf`.
-    pub async fn ensure_model(&self, model: &str, wait: Duration) -> Result<(), RuntimeError> {
+    /// Makes `model` servable: at once if it is the served model (a
+    /// request then fails fast as not ready while its placement is still
+    /// being made); as the served model plus its LoRA adapter when it is a
+    /// fine-tune of it (returned: requests carry it in
+    /// [`GenerateParams::adapter`]; nothing is reloaded); else by loading
+    /// it from the node's store (a merged fine-tune, say) across the
+    /// cluster and awaiting its placement on the placement watch, for at
+    /// most `wait`. A name may carry its file's `.gguf`.
+    pub async fn ensure_model(
+        &self,
+        model: &str,
+        wait: Duration,
+    ) -> Result<Option<crate::adapters::AdapterRef>, RuntimeError> {
         if self.model_name().as_deref() == Some(model) || self.serves_under(model) {
-            return Ok(());
+            return Ok(None);
         }
+        let other_base = match crate::adapters::resolve(&self.pipeline, model).await {
+            Ok(Some(a)) => return Ok(Some(a)),
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
         let gguf = format!("{model}.gguf");
         let entry = self
             .cluster_models()
@@ -577,6 +589,11 @@ impl Node {
             .into_iter()
             .find(|m| !m.download && (m.name == model || m.name == gguf))
             .ok_or_else(|| RuntimeError::UnknownModel(model.to_string()))?;
+        // An adapter of another base, with no merged model to load instead.
+        let merged = entry.path.as_deref().is_some_and(Path::is_file) || entry.facts.is_some();
+        if let Some(e) = other_base.filter(|_| !merged) {
+            return Err(e);
+        }
         let name = entry.name.clone();
         let placed = |p: &Option<Arc<Placement>>| p.as_ref().is_some_and(|p| p.model == name);
         let ready = |node: &Self| {
@@ -606,7 +623,7 @@ impl Node {
         })
         .await;
         match waited {
-            Ok(true) => Ok(()),
+            Ok(true) => Ok(None),
             Ok(false) => Err(RuntimeError::Stopped),
             Err(_) => Err(RuntimeError::NotPlaced(model.to_string(), wait)),
         }

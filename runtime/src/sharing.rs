@@ -78,10 +78,11 @@ pub(crate) fn own_catalog(service: &Service) -> Vec<ModelEntry> {
         return Vec::new();
     };
     let mut seen = std::collections::HashSet::new();
+    let mut listed = source.list();
+    crate::adapters::annotate(service, &mut listed);
     // A name listed twice (a fine-tune named as a stored model) is sent
     // once: the store loads one file by it.
-    source
-        .list()
+    listed
         .into_iter()
         .filter(|m| !m.download && check_entry(m).is_ok() && seen.insert(m.name.clone()))
         .take(MAX_CATALOG)
@@ -113,6 +114,9 @@ fn check_entry(m: &ModelEntry) -> Result<(), String> {
         return Err("a model without a name".into());
     }
     check_text("a model name", &m.name)?;
+    if let Some(a) = &m.adapter {
+        crate::adapters::check_facts(a)?;
+    }
     m.facts.as_ref().map_or(Ok(()), check_entry_facts)
 }
 
@@ -226,9 +230,13 @@ fn receivable(m: &ModelEntry, takes: bool) -> bool {
 pub(crate) async fn cluster_models(service: &Service) -> Vec<ModelEntry> {
     let own = {
         let s = service.clone();
-        tokio::task::spawn_blocking(move || s.source().map(|s| s.list()).unwrap_or_default())
-            .await
-            .unwrap_or_default()
+        tokio::task::spawn_blocking(move || {
+            let mut own = s.source().map(|s| s.list()).unwrap_or_default();
+            crate::adapters::annotate(&s, &mut own);
+            own
+        })
+        .await
+        .unwrap_or_default()
     };
     let me = service.endpoint().name().to_string();
     let mut out: Vec<ModelEntry> = own
@@ -251,6 +259,7 @@ pub(crate) async fn cluster_models(service: &Service) -> Vec<ModelEntry> {
                         o.size_bytes = o.size_bytes.or(m.size_bytes);
                     }
                     o.facts = o.facts.take().or(m.facts);
+                    o.adapter = o.adapter.take().or(m.adapter);
                     o.holders.push(c.name.clone());
                 }
                 // Listed only where a request naming it can be served.
@@ -517,6 +526,7 @@ mod tests {
             path: None,
             holders: Vec::new(),
             facts: None,
+            adapter: None,
         }
     }
 

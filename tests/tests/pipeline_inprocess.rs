@@ -732,3 +732,281 @@ async fn a_poisoned_copy_under_the_honest_content_id_is_refused() -> Result<()> 
     drop(a);
     Ok(())
 }
+
+/// A node's store for the adapter test: the base model, the fine-tuned
+/// models' folder (where jobs register adapters) and the folder for what
+/// members send.
+struct AdapterStore {
+    name: String,
+    base: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl hearth_runtime::ModelSource for AdapterStore {
+    fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
+        vec![hearth_runtime::ModelEntry::held(
+            self.name.clone(),
+            self.base.clone(),
+        )]
+    }
+    fn load(&self, name: &str) -> Result<hearth_runtime::profile::ModelInfo, String> {
+        Err(format!("this test never loads {name}"))
+    }
+    fn models_dir(&self) -> Option<std::path::PathBuf> {
+        Some(self.dir.join("fine-tuned"))
+    }
+    fn peers_dir(&self) -> Option<std::path::PathBuf> {
+        Some(self.dir.join("peers"))
+    }
+}
+
+/// A trained-looking LoRA adapter of `base` (random A, non-zero B, all 7
+/// projections), as PEFT files under `dir/adapter`, and its merged model
+/// at `dir/merged.gguf` (what serving the fine-tune alone would load).
+fn lora_adapter(
+    base: &hearth_models::WeightFile,
+    dir: &std::path::Path,
+    seed: u64,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use hearth_models::train::export::{merged_tensors, write_merged_gguf, write_peft_adapter};
+    use hearth_models::train::{LoraConfig, Method, Target, TrainOptions, TrainStage};
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        init_b_std: 0.2,
+    };
+    let method = Method::Lora(lora.clone());
+    let stage = TrainStage::load(
+        base,
+        hearth_models::StageSpec::full(base.config().num_hidden_layers),
+        &TrainOptions {
+            method: method.clone(),
+            dtype: candle_core::DType::F32,
+            seed,
+        },
+    )?;
+    let tensors: Vec<(String, candle_core::Tensor)> = stage
+        .trainables()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let peft = dir.join("adapter");
+    write_peft_adapter(&peft, &lora, "tiny", &tensors, base.config())?;
+    let trained = tensors.into_iter().collect();
+    let merged = dir.join("merged.gguf");
+    write_merged_gguf(
+        base,
+        &merged_tensors(base, &method, &trained)?,
+        "merged",
+        &merged,
+        false,
+    )?;
+    Ok((peft, merged))
+}
+
+/// Two LoRA fine-tunes and their base, asked at once through a two-stage
+/// pipeline (entering at either member): every answer equals that model
+/// served alone (its merged file, greedy), nothing is reloaded or
+/// re-placed, the member without the adapters' files receives them over
+/// QUIC, and each stage holds only its layers' slice of each adapter. An
+/// adapter nobody can send, or one whose bytes are not its id's, fails the
+/// request instead of answering with the base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fine_tunes_and_their_base_share_one_pipeline() -> Result<()> {
+    use hearth_runtime::EventKind;
+    let dir = tempfile::tempdir()?;
+    let tiny = tiny_model(dir.path(), TinySpec::default())?;
+    let info = model_info(&tiny.gguf_f32, dir.path())?;
+    let content = info.times.content.clone().unwrap_or_default();
+    let base = hearth_models::WeightFile::open(&tiny.gguf_f32)?;
+    let stores: Vec<AdapterStore> = (0..2)
+        .map(|i| AdapterStore {
+            name: info.times.model.clone(),
+            base: tiny.gguf_f32.clone(),
+            dir: dir.path().join(format!("node{i}")),
+        })
+        .collect();
+    // Node 0 holds both fine-tunes; node 1 holds neither.
+    let tuned = stores[0].dir.join("fine-tuned");
+    let mut merged = Vec::new();
+    let mut pefts = Vec::new();
+    for (name, seed) in [("ft-a", 1u64), ("ft-b", 2)] {
+        let d = dir.path().join(name);
+        let (peft, m) = lora_adapter(&base, &d, seed)?;
+        let r = hearth_runtime::adapters::register(&tuned, name, &peft, &content, "tiny")
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!(r.name, name);
+        merged.push(LocalModel::load(&m, Precision::Quantized)?);
+        pefts.push(peft);
+    }
+    let alone = LocalModel::load(&tiny.gguf_f32, Precision::Quantized)?;
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| {
+            (0..(4 + i as usize))
+                .map(|k| (i * 29 + k as u32 * 11) % 200 + 1)
+                .collect()
+        })
+        .collect();
+    // Request i: model i % 3 (base, ft-a, ft-b), 12 tokens.
+    let mut want = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let m = match i % 3 {
+            0 => &alone,
+            k => &merged[k - 1],
+        };
+        want.push(reference(m, p, 12, SamplingParams::default())?);
+    }
+    // The fine-tunes answer differently from the base and each other.
+    assert_ne!(
+        want[0],
+        reference(&merged[0], &prompts[0], 12, SamplingParams::default())?
+    );
+    assert_ne!(
+        want[1],
+        reference(&merged[1], &prompts[1], 12, SamplingParams::default())?
+    );
+    let stores: Vec<std::sync::Arc<AdapterStore>> =
+        stores.into_iter().map(std::sync::Arc::new).collect();
+    let nodes = hearth_test_utils::cluster::pipeline_cluster_with(
+        &hearth_net::ClusterSecret::generate(),
+        2,
+        2,
+        &info,
+        PlacementPolicy::Even,
+        |i, cfg| cfg.models = Some(stores[i].clone()),
+    )
+    .await?;
+    let before = nodes[0]
+        .node
+        .placement()
+        .ok_or_else(|| anyhow::anyhow!("no placement"))?;
+    let loads = |n: &hearth_test_utils::cluster::TestNode| {
+        n.node
+            .cluster_events()
+            .0
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::ModelLoading { .. } | EventKind::StageLoading { .. }
+                )
+            })
+            .count()
+    };
+    let loads_before: Vec<usize> = nodes.iter().map(loads).collect();
+    // The fine-tunes are listed, as adapters of the served base.
+    let listed = nodes[1].node.cluster_models().await;
+    for name in ["ft-a", "ft-b"] {
+        let e = listed
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| anyhow::anyhow!("{name} not listed: {listed:?}"))?;
+        assert_eq!(
+            e.adapter.as_ref().map(|a| a.base_content.as_str()),
+            Some(content.as_str())
+        );
+    }
+    // Resolved at either member: node 1 learns of them from node 0.
+    let mut runs = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let node = nodes[i % 2].node.clone();
+        let name = [info.times.model.as_str(), "ft-a", "ft-b"][i % 3];
+        let adapter = node.ensure_model(name, Duration::from_secs(30)).await?;
+        assert_eq!(adapter.is_some(), i % 3 != 0, "{name}");
+        if let Some(a) = &adapter {
+            assert_eq!(a.holders, vec![nodes[0].node.id().to_string()], "{name}");
+        }
+        let mut params = greedy(p.clone(), 12);
+        params.adapter = adapter;
+        runs.push(tokio::spawn(async move {
+            generate_all(&node, params, Duration::from_secs(60)).await
+        }));
+    }
+    for (i, h) in runs.into_iter().enumerate() {
+        let got = h.await??;
+        assert_eq!(got.token_ids, want[i], "request {i}");
+        assert_eq!(
+            got.model,
+            [info.times.model.as_str(), "ft-a", "ft-b"][i % 3]
+        );
+        assert_eq!(got.stages, 2);
+    }
+    // No reload, no new placement.
+    let after = nodes[0]
+        .node
+        .placement()
+        .ok_or_else(|| anyhow::anyhow!("no placement"))?;
+    assert_eq!(after.id, before.id);
+    assert_eq!(nodes.iter().map(loads).collect::<Vec<_>>(), loads_before);
+    for n in &nodes {
+        assert_eq!(
+            n.node.model_name().as_deref(),
+            Some(info.times.model.as_str())
+        );
+    }
+    // Memory: each stage holds its layers' slice of the two adapters, and
+    // the slices add up to the adapters themselves.
+    let full = |peft: &std::path::Path, spec| -> Result<u64> {
+        Ok(hearth_models::StageAdapter::load_peft(peft, &info.config, spec)?.bytes())
+    };
+    let whole: u64 = pefts
+        .iter()
+        .map(|p| {
+            full(
+                p,
+                hearth_models::StageSpec::full(info.config.num_hidden_layers),
+            )
+        })
+        .sum::<Result<u64>>()?;
+    let mut held = 0;
+    for n in &nodes {
+        for s in n.node.stage_stats() {
+            let slice: u64 = pefts.iter().map(|p| full(p, s.spec)).sum::<Result<u64>>()?;
+            assert_eq!((s.adapters, s.adapter_bytes), (2, slice), "{s:?}");
+            held += s.adapter_bytes;
+        }
+    }
+    assert_eq!(held, whole);
+    println!("two adapters of {whole} bytes held as slices on 2 stages");
+    // An adapter no member holds: the request fails, never the base's answer.
+    let forged = hearth_runtime::adapters::AdapterRef {
+        name: "ft-ghost".into(),
+        id: "ab".repeat(32),
+        base_content: content.clone(),
+        holders: vec![nodes[0].node.id().to_string()],
+    };
+    let mut params = greedy(prompts[0].clone(), 4);
+    params.adapter = Some(forged);
+    let err = nodes[1].node.generate(params).await.err();
+    assert!(
+        err.as_ref()
+            .is_some_and(|e| e.to_string().contains("ft-ghost")),
+        "{err:?}"
+    );
+    // A holder whose files are not the adapter's id (changed on disk after
+    // it was registered): the member that asks refuses them.
+    let d = dir.path().join("ft-c");
+    let (peft, _) = lora_adapter(&base, &d, 3)?;
+    hearth_runtime::adapters::register(&tuned, "ft-c", &peft, &content, "tiny")
+        .map_err(anyhow::Error::msg)?;
+    let file = tuned.join("ft-c.lora/adapter_model.safetensors");
+    let mut bytes = std::fs::read(&file)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&file, bytes)?;
+    let adapter = nodes[0]
+        .node
+        .ensure_model("ft-c", Duration::from_secs(30))
+        .await?;
+    let mut params = greedy(prompts[0].clone(), 4);
+    params.adapter = adapter;
+    let err = nodes[0].node.generate(params).await.err();
+    assert!(
+        err.as_ref()
+            .is_some_and(|e| e.to_string().contains("not the one asked for")),
+        "{err:?}"
+    );
+    wait_freed(&nodes).await
+}

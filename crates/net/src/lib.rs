@@ -1,5 +1,5 @@
 //! Hearth's transport: one QUIC endpoint per node (quinn, rustls with the
-//! ring provider only, ALPN `hearth/4`), persistent node identities, cluster
+//! ring provider only, ALPN `hearth/5`), persistent node identities, cluster
 //! authentication, a pool of one connection per peer, and routing of incoming
 //! streams to the handler registered for their kind. Like iroh's `Router`.
 //!

@@ -1,4 +1,4 @@
-//! TLS for QUIC: TLS 1.3 only, the ring provider only, ALPN `hearth/4`, and
+//! TLS for QUIC: TLS 1.3 only, the ring provider only, ALPN `hearth/5`, and
 //! mutual authentication by self-signed certificates. Certificates are not
 //! checked against any authority (a home has none); instead the handshake
 //! signatures are verified, the node id is bound to the certificate's key,

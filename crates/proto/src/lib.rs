@@ -19,6 +19,7 @@ pub use message::{Hello, Message, PeerAddr, Refusal};
 pub use node_id::NodeId;
 pub use pipeline::{
     Finish, Forward, GenerateRequest, SampledToken, SeqChunk, SeqParams, TokenLogprobs,
+    check_adapter_id,
 };
 pub use tensor::{TensorFrame, WireDType};
 pub use train::{MicroKey, MicroLayout, TrainMsg};
@@ -29,11 +30,12 @@ pub use train::{MicroKey, MicroLayout, TrainMsg};
 /// tokens; version 3, scoring a prompt (its tokens' log-probabilities, for
 /// completions' `echo` with `logprobs`); version 4, the receiving stage in
 /// training messages (a node may run a job's first and last stages: the
-/// U-shaped pipeline that keeps token ids and labels on the data's node).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// U-shaped pipeline that keeps token ids and labels on the data's node);
+/// version 5, a sequence's LoRA adapter (served beside the base model).
+pub const PROTOCOL_VERSION: u16 = 5;
 
-/// QUIC ALPN of protocol version 4.
-pub const ALPN: &[u8] = b"hearth/4";
+/// QUIC ALPN of protocol version 5.
+pub const ALPN: &[u8] = b"hearth/5";
 
 /// Named size limits, checked on send and on receive.
 pub mod limits {
@@ -67,6 +69,8 @@ pub mod limits {
     /// Longest prompt whose tokens' log-probabilities one sequence asks for
     /// (its logits are all computed at once on the last stage).
     pub const MAX_SCORED_PROMPT: usize = 8192;
+    /// Length of a LoRA adapter's id: the hex BLAKE3 of its files.
+    pub const ADAPTER_ID_LEN: usize = 64;
     /// Longest prompt in a `Generate` request, in tokens.
     pub const MAX_PROMPT_TOKENS: usize = 128 * 1024;
     /// Largest control document (a placement of a home cluster's stages,

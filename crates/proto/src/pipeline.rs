@@ -44,6 +44,28 @@ pub struct SeqParams {
     /// (with `logprobs` alternatives each); empty otherwise. At most
     /// [`limits::MAX_SCORED_PROMPT`].
     pub score_prompt: Vec<u32>,
+    /// The LoRA adapter this sequence runs with, by id (the lower-case hex
+    /// BLAKE3 of its files, [`limits::ADAPTER_ID_LEN`] characters); `None`:
+    /// the base model. Each stage applies its slice of it.
+    pub adapter: Option<String>,
+}
+
+/// Checks an adapter id: [`limits::ADAPTER_ID_LEN`] lower-case hex digits.
+pub fn check_adapter_id(id: &str) -> Result<(), ProtoError> {
+    if id.len() != limits::ADAPTER_ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(ProtoError::InvalidField {
+            what: "adapter",
+            detail: format!(
+                "an adapter id is {} lower-case hex digits",
+                limits::ADAPTER_ID_LEN
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The tokens of one sequence in a batch: `len` tokens from position `pos`.
@@ -248,7 +270,16 @@ impl SeqParams {
             "scored prompt",
             &self.score_prompt,
             limits::MAX_SCORED_PROMPT,
-        )
+        )?;
+        match &self.adapter {
+            None => out.push(0),
+            Some(a) => {
+                check_adapter_id(a)?;
+                out.push(1);
+                out.extend_from_slice(a.as_bytes());
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
@@ -310,8 +341,25 @@ impl SeqParams {
         };
         let history = get_u32s(r, "history", limits::MAX_PROMPT_TOKENS)?;
         let score_prompt = get_u32s(r, "scored prompt", limits::MAX_SCORED_PROMPT)?;
+        let adapter = match r.u8("adapter flag")? {
+            0 => None,
+            1 => {
+                let bytes = r.take("adapter", limits::ADAPTER_ID_LEN)?;
+                let id = String::from_utf8(bytes.to_vec())
+                    .map_err(|_| ProtoError::BadUtf8 { what: "adapter" })?;
+                check_adapter_id(&id)?;
+                Some(id)
+            }
+            other => {
+                return Err(ProtoError::InvalidField {
+                    what: "adapter flag",
+                    detail: format!("{other}"),
+                });
+            }
+        };
         Ok(Self {
             score_prompt,
+            adapter,
             temperature,
             top_p,
             top_k,

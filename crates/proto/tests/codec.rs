@@ -49,6 +49,7 @@ fn arb_params() -> impl Strategy<Value = SeqParams> {
             prop::option::of(".{0,40}"),
             prop::collection::vec(any::<u32>(), 0..4),
             prop::collection::vec(any::<u32>(), 0..6),
+            prop::option::of("[0-9a-f]{64}"),
         ),
     )
         .prop_map(
@@ -62,9 +63,11 @@ fn arb_params() -> impl Strategy<Value = SeqParams> {
                     grammar,
                     history,
                     score_prompt,
+                    adapter,
                 ),
             )| SeqParams {
                 score_prompt,
+                adapter,
                 temperature,
                 top_p,
                 top_k,
@@ -980,9 +983,9 @@ fn hostile_sampling_fields_are_refused() {
     };
     // The tail of an encoded `Generate` with default extras: penalties (8),
     // bias count (4), logprobs flag (1), grammar flag (1), history count (4),
-    // scored prompt count (4).
+    // scored prompt count (4), adapter flag (1).
     let ok = encode_frame(&generate(params())).unwrap();
-    let tail = ok.len() - 22;
+    let tail = ok.len() - 23;
     for (edit, what) in [
         (
             Box::new(|b: &mut Vec<u8>| b[tail..tail + 4].copy_from_slice(&2.5f32.to_le_bytes()))
@@ -1054,6 +1057,27 @@ fn hostile_sampling_fields_are_refused() {
             }),
             "scored prompt",
         ),
+        (Box::new(|b: &mut Vec<u8>| b[tail + 22] = 2), "adapter flag"),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                // An id cut short.
+                b[tail + 22] = 1;
+                b.extend_from_slice(b"00ff");
+                let len = (b.len() - 4) as u32;
+                b[..4].copy_from_slice(&len.to_le_bytes());
+            }),
+            "adapter",
+        ),
+        (
+            Box::new(|b: &mut Vec<u8>| {
+                // 64 characters, but not lower-case hex: a path, say.
+                b[tail + 22] = 1;
+                b.extend_from_slice(&[b'/'; 64]);
+                let len = (b.len() - 4) as u32;
+                b[..4].copy_from_slice(&len.to_le_bytes());
+            }),
+            "adapter",
+        ),
     ] {
         let mut bad = ok.clone();
         edit(&mut bad);
@@ -1067,7 +1091,7 @@ fn hostile_sampling_fields_are_refused() {
     let mut p = params();
     p.grammar = Some("ab".into());
     let mut bad = encode_frame(&generate(p)).unwrap();
-    let last = bad.len() - 9;
+    let last = bad.len() - 10;
     bad[last] = 0xff;
     assert!(matches!(
         decode_frame(&bad),

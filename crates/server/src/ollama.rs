@@ -308,7 +308,7 @@ pub(crate) async fn generate(
     // An empty prompt loads the model, as Ollama's does.
     if prompt.is_empty() {
         return match s.node.ensure_model(&model, std::time::Duration::from_secs(300)).await {
-            Ok(()) => Json(json!({"model": model, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response(),
+            Ok(_) => Json(json!({"model": model, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response(),
             Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
         };
     }

@@ -228,10 +228,16 @@ const LOAD_WAIT: Duration = Duration::from_secs(300);
 
 /// Makes `model` the served one: at once if it is, else by loading it from
 /// the node's store (a fine-tuned model, say) and awaiting its placement.
-async fn ensure_served(s: &AppState, model: &str) -> Result<(), Response> {
+async fn ensure_served(
+    s: &AppState,
+    model: &str,
+) -> Result<Option<hearth_runtime::adapters::AdapterRef>, Response> {
     match s.node.ensure_model(model, LOAD_WAIT).await {
-        Ok(()) => Ok(()),
+        Ok(adapter) => Ok(adapter),
         Err(hearth_runtime::RuntimeError::UnknownModel(_)) => Err(unknown_model(model)),
+        Err(hearth_runtime::RuntimeError::BadRequest(m)) => {
+            Err(crate::bad_request(m, Some("model")))
+        }
         Err(e) => {
             tracing::debug!("ensure {model}: {e}");
             Err(pipeline_error(PipelineError::NotReady))
@@ -477,7 +483,7 @@ fn strict_tools(s: &AppState, job: &mut Job) -> Result<(), Box<Response>> {
 /// `seed + i`, so a seed reproduces them all). With the tool format when
 /// calls are to be parsed.
 pub(crate) async fn start(s: &AppState, job: &mut Job) -> Result<Started, Response> {
-    ensure_served(s, &job.common.model).await?;
+    let adapter = ensure_served(s, &job.common.model).await?;
     strict_tools(s, job).map_err(|r| *r)?;
     check_for_model(s, job).await?;
     let tools = match (&job.tools, s.node.tool_format()) {
@@ -512,6 +518,7 @@ pub(crate) async fn start(s: &AppState, job: &mut Job) -> Result<Started, Respon
         p.grammar = job.grammar.clone();
         p.special_text = tools.is_some();
         p.score_prompt = job.score_prompt;
+        p.adapter = adapter.clone();
         streams.push(s.node.generate(p).await.map_err(pipeline_error)?);
     }
     Ok(Started { streams, tools })

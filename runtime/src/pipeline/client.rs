@@ -66,6 +66,9 @@ pub struct GenerateParams {
     /// Score the prompt: its tokens' log-probabilities (with `logprobs`
     /// alternatives) come first, as [`GenEvent::Prompt`].
     pub score_prompt: bool,
+    /// A fine-tune served as the placed base model plus this LoRA adapter
+    /// (as [`crate::Node::ensure_model`] resolved it); `None`: the base.
+    pub adapter: Option<crate::adapters::AdapterRef>,
 }
 
 impl GenerateParams {
@@ -87,6 +90,7 @@ impl GenerateParams {
             grammar: None,
             special_text: false,
             score_prompt: false,
+            adapter: None,
         }
     }
 }
@@ -273,7 +277,16 @@ pub(crate) async fn generate(
     let context = text.context_length();
     let (tok_tx, tok_rx) = mpsc::unbounded_channel::<SeqOut>();
     let started = Instant::now();
-    let first = match launch(service, ids.clone(), params.clone(), tok_tx.clone()).await {
+    let adapter = req.adapter.clone();
+    let first = match launch(
+        service,
+        ids.clone(),
+        params.clone(),
+        adapter.as_ref(),
+        tok_tx.clone(),
+    )
+    .await
+    {
         // The placement changed under the request (a re-placement's
         // switch-over): the new one takes it.
         Err((e, tried))
@@ -281,9 +294,15 @@ pub(crate) async fn generate(
                 && service.active().is_some_and(|a| a.id != tried) =>
         {
             debug!("placement {tried} refused a request ({e}); the newer one takes it");
-            launch(service, ids.clone(), params.clone(), tok_tx)
-                .await
-                .map_err(|(e, _)| e)?
+            launch(
+                service,
+                ids.clone(),
+                params.clone(),
+                adapter.as_ref(),
+                tok_tx,
+            )
+            .await
+            .map_err(|(e, _)| e)?
         }
         other => other.map_err(|(e, _)| e)?,
     };
@@ -393,7 +412,7 @@ pub(crate) async fn generate(
                 p.score_prompt.clear();
             }
             let (again_tx, again_rx) = mpsc::unbounded_channel::<SeqOut>();
-            match launch(&service, prefix, p, again_tx).await {
+            match launch(&service, prefix, p, adapter.as_ref(), again_tx).await {
                 Ok(next) => {
                     debug!(
                         "a sequence's pipeline failed ({failed}); replayed {} tokens on placement {}",
@@ -470,10 +489,17 @@ async fn launch(
     service: &Service,
     ids: Vec<u32>,
     params: SeqParams,
+    adapter: Option<&crate::adapters::AdapterRef>,
     tok_tx: mpsc::UnboundedSender<SeqOut>,
 ) -> Result<Launched, (PipelineError, u64)> {
     let placement = service.active().ok_or((PipelineError::NotReady, 0))?;
     let id = placement.id;
+    // Every member of the placement holds its slice of the adapter first.
+    if let Some(a) = adapter {
+        crate::adapters::ensure_prepared(service, &placement, a)
+            .await
+            .map_err(|e| (e, id))?;
+    }
     let reachable = |n: &str| {
         n == service.me()
             || n.parse::<NodeId>()
@@ -522,7 +548,7 @@ async fn launch(
         cancel: Some(cancel),
         ticket,
         placement: id,
-        model: placement.model.clone(),
+        model: adapter.map_or_else(|| placement.model.clone(), |a| a.name.clone()),
         stages,
     })
 }

@@ -120,6 +120,11 @@ pub struct StageStats {
     pub send_s: f64,
     /// Sequences with state on this stage now.
     pub live_sequences: usize,
+    /// LoRA adapters whose slices this stage holds, and their bytes.
+    #[serde(default)]
+    pub adapters: usize,
+    #[serde(default)]
+    pub adapter_bytes: u64,
 }
 
 /// Most bytes of logits one scored prompt takes on the last stage (every
@@ -156,6 +161,7 @@ pub(crate) fn to_seq_params(
         grammar: req.grammar.clone(),
         history: Vec::new(),
         score_prompt: Vec::new(),
+        adapter: req.adapter.as_ref().map(|a| a.id.clone()),
     }
 }
 

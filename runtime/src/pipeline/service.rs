@@ -32,6 +32,8 @@ pub(crate) struct LocalStage {
     pub worker: Worker,
     /// Stage 0's sequence table.
     pub router: Option<mpsc::UnboundedSender<RouterMsg>>,
+    /// The LoRA adapters' slices this stage holds.
+    pub adapters: Arc<crate::adapters::StageAdapters>,
     /// Garbage-collection ticks seen idle while not active.
     idle_ticks: std::sync::atomic::AtomicU32,
 }
@@ -71,6 +73,8 @@ struct Inner {
     balancer: super::balance::Balancer,
     /// A chat template in place of the served models' own.
     chat_template: Option<String>,
+    /// Adapters known prepared on placements' members.
+    prepared: crate::adapters::Prepared,
 }
 
 /// What a node serves with: where models come from by name, what its
@@ -120,6 +124,7 @@ impl Service {
                 compute,
                 balancer: Default::default(),
                 chat_template,
+                prepared: Default::default(),
             }),
         }
     }
@@ -127,6 +132,10 @@ impl Service {
     /// The chat template given in place of the models' own, if any.
     pub(crate) fn chat_template(&self) -> Option<&str> {
         self.inner.chat_template.as_deref()
+    }
+
+    pub(crate) fn prepared_adapters(&self) -> &crate::adapters::Prepared {
+        &self.inner.prepared
     }
 
     pub(crate) fn train(&self) -> &crate::train::TrainHost {
@@ -479,8 +488,10 @@ impl Service {
         } else {
             remote(&placement.stages[0].node_id)?
         };
+        let adapters = Arc::new(crate::adapters::StageAdapters::default());
         let worker = worker::spawn(
             stage,
+            adapters.clone(),
             Routes {
                 placement: placement.id,
                 next,
@@ -509,6 +520,7 @@ impl Service {
             hidden_size,
             worker,
             router,
+            adapters,
             idle_ticks: Default::default(),
         });
         if let Ok(mut stages) = self.inner.stages.lock() {
@@ -604,7 +616,10 @@ impl Service {
             .iter()
             .map(|s| {
                 let (batches, compute_s, send_s) = s.worker.times.snapshot();
+                let (adapters, adapter_bytes) = s.adapters.size();
                 StageStats {
+                    adapters,
+                    adapter_bytes,
                     placement: s.placement.id,
                     index: s.index,
                     spec: s.placement.stages[s.index].spec,

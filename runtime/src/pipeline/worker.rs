@@ -45,6 +45,8 @@ pub(crate) enum WorkItem {
 
 struct SeqState {
     cache: KvCache,
+    /// This stage's slice of the sequence's LoRA adapter (`None`: the base).
+    adapter: Option<Arc<hearth_models::StageAdapter>>,
     /// On the last stage: how this sequence is sampled and stopped.
     head: Option<HeadState>,
     /// Forwarded with the sequence's next chunk to the next stage (once).
@@ -123,6 +125,7 @@ pub(crate) const QUEUE: usize = 2 * super::MAX_IN_FLIGHT + 64;
 /// Starts the worker thread for `stage`.
 pub(crate) fn spawn(
     stage: Stage,
+    adapters: Arc<crate::adapters::StageAdapters>,
     routes: Routes,
     meter: Option<StageMeter>,
     text: Option<Arc<ServedModel>>,
@@ -141,6 +144,7 @@ pub(crate) fn spawn(
         .spawn(move || {
             StageLoop {
                 stage,
+                adapters,
                 routes,
                 seqs: HashMap::new(),
                 backlog: VecDeque::new(),
@@ -156,6 +160,8 @@ pub(crate) fn spawn(
 
 struct StageLoop {
     stage: Stage,
+    /// The adapters' slices this stage was asked to prepare.
+    adapters: Arc<crate::adapters::StageAdapters>,
     routes: Routes,
     seqs: HashMap<u64, SeqState>,
     /// Work taken from the queue but left for the next batch (a sequence
@@ -281,6 +287,7 @@ impl StageLoop {
                 (Some(_), None) if c.pos != 0 => Err("first chunk not at position 0"),
                 (Some(p), None) => match new_state(
                     &self.stage,
+                    &self.adapters,
                     p,
                     c.len as usize,
                     head.then_some(self.text.as_deref()),
@@ -292,7 +299,7 @@ impl StageLoop {
                     }
                     Err(e) => {
                         warn!("bad sequence parameters: {e}");
-                        Err("bad sampling parameters")
+                        Err("bad sequence parameters")
                     }
                 },
                 (None, None) => Err("unknown sequence (ended or timed out)"),
@@ -439,6 +446,8 @@ impl StageLoop {
         let out = if taken.len() != batch.len() {
             Err("sequence vanished".to_string())
         } else {
+            let adapters: Vec<Option<Arc<hearth_models::StageAdapter>>> =
+                taken.iter().map(|(_, s)| s.adapter.clone()).collect();
             let mut caches: Vec<&mut KvCache> = taken
                 .iter_mut()
                 .map(|(_, s)| {
@@ -446,9 +455,17 @@ impl StageLoop {
                     &mut s.cache
                 })
                 .collect();
-            self.stage
-                .forward(input, &lens, &mut caches, logits)
-                .map_err(|e| e.to_string())
+            if adapters.iter().any(Option::is_some) {
+                let each: Vec<Option<&hearth_models::StageAdapter>> =
+                    adapters.iter().map(|a| a.as_deref()).collect();
+                self.stage
+                    .forward_adapted(input, &lens, &mut caches, logits, &each)
+                    .map_err(|e| e.to_string())
+            } else {
+                self.stage
+                    .forward(input, &lens, &mut caches, logits)
+                    .map_err(|e| e.to_string())
+            }
         };
         self.seqs.extend(taken);
         out
@@ -567,6 +584,7 @@ impl StageLoop {
 /// take a grammar).
 fn new_state(
     stage: &Stage,
+    adapters: &crate::adapters::StageAdapters,
     p: &SeqParams,
     prompt: usize,
     head: Option<Option<&ServedModel>>,
@@ -642,8 +660,20 @@ fn new_state(
     } else {
         None
     };
+    // An adapter this stage was not asked to prepare fails the sequence:
+    // never the base model's answer under a fine-tune's name.
+    let adapter = match &p.adapter {
+        None => None,
+        Some(id) => Some(adapters.get(id).ok_or_else(|| {
+            format!(
+                "adapter {} is not prepared on this stage",
+                &id[..id.len().min(12)]
+            )
+        })?),
+    };
     Ok(SeqState {
         cache: stage.new_cache(),
+        adapter,
         head,
         params: Some(p.clone()),
         last_used: Instant::now(),

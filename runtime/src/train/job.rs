@@ -570,9 +570,9 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
     job.emit("info", "Writing the fine-tuned model", None);
     let models_dir = ctx.models_dir();
     let out = spec.output_dir.clone();
-    let written = {
-        let (spec, fine_tuned) = (spec.clone(), fine_tuned.clone());
-        tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>, TrainError> {
+    let (written, registered) = {
+        let (spec, fine_tuned, content) = (spec.clone(), fine_tuned.clone(), content.clone());
+        tokio::task::spawn_blocking(move || -> Result<Written, TrainError> {
             write_outputs(
                 &data.base,
                 &spec,
@@ -581,22 +581,30 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
                 &fine_tuned,
                 &out,
                 models_dir.as_deref(),
+                &content,
             )
         })
         .await
         .map_err(|e| TrainError::Stage(e.to_string()))??
     };
     job.update(|i| {
-        i.fine_tuned_model = written.as_ref().map(|_| fine_tuned.clone());
+        i.fine_tuned_model =
+            (written.is_some() || registered.is_some()).then(|| fine_tuned.clone());
     });
+    let adapter = if registered.is_some() {
+        ", served beside its base model as a LoRA adapter"
+    } else {
+        ""
+    };
     job.emit(
         "info",
-        match &written {
-            Some(p) => format!(
-                "New fine-tuned model created: {fine_tuned} ({})",
+        match (&written, &registered) {
+            (Some(p), _) => format!(
+                "New fine-tuned model created: {fine_tuned} ({}{adapter})",
                 p.display()
             ),
-            None => format!("Adapter written to {}", spec.output_dir.display()),
+            (None, Some(_)) => format!("New fine-tuned model created: {fine_tuned}{adapter}"),
+            (None, None) => format!("Adapter written to {}", spec.output_dir.display()),
         },
         None,
     );
@@ -676,7 +684,7 @@ async fn keep_epoch_checkpoint(
     );
     tokio::task::spawn_blocking(move || -> Result<(), TrainError> {
         let base = WeightFile::open(&base)?;
-        write_outputs(&base, &spec2, &method2, &c2, "", &d, None).map(|_| ())
+        write_outputs(&base, &spec2, &method2, &c2, "", &d, None, "").map(|_| ())
     })
     .await
     .map_err(|e| AttemptError::from(TrainError::Checkpoint(e.to_string())))??;
@@ -800,8 +808,15 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// Writes the adapter or weights to `out`, and the merged model (returned)
-/// to `models_dir` (or `out`).
+/// What a job wrote for serving: its merged model file, and its adapter
+/// registered beside the fine-tuned models.
+type Written = (Option<PathBuf>, Option<crate::adapters::AdapterRecord>);
+
+/// Writes the adapter or weights to `out`; registers a LoRA adapter in
+/// `models_dir` as the fine-tune `name` of the base with content id
+/// `base_content` (served beside it); writes the merged model to
+/// `models_dir` (or `out`) when the spec asks for it.
+#[allow(clippy::too_many_arguments)]
 fn write_outputs(
     base: &WeightFile,
     spec: &JobSpec,
@@ -810,28 +825,44 @@ fn write_outputs(
     name: &str,
     out: &Path,
     models_dir: Option<&Path>,
-) -> Result<Option<PathBuf>, TrainError> {
+    base_content: &str,
+) -> Result<Written, TrainError> {
     let trained: Vec<(String, Tensor)> = state
         .tensors
         .iter()
         .filter(|(n, _)| !n.starts_with("optimizer."))
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
+    let mut registered = None;
     match method {
-        Method::Lora(c) => write_peft_adapter(
-            &out.join("adapter"),
-            c,
-            &spec.model,
-            &trained,
-            base.config(),
-        )?,
+        Method::Lora(c) => {
+            write_peft_adapter(
+                &out.join("adapter"),
+                c,
+                &spec.model,
+                &trained,
+                base.config(),
+            )?;
+            if let Some(dir) = models_dir {
+                registered = Some(
+                    crate::adapters::register(
+                        dir,
+                        name,
+                        &out.join("adapter"),
+                        base_content,
+                        &spec.model,
+                    )
+                    .map_err(TrainError::Checkpoint)?,
+                );
+            }
+        }
         Method::Full => {
             let bytes = hearth_models::train::export::safetensors_bytes(&trained, None)?;
             write_atomic(&out.join("model.safetensors"), &bytes)?;
         }
     }
     if !spec.merge {
-        return Ok(None);
+        return Ok((None, registered));
     }
     let map: HashMap<String, Tensor> = trained.into_iter().collect();
     let merged = merged_tensors(base, method, &map)?;
@@ -840,7 +871,7 @@ fn write_outputs(
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
     let dst = dir.join(format!("{name}.gguf"));
     write_merged_gguf(base, &merged, name, &dst, spec.quantize_merged)?;
-    Ok(Some(dst))
+    Ok((Some(dst), registered))
 }
 
 /// A stage's busy time per token lately (the last 2 steps) ÷ early in its
