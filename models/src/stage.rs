@@ -135,6 +135,16 @@ impl Stage {
         self.gpu.as_ref().map(|g| g.matrix_bytes())
     }
 
+    /// Whether [`Self::forward_adapted`] applies LoRA adapters here (CPU
+    /// stages do; GPU stages refuse them).
+    pub fn takes_adapters(&self) -> bool {
+        #[cfg(feature = "wgpu")]
+        if self.gpu.is_some() {
+            return false;
+        }
+        true
+    }
+
     /// The GPU adapter this stage runs on, if any.
     #[cfg(feature = "wgpu")]
     pub fn gpu_adapter(&self) -> Option<crate::gpu::AdapterSummary> {

@@ -9,19 +9,25 @@
 //!   learn of it from the holder's catalog ([`AdapterFacts`]).
 //! - **A request** for the fine-tune, while its base is the served model,
 //!   runs on the active placement with the adapter's id in its sequence
-//!   parameters. Before the first such request on a placement, the
-//!   requester asks every member that runs a stage (or a replica) of it to
-//!   prepare the adapter ([`ensure_prepared`]): a member without the files
-//!   receives them from a holder over a `WEIGHTS` stream (bounded, checked
-//!   against the id), and loads its stage's slice of them.
+//!   parameters. Before each such request, the requester asks every member
+//!   that runs a stage (or a replica) of it to prepare the adapter
+//!   ([`ensure_prepared`]; one that has it answers at once): a member
+//!   without the files receives them from a holder over a `WEIGHTS` stream
+//!   (bounded, checked against the id), and loads its stage's slice of
+//!   them. Only members of the placement may ask. A replica that cannot
+//!   (a GPU stage) is left out of that request; a pipeline stage that
+//!   cannot fails it.
 //! - **A stage** keeps the slices it prepared ([`StageAdapters`], at most
-//!   [`MAX_STAGE_ADAPTERS`]) and applies each sequence's own to that
-//!   sequence's rows of a batch (`hearth_models::adapter`).
+//!   [`MAX_STAGE_ADAPTERS`] and [`MAX_STAGE_ADAPTER_BYTES`], least recently
+//!   used dropped first) and applies each sequence's own to that sequence's
+//!   rows of a batch (`hearth_models::adapter`). A sequence whose adapter
+//!   the stage does not hold fails: it never gets the base model's answer
+//!   under the fine-tune's name.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_models::StageAdapter;
@@ -46,9 +52,11 @@ const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest adapter weights file stored or received.
 pub const MAX_WEIGHTS_BYTES: u64 = hearth_models::adapter::MAX_ADAPTER_BYTES;
-/// Most adapters one stage holds; preparing another drops the one prepared
-/// longest ago (sequences running with it keep their copy).
+/// Most adapters one stage holds; preparing another drops the one used
+/// least recently (sequences running with it keep their copy).
 pub const MAX_STAGE_ADAPTERS: usize = 64;
+/// Most bytes of adapter slices one stage holds (f32), likewise.
+pub const MAX_STAGE_ADAPTER_BYTES: u64 = 4 << 30;
 /// Format of [`RECORD_FILE`].
 const RECORD_FORMAT: u32 = 1;
 /// Largest record read.
@@ -59,8 +67,6 @@ const CHUNK: usize = 1 << 20;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a member has to prepare an adapter (receiving it included).
 const PREPARE_WAIT: Duration = Duration::from_secs(300);
-/// Most (placement, adapter) pairs a requester remembers as prepared.
-const MAX_PREPARED: usize = 4096;
 
 /// An adapter's folder record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,16 +218,30 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 
 /// Makes `tmp` (a filled folder) the folder `dest`, durably: its files are
 /// synced by the caller; the rename and the parent are synced here.
+/// An existing `dest` is moved aside first and removed only once the new
+/// folder is in its place, so a crash leaves one of the two whole.
 fn commit_dir(tmp: &Path, dest: &Path) -> Result<(), String> {
     sync_dir(tmp)?;
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{} has no plain name", dest.display()))?;
+    let old = dest.with_file_name(format!(".{name}.old"));
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| format!("{}: {e}", old.display()))?;
+    }
+    let replaced = dest.exists();
+    if replaced {
+        std::fs::rename(dest, &old).map_err(|e| format!("{}: {e}", dest.display()))?;
     }
     std::fs::rename(tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    match dest.parent() {
-        Some(p) => sync_dir(p),
-        None => Ok(()),
+    if let Some(p) = dest.parent() {
+        sync_dir(p)?;
     }
+    if replaced {
+        std::fs::remove_dir_all(&old).map_err(|e| format!("{}: {e}", old.display()))?;
+    }
+    Ok(())
 }
 
 fn write_record(dir: &Path, record: &AdapterRecord) -> Result<(), String> {
@@ -316,6 +336,7 @@ fn received_dir(service: &Service) -> Option<PathBuf> {
 }
 
 /// This node's copy of the adapter `id`: registered here, or received.
+/// Blocking.
 fn local_copy(service: &Service, id: &str) -> Option<PathBuf> {
     hearth_proto::check_adapter_id(id).ok()?;
     let source = service.source()?;
@@ -326,6 +347,51 @@ fn local_copy(service: &Service, id: &str) -> Option<PathBuf> {
     }
     let dir = received_dir(service)?.join(id);
     read_record(&dir).filter(|r| r.id == id).map(|_| dir)
+}
+
+/// [`local_copy`], its files checked against the id (a copy changed on
+/// disk since it was registered or received is not the adapter asked
+/// for: it would run other weights than the other stages under one id).
+/// Blocking.
+fn verified_copy(service: &Service, id: &str) -> Result<Option<PathBuf>, String> {
+    let Some(dir) = local_copy(service, id) else {
+        return Ok(None);
+    };
+    let (got, _) = id_of_dir(&dir)?;
+    if got != id {
+        return Err(format!(
+            "this node's copy of the adapter is not the one asked for (its files changed since it was stored: {})",
+            dir.display()
+        ));
+    }
+    Ok(Some(dir))
+}
+
+/// Most adapters received from members kept on disk; the least recently
+/// used beyond it are removed.
+const MAX_RECEIVED: usize = 128;
+
+/// Removes the received adapters beyond [`MAX_RECEIVED`], least recently
+/// used first (never `keep`). Blocking.
+fn collect_received(root: &Path, keep: &Path) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| !n.starts_with('.')))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if dirs.len() <= MAX_RECEIVED {
+        return;
+    }
+    dirs.sort();
+    let over = dirs.len() - MAX_RECEIVED;
+    for (_, d) in dirs.into_iter().filter(|(_, d)| d != keep).take(over) {
+        if let Err(e) = std::fs::remove_dir_all(&d) {
+            warn!("removing a received adapter {}: {e}", d.display());
+        }
+    }
 }
 
 /// Adds the adapter facts of this device's registered adapters to its
@@ -369,18 +435,29 @@ pub(crate) fn check_facts(f: &AdapterFacts) -> Result<(), String> {
     Ok(())
 }
 
-/// The fine-tune `name` as an adapter of the model this node serves, if
-/// it is one: registered here, or in a member's catalog (with the members
-/// that hold it). `Err` (a bad request) when it is an adapter of another
-/// base.
+/// What a model name is, as far as adapters go.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Resolved {
+    /// Not a LoRA fine-tune the cluster knows.
+    NotAdapter,
+    /// A fine-tune of the served model: served beside it.
+    Serve(AdapterRef),
+    /// A fine-tune of another base (or of one while none is served).
+    OtherBase { base_model: String },
+}
+
+/// What the fine-tune `name` is: registered here (this node's own record
+/// wins), else as members' catalogs say (with the members that hold it).
+/// Members that name it with different adapters make it ambiguous: a bad
+/// request, never a guess.
 pub(crate) async fn resolve(
     service: &Service,
     name: &str,
-) -> Result<Option<AdapterRef>, crate::RuntimeError> {
-    let Some(model) = service.model() else {
-        return Ok(None);
-    };
-    let served = model.info.times.content.clone().unwrap_or_default();
+) -> Result<Resolved, crate::RuntimeError> {
+    let served = service
+        .model()
+        .and_then(|m| m.info.times.content.clone())
+        .filter(|c| !c.is_empty());
     let me = service.me().to_string();
     let own = {
         let (s, n) = (service.clone(), name.to_string());
@@ -403,31 +480,36 @@ pub(crate) async fn resolve(
             vec![me.clone()],
         )
     });
-    for c in crate::sharing::member_catalogs(service, found.is_none()).await {
+    let ours = found.is_some();
+    let mut others: Vec<String> = Vec::new();
+    for c in crate::sharing::member_catalogs(service, !ours).await {
         for m in &c.models {
             let Some(f) = m.adapter.as_ref().filter(|_| m.name == name) else {
                 continue;
             };
             match &mut found {
                 Some((have, holders)) if have.id == f.id => holders.push(c.node_id.clone()),
-                Some(_) => {}
+                Some(_) => others.push(c.name.clone()),
                 None => found = Some((f.clone(), vec![c.node_id.clone()])),
             }
         }
     }
     let Some((facts, mut holders)) = found else {
-        return Ok(None);
+        return Ok(Resolved::NotAdapter);
     };
-    if facts.base_content != served {
-        // Served as its merged model, if there is one; else the base must be
-        // loaded first.
+    if !ours && !others.is_empty() {
         return Err(crate::RuntimeError::BadRequest(format!(
-            "{name} is a LoRA adapter of {}, and the cluster serves {}: load {} to serve it beside its base",
-            facts.base_model, model.info.times.model, facts.base_model
+            "members hold different adapters named {name} ({} among them): ask a member that holds the one you mean",
+            others.join(", ")
         )));
     }
+    if served.as_deref() != Some(facts.base_content.as_str()) {
+        return Ok(Resolved::OtherBase {
+            base_model: facts.base_model,
+        });
+    }
     holders.truncate(crate::sharing::MAX_HOLDERS);
-    Ok(Some(AdapterRef {
+    Ok(Resolved::Serve(AdapterRef {
         name: name.to_string(),
         id: facts.id,
         base_content: facts.base_content,
@@ -435,92 +517,91 @@ pub(crate) async fn resolve(
     }))
 }
 
-/// The adapter slices a stage holds, by id, oldest first.
+/// The adapter slices a stage holds, by id, least recently used first.
 #[derive(Default)]
 pub(crate) struct StageAdapters {
-    held: RwLock<Vec<(String, Arc<StageAdapter>)>>,
+    held: std::sync::Mutex<Vec<(String, Arc<StageAdapter>)>>,
 }
 
 impl StageAdapters {
+    /// The slice of adapter `id`, marked as just used.
     pub(crate) fn get(&self, id: &str) -> Option<Arc<StageAdapter>> {
-        let held = self.held.read().ok()?;
-        held.iter().find(|(i, _)| i == id).map(|(_, a)| a.clone())
+        let mut held = self.held.lock().ok()?;
+        let i = held.iter().position(|(i, _)| i == id)?;
+        let e = held.remove(i);
+        let a = e.1.clone();
+        held.push(e);
+        Some(a)
     }
 
+    /// Holds `a` as adapter `id`, dropping the least recently used beyond
+    /// [`MAX_STAGE_ADAPTERS`] or [`MAX_STAGE_ADAPTER_BYTES`].
     fn insert(&self, id: String, a: Arc<StageAdapter>) {
-        if let Ok(mut held) = self.held.write() {
+        if let Ok(mut held) = self.held.lock() {
             held.retain(|(i, _)| *i != id);
             held.push((id, a));
-            let over = held.len().saturating_sub(MAX_STAGE_ADAPTERS);
-            held.drain(..over);
+            while held.len() > 1
+                && (held.len() > MAX_STAGE_ADAPTERS
+                    || held.iter().map(|(_, a)| a.bytes()).sum::<u64>() > MAX_STAGE_ADAPTER_BYTES)
+            {
+                held.remove(0);
+            }
         }
     }
 
     /// How many it holds and their bytes.
     pub(crate) fn size(&self) -> (usize, u64) {
-        match self.held.read() {
+        match self.held.lock() {
             Ok(h) => (h.len(), h.iter().map(|(_, a)| a.bytes()).sum()),
             Err(_) => (0, 0),
         }
     }
 }
 
-/// What a requester remembers: the adapters every member of a placement
-/// has prepared.
+/// A member's locks while it prepares adapters: one per adapter, so a
+/// slow transfer holds up only the requests for that adapter.
 #[derive(Default)]
 pub(crate) struct Prepared {
-    done: std::sync::Mutex<HashSet<(u64, String)>>,
-    /// One round of asking the members at a time, from here.
-    asking: tokio::sync::Mutex<()>,
-    /// One adapter received and loaded at a time, here.
-    loading: tokio::sync::Mutex<()>,
+    loading: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Prepared {
-    fn has(&self, placement: u64, id: &str) -> bool {
-        self.done
-            .lock()
-            .is_ok_and(|d| d.contains(&(placement, id.to_string())))
-    }
-
-    fn add(&self, placement: u64, id: &str) {
-        if let Ok(mut d) = self.done.lock() {
-            if d.len() >= MAX_PREPARED {
-                d.clear();
-            }
-            d.insert((placement, id.to_string()));
-        }
+    fn lock_for(&self, id: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let mut m = self.loading.lock().ok()?;
+        // Locks nobody waits on are dropped (bounded by what is in flight).
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        Some(m.entry(id.to_string()).or_default().clone())
     }
 }
 
 /// Makes sure every member that runs a stage or a replica of `placement`
-/// holds its slice of `adapter`, asking those that have not said so yet.
+/// holds its slice of `adapter`, asking each (a member that holds it
+/// answers at once; asking every time means a slice dropped since is
+/// loaded again rather than a sequence failing). Returns the replicas that
+/// cannot serve it (a GPU replica, say): requests for it leave them out. A
+/// pipeline stage that cannot is an error.
 pub(crate) async fn ensure_prepared(
     service: &Service,
     placement: &Placement,
     adapter: &AdapterRef,
-) -> Result<(), PipelineError> {
+) -> Result<HashSet<String>, PipelineError> {
     if placement.content.as_deref() != Some(adapter.base_content.as_str()) {
         return Err(PipelineError::BadRequest(format!(
             "{} is an adapter of another base model than the placed {}",
             adapter.name, placement.model
         )));
     }
-    let prepared = service.prepared_adapters();
-    if prepared.has(placement.id, &adapter.id) {
-        return Ok(());
-    }
-    let _one = prepared.asking.lock().await;
-    if prepared.has(placement.id, &adapter.id) {
-        return Ok(());
-    }
-    let mut nodes: Vec<&str> = placement
+    let stages: Vec<&str> = placement
         .stages
         .iter()
         .map(|s| s.node_id.as_str())
-        .chain(placement.replicas.iter().map(|r| r.node_id.as_str()))
         .collect();
-    nodes.dedup();
+    let mut nodes: Vec<&str> = stages.clone();
+    for r in &placement.replicas {
+        if !nodes.contains(&r.node_id.as_str()) {
+            nodes.push(&r.node_id);
+        }
+    }
     let req = Control::PrepareAdapter {
         placement: placement.id,
         adapter: adapter.clone(),
@@ -529,48 +610,54 @@ pub(crate) async fn ensure_prepared(
         .iter()
         .map(|n| crate::control::request(service, n, &req, PREPARE_WAIT));
     let replies = futures_util::future::join_all(asks).await;
+    let mut unable = HashSet::new();
     for (n, r) in nodes.iter().zip(replies) {
         let short = n.get(..8).unwrap_or(n);
-        match r {
-            Ok(Control::Ready { .. }) => {}
-            Ok(Control::Failed { reason, .. }) => {
-                return Err(PipelineError::Failed(format!(
-                    "member {short} cannot serve the adapter {}: {reason}",
-                    adapter.name
-                )));
-            }
-            Ok(_) => {
-                return Err(PipelineError::Failed(format!(
-                    "member {short} answered an adapter order oddly"
-                )));
-            }
-            Err(e) => {
-                return Err(PipelineError::Failed(format!(
-                    "member {short} did not prepare the adapter {}: {e}",
-                    adapter.name
-                )));
-            }
+        let why = match r {
+            Ok(Control::Ready { .. }) => continue,
+            Ok(Control::Failed { reason, .. }) => reason,
+            Ok(_) => "an odd answer".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if stages.contains(n) {
+            return Err(PipelineError::Failed(format!(
+                "member {short} cannot serve the adapter {}: {why}",
+                adapter.name
+            )));
         }
+        debug!(replica = short, adapter = %adapter.name, "a replica leaves the adapter to the pipeline: {why}");
+        unable.insert(n.to_string());
     }
-    prepared.add(placement.id, &adapter.id);
-    info!(
-        placement = placement.id,
-        adapter = %adapter.name,
-        members = nodes.len(),
-        "adapter prepared on every member of the placement"
-    );
-    Ok(())
+    Ok(unable)
 }
 
-/// A member's part of [`ensure_prepared`]: its stage of `placement` gets
-/// its slice of `adapter` (the files received from a holder first, when
-/// this node has none).
+/// Longest a member spends receiving an adapter from its holders, all of
+/// them together (under the requester's [`PREPARE_WAIT`]).
+const RECEIVE_DEADLINE: Duration = Duration::from_secs(240);
+/// Most holders a member tries.
+const MAX_TRIED_HOLDERS: usize = 4;
+
+/// A member's part of [`ensure_prepared`], asked by `from`: its stage of
+/// `placement` gets its slice of `adapter` (the files received from a
+/// holder first, when this node has none). Only a member of the placement
+/// may ask.
 pub(crate) async fn prepare(
     service: &Service,
+    from: NodeId,
     placement: u64,
     adapter: &AdapterRef,
 ) -> Result<(), String> {
     adapter.check()?;
+    let stage = service
+        .stage(placement)
+        .ok_or_else(|| format!("no stage of placement {placement} here"))?;
+    let asker = from.to_string();
+    if from != service.endpoint().id() && !stage.placement.members.contains(&asker) {
+        return Err("only a member of the placement prepares its adapters".into());
+    }
+    if !stage.takes_adapters {
+        return Err("this stage runs on a GPU, which does not apply LoRA adapters".into());
+    }
     let model = service.model().ok_or("this node serves no model")?;
     if model.info.times.content.as_deref() != Some(adapter.base_content.as_str()) {
         return Err(format!(
@@ -578,22 +665,43 @@ pub(crate) async fn prepare(
             model.info.times.model
         ));
     }
-    let stage = service
-        .stage(placement)
-        .ok_or_else(|| format!("no stage of placement {placement} here"))?;
     if stage.adapters.get(&adapter.id).is_some() {
         return Ok(());
     }
-    let _one = service.prepared_adapters().loading.lock().await;
+    let lock = service
+        .prepared_adapters()
+        .lock_for(&adapter.id)
+        .ok_or("the adapter locks are poisoned")?;
+    let _one = lock.lock().await;
     if stage.adapters.get(&adapter.id).is_some() {
         return Ok(());
     }
-    let dir = match local_copy(service, &adapter.id) {
+    let local = {
+        let (s, id) = (service.clone(), adapter.id.clone());
+        tokio::task::spawn_blocking(move || verified_copy(&s, &id))
+            .await
+            .map_err(|e| e.to_string())??
+    };
+    let dir = match local {
         Some(d) => d,
         None => {
             let root =
                 received_dir(service).ok_or("this node takes no files from members (no store)")?;
-            fetch(service.endpoint(), &adapter.holders, adapter, &root).await?
+            let holders: Vec<String> = adapter
+                .holders
+                .iter()
+                .take(MAX_TRIED_HOLDERS)
+                .cloned()
+                .collect();
+            let got = tokio::time::timeout(
+                RECEIVE_DEADLINE,
+                fetch(service.endpoint(), &holders, adapter, &root),
+            )
+            .await
+            .unwrap_or_else(|_| Err("receiving it took too long".into()))?;
+            let (r, keep) = (root.clone(), got.clone());
+            let _ = tokio::task::spawn_blocking(move || collect_received(&r, &keep)).await;
+            got
         }
     };
     let spec = stage.placement.stages[stage.index].spec;
@@ -619,7 +727,14 @@ pub(crate) async fn prepare(
 /// config's bytes and the weights' as `FileChunk`s (offsets run on from
 /// the config into the weights).
 pub(crate) async fn serve(service: &Service, id: &str, send: &mut quinn::SendStream) {
-    let planned = match local_copy(service, id) {
+    let copy = {
+        let (s, id) = (service.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || local_copy(&s, &id))
+            .await
+            .ok()
+            .flatten()
+    };
+    let planned = match copy {
         Some(dir) => {
             let (c, w) = (dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE));
             match (
@@ -787,7 +902,15 @@ async fn fetch_from(
         bytes: weights_len,
     };
     let dest = root.join(&adapter.id);
-    let kept = write_record(&tmp, &record).and_then(|()| commit_dir(&tmp, &dest));
+    let kept = {
+        let (tmp, dest) = (tmp.clone(), dest.clone());
+        tokio::task::spawn_blocking(move || {
+            write_record(&tmp, &record).and_then(|()| commit_dir(&tmp, &dest))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+    };
     if let Err(e) = kept {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -817,7 +940,8 @@ async fn receive_into(
             h.weights(len);
         }
         let path = dir.join(name);
-        let mut f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut f = Some(f);
         let mut at = 0u64;
         while at < len {
             let msg = read_message(recv, limits::MAX_FRAME)
@@ -831,11 +955,29 @@ async fn receive_into(
                 return Err(format!("chunk at {o} of {} bytes out of place", data.len()));
             }
             h.update(&data);
-            f.write_all(&data).map_err(|e| e.to_string())?;
             at += data.len() as u64;
             offset += data.len() as u64;
+            // Written off the async threads; the file comes back with it.
+            let mut file = f.take().ok_or("the file is gone")?;
+            let last = at == len;
+            file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, String> {
+                file.write_all(&data).map_err(|e| e.to_string())?;
+                if last {
+                    file.sync_all().map_err(|e| e.to_string())?;
+                }
+                Ok(file)
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            f = Some(file);
         }
-        f.sync_all().map_err(|e| e.to_string())?;
+        if len == 0 {
+            let file = f.take().ok_or("the file is gone")?;
+            tokio::task::spawn_blocking(move || file.sync_all())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
     }
     let got = h.finish();
     if got != id {

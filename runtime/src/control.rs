@@ -319,7 +319,7 @@ async fn handle(service: &Service, req: Control, from: NodeId) -> Control {
             Control::Ready { id: 0 }
         }
         Control::PrepareAdapter { placement, adapter } => {
-            match crate::adapters::prepare(service, placement, &adapter).await {
+            match crate::adapters::prepare(service, from, placement, &adapter).await {
                 Ok(()) => Control::Ready { id: placement },
                 Err(reason) => {
                     warn!(placement, adapter = %adapter.name, "cannot prepare an adapter: {reason}");

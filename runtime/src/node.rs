@@ -294,6 +294,14 @@ impl Node {
         self.pipeline.model().map(|m| m.info.times.model.clone())
     }
 
+    /// The content id of the model this node serves, if any and known.
+    pub fn model_content(&self) -> Option<String> {
+        self.pipeline
+            .model()
+            .and_then(|m| m.info.times.content.clone())
+            .filter(|c| !c.is_empty())
+    }
+
     /// Whether `text` is one special token of the served model's
     /// vocabulary.
     pub fn is_special_token(&self, text: &str) -> bool {
@@ -415,6 +423,23 @@ impl Node {
     /// and the leader places it. Returns at once (events tell the
     /// progress) with the members that refused, as (name, reason).
     pub async fn load_model(&self, name: &str) -> Result<Vec<(String, String)>, RuntimeError> {
+        // A LoRA fine-tune of the served model is served beside it: there
+        // is nothing to load. One of another base loads as its merged
+        // model, if it has one.
+        match crate::adapters::resolve(&self.pipeline, name).await? {
+            crate::adapters::Resolved::Serve(_) => return Ok(Vec::new()),
+            crate::adapters::Resolved::OtherBase { base_model } => {
+                if let Some(entry) = self
+                    .cluster_models()
+                    .await
+                    .into_iter()
+                    .find(|m| m.name == name)
+                {
+                    adapter_of_another_base(name, &base_model, &entry)?;
+                }
+            }
+            crate::adapters::Resolved::NotAdapter => {}
+        }
         // Members are asked even when this node cannot load it: the
         // holders can still serve it.
         let here = crate::sharing::load_or_adopt(&self.pipeline, name, &[]).await;
@@ -577,11 +602,10 @@ impl Node {
         if self.model_name().as_deref() == Some(model) || self.serves_under(model) {
             return Ok(None);
         }
-        let other_base = match crate::adapters::resolve(&self.pipeline, model).await {
-            Ok(Some(a)) => return Ok(Some(a)),
-            Ok(None) => None,
-            Err(e) => Some(e),
-        };
+        let resolved = crate::adapters::resolve(&self.pipeline, model).await?;
+        if let crate::adapters::Resolved::Serve(a) = resolved {
+            return Ok(Some(a));
+        }
         let gguf = format!("{model}.gguf");
         let entry = self
             .cluster_models()
@@ -589,10 +613,8 @@ impl Node {
             .into_iter()
             .find(|m| !m.download && (m.name == model || m.name == gguf))
             .ok_or_else(|| RuntimeError::UnknownModel(model.to_string()))?;
-        // An adapter of another base, with no merged model to load instead.
-        let merged = entry.path.as_deref().is_some_and(Path::is_file) || entry.facts.is_some();
-        if let Some(e) = other_base.filter(|_| !merged) {
-            return Err(e);
+        if let crate::adapters::Resolved::OtherBase { base_model } = resolved {
+            adapter_of_another_base(model, &base_model, &entry)?;
         }
         let name = entry.name.clone();
         let placed = |p: &Option<Arc<Placement>>| p.as_ref().is_some_and(|p| p.model == name);
@@ -781,4 +803,20 @@ where
         }
     })
     .abort_handle()
+}
+
+/// A LoRA fine-tune whose base is not the served model loads as its merged
+/// model file; without one, the base must be loaded first.
+fn adapter_of_another_base(
+    name: &str,
+    base_model: &str,
+    entry: &ModelEntry,
+) -> Result<(), RuntimeError> {
+    let merged = entry.path.as_deref().is_some_and(Path::is_file) || entry.facts.is_some();
+    if merged {
+        return Ok(());
+    }
+    Err(RuntimeError::BadRequest(format!(
+        "{name} is a LoRA adapter of {base_model}, which the cluster does not serve now: load {base_model}, and {name} is served beside it"
+    )))
 }

@@ -11,7 +11,7 @@ use anyhow::Result;
 use hearth_models::{GenerateRequest, LocalModel, Precision, SamplingParams};
 use hearth_runtime::pipeline::{GenEvent, PlacementPolicy};
 use hearth_test_utils::cluster::{
-    generate_all, greedy, model_info, pipeline_cluster, tiny_model_info,
+    TunedStore, generate_all, greedy, model_info, pipeline_cluster, tiny_model_info,
 };
 use hearth_test_utils::{TinySpec, real_model, tiny_model};
 
@@ -464,8 +464,20 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
             }});
             Ok(encode_frame(&Message::Control(serde_json::to_vec(&doc)?))?)
         };
+        // Adapter orders: from outside the placement, with an id that is a
+        // path, naming a thousand holders.
+        let prepare = |id: &str, holders: usize| -> Result<Vec<u8>> {
+            let doc = serde_json::json!({"format": 1, "type": "prepare_adapter",
+                "placement": placement.id, "adapter": {"name": "ft-x", "id": id,
+                "base_content": info.times.content.clone().unwrap_or_default(),
+                "holders": vec![rogue_id.clone(); holders]}});
+            Ok(encode_frame(&Message::Control(serde_json::to_vec(&doc)?))?)
+        };
         // Each with (part of) the reason it must be refused for.
         let control_payloads: Vec<(Vec<u8>, &str)> = vec![
+            (prepare(&"ab".repeat(32), 1)?, "only a member of the placement"),
+            (prepare("../../../../etc/passwd", 1)?, "lower-case hex"),
+            (prepare(&"ab".repeat(32), 1000)?, "holders"),
             (activate(&takeover)?, "only the leader"),
             (activate(&last_id)?, "only the leader"),
             (assign(&takeover)?, "only the leader"),
@@ -526,6 +538,14 @@ async fn malformed_pipeline_streams_do_not_hurt_the_cluster() -> Result<()> {
                 offset: 0,
                 data: vec![1, 2, 3],
             })?,
+            // An adapter nobody registered, and one named by a path.
+            encode_frame(&Message::Control(
+                format!(r#"{{"format":1,"type":"fetch_adapter","id":"{}"}}"#, "cd".repeat(32))
+                    .into_bytes(),
+            ))?,
+            encode_frame(&Message::Control(
+                br#"{"format":1,"type":"fetch_adapter","id":"../../../../etc/passwd"}"#.to_vec(),
+            ))?,
         ];
         for p in &weight_payloads {
             let (mut s, mut r) = conn.open(stream_kind::WEIGHTS).await?;
@@ -733,33 +753,6 @@ async fn a_poisoned_copy_under_the_honest_content_id_is_refused() -> Result<()> 
     Ok(())
 }
 
-/// A node's store for the adapter test: the base model, the fine-tuned
-/// models' folder (where jobs register adapters) and the folder for what
-/// members send.
-struct AdapterStore {
-    name: String,
-    base: std::path::PathBuf,
-    dir: std::path::PathBuf,
-}
-
-impl hearth_runtime::ModelSource for AdapterStore {
-    fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
-        vec![hearth_runtime::ModelEntry::held(
-            self.name.clone(),
-            self.base.clone(),
-        )]
-    }
-    fn load(&self, name: &str) -> Result<hearth_runtime::profile::ModelInfo, String> {
-        Err(format!("this test never loads {name}"))
-    }
-    fn models_dir(&self) -> Option<std::path::PathBuf> {
-        Some(self.dir.join("fine-tuned"))
-    }
-    fn peers_dir(&self) -> Option<std::path::PathBuf> {
-        Some(self.dir.join("peers"))
-    }
-}
-
 /// A trained-looking LoRA adapter of `base` (random A, non-zero B, all 7
 /// projections), as PEFT files under `dir/adapter`, and its merged model
 /// at `dir/merged.gguf` (what serving the fine-tune alone would load).
@@ -821,15 +814,15 @@ async fn two_fine_tunes_and_their_base_share_one_pipeline() -> Result<()> {
     let info = model_info(&tiny.gguf_f32, dir.path())?;
     let content = info.times.content.clone().unwrap_or_default();
     let base = hearth_models::WeightFile::open(&tiny.gguf_f32)?;
-    let stores: Vec<AdapterStore> = (0..2)
-        .map(|i| AdapterStore {
+    let stores: Vec<TunedStore> = (0..2)
+        .map(|i| TunedStore {
             name: info.times.model.clone(),
             base: tiny.gguf_f32.clone(),
             dir: dir.path().join(format!("node{i}")),
         })
         .collect();
     // Node 0 holds both fine-tunes; node 1 holds neither.
-    let tuned = stores[0].dir.join("fine-tuned");
+    let tuned = stores[0].tuned();
     let mut merged = Vec::new();
     let mut pefts = Vec::new();
     for (name, seed) in [("ft-a", 1u64), ("ft-b", 2)] {
@@ -867,7 +860,7 @@ async fn two_fine_tunes_and_their_base_share_one_pipeline() -> Result<()> {
         want[1],
         reference(&merged[1], &prompts[1], 12, SamplingParams::default())?
     );
-    let stores: Vec<std::sync::Arc<AdapterStore>> =
+    let stores: Vec<std::sync::Arc<TunedStore>> =
         stores.into_iter().map(std::sync::Arc::new).collect();
     let nodes = hearth_test_utils::cluster::pipeline_cluster_with(
         &hearth_net::ClusterSecret::generate(),
@@ -962,7 +955,13 @@ async fn two_fine_tunes_and_their_base_share_one_pipeline() -> Result<()> {
         .sum::<Result<u64>>()?;
     let mut held = 0;
     for n in &nodes {
-        for s in n.node.stage_stats() {
+        // (A stage of an earlier placement may still be draining.)
+        for s in n
+            .node
+            .stage_stats()
+            .into_iter()
+            .filter(|s| s.placement == before.id)
+        {
             let slice: u64 = pefts.iter().map(|p| full(p, s.spec)).sum::<Result<u64>>()?;
             assert_eq!((s.adapters, s.adapter_bytes), (2, slice), "{s:?}");
             held += s.adapter_bytes;

@@ -60,11 +60,19 @@ pub(crate) async fn servable(s: &AppState) -> Vec<String> {
     servable_in(s, &s.node.cluster_models().await)
 }
 
-/// [`servable`] from the cluster's listing `listed`.
+/// [`servable`] from the cluster's listing `listed`. A LoRA fine-tune is
+/// listed while its base is served (it is served beside it), or when it
+/// has a merged model file to load.
 pub(crate) fn servable_in(s: &AppState, listed: &[hearth_runtime::ModelEntry]) -> Vec<String> {
     let mut ids: Vec<String> = served(s).into_iter().collect();
+    let content = s.node.model_content();
     for m in listed.iter().cloned() {
-        if !m.download && !ids.contains(&m.name) {
+        let merged = m.path.as_deref().is_some_and(std::path::Path::is_file) || m.facts.is_some();
+        let adapter_ok = m
+            .adapter
+            .as_ref()
+            .is_none_or(|a| merged || content.as_deref() == Some(a.base_content.as_str()));
+        if !m.download && adapter_ok && !ids.contains(&m.name) {
             ids.push(m.name);
         }
     }

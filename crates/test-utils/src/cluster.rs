@@ -340,3 +340,45 @@ impl hearth_runtime::ModelSource for TestModels {
         model_info(path, &self.dir).map_err(|e| format!("{e:#}"))
     }
 }
+
+/// A node's store of one model file, with a fine-tuned models' folder
+/// (where LoRA adapters are registered) and a folder for what members send,
+/// both under `dir`.
+pub struct TunedStore {
+    /// The model's name.
+    pub name: String,
+    /// Its file.
+    pub base: std::path::PathBuf,
+    pub dir: std::path::PathBuf,
+}
+
+impl TunedStore {
+    /// The fine-tuned models' folder.
+    pub fn tuned(&self) -> std::path::PathBuf {
+        self.dir.join("fine-tuned")
+    }
+}
+
+impl hearth_runtime::ModelSource for TunedStore {
+    fn list(&self) -> Vec<hearth_runtime::ModelEntry> {
+        vec![hearth_runtime::ModelEntry::held(
+            self.name.clone(),
+            self.base.clone(),
+        )]
+    }
+
+    fn load(&self, name: &str) -> Result<ModelInfo, String> {
+        if name != self.name {
+            return Err(format!("no model {name}"));
+        }
+        model_info(&self.base, &self.dir).map_err(|e| format!("{e:#}"))
+    }
+
+    fn models_dir(&self) -> Option<std::path::PathBuf> {
+        Some(self.tuned())
+    }
+
+    fn peers_dir(&self) -> Option<std::path::PathBuf> {
+        Some(self.dir.join("peers"))
+    }
+}

@@ -494,12 +494,14 @@ async fn launch(
 ) -> Result<Launched, (PipelineError, u64)> {
     let placement = service.active().ok_or((PipelineError::NotReady, 0))?;
     let id = placement.id;
-    // Every member of the placement holds its slice of the adapter first.
-    if let Some(a) = adapter {
-        crate::adapters::ensure_prepared(service, &placement, a)
+    // Every member of the placement holds its slice of the adapter first;
+    // a replica that cannot leaves the request to the others.
+    let unable = match adapter {
+        Some(a) => crate::adapters::ensure_prepared(service, &placement, a)
             .await
-            .map_err(|e| (e, id))?;
-    }
+            .map_err(|e| (e, id))?,
+        None => Default::default(),
+    };
     let reachable = |n: &str| {
         n == service.me()
             || n.parse::<NodeId>()
@@ -507,7 +509,7 @@ async fn launch(
                 .and_then(|id| service.endpoint().peer(id))
                 .is_some()
     };
-    let candidates = balance::candidates(&placement, reachable);
+    let candidates = balance::candidates(&placement, |n| reachable(n) && !unable.contains(n));
     let mut ticket = service
         .balancer()
         .choose(id, &candidates)

@@ -34,6 +34,8 @@ pub(crate) struct LocalStage {
     pub router: Option<mpsc::UnboundedSender<RouterMsg>>,
     /// The LoRA adapters' slices this stage holds.
     pub adapters: Arc<crate::adapters::StageAdapters>,
+    /// Whether it can apply adapters (a GPU stage cannot).
+    pub takes_adapters: bool,
     /// Garbage-collection ticks seen idle while not active.
     idle_ticks: std::sync::atomic::AtomicU32,
 }
@@ -450,6 +452,7 @@ impl Service {
         .await
         .map_err(|e| e.to_string())??;
         let hidden_size = stage.config().hidden_size;
+        let takes_adapters = stage.takes_adapters();
         // The last stage samples: its vocabulary index for output
         // constraints is built now, off the stage thread, not on the first
         // constrained request.
@@ -521,6 +524,7 @@ impl Service {
             worker,
             router,
             adapters,
+            takes_adapters,
             idle_ticks: Default::default(),
         });
         if let Ok(mut stages) = self.inner.stages.lock() {

@@ -843,17 +843,20 @@ fn write_outputs(
                 &trained,
                 base.config(),
             )?;
-            if let Some(dir) = models_dir {
-                registered = Some(
-                    crate::adapters::register(
-                        dir,
-                        name,
-                        &out.join("adapter"),
-                        base_content,
-                        &spec.model,
-                    )
-                    .map_err(TrainError::Checkpoint)?,
-                );
+            // Served beside its base from now on (a base of unknown
+            // content cannot be matched, so it is served merged only). Best
+            // effort: the job's own outputs are written either way.
+            if let Some(dir) = models_dir.filter(|_| !base_content.is_empty()) {
+                match crate::adapters::register(
+                    dir,
+                    name,
+                    &out.join("adapter"),
+                    base_content,
+                    &spec.model,
+                ) {
+                    Ok(r) => registered = Some(r),
+                    Err(e) => tracing::warn!("the adapter cannot be served beside its base: {e}"),
+                }
             }
         }
         Method::Full => {
