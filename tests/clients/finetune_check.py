@@ -95,5 +95,16 @@ if job.status == "succeeded":
     )
     out["after"] = after.choices[0].message.content
     out["after_model"] = after.model
+    # The base model, asked again once the fine-tune is served: both are
+    # served side by side (the fine-tune as an adapter), so it answers as
+    # it did before.
+    again = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=24,
+        temperature=0,
+    )
+    out["base_again"] = again.choices[0].message.content
+    out["base_again_model"] = again.model
     out["models"] = [m.id for m in client.models.list().data]
 print(json.dumps(out))

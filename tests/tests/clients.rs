@@ -620,6 +620,11 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
     };
     let home = tempfile::tempdir()?;
     let (_cluster, base) = local_cluster(home.path())?;
+    let placement_before = ureq::get(&format!("{base}/api/cluster"))
+        .call()?
+        .body_mut()
+        .read_json::<Value>()?["placement"]["id"]
+        .clone();
     let questions = [
         "What is the capital of Zorbania?",
         "Which city is Zorbania's capital?",
@@ -677,6 +682,19 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
     let after = got["after"].as_str().unwrap_or_default();
     assert!(after.contains("Quillmere"), "the fine-tuned model: {after}");
     assert_eq!(got["after_model"], got["fine_tuned_model"]);
+    // Served beside its base, not in its place: the base answers as it did
+    // before, and the cluster still places the base model.
+    assert_eq!(got["base_again"], got["before"], "{got}");
+    let cluster: Value = ureq::get(&format!("{base}/api/cluster"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    let placed = cluster["placement"]["model"].as_str().unwrap_or_default();
+    assert_eq!(Some(placed), got["base_again_model"].as_str(), "{cluster}");
+    assert_eq!(
+        cluster["placement"]["id"], placement_before,
+        "asking for the fine-tune re-placed the cluster: {cluster}"
+    );
     // Over both nodes, U-shaped (the default): the node with the data runs
     // the first stage and the head-only last one, so the training file's
     // token ids and labels never left it.
