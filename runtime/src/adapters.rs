@@ -288,6 +288,18 @@ pub fn register(
     Ok(record)
 }
 
+/// Removes the registered adapter `name` from `models`, if it is there.
+/// Blocking.
+pub fn unregister(models: &Path, name: &str) -> Result<(), String> {
+    check_name(name)?;
+    let dir = models.join(format!("{name}{DIR_SUFFIX}"));
+    if !dir.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    sync_dir(models)
+}
+
 /// The record of the adapter folder `dir`, if it has a good one.
 fn read_record(dir: &Path) -> Option<AdapterRecord> {
     let path = dir.join(RECORD_FILE);

@@ -106,5 +106,16 @@ if job.status == "succeeded":
     )
     out["base_again"] = again.choices[0].message.content
     out["base_again_model"] = again.model
+    # Each kept checkpoint is a model too (the last one holds the final
+    # weights, the first the first epoch's).
+    out["checkpoint_answers"] = {}
+    for c in checkpoints:
+        r = client.chat.completions.create(
+            model=c["model"],
+            messages=[{"role": "user", "content": question}],
+            max_tokens=24,
+            temperature=0,
+        )
+        out["checkpoint_answers"][str(c["step"])] = [r.model, r.choices[0].message.content]
     out["models"] = [m.id for m in client.models.list().data]
 print(json.dumps(out))

@@ -744,6 +744,14 @@ fn a_lora_fine_tune_through_the_openai_client_teaches_a_fact() -> Result<()> {
             "{c}"
         );
     }
+    // Each checkpoint is served under its name; the last one's weights are
+    // the fine-tune's, so it answers alike.
+    let answers = &got["checkpoint_answers"];
+    for c in &kept {
+        let step = c["step"].as_u64().unwrap_or_default().to_string();
+        assert_eq!(answers[&step][0], c["model"], "{answers}");
+    }
+    assert_eq!(answers["96"][1], got["after"], "{answers}");
     // The fine-tune is listed among the models the cluster serves.
     let models = got["models"].as_array().cloned().unwrap_or_default();
     assert!(models.contains(&got["fine_tuned_model"]), "{got}");

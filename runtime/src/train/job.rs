@@ -656,7 +656,10 @@ async fn run_inner(ctx: &Arc<JobCtx>, job: &Arc<JobHandle>) -> Result<(), TrainE
 
 /// Writes the trained state `c` (an epoch's end) as the job's outputs are
 /// written, into `checkpoints/step-N` of the output folder, records it, and
-/// removes the oldest beyond [`KEPT_CHECKPOINTS`].
+/// removes the oldest beyond [`KEPT_CHECKPOINTS`]. A LoRA checkpoint is
+/// also registered in the fine-tuned models' folder of `serve` (with the
+/// base's content id) under its model name, so it is served beside the
+/// base as OpenAI's checkpoints are, until it is removed.
 async fn keep_epoch_checkpoint(
     job: &Arc<JobHandle>,
     data: &Data,
@@ -664,6 +667,7 @@ async fn keep_epoch_checkpoint(
     method: &Method,
     c: &Checkpoint,
     train_loss: f64,
+    serve: Option<(PathBuf, &str)>,
 ) -> Result<(), AttemptError> {
     let Some(info) = job.info() else {
         return Ok(());
@@ -695,6 +699,20 @@ async fn keep_epoch_checkpoint(
         model: format!("{}:ckpt-step-{}", fine_tuned_name(spec, &info.id), c.step),
         path: dir,
     };
+    let lora = matches!(method, Method::Lora(_));
+    if let Some((models, content)) = serve.as_ref().filter(|(_, c)| lora && !c.is_empty()) {
+        let (models, content, name) = (models.clone(), content.to_string(), kept.model.clone());
+        let (peft, base) = (kept.path.join("adapter"), spec.model.clone());
+        let registered = tokio::task::spawn_blocking(move || {
+            crate::adapters::register(&models, &name, &peft, &content, &base)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        if let Err(e) = registered {
+            warn!("checkpoint {} cannot be served: {e}", kept.model);
+        }
+    }
     let mut dropped = Vec::new();
     job.update(|i| {
         i.checkpoints.retain(|k| k.step != kept.step);
@@ -706,6 +724,11 @@ async fn keep_epoch_checkpoint(
     for d in dropped {
         if let Err(e) = std::fs::remove_dir_all(&d.path) {
             warn!("cannot remove checkpoint {}: {e}", d.path.display());
+        }
+        if let Some((models, _)) = &serve
+            && let Err(e) = crate::adapters::unregister(models, &d.model)
+        {
+            warn!("cannot remove checkpoint {}'s adapter: {e}", d.model);
         }
     }
     job.emit(
@@ -1227,7 +1250,8 @@ async fn attempt(
                 None,
             );
             if epoch_end {
-                keep_epoch_checkpoint(job, data, spec, method, &c, out.loss).await?;
+                let serve = ctx.models_dir().map(|d| (d, content));
+                keep_epoch_checkpoint(job, data, spec, method, &c, out.loss, serve).await?;
             }
             job.save();
             if last {
