@@ -25,12 +25,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use clap::Parser;
 use hearth_bench::{Row, cpu_name, median, print, write_results};
 use hearth_models::adapter::StageAdapter;
-use hearth_models::train::export::{safetensors_bytes, write_atomic};
-use hearth_models::{Config, KvCache, Logits, Precision, Stage, StageInput, StageSpec, WeightFile};
+use hearth_models::{KvCache, Logits, Precision, Stage, StageInput, StageSpec, WeightFile};
 use hearth_test_utils::real_model;
 use serde_json::json;
 
@@ -56,46 +55,6 @@ struct Args {
     pipeline_tokens: usize,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-}
-
-/// A random PEFT adapter for `cfg` in `dir` (candle's generator: each call a new one).
-fn write_adapter(dir: &Path, cfg: &Config, rank: usize) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let q = cfg.num_attention_heads * hd;
-    let kv = cfg.num_key_value_heads * hd;
-    let inter = cfg.intermediate_size;
-    let projs = [
-        ("self_attn.q_proj", h, q),
-        ("self_attn.k_proj", h, kv),
-        ("self_attn.v_proj", h, kv),
-        ("self_attn.o_proj", q, h),
-        ("mlp.gate_proj", h, inter),
-        ("mlp.up_proj", h, inter),
-        ("mlp.down_proj", inter, h),
-    ];
-    let dev = Device::Cpu;
-    let mut tensors = Vec::new();
-    for layer in 0..cfg.num_hidden_layers {
-        for (name, input, output) in projs.iter() {
-            let pre = format!("base_model.model.model.layers.{layer}.{name}");
-            let a = Tensor::randn(0f32, 0.02, (rank, *input), &dev)?;
-            let b = Tensor::randn(0f32, 0.02, (*output, rank), &dev)?;
-            tensors.push((format!("{pre}.lora_A.weight"), a));
-            tensors.push((format!("{pre}.lora_B.weight"), b));
-        }
-    }
-    write_atomic(
-        &dir.join("adapter_model.safetensors"),
-        &safetensors_bytes(&tensors, None)?,
-    )?;
-    let config = json!({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]});
-    write_atomic(
-        &dir.join("adapter_config.json"),
-        &serde_json::to_vec(&config)?,
-    )?;
-    Ok(())
 }
 
 /// Decode tokens per second of the batch, each sequence with `which[i]`'s
@@ -227,7 +186,7 @@ async fn pipeline(
     let mut names = Vec::new();
     for k in 0..4 {
         let peft = dir.path().join(format!("peft-{k}"));
-        write_adapter(&peft, &cfg, args.rank)?;
+        hearth_test_utils::write_random_peft(&peft, &cfg, args.rank)?;
         let name = format!("ft-bench-{k}");
         hearth_runtime::adapters::register(
             &stores[0].tuned(),
@@ -297,7 +256,7 @@ fn main() -> Result<()> {
     let mut adapters = Vec::new();
     for k in 0..4u64 {
         let d = dir.path().join(format!("adapter-{k}"));
-        write_adapter(&d, &cfg, args.rank)?;
+        hearth_test_utils::write_random_peft(&d, &cfg, args.rank)?;
         adapters.push(StageAdapter::load_peft(&d, &cfg, spec)?);
     }
     let adapter_bytes = adapters[0].bytes();

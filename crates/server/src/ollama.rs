@@ -518,6 +518,20 @@ fn model_entry(name: &str, size: u64, facts: Option<&ModelFacts>) -> Value {
     })
 }
 
+/// The base model `name` is a LoRA adapter of, when that base is the
+/// served model (it is then served beside it).
+fn adapter_parent(
+    s: &AppState,
+    entries: &[hearth_runtime::ModelEntry],
+    name: &str,
+) -> Option<String> {
+    let content = s.node.model_content()?;
+    let a = entries.iter().find(|m| m.name == name)?.adapter.as_ref()?;
+    (a.base_content == content)
+        .then(|| s.node.model_name())
+        .flatten()
+}
+
 /// Ollama's `details` of a model, from its file.
 fn details(facts: Option<&ModelFacts>) -> Value {
     match facts {
@@ -584,10 +598,23 @@ async fn listed(s: &AppState) -> Vec<(String, u64, Option<ModelFacts>)> {
 }
 
 pub(crate) async fn tags(State(s): State<AppState>) -> Response {
+    let entries = s.node.cluster_models().await;
+    let base = served(&s).await.and_then(|(_, _, f)| f);
     let models: Vec<Value> = listed(&s)
         .await
         .iter()
-        .map(|(name, size, facts)| model_entry(name, *size, facts.as_ref()))
+        .map(
+            |(name, size, facts)| match adapter_parent(&s, &entries, name) {
+                // A LoRA fine-tune served beside its base: the base's facts,
+                // with the base as its parent (as Ollama shows an adapter).
+                Some(parent) => {
+                    let mut e = model_entry(name, *size, base.as_ref());
+                    e["details"]["parent_model"] = json!(parent);
+                    e
+                }
+                None => model_entry(name, *size, facts.as_ref()),
+            },
+        )
         .collect();
     Json(json!({"models": models})).into_response()
 }
@@ -651,8 +678,9 @@ pub(crate) async fn show(
     else {
         return error(StatusCode::BAD_REQUEST, "`model` is required");
     };
-    if s.node.model_name().as_deref() != Some(name) {
-        let listed = s.node.cluster_models().await;
+    let listed = s.node.cluster_models().await;
+    let parent = adapter_parent(&s, &listed, name);
+    if s.node.model_name().as_deref() != Some(name) && parent.is_none() {
         return if listed.iter().any(|m| m.name == name && !m.download) {
             error(
                 StatusCode::NOT_FOUND,
@@ -667,11 +695,15 @@ pub(crate) async fn show(
     };
     let arch = &c.architecture;
     let facts = served(&s).await.and_then(|(_, _, f)| f);
+    let mut details = details(facts.as_ref());
+    if let Some(p) = parent {
+        details["parent_model"] = json!(p);
+    }
     Json(json!({
         "modelfile": "",
         "parameters": "",
         "template": s.node.chat_template_source().unwrap_or_default(),
-        "details": details(facts.as_ref()),
+        "details": details,
         "model_info": {
             "general.architecture": arch,
             format!("{arch}.context_length"): c.max_position_embeddings,

@@ -2350,3 +2350,107 @@ async fn a_model_only_a_member_holds_is_listed_and_served_from_any_member() {
     a.shutdown();
     b.shutdown();
 }
+
+/// A LoRA fine-tune of the served model is listed and answered under its
+/// own name beside the base (nothing reloads), and Ollama's routes describe
+/// it as an adapter of the base; one of another base is neither listed
+/// nor served, and says which base it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_fine_tune_is_served_beside_its_base_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = hearth_test_utils::tiny_model(
+        dir.path(),
+        hearth_test_utils::TinySpec {
+            context: CONTEXT,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(hearth_test_utils::cluster::TunedStore {
+        name: "tiny".into(),
+        base: tiny.gguf_q8_0.clone(),
+        dir: dir.path().join("store"),
+    });
+    let mut cfg = NodeConfig::new(
+        "solo",
+        Identity::generate().unwrap(),
+        ClusterSecret::generate(),
+    );
+    cfg.quic = "127.0.0.1:0".parse().unwrap();
+    cfg.models = Some(store.clone());
+    let n = Node::start(cfg).await.unwrap();
+    n.load_model("tiny").await.unwrap();
+    let placed = n.wait_placement(Duration::from_secs(30)).await.unwrap();
+    let content = n.model_content().unwrap();
+    let w = hearth_models::WeightFile::open(&tiny.gguf_q8_0).unwrap();
+    for (name, base) in [("ft-mine", content.as_str()), ("ft-other", &"0".repeat(32))] {
+        let peft = dir.path().join(name);
+        hearth_test_utils::write_random_peft(&peft, w.config(), 4).unwrap();
+        hearth_runtime::adapters::register(&store.tuned(), name, &peft, base, "some-base").unwrap();
+    }
+    let shared = App::new(n.clone(), ServerOptions::default());
+    let app = || shared.router();
+    let ids: Vec<String> = get(app(), "/v1/models").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.contains(&"ft-mine".to_string()), "{ids:?}");
+    assert!(!ids.contains(&"ft-other".to_string()), "{ids:?}");
+    let ask = |model: &str| chat_body(json!({"model": model, "max_tokens": 4, "temperature": 0}));
+    let r = post(app(), "/v1/chat/completions", &ask("ft-mine")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["model"], "ft-mine");
+    let r = post(app(), "/v1/chat/completions", &ask("ft-other")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    let e = r.error();
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("LoRA adapter of some-base"),
+        "{e}"
+    );
+    // Nothing was loaded in the base's place.
+    assert_eq!(n.placement().map(|p| p.id), Some(placed.id));
+    assert_eq!(n.model_name().as_deref(), Some("tiny"));
+    let stats = n.stage_stats();
+    assert_eq!(
+        stats.iter().map(|s| s.adapters).sum::<usize>(),
+        1,
+        "{stats:?}"
+    );
+    // Ollama's routes: listed and shown as an adapter of the served base.
+    let ollama = || shared.ollama_router();
+    let tags = get(ollama(), "/api/tags").await.json();
+    let entry = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ft-mine")
+        .cloned()
+        .unwrap_or_else(|| panic!("{tags}"));
+    assert_eq!(entry["details"]["parent_model"], "tiny", "{entry}");
+    let show = post(
+        ollama(),
+        "/api/show",
+        &json!({"model": "ft-mine"}).to_string(),
+    )
+    .await;
+    assert_eq!(show.status, StatusCode::OK, "{}", show.text());
+    assert_eq!(show.json()["details"]["parent_model"], "tiny");
+    let show = post(
+        ollama(),
+        "/api/show",
+        &json!({"model": "ft-other"}).to_string(),
+    )
+    .await;
+    assert_eq!(show.status, StatusCode::NOT_FOUND, "{}", show.text());
+    // Loading it by name: nothing to load for one of the served base; one
+    // of another base without a merged file says which base it needs.
+    assert!(n.load_model("ft-mine").await.unwrap().is_empty());
+    let err = n.load_model("ft-other").await.unwrap_err().to_string();
+    assert!(err.contains("load some-base"), "{err}");
+    assert_eq!(n.placement().map(|p| p.id), Some(placed.id));
+}

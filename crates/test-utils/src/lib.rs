@@ -982,3 +982,47 @@ pub fn deepened_hf(dir: &Path, layers: usize, out: &Path) -> Result<PathBuf> {
     candle_core::safetensors::save(&deep, out.join("model.safetensors"))?;
     Ok(out.to_path_buf())
 }
+
+/// A random rank-`rank` LoRA adapter on all seven projections of every
+/// layer of a model shaped like `cfg`, written in `dir` as PEFT's files
+/// (what a Hearth LoRA job writes; candle's generator: each call a new
+/// one).
+pub fn write_random_peft(dir: &Path, cfg: &hearth_models::Config, rank: usize) -> Result<()> {
+    use hearth_models::train::export::{safetensors_bytes, write_atomic};
+    std::fs::create_dir_all(dir)?;
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let q = cfg.num_attention_heads * hd;
+    let kv = cfg.num_key_value_heads * hd;
+    let inter = cfg.intermediate_size;
+    let projs = [
+        ("self_attn.q_proj", h, q),
+        ("self_attn.k_proj", h, kv),
+        ("self_attn.v_proj", h, kv),
+        ("self_attn.o_proj", q, h),
+        ("mlp.gate_proj", h, inter),
+        ("mlp.up_proj", h, inter),
+        ("mlp.down_proj", inter, h),
+    ];
+    let dev = Device::Cpu;
+    let mut tensors = Vec::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for (name, input, output) in projs.iter() {
+            let pre = format!("base_model.model.model.layers.{layer}.{name}");
+            let a = Tensor::randn(0f32, 0.02, (rank, *input), &dev)?;
+            let b = Tensor::randn(0f32, 0.02, (*output, rank), &dev)?;
+            tensors.push((format!("{pre}.lora_A.weight"), a));
+            tensors.push((format!("{pre}.lora_B.weight"), b));
+        }
+    }
+    write_atomic(
+        &dir.join("adapter_model.safetensors"),
+        &safetensors_bytes(&tensors, None)?,
+    )?;
+    let config = serde_json::json!({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]});
+    write_atomic(
+        &dir.join("adapter_config.json"),
+        &serde_json::to_vec(&config)?,
+    )?;
+    Ok(())
+}
