@@ -669,11 +669,31 @@ impl Node {
     /// Plans the model this node serves over the members that measured it.
     pub async fn plan(&self, req: &PlanRequest) -> Result<PlanReport, RuntimeError> {
         let info = self.profiles.model().ok_or(RuntimeError::NoModel)?;
-        let workload = req
+        let mut workload = req
             .workload(&info.config)
             .map_err(RuntimeError::BadRequest)?;
         let view = self.membership.view().await.ok_or(RuntimeError::Stopped)?;
         let input = planner_input(&self.profiles(&view), &info.times);
+        if req.keep_data_home {
+            let me = self.id().to_string();
+            match &mut workload {
+                hearth_partitioner::Workload::Train { home, .. } => {
+                    *home = Some(input.node_ids.iter().position(|n| *n == me).ok_or_else(
+                        || {
+                            RuntimeError::BadRequest(
+                                "this node has not measured the model, so it cannot hold the data's ends"
+                                    .into(),
+                            )
+                        },
+                    )?);
+                }
+                _ => {
+                    return Err(RuntimeError::BadRequest(
+                        "keep_data_home plans training only".into(),
+                    ));
+                }
+            }
+        }
         Ok(plan_report(&info.cost, input, workload))
     }
 

@@ -264,6 +264,19 @@ async fn profiles_and_links_are_shared_and_planned_from() -> Result<()> {
         assert_eq!(report.input.devices.len(), 3);
         assert!(report.input.unmeasured_links.is_empty());
         assert!(report.plan.is_some(), "{:?}", report.error);
+        // Training with the data kept on the asking node: that node runs
+        // the embedding (first stage) and the head (last stage).
+        let home = PlanRequest {
+            workload: "training".into(),
+            keep_data_home: true,
+            ..PlanRequest::default()
+        };
+        let report = tokio::time::timeout(Duration::from_secs(10), n.node.plan(&home)).await??;
+        let plan = report.plan.unwrap_or_else(|| panic!("{:?}", report.error));
+        let (first, last) = (&plan.stages[0], &plan.stages[plan.stages.len() - 1]);
+        assert!(first.embed && last.head, "{plan:?}");
+        assert_eq!(first.device_name, n.name, "{plan:?}");
+        assert_eq!(last.device_name, n.name, "{plan:?}");
     }
     // A member that leaves takes its profile with it.
     let mut nodes = nodes;

@@ -53,6 +53,10 @@ pub struct Args {
     /// Training: LoRA rank.
     #[arg(long, default_value_t = 8)]
     lora_rank: u32,
+    /// Training: the answering node holds the data and runs the embedding
+    /// and the head (U-shaped), as a job does by default.
+    #[arg(long)]
+    keep_data_home: bool,
     /// Print the whole report as JSON.
     #[arg(long)]
     json: bool,
@@ -71,11 +75,15 @@ impl Args {
             recompute: !self.no_recompute,
             method: self.method.clone(),
             lora_rank: self.lora_rank,
+            keep_data_home: self.keep_data_home,
         }
     }
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.keep_data_home && args.devices.is_some() {
+        bail!("--keep-data-home plans around the node that answers (--http), not a --devices file");
+    }
     let report = match &args.devices {
         Some(file) => from_file(file, &args)?,
         None => from_node(
@@ -114,6 +122,7 @@ fn from_node(http: &str, req: &PlanRequest) -> Result<PlanReport> {
         .query("recompute", req.recompute.to_string())
         .query("method", &req.method)
         .query("lora_rank", req.lora_rank.to_string())
+        .query("keep_data_home", req.keep_data_home.to_string())
         .call()
         .with_context(|| format!("no Hearth node answers at {base} (is `hearth up` running?)"))?;
     let status = resp.status();

@@ -252,7 +252,11 @@ pub fn document(auth: bool) -> Value {
         {"name": "prefill", "in": "query", "schema": u32()},
         {"name": "micro_batch_tokens", "in": "query", "schema": u32()},
         {"name": "micro_batches", "in": "query", "schema": u32()},
-        {"name": "schedule", "in": "query", "schema": {"enum": ["1f1b", "gpipe"]}}]);
+        {"name": "schedule", "in": "query", "schema": {"enum": ["1f1b", "gpipe"]}},
+        {"name": "recompute", "in": "query", "schema": {"type": "boolean"}},
+        {"name": "method", "in": "query", "schema": {"enum": ["lora", "full"]}},
+        {"name": "lora_rank", "in": "query", "schema": u32()},
+        {"name": "keep_data_home", "in": "query", "schema": {"type": "boolean"}}]);
     let with_id = |mut o: Value| {
         o["parameters"] =
             json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);

@@ -126,6 +126,7 @@ async fn plan_needs_a_model_and_valid_parameters() {
         "?workload=inference&sequences=4&context=64",
         "?workload=inference&prefill=100",
         "?workload=training&micro_batches=3&schedule=gpipe&method=full&recompute=false",
+        "?workload=training&keep_data_home=true",
     ] {
         let (status, body) = get(app(), &format!("/api/plan{query}")).await;
         assert_eq!(
@@ -136,6 +137,13 @@ async fn plan_needs_a_model_and_valid_parameters() {
         );
         let r: PlanReport = serde_json::from_slice(&body).unwrap();
         let plan = r.plan.unwrap();
+        if query.contains("keep_data_home") {
+            // The answering node holds both ends (alone here: all of it).
+            let (first, last) = (&plan.stages[0], &plan.stages[plan.stages.len() - 1]);
+            assert!(first.embed && last.head, "{plan:?}");
+            assert_eq!((first.device, last.device), (0, 0), "{plan:?}");
+            continue;
+        }
         assert_eq!(plan.stages.len(), 1);
         assert_eq!(plan.stages[0].layers, 0..4);
         assert!(plan.step_s > 0.0);
@@ -154,6 +162,9 @@ async fn plan_needs_a_model_and_valid_parameters() {
         "?workload=training&micro_batches=1289776174&micro_batch_tokens=4294967295&recompute=false",
         "?workload=inference&sequences=4294967295&context=4294967295",
         "?workload=inference&prefill=4294967295",
+        "?workload=inference&keep_data_home=true",
+        "?workload=training&lora_rank=4294967295&micro_batch_tokens=4294967295",
+        "?workload=training&keep_data_home=maybe",
     ] {
         let (status, body) = get(app(), &format!("/api/plan{query}")).await;
         let text = String::from_utf8_lossy(&body);

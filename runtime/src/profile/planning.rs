@@ -168,6 +168,10 @@ pub struct PlanRequest {
     pub method: String,
     /// Training: LoRA rank (adapters on every linear layer).
     pub lora_rank: u32,
+    /// Training: the answering node holds the data, and runs the
+    /// embedding and the head with the loss (a U-shaped pipeline whose
+    /// first and last stages are that node), as a job keeps its data home.
+    pub keep_data_home: bool,
 }
 
 impl Default for PlanRequest {
@@ -183,6 +187,7 @@ impl Default for PlanRequest {
             recompute: true,
             method: "lora".into(),
             lora_rank: 8,
+            keep_data_home: false,
         }
     }
 }
