@@ -379,12 +379,13 @@ fn verified_copy(service: &Service, id: &str) -> Result<Option<PathBuf>, String>
     Ok(Some(dir))
 }
 
-/// Most adapters received from members kept on disk; the least recently
-/// used beyond it are removed.
+/// Most adapters received from members kept on disk; the oldest received
+/// beyond it are removed (one removed while still served is received
+/// again when next prepared).
 const MAX_RECEIVED: usize = 128;
 
-/// Removes the received adapters beyond [`MAX_RECEIVED`], least recently
-/// used first (never `keep`). Blocking.
+/// Removes the received adapters beyond [`MAX_RECEIVED`], the oldest
+/// received first (never `keep`). Blocking.
 fn collect_received(root: &Path, keep: &Path) {
     let Ok(rd) = std::fs::read_dir(root) else {
         return;

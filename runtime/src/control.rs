@@ -484,6 +484,27 @@ mod tests {
             }
         }
 
+        /// Adapter orders with any id, name and holders: whatever passes
+        /// the reference's check names a plain folder and few holders.
+        #[test]
+        fn adapter_orders_that_pass_are_bounded(
+            id in prop_oneof!["[0-9a-f]{64}", ".{0,80}"],
+            name in prop_oneof!["[a-z0-9-]{1,20}", ".{0,300}"],
+            holders in 0usize..400,
+            placement in any::<u64>(),
+        ) {
+            let doc = serde_json::to_vec(&serde_json::json!({"format": 1, "type": "prepare_adapter",
+                "placement": placement, "adapter": {"name": name, "id": id, "base_content": "c0",
+                "holders": vec!["n"; holders]}})).unwrap_or_default();
+            if let Ok(Control::PrepareAdapter { adapter, .. }) = Control::from_bytes(&doc)
+                && adapter.check().is_ok()
+            {
+                prop_assert!(adapter.id.len() == 64 && adapter.id.bytes().all(|b| b.is_ascii_hexdigit()));
+                prop_assert!(!adapter.name.contains('/') && !adapter.name.starts_with('.'));
+                prop_assert!(adapter.holders.len() <= crate::sharing::MAX_HOLDERS);
+            }
+        }
+
         /// Mutated placement documents: refused or checked, never a panic.
         #[test]
         fn mutated_placement_documents_fail_cleanly(

@@ -267,6 +267,9 @@ pub(crate) async fn generate(
             ids.len()
         )));
     }
+    if let Some(a) = &req.adapter {
+        a.check().map_err(PipelineError::BadRequest)?;
+    }
     let stop_ids = text.tokenizer().eos_ids().to_vec();
     let mut params = to_seq_params(&req, &stop_ids);
     if req.score_prompt {

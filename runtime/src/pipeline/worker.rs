@@ -667,7 +667,7 @@ fn new_state(
         Some(id) => Some(adapters.get(id).ok_or_else(|| {
             format!(
                 "adapter {} is not prepared on this stage",
-                &id[..id.len().min(12)]
+                id.get(..12).unwrap_or(id)
             )
         })?),
     };
