@@ -102,6 +102,12 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| ModelError::io(path, e))
 }
 
+/// The decoder layer a tensor name is in (`...layers.N.…`), if any.
+fn decoder_layer(name: &str) -> Option<usize> {
+    let (_, rest) = name.split_once("layers.")?;
+    rest.split_once('.')?.0.parse().ok()
+}
+
 /// A pattern entry's number for module `module`: the longest key that is
 /// the module's name or a dotted suffix of it (PEFT's plain keys; its
 /// regular-expression keys are not read).
@@ -129,11 +135,50 @@ impl StageAdapter {
                 "fan_in_fan_out adapters (GPT-2's Conv1D) are not supported",
             ));
         }
-        let bytes = read_bounded(&dir.join("adapter_model.safetensors"), MAX_ADAPTER_BYTES)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
+        let path = dir.join("adapter_model.safetensors");
+        let file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+        let len = file.metadata().map_err(|e| ModelError::io(&path, e))?.len();
+        if len > MAX_ADAPTER_BYTES {
+            return Err(bad(format!(
+                "{} has {len} bytes (at most {MAX_ADAPTER_BYTES})",
+                path.display()
+            )));
+        }
+        // Mapped, not read: a stage copies out only its layers' matrices,
+        // so serving an adapter grows memory by that slice, not by the file.
+        // SAFETY: mapped read-only; the file is the node's own copy (checked
+        // against its id), which nothing writes while it is loaded.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&map)
             .map_err(|e| bad(format!("adapter_model.safetensors: {e}")))?;
+        let names: std::collections::HashSet<String> =
+            st.names().into_iter().map(str::to_string).collect();
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let mut elsewhere = 0usize;
         for (name, view) in st.tensors() {
+            // Another stage's layer: checked for its pair, not converted.
+            if let Some(layer) = decoder_layer(&name)
+                && !(spec.start..spec.end).contains(&layer)
+            {
+                let module = name
+                    .strip_suffix(".lora_A.weight")
+                    .or_else(|| name.strip_suffix(".lora_B.weight"));
+                let paired = module.is_some_and(|m| {
+                    names.contains(&format!("{m}.lora_A.weight"))
+                        && names.contains(&format!("{m}.lora_B.weight"))
+                });
+                if !paired {
+                    return Err(bad(format!("{name} is not half of a LoRA A/B pair")));
+                }
+                if layer >= cfg.num_hidden_layers {
+                    return Err(bad(format!(
+                        "{name}: layer {layer} of a model with {}",
+                        cfg.num_hidden_layers
+                    )));
+                }
+                elsewhere += 1;
+                continue;
+            }
             let dtype = match view.dtype() {
                 safetensors::Dtype::F32 => DType::F32,
                 safetensors::Dtype::F16 => DType::F16,
@@ -144,14 +189,17 @@ impl StageAdapter {
                 .to_dtype(DType::F32)?;
             tensors.insert(name, t);
         }
-        Self::from_tensors(&tensors, &config, cfg, spec)
+        Self::from_tensors(&tensors, &config, cfg, spec, elsewhere)
     }
 
+    /// `elsewhere`: LoRA matrices of other stages' layers (checked, not
+    /// given).
     fn from_tensors(
         tensors: &HashMap<String, Tensor>,
         config: &PeftConfig,
         cfg: &Config,
         spec: StageSpec,
+        elsewhere: usize,
     ) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let qdim = cfg.num_attention_heads * hd;
@@ -166,7 +214,7 @@ impl StageAdapter {
             _ => (inter, h),
         };
         let mut layers = vec![LayerAdapter::default(); spec.layers()];
-        let mut seen = 0usize;
+        let mut seen = elsewhere;
         let mut bytes = 0u64;
         for (name, a) in tensors {
             let Some(module) = name.strip_suffix(".lora_A.weight") else {

@@ -161,6 +161,15 @@ async fn pipeline_run(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
+/// This process's resident anonymous memory (heap, not mapped files),
+/// from `/proc/self/status`.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// The pipeline runs: rows and per-round figures.
 async fn pipeline(
     args: &Args,
@@ -209,8 +218,20 @@ async fn pipeline(
     .await?;
     let node = nodes[0].node.clone();
     let placement = node.placement().context("no placement")?.id;
-    // Warm-up: every adapter prepared on both stages.
-    pipeline_run(&node, &names, &cases[3].1, 4, 999).await?;
+    // Warm-up on the base (caches, buffers), then with every adapter
+    // prepared on both stages: what the process grew by in between is
+    // what serving the four adapters costs in memory.
+    pipeline_run(&node, &names, &cases[0].1, 8, 998).await?;
+    // Measured with what the allocator holds free given back each time.
+    hearth_runtime::adapters::release_freed_memory();
+    let rss_before = rss_bytes();
+    pipeline_run(&node, &names, &cases[3].1, 8, 999).await?;
+    hearth_runtime::adapters::release_freed_memory();
+    let rss_after = rss_bytes();
+    // Once more with them held: what a mixed batch itself leaves behind.
+    pipeline_run(&node, &names, &cases[3].1, 8, 997).await?;
+    hearth_runtime::adapters::release_freed_memory();
+    let rss_again = rss_bytes();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for round in 0..args.rounds {
         for (c, (name, which)) in cases.iter().enumerate() {
@@ -235,6 +256,21 @@ async fn pipeline(
                 "adapters": s.adapters, "adapter_bytes": s.adapter_bytes})
         })
         .collect();
+    let held: u64 = nodes
+        .iter()
+        .flat_map(|n| n.node.stage_stats())
+        .map(|s| s.adapter_bytes)
+        .sum();
+    let grew = rss_after.zip(rss_before).map(|(a, b)| a.saturating_sub(b));
+    if let Some(g) = grew {
+        rows.push(Row::new(
+            "2-stage pipeline: anonymous memory grown by preparing 4 adapters (MB) vs the adapters' slices held (MB)",
+            g as f64 / 1e6,
+            held as f64 / 1e6,
+        ));
+    }
+    meta["rss_anon_bytes"] = json!({"after_base_warm_up": rss_before,
+        "after_preparing_4_adapters": rss_after, "after_another_mixed_run": rss_again});
     let reloaded = node.placement().context("no placement")?.id != placement;
     anyhow::ensure!(!reloaded, "the placement changed during the runs");
     meta["pipeline"] = json!({
