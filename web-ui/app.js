@@ -94,7 +94,7 @@ async function refreshModels() {
     const current = pick.value;
     pick.replaceChildren(...m.available.map((x) =>
       el("option", { value: x.name, text: x.name + (x.download ? " (download)" : x.size_bytes ? " · " + fmtBytes(x.size_bytes) : "") +
-        (x.adapter ? " · LoRA adapter of " + x.adapter.base_model : "") +
+        (x.adapter ? " · LoRA of " + x.adapter.base_model : "") +
         (x.holders && x.holders.length && !x.holders.includes(m.node) ? " · on " + x.holders.join(", ") : "") })));
     const has = (v) => m.available.some((x) => x.name === v);
     if (current && has(current)) pick.value = current;
