@@ -567,7 +567,14 @@ setInterval(refreshModels, 15000);
 async function refreshTrainModels() {
   try {
     const r = await api("/v1/models");
-    const ids = (await r.json()).data.map((m) => m.id);
+    let ids = (await r.json()).data.map((m) => m.id);
+    // A fine-tune served as a LoRA adapter beside its base is not a base
+    // to fine-tune (train its base instead).
+    try {
+      const m = await (await api("/api/models")).json();
+      const adapters = new Set(m.available.filter((x) => x.adapter).map((x) => x.name));
+      ids = ids.filter((id) => !adapters.has(id));
+    } catch (_) { /* the full list, then */ }
     const sel = $("train-model");
     const keep = sel.value;
     sel.replaceChildren(...ids.map((id) => el("option", { value: id, text: id })));
