@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use hearth_models::adapter::StageAdapter;
-use hearth_models::train::export::{merged_tensors, write_merged_gguf, write_peft_adapter};
+use hearth_models::train::export::{merged_tensors, write_merged_gguf};
 use hearth_models::train::{LoraConfig, Method, Target, TrainOptions, TrainStage};
 use hearth_models::{KvCache, Logits, Precision, Stage, StageInput, StageSpec, WeightFile};
 use hearth_test_utils::{TinySpec, tiny_model};
 
-/// A trained-looking adapter (random A, non-zero B) on `targets`, written
-/// as PEFT files under `dir/adapter`, and the merged model at `dir/merged.gguf`.
+/// A trained-looking adapter on `targets` and its merged model (see
+/// [`hearth_test_utils::lora_with_merged`]).
 fn adapter(
     base: &WeightFile,
     dir: &Path,
@@ -24,41 +24,7 @@ fn adapter(
     rank: usize,
     targets: &[Target],
 ) -> Result<(PathBuf, PathBuf)> {
-    let lora = LoraConfig {
-        rank,
-        alpha: 2.0 * rank as f64,
-        dropout: 0.0,
-        targets: targets.to_vec(),
-        init_b_std: 0.05,
-    };
-    let method = Method::Lora(lora.clone());
-    let n = base.config().num_hidden_layers;
-    let stage = TrainStage::load(
-        base,
-        StageSpec::full(n),
-        &TrainOptions {
-            method: method.clone(),
-            dtype: DType::F32,
-            seed,
-        },
-    )?;
-    let tensors: Vec<(String, Tensor)> = stage
-        .trainables()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let peft = dir.join("adapter");
-    write_peft_adapter(&peft, &lora, "tiny", &tensors, base.config())?;
-    let trained: HashMap<String, Tensor> = tensors.into_iter().collect();
-    let merged = dir.join("merged.gguf");
-    write_merged_gguf(
-        base,
-        &merged_tensors(base, &method, &trained)?,
-        "merged",
-        &merged,
-        false,
-    )?;
-    Ok((peft, merged))
+    hearth_test_utils::lora_with_merged(base, dir, seed, rank, targets, 0.05)
 }
 
 fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

@@ -574,11 +574,11 @@ impl StageAdapters {
 /// A member's locks while it prepares adapters: one per adapter, so a
 /// slow transfer holds up only the requests for that adapter.
 #[derive(Default)]
-pub(crate) struct Prepared {
+pub(crate) struct AdapterLocks {
     loading: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-impl Prepared {
+impl AdapterLocks {
     fn lock_for(&self, id: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
         let mut m = self.loading.lock().ok()?;
         // Locks nobody waits on are dropped (bounded by what is in flight).
@@ -682,7 +682,7 @@ pub(crate) async fn prepare(
         return Ok(());
     }
     let lock = service
-        .prepared_adapters()
+        .adapter_locks()
         .lock_for(&adapter.id)
         .ok_or("the adapter locks are poisoned")?;
     let _one = lock.lock().await;
@@ -844,13 +844,7 @@ async fn fetch(
     root: &Path,
 ) -> Result<PathBuf, String> {
     let mut errors = Vec::new();
-    for h in holders {
-        let Ok(id) = h.parse::<NodeId>() else {
-            continue;
-        };
-        if id == endpoint.id() {
-            continue;
-        }
+    for id in crate::model_file::senders(endpoint, holders) {
         let got = tokio::time::timeout(FETCH_TIMEOUT, fetch_from(endpoint, id, adapter, root))
             .await
             .unwrap_or_else(|_| Err("timed out".into()));
@@ -866,14 +860,10 @@ async fn fetch(
             }
         }
     }
-    Err(format!(
-        "no member could send the adapter {} ({})",
-        adapter.name,
-        if errors.is_empty() {
-            "none holds it".to_string()
-        } else {
-            errors.join("; ")
-        }
+    Err(crate::model_file::none_sent(
+        &format!("the adapter {}", adapter.name),
+        "none holds it",
+        &errors,
     ))
 }
 

@@ -32,6 +32,12 @@ pub struct ModelEntry {
 }
 
 impl ModelEntry {
+    /// Whether it has a model file to load (here, or as its holder's facts
+    /// say), not only a LoRA adapter to serve beside its base.
+    pub fn has_model_file(&self) -> bool {
+        self.path.as_deref().is_some_and(std::path::Path::is_file) || self.facts.is_some()
+    }
+
     /// A model held here at `path` (`size_bytes` from the file).
     pub fn held(name: String, path: std::path::PathBuf) -> Self {
         let size_bytes = std::fs::metadata(&path).ok().map(|m| m.len());

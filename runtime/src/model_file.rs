@@ -435,13 +435,7 @@ pub(crate) async fn fetch(
         return Ok(());
     }
     let mut errors = Vec::new();
-    for src in sources {
-        let Ok(id) = src.parse::<NodeId>() else {
-            continue;
-        };
-        if id == endpoint.id() {
-            continue;
-        }
+    for id in senders(endpoint, sources) {
         let attempt = tokio::time::timeout(
             FETCH_TIMEOUT,
             fetch_from(endpoint, id, content, dest, header, &missing, progress),
@@ -456,14 +450,36 @@ pub(crate) async fn fetch(
             }
         }
     }
-    Err(format!(
-        "no member could send the weights ({})",
+    Err(none_sent(
+        "the weights",
+        "no member holds the model",
+        &errors,
+    ))
+}
+
+/// The members of `sources` (node ids) to receive from in turn: the
+/// well-formed ids other than this node's.
+pub(crate) fn senders<'a>(
+    endpoint: &'a Endpoint,
+    sources: &'a [String],
+) -> impl Iterator<Item = NodeId> + 'a {
+    sources
+        .iter()
+        .filter_map(|s| s.parse::<NodeId>().ok())
+        .filter(move |id| *id != endpoint.id())
+}
+
+/// Why no member sent `what`: each one's error, or `none` when none was
+/// asked.
+pub(crate) fn none_sent(what: &str, none: &str, errors: &[String]) -> String {
+    format!(
+        "no member could send {what} ({})",
         if errors.is_empty() {
-            "no member holds the model".to_string()
+            none.to_string()
         } else {
             errors.join("; ")
         }
-    ))
+    )
 }
 
 async fn fetch_from(

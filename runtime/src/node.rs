@@ -832,8 +832,7 @@ fn adapter_of_another_base(
     base_model: &str,
     entry: &ModelEntry,
 ) -> Result<(), RuntimeError> {
-    let merged = entry.path.as_deref().is_some_and(Path::is_file) || entry.facts.is_some();
-    if merged {
+    if entry.has_model_file() {
         return Ok(());
     }
     Err(RuntimeError::BadRequest(format!(

@@ -87,7 +87,13 @@ pub(crate) fn own_catalog(service: &Service) -> Vec<ModelEntry> {
         .filter(|m| !m.download && check_entry(m).is_ok() && seen.insert(m.name.clone()))
         .take(MAX_CATALOG)
         .map(|mut m| {
-            m.facts = m.path.as_deref().and_then(crate::catalog::model_facts);
+            // (An adapter's own folder is no model to describe.)
+            let adapter_only = m.adapter.is_some() && !m.has_model_file();
+            m.facts = m
+                .path
+                .as_deref()
+                .filter(|_| !adapter_only)
+                .and_then(crate::catalog::model_facts);
             if m.facts
                 .as_ref()
                 .is_some_and(|f| check_entry_facts(f).is_err())

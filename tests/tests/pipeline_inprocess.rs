@@ -753,52 +753,6 @@ async fn a_poisoned_copy_under_the_honest_content_id_is_refused() -> Result<()> 
     Ok(())
 }
 
-/// A trained-looking LoRA adapter of `base` (random A, non-zero B, all 7
-/// projections), as PEFT files under `dir/adapter`, and its merged model
-/// at `dir/merged.gguf` (what serving the fine-tune alone would load).
-fn lora_adapter(
-    base: &hearth_models::WeightFile,
-    dir: &std::path::Path,
-    seed: u64,
-) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    use hearth_models::train::export::{merged_tensors, write_merged_gguf, write_peft_adapter};
-    use hearth_models::train::{LoraConfig, Method, Target, TrainOptions, TrainStage};
-    let lora = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: Target::ALL.to_vec(),
-        init_b_std: 0.2,
-    };
-    let method = Method::Lora(lora.clone());
-    let stage = TrainStage::load(
-        base,
-        hearth_models::StageSpec::full(base.config().num_hidden_layers),
-        &TrainOptions {
-            method: method.clone(),
-            dtype: candle_core::DType::F32,
-            seed,
-        },
-    )?;
-    let tensors: Vec<(String, candle_core::Tensor)> = stage
-        .trainables()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let peft = dir.join("adapter");
-    write_peft_adapter(&peft, &lora, "tiny", &tensors, base.config())?;
-    let trained = tensors.into_iter().collect();
-    let merged = dir.join("merged.gguf");
-    write_merged_gguf(
-        base,
-        &merged_tensors(base, &method, &trained)?,
-        "merged",
-        &merged,
-        false,
-    )?;
-    Ok((peft, merged))
-}
-
 /// Two LoRA fine-tunes and their base, asked at once through a two-stage
 /// pipeline (entering at either member): every answer equals that model
 /// served alone (its merged file, greedy), nothing is reloaded or
@@ -827,7 +781,14 @@ async fn two_fine_tunes_and_their_base_share_one_pipeline() -> Result<()> {
     let mut pefts = Vec::new();
     for (name, seed) in [("ft-a", 1u64), ("ft-b", 2)] {
         let d = dir.path().join(name);
-        let (peft, m) = lora_adapter(&base, &d, seed)?;
+        let (peft, m) = hearth_test_utils::lora_with_merged(
+            &base,
+            &d,
+            seed,
+            4,
+            &hearth_models::train::Target::ALL,
+            0.2,
+        )?;
         let r = hearth_runtime::adapters::register(&tuned, name, &peft, &content, "tiny")
             .map_err(anyhow::Error::msg)?;
         assert_eq!(r.name, name);
@@ -987,7 +948,14 @@ async fn two_fine_tunes_and_their_base_share_one_pipeline() -> Result<()> {
     // A holder whose files are not the adapter's id (changed on disk after
     // it was registered): the member that asks refuses them.
     let d = dir.path().join("ft-c");
-    let (peft, _) = lora_adapter(&base, &d, 3)?;
+    let (peft, _) = hearth_test_utils::lora_with_merged(
+        &base,
+        &d,
+        3,
+        4,
+        &hearth_models::train::Target::ALL,
+        0.2,
+    )?;
     hearth_runtime::adapters::register(&tuned, "ft-c", &peft, &content, "tiny")
         .map_err(anyhow::Error::msg)?;
     let file = tuned.join("ft-c.lora/adapter_model.safetensors");

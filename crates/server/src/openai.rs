@@ -67,11 +67,9 @@ pub(crate) fn servable_in(s: &AppState, listed: &[hearth_runtime::ModelEntry]) -
     let mut ids: Vec<String> = served(s).into_iter().collect();
     let content = s.node.model_content();
     for m in listed.iter().cloned() {
-        let merged = m.path.as_deref().is_some_and(std::path::Path::is_file) || m.facts.is_some();
-        let adapter_ok = m
-            .adapter
-            .as_ref()
-            .is_none_or(|a| merged || content.as_deref() == Some(a.base_content.as_str()));
+        let adapter_ok = m.adapter.as_ref().is_none_or(|a| {
+            m.has_model_file() || content.as_deref() == Some(a.base_content.as_str())
+        });
         if !m.download && adapter_ok && !ids.contains(&m.name) {
             ids.push(m.name);
         }

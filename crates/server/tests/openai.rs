@@ -28,7 +28,7 @@ async fn node(dir: &std::path::Path, serve: bool) -> Node {
 }
 
 /// A node with the store `models`, serving its `tiny` once placed.
-async fn node_with(models: std::sync::Arc<TestModels>, serve: bool) -> Node {
+async fn node_with(models: std::sync::Arc<dyn hearth_runtime::ModelSource>, serve: bool) -> Node {
     let mut cfg = NodeConfig::new(
         "solo",
         Identity::generate().unwrap(),
@@ -102,6 +102,16 @@ async fn send(app: axum::Router, req: Request<Body>) -> Reply {
 
 async fn get(app: axum::Router, path: &str) -> Reply {
     send(app, Request::get(path).body(Body::empty()).unwrap()).await
+}
+
+/// The ids `/v1/models` lists.
+async fn model_ids(app: axum::Router) -> Vec<String> {
+    get(app, "/v1/models").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 async fn post(app: axum::Router, path: &str, body: &str) -> Reply {
@@ -2250,12 +2260,7 @@ async fn a_model_only_a_member_holds_is_listed_and_served_from_any_member() {
     let shared = App::new(a.node.clone(), ServerOptions::default());
     let app = || shared.router();
     // Listed on a, which holds nothing itself.
-    let ids: Vec<String> = get(app(), "/v1/models").await.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = model_ids(app()).await;
     for want in ["tiny", "other"] {
         assert!(ids.iter().any(|i| i == want), "{want} not in {ids:?}");
     }
@@ -2371,16 +2376,8 @@ async fn a_lora_fine_tune_is_served_beside_its_base_over_http() {
         base: tiny.gguf_q8_0.clone(),
         dir: dir.path().join("store"),
     });
-    let mut cfg = NodeConfig::new(
-        "solo",
-        Identity::generate().unwrap(),
-        ClusterSecret::generate(),
-    );
-    cfg.quic = "127.0.0.1:0".parse().unwrap();
-    cfg.models = Some(store.clone());
-    let n = Node::start(cfg).await.unwrap();
-    n.load_model("tiny").await.unwrap();
-    let placed = n.wait_placement(Duration::from_secs(30)).await.unwrap();
+    let n = node_with(store.clone(), true).await;
+    let placed = n.placement().unwrap();
     let content = n.model_content().unwrap();
     let w = hearth_models::WeightFile::open(&tiny.gguf_q8_0).unwrap();
     for (name, base) in [("ft-mine", content.as_str()), ("ft-other", &"0".repeat(32))] {
@@ -2390,12 +2387,7 @@ async fn a_lora_fine_tune_is_served_beside_its_base_over_http() {
     }
     let shared = App::new(n.clone(), ServerOptions::default());
     let app = || shared.router();
-    let ids: Vec<String> = get(app(), "/v1/models").await.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = model_ids(app()).await;
     assert!(ids.contains(&"ft-mine".to_string()), "{ids:?}");
     assert!(!ids.contains(&"ft-other".to_string()), "{ids:?}");
     let ask = |model: &str| chat_body(json!({"model": model, "max_tokens": 4, "temperature": 0}));

@@ -1026,3 +1026,53 @@ pub fn write_random_peft(dir: &Path, cfg: &hearth_models::Config, rank: usize) -
     )?;
     Ok(())
 }
+
+/// A trained-looking LoRA adapter of `base` (random A, B drawn with
+/// `init_b_std`, so it changes the model) on `targets`, written as PEFT
+/// files under `dir/adapter`, and its merged model at `dir/merged.gguf`
+/// (what serving the fine-tune alone would load). Returns both paths.
+pub fn lora_with_merged(
+    base: &hearth_models::WeightFile,
+    dir: &Path,
+    seed: u64,
+    rank: usize,
+    targets: &[hearth_models::train::Target],
+    init_b_std: f64,
+) -> Result<(PathBuf, PathBuf)> {
+    use hearth_models::train::export::{merged_tensors, write_merged_gguf, write_peft_adapter};
+    use hearth_models::train::{LoraConfig, Method, TrainOptions, TrainStage};
+    let lora = LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+        dropout: 0.0,
+        targets: targets.to_vec(),
+        init_b_std,
+    };
+    let method = Method::Lora(lora.clone());
+    let stage = TrainStage::load(
+        base,
+        hearth_models::StageSpec::full(base.config().num_hidden_layers),
+        &TrainOptions {
+            method: method.clone(),
+            dtype: DType::F32,
+            seed,
+        },
+    )?;
+    let tensors: Vec<(String, Tensor)> = stage
+        .trainables()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let peft = dir.join("adapter");
+    write_peft_adapter(&peft, &lora, "tiny", &tensors, base.config())?;
+    let trained: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let merged = dir.join("merged.gguf");
+    write_merged_gguf(
+        base,
+        &merged_tensors(base, &method, &trained)?,
+        "merged",
+        &merged,
+        false,
+    )?;
+    Ok((peft, merged))
+}

@@ -75,8 +75,8 @@ struct Inner {
     balancer: super::balance::Balancer,
     /// A chat template in place of the served models' own.
     chat_template: Option<String>,
-    /// Adapters known prepared on placements' members.
-    prepared: crate::adapters::Prepared,
+    /// One lock per adapter this node is preparing.
+    adapter_locks: crate::adapters::AdapterLocks,
 }
 
 /// What a node serves with: where models come from by name, what its
@@ -126,7 +126,7 @@ impl Service {
                 compute,
                 balancer: Default::default(),
                 chat_template,
-                prepared: Default::default(),
+                adapter_locks: Default::default(),
             }),
         }
     }
@@ -136,8 +136,8 @@ impl Service {
         self.inner.chat_template.as_deref()
     }
 
-    pub(crate) fn prepared_adapters(&self) -> &crate::adapters::Prepared {
-        &self.inner.prepared
+    pub(crate) fn adapter_locks(&self) -> &crate::adapters::AdapterLocks {
+        &self.inner.adapter_locks
     }
 
     pub(crate) fn train(&self) -> &crate::train::TrainHost {

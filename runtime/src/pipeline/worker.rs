@@ -446,8 +446,13 @@ impl StageLoop {
         let out = if taken.len() != batch.len() {
             Err("sequence vanished".to_string())
         } else {
+            // (Only a batch with an adapted sequence gathers them.)
             let adapters: Vec<Option<Arc<hearth_models::StageAdapter>>> =
-                taken.iter().map(|(_, s)| s.adapter.clone()).collect();
+                if taken.iter().any(|(_, s)| s.adapter.is_some()) {
+                    taken.iter().map(|(_, s)| s.adapter.clone()).collect()
+                } else {
+                    Vec::new()
+                };
             let mut caches: Vec<&mut KvCache> = taken
                 .iter_mut()
                 .map(|(_, s)| {
@@ -455,7 +460,7 @@ impl StageLoop {
                     &mut s.cache
                 })
                 .collect();
-            if adapters.iter().any(Option::is_some) {
+            if !adapters.is_empty() {
                 let each: Vec<Option<&hearth_models::StageAdapter>> =
                     adapters.iter().map(|a| a.as_deref()).collect();
                 self.stage
