@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod data;
 pub mod export;
+mod fused;
 pub mod optim;
 pub mod rng;
 pub mod stage;

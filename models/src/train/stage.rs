@@ -7,10 +7,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{BatchLayout, IGNORE};
+use super::fused;
 use super::rng;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::layers::{RmsNorm, Rope, activate_exact, rotate, softcap, softmax};
+use crate::layers::{RmsNorm, Rope, softcap};
 use crate::stage::{StageSpec, check_shape};
 use crate::weights::{LayerTensor as L, TensorId, WeightFile};
 
@@ -189,14 +190,20 @@ struct TLinear {
 
 impl TLinear {
     fn forward(&self, x: &Tensor, ctx: &DropCtx) -> Result<Tensor> {
-        let mut y = matmul_t(x, &self.w)?;
+        let mut y = match &self.lora {
+            // Dropout gives the adapter's path its own input.
+            Some(l) if !(ctx.train && l.dropout > 0.0) => {
+                lora_product(x, &self.w, &l.a, &l.b, l.scale)?
+            }
+            Some(l) => {
+                let xd = dropout(x, l.dropout, ctx, &l.name)?;
+                let z = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                (matmul_t(x, &self.w)? + (z * l.scale)?)?
+            }
+            None => matmul_t(x, &self.w)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            let xd = dropout(x, l.dropout, ctx, &l.name)?;
-            let z = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-            y = (y + (z * l.scale)?)?;
         }
         Ok(y)
     }
@@ -255,12 +262,51 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     } else {
         return Ok(x.matmul(&w.t()?)?);
     };
-    if !x.track_op() {
+    if !x.track_op() || !fused::products_fit(x, w) {
         return Ok(x.matmul(&w.t()?)?);
     }
-    let w = w.detach();
-    let y = x.detach().matmul(&w.t()?)?;
-    Ok(x.apply_op2(&y, KnownProduct { w, trained })?)
+    Ok(x.apply_op1(KnownProduct {
+        w: w.detach(),
+        trained,
+    })?)
+}
+
+/// Rows `ids` of the embedding table `e` (ids checked by the caller).
+/// A trained table inside a backward pass gets its gradient as those
+/// rows added in place into the pass's sink entry for it (where a tied
+/// head's `dyᵀ · x` already is, or a zeroed table): candle's backward would
+/// build a zeroed table, a scattered copy, a zeroed sum and their sum, four
+/// table-sized buffers per micro-batch.
+fn embed_rows(e: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let in_pass = e.is_variable() && WEIGHT_GRADS.with(|g| !g.borrow().is_empty());
+    if !in_pass || !fused::products_fit(e, e) {
+        let ids = Tensor::from_vec(ids.to_vec(), ids.len(), e.device())?;
+        return Ok(e.index_select(&ids, 0)?);
+    }
+    Ok(e.apply_op1(EmbedRows {
+        ids: ids.to_vec(),
+        id: e.id(),
+    })?)
+}
+
+/// `x · wᵀ + scale · (x · aᵀ) · bᵀ`: a frozen weight with its LoRA
+/// adapter (`a` `[r, in]`, `b` `[out, r]`), computed in one op whose
+/// backward yields `x`'s, `a`'s and `b`'s gradients from three small
+/// products and one large one (`dy · w`), without the adapter's
+/// intermediate sums and scalings in the graph.
+fn lora_product(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    if w.track_op() || !fused::products_fit(x, w) || !fused::products_fit(x, a) || a.rank() != 2 {
+        let z = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        return Ok((matmul_t(x, w)? + (z * scale)?)?);
+    }
+    Ok(x.apply_op3(
+        a,
+        b,
+        LoraProduct {
+            w: w.detach(),
+            scale,
+        },
+    )?)
 }
 
 type WeightGrads = std::collections::HashMap<candle_core::TensorId, Tensor>;
@@ -303,9 +349,9 @@ impl Drop for WeightGradSink {
     }
 }
 
-/// Passes a product computed outside the graph through (forward: its
-/// second argument) and back-propagates `dy · w` to its first argument;
-/// for a trained weight, also `dyᵀ · x` into the pass's sink.
+/// `x · wᵀ`, computed by the op itself (no copy of a product made
+/// outside the graph); its backward yields `dy · w` for `x` and, for a
+/// trained weight, hands `dyᵀ · x` to the pass's sink.
 struct KnownProduct {
     /// The weight, detached (same storage).
     w: Tensor,
@@ -313,45 +359,20 @@ struct KnownProduct {
     trained: Option<candle_core::TensorId>,
 }
 
-impl candle_core::CustomOp2 for KnownProduct {
+impl candle_core::CustomOp1 for KnownProduct {
     fn name(&self) -> &'static str {
         "known-product-matmul"
     }
 
     fn cpu_fwd(
         &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        y: &candle_core::CpuStorage,
+        s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let Some((a, b)) = l.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg(
-                "known-product-matmul: the product is not contiguous".into(),
-            ));
-        };
-        let out = match y {
-            S::F32(v) => S::F32(v[a..b].to_vec()),
-            S::F64(v) => S::F64(v[a..b].to_vec()),
-            S::BF16(v) => S::BF16(v[a..b].to_vec()),
-            S::F16(v) => S::F16(v[a..b].to_vec()),
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "known-product-matmul: not a float product".into(),
-                ));
-            }
-        };
-        Ok((out, l.shape().clone()))
+        fused::x_wt(s, l, &self.w)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if let Some(id) = self.trained {
             let dw = grad.t()?.matmul(&x.detach())?;
             // The sink is borrowed only to move tensors in and out, never
@@ -378,7 +399,107 @@ impl candle_core::CustomOp2 for KnownProduct {
                     .ok_or_else(outside)
             })?;
         }
-        Ok((Some(grad.matmul(&self.w)?), None))
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// [`embed_rows`]'s op on a trained table.
+struct EmbedRows {
+    ids: Vec<u32>,
+    /// The trained table's id (the sink's key).
+    id: candle_core::TensorId,
+}
+
+impl candle_core::CustomOp1 for EmbedRows {
+    fn name(&self) -> &'static str {
+        "embedding-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        fused::gather_rows(s, l, &self.ids)
+    }
+
+    fn bwd(&self, e: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let outside = || {
+            candle_core::Error::Msg(
+                "a trained embedding's gradient outside its backward pass".into(),
+            )
+        };
+        let prev = WEIGHT_GRADS.with(|g| {
+            g.borrow_mut()
+                .last_mut()
+                .map(|sink| sink.remove(&self.id))
+                .ok_or_else(outside)
+        })?;
+        let dense = match prev {
+            Some(d) if d.is_contiguous() && d.shape() == e.shape() => d,
+            Some(d) => d.contiguous()?,
+            None => e.zeros_like()?.detach(),
+        };
+        dense.inplace_op2(
+            &grad.detach().contiguous()?,
+            &fused::AddRows {
+                ids: self.ids.clone(),
+            },
+        )?;
+        WEIGHT_GRADS.with(|g| {
+            g.borrow_mut()
+                .last_mut()
+                .map(|sink| sink.insert(self.id, dense))
+                .ok_or_else(outside)
+        })?;
+        Ok(None)
+    }
+}
+
+/// [`lora_product`]'s op: arguments `x`, `a`, `b`; the frozen weight
+/// and the adapter's scale held.
+struct LoraProduct {
+    w: Tensor,
+    scale: f64,
+}
+
+impl candle_core::CustomOp3 for LoraProduct {
+    fn name(&self) -> &'static str {
+        "lora-product-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sa: &candle_core::CpuStorage,
+        la: &candle_core::Layout,
+        sb: &candle_core::CpuStorage,
+        lb: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        fused::x_wt_plus_lora(sx, lx, &self.w, (sa, la), (sb, lb), self.scale)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want_dx = x.track_op();
+        let (x, a, b, dy) = (x.detach(), a.detach(), b.detach(), grad.detach());
+        // t = s · dy · b  [n, r]
+        let t = (dy.matmul(&b)? * self.scale)?;
+        let dx = if want_dx {
+            Some((dy.matmul(&self.w)? + t.matmul(&a)?)?)
+        } else {
+            None
+        };
+        let da = t.t()?.matmul(&x)?;
+        let db = (dy.t()?.matmul(&x.matmul(&a.t()?)?)? * self.scale)?;
+        Ok((dx, Some(da), Some(db)))
     }
 }
 
@@ -440,7 +561,7 @@ impl TBlock {
     fn forward(&self, cfg: &Config, x: &Tensor, c: &Ctx<'_>) -> Result<Tensor> {
         let (rows, len, hd) = (c.rows, c.len, cfg.head_dim);
         let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let h = self.attn_norm.forward(x)?;
+        let h = fused::rms_norm(&self.attn_norm, x)?;
         // [n, h*d] -> [rows, heads, len, d]
         let split = |t: Tensor, nh: usize| -> Result<Tensor> {
             Ok(t.reshape((rows, len, nh, hd))?
@@ -450,15 +571,15 @@ impl TBlock {
         let q = split(self.q.forward(&h, c.drop)?, heads)?;
         let k = split(self.k.forward(&h, c.drop)?, kvh)?;
         let (q, k) = match &self.qk_norm {
-            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            Some((qn, kn)) => (fused::rms_norm(qn, &q)?, fused::rms_norm(kn, &k)?),
             None => (q, k),
         };
         let (cos, sin) = match (&c.local, self.local_rope) {
             (Some((cos, sin)), true) => (cos, sin),
             _ => (&c.cos, &c.sin),
         };
-        let q = rotate(&q, cos, sin)?;
-        let k = rotate(&k, cos, sin)?;
+        let q = fused::rope(&q, cos, sin)?;
+        let k = fused::rope(&k, cos, sin)?;
         let v = split(self.v.forward(&h, c.drop)?, kvh)?;
         let groups = heads / kvh;
         let repeat = |t: Tensor| -> Result<Tensor> {
@@ -474,22 +595,29 @@ impl TBlock {
             (Some(w), true) => w,
             _ => &c.mask,
         };
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * cfg.attn_scale())?;
-        let scores = softcap(&scores, cfg.attn_logit_softcap)?.broadcast_add(mask)?;
-        let o = softmax(&scores)?.matmul(&v)?; // [rows, heads, len, d]
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = match cfg.attn_logit_softcap {
+            None => fused::masked_softmax(&scores, mask, cfg.attn_scale())?,
+            cap => crate::layers::softmax(
+                &softcap(&(scores * cfg.attn_scale())?, cap)?.broadcast_add(mask)?,
+            )?,
+        };
+        let o = probs.matmul(&v)?; // [rows, heads, len, d]
         let o = o
             .transpose(1, 2)?
             .contiguous()?
             .reshape((rows * len, heads * hd))?;
         let post = |n: &Option<RmsNorm>, h: Tensor| match n {
-            Some(n) => n.forward(&h),
+            Some(n) => fused::rms_norm(n, &h),
             None => Ok(h),
         };
         let x = (x + post(&self.post_attn_norm, self.o.forward(&o, c.drop)?)?)?;
-        let h = self.ffn_norm.forward(&x)?;
-        let g = activate_exact(cfg.hidden_act, &self.gate.forward(&h, c.drop)?)?;
+        let h = fused::rms_norm(&self.ffn_norm, &x)?;
+        let g = self.gate.forward(&h, c.drop)?;
         let u = self.up.forward(&h, c.drop)?;
-        let h = self.down.forward(&(g * u)?, c.drop)?;
+        let h = self
+            .down
+            .forward(&fused::gated(cfg.hidden_act, &g, &u)?, c.drop)?;
         Ok((&x + post(&self.post_ffn_norm, h)?)?)
     }
 
@@ -772,7 +900,7 @@ impl TrainStage {
                         vocab: self.cfg.vocab_size,
                     });
                 }
-                let x = e.index_select(&Tensor::from_vec(ids.clone(), n, &dev)?, 0)?;
+                let x = embed_rows(e, ids)?;
                 match self.cfg.embed_scale() {
                     // Not folded into the table: a tied head uses it unscaled.
                     Some(s) => (x * s)?,
@@ -849,7 +977,7 @@ impl TrainStage {
         }
         match (&self.norm, &self.head) {
             (Some(norm), Some(head)) => softcap(
-                &matmul_t(&norm.forward(&x)?, head)?,
+                &matmul_t(&fused::rms_norm(norm, &x)?, head)?,
                 self.cfg.final_logit_softcap,
             ),
             _ => Ok(x),
@@ -1462,5 +1590,82 @@ mod tests {
         // A pass that fails closes its sink when its guard drops.
         drop(WeightGradSink::open());
         assert!(WEIGHT_GRADS.with(|s| s.borrow().is_empty()));
+    }
+
+    /// The LoRA product's value and its gradients for `x`, `a` and `b`
+    /// equal candle's ops on the same tensors (`x` trained or not), and a
+    /// frozen weight gets none.
+    #[test]
+    fn the_lora_product_matches_candles_ops_with_its_gradients() {
+        let dev = Device::Cpu;
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let mut s = rng::Stream::new(7);
+            let mut t = |r: usize, c: usize| {
+                let v: Vec<f64> = (0..r * c).map(|_| s.uniform() * 2.0 - 1.0).collect();
+                Tensor::from_vec(v, (r, c), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (n, k, m, r) = (37, 64, 48, 4);
+            let w = t(m, k);
+            let a = Var::from_tensor(&t(r, k)).unwrap();
+            let b = Var::from_tensor(&t(m, r)).unwrap();
+            let weights = t(n, m);
+            for x_trained in [true, false] {
+                let x0 = t(n, k);
+                let x = if x_trained {
+                    Var::from_tensor(&x0).unwrap().as_tensor().clone()
+                } else {
+                    x0
+                };
+                let run = |fused: bool| {
+                    let y = if fused {
+                        lora_product(&x, &w, a.as_tensor(), b.as_tensor(), 0.5).unwrap()
+                    } else {
+                        let z = x
+                            .matmul(&a.as_tensor().t().unwrap())
+                            .unwrap()
+                            .matmul(&b.as_tensor().t().unwrap())
+                            .unwrap();
+                        (x.matmul(&w.t().unwrap()).unwrap() + (z * 0.5).unwrap()).unwrap()
+                    };
+                    let g = (&y * &weights)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    assert!(g.get(&w).is_none());
+                    let grads = [x.clone(), a.as_tensor().clone(), b.as_tensor().clone()]
+                        .map(|v| g.get(&v).cloned());
+                    (y, grads)
+                };
+                let (y1, g1) = run(true);
+                let (y2, g2) = run(false);
+                let gap = |p: &Tensor, q: &Tensor| -> f64 {
+                    (p - q)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap()
+                };
+                assert!(gap(&y1, &y2) < tol);
+                // (candle also builds a gradient for an input that is not
+                // trained; the op does not.)
+                for (p, q) in g1.iter().zip(&g2) {
+                    if let (Some(p), Some(q)) = (p, q) {
+                        assert!(gap(p, q) < tol * 10.0);
+                    }
+                }
+                assert!(g1[1].is_some() && g1[2].is_some());
+                assert_eq!(g1[0].is_some(), x_trained);
+            }
+        }
     }
 }
