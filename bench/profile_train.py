@@ -18,6 +18,10 @@ CATEGORIES = [
     ("matrix products (gemm: candle's f32 matmuls, packing included)", r"gemm_|matmul"),
     ("cross-entropy (Hearth's fused op)", r"CrossEntropySum|logsumexp|Logit"),
     (
+        "Hearth's fused ops (RMSNorm, gated activation, RoPE, masked softmax, LoRA sum, embedding rows)",
+        r"train::fused::",
+    ),
+    (
         "allocation, zeroing and page faults",
         r"memset|memmove|memcpy|malloc|_int_free|free|page|clear_page|mm_fault|do_anonymous|queued_spin_lock|"
         r"mmap|munmap|brk|alloc|folio|lru|zap_|tlb|unmap|smp_call_function",

@@ -93,11 +93,16 @@ struct TorchFigures {
 }
 
 /// The job of `p` stages (m = 4p micro-batches of one example each),
-/// LoRA or, with `full`, every weight.
+/// LoRA or, with `full`, every weight. The data holds one step's examples
+/// per step, so the whole run is one epoch: a job keeps a checkpoint at
+/// each epoch's end (for full fine-tuning every weight written to disk),
+/// which a run of one-step epochs would do between every two timed steps,
+/// and PyTorch's loop does not.
 fn job_spec(p: usize, args: &Args, model: &str, dir: &Path, full: bool) -> Result<JobSpec> {
     let m = 4 * p;
+    let examples = m * args.steps.max(1) as usize;
     // Words of about one token each, so examples fill `len` tokens.
-    let data: String = (0..m)
+    let data: String = (0..examples)
         .map(|i| {
             let words: Vec<String> = (0..args.len)
                 .map(|k| format!("w{}", (i * 7 + k) % 97))
