@@ -301,13 +301,20 @@ impl candle_core::InplaceOp2 for AddRows {
             (Some(x), Some(y)) => (x, y),
             _ => return Err(op_err(self.name(), "an argument is not contiguous")),
         };
+        let past = || op_err("add-rows", "a layout runs past its storage");
         match (s1, s2) {
-            (CpuStorage::F32(t), CpuStorage::F32(r)) => {
-                add_rows(&mut t[a..b], &r[c..d], &self.ids, width)
-            }
-            (CpuStorage::F64(t), CpuStorage::F64(r)) => {
-                add_rows(&mut t[a..b], &r[c..d], &self.ids, width)
-            }
+            (CpuStorage::F32(t), CpuStorage::F32(r)) => add_rows(
+                t.get_mut(a..b).ok_or_else(past)?,
+                r.get(c..d).ok_or_else(past)?,
+                &self.ids,
+                width,
+            ),
+            (CpuStorage::F64(t), CpuStorage::F64(r)) => add_rows(
+                t.get_mut(a..b).ok_or_else(past)?,
+                r.get(c..d).ok_or_else(past)?,
+                &self.ids,
+                width,
+            ),
             _ => return Err(op_err(self.name(), "not f32 or f64")),
         }
         Ok(())
@@ -1041,7 +1048,7 @@ mod tests {
     fn gated_activations_match_the_composed_ops_with_their_gradients() {
         for act in [Activation::Silu, Activation::GeluTanh] {
             for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-                for shape in [vec![64, 1536], vec![5, 11]] {
+                for shape in [vec![64, 1536], vec![70, 1000], vec![5, 11]] {
                     let g = var(&shape, 3, dtype);
                     let u = var(&shape, 4, dtype);
                     agree(
@@ -1078,7 +1085,9 @@ mod tests {
     #[test]
     fn masked_softmax_matches_the_composed_ops_with_its_gradient() {
         for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-            for (rows, heads, len, mask_rows) in [(2, 3, 6, 2), (1, 9, 64, 1), (2, 9, 70, 2)] {
+            for (rows, heads, len, mask_rows) in
+                [(2, 3, 6, 2), (2, 3, 6, 1), (1, 9, 64, 1), (2, 9, 70, 2)]
+            {
                 let s = var(&[rows, heads, len, len], 8, dtype);
                 // Causal, with a second document from the middle on.
                 let m: Vec<f32> = (0..mask_rows * len * len)
@@ -1162,6 +1171,56 @@ mod tests {
                 MaskedSoftmax { scale: 1.0 }
             )
             .is_err()
+        );
+    }
+
+    /// Gathered rows equal `index_select`, and the rows' gradient added in
+    /// place equals `index_add` (repeated ids summed); ids past the table
+    /// and rows that do not fit are refused.
+    #[test]
+    fn embedding_rows_and_their_gradient_match_index_select() {
+        let table = random(&[10, 6], 1, DType::F32);
+        let ids = [3u32, 0, 3, 9, 3];
+        let (s, l) = table.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*s else {
+            panic!("a CPU tensor")
+        };
+        let (rows, shape) = gather_rows(s, l, &ids).unwrap();
+        assert!(gather_rows(s, l, &[10]).is_err());
+        let CpuStorage::F32(rows) = rows else {
+            panic!("f32 rows")
+        };
+        let rows = Tensor::from_vec(rows, shape, &Device::Cpu).unwrap();
+        let idx = Tensor::new(&ids, &Device::Cpu).unwrap();
+        assert_eq!(gap(&rows, &table.index_select(&idx, 0).unwrap()), 0.0);
+        let grad = random(&[5, 6], 2, DType::F32);
+        let dense = table.zeros_like().unwrap();
+        dense
+            .inplace_op2(&grad, &AddRows { ids: ids.to_vec() })
+            .unwrap();
+        let want = table
+            .zeros_like()
+            .unwrap()
+            .index_add(&idx, &grad, 0)
+            .unwrap();
+        assert!(gap(&dense, &want) < 1e-6);
+        assert!(
+            dense
+                .inplace_op2(
+                    &random(&[4, 6], 3, DType::F32),
+                    &AddRows { ids: ids.to_vec() }
+                )
+                .is_err()
+        );
+        assert!(
+            dense
+                .inplace_op2(
+                    &grad,
+                    &AddRows {
+                        ids: vec![1, 2, 3, 4, 10]
+                    }
+                )
+                .is_err()
         );
     }
 }
