@@ -197,8 +197,7 @@ impl TLinear {
             }
             Some(l) => {
                 let xd = dropout(x, l.dropout, ctx, &l.name)?;
-                let z = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-                (matmul_t(x, &self.w)? + (z * l.scale)?)?
+                composed_lora(x, &xd, &self.w, &l.a, &l.b, l.scale)?
             }
             None => matmul_t(x, &self.w)?,
         };
@@ -296,8 +295,7 @@ fn embed_rows(e: &Tensor, ids: &[u32]) -> Result<Tensor> {
 /// intermediate sums and scalings in the graph.
 fn lora_product(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     if w.track_op() || !fused::products_fit(x, w) || !fused::products_fit(x, a) || a.rank() != 2 {
-        let z = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        return Ok((matmul_t(x, w)? + (z * scale)?)?);
+        return composed_lora(x, x, w, a, b, scale);
     }
     Ok(x.apply_op3(
         a,
@@ -307,6 +305,20 @@ fn lora_product(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> R
             scale,
         },
     )?)
+}
+
+/// `x · wᵀ + scale · (xa · aᵀ) · bᵀ` from candle's ops (`xa`, the adapter's
+/// input, is `x` or `x` with dropout).
+fn composed_lora(
+    x: &Tensor,
+    xa: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let z = xa.matmul(&a.t()?)?.matmul(&b.t()?)?;
+    Ok((matmul_t(x, w)? + (z * scale)?)?)
 }
 
 type WeightGrads = std::collections::HashMap<candle_core::TensorId, Tensor>;
@@ -339,6 +351,33 @@ impl WeightGradSink {
             .with(|g| g.borrow_mut().pop())
             .unwrap_or_default()
     }
+}
+
+/// Replaces the innermost open sink's entry for `id` by `f` of it (`None`
+/// when the entry is new). The sink is borrowed only to move the tensor out
+/// and back, never across `f`'s ops (which could run another pass on this
+/// thread).
+fn update_sink(
+    id: candle_core::TensorId,
+    what: &str,
+    f: impl FnOnce(Option<Tensor>) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<()> {
+    let outside =
+        || candle_core::Error::Msg(format!("{what}'s gradient outside its backward pass"));
+    let prev = WEIGHT_GRADS.with(|g| {
+        g.borrow_mut()
+            .last_mut()
+            .map(|sink| sink.remove(&id))
+            .ok_or_else(outside)
+    })?;
+    let next = f(prev)?;
+    WEIGHT_GRADS.with(|g| {
+        g.borrow_mut()
+            .last_mut()
+            .map(|sink| sink.insert(id, next))
+            .ok_or_else(outside)
+    })?;
+    Ok(())
 }
 
 impl Drop for WeightGradSink {
@@ -375,28 +414,9 @@ impl candle_core::CustomOp1 for KnownProduct {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if let Some(id) = self.trained {
             let dw = grad.t()?.matmul(&x.detach())?;
-            // The sink is borrowed only to move tensors in and out, never
-            // across an op (which could run another pass on this thread).
-            let outside = || {
-                candle_core::Error::Msg(
-                    "a trained weight's gradient outside its backward pass".into(),
-                )
-            };
-            let prev = WEIGHT_GRADS.with(|g| {
-                g.borrow_mut()
-                    .last_mut()
-                    .map(|sink| sink.remove(&id))
-                    .ok_or_else(outside)
-            })?;
-            let dw = match prev {
-                Some(prev) => (prev + dw)?,
-                None => dw,
-            };
-            WEIGHT_GRADS.with(|g| {
-                g.borrow_mut()
-                    .last_mut()
-                    .map(|sink| sink.insert(id, dw))
-                    .ok_or_else(outside)
+            update_sink(id, "a trained weight", |prev| match prev {
+                Some(prev) => prev + dw,
+                None => Ok(dw),
             })?;
         }
         Ok(Some(grad.matmul(&self.w)?))
@@ -424,40 +444,26 @@ impl candle_core::CustomOp1 for EmbedRows {
     }
 
     fn bwd(&self, e: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let outside = || {
-            candle_core::Error::Msg(
-                "a trained embedding's gradient outside its backward pass".into(),
-            )
-        };
-        let prev = WEIGHT_GRADS.with(|g| {
-            g.borrow_mut()
-                .last_mut()
-                .map(|sink| sink.remove(&self.id))
-                .ok_or_else(outside)
-        })?;
-        let dense = match prev {
-            Some(d) if d.shape() != e.shape() => {
-                return Err(candle_core::Error::Msg(format!(
-                    "a {:?} gradient in the sink for a {:?} embedding",
-                    d.dims(),
-                    e.dims()
-                )));
-            }
-            Some(d) if d.is_contiguous() => d,
-            Some(d) => d.contiguous()?,
-            None => e.zeros_like()?.detach(),
-        };
-        dense.inplace_op2(
-            &grad.detach().contiguous()?,
-            &fused::AddRows {
-                ids: self.ids.clone(),
-            },
-        )?;
-        WEIGHT_GRADS.with(|g| {
-            g.borrow_mut()
-                .last_mut()
-                .map(|sink| sink.insert(self.id, dense))
-                .ok_or_else(outside)
+        update_sink(self.id, "a trained embedding", |prev| {
+            let dense = match prev {
+                Some(d) if d.shape() != e.shape() => {
+                    return Err(candle_core::Error::Msg(format!(
+                        "a {:?} gradient in the sink for a {:?} embedding",
+                        d.dims(),
+                        e.dims()
+                    )));
+                }
+                Some(d) if d.is_contiguous() => d,
+                Some(d) => d.contiguous()?,
+                None => e.zeros_like()?.detach(),
+            };
+            dense.inplace_op2(
+                &grad.detach().contiguous()?,
+                &fused::AddRows {
+                    ids: self.ids.clone(),
+                },
+            )?;
+            Ok(dense)
         })?;
         Ok(None)
     }
